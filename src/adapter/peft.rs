@@ -1,0 +1,175 @@
+//! PEFT adapter directories: `adapter_config.json` + `adapter_model.safetensors`, readable by
+//! Hugging Face PEFT (`PeftModel.from_pretrained`) with no missing or unexpected keys.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Var};
+use serde_json::{json, Value};
+use std::path::Path;
+
+use super::plan::{module_name, pattern_match, LoraPlan};
+use super::Lora;
+use crate::model::config::MODULES;
+use crate::model::hf::{save_safetensors, SafetensorsSource};
+use crate::model::Model;
+
+/// Tensor name PEFT uses for an adapter matrix (`ab` is `A` or `B`).
+pub fn peft_key(module: &str, ab: &str) -> String {
+    format!("base_model.model.{module}.lora_{ab}.weight")
+}
+
+/// The `adapter_config.json` of a plan.
+pub fn adapter_config(plan: &LoraPlan, base_model: &str) -> Value {
+    let obj = |pairs: Vec<(String, Value)>| Value::Object(pairs.into_iter().collect());
+    json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": plan.r,
+        "lora_alpha": plan.alpha,
+        "target_modules": plan.targets,
+        "rank_pattern": obj(plan.rank_pattern.iter().map(|(k, v)| (k.clone(), json!(v))).collect()),
+        "alpha_pattern": obj(plan.alpha_pattern.iter().map(|(k, v)| (k.clone(), json!(v))).collect()),
+        "lora_dropout": plan.dropout,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "use_rslora": plan.use_rslora,
+        "use_dora": false,
+        "layers_to_transform": plan.layers,
+        "layers_pattern": plan.layers.as_ref().map(|_| "layers"),
+        "modules_to_save": null,
+        "init_lora_weights": true,
+        "inference_mode": true,
+        "revision": null,
+    })
+}
+
+/// Saves the model's adapters as a PEFT directory (files written atomically).
+pub fn save(model: &Model, plan: &LoraPlan, dir: &Path, base_model: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut tensors = Vec::new();
+    for (name, l) in model.loras() {
+        tensors.push((peft_key(&name, "A"), l.a.as_tensor().clone()));
+        tensors.push((peft_key(&name, "B"), l.b.as_tensor().clone()));
+    }
+    if tensors.is_empty() {
+        bail!("the model has no adapters to save");
+    }
+    save_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
+    let cfg = serde_json::to_string_pretty(&adapter_config(plan, base_model))?;
+    crate::util::write_atomic(&dir.join("adapter_config.json"), cfg.as_bytes())
+}
+
+fn patterns<T>(v: Option<&Value>, conv: impl Fn(&Value) -> Option<T>, what: &str) -> Result<Vec<(String, T)>> {
+    match v {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), conv(v).with_context(|| format!("{what}[{k}] must be a number"))?)))
+            .collect(),
+        Some(_) => bail!("{what} must be an object"),
+    }
+}
+
+/// Reads a PEFT `adapter_config.json` into a plan (PEFT's defaults where keys are absent).
+pub fn read_plan(dir: &Path, num_layers: usize) -> Result<LoraPlan> {
+    let path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {} (is this a PEFT adapter directory?)", path.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let p = path.display();
+    if v.get("peft_type").and_then(|x| x.as_str()) != Some("LORA") {
+        bail!("{p}: peft_type must be \"LORA\"");
+    }
+    for (key, ok) in [("use_dora", Value::Bool(false)), ("lora_bias", Value::Bool(false))] {
+        if let Some(x) = v.get(key) {
+            if *x != ok && !x.is_null() {
+                bail!("{p}: `{key}: {x}` is not supported by strata");
+            }
+        }
+    }
+    if let Some(m) = v.get("modules_to_save").and_then(|m| m.as_array()) {
+        if !m.is_empty() {
+            bail!("{p}: modules_to_save {m:?} is not supported by strata");
+        }
+    }
+    if v.get("bias").and_then(|b| b.as_str()).unwrap_or("none") != "none" {
+        bail!("{p}: only bias = \"none\" is supported");
+    }
+    let r = v.get("r").and_then(|x| x.as_u64()).unwrap_or(8) as usize;
+    let alpha = v.get("lora_alpha").and_then(|x| x.as_f64()).unwrap_or(8.0);
+    let targets: Vec<String> = match v.get("target_modules") {
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+        Some(Value::String(s)) if s == "all-linear" => MODULES.iter().map(|s| s.to_string()).collect(),
+        Some(Value::String(s)) => {
+            let re = regex::Regex::new(&format!("^(?:{s})$")).with_context(|| format!("{p}: target_modules regex `{s}`"))?;
+            MODULES
+                .iter()
+                .filter(|m| (0..num_layers).any(|l| re.is_match(&module_name(l, m))))
+                .map(|s| s.to_string())
+                .collect()
+        }
+        _ => bail!("{p}: missing `target_modules`"),
+    };
+    for t in &targets {
+        if !MODULES.contains(&t.as_str()) {
+            bail!("{p}: target module `{t}` is not a projection strata adapts ({})", MODULES.join(", "));
+        }
+    }
+    let layers = match v.get("layers_to_transform") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(vec![n.as_u64().unwrap_or(0) as usize]),
+        Some(Value::Array(a)) => Some(a.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect()),
+        Some(_) => bail!("{p}: layers_to_transform must be an integer or a list"),
+    };
+    Ok(LoraPlan {
+        r,
+        alpha,
+        targets,
+        layers,
+        rank_pattern: patterns(v.get("rank_pattern"), |x| x.as_u64().map(|x| x as usize), "rank_pattern")?,
+        alpha_pattern: patterns(v.get("alpha_pattern"), |x| x.as_f64(), "alpha_pattern")?,
+        use_rslora: v.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false),
+        dropout: v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0) as f32,
+    })
+}
+
+/// Loads a PEFT directory onto `model` (replacing any adapters); every expected tensor must be
+/// present with the planned shape, and no tensor may be left over.
+pub fn load(model: &mut Model, dir: &Path) -> Result<LoraPlan> {
+    let plan = read_plan(dir, model.cfg.num_layers)?;
+    // Touch the patterns once so an invalid regex is reported before any work.
+    pattern_match(&plan.rank_pattern, "x")?;
+    let file = dir.join("adapter_model.safetensors");
+    if !file.exists() {
+        bail!("{}: no adapter_model.safetensors (legacy adapter_model.bin is not supported)", dir.display());
+    }
+    let st = SafetensorsSource::open(std::slice::from_ref(&file))?;
+    let mut unused: std::collections::BTreeSet<String> = crate::model::WeightSource::names(&st).into_iter().collect();
+    let cfg = model.cfg.clone();
+    let dev = model.device.clone();
+    for block in &mut model.blocks {
+        for (mi, m) in MODULES.iter().enumerate() {
+            block.proj[mi].lora = None;
+            let Some(ml) = plan.resolve(block.index, m)? else { continue };
+            let name = module_name(block.index, m);
+            let (o, i) = cfg.linear_shape(m).expect("known module");
+            let mut get = |ab: &str, shape: [usize; 2]| -> Result<Var> {
+                let key = peft_key(&name, ab);
+                if !unused.remove(&key) {
+                    bail!("{}: missing tensor `{key}`", file.display());
+                }
+                let t = st.raw(&key)?.to_dtype(DType::F32)?.to_device(&dev)?;
+                if t.dims() != shape {
+                    bail!("{}: `{key}` has shape {:?}, expected {:?} (rank {} from the config)", file.display(), t.dims(), shape, ml.r);
+                }
+                Ok(Var::from_tensor(&t)?)
+            };
+            let a = get("A", [ml.r, i])?;
+            let b = get("B", [o, ml.r])?;
+            block.proj[mi].lora = Some(Lora { a, b, r: ml.r, alpha: ml.alpha, scale: ml.scale, dropout: plan.dropout });
+        }
+    }
+    if let Some(extra) = unused.iter().next() {
+        bail!("{}: unexpected tensor `{extra}` ({} unused in all); does the adapter belong to this model?", file.display(), unused.len());
+    }
+    Ok(plan)
+}

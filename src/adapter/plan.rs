@@ -1,0 +1,204 @@
+//! The layer plan: which modules get LoRA, and with which rank and alpha, per layer range.
+//!
+//! A plan is stored the way PEFT stores it (`r`, `lora_alpha`, `target_modules`, `rank_pattern`,
+//! `alpha_pattern`) and resolved with PEFT's rule (`get_pattern_key`): the first pattern key `K`
+//! (in file order) for which `re.match(r"(.*\.)?(K)$", module_name)` succeeds wins. Recipe rules
+//! such as "layers 0-10: r=64" are compiled into such keys, so strata and PEFT agree on every
+//! module by construction.
+
+use anyhow::{bail, Context, Result};
+use regex::Regex;
+use serde::Deserialize;
+
+use crate::model::config::{module_parent, MODULES};
+
+/// A recipe rule: a rank and alpha for a range of layers (and optionally some modules).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PlanRule {
+    /// Inclusive layer range, `"0-10"`, `"11-"` (to the last layer) or `"7"`.
+    pub layers: String,
+    /// Module names the rule applies to; all targeted modules when absent.
+    #[serde(default)]
+    pub modules: Option<Vec<String>>,
+    /// Rank for these modules.
+    pub r: usize,
+    /// Alpha for these modules (defaults to twice the rank).
+    #[serde(default)]
+    pub alpha: Option<f64>,
+}
+
+/// A resolved-by-pattern LoRA plan, in PEFT's terms.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraPlan {
+    /// Default rank.
+    pub r: usize,
+    /// Default alpha.
+    pub alpha: f64,
+    /// Targeted module names (`q_proj` ...).
+    pub targets: Vec<String>,
+    /// Layers that get adapters (`None`: all).
+    pub layers: Option<Vec<usize>>,
+    /// Ordered `(pattern, rank)` overrides.
+    pub rank_pattern: Vec<(String, usize)>,
+    /// Ordered `(pattern, alpha)` overrides.
+    pub alpha_pattern: Vec<(String, f64)>,
+    /// Scale by `alpha / sqrt(r)` instead of `alpha / r`.
+    pub use_rslora: bool,
+    /// Dropout on the adapter input during training.
+    pub dropout: f32,
+}
+
+/// Rank, alpha and scale for one module.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModuleLora {
+    /// Rank.
+    pub r: usize,
+    /// Alpha.
+    pub alpha: f64,
+    /// `alpha / r` or `alpha / sqrt(r)`.
+    pub scale: f64,
+}
+
+/// The PEFT module name of projection `module` in layer `layer`.
+pub fn module_name(layer: usize, module: &str) -> String {
+    format!("model.layers.{layer}.{}.{module}", module_parent(module))
+}
+
+/// PEFT's `get_pattern_key`: the first key whose `(.*\.)?(KEY)$` matches the whole name from its start.
+pub fn pattern_match<'a, T>(patterns: &'a [(String, T)], name: &str) -> Result<Option<&'a T>> {
+    for (key, val) in patterns {
+        let re = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+            .with_context(|| format!("rank/alpha pattern `{key}` is not a valid regular expression"))?;
+        if re.is_match(name) {
+            return Ok(Some(val));
+        }
+    }
+    Ok(None)
+}
+
+fn parse_range(spec: &str, num_layers: usize) -> Result<Vec<usize>> {
+    let bad = || format!("layer range `{spec}`: expected `A-B`, `A-` or `A` with layers below {num_layers}");
+    let (a, b) = match spec.split_once('-') {
+        Some((a, "")) => (a.trim().parse::<usize>().with_context(bad)?, num_layers.saturating_sub(1)),
+        Some((a, b)) => (a.trim().parse::<usize>().with_context(bad)?, b.trim().parse::<usize>().with_context(bad)?),
+        None => {
+            let a = spec.trim().parse::<usize>().with_context(bad)?;
+            (a, a)
+        }
+    };
+    if a > b || b >= num_layers {
+        bail!(bad());
+    }
+    Ok((a..=b).collect())
+}
+
+impl LoraPlan {
+    /// A uniform plan over `targets`.
+    pub fn uniform(r: usize, alpha: f64, targets: &[&str]) -> Self {
+        Self {
+            r,
+            alpha,
+            targets: targets.iter().map(|s| s.to_string()).collect(),
+            layers: None,
+            rank_pattern: vec![],
+            alpha_pattern: vec![],
+            use_rslora: false,
+            dropout: 0.0,
+        }
+    }
+
+    /// Adds recipe rules as PEFT patterns; earlier rules win where ranges overlap, as in PEFT.
+    pub fn with_rules(mut self, rules: &[PlanRule], num_layers: usize) -> Result<Self> {
+        for t in &self.targets {
+            if !MODULES.contains(&t.as_str()) {
+                bail!("unknown LoRA target module `{t}`; choose from {}", MODULES.join(", "));
+            }
+        }
+        for rule in rules {
+            if rule.r == 0 {
+                bail!("layer rule `{}`: rank must be at least 1", rule.layers);
+            }
+            let layers = parse_range(&rule.layers, num_layers)?;
+            let mods = rule.modules.clone().unwrap_or_else(|| self.targets.clone());
+            for m in &mods {
+                if !MODULES.contains(&m.as_str()) {
+                    bail!("layer rule `{}`: unknown module `{m}`; choose from {}", rule.layers, MODULES.join(", "));
+                }
+            }
+            let layer_alt = layers.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("|");
+            let mod_alt = mods.join("|");
+            let key = format!(r"model\.layers\.({layer_alt})\.(self_attn|mlp)\.({mod_alt})");
+            self.rank_pattern.push((key.clone(), rule.r));
+            self.alpha_pattern.push((key, rule.alpha.unwrap_or(2.0 * rule.r as f64)));
+        }
+        Ok(self)
+    }
+
+    /// The adapter of `module` in `layer`, or `None` when the plan leaves it untouched.
+    pub fn resolve(&self, layer: usize, module: &str) -> Result<Option<ModuleLora>> {
+        if !self.targets.iter().any(|t| t == module) {
+            return Ok(None);
+        }
+        if let Some(ls) = &self.layers {
+            if !ls.contains(&layer) {
+                return Ok(None);
+            }
+        }
+        let name = module_name(layer, module);
+        let r = *pattern_match(&self.rank_pattern, &name)?.unwrap_or(&self.r);
+        let alpha = *pattern_match(&self.alpha_pattern, &name)?.unwrap_or(&self.alpha);
+        if r == 0 {
+            bail!("LoRA rank for {name} is 0");
+        }
+        let scale = if self.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+        Ok(Some(ModuleLora { r, alpha, scale }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layered_rules_resolve_like_peft() -> Result<()> {
+        let rules = vec![
+            PlanRule { layers: "0-10".into(), modules: None, r: 64, alpha: Some(128.0) },
+            PlanRule { layers: "11-".into(), modules: Some(vec!["q_proj".into()]), r: 8, alpha: None },
+        ];
+        let plan = LoraPlan::uniform(16, 32.0, &MODULES).with_rules(&rules, 30)?;
+        assert_eq!(plan.resolve(0, "q_proj")?.unwrap().r, 64);
+        assert_eq!(plan.resolve(10, "down_proj")?.unwrap().scale, 2.0);
+        // Layer 1 must not match layer 10..19 patterns and vice versa: the pattern ends at the dot.
+        assert_eq!(plan.resolve(1, "q_proj")?.unwrap().r, 64);
+        assert_eq!(plan.resolve(11, "k_proj")?.unwrap().r, 16);
+        let q = plan.resolve(29, "q_proj")?.unwrap();
+        assert_eq!((q.r, q.alpha), (8, 16.0));
+        let mut rs = plan.clone();
+        rs.use_rslora = true;
+        assert_eq!(rs.resolve(29, "q_proj")?.unwrap().scale, 16.0 / 8f64.sqrt());
+        let partial = LoraPlan::uniform(4, 8.0, &["q_proj"]);
+        assert!(partial.resolve(0, "v_proj")?.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn peft_pattern_key_semantics() -> Result<()> {
+        // A bare module key matches as a suffix after a dot, never in the middle of a name.
+        let pats = vec![("q_proj".to_string(), 1usize), (r"layers\.1\.self_attn\.k_proj".to_string(), 2)];
+        assert_eq!(pattern_match(&pats, "model.layers.3.self_attn.q_proj")?, Some(&1));
+        assert_eq!(pattern_match(&pats, "model.layers.1.self_attn.k_proj")?, Some(&2));
+        assert_eq!(pattern_match(&pats, "model.layers.11.self_attn.k_proj")?, None);
+        assert_eq!(pattern_match(&pats, "model.layers.3.self_attn.xq_proj")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_rules_are_explained() {
+        let plan = LoraPlan::uniform(16, 32.0, &MODULES);
+        let e = plan.clone().with_rules(&[PlanRule { layers: "5-40".into(), modules: None, r: 4, alpha: None }], 30);
+        assert!(e.unwrap_err().to_string().contains("layer range"));
+        let e = plan.with_rules(&[PlanRule { layers: "1".into(), modules: Some(vec!["wq".into()]), r: 4, alpha: None }], 30);
+        assert!(e.unwrap_err().to_string().contains("unknown module"));
+    }
+}

@@ -1,0 +1,130 @@
+//! Chat data (`{"messages": [{"role": ..., "content": ...}, ...]}` per line), rendered with the
+//! model's own Jinja chat template; loss is taken on assistant tokens only.
+//!
+//! The assistant spans are found by rendering: the text of message `i` in the full rendering is
+//! the part between the rendering of messages `..i` with a generation prompt and the rendering of
+//! messages `..=i`. Tokens whose character span falls inside an assistant span get targets.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+use super::text::{list_files, Sequences};
+use crate::model::tokenizer::Tok;
+use crate::ops::lm_head::IGNORE;
+
+/// One chat message.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+#[derive(Deserialize)]
+struct Conversation {
+    messages: Vec<Message>,
+}
+
+/// Renders `messages` with `template` (Hugging Face conventions: `messages`, `add_generation_prompt`,
+/// `bos_token`, `eos_token`).
+pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool, tok: &Tok) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", template).context("the chat template is not valid Jinja")?;
+    let name = |id: Option<u32>| id.and_then(|i| tok.inner.id_to_token(i)).unwrap_or_default();
+    let ctx = minijinja::context! {
+        messages => messages,
+        add_generation_prompt => add_generation_prompt,
+        bos_token => name(tok.bos),
+        eos_token => name(tok.eos),
+    };
+    Ok(env.get_template("chat")?.render(ctx).context("rendering the chat template failed")?)
+}
+
+/// Loads chat jsonl files and turns each conversation into one row of `seq_len` (longer ones are
+/// truncated, shorter ones padded with ignored targets).
+pub fn load_chat(paths: &[PathBuf], tok: &Tok, seq_len: usize) -> Result<Sequences> {
+    let template = tok
+        .chat_template
+        .as_deref()
+        .context("the model has no chat template (tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`)")?;
+    let pad = tok.eos.unwrap_or(0);
+    let mut seqs = Sequences { seq_len, ..Default::default() };
+    for root in paths {
+        for f in list_files(root)? {
+            let text = std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
+            for (ln, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let at = || format!("{}:{}", f.display(), ln + 1);
+                let conv: Conversation = serde_json::from_str(line).with_context(|| format!("{}: expected {{\"messages\": [{{\"role\", \"content\"}}]}}", at()))?;
+                if !conv.messages.iter().any(|m| m.role == "assistant") {
+                    bail!("{}: the conversation has no assistant message to learn from", at());
+                }
+                let full = render(template, &conv.messages, false, tok).with_context(at)?;
+                let mut spans = Vec::new();
+                for (i, m) in conv.messages.iter().enumerate() {
+                    if m.role == "assistant" {
+                        let before = render(template, &conv.messages[..i], true, tok).with_context(at)?;
+                        let upto = render(template, &conv.messages[..=i], false, tok).with_context(at)?;
+                        if !full.starts_with(&upto) || !upto.starts_with(&before) {
+                            bail!("{}: the chat template does not render conversations prefix by prefix; cannot locate assistant turns", at());
+                        }
+                        spans.push((before.len(), upto.len()));
+                    }
+                }
+                let enc = tok.inner.encode(full.as_str(), false).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+                let ids = enc.get_ids();
+                let offs = enc.get_offsets();
+                let n = ids.len().min(seq_len + 1);
+                let mut inp: Vec<u32> = ids[..n.saturating_sub(1)].to_vec();
+                let mut tgt: Vec<u32> = (1..n)
+                    .map(|j| {
+                        let (s, e) = offs[j];
+                        if spans.iter().any(|&(a, b)| s >= a && e <= b) {
+                            ids[j]
+                        } else {
+                            IGNORE
+                        }
+                    })
+                    .collect();
+                inp.resize(seq_len, pad);
+                tgt.resize(seq_len, IGNORE);
+                seqs.inputs.push(inp);
+                seqs.targets.push(tgt);
+            }
+        }
+    }
+    if seqs.is_empty() {
+        bail!("no conversations found in {paths:?}");
+    }
+    Ok(seqs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tokenizer::{tiny_vocab, tokenizer_json_from_gguf};
+
+    const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+    #[test]
+    fn only_assistant_tokens_have_targets() -> Result<()> {
+        let tok = Tok::from_json(tokenizer_json_from_gguf(&tiny_vocab(), "t")?, Some(2), None, Some(CHATML.into()))?;
+        let dir = std::env::temp_dir().join(format!("strata-chat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let f = dir.join("c.jsonl");
+        std::fs::write(&f, r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "the"}]}"#)?;
+        let s = load_chat(&[f], &tok, 64)?;
+        let tgt: Vec<u32> = s.targets[0].iter().copied().filter(|&t| t != IGNORE).collect();
+        let text = tok.decode(&tgt)?;
+        assert_eq!(text, "the<|im_end|>\n");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}

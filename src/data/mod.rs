@@ -1,0 +1,6 @@
+//! Training and evaluation data: text and chat sources, tokenization, packing.
+
+pub mod chat;
+pub mod text;
+
+pub use text::{load_documents, pack, Sequences};

@@ -1,0 +1,172 @@
+//! Raw text sources (`.txt` / `.md` files, directories of them, `.jsonl` with a `text` field),
+//! tokenized, EOS-separated and packed into fixed-length sequences.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+use crate::model::tokenizer::Tok;
+use crate::ops::lm_head::IGNORE;
+
+/// Files under `path` (itself if a file), sorted so runs are reproducible.
+pub fn list_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if !path.exists() {
+        bail!("data path {} does not exist", path.display());
+    }
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if matches!(p.extension().and_then(|x| x.to_str()), Some("txt" | "md" | "jsonl")) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    if out.is_empty() {
+        bail!("{}: no .txt, .md or .jsonl files inside", path.display());
+    }
+    Ok(out)
+}
+
+/// Documents of a text source: a `.txt`/`.md` file is one document, a `.jsonl` file one per line
+/// (its `text` field).
+pub fn load_documents(paths: &[PathBuf]) -> Result<Vec<String>> {
+    let mut docs = Vec::new();
+    for root in paths {
+        for f in list_files(root)? {
+            let text = std::fs::read_to_string(&f).with_context(|| format!("cannot read {} as UTF-8 text", f.display()))?;
+            if f.extension().and_then(|x| x.to_str()) == Some("jsonl") {
+                for (i, line) in text.lines().enumerate() {
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let v: serde_json::Value = serde_json::from_str(line)
+                        .with_context(|| format!("{}:{}: not valid JSON", f.display(), i + 1))?;
+                    let t = v
+                        .get("text")
+                        .and_then(|t| t.as_str())
+                        .with_context(|| format!("{}:{}: no string field `text` (chat data needs format = \"chat\")", f.display(), i + 1))?;
+                    docs.push(t.to_string());
+                }
+            } else if !text.trim().is_empty() {
+                docs.push(text);
+            }
+        }
+    }
+    if docs.is_empty() {
+        bail!("no documents found in {paths:?}");
+    }
+    Ok(docs)
+}
+
+/// Packed training sequences: each row has `seq_len` inputs and `seq_len` targets.
+#[derive(Clone, Debug, Default)]
+pub struct Sequences {
+    /// Sequence length.
+    pub seq_len: usize,
+    /// Inputs, one `Vec` of `seq_len` ids per row.
+    pub inputs: Vec<Vec<u32>>,
+    /// Targets (`IGNORE` where no loss is taken), aligned with inputs.
+    pub targets: Vec<Vec<u32>>,
+}
+
+impl Sequences {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.inputs.len()
+    }
+
+    /// True when there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.inputs.is_empty()
+    }
+
+    /// Moves the last `fraction` of rows (at least one) into a second set.
+    pub fn split_off(&mut self, fraction: f64) -> Sequences {
+        let n = ((self.len() as f64 * fraction).ceil() as usize).clamp(1, self.len().saturating_sub(1).max(1));
+        let at = self.len() - n;
+        Sequences { seq_len: self.seq_len, inputs: self.inputs.split_off(at), targets: self.targets.split_off(at) }
+    }
+
+    /// Tokens with a target.
+    pub fn target_tokens(&self) -> usize {
+        self.targets.iter().map(|t| t.iter().filter(|&&x| x != IGNORE).count()).sum()
+    }
+}
+
+/// Tokenizes documents, joins them with EOS and cuts the stream into rows of `seq_len + 1`
+/// tokens that overlap by one (inputs are the first `seq_len`, targets the last `seq_len`).
+/// A short tail is kept as a padded row so that small corpora are not lost.
+pub fn pack(tok: &Tok, docs: &[String], seq_len: usize) -> Result<Sequences> {
+    if seq_len < 2 {
+        bail!("seq_len must be at least 2");
+    }
+    let eos = tok.eos.context("the tokenizer has no end-of-sequence token to separate documents")?;
+    let mut stream = Vec::new();
+    for d in docs {
+        stream.extend(tok.encode(d)?);
+        stream.push(eos);
+    }
+    let mut seqs = Sequences { seq_len, ..Default::default() };
+    let mut start = 0;
+    while start + 1 < stream.len() {
+        let end = (start + seq_len + 1).min(stream.len());
+        let block = &stream[start..end];
+        let mut inp = block[..block.len() - 1].to_vec();
+        let mut tgt = block[1..].to_vec();
+        if inp.len() < seq_len {
+            if !seqs.is_empty() && inp.len() < seq_len / 4 {
+                break;
+            }
+            tgt.resize(seq_len, IGNORE);
+            inp.resize(seq_len, eos);
+        }
+        seqs.inputs.push(inp);
+        seqs.targets.push(tgt);
+        start = end - 1;
+    }
+    Ok(seqs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tokenizer::{tiny_vocab, tokenizer_json_from_gguf};
+
+    #[test]
+    fn packing_keeps_every_token_once_as_target() -> Result<()> {
+        let tok = Tok::from_json(tokenizer_json_from_gguf(&tiny_vocab(), "t")?, Some(0), None, None)?;
+        let docs = vec!["the cat".to_string(), "a dog the".to_string()];
+        let seqs = pack(&tok, &docs, 4)?;
+        let stream: Vec<u32> = docs.iter().flat_map(|d| tok.encode(d).unwrap().into_iter().chain([0])).collect();
+        let targets: Vec<u32> = seqs.targets.iter().flatten().copied().filter(|&t| t != IGNORE).collect();
+        assert_eq!(targets, stream[1..].to_vec());
+        for (i, t) in seqs.inputs.iter().zip(&seqs.targets) {
+            assert_eq!(i.len(), 4);
+            assert_eq!(t.len(), 4);
+            assert_eq!(&i[1..], &t[..3].iter().map(|&x| if x == IGNORE { 0 } else { x }).collect::<Vec<_>>()[..]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn jsonl_needs_a_text_field() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("strata-jsonl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let f = dir.join("a.jsonl");
+        std::fs::write(&f, "{\"text\": \"hello\"}\n{\"body\": 1}\n")?;
+        let e = load_documents(&[f.clone()]).unwrap_err();
+        assert!(e.to_string().contains("a.jsonl:2"), "{e}");
+        std::fs::write(&f, "{\"text\": \"hello\"}\n\n{\"text\": \"world\"}\n")?;
+        assert_eq!(load_documents(&[dir.clone()])?, vec!["hello", "world"]);
+        assert!(load_documents(&[dir.join("missing")]).unwrap_err().to_string().contains("does not exist"));
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}

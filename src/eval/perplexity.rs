@@ -1,0 +1,38 @@
+//! Perplexity and next-token accuracy over packed sequences.
+
+use anyhow::Result;
+use candle_core::Tensor;
+use serde::Serialize;
+
+use crate::data::Sequences;
+use crate::model::{Fwd, Model};
+
+/// Text metrics over a set of sequences.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct TextMetrics {
+    /// Tokens scored.
+    pub tokens: usize,
+    /// Mean negative log-likelihood per token (nats).
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+    /// Fraction of tokens whose arg-max prediction is the target.
+    pub accuracy: f64,
+}
+
+/// Scores `seqs` in batches of `batch` rows (adapters on or off per `fwd`).
+pub fn eval_sequences(model: &Model, seqs: &Sequences, batch: usize, fwd: Fwd) -> Result<TextMetrics> {
+    let (mut nll, mut count, mut correct) = (0.0, 0usize, 0usize);
+    for start in (0..seqs.len()).step_by(batch.max(1)) {
+        let end = (start + batch.max(1)).min(seqs.len());
+        let ids: Vec<u32> = seqs.inputs[start..end].iter().flatten().copied().collect();
+        let tg: Vec<u32> = seqs.targets[start..end].iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(ids, (end - start, seqs.seq_len), &model.device)?;
+        let out = model.eval_loss(&ids, &tg, fwd)?;
+        nll += out.nll_sum;
+        count += out.count;
+        correct += out.correct;
+    }
+    let loss = if count > 0 { nll / count as f64 } else { f64::NAN };
+    Ok(TextMetrics { tokens: count, loss, perplexity: loss.exp(), accuracy: correct as f64 / count.max(1) as f64 })
+}

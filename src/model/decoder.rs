@@ -1,0 +1,371 @@
+//! The decoder shared by the Llama family and Qwen2: RMSNorm, GQA attention with RoPE, SwiGLU,
+//! tied or untied embeddings. Activations between blocks are `[tokens, hidden]` in f32; frozen
+//! projections may be stored in bf16 and run through the frozen-linear op.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::config::{ModelConfig, MODULES};
+use super::source::WeightSource;
+use crate::adapter::{Lora, LoraPlan};
+use crate::ops::attention::{causal_attention, repeat_kv};
+use crate::ops::norm::rms_norm;
+use crate::ops::rope::Rope;
+use crate::ops::{frozen_matmul, lm_head};
+use crate::rng::{mix, Rng};
+
+/// A weight that is either frozen (a constant) or trained (a `Var`).
+#[derive(Debug)]
+pub enum Param {
+    /// Never receives a gradient.
+    Frozen(Tensor),
+    /// Trained in place by the optimizer.
+    Train(Var),
+}
+
+impl Param {
+    /// The current value.
+    pub fn t(&self) -> &Tensor {
+        match self {
+            Param::Frozen(t) => t,
+            Param::Train(v) => v.as_tensor(),
+        }
+    }
+}
+
+/// Storage precision of the frozen base.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaseDtype {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16 storage (the matmul runs in bf16 on CPU through candle).
+    Bf16,
+}
+
+impl BaseDtype {
+    /// Parses `f32` / `bf16`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            o => bail!("base precision `{o}` is not supported; choose f32 or bf16"),
+        }
+    }
+
+    fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// A projection: weight, optional bias, optional LoRA adapter.
+#[derive(Debug)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub w: Param,
+    /// `[out]`.
+    pub b: Option<Param>,
+    /// The adapter, when the plan targets this module.
+    pub lora: Option<Lora>,
+}
+
+/// Per-forward switches.
+#[derive(Clone, Copy, Debug)]
+pub struct Fwd {
+    /// Seed of this step's dropout masks; `None` disables dropout (evaluation).
+    pub dropout_seed: Option<u64>,
+    /// Whether adapters contribute (off gives the base model without a second copy).
+    pub adapters: bool,
+}
+
+impl Fwd {
+    /// Evaluation with adapters on.
+    pub fn eval() -> Self {
+        Self { dropout_seed: None, adapters: true }
+    }
+}
+
+impl Linear {
+    /// `x [n, in] -> [n, out]`.
+    pub fn forward(&self, x: &Tensor, fwd: Fwd, site: u64) -> Result<Tensor> {
+        let mut y = match &self.w {
+            Param::Frozen(w) => frozen_matmul(&x.to_dtype(w.dtype())?, w)?.to_dtype(DType::F32)?,
+            Param::Train(w) => x.matmul(&w.as_tensor().t()?)?,
+        };
+        if let Some(b) = &self.b {
+            y = y.broadcast_add(&b.t().to_dtype(DType::F32)?)?;
+        }
+        if let (Some(l), true) = (&self.lora, fwd.adapters) {
+            y = (y + l.forward(x, fwd.dropout_seed.map(|s| mix(&[s, site])))?)?;
+        }
+        Ok(y)
+    }
+}
+
+/// Keys and values of past positions for one block, `[b, kv_heads, t, head_dim]`.
+#[derive(Debug, Default, Clone)]
+pub struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.k.as_ref().map(|k| k.dim(2).unwrap_or(0)).unwrap_or(0)
+    }
+
+    /// True before the first forward.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One decoder block.
+#[derive(Debug)]
+pub struct Block {
+    /// Index of the block.
+    pub index: usize,
+    /// Pre-attention RMSNorm weight.
+    pub attn_norm: Param,
+    /// Projections in [`MODULES`] order: q, k, v, o, gate, up, down.
+    pub proj: Vec<Linear>,
+    /// Pre-MLP RMSNorm weight.
+    pub mlp_norm: Param,
+}
+
+/// The whole decoder.
+#[derive(Debug)]
+pub struct Model {
+    /// Shape of the model.
+    pub cfg: ModelConfig,
+    /// `[vocab, hidden]`.
+    pub embed: Param,
+    /// Decoder blocks.
+    pub blocks: Vec<Block>,
+    /// Final RMSNorm weight.
+    pub norm: Param,
+    /// Untied LM head `[vocab, hidden]`; `None` when tied to the embedding.
+    pub head: Option<Param>,
+    rope: Rope,
+    /// Device of every tensor.
+    pub device: Device,
+}
+
+/// Reads `name`, checks its shape and returns it in f32.
+fn load(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Tensor> {
+    let t = src.get(name)?;
+    if t.dims() != shape {
+        bail!("{}: tensor `{name}` has shape {:?} but the config implies {:?}", src.describe(), t.dims(), shape);
+    }
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+fn param(t: Tensor, train: bool, dtype: DType) -> Result<Param> {
+    Ok(if train { Param::Train(Var::from_tensor(&t)?) } else { Param::Frozen(t.to_dtype(dtype)?) })
+}
+
+impl Model {
+    /// Builds the model from a weight source. `full` makes every weight trainable in f32 (full
+    /// fine-tuning); otherwise every weight is frozen, projections stored in `base`.
+    pub fn load(cfg: &ModelConfig, src: &dyn WeightSource, base: BaseDtype, full: bool, dev: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let h = cfg.hidden_size;
+        let pd = base.dtype();
+        let embed = param(load(src, "model.embed_tokens.weight", &[cfg.vocab_size, h])?, full, DType::F32)?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let mut proj = Vec::with_capacity(7);
+            for m in MODULES {
+                let (o, inp) = cfg.linear_shape(m).expect("known module");
+                let name = crate::adapter::plan::module_name(i, m);
+                let w = param(load(src, &format!("{name}.weight"), &[o, inp])?, full, pd)?;
+                let b = if cfg.arch.qkv_bias() && matches!(m, "q_proj" | "k_proj" | "v_proj") {
+                    Some(param(load(src, &format!("{name}.bias"), &[o])?, full, DType::F32)?)
+                } else {
+                    None
+                };
+                proj.push(Linear { w, b, lora: None });
+            }
+            blocks.push(Block {
+                index: i,
+                attn_norm: param(load(src, &format!("model.layers.{i}.input_layernorm.weight"), &[h])?, full, DType::F32)?,
+                proj,
+                mlp_norm: param(
+                    load(src, &format!("model.layers.{i}.post_attention_layernorm.weight"), &[h])?,
+                    full,
+                    DType::F32,
+                )?,
+            });
+        }
+        let norm = param(load(src, "model.norm.weight", &[h])?, full, DType::F32)?;
+        let head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(param(load(src, "lm_head.weight", &[cfg.vocab_size, h])?, full, pd)?)
+        };
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, DType::F32, dev)?;
+        Ok(Self { cfg: cfg.clone(), embed, blocks, norm, head, rope, device: dev.clone() })
+    }
+
+    /// Attaches fresh adapters (PEFT init) to every module the plan targets.
+    pub fn add_lora(&mut self, plan: &LoraPlan, seed: u64) -> Result<()> {
+        for block in &mut self.blocks {
+            for (mi, m) in MODULES.iter().enumerate() {
+                if let Some(ml) = plan.resolve(block.index, m)? {
+                    let (o, inp) = self.cfg.linear_shape(m).expect("known module");
+                    let mut rng = Rng::new(mix(&[seed, block.index as u64, mi as u64]));
+                    block.proj[mi].lora =
+                        Some(Lora::init(o, inp, ml.r, ml.alpha, ml.scale, plan.dropout, &mut rng, &self.device)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every adapter with its PEFT module name.
+    pub fn loras(&self) -> Vec<(String, &Lora)> {
+        let mut v = Vec::new();
+        for b in &self.blocks {
+            for (mi, m) in MODULES.iter().enumerate() {
+                if let Some(l) = &b.proj[mi].lora {
+                    v.push((crate::adapter::plan::module_name(b.index, m), l));
+                }
+            }
+        }
+        v
+    }
+
+    /// Every trainable tensor with its name (adapters as `<module>.lora_A.weight`).
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let mut v = Vec::new();
+        let mut push = |name: String, p: &Param| {
+            if let Param::Train(var) = p {
+                v.push((name, var.clone()));
+            }
+        };
+        push("model.embed_tokens.weight".into(), &self.embed);
+        for b in &self.blocks {
+            push(format!("model.layers.{}.input_layernorm.weight", b.index), &b.attn_norm);
+            push(format!("model.layers.{}.post_attention_layernorm.weight", b.index), &b.mlp_norm);
+            for (mi, m) in MODULES.iter().enumerate() {
+                let name = crate::adapter::plan::module_name(b.index, m);
+                push(format!("{name}.weight"), &b.proj[mi].w);
+                if let Some(bias) = &b.proj[mi].b {
+                    push(format!("{name}.bias"), bias);
+                }
+            }
+        }
+        push("model.norm.weight".into(), &self.norm);
+        if let Some(h) = &self.head {
+            push("lm_head.weight".into(), h);
+        }
+        for (name, l) in self.loras() {
+            v.push((format!("{name}.lora_A.weight"), l.a.clone()));
+            v.push((format!("{name}.lora_B.weight"), l.b.clone()));
+        }
+        v
+    }
+
+    /// The LM head weight (the embedding when tied).
+    pub fn head_weight(&self) -> &Tensor {
+        self.head.as_ref().unwrap_or(&self.embed).t()
+    }
+
+    /// Token embeddings `ids [b, t] -> [b * t, hidden]` (f32).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let flat = ids.flatten_all()?;
+        Ok(self.embed.t().index_select(&flat, 0)?.to_dtype(DType::F32)?)
+    }
+
+    /// Runs one block on `x [b * t, hidden]` for a batch of `b` rows of `t` positions.
+    pub fn block_forward(&self, i: usize, x: &Tensor, b: usize, t: usize, fwd: Fwd, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let blk = &self.blocks[i];
+        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let site = |m: usize| ((i as u64) << 8) | m as u64;
+        let h = rms_norm(x, blk.attn_norm.t(), cfg.rms_norm_eps)?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
+        let q = heads(blk.proj[0].forward(&h, fwd, site(0))?, nh)?;
+        let k = heads(blk.proj[1].forward(&h, fwd, site(1))?, nkv)?;
+        let v = heads(blk.proj[2].forward(&h, fwd, site(2))?, nkv)?;
+        let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let q = self.rope.apply(&q, offset)?;
+        let mut k = self.rope.apply(&k, offset)?;
+        let mut v = v;
+        if let Some(c) = cache {
+            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            c.k = Some(k.clone());
+            c.v = Some(v.clone());
+        }
+        let k = repeat_kv(&k, nh / nkv)?.contiguous()?;
+        let v = repeat_kv(&v, nh / nkv)?.contiguous()?;
+        let att = causal_attention(&q, &k, &v)?.transpose(1, 2)?.reshape((b * t, nh * d))?;
+        let x = (x + blk.proj[3].forward(&att, fwd, site(3))?)?;
+        let h = rms_norm(&x, blk.mlp_norm.t(), cfg.rms_norm_eps)?;
+        let g = blk.proj[4].forward(&h, fwd, site(4))?.silu()?;
+        let u = blk.proj[5].forward(&h, fwd, site(5))?;
+        Ok((&x + blk.proj[6].forward(&(g * u)?, fwd, site(6))?)?)
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(rms_norm(x, self.norm.t(), self.cfg.rms_norm_eps)?)
+    }
+
+    /// Final normed hidden states `[b * t, hidden]` for `ids [b, t]`, extending `caches` if given.
+    pub fn hidden(&self, ids: &Tensor, fwd: Fwd, mut caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mut x = self.embed(ids)?;
+        for i in 0..self.blocks.len() {
+            let c = caches.as_mut().map(|cs| &mut cs[i]);
+            x = self.block_forward(i, &x, b, t, fwd, c).with_context(|| format!("block {i}"))?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// Logits `[b * t, vocab]` (materialised: for generation and tests, not training).
+    pub fn logits(&self, ids: &Tensor, fwd: Fwd, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+        let h = self.hidden(ids, fwd, caches)?;
+        let w = self.head_weight();
+        Ok(h.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)?)
+    }
+
+    /// Mean next-token loss and counts over `ids [b, t]` with `targets` (flattened, IGNORE-able).
+    pub fn eval_loss(&self, ids: &Tensor, targets: &[u32], fwd: Fwd) -> Result<lm_head::HeadOutput> {
+        let h = self.hidden(ids, fwd, None)?.detach();
+        Ok(lm_head::lm_head_loss(&h, self.head_weight(), targets, lm_head::HeadOptions { per_token: true, ..Default::default() })?)
+    }
+
+    /// Fresh per-block caches for generation.
+    pub fn new_caches(&self) -> Vec<KvCache> {
+        vec![KvCache::default(); self.blocks.len()]
+    }
+
+    /// Bytes held by weights, by dtype name.
+    pub fn weight_bytes(&self) -> Vec<(String, usize)> {
+        let mut acc: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut add = |t: &Tensor| *acc.entry(format!("{:?}", t.dtype()).to_lowercase()).or_default() += t.elem_count() * t.dtype().size_in_bytes();
+        add(self.embed.t());
+        add(self.norm.t());
+        if let Some(h) = &self.head {
+            add(h.t());
+        }
+        for b in &self.blocks {
+            add(b.attn_norm.t());
+            add(b.mlp_norm.t());
+            for p in &b.proj {
+                add(p.w.t());
+                if let Some(bb) = &p.b {
+                    add(bb.t());
+                }
+            }
+        }
+        acc.into_iter().collect()
+    }
+}

@@ -1,0 +1,397 @@
+//! GGUF files: validation of untrusted headers, configuration and tokenizer from metadata,
+//! tensors mapped to Hugging Face names (dequantized to f32), Llama Q/K rows un-permuted.
+//!
+//! llama.cpp stores Llama-family `attn_q`/`attn_k` rows permuted for its interleaved-pair RoPE;
+//! strata's decoder uses the Hugging Face rotate-half layout, so rows are put back on load
+//! (Qwen2 GGUFs use NeoX RoPE and are not permuted).
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use super::config::{Arch, ModelConfig};
+use super::source::{ModelSource, WeightSource};
+use super::tokenizer::{tokenizer_json_from_gguf, GgufVocab, Tok};
+
+/// A validated GGUF file.
+pub struct GgufSource {
+    path: PathBuf,
+    content: Content,
+    arch: Arch,
+    heads: usize,
+    kv_heads: usize,
+}
+
+fn as_u64(v: &Value) -> Option<u64> {
+    match *v {
+        Value::U8(x) => Some(x as u64),
+        Value::U16(x) => Some(x as u64),
+        Value::U32(x) => Some(x as u64),
+        Value::U64(x) => Some(x),
+        Value::I8(x) if x >= 0 => Some(x as u64),
+        Value::I16(x) if x >= 0 => Some(x as u64),
+        Value::I32(x) if x >= 0 => Some(x as u64),
+        Value::I64(x) if x >= 0 => Some(x as u64),
+        _ => None,
+    }
+}
+
+fn as_i64(v: &Value) -> Option<i64> {
+    match *v {
+        Value::I8(x) => Some(x as i64),
+        Value::I16(x) => Some(x as i64),
+        Value::I32(x) => Some(x as i64),
+        Value::I64(x) => Some(x),
+        _ => as_u64(v).and_then(|x| i64::try_from(x).ok()),
+    }
+}
+
+/// Reads and checks a GGUF header against the file's size before any tensor is touched.
+pub fn read_checked(path: &Path) -> Result<Content> {
+    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file_size = f.metadata()?.len();
+    // candle's reader bounds lengths and counts by the file size, but some crafted fields (an
+    // alignment of 0) still reach arithmetic that panics: turn that into an error too.
+    let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut f)))
+        .map_err(|_| anyhow::anyhow!("{}: malformed GGUF header (invalid alignment or sizes)", path.display()))?
+        .map_err(|e| anyhow::anyhow!("{}: malformed GGUF file: {e}", path.display()))?;
+    if let Some(a) = content.metadata.get("general.alignment") {
+        let a = as_u64(a).with_context(|| format!("{}: general.alignment is not an integer", path.display()))?;
+        if a == 0 || !a.is_power_of_two() || a > 1 << 16 {
+            bail!("{}: general.alignment {a} is not a power of two up to 65536", path.display());
+        }
+    }
+    for (name, info) in &content.tensor_infos {
+        let dims = info.shape.dims();
+        let elems = dims
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .with_context(|| format!("{}: tensor `{name}` has dimensions {dims:?} whose product overflows", path.display()))?;
+        let bs = info.ggml_dtype.block_size();
+        if elems % bs != 0 {
+            bail!("{}: tensor `{name}` has {elems} elements, not a multiple of its block size {bs}", path.display());
+        }
+        let bytes = (elems / bs)
+            .checked_mul(info.ggml_dtype.type_size())
+            .with_context(|| format!("{}: tensor `{name}` size overflows", path.display()))?;
+        let end = content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|s| s.checked_add(bytes as u64))
+            .with_context(|| format!("{}: tensor `{name}` offset overflows", path.display()))?;
+        if end > file_size {
+            bail!(
+                "{}: tensor `{name}` ends at byte {end} but the file has {file_size} bytes (truncated or corrupt file)",
+                path.display()
+            );
+        }
+    }
+    Ok(content)
+}
+
+fn hf_to_gguf(name: &str) -> Option<String> {
+    let fixed = match name {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+fn gguf_to_hf(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let h = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{h}.{kind}"))
+}
+
+/// llama.cpp's Q/K row permutation (`convert_hf_to_gguf.py::permute`) and its inverse, on the
+/// row dimension of `[rows, ...]` tensors (weights or biases).
+pub fn permute_rows(w: &Tensor, n_head: usize, to_gguf: bool) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    if n_head == 0 || rows % (2 * n_head) != 0 {
+        bail!("cannot permute {rows} rows into {n_head} RoPE heads");
+    }
+    let half = rows / n_head / 2;
+    let rest: usize = dims[1..].iter().product();
+    let (a, b) = if to_gguf { (2, half) } else { (half, 2) };
+    Ok(w.reshape((n_head, a, b, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+impl GgufSource {
+    fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn meta_usize(&self, key: &str) -> Result<usize> {
+        let v = self.meta(key).with_context(|| format!("{}: missing metadata `{key}`", self.path.display()))?;
+        as_u64(v)
+            .filter(|&x| x > 0 && x < 1 << 32)
+            .map(|x| x as usize)
+            .with_context(|| format!("{}: metadata `{key}` must be a positive integer", self.path.display()))
+    }
+
+    fn meta_f64(&self, key: &str) -> Option<f64> {
+        match self.meta(key)? {
+            Value::F32(x) => Some(*x as f64),
+            Value::F64(x) => Some(*x),
+            v => as_u64(v).map(|x| x as f64),
+        }
+    }
+
+    fn meta_str(&self, key: &str) -> Option<&str> {
+        match self.meta(key)? {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn config(&self) -> Result<ModelConfig> {
+        let a = self.arch.model_type();
+        let k = |s: &str| format!("{a}.{s}");
+        let hidden = self.meta_usize(&k("embedding_length"))?;
+        let heads = self.meta_usize(&k("attention.head_count"))?;
+        let kv = if self.meta(&k("attention.head_count_kv")).is_some() { self.meta_usize(&k("attention.head_count_kv"))? } else { heads };
+        let head_dim = if self.meta(&k("attention.key_length")).is_some() { self.meta_usize(&k("attention.key_length"))? } else { hidden / heads };
+        let embd = self
+            .content
+            .tensor_infos
+            .get("token_embd.weight")
+            .with_context(|| format!("{}: no token_embd.weight tensor", self.path.display()))?;
+        let vocab = embd.shape.dims()[0];
+        let cfg = ModelConfig {
+            arch: self.arch,
+            hidden_size: hidden,
+            num_layers: self.meta_usize(&k("block_count"))?,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim,
+            intermediate_size: self.meta_usize(&k("feed_forward_length"))?,
+            vocab_size: vocab,
+            rope_theta: self.meta_f64(&k("rope.freq_base")).unwrap_or(10_000.0),
+            rms_norm_eps: self.meta_f64(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
+            max_position_embeddings: self.meta_usize(&k("context_length")).unwrap_or(4096).min(1 << 20),
+            bos_token_id: self.meta("tokenizer.ggml.bos_token_id").and_then(as_u64).map(|x| x as u32),
+            eos_token_id: self.meta("tokenizer.ggml.eos_token_id").and_then(as_u64).map(|x| x as u32),
+        };
+        cfg.validate().with_context(|| format!("{}: inconsistent model metadata", self.path.display()))?;
+        Ok(cfg)
+    }
+
+    fn vocab(&self) -> Result<GgufVocab> {
+        let p = self.path.display();
+        let arr = |key: &str| -> Result<&Vec<Value>> {
+            match self.meta(key) {
+                Some(Value::Array(a)) => Ok(a),
+                Some(_) => bail!("{p}: metadata `{key}` is not an array"),
+                None => bail!("{p}: metadata `{key}` is missing"),
+            }
+        };
+        let strings = |key: &str| -> Result<Vec<String>> {
+            arr(key)?
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    _ => bail!("{p}: element {i} of `{key}` is not a string"),
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = if self.meta("tokenizer.ggml.merges").is_some() { strings("tokenizer.ggml.merges")? } else { vec![] };
+        let types = match self.meta("tokenizer.ggml.token_type") {
+            None => vec![],
+            Some(_) => arr("tokenizer.ggml.token_type")?
+                .iter()
+                .enumerate()
+                .map(|(i, v)| as_i64(v).with_context(|| format!("{p}: element {i} of `tokenizer.ggml.token_type` is not an integer")))
+                .collect::<Result<_>>()?,
+        };
+        Ok(GgufVocab {
+            model: self.meta_str("tokenizer.ggml.model").unwrap_or("").to_string(),
+            pre: self.meta_str("tokenizer.ggml.pre").unwrap_or("").to_string(),
+            tokens,
+            types,
+            merges,
+        })
+    }
+
+    fn qtensor(&self, gname: &str) -> Result<QTensor> {
+        let mut f = File::open(&self.path).with_context(|| format!("cannot open {}", self.path.display()))?;
+        self.content
+            .tensor(&mut f, gname, &Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: tensor `{gname}`: {e}", self.path.display()))
+    }
+}
+
+impl WeightSource for GgufSource {
+    fn get(&self, name: &str) -> Result<Tensor> {
+        let g = hf_to_gguf(name).with_context(|| format!("{}: no GGUF tensor corresponds to `{name}`", self.path.display()))?;
+        if !self.content.tensor_infos.contains_key(&g) {
+            bail!("{}: missing tensor `{g}` (for `{name}`)", self.path.display());
+        }
+        let t = self.qtensor(&g)?.dequantize(&Device::Cpu)?;
+        if self.arch == Arch::Llama {
+            if g.contains(".attn_q.") {
+                return permute_rows(&t, self.heads, false);
+            }
+            if g.contains(".attn_k.") {
+                return permute_rows(&t, self.kv_heads, false);
+            }
+        }
+        Ok(t)
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.content.tensor_infos.keys().filter_map(|g| gguf_to_hf(g)).collect();
+        v.sort();
+        v
+    }
+
+    fn stored_type(&self, name: &str) -> Option<String> {
+        let g = hf_to_gguf(name)?;
+        Some(format!("{:?}", self.content.tensor_infos.get(&g)?.ggml_dtype).to_lowercase())
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// Opens and validates a GGUF model file.
+pub fn open_gguf(path: &Path) -> Result<ModelSource> {
+    let content = read_checked(path)?;
+    let arch = match content.metadata.get("general.architecture") {
+        Some(Value::String(s)) if s == "llama" => Arch::Llama,
+        Some(Value::String(s)) if s == "qwen2" => Arch::Qwen2,
+        Some(Value::String(s)) => bail!("{}: architecture `{s}` is not supported (llama, qwen2)", path.display()),
+        _ => bail!("{}: missing metadata `general.architecture`", path.display()),
+    };
+    let mut src = GgufSource { path: path.to_path_buf(), content, arch, heads: 0, kv_heads: 0 };
+    let config = src.config()?;
+    src.heads = config.num_heads;
+    src.kv_heads = config.num_kv_heads;
+    let vocab = src.vocab()?;
+    if vocab.tokens.len() != config.vocab_size {
+        bail!("{}: {} tokenizer tokens but the embedding has {} rows", path.display(), vocab.tokens.len(), config.vocab_size);
+    }
+    let json = tokenizer_json_from_gguf(&vocab, &path.display().to_string())?;
+    let template = src.meta_str("tokenizer.chat_template").map(String::from);
+    let tokenizer = Tok::from_json(json, config.eos_token_id, config.bos_token_id, template)?;
+    Ok(ModelSource { path: path.to_path_buf(), config, weights: Box::new(src), tokenizer })
+}
+
+/// Writes a GGUF file for `cfg` from Hugging Face-named f32 tensors (Llama Q/K permuted as
+/// llama.cpp expects), each stored as `dtype`. Used for exports and synthetic test models.
+pub fn write_gguf(
+    path: &Path,
+    cfg: &ModelConfig,
+    tensors: &[(String, Tensor)],
+    vocab: &GgufVocab,
+    dtype: candle_core::quantized::GgmlDType,
+) -> Result<()> {
+    let a = cfg.arch.model_type();
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(a.into())),
+        (format!("{a}.block_count"), Value::U32(cfg.num_layers as u32)),
+        (format!("{a}.embedding_length"), Value::U32(cfg.hidden_size as u32)),
+        (format!("{a}.feed_forward_length"), Value::U32(cfg.intermediate_size as u32)),
+        (format!("{a}.attention.head_count"), Value::U32(cfg.num_heads as u32)),
+        (format!("{a}.attention.head_count_kv"), Value::U32(cfg.num_kv_heads as u32)),
+        (format!("{a}.attention.key_length"), Value::U32(cfg.head_dim as u32)),
+        (format!("{a}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
+        (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
+        (format!("{a}.context_length"), Value::U32(cfg.max_position_embeddings as u32)),
+        ("tokenizer.ggml.model".into(), Value::String(vocab.model.clone())),
+        ("tokenizer.ggml.pre".into(), Value::String(vocab.pre.clone())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(vocab.tokens.iter().map(|t| Value::String(t.clone())).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(vocab.types.iter().map(|&t| Value::I32(t as i32)).collect())),
+        ("tokenizer.ggml.merges".into(), Value::Array(vocab.merges.iter().map(|t| Value::String(t.clone())).collect())),
+    ];
+    if let Some(e) = cfg.eos_token_id {
+        meta.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+    }
+    if let Some(b) = cfg.bos_token_id {
+        meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+    }
+    let mut qts = Vec::new();
+    for (name, t) in tensors {
+        let g = hf_to_gguf(name).with_context(|| format!("no GGUF name for tensor `{name}`"))?;
+        let mut t = t.to_dtype(candle_core::DType::F32)?;
+        if cfg.arch == Arch::Llama && g.contains(".attn_q.") {
+            t = permute_rows(&t, cfg.num_heads, true)?;
+        } else if cfg.arch == Arch::Llama && g.contains(".attn_k.") {
+            t = permute_rows(&t, cfg.num_kv_heads, true)?;
+        }
+        let ty = if t.rank() == 1 { candle_core::quantized::GgmlDType::F32 } else { dtype };
+        qts.push((g, QTensor::quantize(&t, ty)?));
+    }
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut buf = std::io::Cursor::new(Vec::new());
+    candle_core::quantized::gguf_file::write(&mut buf, &meta_refs, &t_refs)?;
+    crate::util::write_atomic(path, buf.get_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_roundtrips_and_names_map_both_ways() -> Result<()> {
+        let w = Tensor::arange(0f32, 48., &Device::Cpu)?.reshape((12, 4))?;
+        let p = permute_rows(&w, 3, true)?;
+        assert_ne!(p.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+        assert_eq!(permute_rows(&p, 3, false)?.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+        for n in ["model.layers.3.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "lm_head.weight", "model.layers.2.self_attn.k_proj.bias"] {
+            assert_eq!(gguf_to_hf(&hf_to_gguf(n).unwrap()).unwrap(), n);
+        }
+        Ok(())
+    }
+}

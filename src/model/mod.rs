@@ -1,0 +1,12 @@
+//! Models: configuration, the decoder, weight loading (GGUF, Hugging Face) and tokenizers.
+
+pub mod config;
+pub mod decoder;
+pub mod gguf;
+pub mod hf;
+pub mod source;
+pub mod tokenizer;
+
+pub use config::{Arch, ModelConfig};
+pub use decoder::{BaseDtype, Block, Fwd, KvCache, Linear, Model, Param};
+pub use source::{open, ModelSource, WeightSource};

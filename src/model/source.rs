@@ -1,0 +1,46 @@
+//! Where a model comes from: a GGUF file or a Hugging Face directory, behind one interface.
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use std::path::{Path, PathBuf};
+
+use super::config::ModelConfig;
+use super::tokenizer::Tok;
+
+/// Named tensors in Hugging Face naming (`model.layers.0.self_attn.q_proj.weight` ...).
+pub trait WeightSource {
+    /// The tensor `name` in its stored precision, dequantized if quantized, on the CPU.
+    fn get(&self, name: &str) -> Result<Tensor>;
+    /// Names of every tensor available.
+    fn names(&self) -> Vec<String>;
+    /// Storage type of `name` as stored in the file (for `inspect`).
+    fn stored_type(&self, name: &str) -> Option<String>;
+    /// A short description of the file for error messages.
+    fn describe(&self) -> String;
+}
+
+/// An opened model: its configuration, its weights, its tokenizer.
+pub struct ModelSource {
+    /// The path the user gave.
+    pub path: PathBuf,
+    /// Model shape.
+    pub config: ModelConfig,
+    /// Tensors.
+    pub weights: Box<dyn WeightSource>,
+    /// Tokenizer (from `tokenizer.json` or GGUF metadata).
+    pub tokenizer: Tok,
+}
+
+/// Opens a `.gguf` file or a Hugging Face model directory.
+pub fn open(path: &Path) -> Result<ModelSource> {
+    if !path.exists() {
+        bail!("model path {} does not exist (run `strata fetch` for the default model, or pass a .gguf file or a Hugging Face directory)", path.display());
+    }
+    if path.is_dir() {
+        super::hf::open_dir(path)
+    } else if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
+        super::gguf::open_gguf(path)
+    } else {
+        bail!("{}: expected a .gguf file or a Hugging Face model directory (config.json + safetensors)", path.display())
+    }
+}

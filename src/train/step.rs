@@ -1,0 +1,150 @@
+//! One micro-batch forward and backward, written out explicitly (llm.c style).
+//!
+//! The LM head runs outside the autograd graph (`ops::lm_head`): it returns the loss and dL/dh,
+//! and the graph below is seeded with `sum(h * dL/dh)`. With recomputation (the default) only
+//! each block's input is kept during the forward; the backward walks the blocks from the top,
+//! re-running each one with its input as a `Var` and seeding it with the gradient from above, so
+//! a single block's graph is alive at any time (DESIGN pitfall 4).
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor, TensorId, Var};
+use std::collections::HashMap;
+
+use crate::model::{Fwd, Model, Param};
+use crate::ops::lm_head::{lm_head_loss, HeadOptions};
+
+/// A packed micro-batch: `ids [b, t]` and flattened next-token targets (`IGNORE` to skip).
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// Input token ids, u32 `[b, t]`.
+    pub ids: Tensor,
+    /// Targets, `b * t` of them.
+    pub targets: Vec<u32>,
+}
+
+/// Loss statistics of one micro-batch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepStats {
+    /// Sum of token NLLs.
+    pub nll_sum: f64,
+    /// Counted tokens.
+    pub count: usize,
+    /// Correct arg-max predictions.
+    pub correct: usize,
+}
+
+/// Gradients accumulated across micro-batches, keyed by parameter.
+#[derive(Default)]
+pub struct GradAcc {
+    grads: HashMap<TensorId, Tensor>,
+}
+
+impl GradAcc {
+    /// Adds `g` to the gradient of `v`.
+    pub fn add(&mut self, v: &Var, g: &Tensor) -> Result<()> {
+        let id = v.as_tensor().id();
+        let g = g.to_dtype(DType::F32)?;
+        let next = match self.grads.remove(&id) {
+            Some(acc) => (acc + g)?,
+            None => g,
+        };
+        self.grads.insert(id, next);
+        Ok(())
+    }
+
+    /// The gradient of `v`, if any reached it.
+    pub fn get(&self, v: &Var) -> Option<&Tensor> {
+        self.grads.get(&v.as_tensor().id())
+    }
+
+    /// Multiplies every gradient by `s` (clipping).
+    pub fn scale(&mut self, s: f64) -> Result<()> {
+        for g in self.grads.values_mut() {
+            *g = (&*g * s)?;
+        }
+        Ok(())
+    }
+
+    /// Global L2 norm of all gradients.
+    pub fn norm(&self) -> Result<f64> {
+        let mut s = 0.0;
+        for g in self.grads.values() {
+            s += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        Ok(s.sqrt())
+    }
+
+    /// Drops every gradient.
+    pub fn clear(&mut self) {
+        self.grads.clear();
+    }
+}
+
+fn collect(grads: &candle_core::backprop::GradStore, vars: &[(String, Var)], acc: &mut GradAcc) -> Result<()> {
+    for (_, v) in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            acc.add(v, g)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs one micro-batch and adds the gradient of `grad_scale * sum(token NLL)` to `acc`.
+pub fn forward_backward(model: &Model, batch: &Batch, grad_scale: f64, recompute: bool, fwd: Fwd, acc: &mut GradAcc) -> Result<StepStats> {
+    let (b, t) = batch.ids.dims2()?;
+    let vars = model.trainable();
+    let head_var = match model.head.as_ref().unwrap_or(&model.embed) {
+        Param::Train(v) => Some(v.clone()),
+        Param::Frozen(_) => None,
+    };
+    let opts = HeadOptions { grad_scale: Some(grad_scale), want_dw: head_var.is_some(), ..Default::default() };
+    let x0 = model.embed(&batch.ids)?;
+    let n_layers = model.blocks.len();
+
+    let top = |x_top: &Tensor, acc: &mut GradAcc| -> Result<(StepStats, candle_core::backprop::GradStore)> {
+        let hn = model.final_norm(x_top)?;
+        let out = lm_head_loss(&hn.detach(), model.head_weight(), &batch.targets, opts)?;
+        let dh = out.dh.context("head returned no gradient")?;
+        let grads = hn.mul(&dh)?.sum_all()?.backward()?;
+        if let (Some(v), Some(dw)) = (&head_var, &out.dw) {
+            acc.add(v, dw)?;
+        }
+        Ok((StepStats { nll_sum: out.nll_sum, count: out.count, correct: out.correct }, grads))
+    };
+
+    if !recompute {
+        let mut x = x0;
+        for i in 0..n_layers {
+            x = model.block_forward(i, &x, b, t, fwd, None).with_context(|| format!("block {i}"))?;
+        }
+        let (stats, grads) = top(&x, acc)?;
+        collect(&grads, &vars, acc)?;
+        return Ok(stats);
+    }
+
+    let mut inputs = Vec::with_capacity(n_layers + 1);
+    inputs.push(x0.detach());
+    for i in 0..n_layers {
+        let y = model.block_forward(i, &inputs[i], b, t, fwd, None).with_context(|| format!("block {i}"))?;
+        inputs.push(y.detach());
+    }
+    let x_top = Var::from_tensor(&inputs[n_layers])?;
+    let (stats, grads) = top(x_top.as_tensor(), acc)?;
+    collect(&grads, &vars, acc)?;
+    let mut g = grads.get(x_top.as_tensor()).context("no gradient reached the last block")?.clone();
+    drop(grads);
+    for i in (0..n_layers).rev() {
+        let xin = Var::from_tensor(&inputs[i])?;
+        let y = model.block_forward(i, xin.as_tensor(), b, t, fwd, None)?;
+        let grads = y.mul(&g)?.sum_all()?.backward()?;
+        collect(&grads, &vars, acc)?;
+        g = grads.get(xin.as_tensor()).context("no gradient reached a block input")?.clone();
+        inputs.truncate(i + 1);
+    }
+    if let Param::Train(e) = &model.embed {
+        let ids = batch.ids.flatten_all()?;
+        let de = Tensor::zeros(e.as_tensor().shape(), DType::F32, e.as_tensor().device())?.index_add(&ids, &g, 0)?;
+        acc.add(e, &de)?;
+    }
+    Ok(stats)
+}

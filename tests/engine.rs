@@ -1,0 +1,281 @@
+//! The core engine on tiny synthetic models: gradients, recomputation, loaders, adapters.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use strata::adapter::{merge, peft, LoraPlan};
+use strata::model::config::{Arch, MODULES};
+use strata::model::gguf::write_gguf;
+use strata::model::tokenizer::tiny_vocab;
+use strata::model::{open, BaseDtype, Fwd, Model, Param};
+use strata::ops::lm_head::IGNORE;
+use strata::testing::{random_weights, tiny_config};
+use strata::train::{forward_backward, Batch, GradAcc};
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("strata-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn batch(vocab: usize, b: usize, t: usize, seed: u64) -> Result<Batch> {
+    let mut rng = strata::rng::Rng::new(seed);
+    let ids: Vec<u32> = (0..b * t).map(|_| rng.below(vocab) as u32).collect();
+    let mut targets: Vec<u32> = (0..b * t).map(|_| rng.below(vocab) as u32).collect();
+    targets[1] = IGNORE;
+    Ok(Batch { ids: Tensor::from_vec(ids, (b, t), &Device::Cpu)?, targets })
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+fn lora_model(arch: Arch, tied: bool, rank: usize) -> Result<Model> {
+    let cfg = tiny_config(arch, 300, tied);
+    let src = random_weights(&cfg, 1);
+    let mut m = Model::load(&cfg, &src, BaseDtype::F32, false, &Device::Cpu)?;
+    m.add_lora(&LoraPlan::uniform(rank, 2.0 * rank as f64, &MODULES), 3)?;
+    // B starts at zero (so A would get no gradient): give it values to test the whole path.
+    for (i, (_, l)) in m.loras().into_iter().enumerate() {
+        let b = Tensor::randn(0f32, 0.1, l.b.as_tensor().shape(), &Device::Cpu)?;
+        l.b.set(&(b * (1.0 + i as f64 * 0.01))?)?;
+    }
+    Ok(m)
+}
+
+#[test]
+fn every_trainable_parameter_gets_a_gradient_and_recompute_matches() -> Result<()> {
+    for (arch, tied) in [(Arch::Llama, true), (Arch::Qwen2, false)] {
+        let m = lora_model(arch, tied, 4)?;
+        let b = batch(300, 2, 7, 5)?;
+        let fwd = Fwd::eval();
+        let mut g1 = GradAcc::default();
+        let s1 = forward_backward(&m, &b, 0.1, false, fwd, &mut g1)?;
+        let mut g2 = GradAcc::default();
+        let s2 = forward_backward(&m, &b, 0.1, true, fwd, &mut g2)?;
+        assert_eq!(s1.count, 13);
+        assert!((s1.nll_sum - s2.nll_sum).abs() < 1e-4);
+        let params = m.trainable();
+        assert_eq!(params.len(), 2 * 7 * 2);
+        for (name, v) in &params {
+            let a = g1.get(v).unwrap_or_else(|| panic!("{name}: no gradient"));
+            let n = a.abs()?.sum_all()?.to_scalar::<f32>()?;
+            assert!(n > 0.0, "{name}: zero gradient");
+            let d = max_diff(a, g2.get(v).unwrap())?;
+            assert!(d < 1e-5 * (1.0 + n), "{name}: recompute differs by {d}");
+        }
+    }
+    Ok(())
+}
+
+/// Full fine-tuning through the explicit step equals candle autograd of the naive loss
+/// (materialised logits, composed log-softmax): an oracle for the head, the embedding scatter
+/// and every block.
+#[test]
+fn full_finetune_gradients_match_naive_autograd() -> Result<()> {
+    for tied in [false, true] {
+    let cfg = tiny_config(Arch::Qwen2, 50, tied);
+    let src = random_weights(&cfg, 2);
+    let m = Model::load(&cfg, &src, BaseDtype::F32, true, &Device::Cpu)?;
+    let b = batch(50, 2, 5, 9)?;
+    let mut acc = GradAcc::default();
+    forward_backward(&m, &b, 1.0, true, Fwd::eval(), &mut acc)?;
+    let logits = m.logits(&b.ids, Fwd::eval(), None)?;
+    let lse = logits.exp()?.sum_keepdim(1)?.log()?;
+    let mut terms = Vec::new();
+    for (i, &t) in b.targets.iter().enumerate() {
+        if t != IGNORE {
+            terms.push((lse.get(i)?.get(0)? - logits.get(i)?.get(t as usize)?)?);
+        }
+    }
+    let grads = Tensor::stack(&terms, 0)?.sum_all()?.backward()?;
+    let params = m.trainable();
+    assert!(params.len() > 20);
+    for (name, v) in &params {
+        let want = grads.get(v.as_tensor()).unwrap();
+        let got = acc.get(v).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let d = max_diff(got, want)?;
+        assert!(d <= 1e-4 * (1.0 + scale), "{name} (tied {tied}): differs by {d} (scale {scale})");
+    }
+    }
+    Ok(())
+}
+
+#[test]
+fn loss_falls_on_a_tiny_corpus() -> Result<()> {
+    let cfg = tiny_config(Arch::Llama, 40, false);
+    let src = random_weights(&cfg, 4);
+    let mut m = Model::load(&cfg, &src, BaseDtype::F32, false, &Device::Cpu)?;
+    m.add_lora(&LoraPlan::uniform(8, 16.0, &MODULES), 0)?;
+    let params = m.trainable();
+    let seq: Vec<u32> = (0..17).map(|i| (i * 7 % 40) as u32).collect();
+    let b = Batch { ids: Tensor::from_vec(seq[..16].to_vec(), (1, 16), &Device::Cpu)?, targets: seq[1..].to_vec() };
+    let mut opt = strata::train::optim::AdamW::new(0.0);
+    let mut first = None;
+    let mut last = 0.0;
+    for _ in 0..30 {
+        let mut acc = GradAcc::default();
+        let s = forward_backward(&m, &b, 1.0 / 16.0, true, Fwd::eval(), &mut acc)?;
+        last = s.nll_sum / 16.0;
+        first.get_or_insert(last);
+        opt.step(&params, &acc, 1e-2)?;
+    }
+    assert!(last < 0.5 * first.unwrap(), "loss {} -> {last}", first.unwrap());
+    Ok(())
+}
+
+#[test]
+fn kv_cache_generation_matches_full_forward() -> Result<()> {
+    let m = lora_model(Arch::Llama, true, 2)?;
+    let ids = Tensor::from_vec(vec![3u32, 14, 15, 92, 65], (1, 5), &Device::Cpu)?;
+    let full = m.logits(&ids, Fwd::eval(), None)?;
+    let mut caches = m.new_caches();
+    let first = m.logits(&ids.narrow(1, 0, 3)?, Fwd::eval(), Some(&mut caches))?;
+    let a = m.logits(&ids.narrow(1, 3, 1)?, Fwd::eval(), Some(&mut caches))?;
+    let b = m.logits(&ids.narrow(1, 4, 1)?, Fwd::eval(), Some(&mut caches))?;
+    let inc = Tensor::cat(&[&first, &a, &b], 0)?;
+    assert!(max_diff(&full, &inc)? < 1e-4);
+    Ok(())
+}
+
+#[test]
+fn gguf_and_hf_roundtrips_give_identical_logits() -> Result<()> {
+    let dir = tmp("roundtrip");
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let mut cfg = tiny_config(arch, 0, true);
+        let vocab = tiny_vocab();
+        cfg.vocab_size = vocab.tokens.len();
+        let src = random_weights(&cfg, 7);
+        let reference = Model::load(&cfg, &src, BaseDtype::F32, false, &Device::Cpu)?;
+        let ids = Tensor::from_vec(vec![5u32, 80, 81, 200, 7, 9], (2, 3), &Device::Cpu)?;
+        let want = reference.logits(&ids, Fwd::eval(), None)?;
+
+        let gguf = dir.join(format!("{arch:?}.gguf"));
+        let tensors: Vec<(String, Tensor)> = src.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        write_gguf(&gguf, &cfg, &tensors, &vocab, candle_core::quantized::GgmlDType::F32)?;
+        let opened = open(&gguf)?;
+        assert_eq!(opened.config, cfg);
+        let from_gguf = Model::load(&opened.config, opened.weights.as_ref(), BaseDtype::F32, false, &Device::Cpu)?;
+        assert!(max_diff(&want, &from_gguf.logits(&ids, Fwd::eval(), None)?)? < 1e-5);
+
+        let hf = dir.join(format!("{arch:?}-hf"));
+        merge::write_hf_dir(&from_gguf, &opened.tokenizer, &hf, false, DType::F32)?;
+        let reopened = open(&hf)?;
+        assert_eq!(reopened.config, cfg);
+        assert_eq!(reopened.tokenizer.encode("the the")?, opened.tokenizer.encode("the the")?);
+        let from_hf = Model::load(&reopened.config, reopened.weights.as_ref(), BaseDtype::F32, false, &Device::Cpu)?;
+        assert_eq!(from_hf.logits(&ids, Fwd::eval(), None)?.to_vec2::<f32>()?, from_gguf.logits(&ids, Fwd::eval(), None)?.to_vec2::<f32>()?);
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn adapter_save_load_and_merge_preserve_logits() -> Result<()> {
+    let dir = tmp("adapter");
+    let cfg = tiny_config(Arch::Qwen2, 300, false);
+    let src = random_weights(&cfg, 1);
+    let mut m = lora_model(Arch::Qwen2, false, 4)?;
+    let plan = LoraPlan::uniform(4, 8.0, &MODULES)
+        .with_rules(&[strata::adapter::PlanRule { layers: "1".into(), modules: Some(vec!["v_proj".into()]), r: 6, alpha: Some(3.0) }], 2)?;
+    m.add_lora(&plan, 11)?;
+    for (_, l) in m.loras() {
+        l.b.set(&Tensor::randn(0f32, 0.1, l.b.as_tensor().shape(), &Device::Cpu)?)?;
+    }
+    let ids = Tensor::from_vec(vec![1u32, 2, 3, 4, 250, 6], (1, 6), &Device::Cpu)?;
+    let want = m.logits(&ids, Fwd::eval(), None)?;
+    let base_logits = m.logits(&ids, Fwd { adapters: false, ..Fwd::eval() }, None)?;
+    assert!(max_diff(&want, &base_logits)? > 1e-3, "adapters must change the output");
+
+    peft::save(&m, &plan, &dir.join("adapter"), "tiny")?;
+    let mut fresh = Model::load(&cfg, &src, BaseDtype::F32, false, &Device::Cpu)?;
+    let loaded_plan = peft::load(&mut fresh, &dir.join("adapter"))?;
+    assert_eq!(loaded_plan.rank_pattern, plan.rank_pattern);
+    assert_eq!(fresh.logits(&ids, Fwd::eval(), None)?.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
+
+    let tensors = merge::hf_tensors(&m, true, DType::F32)?;
+    let merged = Model::load(&cfg, &strata::testing::MemSource(tensors.into_iter().collect()), BaseDtype::F32, false, &Device::Cpu)?;
+    assert!(max_diff(&merged.logits(&ids, Fwd::eval(), None)?, &want)? < 1e-4);
+
+    // A foreign tensor in the adapter file is reported, not ignored.
+    let mut extra = vec![("base_model.model.model.layers.0.mlp.xx.lora_A.weight".to_string(), Tensor::zeros((2, 2), DType::F32, &Device::Cpu)?)];
+    for (name, l) in m.loras() {
+        extra.push((peft::peft_key(&name, "A"), l.a.as_tensor().clone()));
+        extra.push((peft::peft_key(&name, "B"), l.b.as_tensor().clone()));
+    }
+    strata::model::hf::save_safetensors(&dir.join("adapter/adapter_model.safetensors"), &extra)?;
+    let e = peft::load(&mut fresh, &dir.join("adapter")).unwrap_err();
+    assert!(e.to_string().contains("unexpected tensor"), "{e}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn malformed_files_give_clear_errors() -> Result<()> {
+    let dir = tmp("malformed");
+    let mut cfg = tiny_config(Arch::Llama, 0, true);
+    let vocab = tiny_vocab();
+    cfg.vocab_size = vocab.tokens.len();
+    let src = random_weights(&cfg, 7);
+    let gguf = dir.join("m.gguf");
+    let tensors: Vec<(String, Tensor)> = src.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    write_gguf(&gguf, &cfg, &tensors, &vocab, candle_core::quantized::GgmlDType::Q8_0)?;
+    let bytes = std::fs::read(&gguf)?;
+    // Truncations anywhere in the file: always an error naming the file, never a panic.
+    for cut in [0, 3, 8, 20, 100, bytes.len() / 2, bytes.len() - 1] {
+        let p = dir.join(format!("cut{cut}.gguf"));
+        std::fs::write(&p, &bytes[..cut])?;
+        let e = open(&p).err().unwrap_or_else(|| panic!("truncated at {cut} opened"));
+        assert!(format!("{e:#}").contains(&format!("cut{cut}.gguf")), "{e:#}");
+    }
+    // Crafted header fields: huge counts, huge string lengths.
+    let mut crafted = bytes[..24].to_vec();
+    crafted[8..16].copy_from_slice(&(1u64 << 63).to_le_bytes());
+    std::fs::write(dir.join("count.gguf"), &crafted)?;
+    assert!(open(&dir.join("count.gguf")).is_err());
+    let mut crafted = bytes.clone();
+    crafted[24..32].copy_from_slice(&(1u64 << 63).to_le_bytes());
+    std::fs::write(dir.join("strlen.gguf"), &crafted)?;
+    assert!(open(&dir.join("strlen.gguf")).is_err());
+
+    // Hugging Face directory with a wrong tensor shape and a config missing a field.
+    let hf = dir.join("hf");
+    let model = Model::load(&cfg, &src, BaseDtype::F32, false, &Device::Cpu)?;
+    merge::write_hf_dir(&model, &open(&gguf)?.tokenizer, &hf, false, DType::F32)?;
+    let mut bad: Vec<(String, Tensor)> = merge::hf_tensors(&model, false, DType::F32)?;
+    for (n, t) in bad.iter_mut() {
+        if n == "model.layers.1.mlp.up_proj.weight" {
+            *t = Tensor::zeros((3, 3), DType::F32, &Device::Cpu)?;
+        }
+    }
+    strata::model::hf::save_safetensors(&hf.join("model.safetensors"), &bad)?;
+    let s = open(&hf)?;
+    let e = Model::load(&s.config, s.weights.as_ref(), BaseDtype::F32, false, &Device::Cpu).unwrap_err();
+    assert!(e.to_string().contains("model.layers.1.mlp.up_proj.weight") && e.to_string().contains("shape"), "{e}");
+    std::fs::write(hf.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")?;
+    assert!(open(&hf).err().unwrap().to_string().contains("not a valid safetensors"));
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json"))?)?;
+    v.as_object_mut().unwrap().remove("num_hidden_layers");
+    std::fs::write(hf.join("config.json"), v.to_string())?;
+    assert!(open(&hf).err().unwrap().to_string().contains("missing field `num_hidden_layers`"));
+    assert!(open(&dir.join("nope.gguf")).err().unwrap().to_string().contains("does not exist"));
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn frozen_base_in_bf16_tracks_f32() -> Result<()> {
+    let cfg = tiny_config(Arch::Llama, 100, true);
+    let src = random_weights(&cfg, 3);
+    let a = Model::load(&cfg, &src, BaseDtype::F32, false, &Device::Cpu)?;
+    let b = Model::load(&cfg, &src, BaseDtype::Bf16, false, &Device::Cpu)?;
+    let ids = Tensor::from_vec(vec![1u32, 2, 3, 4], (1, 4), &Device::Cpu)?;
+    let la = a.logits(&ids, Fwd::eval(), None)?;
+    let lb = b.logits(&ids, Fwd::eval(), None)?;
+    let scale = la.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    assert!(max_diff(&la, &lb)? < 0.05 * scale);
+    assert!(matches!(b.blocks[0].proj[0].w, Param::Frozen(ref t) if t.dtype() == DType::BF16));
+    let _ = Var::from_tensor(&la)?;
+    Ok(())
+}
