@@ -6,7 +6,7 @@
 //! loop and its parts), `data` (corpora and packing), `eval` (metrics), `cli` (subcommands).
 
 pub mod adapter;
-//pub mod cli;
+pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod model;

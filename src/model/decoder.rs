@@ -78,12 +78,14 @@ pub struct Fwd {
     pub dropout_seed: Option<u64>,
     /// Whether adapters contribute (off gives the base model without a second copy).
     pub adapters: bool,
+    /// Run frozen weights through candle's own matmul (the naive baseline of `strata bench`).
+    pub naive: bool,
 }
 
 impl Fwd {
     /// Evaluation with adapters on.
     pub fn eval() -> Self {
-        Self { dropout_seed: None, adapters: true }
+        Self { dropout_seed: None, adapters: true, naive: false }
     }
 }
 
@@ -91,6 +93,7 @@ impl Linear {
     /// `x [n, in] -> [n, out]`.
     pub fn forward(&self, x: &Tensor, fwd: Fwd, site: u64) -> Result<Tensor> {
         let mut y = match &self.w {
+            Param::Frozen(w) if fwd.naive => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)?,
             Param::Frozen(w) => frozen_matmul(&x.to_dtype(w.dtype())?, w)?.to_dtype(DType::F32)?,
             Param::Train(w) => x.matmul(&w.as_tensor().t()?)?,
         };

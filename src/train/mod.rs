@@ -1,9 +1,9 @@
 //! Training: the explicit forward/backward step, AdamW, schedules, the trainer loop, recipes.
 
 pub mod optim;
-//pub mod recipe;
+pub mod recipe;
 pub mod schedule;
 pub mod step;
-//pub mod trainer;
+pub mod trainer;
 
 pub use step::{forward_backward, Batch, GradAcc, StepStats};

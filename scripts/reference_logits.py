@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Independent numpy reference for strata's GGUF decoder.
+
+Reads a Llama-family GGUF with the `gguf` PyPI package (its own dequantization), runs the
+forward pass in float64 numpy the way llama.cpp does it (Q/K rows as stored, RoPE on adjacent
+pairs), and compares the logits with the ones strata wrote:
+
+    strata inspect MODEL.gguf --logits "some text" --json strata.json
+    python3 scripts/reference_logits.py MODEL.gguf strata.json
+
+Nothing here is shared with strata's code: a different reader, a different RoPE layout (strata
+un-permutes Q/K on load and rotates halves), a different precision. Exits non-zero when the
+maximum relative difference exceeds the tolerance.
+"""
+import json
+import sys
+
+import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+
+def main():
+    path, strata_json = sys.argv[1], sys.argv[2]
+    tol = float(sys.argv[3]) if len(sys.argv) > 3 else 1e-3
+    r = GGUFReader(path)
+    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml")}
+    arch = meta["general.architecture"]
+    assert arch == "llama", f"this reference implements llama only, not {arch}"
+    n_layer = meta[f"{arch}.block_count"]
+    n_head = meta[f"{arch}.attention.head_count"]
+    n_kv = meta[f"{arch}.attention.head_count_kv"]
+    eps = meta[f"{arch}.attention.layer_norm_rms_epsilon"]
+    base = meta[f"{arch}.rope.freq_base"]
+    W = {}
+    for t in r.tensors:
+        a = dequantize(t.data, t.tensor_type).astype(np.float64)
+        W[t.name] = a.reshape([int(x) for x in reversed(t.shape)]) if a.ndim == 1 and len(t.shape) > 1 else a
+    emb = W["token_embd.weight"]
+    d_model = emb.shape[1]
+    hd = d_model // n_head
+
+    s = json.load(open(strata_json))
+    ids = s["ids"]
+    T = len(ids)
+    x = emb[ids]
+
+    def rms(v, w):
+        return v / np.sqrt((v * v).mean(-1, keepdims=True) + eps) * w
+
+    pos = np.arange(T)[:, None]
+    inv = base ** (-np.arange(0, hd, 2) / hd)
+    ang = pos * inv[None, :]
+    cos, sin = np.cos(ang), np.sin(ang)
+
+    def rope_pairs(v):  # v [T, heads, hd], rotate (v[2i], v[2i+1])
+        a, b = v[..., 0::2], v[..., 1::2]
+        c, s_ = cos[:, None, :], sin[:, None, :]
+        out = np.empty_like(v)
+        out[..., 0::2] = a * c - b * s_
+        out[..., 1::2] = a * s_ + b * c
+        return out
+
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        h = rms(x, W[p + "attn_norm.weight"])
+        q = (h @ W[p + "attn_q.weight"].T).reshape(T, n_head, hd)
+        k = (h @ W[p + "attn_k.weight"].T).reshape(T, n_kv, hd)
+        v = (h @ W[p + "attn_v.weight"].T).reshape(T, n_kv, hd)
+        q, k = rope_pairs(q), rope_pairs(k)
+        rep = n_head // n_kv
+        k = np.repeat(k, rep, axis=1)
+        v = np.repeat(v, rep, axis=1)
+        att = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        o = np.einsum("hts,shd->thd", att, v).reshape(T, n_head * hd)
+        x = x + o @ W[p + "attn_output.weight"].T
+        h = rms(x, W[p + "ffn_norm.weight"])
+        g = h @ W[p + "ffn_gate.weight"].T
+        u = h @ W[p + "ffn_up.weight"].T
+        x = x + ((g / (1 + np.exp(-g))) * u) @ W[p + "ffn_down.weight"].T
+    x = rms(x, W["output_norm.weight"])
+    head = W.get("output.weight", emb)
+    logits = x @ head.T
+    got = np.array(s["logits"], dtype=np.float64)
+    rel = np.abs(got - logits).max() / np.abs(logits).max()
+    agree = (got.argmax(-1) == logits.argmax(-1)).mean()
+    print(f"{T} tokens, vocab {logits.shape[1]}: max |strata - reference| / max |reference| = {rel:.2e}; "
+          f"arg-max agreement {agree:.0%}")
+    if rel > tol:
+        print(f"FAIL: relative difference above {tol}")
+        sys.exit(1)
+    print("OK")
+
+
+if __name__ == "__main__":
+    main()

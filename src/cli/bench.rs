@@ -1,0 +1,144 @@
+//! `strata bench train`: tokens/s and peak RSS of a LoRA training step on a synthetic model of
+//! SmolLM2-135M's shape, beside a naive candle trainer interleaved in the same process.
+//!
+//! The naive variant is what a straightforward candle port does: frozen weights through
+//! candle's matmul (which also computes their gradients), one graph for the whole forward
+//! (no recomputation), materialised logits with a composed log-softmax.
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor, D};
+use std::time::Instant;
+
+use crate::adapter::LoraPlan;
+use crate::model::config::{Arch, ModelConfig, MODULES};
+use crate::model::{BaseDtype, Fwd, Model};
+use crate::train::{forward_backward, Batch, GradAcc};
+use crate::util::{human_bytes, peak_rss, reset_peak_rss};
+
+/// Arguments of `strata bench`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// What to benchmark (`train`).
+    pub what: String,
+    /// Model shape: `smollm2` (SmolLM2-135M) or `tiny`.
+    #[arg(long, default_value = "smollm2")]
+    pub shape: String,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Timed rounds (each runs every variant once, interleaved).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Frozen base precision (f32 or bf16).
+    #[arg(long, default_value = "f32")]
+    pub base_dtype: String,
+    /// Skip the naive baseline (when only strata's own figure is wanted).
+    #[arg(long)]
+    pub no_baseline: bool,
+}
+
+/// SmolLM2-135M's shape.
+pub fn smollm2_shape() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Llama,
+        hidden_size: 576,
+        num_layers: 30,
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        intermediate_size: 1536,
+        vocab_size: 49_152,
+        rope_theta: 100_000.0,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+        max_position_embeddings: 8192,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+    }
+}
+
+/// The naive baseline step: autograd over everything, frozen weights as graph constants.
+fn naive_step(model: &Model, batch: &Batch) -> Result<f64> {
+    let (b, t) = batch.ids.dims2()?;
+    let mut x = model.embed(&batch.ids)?;
+    for i in 0..model.blocks.len() {
+        x = model.block_forward(i, &x, b, t, Fwd { naive: true, ..Fwd::eval() }, None)?;
+    }
+    let h = model.final_norm(&x)?;
+    let logits = h.matmul(&model.head_weight().t()?)?;
+    let lse = logits.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let tg: Vec<u32> = batch.targets.clone();
+    let idx = Tensor::from_vec(tg, (b * t, 1), &model.device)?;
+    let loss = (lse - logits.gather(&idx, 1)?)?.mean_all()?;
+    let _grads = loss.backward()?;
+    Ok(loss.to_scalar::<f32>()? as f64)
+}
+
+/// Runs `strata bench`.
+pub fn run(a: Args) -> Result<()> {
+    if a.what != "train" {
+        bail!("unknown benchmark `{}`; available: train", a.what);
+    }
+    let cfg = match a.shape.as_str() {
+        "smollm2" => smollm2_shape(),
+        "tiny" => crate::testing::tiny_config(Arch::Llama, 1000, true),
+        o => bail!("unknown shape `{o}`; choose smollm2 or tiny"),
+    };
+    let src = crate::testing::random_weights(&cfg, 0);
+    let mut model = Model::load(&cfg, &src, BaseDtype::parse(&a.base_dtype)?, false, &Device::Cpu)?;
+    drop(src);
+    model.add_lora(&LoraPlan::uniform(16, 32.0, &MODULES), 0)?;
+    let n = a.batch * a.seq_len;
+    let mut rng = crate::rng::Rng::new(1);
+    let ids: Vec<u32> = (0..n).map(|_| rng.below(cfg.vocab_size) as u32).collect();
+    let targets: Vec<u32> = (0..n).map(|_| rng.below(cfg.vocab_size) as u32).collect();
+    let batch = Batch { ids: Tensor::from_vec(ids, (a.batch, a.seq_len), &Device::Cpu)?, targets };
+    println!(
+        "bench train: {} shape ({} layers, hidden {}, vocab {}), LoRA r=16 on all 7 projections, {} base, batch {} x {}, {} rounds",
+        a.shape, cfg.num_layers, cfg.hidden_size, cfg.vocab_size, a.base_dtype, a.batch, a.seq_len, a.rounds
+    );
+    let base_rss = crate::util::current_rss();
+    let strata_step = || -> Result<f64> {
+        let mut acc = GradAcc::default();
+        let s = forward_backward(&model, &batch, 1.0 / n as f64, true, Fwd::eval(), &mut acc)?;
+        Ok(s.nll_sum / n as f64)
+    };
+    // Warm up both (first-touch allocations, packing).
+    strata_step()?;
+    if !a.no_baseline {
+        naive_step(&model, &batch)?;
+    }
+    let (mut ts, mut tn) = (Vec::new(), Vec::new());
+    let (mut ps, mut pn) = (0u64, 0u64);
+    for _ in 0..a.rounds {
+        reset_peak_rss();
+        let t0 = Instant::now();
+        strata_step()?;
+        ts.push(t0.elapsed().as_secs_f64());
+        ps = ps.max(peak_rss());
+        if !a.no_baseline {
+            reset_peak_rss();
+            let t0 = Instant::now();
+            naive_step(&model, &batch)?;
+            tn.push(t0.elapsed().as_secs_f64());
+            pn = pn.max(peak_rss());
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let s = median(&mut ts);
+    println!("{:<28} {:>10} {:>12} {:>14}", "variant", "tok/s", "step (s)", "peak RSS");
+    println!("{:<28} {:>10.0} {:>12.3} {:>14}", "strata", n as f64 / s, s, human_bytes(ps));
+    if !a.no_baseline {
+        let b = median(&mut tn);
+        println!("{:<28} {:>10.0} {:>12.3} {:>14}", "naive candle", n as f64 / b, b, human_bytes(pn));
+        println!("speed ratio strata / naive: {:.2}x; peak RSS ratio: {:.2}x", b / s, ps as f64 / pn.max(1) as f64);
+    }
+    println!("(RSS before the steps: {}; peaks are per variant, reset between them)", human_bytes(base_rss));
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! `strata merge`: a Hugging Face directory of the model, with an adapter folded in
+//! (`W + s B A`, computed in f32) or without one (a GGUF -> safetensors conversion).
+
+use anyhow::{bail, Result};
+use candle_core::DType;
+use std::path::PathBuf;
+
+/// Arguments of `strata merge`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A `.gguf` file or a Hugging Face directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The PEFT adapter to merge (omit to export the base model alone).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Stored precision: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// Runs `strata merge`.
+pub fn run(a: Args) -> Result<()> {
+    let dtype = match a.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        o => bail!("--dtype {o}: choose f32, bf16 or f16"),
+    };
+    let (src, model) = super::load_model(&a.model, a.adapter.as_deref(), "f32")?;
+    crate::adapter::merge::write_hf_dir(&model, &src.tokenizer, &a.out, a.adapter.is_some(), dtype)?;
+    println!(
+        "wrote {} ({}{})",
+        a.out.display(),
+        if a.adapter.is_some() { "adapter merged" } else { "base model" },
+        format_args!(", {}", a.dtype)
+    );
+    Ok(())
+}

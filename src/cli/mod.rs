@@ -1,0 +1,68 @@
+//! The `strata` command line: one file per subcommand; `main.rs` only dispatches.
+
+pub mod bench;
+pub mod eval;
+pub mod generate;
+pub mod inspect;
+pub mod merge;
+pub mod train;
+
+use clap::{Parser, Subcommand};
+
+/// strata: teach an LLM a new domain without making it forget.
+#[derive(Parser, Debug)]
+#[command(name = "strata", version, about)]
+pub struct Cli {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train adapters (or the full model) as a recipe says.
+    Train(train::Args),
+    /// Perplexity and next-token accuracy of a model (with or without an adapter) on text.
+    Eval(eval::Args),
+    /// Sample text from a model, with or without an adapter.
+    Generate(generate::Args),
+    /// Write a model (adapter merged, or not) as a Hugging Face directory.
+    Merge(merge::Args),
+    /// Architecture, parameters by precision, and the memory fine-tuning it would need.
+    Inspect(inspect::Args),
+    /// Benchmarks measured against a baseline in the same process.
+    Bench(bench::Args),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Merge(a) => merge::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+/// Opens a model and builds it frozen (f32 or bf16 base), with an optional PEFT adapter.
+pub fn load_model(
+    path: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    base_dtype: &str,
+) -> anyhow::Result<(crate::model::ModelSource, crate::model::Model)> {
+    let src = crate::model::open(path)?;
+    let mut m = crate::model::Model::load(
+        &src.config,
+        src.weights.as_ref(),
+        crate::model::BaseDtype::parse(base_dtype)?,
+        false,
+        &candle_core::Device::Cpu,
+    )?;
+    if let Some(a) = adapter {
+        crate::adapter::peft::load(&mut m, a)?;
+    }
+    Ok((src, m))
+}

@@ -1,0 +1,268 @@
+//! Recipes: the TOML file that says what a run does. Every field is documented in
+//! `recipes/README.md`; unknown keys are errors, so a typo never silently falls back to a default.
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+use crate::adapter::{LoraPlan, PlanRule};
+use crate::model::config::MODULES;
+
+/// A whole run.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// The base model.
+    pub model: ModelSection,
+    /// Adapters (required unless `train.mode = "full"`).
+    #[serde(default)]
+    pub lora: Option<LoraSection>,
+    /// Training and evaluation data.
+    pub data: DataSection,
+    /// The optimisation loop.
+    #[serde(default)]
+    pub train: TrainSection,
+}
+
+/// `[model]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A `.gguf` file or a Hugging Face directory.
+    pub path: PathBuf,
+    /// Storage of the frozen projections: `f32` or `bf16`.
+    #[serde(default = "default_base")]
+    pub base_dtype: String,
+    /// An existing PEFT adapter directory to start from.
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
+}
+
+fn default_base() -> String {
+    "f32".into()
+}
+
+/// `[lora]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    /// Default rank.
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// Default alpha (twice the rank when absent).
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// Modules to adapt.
+    #[serde(default = "all_modules")]
+    pub targets: Vec<String>,
+    /// Input dropout.
+    #[serde(default)]
+    pub dropout: f32,
+    /// rsLoRA scaling `alpha / sqrt(r)`.
+    #[serde(default)]
+    pub rslora: bool,
+    /// Per-layer-range overrides (the layered plan).
+    #[serde(default)]
+    pub layers: Vec<PlanRule>,
+}
+
+fn default_r() -> usize {
+    16
+}
+
+fn all_modules() -> Vec<String> {
+    MODULES.iter().map(|s| s.to_string()).collect()
+}
+
+/// `[data]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Training files or directories.
+    pub train: Vec<PathBuf>,
+    /// `text` (raw text, packed) or `chat` (messages jsonl, loss on assistant turns).
+    #[serde(default = "default_format")]
+    pub format: String,
+    /// Held-out files; when absent, `eval_fraction` of the packed training rows is held out.
+    #[serde(default)]
+    pub eval: Vec<PathBuf>,
+    /// Fraction of rows held out when `eval` is empty.
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+    /// Tokens per row.
+    #[serde(default = "default_seq")]
+    pub seq_len: usize,
+}
+
+fn default_format() -> String {
+    "text".into()
+}
+fn default_eval_fraction() -> f64 {
+    0.05
+}
+fn default_seq() -> usize {
+    256
+}
+
+/// `[train]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// `lora` or `full`.
+    pub mode: String,
+    /// Rows per micro-batch.
+    pub batch: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Optimizer steps (0: derive from `epochs`).
+    pub steps: usize,
+    /// Passes over the training rows when `steps` is 0.
+    pub epochs: f64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// Warmup steps.
+    pub warmup: usize,
+    /// `cosine`, `linear` or `constant`.
+    pub schedule: String,
+    /// Final learning rate as a fraction of the peak.
+    pub min_lr_ratio: f64,
+    /// Global gradient-norm clip (0 disables).
+    pub clip: f64,
+    /// Seed of initialisation, dropout and data order.
+    pub seed: u64,
+    /// Per-block recomputation (gradient checkpointing).
+    pub recompute: bool,
+    /// Evaluate every this many steps (0: only at the start and end).
+    pub eval_every: usize,
+    /// At most this many held-out rows per evaluation (0: all).
+    pub eval_rows: usize,
+    /// Output directory (adapter, metrics, summary).
+    pub out: PathBuf,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            mode: "lora".into(),
+            batch: 4,
+            grad_accum: 1,
+            steps: 0,
+            epochs: 1.0,
+            lr: 2e-4,
+            weight_decay: 0.0,
+            warmup: 0,
+            schedule: "cosine".into(),
+            min_lr_ratio: 0.1,
+            clip: 1.0,
+            seed: 0,
+            recompute: true,
+            eval_every: 0,
+            eval_rows: 0,
+            out: PathBuf::from("runs/latest"),
+        }
+    }
+}
+
+/// Applies `key=value` overrides (dotted keys, TOML values; bare words are strings).
+pub fn apply_sets(doc: &mut toml::Table, sets: &[String]) -> Result<()> {
+    for s in sets {
+        let (key, val) = s.split_once('=').with_context(|| format!("--set `{s}`: expected key=value"))?;
+        let parsed: toml::Value = match format!("v = {val}").parse::<toml::Table>() {
+            Ok(mut t) => t.remove("v").expect("just parsed"),
+            Err(_) => toml::Value::String(val.to_string()),
+        };
+        let parts: Vec<&str> = key.trim().split('.').collect();
+        let mut cur = &mut *doc;
+        for p in &parts[..parts.len() - 1] {
+            cur = cur
+                .entry(p.to_string())
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .with_context(|| format!("--set `{s}`: `{p}` is not a section"))?;
+        }
+        cur.insert(parts[parts.len() - 1].to_string(), parsed);
+    }
+    Ok(())
+}
+
+impl Recipe {
+    /// Parses a recipe from TOML text (`origin` names it in errors; relative paths resolve
+    /// against the current directory, as a user typing them expects).
+    pub fn parse(text: &str, origin: &str, sets: &[String]) -> Result<Self> {
+        let mut doc: toml::Table = text.parse().with_context(|| format!("{origin}: not valid TOML"))?;
+        apply_sets(&mut doc, sets)?;
+        let r: Recipe = toml::Value::Table(doc).try_into().with_context(|| format!("{origin}: invalid recipe"))?;
+        r.check().with_context(|| format!("{origin}: invalid recipe"))?;
+        Ok(r)
+    }
+
+    /// Reads a recipe file.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string(), sets)
+    }
+
+    fn check(&self) -> Result<()> {
+        let t = &self.train;
+        if !matches!(t.mode.as_str(), "lora" | "full") {
+            bail!("train.mode `{}` must be `lora` or `full`", t.mode);
+        }
+        if t.mode == "lora" && self.lora.is_none() {
+            bail!("train.mode = \"lora\" needs a [lora] section");
+        }
+        if t.batch == 0 || t.grad_accum == 0 {
+            bail!("train.batch and train.grad_accum must be at least 1");
+        }
+        if !(t.lr > 0.0 && t.lr < 1.0) {
+            bail!("train.lr {} is outside (0, 1)", t.lr);
+        }
+        if !matches!(self.data.format.as_str(), "text" | "chat") {
+            bail!("data.format `{}` must be `text` or `chat`", self.data.format);
+        }
+        if self.data.train.is_empty() {
+            bail!("data.train lists no files");
+        }
+        crate::train::schedule::Decay::parse(&t.schedule)?;
+        crate::model::BaseDtype::parse(&self.model.base_dtype)?;
+        Ok(())
+    }
+
+    /// The LoRA plan of this recipe for a model with `num_layers` blocks.
+    pub fn plan(&self, num_layers: usize) -> Result<Option<LoraPlan>> {
+        let Some(l) = &self.lora else { return Ok(None) };
+        let targets: Vec<&str> = l.targets.iter().map(|s| s.as_str()).collect();
+        let mut plan = LoraPlan::uniform(l.r, l.alpha.unwrap_or(2.0 * l.r as f64), &targets).with_rules(&l.layers, num_layers)?;
+        plan.use_rslora = l.rslora;
+        plan.dropout = l.dropout;
+        Ok(Some(plan))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[model]\npath = \"m.gguf\"\n[lora]\nr = 8\n[data]\ntrain = [\"d.txt\"]\n[train]\nmode = \"lora\"\n";
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        let e = Recipe::parse(&format!("{BASE}lrr = 1e-3\n"), "r.toml", &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("unknown field `lrr`"), "{e:#}");
+        let e = Recipe::parse(BASE, "r.toml", &["train.schedule=\"wavy\"".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("wavy"), "{e:#}");
+        let e = Recipe::parse("[model]\npath = \"m\"\n[data]\ntrain = [\"d\"]\n", "r.toml", &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("[lora]"), "{e:#}");
+    }
+
+    #[test]
+    fn sets_override_and_plans_resolve() -> Result<()> {
+        let r = Recipe::parse(BASE, "r.toml", &["train.lr=1e-3".into(), "train.out=runs/x".into(), "lora.alpha=4".into()])?;
+        assert_eq!(r.train.lr, 1e-3);
+        assert_eq!(r.train.out, PathBuf::from("runs/x"));
+        let plan = r.plan(4)?.unwrap();
+        assert_eq!(plan.resolve(0, "q_proj")?.unwrap().scale, 0.5);
+        Ok(())
+    }
+}
