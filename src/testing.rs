@@ -26,7 +26,10 @@ pub fn check_grad(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>, tol: f64) -
         let err = (num - g[i]).abs() / (1.0 + num.abs());
         worst = worst.max(err);
         if err > tol {
-            candle_core::bail!("gradient mismatch at element {i}: autograd {} vs finite difference {num}", g[i]);
+            candle_core::bail!(
+                "gradient mismatch at element {i}: autograd {} vs finite difference {num}",
+                g[i]
+            );
         }
     }
     assert!(worst.is_finite());
@@ -43,7 +46,10 @@ pub struct MemSource(pub HashMap<String, Tensor>);
 
 impl WeightSource for MemSource {
     fn get(&self, name: &str) -> anyhow::Result<Tensor> {
-        self.0.get(name).cloned().ok_or_else(|| anyhow::anyhow!("memory source: missing tensor `{name}`"))
+        self.0
+            .get(name)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("memory source: missing tensor `{name}`"))
     }
     fn names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.0.keys().cloned().collect();
@@ -92,7 +98,10 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> MemSource {
     m.insert("model.embed_tokens.weight".into(), rand(&[cfg.vocab_size, h], 0.0, 0.5));
     for i in 0..cfg.num_layers {
         m.insert(format!("model.layers.{i}.input_layernorm.weight"), rand(&[h], 1.0, 0.1));
-        m.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), rand(&[h], 1.0, 0.1));
+        m.insert(
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            rand(&[h], 1.0, 0.1),
+        );
         for md in MODULES {
             let (o, inp) = cfg.linear_shape(md).expect("module");
             let name = crate::adapter::plan::module_name(i, md);

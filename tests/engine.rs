@@ -23,7 +23,10 @@ fn batch(vocab: usize, b: usize, t: usize, seed: u64) -> Result<Batch> {
     let ids: Vec<u32> = (0..b * t).map(|_| rng.below(vocab) as u32).collect();
     let mut targets: Vec<u32> = (0..b * t).map(|_| rng.below(vocab) as u32).collect();
     targets[1] = IGNORE;
-    Ok(Batch { ids: Tensor::from_vec(ids, (b, t), &Device::Cpu)?, targets })
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (b, t), &Device::Cpu)?,
+        targets,
+    })
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -74,30 +77,40 @@ fn every_trainable_parameter_gets_a_gradient_and_recompute_matches() -> Result<(
 #[test]
 fn full_finetune_gradients_match_naive_autograd() -> Result<()> {
     for tied in [false, true] {
-    let cfg = tiny_config(Arch::Qwen2, 50, tied);
-    let src = random_weights(&cfg, 2);
-    let m = Model::load(&cfg, &src, BaseDtype::F32, true, &Device::Cpu)?;
-    let b = batch(50, 2, 5, 9)?;
-    let mut acc = GradAcc::default();
-    forward_backward(&m, &b, 1.0, true, Fwd::eval(), &mut acc)?;
-    let logits = m.logits(&b.ids, Fwd::eval(), None)?;
-    let lse = logits.exp()?.sum_keepdim(1)?.log()?;
-    let mut terms = Vec::new();
-    for (i, &t) in b.targets.iter().enumerate() {
-        if t != IGNORE {
-            terms.push((lse.get(i)?.get(0)? - logits.get(i)?.get(t as usize)?)?);
+        let cfg = tiny_config(Arch::Qwen2, 50, tied);
+        let src = random_weights(&cfg, 2);
+        let m = Model::load(&cfg, &src, BaseDtype::F32, true, &Device::Cpu)?;
+        let b = batch(50, 2, 5, 9)?;
+        let mut acc = GradAcc::default();
+        forward_backward(&m, &b, 1.0, true, Fwd::eval(), &mut acc)?;
+        let logits = m.logits(
+            &b.ids,
+            Fwd {
+                graph: true,
+                ..Fwd::eval()
+            },
+            None,
+        )?;
+        let lse = logits.exp()?.sum_keepdim(1)?.log()?;
+        let mut terms = Vec::new();
+        for (i, &t) in b.targets.iter().enumerate() {
+            if t != IGNORE {
+                terms.push((lse.get(i)?.get(0)? - logits.get(i)?.get(t as usize)?)?);
+            }
         }
-    }
-    let grads = Tensor::stack(&terms, 0)?.sum_all()?.backward()?;
-    let params = m.trainable();
-    assert!(params.len() > 20);
-    for (name, v) in &params {
-        let want = grads.get(v.as_tensor()).unwrap();
-        let got = acc.get(v).unwrap_or_else(|| panic!("{name}: no gradient"));
-        let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        let d = max_diff(got, want)?;
-        assert!(d <= 1e-4 * (1.0 + scale), "{name} (tied {tied}): differs by {d} (scale {scale})");
-    }
+        let grads = Tensor::stack(&terms, 0)?.sum_all()?.backward()?;
+        let params = m.trainable();
+        assert!(params.len() > 20);
+        for (name, v) in &params {
+            let want = grads.get(v.as_tensor()).unwrap();
+            let got = acc.get(v).unwrap_or_else(|| panic!("{name}: no gradient"));
+            let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let d = max_diff(got, want)?;
+            assert!(
+                d <= 1e-4 * (1.0 + scale),
+                "{name} (tied {tied}): differs by {d} (scale {scale})"
+            );
+        }
     }
     Ok(())
 }
@@ -110,7 +123,10 @@ fn loss_falls_on_a_tiny_corpus() -> Result<()> {
     m.add_lora(&LoraPlan::uniform(8, 16.0, &MODULES), 0)?;
     let params = m.trainable();
     let seq: Vec<u32> = (0..17).map(|i| (i * 7 % 40) as u32).collect();
-    let b = Batch { ids: Tensor::from_vec(seq[..16].to_vec(), (1, 16), &Device::Cpu)?, targets: seq[1..].to_vec() };
+    let b = Batch {
+        ids: Tensor::from_vec(seq[..16].to_vec(), (1, 16), &Device::Cpu)?,
+        targets: seq[1..].to_vec(),
+    };
     let mut opt = strata::train::optim::AdamW::new(0.0);
     let mut first = None;
     let mut last = 0.0;
@@ -156,16 +172,34 @@ fn gguf_and_hf_roundtrips_give_identical_logits() -> Result<()> {
         write_gguf(&gguf, &cfg, &tensors, &vocab, candle_core::quantized::GgmlDType::F32)?;
         let opened = open(&gguf)?;
         assert_eq!(opened.config, cfg);
-        let from_gguf = Model::load(&opened.config, opened.weights.as_ref(), BaseDtype::F32, false, &Device::Cpu)?;
+        let from_gguf = Model::load(
+            &opened.config,
+            opened.weights.as_ref(),
+            BaseDtype::F32,
+            false,
+            &Device::Cpu,
+        )?;
         assert!(max_diff(&want, &from_gguf.logits(&ids, Fwd::eval(), None)?)? < 1e-5);
 
         let hf = dir.join(format!("{arch:?}-hf"));
         merge::write_hf_dir(&from_gguf, &opened.tokenizer, &hf, false, DType::F32)?;
         let reopened = open(&hf)?;
         assert_eq!(reopened.config, cfg);
-        assert_eq!(reopened.tokenizer.encode("the the")?, opened.tokenizer.encode("the the")?);
-        let from_hf = Model::load(&reopened.config, reopened.weights.as_ref(), BaseDtype::F32, false, &Device::Cpu)?;
-        assert_eq!(from_hf.logits(&ids, Fwd::eval(), None)?.to_vec2::<f32>()?, from_gguf.logits(&ids, Fwd::eval(), None)?.to_vec2::<f32>()?);
+        assert_eq!(
+            reopened.tokenizer.encode("the the")?,
+            opened.tokenizer.encode("the the")?
+        );
+        let from_hf = Model::load(
+            &reopened.config,
+            reopened.weights.as_ref(),
+            BaseDtype::F32,
+            false,
+            &Device::Cpu,
+        )?;
+        assert_eq!(
+            from_hf.logits(&ids, Fwd::eval(), None)?.to_vec2::<f32>()?,
+            from_gguf.logits(&ids, Fwd::eval(), None)?.to_vec2::<f32>()?
+        );
     }
     std::fs::remove_dir_all(&dir)?;
     Ok(())
@@ -177,29 +211,55 @@ fn adapter_save_load_and_merge_preserve_logits() -> Result<()> {
     let cfg = tiny_config(Arch::Qwen2, 300, false);
     let src = random_weights(&cfg, 1);
     let mut m = lora_model(Arch::Qwen2, false, 4)?;
-    let plan = LoraPlan::uniform(4, 8.0, &MODULES)
-        .with_rules(&[strata::adapter::PlanRule { layers: "1".into(), modules: Some(vec!["v_proj".into()]), r: 6, alpha: Some(3.0) }], 2)?;
+    let plan = LoraPlan::uniform(4, 8.0, &MODULES).with_rules(
+        &[strata::adapter::PlanRule {
+            layers: "1".into(),
+            modules: Some(vec!["v_proj".into()]),
+            r: 6,
+            alpha: Some(3.0),
+        }],
+        2,
+    )?;
     m.add_lora(&plan, 11)?;
     for (_, l) in m.loras() {
         l.b.set(&Tensor::randn(0f32, 0.1, l.b.as_tensor().shape(), &Device::Cpu)?)?;
     }
     let ids = Tensor::from_vec(vec![1u32, 2, 3, 4, 250, 6], (1, 6), &Device::Cpu)?;
     let want = m.logits(&ids, Fwd::eval(), None)?;
-    let base_logits = m.logits(&ids, Fwd { adapters: false, ..Fwd::eval() }, None)?;
+    let base_logits = m.logits(
+        &ids,
+        Fwd {
+            adapters: false,
+            ..Fwd::eval()
+        },
+        None,
+    )?;
     assert!(max_diff(&want, &base_logits)? > 1e-3, "adapters must change the output");
 
     peft::save(&m, &plan, &dir.join("adapter"), "tiny")?;
     let mut fresh = Model::load(&cfg, &src, BaseDtype::F32, false, &Device::Cpu)?;
     let loaded_plan = peft::load(&mut fresh, &dir.join("adapter"))?;
     assert_eq!(loaded_plan.rank_pattern, plan.rank_pattern);
-    assert_eq!(fresh.logits(&ids, Fwd::eval(), None)?.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
+    assert_eq!(
+        fresh.logits(&ids, Fwd::eval(), None)?.to_vec2::<f32>()?,
+        want.to_vec2::<f32>()?
+    );
 
     let tensors = merge::hf_tensors(&m, true, DType::F32)?;
-    let merged = Model::load(&cfg, &strata::testing::MemSource(tensors.into_iter().collect()), BaseDtype::F32, false, &Device::Cpu)?;
+    let merged = Model::load(
+        &cfg,
+        &strata::testing::MemSource(tensors.into_iter().collect()),
+        BaseDtype::F32,
+        false,
+        &Device::Cpu,
+    )?;
     assert!(max_diff(&merged.logits(&ids, Fwd::eval(), None)?, &want)? < 1e-4);
 
     // A foreign tensor in the adapter file is reported, not ignored.
-    let mut extra = vec![("base_model.model.model.layers.0.mlp.xx.lora_A.weight".to_string(), Tensor::zeros((2, 2), DType::F32, &Device::Cpu)?)];
+    let mut extra = vec![(
+        "base_model.model.model.layers.0.mlp.xx.lora_A.weight".to_string(),
+        Tensor::zeros((2, 2), DType::F32, &Device::Cpu)?,
+    )];
     for (name, l) in m.loras() {
         extra.push((peft::peft_key(&name, "A"), l.a.as_tensor().clone()));
         extra.push((peft::peft_key(&name, "B"), l.b.as_tensor().clone()));
@@ -252,14 +312,25 @@ fn malformed_files_give_clear_errors() -> Result<()> {
     strata::model::hf::save_safetensors(&hf.join("model.safetensors"), &bad)?;
     let s = open(&hf)?;
     let e = Model::load(&s.config, s.weights.as_ref(), BaseDtype::F32, false, &Device::Cpu).unwrap_err();
-    assert!(e.to_string().contains("model.layers.1.mlp.up_proj.weight") && e.to_string().contains("shape"), "{e}");
+    assert!(
+        e.to_string().contains("model.layers.1.mlp.up_proj.weight") && e.to_string().contains("shape"),
+        "{e}"
+    );
     std::fs::write(hf.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")?;
     assert!(open(&hf).err().unwrap().to_string().contains("not a valid safetensors"));
     let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json"))?)?;
     v.as_object_mut().unwrap().remove("num_hidden_layers");
     std::fs::write(hf.join("config.json"), v.to_string())?;
-    assert!(open(&hf).err().unwrap().to_string().contains("missing field `num_hidden_layers`"));
-    assert!(open(&dir.join("nope.gguf")).err().unwrap().to_string().contains("does not exist"));
+    assert!(open(&hf)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("missing field `num_hidden_layers`"));
+    assert!(open(&dir.join("nope.gguf"))
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("does not exist"));
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

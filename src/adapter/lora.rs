@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
+use super::plan::ModuleLora;
 use crate::rng::{mix, Rng};
 
 /// One adapter pair on a projection.
@@ -23,12 +24,20 @@ pub struct Lora {
 
 impl Lora {
     /// PEFT's default init: `kaiming_uniform_(A, a=sqrt(5))` i.e. U(-1/sqrt(in), 1/sqrt(in)), `B = 0`.
-    pub fn init(out: usize, inp: usize, r: usize, alpha: f64, scale: f64, dropout: f32, rng: &mut Rng, dev: &Device) -> Result<Self> {
+    pub fn init(out: usize, inp: usize, ml: ModuleLora, dropout: f32, rng: &mut Rng, dev: &Device) -> Result<Self> {
+        let ModuleLora { r, alpha, scale } = ml;
         let bound = 1.0 / (inp as f32).sqrt();
         let a: Vec<f32> = (0..r * inp).map(|_| (rng.next_f32() * 2.0 - 1.0) * bound).collect();
         let a = Var::from_tensor(&Tensor::from_vec(a, (r, inp), dev)?)?;
         let b = Var::from_tensor(&Tensor::zeros((out, r), DType::F32, dev)?)?;
-        Ok(Self { a, b, r, alpha, scale, dropout })
+        Ok(Self {
+            a,
+            b,
+            r,
+            alpha,
+            scale,
+            dropout,
+        })
     }
 
     /// The adapter's contribution `s * B A x` for `x [n, in]` (f32). `dropout_seed` is set during
@@ -38,7 +47,9 @@ impl Lora {
             Some(seed) if self.dropout > 0.0 => {
                 let mut rng = Rng::new(mix(&[seed]));
                 let keep = 1.0 - self.dropout;
-                let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.next_f32() < keep { 1.0 / keep } else { 0.0 }).collect();
+                let mask: Vec<f32> = (0..x.elem_count())
+                    .map(|_| if rng.next_f32() < keep { 1.0 / keep } else { 0.0 })
+                    .collect();
                 (x * Tensor::from_vec(mask, x.shape(), x.device())?)?
             }
             _ => x.clone(),

@@ -21,7 +21,10 @@ pub fn hf_tensors(model: &Model, merge: bool, dtype: DType) -> Result<Vec<(Strin
     for b in &model.blocks {
         let i = b.index;
         push(format!("model.layers.{i}.input_layernorm.weight"), b.attn_norm.t())?;
-        push(format!("model.layers.{i}.post_attention_layernorm.weight"), b.mlp_norm.t())?;
+        push(
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            b.mlp_norm.t(),
+        )?;
         for (mi, m) in MODULES.iter().enumerate() {
             let name = crate::adapter::plan::module_name(i, m);
             let p = &b.proj[mi];
@@ -68,7 +71,13 @@ pub fn write_hf_dir(model: &Model, tok: &Tok, dir: &Path, merge: bool, dtype: DT
     if let Some(t) = &tok.chat_template {
         tc["chat_template"] = json!(t);
     }
-    crate::util::write_atomic(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tc)?.as_bytes())?;
+    crate::util::write_atomic(
+        &dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tc)?.as_bytes(),
+    )?;
     let gc = json!({"bos_token_id": model.cfg.bos_token_id, "eos_token_id": model.cfg.eos_token_id});
-    crate::util::write_atomic(&dir.join("generation_config.json"), serde_json::to_string_pretty(&gc)?.as_bytes())
+    crate::util::write_atomic(
+        &dir.join("generation_config.json"),
+        serde_json::to_string_pretty(&gc)?.as_bytes(),
+    )
 }

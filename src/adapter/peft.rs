@@ -29,7 +29,8 @@ pub fn adapter_config(plan: &LoraPlan, base_model: &str) -> Value {
         "target_modules": plan.targets,
         "rank_pattern": obj(plan.rank_pattern.iter().map(|(k, v)| (k.clone(), json!(v))).collect()),
         "alpha_pattern": obj(plan.alpha_pattern.iter().map(|(k, v)| (k.clone(), json!(v))).collect()),
-        "lora_dropout": plan.dropout,
+        // f32 -> shortest decimal, so 0.05 is written as 0.05 and not 0.0500000007.
+        "lora_dropout": plan.dropout.to_string().parse::<f64>().unwrap_or(0.0),
         "bias": "none",
         "fan_in_fan_out": false,
         "use_rslora": plan.use_rslora,
@@ -64,7 +65,12 @@ fn patterns<T>(v: Option<&Value>, conv: impl Fn(&Value) -> Option<T>, what: &str
         None | Some(Value::Null) => Ok(vec![]),
         Some(Value::Object(m)) => m
             .iter()
-            .map(|(k, v)| Ok((k.clone(), conv(v).with_context(|| format!("{what}[{k}] must be a number"))?)))
+            .map(|(k, v)| {
+                Ok((
+                    k.clone(),
+                    conv(v).with_context(|| format!("{what}[{k}] must be a number"))?,
+                ))
+            })
             .collect(),
         Some(_) => bail!("{what} must be an object"),
     }
@@ -73,7 +79,8 @@ fn patterns<T>(v: Option<&Value>, conv: impl Fn(&Value) -> Option<T>, what: &str
 /// Reads a PEFT `adapter_config.json` into a plan (PEFT's defaults where keys are absent).
 pub fn read_plan(dir: &Path, num_layers: usize) -> Result<LoraPlan> {
     let path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {} (is this a PEFT adapter directory?)", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {} (is this a PEFT adapter directory?)", path.display()))?;
     let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
     let p = path.display();
     if v.get("peft_type").and_then(|x| x.as_str()) != Some("LORA") {
@@ -100,7 +107,8 @@ pub fn read_plan(dir: &Path, num_layers: usize) -> Result<LoraPlan> {
         Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
         Some(Value::String(s)) if s == "all-linear" => MODULES.iter().map(|s| s.to_string()).collect(),
         Some(Value::String(s)) => {
-            let re = regex::Regex::new(&format!("^(?:{s})$")).with_context(|| format!("{p}: target_modules regex `{s}`"))?;
+            let re =
+                regex::Regex::new(&format!("^(?:{s})$")).with_context(|| format!("{p}: target_modules regex `{s}`"))?;
             MODULES
                 .iter()
                 .filter(|m| (0..num_layers).any(|l| re.is_match(&module_name(l, m))))
@@ -111,7 +119,10 @@ pub fn read_plan(dir: &Path, num_layers: usize) -> Result<LoraPlan> {
     };
     for t in &targets {
         if !MODULES.contains(&t.as_str()) {
-            bail!("{p}: target module `{t}` is not a projection strata adapts ({})", MODULES.join(", "));
+            bail!(
+                "{p}: target module `{t}` is not a projection strata adapts ({})",
+                MODULES.join(", ")
+            );
         }
     }
     let layers = match v.get("layers_to_transform") {
@@ -125,7 +136,11 @@ pub fn read_plan(dir: &Path, num_layers: usize) -> Result<LoraPlan> {
         alpha,
         targets,
         layers,
-        rank_pattern: patterns(v.get("rank_pattern"), |x| x.as_u64().map(|x| x as usize), "rank_pattern")?,
+        rank_pattern: patterns(
+            v.get("rank_pattern"),
+            |x| x.as_u64().map(|x| x as usize),
+            "rank_pattern",
+        )?,
         alpha_pattern: patterns(v.get("alpha_pattern"), |x| x.as_f64(), "alpha_pattern")?,
         use_rslora: v.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false),
         dropout: v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0) as f32,
@@ -140,7 +155,10 @@ pub fn load(model: &mut Model, dir: &Path) -> Result<LoraPlan> {
     pattern_match(&plan.rank_pattern, "x")?;
     let file = dir.join("adapter_model.safetensors");
     if !file.exists() {
-        bail!("{}: no adapter_model.safetensors (legacy adapter_model.bin is not supported)", dir.display());
+        bail!(
+            "{}: no adapter_model.safetensors (legacy adapter_model.bin is not supported)",
+            dir.display()
+        );
     }
     let st = SafetensorsSource::open(std::slice::from_ref(&file))?;
     let mut unused: std::collections::BTreeSet<String> = crate::model::WeightSource::names(&st).into_iter().collect();
@@ -149,7 +167,9 @@ pub fn load(model: &mut Model, dir: &Path) -> Result<LoraPlan> {
     for block in &mut model.blocks {
         for (mi, m) in MODULES.iter().enumerate() {
             block.proj[mi].lora = None;
-            let Some(ml) = plan.resolve(block.index, m)? else { continue };
+            let Some(ml) = plan.resolve(block.index, m)? else {
+                continue;
+            };
             let name = module_name(block.index, m);
             let (o, i) = cfg.linear_shape(m).expect("known module");
             let mut get = |ab: &str, shape: [usize; 2]| -> Result<Var> {
@@ -159,17 +179,34 @@ pub fn load(model: &mut Model, dir: &Path) -> Result<LoraPlan> {
                 }
                 let t = st.raw(&key)?.to_dtype(DType::F32)?.to_device(&dev)?;
                 if t.dims() != shape {
-                    bail!("{}: `{key}` has shape {:?}, expected {:?} (rank {} from the config)", file.display(), t.dims(), shape, ml.r);
+                    bail!(
+                        "{}: `{key}` has shape {:?}, expected {:?} (rank {} from the config)",
+                        file.display(),
+                        t.dims(),
+                        shape,
+                        ml.r
+                    );
                 }
                 Ok(Var::from_tensor(&t)?)
             };
             let a = get("A", [ml.r, i])?;
             let b = get("B", [o, ml.r])?;
-            block.proj[mi].lora = Some(Lora { a, b, r: ml.r, alpha: ml.alpha, scale: ml.scale, dropout: plan.dropout });
+            block.proj[mi].lora = Some(Lora {
+                a,
+                b,
+                r: ml.r,
+                alpha: ml.alpha,
+                scale: ml.scale,
+                dropout: plan.dropout,
+            });
         }
     }
     if let Some(extra) = unused.iter().next() {
-        bail!("{}: unexpected tensor `{extra}` ({} unused in all); does the adapter belong to this model?", file.display(), unused.len());
+        bail!(
+            "{}: unexpected tensor `{extra}` ({} unused in all); does the adapter belong to this model?",
+            file.display(),
+            unused.len()
+        );
     }
     Ok(plan)
 }

@@ -80,8 +80,14 @@ pub fn pattern_match<'a, T>(patterns: &'a [(String, T)], name: &str) -> Result<O
 fn parse_range(spec: &str, num_layers: usize) -> Result<Vec<usize>> {
     let bad = || format!("layer range `{spec}`: expected `A-B`, `A-` or `A` with layers below {num_layers}");
     let (a, b) = match spec.split_once('-') {
-        Some((a, "")) => (a.trim().parse::<usize>().with_context(bad)?, num_layers.saturating_sub(1)),
-        Some((a, b)) => (a.trim().parse::<usize>().with_context(bad)?, b.trim().parse::<usize>().with_context(bad)?),
+        Some((a, "")) => (
+            a.trim().parse::<usize>().with_context(bad)?,
+            num_layers.saturating_sub(1),
+        ),
+        Some((a, b)) => (
+            a.trim().parse::<usize>().with_context(bad)?,
+            b.trim().parse::<usize>().with_context(bad)?,
+        ),
         None => {
             let a = spec.trim().parse::<usize>().with_context(bad)?;
             (a, a)
@@ -123,14 +129,19 @@ impl LoraPlan {
             let mods = rule.modules.clone().unwrap_or_else(|| self.targets.clone());
             for m in &mods {
                 if !MODULES.contains(&m.as_str()) {
-                    bail!("layer rule `{}`: unknown module `{m}`; choose from {}", rule.layers, MODULES.join(", "));
+                    bail!(
+                        "layer rule `{}`: unknown module `{m}`; choose from {}",
+                        rule.layers,
+                        MODULES.join(", ")
+                    );
                 }
             }
             let layer_alt = layers.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("|");
             let mod_alt = mods.join("|");
             let key = format!(r"model\.layers\.({layer_alt})\.(self_attn|mlp)\.({mod_alt})");
             self.rank_pattern.push((key.clone(), rule.r));
-            self.alpha_pattern.push((key, rule.alpha.unwrap_or(2.0 * rule.r as f64)));
+            self.alpha_pattern
+                .push((key, rule.alpha.unwrap_or(2.0 * rule.r as f64)));
         }
         Ok(self)
     }
@@ -151,7 +162,11 @@ impl LoraPlan {
         if r == 0 {
             bail!("LoRA rank for {name} is 0");
         }
-        let scale = if self.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+        let scale = if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
         Ok(Some(ModuleLora { r, alpha, scale }))
     }
 }
@@ -163,8 +178,18 @@ mod tests {
     #[test]
     fn layered_rules_resolve_like_peft() -> Result<()> {
         let rules = vec![
-            PlanRule { layers: "0-10".into(), modules: None, r: 64, alpha: Some(128.0) },
-            PlanRule { layers: "11-".into(), modules: Some(vec!["q_proj".into()]), r: 8, alpha: None },
+            PlanRule {
+                layers: "0-10".into(),
+                modules: None,
+                r: 64,
+                alpha: Some(128.0),
+            },
+            PlanRule {
+                layers: "11-".into(),
+                modules: Some(vec!["q_proj".into()]),
+                r: 8,
+                alpha: None,
+            },
         ];
         let plan = LoraPlan::uniform(16, 32.0, &MODULES).with_rules(&rules, 30)?;
         assert_eq!(plan.resolve(0, "q_proj")?.unwrap().r, 64);
@@ -185,7 +210,10 @@ mod tests {
     #[test]
     fn peft_pattern_key_semantics() -> Result<()> {
         // A bare module key matches as a suffix after a dot, never in the middle of a name.
-        let pats = vec![("q_proj".to_string(), 1usize), (r"layers\.1\.self_attn\.k_proj".to_string(), 2)];
+        let pats = vec![
+            ("q_proj".to_string(), 1usize),
+            (r"layers\.1\.self_attn\.k_proj".to_string(), 2),
+        ];
         assert_eq!(pattern_match(&pats, "model.layers.3.self_attn.q_proj")?, Some(&1));
         assert_eq!(pattern_match(&pats, "model.layers.1.self_attn.k_proj")?, Some(&2));
         assert_eq!(pattern_match(&pats, "model.layers.11.self_attn.k_proj")?, None);
@@ -196,9 +224,25 @@ mod tests {
     #[test]
     fn bad_rules_are_explained() {
         let plan = LoraPlan::uniform(16, 32.0, &MODULES);
-        let e = plan.clone().with_rules(&[PlanRule { layers: "5-40".into(), modules: None, r: 4, alpha: None }], 30);
+        let e = plan.clone().with_rules(
+            &[PlanRule {
+                layers: "5-40".into(),
+                modules: None,
+                r: 4,
+                alpha: None,
+            }],
+            30,
+        );
         assert!(e.unwrap_err().to_string().contains("layer range"));
-        let e = plan.with_rules(&[PlanRule { layers: "1".into(), modules: Some(vec!["wq".into()]), r: 4, alpha: None }], 30);
+        let e = plan.with_rules(
+            &[PlanRule {
+                layers: "1".into(),
+                modules: Some(vec!["wq".into()]),
+                r: 4,
+                alpha: None,
+            }],
+            30,
+        );
         assert!(e.unwrap_err().to_string().contains("unknown module"));
     }
 }

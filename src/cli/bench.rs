@@ -65,7 +65,17 @@ fn naive_step(model: &Model, batch: &Batch) -> Result<f64> {
     let (b, t) = batch.ids.dims2()?;
     let mut x = model.embed(&batch.ids)?;
     for i in 0..model.blocks.len() {
-        x = model.block_forward(i, &x, b, t, Fwd { naive: true, ..Fwd::eval() }, None)?;
+        x = model.block_forward(
+            i,
+            &x,
+            b,
+            t,
+            Fwd {
+                naive: true,
+                ..Fwd::eval()
+            },
+            None,
+        )?;
     }
     let h = model.final_norm(&x)?;
     let logits = h.matmul(&model.head_weight().t()?)?;
@@ -95,7 +105,10 @@ pub fn run(a: Args) -> Result<()> {
     let mut rng = crate::rng::Rng::new(1);
     let ids: Vec<u32> = (0..n).map(|_| rng.below(cfg.vocab_size) as u32).collect();
     let targets: Vec<u32> = (0..n).map(|_| rng.below(cfg.vocab_size) as u32).collect();
-    let batch = Batch { ids: Tensor::from_vec(ids, (a.batch, a.seq_len), &Device::Cpu)?, targets };
+    let batch = Batch {
+        ids: Tensor::from_vec(ids, (a.batch, a.seq_len), &Device::Cpu)?,
+        targets,
+    };
     println!(
         "bench train: {} shape ({} layers, hidden {}, vocab {}), LoRA r=16 on all 7 projections, {} base, batch {} x {}, {} rounds",
         a.shape, cfg.num_layers, cfg.hidden_size, cfg.vocab_size, a.base_dtype, a.batch, a.seq_len, a.rounds
@@ -132,13 +145,35 @@ pub fn run(a: Args) -> Result<()> {
         v[v.len() / 2]
     };
     let s = median(&mut ts);
-    println!("{:<28} {:>10} {:>12} {:>14}", "variant", "tok/s", "step (s)", "peak RSS");
-    println!("{:<28} {:>10.0} {:>12.3} {:>14}", "strata", n as f64 / s, s, human_bytes(ps));
+    println!(
+        "{:<28} {:>10} {:>12} {:>14}",
+        "variant", "tok/s", "step (s)", "peak RSS"
+    );
+    println!(
+        "{:<28} {:>10.0} {:>12.3} {:>14}",
+        "strata",
+        n as f64 / s,
+        s,
+        human_bytes(ps)
+    );
     if !a.no_baseline {
         let b = median(&mut tn);
-        println!("{:<28} {:>10.0} {:>12.3} {:>14}", "naive candle", n as f64 / b, b, human_bytes(pn));
-        println!("speed ratio strata / naive: {:.2}x; peak RSS ratio: {:.2}x", b / s, ps as f64 / pn.max(1) as f64);
+        println!(
+            "{:<28} {:>10.0} {:>12.3} {:>14}",
+            "naive candle",
+            n as f64 / b,
+            b,
+            human_bytes(pn)
+        );
+        println!(
+            "speed ratio strata / naive: {:.2}x; peak RSS ratio: {:.2}x",
+            b / s,
+            ps as f64 / pn.max(1) as f64
+        );
     }
-    println!("(RSS before the steps: {}; peaks are per variant, reset between them)", human_bytes(base_rss));
+    println!(
+        "(RSS before the steps: {}; peaks are per variant, reset between them)",
+        human_bytes(base_rss)
+    );
     Ok(())
 }

@@ -38,11 +38,25 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let (src, model) = super::load_model(&a.model, a.adapter.as_deref(), &a.base_dtype)?;
     let mut results = Vec::new();
-    println!("{:<40} {:>9} {:>9} {:>11} {:>9}", "file", "tokens", "loss", "perplexity", "accuracy");
+    println!(
+        "{:<40} {:>9} {:>9} {:>11} {:>9}",
+        "file", "tokens", "loss", "perplexity", "accuracy"
+    );
     for p in &a.text {
-        let seqs = data::pack(&src.tokenizer, &data::load_documents(std::slice::from_ref(p))?, a.seq_len)?;
+        let seqs = data::pack(
+            &src.tokenizer,
+            &data::load_documents(std::slice::from_ref(p))?,
+            a.seq_len,
+        )?;
         let m = eval_sequences(&model, &seqs, a.batch, Fwd::eval())?;
-        println!("{:<40} {:>9} {:>9.4} {:>11.2} {:>8.2}%", p.display().to_string(), m.tokens, m.loss, m.perplexity, 100.0 * m.accuracy);
+        println!(
+            "{:<40} {:>9} {:>9.4} {:>11.2} {:>8.2}%",
+            p.display().to_string(),
+            m.tokens,
+            m.loss,
+            m.perplexity,
+            100.0 * m.accuracy
+        );
         results.push(json!({"file": p, "metrics": m}));
     }
     if let Some(out) = &a.out {

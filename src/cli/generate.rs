@@ -41,10 +41,19 @@ pub struct Args {
 /// Picks the next token from `logits` (greedy at temperature 0, else top-p sampling).
 pub fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut Rng) -> u32 {
     if temperature <= 0.0 {
-        return logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap_or(0);
+        return logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap_or(0);
     }
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut p: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &l)| (i, ((l as f64 - m) / temperature).exp())).collect();
+    let mut p: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i, ((l as f64 - m) / temperature).exp()))
+        .collect();
     let z: f64 = p.iter().map(|x| x.1).sum();
     p.sort_by(|a, b| b.1.total_cmp(&a.1));
     let mut kept = Vec::new();
@@ -71,8 +80,19 @@ pub fn run(a: Args) -> Result<()> {
     let (src, model) = super::load_model(&a.model, a.adapter.as_deref(), "f32")?;
     let tok = &src.tokenizer;
     let text = if a.chat {
-        let tpl = tok.chat_template.as_deref().context("--chat: the model has no chat template")?;
-        render(tpl, &[Message { role: "user".into(), content: a.prompt.clone() }], true, tok)?
+        let tpl = tok
+            .chat_template
+            .as_deref()
+            .context("--chat: the model has no chat template")?;
+        render(
+            tpl,
+            &[Message {
+                role: "user".into(),
+                content: a.prompt.clone(),
+            }],
+            true,
+            tok,
+        )?
     } else {
         a.prompt.clone()
     };

@@ -35,7 +35,11 @@ pub fn run(a: Args) -> Result<()> {
     println!(
         "wrote {} ({}{})",
         a.out.display(),
-        if a.adapter.is_some() { "adapter merged" } else { "base model" },
+        if a.adapter.is_some() {
+            "adapter merged"
+        } else {
+            "base model"
+        },
         format_args!(", {}", a.dtype)
     );
     Ok(())

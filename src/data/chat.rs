@@ -34,7 +34,8 @@ pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool,
     env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
     });
-    env.add_template("chat", template).context("the chat template is not valid Jinja")?;
+    env.add_template("chat", template)
+        .context("the chat template is not valid Jinja")?;
     let name = |id: Option<u32>| id.and_then(|i| tok.inner.id_to_token(i)).unwrap_or_default();
     let ctx = minijinja::context! {
         messages => messages,
@@ -42,18 +43,22 @@ pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool,
         bos_token => name(tok.bos),
         eos_token => name(tok.eos),
     };
-    Ok(env.get_template("chat")?.render(ctx).context("rendering the chat template failed")?)
+    env.get_template("chat")?
+        .render(ctx)
+        .context("rendering the chat template failed")
 }
 
 /// Loads chat jsonl files and turns each conversation into one row of `seq_len` (longer ones are
 /// truncated, shorter ones padded with ignored targets).
 pub fn load_chat(paths: &[PathBuf], tok: &Tok, seq_len: usize) -> Result<Sequences> {
-    let template = tok
-        .chat_template
-        .as_deref()
-        .context("the model has no chat template (tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`)")?;
+    let template = tok.chat_template.as_deref().context(
+        "the model has no chat template (tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`)",
+    )?;
     let pad = tok.eos.unwrap_or(0);
-    let mut seqs = Sequences { seq_len, ..Default::default() };
+    let mut seqs = Sequences {
+        seq_len,
+        ..Default::default()
+    };
     for root in paths {
         for f in list_files(root)? {
             let text = std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
@@ -62,7 +67,8 @@ pub fn load_chat(paths: &[PathBuf], tok: &Tok, seq_len: usize) -> Result<Sequenc
                     continue;
                 }
                 let at = || format!("{}:{}", f.display(), ln + 1);
-                let conv: Conversation = serde_json::from_str(line).with_context(|| format!("{}: expected {{\"messages\": [{{\"role\", \"content\"}}]}}", at()))?;
+                let conv: Conversation = serde_json::from_str(line)
+                    .with_context(|| format!("{}: expected {{\"messages\": [{{\"role\", \"content\"}}]}}", at()))?;
                 if !conv.messages.iter().any(|m| m.role == "assistant") {
                     bail!("{}: the conversation has no assistant message to learn from", at());
                 }
@@ -78,7 +84,10 @@ pub fn load_chat(paths: &[PathBuf], tok: &Tok, seq_len: usize) -> Result<Sequenc
                         spans.push((before.len(), upto.len()));
                     }
                 }
-                let enc = tok.inner.encode(full.as_str(), false).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+                let enc = tok
+                    .inner
+                    .encode(full.as_str(), false)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
                 let ids = enc.get_ids();
                 let offs = enc.get_offsets();
                 let n = ids.len().min(seq_len + 1);
@@ -115,11 +124,19 @@ mod tests {
 
     #[test]
     fn only_assistant_tokens_have_targets() -> Result<()> {
-        let tok = Tok::from_json(tokenizer_json_from_gguf(&tiny_vocab(), "t")?, Some(2), None, Some(CHATML.into()))?;
+        let tok = Tok::from_json(
+            tokenizer_json_from_gguf(&tiny_vocab(), "t")?,
+            Some(2),
+            None,
+            Some(CHATML.into()),
+        )?;
         let dir = std::env::temp_dir().join(format!("strata-chat-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let f = dir.join("c.jsonl");
-        std::fs::write(&f, r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "the"}]}"#)?;
+        std::fs::write(
+            &f,
+            r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "the"}]}"#,
+        )?;
         let s = load_chat(&[f], &tok, 64)?;
         let tgt: Vec<u32> = s.targets[0].iter().copied().filter(|&t| t != IGNORE).collect();
         let text = tok.decode(&tgt)?;

@@ -40,7 +40,8 @@ pub fn load_documents(paths: &[PathBuf]) -> Result<Vec<String>> {
     let mut docs = Vec::new();
     for root in paths {
         for f in list_files(root)? {
-            let text = std::fs::read_to_string(&f).with_context(|| format!("cannot read {} as UTF-8 text", f.display()))?;
+            let text =
+                std::fs::read_to_string(&f).with_context(|| format!("cannot read {} as UTF-8 text", f.display()))?;
             if f.extension().and_then(|x| x.to_str()) == Some("jsonl") {
                 for (i, line) in text.lines().enumerate() {
                     if line.trim().is_empty() {
@@ -48,10 +49,13 @@ pub fn load_documents(paths: &[PathBuf]) -> Result<Vec<String>> {
                     }
                     let v: serde_json::Value = serde_json::from_str(line)
                         .with_context(|| format!("{}:{}: not valid JSON", f.display(), i + 1))?;
-                    let t = v
-                        .get("text")
-                        .and_then(|t| t.as_str())
-                        .with_context(|| format!("{}:{}: no string field `text` (chat data needs format = \"chat\")", f.display(), i + 1))?;
+                    let t = v.get("text").and_then(|t| t.as_str()).with_context(|| {
+                        format!(
+                            "{}:{}: no string field `text` (chat data needs format = \"chat\")",
+                            f.display(),
+                            i + 1
+                        )
+                    })?;
                     docs.push(t.to_string());
                 }
             } else if !text.trim().is_empty() {
@@ -91,12 +95,19 @@ impl Sequences {
     pub fn split_off(&mut self, fraction: f64) -> Sequences {
         let n = ((self.len() as f64 * fraction).ceil() as usize).clamp(1, self.len().saturating_sub(1).max(1));
         let at = self.len() - n;
-        Sequences { seq_len: self.seq_len, inputs: self.inputs.split_off(at), targets: self.targets.split_off(at) }
+        Sequences {
+            seq_len: self.seq_len,
+            inputs: self.inputs.split_off(at),
+            targets: self.targets.split_off(at),
+        }
     }
 
     /// Tokens with a target.
     pub fn target_tokens(&self) -> usize {
-        self.targets.iter().map(|t| t.iter().filter(|&&x| x != IGNORE).count()).sum()
+        self.targets
+            .iter()
+            .map(|t| t.iter().filter(|&&x| x != IGNORE).count())
+            .sum()
     }
 }
 
@@ -107,13 +118,18 @@ pub fn pack(tok: &Tok, docs: &[String], seq_len: usize) -> Result<Sequences> {
     if seq_len < 2 {
         bail!("seq_len must be at least 2");
     }
-    let eos = tok.eos.context("the tokenizer has no end-of-sequence token to separate documents")?;
+    let eos = tok
+        .eos
+        .context("the tokenizer has no end-of-sequence token to separate documents")?;
     let mut stream = Vec::new();
     for d in docs {
         stream.extend(tok.encode(d)?);
         stream.push(eos);
     }
-    let mut seqs = Sequences { seq_len, ..Default::default() };
+    let mut seqs = Sequences {
+        seq_len,
+        ..Default::default()
+    };
     let mut start = 0;
     while start + 1 < stream.len() {
         let end = (start + seq_len + 1).min(stream.len());
@@ -144,13 +160,28 @@ mod tests {
         let tok = Tok::from_json(tokenizer_json_from_gguf(&tiny_vocab(), "t")?, Some(0), None, None)?;
         let docs = vec!["the cat".to_string(), "a dog the".to_string()];
         let seqs = pack(&tok, &docs, 4)?;
-        let stream: Vec<u32> = docs.iter().flat_map(|d| tok.encode(d).unwrap().into_iter().chain([0])).collect();
-        let targets: Vec<u32> = seqs.targets.iter().flatten().copied().filter(|&t| t != IGNORE).collect();
+        let stream: Vec<u32> = docs
+            .iter()
+            .flat_map(|d| tok.encode(d).unwrap().into_iter().chain([0]))
+            .collect();
+        let targets: Vec<u32> = seqs
+            .targets
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|&t| t != IGNORE)
+            .collect();
         assert_eq!(targets, stream[1..].to_vec());
         for (i, t) in seqs.inputs.iter().zip(&seqs.targets) {
             assert_eq!(i.len(), 4);
             assert_eq!(t.len(), 4);
-            assert_eq!(&i[1..], &t[..3].iter().map(|&x| if x == IGNORE { 0 } else { x }).collect::<Vec<_>>()[..]);
+            assert_eq!(
+                &i[1..],
+                &t[..3]
+                    .iter()
+                    .map(|&x| if x == IGNORE { 0 } else { x })
+                    .collect::<Vec<_>>()[..]
+            );
         }
         Ok(())
     }
@@ -161,11 +192,14 @@ mod tests {
         std::fs::create_dir_all(&dir)?;
         let f = dir.join("a.jsonl");
         std::fs::write(&f, "{\"text\": \"hello\"}\n{\"body\": 1}\n")?;
-        let e = load_documents(&[f.clone()]).unwrap_err();
+        let e = load_documents(std::slice::from_ref(&f)).unwrap_err();
         assert!(e.to_string().contains("a.jsonl:2"), "{e}");
         std::fs::write(&f, "{\"text\": \"hello\"}\n\n{\"text\": \"world\"}\n")?;
-        assert_eq!(load_documents(&[dir.clone()])?, vec!["hello", "world"]);
-        assert!(load_documents(&[dir.join("missing")]).unwrap_err().to_string().contains("does not exist"));
+        assert_eq!(load_documents(std::slice::from_ref(&dir))?, vec!["hello", "world"]);
+        assert!(load_documents(&[dir.join("missing")])
+            .unwrap_err()
+            .to_string()
+            .contains("does not exist"));
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

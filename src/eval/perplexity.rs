@@ -34,5 +34,10 @@ pub fn eval_sequences(model: &Model, seqs: &Sequences, batch: usize, fwd: Fwd) -
         correct += out.correct;
     }
     let loss = if count > 0 { nll / count as f64 } else { f64::NAN };
-    Ok(TextMetrics { tokens: count, loss, perplexity: loss.exp(), accuracy: correct as f64 / count.max(1) as f64 })
+    Ok(TextMetrics {
+        tokens: count,
+        loss,
+        perplexity: loss.exp(),
+        accuracy: correct as f64 / count.max(1) as f64,
+    })
 }

@@ -68,7 +68,10 @@ fn req_usize(v: &Value, key: &str, file: &Path) -> Result<usize> {
             .filter(|&n| n > 0 && n < (1 << 32))
             .map(|n| n as usize)
             .with_context(|| format!("{}: `{key}` must be a positive integer, found {x}", file.display())),
-        None => bail!("{}: missing field `{key}`; is this a decoder-only LLM config.json?", file.display()),
+        None => bail!(
+            "{}: missing field `{key}`; is this a decoder-only LLM config.json?",
+            file.display()
+        ),
     }
 }
 
@@ -130,20 +133,28 @@ impl ModelConfig {
             bos_token_id: opt_token(v, "bos_token_id"),
             eos_token_id: opt_token(v, "eos_token_id"),
         };
-        cfg.validate().with_context(|| format!("{}: inconsistent model config", file.display()))?;
+        cfg.validate()
+            .with_context(|| format!("{}: inconsistent model config", file.display()))?;
         Ok(cfg)
     }
 
     /// Checks the relations between sizes that the decoder relies on.
     pub fn validate(&self) -> Result<()> {
-        if self.num_heads % self.num_kv_heads != 0 {
-            bail!("{} query heads are not a multiple of {} key/value heads", self.num_heads, self.num_kv_heads);
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            bail!(
+                "{} query heads are not a multiple of {} key/value heads",
+                self.num_heads,
+                self.num_kv_heads
+            );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!("head_dim {} must be even for RoPE", self.head_dim);
         }
         if self.max_position_embeddings > 1 << 20 {
-            bail!("max_position_embeddings {} is implausibly large", self.max_position_embeddings);
+            bail!(
+                "max_position_embeddings {} is implausibly large",
+                self.max_position_embeddings
+            );
         }
         Ok(())
     }
@@ -173,9 +184,16 @@ impl ModelConfig {
 
     /// Parameters of the whole model.
     pub fn num_params(&self) -> usize {
-        let per_layer: usize = MODULES.iter().map(|m| self.linear_shape(m).map(|(o, i)| o * i).unwrap_or(0)).sum::<usize>()
+        let per_layer: usize = MODULES
+            .iter()
+            .map(|m| self.linear_shape(m).map(|(o, i)| o * i).unwrap_or(0))
+            .sum::<usize>()
             + 2 * self.hidden_size
-            + if self.arch.qkv_bias() { self.q_dim() + 2 * self.kv_dim() } else { 0 };
+            + if self.arch.qkv_bias() {
+                self.q_dim() + 2 * self.kv_dim()
+            } else {
+                0
+            };
         let emb = self.vocab_size * self.hidden_size;
         per_layer * self.num_layers + emb * if self.tie_word_embeddings { 1 } else { 2 } + self.hidden_size
     }
@@ -215,7 +233,15 @@ impl ModelConfig {
 }
 
 /// The seven projection modules of a block, in PEFT's naming.
-pub const MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// Whether a module sits under `self_attn` (else `mlp`).
 pub fn module_parent(module: &str) -> &'static str {

@@ -80,12 +80,21 @@ pub struct Fwd {
     pub adapters: bool,
     /// Run frozen weights through candle's own matmul (the naive baseline of `strata bench`).
     pub naive: bool,
+    /// Keep the autograd graph across blocks in [`Model::hidden`]. Off for evaluation and
+    /// generation: adapters are `Var`s, so candle would otherwise keep every activation alive
+    /// until the output is dropped.
+    pub graph: bool,
 }
 
 impl Fwd {
     /// Evaluation with adapters on.
     pub fn eval() -> Self {
-        Self { dropout_seed: None, adapters: true, naive: false }
+        Self {
+            dropout_seed: None,
+            adapters: true,
+            naive: false,
+            graph: false,
+        }
     }
 }
 
@@ -161,13 +170,22 @@ pub struct Model {
 fn load(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Tensor> {
     let t = src.get(name)?;
     if t.dims() != shape {
-        bail!("{}: tensor `{name}` has shape {:?} but the config implies {:?}", src.describe(), t.dims(), shape);
+        bail!(
+            "{}: tensor `{name}` has shape {:?} but the config implies {:?}",
+            src.describe(),
+            t.dims(),
+            shape
+        );
     }
     Ok(t.to_dtype(DType::F32)?)
 }
 
 fn param(t: Tensor, train: bool, dtype: DType) -> Result<Param> {
-    Ok(if train { Param::Train(Var::from_tensor(&t)?) } else { Param::Frozen(t.to_dtype(dtype)?) })
+    Ok(if train {
+        Param::Train(Var::from_tensor(&t)?)
+    } else {
+        Param::Frozen(t.to_dtype(dtype)?)
+    })
 }
 
 impl Model {
@@ -177,7 +195,11 @@ impl Model {
         cfg.validate()?;
         let h = cfg.hidden_size;
         let pd = base.dtype();
-        let embed = param(load(src, "model.embed_tokens.weight", &[cfg.vocab_size, h])?, full, DType::F32)?;
+        let embed = param(
+            load(src, "model.embed_tokens.weight", &[cfg.vocab_size, h])?,
+            full,
+            DType::F32,
+        )?;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let mut proj = Vec::with_capacity(7);
@@ -194,7 +216,11 @@ impl Model {
             }
             blocks.push(Block {
                 index: i,
-                attn_norm: param(load(src, &format!("model.layers.{i}.input_layernorm.weight"), &[h])?, full, DType::F32)?,
+                attn_norm: param(
+                    load(src, &format!("model.layers.{i}.input_layernorm.weight"), &[h])?,
+                    full,
+                    DType::F32,
+                )?,
                 proj,
                 mlp_norm: param(
                     load(src, &format!("model.layers.{i}.post_attention_layernorm.weight"), &[h])?,
@@ -209,8 +235,22 @@ impl Model {
         } else {
             Some(param(load(src, "lm_head.weight", &[cfg.vocab_size, h])?, full, pd)?)
         };
-        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, DType::F32, dev)?;
-        Ok(Self { cfg: cfg.clone(), embed, blocks, norm, head, rope, device: dev.clone() })
+        let rope = Rope::new(
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.max_position_embeddings,
+            DType::F32,
+            dev,
+        )?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm,
+            head,
+            rope,
+            device: dev.clone(),
+        })
     }
 
     /// Attaches fresh adapters (PEFT init) to every module the plan targets.
@@ -220,8 +260,7 @@ impl Model {
                 if let Some(ml) = plan.resolve(block.index, m)? {
                     let (o, inp) = self.cfg.linear_shape(m).expect("known module");
                     let mut rng = Rng::new(mix(&[seed, block.index as u64, mi as u64]));
-                    block.proj[mi].lora =
-                        Some(Lora::init(o, inp, ml.r, ml.alpha, ml.scale, plan.dropout, &mut rng, &self.device)?);
+                    block.proj[mi].lora = Some(Lora::init(o, inp, ml, plan.dropout, &mut rng, &self.device)?);
                 }
             }
         }
@@ -252,7 +291,10 @@ impl Model {
         push("model.embed_tokens.weight".into(), &self.embed);
         for b in &self.blocks {
             push(format!("model.layers.{}.input_layernorm.weight", b.index), &b.attn_norm);
-            push(format!("model.layers.{}.post_attention_layernorm.weight", b.index), &b.mlp_norm);
+            push(
+                format!("model.layers.{}.post_attention_layernorm.weight", b.index),
+                &b.mlp_norm,
+            );
             for (mi, m) in MODULES.iter().enumerate() {
                 let name = crate::adapter::plan::module_name(b.index, m);
                 push(format!("{name}.weight"), &b.proj[mi].w);
@@ -284,13 +326,22 @@ impl Model {
     }
 
     /// Runs one block on `x [b * t, hidden]` for a batch of `b` rows of `t` positions.
-    pub fn block_forward(&self, i: usize, x: &Tensor, b: usize, t: usize, fwd: Fwd, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn block_forward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        fwd: Fwd,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let blk = &self.blocks[i];
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let site = |m: usize| ((i as u64) << 8) | m as u64;
         let h = rms_norm(x, blk.attn_norm.t(), cfg.rms_norm_eps)?;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
+        let heads =
+            |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
         let q = heads(blk.proj[0].forward(&h, fwd, site(0))?, nh)?;
         let k = heads(blk.proj[1].forward(&h, fwd, site(1))?, nkv)?;
         let v = heads(blk.proj[2].forward(&h, fwd, site(2))?, nkv)?;
@@ -308,7 +359,9 @@ impl Model {
         }
         let k = repeat_kv(&k, nh / nkv)?.contiguous()?;
         let v = repeat_kv(&v, nh / nkv)?.contiguous()?;
-        let att = causal_attention(&q, &k, &v)?.transpose(1, 2)?.reshape((b * t, nh * d))?;
+        let att = causal_attention(&q, &k, &v)?
+            .transpose(1, 2)?
+            .reshape((b * t, nh * d))?;
         let x = (x + blk.proj[3].forward(&att, fwd, site(3))?)?;
         let h = rms_norm(&x, blk.mlp_norm.t(), cfg.rms_norm_eps)?;
         let g = blk.proj[4].forward(&h, fwd, site(4))?.silu()?;
@@ -327,7 +380,12 @@ impl Model {
         let mut x = self.embed(ids)?;
         for i in 0..self.blocks.len() {
             let c = caches.as_mut().map(|cs| &mut cs[i]);
-            x = self.block_forward(i, &x, b, t, fwd, c).with_context(|| format!("block {i}"))?;
+            x = self
+                .block_forward(i, &x, b, t, fwd, c)
+                .with_context(|| format!("block {i}"))?;
+            if !fwd.graph {
+                x = x.detach();
+            }
         }
         self.final_norm(&x)
     }
@@ -342,7 +400,15 @@ impl Model {
     /// Mean next-token loss and counts over `ids [b, t]` with `targets` (flattened, IGNORE-able).
     pub fn eval_loss(&self, ids: &Tensor, targets: &[u32], fwd: Fwd) -> Result<lm_head::HeadOutput> {
         let h = self.hidden(ids, fwd, None)?.detach();
-        Ok(lm_head::lm_head_loss(&h, self.head_weight(), targets, lm_head::HeadOptions { per_token: true, ..Default::default() })?)
+        Ok(lm_head::lm_head_loss(
+            &h,
+            self.head_weight(),
+            targets,
+            lm_head::HeadOptions {
+                per_token: true,
+                ..Default::default()
+            },
+        )?)
     }
 
     /// Fresh per-block caches for generation.
@@ -353,7 +419,10 @@ impl Model {
     /// Bytes held by weights, by dtype name.
     pub fn weight_bytes(&self) -> Vec<(String, usize)> {
         let mut acc: std::collections::BTreeMap<String, usize> = Default::default();
-        let mut add = |t: &Tensor| *acc.entry(format!("{:?}", t.dtype()).to_lowercase()).or_default() += t.elem_count() * t.dtype().size_in_bytes();
+        let mut add = |t: &Tensor| {
+            *acc.entry(format!("{:?}", t.dtype()).to_lowercase()).or_default() +=
+                t.elem_count() * t.dtype().size_in_bytes()
+        };
         add(self.embed.t());
         add(self.norm.t());
         if let Some(h) = &self.head {

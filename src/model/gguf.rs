@@ -61,7 +61,10 @@ pub fn read_checked(path: &Path) -> Result<Content> {
     if let Some(a) = content.metadata.get("general.alignment") {
         let a = as_u64(a).with_context(|| format!("{}: general.alignment is not an integer", path.display()))?;
         if a == 0 || !a.is_power_of_two() || a > 1 << 16 {
-            bail!("{}: general.alignment {a} is not a power of two up to 65536", path.display());
+            bail!(
+                "{}: general.alignment {a} is not a power of two up to 65536",
+                path.display()
+            );
         }
     }
     for (name, info) in &content.tensor_infos {
@@ -69,10 +72,18 @@ pub fn read_checked(path: &Path) -> Result<Content> {
         let elems = dims
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .with_context(|| format!("{}: tensor `{name}` has dimensions {dims:?} whose product overflows", path.display()))?;
+            .with_context(|| {
+                format!(
+                    "{}: tensor `{name}` has dimensions {dims:?} whose product overflows",
+                    path.display()
+                )
+            })?;
         let bs = info.ggml_dtype.block_size();
         if elems % bs != 0 {
-            bail!("{}: tensor `{name}` has {elems} elements, not a multiple of its block size {bs}", path.display());
+            bail!(
+                "{}: tensor `{name}` has {elems} elements, not a multiple of its block size {bs}",
+                path.display()
+            );
         }
         let bytes = (elems / bs)
             .checked_mul(info.ggml_dtype.type_size())
@@ -154,13 +165,16 @@ fn gguf_to_hf(name: &str) -> Option<String> {
 pub fn permute_rows(w: &Tensor, n_head: usize, to_gguf: bool) -> Result<Tensor> {
     let dims = w.dims().to_vec();
     let rows = dims[0];
-    if n_head == 0 || rows % (2 * n_head) != 0 {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
         bail!("cannot permute {rows} rows into {n_head} RoPE heads");
     }
     let half = rows / n_head / 2;
     let rest: usize = dims[1..].iter().product();
     let (a, b) = if to_gguf { (2, half) } else { (half, 2) };
-    Ok(w.reshape((n_head, a, b, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+    Ok(w.reshape((n_head, a, b, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
 }
 
 impl GgufSource {
@@ -169,7 +183,9 @@ impl GgufSource {
     }
 
     fn meta_usize(&self, key: &str) -> Result<usize> {
-        let v = self.meta(key).with_context(|| format!("{}: missing metadata `{key}`", self.path.display()))?;
+        let v = self
+            .meta(key)
+            .with_context(|| format!("{}: missing metadata `{key}`", self.path.display()))?;
         as_u64(v)
             .filter(|&x| x > 0 && x < 1 << 32)
             .map(|x| x as usize)
@@ -196,8 +212,16 @@ impl GgufSource {
         let k = |s: &str| format!("{a}.{s}");
         let hidden = self.meta_usize(&k("embedding_length"))?;
         let heads = self.meta_usize(&k("attention.head_count"))?;
-        let kv = if self.meta(&k("attention.head_count_kv")).is_some() { self.meta_usize(&k("attention.head_count_kv"))? } else { heads };
-        let head_dim = if self.meta(&k("attention.key_length")).is_some() { self.meta_usize(&k("attention.key_length"))? } else { hidden / heads };
+        let kv = if self.meta(&k("attention.head_count_kv")).is_some() {
+            self.meta_usize(&k("attention.head_count_kv"))?
+        } else {
+            heads
+        };
+        let head_dim = if self.meta(&k("attention.key_length")).is_some() {
+            self.meta_usize(&k("attention.key_length"))?
+        } else {
+            hidden / heads
+        };
         let embd = self
             .content
             .tensor_infos
@@ -217,10 +241,17 @@ impl GgufSource {
             rms_norm_eps: self.meta_f64(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             max_position_embeddings: self.meta_usize(&k("context_length")).unwrap_or(4096).min(1 << 20),
-            bos_token_id: self.meta("tokenizer.ggml.bos_token_id").and_then(as_u64).map(|x| x as u32),
-            eos_token_id: self.meta("tokenizer.ggml.eos_token_id").and_then(as_u64).map(|x| x as u32),
+            bos_token_id: self
+                .meta("tokenizer.ggml.bos_token_id")
+                .and_then(as_u64)
+                .map(|x| x as u32),
+            eos_token_id: self
+                .meta("tokenizer.ggml.eos_token_id")
+                .and_then(as_u64)
+                .map(|x| x as u32),
         };
-        cfg.validate().with_context(|| format!("{}: inconsistent model metadata", self.path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("{}: inconsistent model metadata", self.path.display()))?;
         Ok(cfg)
     }
 
@@ -244,13 +275,20 @@ impl GgufSource {
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = if self.meta("tokenizer.ggml.merges").is_some() { strings("tokenizer.ggml.merges")? } else { vec![] };
+        let merges = if self.meta("tokenizer.ggml.merges").is_some() {
+            strings("tokenizer.ggml.merges")?
+        } else {
+            vec![]
+        };
         let types = match self.meta("tokenizer.ggml.token_type") {
             None => vec![],
             Some(_) => arr("tokenizer.ggml.token_type")?
                 .iter()
                 .enumerate()
-                .map(|(i, v)| as_i64(v).with_context(|| format!("{p}: element {i} of `tokenizer.ggml.token_type` is not an integer")))
+                .map(|(i, v)| {
+                    as_i64(v)
+                        .with_context(|| format!("{p}: element {i} of `tokenizer.ggml.token_type` is not an integer"))
+                })
                 .collect::<Result<_>>()?,
         };
         Ok(GgufVocab {
@@ -272,7 +310,8 @@ impl GgufSource {
 
 impl WeightSource for GgufSource {
     fn get(&self, name: &str) -> Result<Tensor> {
-        let g = hf_to_gguf(name).with_context(|| format!("{}: no GGUF tensor corresponds to `{name}`", self.path.display()))?;
+        let g = hf_to_gguf(name)
+            .with_context(|| format!("{}: no GGUF tensor corresponds to `{name}`", self.path.display()))?;
         if !self.content.tensor_infos.contains_key(&g) {
             bail!("{}: missing tensor `{g}` (for `{name}`)", self.path.display());
         }
@@ -313,18 +352,34 @@ pub fn open_gguf(path: &Path) -> Result<ModelSource> {
         Some(Value::String(s)) => bail!("{}: architecture `{s}` is not supported (llama, qwen2)", path.display()),
         _ => bail!("{}: missing metadata `general.architecture`", path.display()),
     };
-    let mut src = GgufSource { path: path.to_path_buf(), content, arch, heads: 0, kv_heads: 0 };
+    let mut src = GgufSource {
+        path: path.to_path_buf(),
+        content,
+        arch,
+        heads: 0,
+        kv_heads: 0,
+    };
     let config = src.config()?;
     src.heads = config.num_heads;
     src.kv_heads = config.num_kv_heads;
     let vocab = src.vocab()?;
     if vocab.tokens.len() != config.vocab_size {
-        bail!("{}: {} tokenizer tokens but the embedding has {} rows", path.display(), vocab.tokens.len(), config.vocab_size);
+        bail!(
+            "{}: {} tokenizer tokens but the embedding has {} rows",
+            path.display(),
+            vocab.tokens.len(),
+            config.vocab_size
+        );
     }
     let json = tokenizer_json_from_gguf(&vocab, &path.display().to_string())?;
     let template = src.meta_str("tokenizer.chat_template").map(String::from);
     let tokenizer = Tok::from_json(json, config.eos_token_id, config.bos_token_id, template)?;
-    Ok(ModelSource { path: path.to_path_buf(), config, weights: Box::new(src), tokenizer })
+    Ok(ModelSource {
+        path: path.to_path_buf(),
+        config,
+        weights: Box::new(src),
+        tokenizer,
+    })
 }
 
 /// Writes a GGUF file for `cfg` from Hugging Face-named f32 tensors (Llama Q/K permuted as
@@ -341,18 +396,39 @@ pub fn write_gguf(
         ("general.architecture".into(), Value::String(a.into())),
         (format!("{a}.block_count"), Value::U32(cfg.num_layers as u32)),
         (format!("{a}.embedding_length"), Value::U32(cfg.hidden_size as u32)),
-        (format!("{a}.feed_forward_length"), Value::U32(cfg.intermediate_size as u32)),
+        (
+            format!("{a}.feed_forward_length"),
+            Value::U32(cfg.intermediate_size as u32),
+        ),
         (format!("{a}.attention.head_count"), Value::U32(cfg.num_heads as u32)),
-        (format!("{a}.attention.head_count_kv"), Value::U32(cfg.num_kv_heads as u32)),
+        (
+            format!("{a}.attention.head_count_kv"),
+            Value::U32(cfg.num_kv_heads as u32),
+        ),
         (format!("{a}.attention.key_length"), Value::U32(cfg.head_dim as u32)),
         (format!("{a}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
-        (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
-        (format!("{a}.context_length"), Value::U32(cfg.max_position_embeddings as u32)),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        (
+            format!("{a}.context_length"),
+            Value::U32(cfg.max_position_embeddings as u32),
+        ),
         ("tokenizer.ggml.model".into(), Value::String(vocab.model.clone())),
         ("tokenizer.ggml.pre".into(), Value::String(vocab.pre.clone())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(vocab.tokens.iter().map(|t| Value::String(t.clone())).collect())),
-        ("tokenizer.ggml.token_type".into(), Value::Array(vocab.types.iter().map(|&t| Value::I32(t as i32)).collect())),
-        ("tokenizer.ggml.merges".into(), Value::Array(vocab.merges.iter().map(|t| Value::String(t.clone())).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(vocab.tokens.iter().map(|t| Value::String(t.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(vocab.types.iter().map(|&t| Value::I32(t as i32)).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(vocab.merges.iter().map(|t| Value::String(t.clone())).collect()),
+        ),
     ];
     if let Some(e) = cfg.eos_token_id {
         meta.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
@@ -369,7 +445,11 @@ pub fn write_gguf(
         } else if cfg.arch == Arch::Llama && g.contains(".attn_k.") {
             t = permute_rows(&t, cfg.num_kv_heads, true)?;
         }
-        let ty = if t.rank() == 1 { candle_core::quantized::GgmlDType::F32 } else { dtype };
+        let ty = if t.rank() == 1 {
+            candle_core::quantized::GgmlDType::F32
+        } else {
+            dtype
+        };
         qts.push((g, QTensor::quantize(&t, ty)?));
     }
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -389,7 +469,12 @@ mod tests {
         let p = permute_rows(&w, 3, true)?;
         assert_ne!(p.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
         assert_eq!(permute_rows(&p, 3, false)?.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
-        for n in ["model.layers.3.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "lm_head.weight", "model.layers.2.self_attn.k_proj.bias"] {
+        for n in [
+            "model.layers.3.self_attn.q_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
+            "lm_head.weight",
+            "model.layers.2.self_attn.k_proj.bias",
+        ] {
             assert_eq!(gguf_to_hf(&hf_to_gguf(n).unwrap()).unwrap(), n);
         }
         Ok(())

@@ -34,7 +34,10 @@ fn st_dtype(d: safetensors::Dtype) -> Option<DType> {
 impl SafetensorsSource {
     /// Maps `files` and indexes their tensors; malformed headers are reported with the file name.
     pub fn open(files: &[PathBuf]) -> Result<Self> {
-        let mut out = Self { files: Vec::new(), index: HashMap::new() };
+        let mut out = Self {
+            files: Vec::new(),
+            index: HashMap::new(),
+        };
         for f in files {
             let file = std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
             // SAFETY: the file is opened read-only; strata never writes to a file it has mapped.
@@ -52,12 +55,22 @@ impl SafetensorsSource {
 
     /// Reads tensor `name` without conversion.
     pub fn raw(&self, name: &str) -> Result<Tensor> {
-        let &id = self.index.get(name).with_context(|| format!("{}: no tensor named `{name}`", self.describe()))?;
+        let &id = self
+            .index
+            .get(name)
+            .with_context(|| format!("{}: no tensor named `{name}`", self.describe()))?;
         let (path, mmap) = &self.files[id];
         let st = SafeTensors::deserialize(mmap).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let view = st.tensor(name).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let dtype = st_dtype(view.dtype())
-            .with_context(|| format!("{}: tensor `{name}` has unsupported dtype {:?}", path.display(), view.dtype()))?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let dtype = st_dtype(view.dtype()).with_context(|| {
+            format!(
+                "{}: tensor `{name}` has unsupported dtype {:?}",
+                path.display(),
+                view.dtype()
+            )
+        })?;
         Ok(Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?)
     }
 }
@@ -82,7 +95,11 @@ impl WeightSource for SafetensorsSource {
     fn describe(&self) -> String {
         match self.files.as_slice() {
             [(p, _)] => p.display().to_string(),
-            fs => format!("{} safetensors shards in {}", fs.len(), fs[0].0.parent().unwrap_or(Path::new(".")).display()),
+            fs => format!(
+                "{} safetensors shards in {}",
+                fs.len(),
+                fs[0].0.parent().unwrap_or(Path::new(".")).display()
+            ),
         }
     }
 }
@@ -96,7 +113,8 @@ pub fn open_dir(dir: &Path) -> Result<ModelSource> {
         vec![single]
     } else if index.exists() {
         let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -111,11 +129,19 @@ pub fn open_dir(dir: &Path) -> Result<ModelSource> {
         }
         shards.into_iter().map(|s| dir.join(s)).collect()
     } else {
-        bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
+        bail!(
+            "{}: no model.safetensors or model.safetensors.index.json",
+            dir.display()
+        );
     };
     let weights = SafetensorsSource::open(&files)?;
     let tokenizer = Tok::from_file(&dir.join("tokenizer.json"), &dir.join("tokenizer_config.json"))?;
-    Ok(ModelSource { path: dir.to_path_buf(), config, weights: Box::new(weights), tokenizer })
+    Ok(ModelSource {
+        path: dir.to_path_buf(),
+        config,
+        weights: Box::new(weights),
+        tokenizer,
+    })
 }
 
 /// Writes tensors to `path` atomically (temporary file, then rename) with `{"format": "pt"}`.
@@ -124,9 +150,24 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
     for (name, t) in tensors {
         let t = t.to_device(&Device::Cpu)?.contiguous()?;
         let bytes: Vec<u8> = match t.dtype() {
-            DType::F32 => t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            DType::BF16 => t.flatten_all()?.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            DType::F16 => t.flatten_all()?.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            DType::F32 => t
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            DType::BF16 => t
+                .flatten_all()?
+                .to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            DType::F16 => t
+                .flatten_all()?
+                .to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
             DType::U8 => t.flatten_all()?.to_vec1::<u8>()?,
             d => bail!("cannot save tensor `{name}` of dtype {d:?}"),
         };

@@ -41,6 +41,9 @@ pub fn open(path: &Path) -> Result<ModelSource> {
     } else if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
         super::gguf::open_gguf(path)
     } else {
-        bail!("{}: expected a .gguf file or a Hugging Face model directory (config.json + safetensors)", path.display())
+        bail!(
+            "{}: expected a .gguf file or a Hugging Face model directory (config.json + safetensors)",
+            path.display()
+        )
     }
 }

@@ -29,19 +29,34 @@ impl Tok {
     /// Parses a `tokenizer.json` document.
     pub fn from_json(json: String, eos: Option<u32>, bos: Option<u32>, chat_template: Option<String>) -> Result<Self> {
         let inner = Tokenizer::from_str(&json).map_err(|e| anyhow::anyhow!("invalid tokenizer.json: {e}"))?;
-        Ok(Self { inner, eos, bos, chat_template, json })
+        Ok(Self {
+            inner,
+            eos,
+            bos,
+            chat_template,
+            json,
+        })
     }
 
     /// Reads `tokenizer.json` and, when present, `tokenizer_config.json` (special tokens, chat template).
     pub fn from_file(path: &Path, config: &Path) -> Result<Self> {
-        let json = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {} (a Hugging Face model directory needs its tokenizer.json)", path.display()))?;
+        let json = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read {} (a Hugging Face model directory needs its tokenizer.json)",
+                path.display()
+            )
+        })?;
         let cfg: Value = match std::fs::read_to_string(config) {
             Ok(t) => serde_json::from_str(&t).with_context(|| format!("{} is not valid JSON", config.display()))?,
             Err(_) => Value::Null,
         };
-        let mut tok = Self::from_json(json, None, None, cfg.get("chat_template").and_then(|v| v.as_str()).map(String::from))
-            .with_context(|| path.display().to_string())?;
+        let mut tok = Self::from_json(
+            json,
+            None,
+            None,
+            cfg.get("chat_template").and_then(|v| v.as_str()).map(String::from),
+        )
+        .with_context(|| path.display().to_string())?;
         let special = |k: &str| -> Option<u32> {
             let v = cfg.get(k)?;
             let s = v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str()))?;
@@ -54,12 +69,19 @@ impl Tok {
 
     /// Token ids of `text` (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.inner.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?
+            .get_ids()
+            .to_vec())
     }
 
     /// Text of `ids`, keeping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
     }
 
     /// Vocabulary size including added tokens.
@@ -69,7 +91,8 @@ impl Tok {
 }
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn byte_level(use_regex: bool) -> Value {
     json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
@@ -123,8 +146,10 @@ pub fn tokenizer_json_from_gguf(v: &GgufVocab, source: &str) -> Result<String> {
         }
         let ty = v.types.get(id).copied().unwrap_or(1);
         if ty == 3 || ty == 4 {
-            added.push(json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                "normalized": false, "special": ty == 3}));
+            added.push(
+                json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": false, "special": ty == 3}),
+            );
         }
     }
     for m in &v.merges {
@@ -155,18 +180,31 @@ pub fn tokenizer_json_from_gguf(v: &GgufVocab, source: &str) -> Result<String> {
 /// A tiny byte-level BPE vocabulary (all 256 byte symbols plus a few merges) for tests.
 pub fn tiny_vocab() -> GgufVocab {
     let bl: Vec<String> = byte_level_alphabet();
-    let mut tokens = vec!["<|endoftext|>".to_string(), "<|im_start|>".to_string(), "<|im_end|>".to_string()];
+    let mut tokens = vec![
+        "<|endoftext|>".to_string(),
+        "<|im_start|>".to_string(),
+        "<|im_end|>".to_string(),
+    ];
     tokens.extend(bl.iter().cloned());
     let merges = vec!["t h".to_string(), "th e".to_string(), "Ġ the".to_string()];
     tokens.extend(["th", "the", "Ġthe"].iter().map(|s| s.to_string()));
     let mut types = vec![3, 3, 3];
     types.extend(std::iter::repeat_n(1, tokens.len() - 3));
-    GgufVocab { model: "gpt2".into(), pre: "smollm".into(), tokens, types, merges }
+    GgufVocab {
+        model: "gpt2".into(),
+        pre: "smollm".into(),
+        tokens,
+        types,
+        merges,
+    }
 }
 
 /// GPT-2's byte-to-unicode map, in byte order.
 pub fn byte_level_alphabet() -> Vec<String> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -178,7 +216,10 @@ pub fn byte_level_alphabet() -> Vec<String> {
     }
     let mut pairs: Vec<(u32, u32)> = bs.into_iter().zip(cs).collect();
     pairs.sort();
-    pairs.into_iter().map(|(_, c)| char::from_u32(c).expect("valid char").to_string()).collect()
+    pairs
+        .into_iter()
+        .map(|(_, c)| char::from_u32(c).expect("valid char").to_string())
+        .collect()
 }
 
 #[cfg(test)]
@@ -201,12 +242,21 @@ mod tests {
     fn unsupported_or_broken_vocab_is_explained() {
         let mut v = tiny_vocab();
         v.pre = "falcon".into();
-        assert!(tokenizer_json_from_gguf(&v, "f.gguf").unwrap_err().to_string().contains("pre-tokenizer `falcon`"));
+        assert!(tokenizer_json_from_gguf(&v, "f.gguf")
+            .unwrap_err()
+            .to_string()
+            .contains("pre-tokenizer `falcon`"));
         let mut v = tiny_vocab();
         v.merges.push("zz qq".into());
-        assert!(tokenizer_json_from_gguf(&v, "f.gguf").unwrap_err().to_string().contains("missing from the vocabulary"));
+        assert!(tokenizer_json_from_gguf(&v, "f.gguf")
+            .unwrap_err()
+            .to_string()
+            .contains("missing from the vocabulary"));
         let mut v = tiny_vocab();
         v.model = "llama".into();
-        assert!(tokenizer_json_from_gguf(&v, "f.gguf").unwrap_err().to_string().contains("not supported"));
+        assert!(tokenizer_json_from_gguf(&v, "f.gguf")
+            .unwrap_err()
+            .to_string()
+            .contains("not supported"));
     }
 }

@@ -16,7 +16,9 @@ pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, kv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?.broadcast_as((b, kv, rep, t, d))?.reshape((b, kv * rep, t, d))
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, rep, t, d))?
+        .reshape((b, kv * rep, t, d))
 }
 
 /// `softmax(q k^T / sqrt(d) + causal) v` for `q [b, h, tq, d]`, `k, v [b, h, tk, d]`, where the
@@ -59,7 +61,10 @@ mod tests {
         let y = causal_attention(&q, &k, &v)?;
         let v2 = Tensor::cat(&[&v.narrow(2, 0, 3)?, &(v.narrow(2, 3, 1)? + 5.0)?], 2)?;
         let y2 = causal_attention(&q, &k, &v2)?;
-        let d = (y.narrow(2, 0, 3)? - y2.narrow(2, 0, 3)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        let d = (y.narrow(2, 0, 3)? - y2.narrow(2, 0, 3)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
         assert!(d < 1e-12);
         // One query against a cache equals the last row of the full computation.
         let y_last = causal_attention(&q.narrow(2, 3, 1)?, &k, &v)?;

@@ -12,19 +12,15 @@ struct FrozenMatmul {
 }
 
 impl FrozenMatmul {
-    fn fwd<S: BackendStorage>(
-        &self,
-        x: &S,
-        xl: &Layout,
-        pick: impl Fn(&Storage) -> Option<&S>,
-    ) -> Result<(S, Shape)> {
+    fn fwd<S: BackendStorage>(&self, x: &S, xl: &Layout, pick: impl Fn(&Storage) -> Option<&S>) -> Result<(S, Shape)> {
         let (m, k) = xl.shape().dims2()?;
         let (n, k2) = self.w.dims2()?;
         if k != k2 {
             candle_core::bail!("frozen linear: input has {k} features, weight expects {k2}");
         }
         let (ws, wl) = self.w.storage_and_layout();
-        let ws = pick(&ws).ok_or_else(|| candle_core::Error::Msg("frozen linear: weight and input on different devices".into()))?;
+        let ws = pick(&ws)
+            .ok_or_else(|| candle_core::Error::Msg("frozen linear: weight and input on different devices".into()))?;
         let wt = wl.transpose(0, 1)?;
         let y = x.matmul(ws, (1, m, n, k), xl, &wt)?;
         Ok((y, Shape::from((m, n))))

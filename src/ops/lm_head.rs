@@ -43,7 +43,12 @@ pub struct HeadOptions {
 
 impl Default for HeadOptions {
     fn default() -> Self {
-        Self { chunk: 256, grad_scale: None, want_dw: false, per_token: false }
+        Self {
+            chunk: 256,
+            grad_scale: None,
+            want_dw: false,
+            per_token: false,
+        }
     }
 }
 
@@ -66,7 +71,11 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
     let (h, w) = (&h.detach(), &w.detach());
     let dev = h.device();
     // f64 inputs (gradient tests) stay in f64; everything else computes the softmax in f32.
-    let cdt = if h.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let cdt = if h.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let chunk = opt.chunk.max(1);
     let mut out = HeadOutput {
         nll_sum: 0.0,
@@ -99,7 +108,11 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
         let s = e.sum_keepdim(D::Minus1)?;
         let idx_t = Tensor::from_vec(idx.clone(), (c, 1), dev)?;
         let tgt = logits.gather(&idx_t, 1)?;
-        let nll = (s.log()? + m)?.sub(&tgt)?.squeeze(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let nll = (s.log()? + m)?
+            .sub(&tgt)?
+            .squeeze(1)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
         let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         for i in 0..c {
             if mask[i] > 0.0 {
@@ -112,8 +125,10 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
             }
         }
         if let Some(scale) = opt.grad_scale {
-            let rows = Tensor::from_vec(mask.iter().map(|m| m * scale as f32).collect::<Vec<_>>(), (c, 1), dev)?.to_dtype(cdt)?;
-            let onehot = Tensor::zeros((c, vocab), cdt, dev)?.scatter_add(&idx_t, &Tensor::ones((c, 1), cdt, dev)?, 1)?;
+            let rows = Tensor::from_vec(mask.iter().map(|m| m * scale as f32).collect::<Vec<_>>(), (c, 1), dev)?
+                .to_dtype(cdt)?;
+            let onehot =
+                Tensor::zeros((c, vocab), cdt, dev)?.scatter_add(&idx_t, &Tensor::ones((c, 1), cdt, dev)?, 1)?;
             let g = e.broadcast_div(&s)?.sub(&onehot)?.broadcast_mul(&rows)?;
             let gw = g.to_dtype(w.dtype())?;
             dh_parts.push(gw.matmul(w)?.to_dtype(h.dtype())?);
@@ -163,16 +178,27 @@ mod tests {
             h.as_tensor(),
             w.as_tensor(),
             &targets,
-            HeadOptions { chunk: 3, grad_scale: Some(0.5), want_dw: true, per_token: true },
+            HeadOptions {
+                chunk: 3,
+                grad_scale: Some(0.5),
+                want_dw: true,
+                per_token: true,
+            },
         )?;
         assert_eq!(out.count, 5);
         assert!((out.nll_sum - loss.to_scalar::<f64>()?).abs() < 1e-9);
         let pt = out.per_token.unwrap();
         assert_eq!(pt[1], 0.0);
         assert!((pt.iter().map(|&x| x as f64).sum::<f64>() - out.nll_sum).abs() < 1e-4);
-        let d = (out.dh.unwrap() - grads.get(h.as_tensor()).unwrap())?.abs()?.max_all()?.to_scalar::<f64>()?;
+        let d = (out.dh.unwrap() - grads.get(h.as_tensor()).unwrap())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
         assert!(d < 1e-9, "dh differs by {d}");
-        let d = (out.dw.unwrap() - grads.get(w.as_tensor()).unwrap())?.abs()?.max_all()?.to_scalar::<f64>()?;
+        let d = (out.dw.unwrap() - grads.get(w.as_tensor()).unwrap())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
         assert!(d < 1e-9, "dw differs by {d}");
         Ok(())
     }

@@ -25,7 +25,14 @@ pub struct AdamW {
 impl AdamW {
     /// A fresh optimizer.
     pub fn new(weight_decay: f64) -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, t: 0, moments: HashMap::new() }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            t: 0,
+            moments: HashMap::new(),
+        }
     }
 
     /// One update of every parameter in `params` that has a gradient, at learning rate `lr`.

@@ -104,9 +104,9 @@ fn default_seq() -> usize {
     256
 }
 
-/// `[train]`.
+/// `[train]`; every field has a default.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TrainSection {
     /// `lora` or `full`.
     pub mode: String,
@@ -168,7 +168,9 @@ impl Default for TrainSection {
 /// Applies `key=value` overrides (dotted keys, TOML values; bare words are strings).
 pub fn apply_sets(doc: &mut toml::Table, sets: &[String]) -> Result<()> {
     for s in sets {
-        let (key, val) = s.split_once('=').with_context(|| format!("--set `{s}`: expected key=value"))?;
+        let (key, val) = s
+            .split_once('=')
+            .with_context(|| format!("--set `{s}`: expected key=value"))?;
         let parsed: toml::Value = match format!("v = {val}").parse::<toml::Table>() {
             Ok(mut t) => t.remove("v").expect("just parsed"),
             Err(_) => toml::Value::String(val.to_string()),
@@ -193,7 +195,9 @@ impl Recipe {
     pub fn parse(text: &str, origin: &str, sets: &[String]) -> Result<Self> {
         let mut doc: toml::Table = text.parse().with_context(|| format!("{origin}: not valid TOML"))?;
         apply_sets(&mut doc, sets)?;
-        let r: Recipe = toml::Value::Table(doc).try_into().with_context(|| format!("{origin}: invalid recipe"))?;
+        let r: Recipe = toml::Value::Table(doc)
+            .try_into()
+            .with_context(|| format!("{origin}: invalid recipe"))?;
         r.check().with_context(|| format!("{origin}: invalid recipe"))?;
         Ok(r)
     }
@@ -233,7 +237,8 @@ impl Recipe {
     pub fn plan(&self, num_layers: usize) -> Result<Option<LoraPlan>> {
         let Some(l) = &self.lora else { return Ok(None) };
         let targets: Vec<&str> = l.targets.iter().map(|s| s.as_str()).collect();
-        let mut plan = LoraPlan::uniform(l.r, l.alpha.unwrap_or(2.0 * l.r as f64), &targets).with_rules(&l.layers, num_layers)?;
+        let mut plan =
+            LoraPlan::uniform(l.r, l.alpha.unwrap_or(2.0 * l.r as f64), &targets).with_rules(&l.layers, num_layers)?;
         plan.use_rslora = l.rslora;
         plan.dropout = l.dropout;
         Ok(Some(plan))
@@ -244,7 +249,8 @@ impl Recipe {
 mod tests {
     use super::*;
 
-    const BASE: &str = "[model]\npath = \"m.gguf\"\n[lora]\nr = 8\n[data]\ntrain = [\"d.txt\"]\n[train]\nmode = \"lora\"\n";
+    const BASE: &str =
+        "[model]\npath = \"m.gguf\"\n[lora]\nr = 8\n[data]\ntrain = [\"d.txt\"]\n[train]\nmode = \"lora\"\n";
 
     #[test]
     fn unknown_keys_and_bad_values_are_rejected() {
@@ -258,7 +264,11 @@ mod tests {
 
     #[test]
     fn sets_override_and_plans_resolve() -> Result<()> {
-        let r = Recipe::parse(BASE, "r.toml", &["train.lr=1e-3".into(), "train.out=runs/x".into(), "lora.alpha=4".into()])?;
+        let r = Recipe::parse(
+            BASE,
+            "r.toml",
+            &["train.lr=1e-3".into(), "train.out=runs/x".into(), "lora.alpha=4".into()],
+        )?;
         assert_eq!(r.train.lr, 1e-3);
         assert_eq!(r.train.out, PathBuf::from("runs/x"));
         let plan = r.plan(4)?.unwrap();

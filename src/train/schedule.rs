@@ -63,16 +63,28 @@ mod tests {
 
     #[test]
     fn warmup_then_decay_to_floor() {
-        let s = Schedule { peak: 1e-3, warmup: 10, total: 110, decay: Decay::Cosine, floor: 0.1 };
+        let s = Schedule {
+            peak: 1e-3,
+            warmup: 10,
+            total: 110,
+            decay: Decay::Cosine,
+            floor: 0.1,
+        };
         assert!((s.lr(0) - 1e-4).abs() < 1e-12);
         assert!((s.lr(9) - 1e-3).abs() < 1e-12);
         assert!((s.lr(60) - 0.55e-3).abs() < 1e-9);
         assert!((s.lr(110) - 1e-4).abs() < 1e-12);
         // Unlike a per-step 0.9 decay, the rate is still alive half way.
         assert!(s.lr(50) > 0.5e-3);
-        let l = Schedule { decay: Decay::Linear, ..s };
+        let l = Schedule {
+            decay: Decay::Linear,
+            ..s
+        };
         assert!((l.lr(60) - 0.55e-3).abs() < 1e-9);
-        let c = Schedule { decay: Decay::Constant, ..s };
+        let c = Schedule {
+            decay: Decay::Constant,
+            ..s
+        };
         assert_eq!(c.lr(100), 1e-3);
     }
 }

@@ -90,14 +90,25 @@ fn collect(grads: &candle_core::backprop::GradStore, vars: &[(String, Var)], acc
 }
 
 /// Runs one micro-batch and adds the gradient of `grad_scale * sum(token NLL)` to `acc`.
-pub fn forward_backward(model: &Model, batch: &Batch, grad_scale: f64, recompute: bool, fwd: Fwd, acc: &mut GradAcc) -> Result<StepStats> {
+pub fn forward_backward(
+    model: &Model,
+    batch: &Batch,
+    grad_scale: f64,
+    recompute: bool,
+    fwd: Fwd,
+    acc: &mut GradAcc,
+) -> Result<StepStats> {
     let (b, t) = batch.ids.dims2()?;
     let vars = model.trainable();
     let head_var = match model.head.as_ref().unwrap_or(&model.embed) {
         Param::Train(v) => Some(v.clone()),
         Param::Frozen(_) => None,
     };
-    let opts = HeadOptions { grad_scale: Some(grad_scale), want_dw: head_var.is_some(), ..Default::default() };
+    let opts = HeadOptions {
+        grad_scale: Some(grad_scale),
+        want_dw: head_var.is_some(),
+        ..Default::default()
+    };
     let x0 = model.embed(&batch.ids)?;
     let n_layers = model.blocks.len();
 
@@ -109,13 +120,22 @@ pub fn forward_backward(model: &Model, batch: &Batch, grad_scale: f64, recompute
         if let (Some(v), Some(dw)) = (&head_var, &out.dw) {
             acc.add(v, dw)?;
         }
-        Ok((StepStats { nll_sum: out.nll_sum, count: out.count, correct: out.correct }, grads))
+        Ok((
+            StepStats {
+                nll_sum: out.nll_sum,
+                count: out.count,
+                correct: out.correct,
+            },
+            grads,
+        ))
     };
 
     if !recompute {
         let mut x = x0;
         for i in 0..n_layers {
-            x = model.block_forward(i, &x, b, t, fwd, None).with_context(|| format!("block {i}"))?;
+            x = model
+                .block_forward(i, &x, b, t, fwd, None)
+                .with_context(|| format!("block {i}"))?;
         }
         let (stats, grads) = top(&x, acc)?;
         collect(&grads, &vars, acc)?;
@@ -125,20 +145,28 @@ pub fn forward_backward(model: &Model, batch: &Batch, grad_scale: f64, recompute
     let mut inputs = Vec::with_capacity(n_layers + 1);
     inputs.push(x0.detach());
     for i in 0..n_layers {
-        let y = model.block_forward(i, &inputs[i], b, t, fwd, None).with_context(|| format!("block {i}"))?;
+        let y = model
+            .block_forward(i, &inputs[i], b, t, fwd, None)
+            .with_context(|| format!("block {i}"))?;
         inputs.push(y.detach());
     }
     let x_top = Var::from_tensor(&inputs[n_layers])?;
     let (stats, grads) = top(x_top.as_tensor(), acc)?;
     collect(&grads, &vars, acc)?;
-    let mut g = grads.get(x_top.as_tensor()).context("no gradient reached the last block")?.clone();
+    let mut g = grads
+        .get(x_top.as_tensor())
+        .context("no gradient reached the last block")?
+        .clone();
     drop(grads);
     for i in (0..n_layers).rev() {
         let xin = Var::from_tensor(&inputs[i])?;
         let y = model.block_forward(i, xin.as_tensor(), b, t, fwd, None)?;
         let grads = y.mul(&g)?.sum_all()?.backward()?;
         collect(&grads, &vars, acc)?;
-        g = grads.get(xin.as_tensor()).context("no gradient reached a block input")?.clone();
+        g = grads
+            .get(xin.as_tensor())
+            .context("no gradient reached a block input")?
+            .clone();
         inputs.truncate(i + 1);
     }
     if let Param::Train(e) = &model.embed {

