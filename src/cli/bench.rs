@@ -89,8 +89,10 @@ fn naive_step(model: &Model, batch: &Batch) -> Result<f64> {
 
 /// Runs `strata bench`.
 pub fn run(a: Args) -> Result<()> {
-    if a.what != "train" {
-        bail!("unknown benchmark `{}`; available: train", a.what);
+    match a.what.as_str() {
+        "train" => {}
+        "gemm" => return bench_gemm(a.rounds),
+        o => bail!("unknown benchmark `{o}`; available: train, gemm"),
     }
     let cfg = match a.shape.as_str() {
         "smollm2" => smollm2_shape(),
@@ -175,5 +177,54 @@ pub fn run(a: Args) -> Result<()> {
         "(RSS before the steps: {}; peaks are per variant, reset between them)",
         human_bytes(base_rss)
     );
+    Ok(())
+}
+
+/// GFLOP/s of the frozen-linear products on SmolLM2's shapes (1,024 tokens): strata's bf16
+/// kernel (activation conversion and weight packing included) against candle's f32 and bf16
+/// matmuls, interleaved.
+fn bench_gemm(rounds: usize) -> Result<()> {
+    use crate::ops::bf16_gemm::{available, gemm, pack_a, PackedB};
+    use candle_core::DType;
+    if !available() {
+        bail!("this CPU has no AVX512-BF16; the bf16 kernel cannot run here");
+    }
+    let m = 1024;
+    println!(
+        "{:<22} {:>14} {:>14} {:>14} {:>10}",
+        "shape (m x k x n)", "strata bf16", "candle f32", "candle bf16", "ratio"
+    );
+    for (k, n) in [(576, 576), (576, 1536), (1536, 576), (576, 49_152)] {
+        let x = Tensor::randn(0f32, 1., (m, k), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 1., (n, k), &Device::Cpu)?;
+        let wb = w.to_dtype(DType::BF16)?;
+        let wv: Vec<half::bf16> = wb.flatten_all()?.to_vec1()?;
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let xb = x.to_dtype(DType::BF16)?;
+        let flops = 2.0 * (m * k * n) as f64;
+        let (mut t1, mut t2, mut t3) = (f64::MAX, f64::MAX, f64::MAX);
+        let mut c = vec![0f32; m * n];
+        for _ in 0..rounds.max(1) {
+            let t0 = Instant::now();
+            let b = PackedB::from_transposed(&wv, n, k);
+            gemm(&pack_a(&xv, m, k), m, &b, &mut c);
+            t1 = t1.min(t0.elapsed().as_secs_f64());
+            let t0 = Instant::now();
+            x.matmul(&w.t()?)?;
+            t2 = t2.min(t0.elapsed().as_secs_f64());
+            let t0 = Instant::now();
+            xb.matmul(&wb.t()?)?;
+            t3 = t3.min(t0.elapsed().as_secs_f64());
+        }
+        println!(
+            "{:<22} {:>9.0} GF/s {:>9.0} GF/s {:>9.0} GF/s {:>9.2}x",
+            format!("{m} x {k} x {n}"),
+            flops / t1 / 1e9,
+            flops / t2 / 1e9,
+            flops / t3 / 1e9,
+            t2 / t1
+        );
+    }
+    println!("(best of {rounds}; ratio = strata bf16 over candle f32)");
     Ok(())
 }

@@ -11,7 +11,7 @@ use crate::adapter::{Lora, LoraPlan};
 use crate::ops::attention::{causal_attention, repeat_kv};
 use crate::ops::norm::rms_norm;
 use crate::ops::rope::Rope;
-use crate::ops::{frozen_matmul, lm_head};
+use crate::ops::{frozen_linear, lm_head};
 use crate::rng::{mix, Rng};
 
 /// A weight that is either frozen (a constant) or trained (a `Var`).
@@ -69,6 +69,8 @@ pub struct Linear {
     pub b: Option<Param>,
     /// The adapter, when the plan targets this module.
     pub lora: Option<Lora>,
+    /// `w` packed for the bf16 kernel (frozen bf16 weights on AVX512-BF16 CPUs).
+    pub pack: Option<std::sync::Arc<crate::ops::bf16_gemm::LinearPack>>,
 }
 
 /// Per-forward switches.
@@ -103,7 +105,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, fwd: Fwd, site: u64) -> Result<Tensor> {
         let mut y = match &self.w {
             Param::Frozen(w) if fwd.naive => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)?,
-            Param::Frozen(w) => frozen_matmul(&x.to_dtype(w.dtype())?, w)?.to_dtype(DType::F32)?,
+            Param::Frozen(w) => frozen_linear(x, w, self.pack.as_ref())?,
             Param::Train(w) => x.matmul(&w.as_tensor().t()?)?,
         };
         if let Some(b) = &self.b {
@@ -162,6 +164,8 @@ pub struct Model {
     /// Untied LM head `[vocab, hidden]`; `None` when tied to the embedding.
     pub head: Option<Param>,
     rope: Rope,
+    /// The frozen head packed for the bf16 kernel (bf16 bases on AVX512-BF16 CPUs).
+    pub head_pack: Option<std::sync::Arc<lm_head::HeadPack>>,
     /// Device of every tensor.
     pub device: Device,
 }
@@ -212,7 +216,11 @@ impl Model {
                 } else {
                     None
                 };
-                proj.push(Linear { w, b, lora: None });
+                let pack = match &w {
+                    Param::Frozen(t) => crate::ops::frozen_linear::pack_weight(t)?,
+                    Param::Train(_) => None,
+                };
+                proj.push(Linear { w, b, lora: None, pack });
             }
             blocks.push(Block {
                 index: i,
@@ -242,15 +250,20 @@ impl Model {
             DType::F32,
             dev,
         )?;
-        Ok(Self {
+        let mut model = Self {
             cfg: cfg.clone(),
             embed,
             blocks,
             norm,
             head,
             rope,
+            head_pack: None,
             device: dev.clone(),
-        })
+        };
+        if base == BaseDtype::Bf16 && !full {
+            model.head_pack = lm_head::HeadPack::new(model.head_weight())?.map(std::sync::Arc::new);
+        }
+        Ok(model)
     }
 
     /// Attaches fresh adapters (PEFT init) to every module the plan targets.
@@ -406,6 +419,7 @@ impl Model {
             targets,
             lm_head::HeadOptions {
                 per_token: true,
+                pack: self.head_pack.as_deref(),
                 ..Default::default()
             },
         )?)

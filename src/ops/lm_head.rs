@@ -7,6 +7,9 @@
 //! head is trained). The caller feeds `dh` back into the graph below.
 
 use candle_core::{DType, Result, Tensor, D};
+use rayon::prelude::*;
+
+use super::bf16_gemm::{self, PackedB};
 
 /// Marks a target position that contributes no loss (prompt tokens, padding).
 pub const IGNORE: u32 = u32::MAX;
@@ -28,9 +31,36 @@ pub struct HeadOutput {
     pub dw: Option<Tensor>,
 }
 
+/// The head weight packed for the bf16 kernel, both ways (logits and input gradient), built once.
+#[derive(Debug)]
+pub struct HeadPack {
+    fwd: PackedB,
+    bwd: PackedB,
+}
+
+impl HeadPack {
+    /// Packs `w [vocab, hidden]` (rounded to bf16); `None` when the CPU lacks AVX512-BF16.
+    pub fn new(w: &Tensor) -> Result<Option<Self>> {
+        if !bf16_gemm::available() || !w.device().is_cpu() {
+            return Ok(None);
+        }
+        let (v, h) = w.dims2()?;
+        let wb: Vec<half::bf16> = w.to_dtype(DType::BF16)?.flatten_all()?.to_vec1()?;
+        Ok(Some(Self {
+            fwd: PackedB::from_transposed(&wb, v, h),
+            bwd: PackedB::from_rows(&wb, v, h),
+        }))
+    }
+
+    /// Bytes held by both packings.
+    pub fn bytes(&self) -> usize {
+        self.fwd.bytes() + self.bwd.bytes()
+    }
+}
+
 /// Options of [`lm_head_loss`].
 #[derive(Clone, Copy, Debug)]
-pub struct HeadOptions {
+pub struct HeadOptions<'a> {
     /// Rows of logits materialised at once.
     pub chunk: usize,
     /// Scale of the loss whose gradient is returned; `None` computes no gradient.
@@ -39,17 +69,81 @@ pub struct HeadOptions {
     pub want_dw: bool,
     /// Keep per-position NLLs.
     pub per_token: bool,
+    /// Run the head through the bf16 kernel with this packing (frozen heads only).
+    pub pack: Option<&'a HeadPack>,
 }
 
-impl Default for HeadOptions {
+impl Default for HeadOptions<'_> {
     fn default() -> Self {
         Self {
             chunk: 256,
             grad_scale: None,
             want_dw: false,
             per_token: false,
+            pack: None,
         }
     }
+}
+
+/// Softmax cross-entropy over rows of `logits [rows, v]` in place: returns each row's NLL and
+/// arg-max, and, when `scales` is given, leaves `scale_i * (softmax - onehot)` in the rows
+/// (zero for rows whose scale is 0).
+fn softmax_ce_rows(logits: &mut [f32], v: usize, targets: &[u32], scales: Option<&[f32]>) -> Vec<(f64, u32)> {
+    logits
+        .par_chunks_mut(v)
+        .enumerate()
+        .map(|(i, row)| {
+            let (mut mx, mut am) = (f32::NEG_INFINITY, 0u32);
+            for (j, &x) in row.iter().enumerate() {
+                if x > mx {
+                    mx = x;
+                    am = j as u32;
+                }
+            }
+            let t = targets[i] as usize;
+            let tl = row[t];
+            let mut sum = 0f64;
+            if let Some(sc) = scales {
+                for x in row.iter_mut() {
+                    let e = (*x - mx).exp();
+                    *x = e;
+                    sum += e as f64;
+                }
+                let k = (sc[i] as f64 / sum) as f32;
+                for x in row.iter_mut() {
+                    *x *= k;
+                }
+                row[t] -= sc[i];
+            } else {
+                sum = row.iter().map(|&x| (x - mx).exp() as f64).sum();
+            }
+            (sum.ln() + mx as f64 - tl as f64, am)
+        })
+        .collect()
+}
+
+/// One chunk through the bf16 kernel: NLLs, arg-maxes and (when asked) `dh [c, hidden]`.
+fn chunk_bf16(
+    hc: &Tensor,
+    pack: &HeadPack,
+    idx: &[u32],
+    scales: Option<&[f32]>,
+) -> Result<(Vec<(f64, u32)>, Option<Tensor>)> {
+    let (c, hidden) = hc.dims2()?;
+    let v = pack.fwd.n;
+    let x: Vec<f32> = hc.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut logits = vec![0f32; c * v];
+    bf16_gemm::gemm(&bf16_gemm::pack_a(&x, c, hidden), c, &pack.fwd, &mut logits);
+    let rows = softmax_ce_rows(&mut logits, v, idx, scales);
+    let dh = match scales {
+        Some(_) => {
+            let mut dh = vec![0f32; c * hidden];
+            bf16_gemm::gemm(&bf16_gemm::pack_a(&logits, c, v), c, &pack.bwd, &mut dh);
+            Some(Tensor::from_vec(dh, (c, hidden), hc.device())?)
+        }
+        None => None,
+    };
+    Ok((rows, dh))
 }
 
 /// Runs `h [n, hidden]` (detached) through the head `w [vocab, hidden]` against `targets` (length
@@ -102,6 +196,28 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
             continue;
         }
         let hc = h.narrow(0, start, c)?;
+        if let (Some(pack), false) = (opt.pack, opt.want_dw) {
+            if pack.fwd.n != vocab {
+                candle_core::bail!("lm head: packed head has {} rows, weight has {vocab}", pack.fwd.n);
+            }
+            let scales: Option<Vec<f32>> = opt.grad_scale.map(|s| mask.iter().map(|m| m * s as f32).collect());
+            let (rows, dh) = chunk_bf16(&hc, pack, &idx, scales.as_deref())?;
+            for (i, (nll, am)) in rows.into_iter().enumerate() {
+                if mask[i] > 0.0 {
+                    out.nll_sum += nll;
+                    out.count += 1;
+                    out.correct += (am == idx[i]) as usize;
+                }
+                if let Some(p) = out.per_token.as_mut() {
+                    p.push(nll as f32 * mask[i]);
+                }
+            }
+            if let Some(dh) = dh {
+                dh_parts.push(dh.to_dtype(h.dtype())?);
+            }
+            start += c;
+            continue;
+        }
         let logits = hc.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(cdt)?;
         let m = logits.max_keepdim(D::Minus1)?;
         let e = logits.broadcast_sub(&m)?.exp()?;
@@ -183,6 +299,7 @@ mod tests {
                 grad_scale: Some(0.5),
                 want_dw: true,
                 per_token: true,
+                pack: None,
             },
         )?;
         assert_eq!(out.count, 5);
@@ -200,6 +317,43 @@ mod tests {
             .max_all()?
             .to_scalar::<f64>()?;
         assert!(d < 1e-9, "dw differs by {d}");
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_kernel_head_matches_the_f32_head() -> Result<()> {
+        if !bf16_gemm::available() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let round = |t: Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        let h = round(Tensor::randn(0f32, 1., (9, 16), &dev)?)?;
+        let w = round(Tensor::randn(0f32, 1., (70, 16), &dev)?)?;
+        let targets = [3, IGNORE, 0, 69, 4, 5, 6, 7, 8];
+        let pack = HeadPack::new(&w)?.unwrap();
+        let base = HeadOptions {
+            chunk: 4,
+            grad_scale: Some(0.25),
+            per_token: true,
+            ..Default::default()
+        };
+        let a = lm_head_loss(&h, &w, &targets, base)?;
+        let b = lm_head_loss(
+            &h,
+            &w,
+            &targets,
+            HeadOptions {
+                pack: Some(&pack),
+                ..base
+            },
+        )?;
+        assert_eq!((a.count, a.correct), (b.count, b.correct));
+        assert!((a.nll_sum - b.nll_sum).abs() < 1e-3 * a.nll_sum.abs());
+        let (da, db) = (a.dh.unwrap(), b.dh.unwrap());
+        // The softmax gradient is rounded to bf16 before `dh = g W`: about 3 significant digits.
+        let scale = da.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = (da - db)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-2 * scale, "dh differs by {d} (scale {scale})");
         Ok(())
     }
 

@@ -6,9 +6,10 @@
 //! composition of candle primitives whose backward is correct.
 
 pub mod attention;
+pub mod bf16_gemm;
 pub mod frozen_linear;
 pub mod lm_head;
 pub mod norm;
 pub mod rope;
 
-pub use frozen_linear::frozen_matmul;
+pub use frozen_linear::{frozen_linear, frozen_matmul};

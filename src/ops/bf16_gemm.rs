@@ -1,0 +1,279 @@
+//! A bf16 GEMM for Zen 4 / Sapphire Rapids class CPUs: `C[m, n] = A[m, k] B[k, n]` with A and
+//! B in bfloat16 and f32 accumulation through `vdpbf16ps` (AVX512-BF16).
+//!
+//! candle computes bf16 matmuls by widening to f32 and its `gemm` crate runs AVX2 FMA kernels
+//! on stable Rust; `vdpbf16ps` does two multiply-adds per f32 lane, which is where PyTorch's
+//! (oneDNN's) CPU lead comes from (DESIGN pitfall 6). Layout: `vdpbf16ps` multiplies pairs of
+//! adjacent bf16 values, so both operands are stored as `u32` pairs along k (low half = even k).
+//! A is row-major pairs (an activation row converted to bf16 is exactly that); B is packed into
+//! panels of 48 columns, `panel[p][j] = (B[2p][j], B[2p+1][j])`. The micro-kernel holds an
+//! 8 x 48 f32 tile in 24 zmm registers.
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Columns per B panel (three zmm of 16 f32 lanes).
+pub const NR: usize = 48;
+/// Rows per micro-kernel tile.
+pub const MR: usize = 8;
+
+/// Whether this CPU runs the kernel (checked once).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            std::env::var("STRATA_NO_BF16_GEMM").is_err()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A bf16 weight `w [n, k]` packed both ways a linear layer needs: `W^T` for the forward and
+/// `W` for the input gradient. Built once when the model loads.
+#[derive(Debug)]
+pub struct LinearPack {
+    /// `B = W^T`.
+    pub fwd: PackedB,
+    /// `B = W`.
+    pub bwd: PackedB,
+}
+
+impl LinearPack {
+    /// Packs a row-major `w [n, k]`.
+    pub fn new(w: &[bf16], n: usize, k: usize) -> Self {
+        Self {
+            fwd: PackedB::from_transposed(w, n, k),
+            bwd: PackedB::from_rows(w, n, k),
+        }
+    }
+
+    /// Bytes held by both packings.
+    pub fn bytes(&self) -> usize {
+        self.fwd.bytes() + self.bwd.bytes()
+    }
+}
+
+/// B packed into 48-column panels of bf16 pairs along k.
+#[derive(Debug, Clone)]
+pub struct PackedB {
+    /// Columns of B.
+    pub n: usize,
+    /// Pairs along k (`ceil(k / 2)`).
+    pub kp: usize,
+    data: Vec<u32>,
+}
+
+fn pair(lo: bf16, hi: bf16) -> u32 {
+    lo.to_bits() as u32 | (hi.to_bits() as u32) << 16
+}
+
+impl PackedB {
+    fn alloc(n: usize, k: usize) -> Self {
+        let kp = k.div_ceil(2);
+        Self {
+            n,
+            kp,
+            data: vec![0; n.div_ceil(NR) * kp * NR],
+        }
+    }
+
+    /// `B = W^T` for a row-major `w [n, k]` (the forward of a linear layer, `x W^T`).
+    pub fn from_transposed(w: &[bf16], n: usize, k: usize) -> Self {
+        let mut out = Self::alloc(n, k);
+        let kp = out.kp;
+        out.data.par_chunks_mut(kp * NR).enumerate().for_each(|(pb, panel)| {
+            for jj in 0..NR.min(n - pb * NR) {
+                let row = &w[(pb * NR + jj) * k..(pb * NR + jj + 1) * k];
+                for p in 0..kp {
+                    let hi = if 2 * p + 1 < k { row[2 * p + 1] } else { bf16::ZERO };
+                    panel[p * NR + jj] = pair(row[2 * p], hi);
+                }
+            }
+        });
+        out
+    }
+
+    /// `B = W` for a row-major `w [k, n]` (the input gradient of a linear layer, `g W`).
+    pub fn from_rows(w: &[bf16], k: usize, n: usize) -> Self {
+        let mut out = Self::alloc(n, k);
+        let kp = out.kp;
+        out.data.par_chunks_mut(kp * NR).enumerate().for_each(|(pb, panel)| {
+            let j0 = pb * NR;
+            let cols = NR.min(n - j0);
+            for p in 0..kp {
+                let r0 = &w[2 * p * n + j0..2 * p * n + j0 + cols];
+                let dst = &mut panel[p * NR..p * NR + cols];
+                if 2 * p + 1 < k {
+                    let r1 = &w[(2 * p + 1) * n + j0..(2 * p + 1) * n + j0 + cols];
+                    for jj in 0..cols {
+                        dst[jj] = pair(r0[jj], r1[jj]);
+                    }
+                } else {
+                    for jj in 0..cols {
+                        dst[jj] = pair(r0[jj], bf16::ZERO);
+                    }
+                }
+            }
+        });
+        out
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+/// Converts f32 rows `[m, k]` to bf16 pair rows `[m, ceil(k/2)]` (round to nearest even).
+pub fn pack_a(x: &[f32], m: usize, k: usize) -> Vec<u32> {
+    let kp = k.div_ceil(2);
+    let mut out = vec![0u32; m * kp];
+    out.par_chunks_mut(kp).enumerate().for_each(|(i, dst)| {
+        let row = &x[i * k..(i + 1) * k];
+        for p in 0..kp {
+            let hi = if 2 * p + 1 < k {
+                bf16::from_f32(row[2 * p + 1])
+            } else {
+                bf16::ZERO
+            };
+            dst[p] = pair(bf16::from_f32(row[2 * p]), hi);
+        }
+    });
+    out
+}
+
+/// `c [m, b.n] = a [m, kp pairs] x b`, overwriting `c`. Panics if the CPU lacks AVX512-BF16
+/// (callers check [`available`]) or if the slices are too short.
+pub fn gemm(a: &[u32], m: usize, b: &PackedB, c: &mut [f32]) {
+    assert!(available(), "bf16 gemm called on a CPU without AVX512-BF16");
+    let (n, kp) = (b.n, b.kp);
+    assert!(
+        a.len() >= m * kp && c.len() >= m * n,
+        "bf16 gemm: operand sizes do not match"
+    );
+    // Row blocks are independent: each task writes its own rows of C.
+    const MC: usize = 32;
+    c[..m * n].par_chunks_mut(MC * n).enumerate().for_each(|(bi, cblk)| {
+        let r0 = bi * MC;
+        let rows = cblk.len() / n;
+        for pb in 0..n.div_ceil(NR) {
+            let bp = &b.data[pb * kp * NR..(pb + 1) * kp * NR];
+            let cols = NR.min(n - pb * NR);
+            let mut i = 0;
+            while i < rows {
+                let mr = MR.min(rows - i);
+                let ap = &a[(r0 + i) * kp..];
+                let cp = &mut cblk[i * n + pb * NR..];
+                // SAFETY: `available()` was checked; slices cover mr rows of kp pairs (A), the
+                // panel (B) and mr rows of `cols` columns at stride n (C), as asserted above.
+                unsafe {
+                    #[cfg(target_arch = "x86_64")]
+                    match mr {
+                        8 => kernel::<8>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
+                        7 => kernel::<7>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
+                        6 => kernel::<6>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
+                        5 => kernel::<5>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
+                        4 => kernel::<4>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
+                        3 => kernel::<3>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
+                        2 => kernel::<2>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
+                        _ => kernel::<1>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
+                    }
+                }
+                i += mr;
+            }
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn kernel<const R: usize>(
+    kp: usize,
+    a: *const u32,
+    lda: usize,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 3]; R];
+    for p in 0..kp {
+        let bb = b.add(p * NR);
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bb as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bb.add(16) as *const _));
+        let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bb.add(32) as *const _));
+        for (i, row) in acc.iter_mut().enumerate() {
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(i * lda + p) as i32));
+            row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+            row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+            row[2] = _mm512_dpbf16_ps(row[2], av, b2);
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        let dst = c.add(i * ldc);
+        for (t, v) in row.iter().enumerate() {
+            let left = cols.saturating_sub(t * 16);
+            if left >= 16 {
+                _mm512_storeu_ps(dst.add(t * 16), *v);
+            } else if left > 0 {
+                _mm512_mask_storeu_ps(dst.add(t * 16), ((1u32 << left) - 1) as u16, *v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn rand_bf16(n: usize, rng: &mut Rng) -> Vec<bf16> {
+        (0..n).map(|_| bf16::from_f64(rng.normal())).collect()
+    }
+
+    #[test]
+    fn matches_a_float64_reference_on_ragged_shapes() {
+        if !available() {
+            eprintln!("skipping: this CPU has no AVX512-BF16");
+            return;
+        }
+        let mut rng = Rng::new(3);
+        for &(m, k, n) in &[(1, 2, 1), (9, 7, 50), (17, 64, 96), (33, 31, 100)] {
+            let x: Vec<f32> = rand_bf16(m * k, &mut rng).iter().map(|v| v.to_f32()).collect();
+            let w = rand_bf16(n * k, &mut rng);
+            // Forward: y = x w^T.
+            let a = pack_a(&x, m, k);
+            let mut y = vec![0f32; m * n];
+            gemm(&a, m, &PackedB::from_transposed(&w, n, k), &mut y);
+            for i in 0..m {
+                for j in 0..n {
+                    let r: f64 = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t].to_f64()).sum();
+                    assert!(
+                        (y[i * n + j] as f64 - r).abs() < 1e-4 * (1.0 + r.abs()),
+                        "fwd {m}x{k}x{n} at {i},{j}"
+                    );
+                }
+            }
+            // Input gradient: dx = g w, with g [m, n] and w [n, k].
+            let g: Vec<f32> = rand_bf16(m * n, &mut rng).iter().map(|v| v.to_f32()).collect();
+            let mut dx = vec![0f32; m * k];
+            gemm(&pack_a(&g, m, n), m, &PackedB::from_rows(&w, n, k), &mut dx);
+            for i in 0..m {
+                for t in 0..k {
+                    let r: f64 = (0..n).map(|j| g[i * n + j] as f64 * w[j * k + t].to_f64()).sum();
+                    assert!(
+                        (dx[i * k + t] as f64 - r).abs() < 1e-4 * (1.0 + r.abs()),
+                        "bwd {m}x{k}x{n} at {i},{t}"
+                    );
+                }
+            }
+        }
+    }
+}
