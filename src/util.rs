@@ -46,11 +46,6 @@ fn status_kb(key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Resets the peak RSS counter (Linux `clear_refs` 5) so a later phase can be measured alone.
-pub fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 /// `1.23 GB` style sizes (decimal units).
 pub fn human_bytes(b: u64) -> String {
     let b = b as f64;

@@ -13,7 +13,7 @@ use crate::adapter::LoraPlan;
 use crate::model::config::{Arch, ModelConfig, MODULES};
 use crate::model::{BaseDtype, Fwd, Model};
 use crate::train::{forward_backward, Batch, GradAcc};
-use crate::util::{human_bytes, peak_rss, reset_peak_rss};
+use crate::util::{human_bytes, peak_rss};
 
 /// Arguments of `strata bench`.
 #[derive(clap::Args, Debug)]
@@ -38,6 +38,12 @@ pub struct Args {
     /// Skip the naive baseline (when only strata's own figure is wanted).
     #[arg(long)]
     pub no_baseline: bool,
+    /// Timed steps per variant process.
+    #[arg(long, default_value_t = 2)]
+    pub steps: usize,
+    /// Run one variant in this process (used by the parent process; prints JSON).
+    #[arg(long, hide = true)]
+    pub variant: Option<String>,
 }
 
 /// SmolLM2-135M's shape.
@@ -87,6 +93,9 @@ fn naive_step(model: &Model, batch: &Batch) -> Result<f64> {
     Ok(loss.to_scalar::<f32>()? as f64)
 }
 
+/// The variants `strata bench train` compares.
+const VARIANTS: [&str; 3] = ["strata", "strata-no-recompute", "naive-candle"];
+
 /// Runs `strata bench`.
 pub fn run(a: Args) -> Result<()> {
     match a.what.as_str() {
@@ -99,8 +108,84 @@ pub fn run(a: Args) -> Result<()> {
         "tiny" => crate::testing::tiny_config(Arch::Llama, 1000, true),
         o => bail!("unknown shape `{o}`; choose smollm2 or tiny"),
     };
-    let src = crate::testing::random_weights(&cfg, 0);
-    let mut model = Model::load(&cfg, &src, BaseDtype::parse(&a.base_dtype)?, false, &Device::Cpu)?;
+    if let Some(v) = &a.variant {
+        return run_variant(&a, &cfg, v);
+    }
+    println!(
+        "bench train: {} shape ({} layers, hidden {}, vocab {}), LoRA r=16 alpha=32 on all 7 projections, {} frozen base, \
+         batch {} x {}; each variant in its own process (clean peak RSS), {} interleaved rounds of 1 warm-up + {} timed steps",
+        a.shape, cfg.num_layers, cfg.hidden_size, cfg.vocab_size, a.base_dtype, a.batch, a.seq_len, a.rounds, a.steps
+    );
+    let exe = std::env::current_exe()?;
+    let variants: Vec<&str> = VARIANTS
+        .iter()
+        .copied()
+        .filter(|v| !(a.no_baseline && *v == "naive-candle"))
+        .collect();
+    let mut results: Vec<(Vec<f64>, u64)> = vec![(Vec::new(), 0); variants.len()];
+    for round in 0..a.rounds {
+        for (i, v) in variants.iter().enumerate() {
+            let out = std::process::Command::new(&exe)
+                .args([
+                    "bench",
+                    "train",
+                    "--shape",
+                    &a.shape,
+                    "--base-dtype",
+                    &a.base_dtype,
+                    "--variant",
+                    v,
+                ])
+                .args([
+                    "--batch",
+                    &a.batch.to_string(),
+                    "--seq-len",
+                    &a.seq_len.to_string(),
+                    "--steps",
+                    &a.steps.to_string(),
+                ])
+                .output()?;
+            if !out.status.success() {
+                bail!("variant {v} failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let line = String::from_utf8_lossy(&out.stdout);
+            let j: serde_json::Value = serde_json::from_str(line.trim())?;
+            let tps = j["tok_per_s"].as_f64().unwrap_or(0.0);
+            let peak = j["peak_rss"].as_u64().unwrap_or(0);
+            eprintln!(
+                "round {}: {v:<22} {tps:>7.0} tok/s  peak {}",
+                round + 1,
+                human_bytes(peak)
+            );
+            results[i].0.push(tps);
+            results[i].1 = results[i].1.max(peak);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let meds: Vec<f64> = results.iter_mut().map(|(v, _)| median(v)).collect();
+    let base = variants.iter().position(|v| *v == "naive-candle");
+    println!("\n| variant | tok/s (median) | peak RSS | speed vs naive candle | peak RSS vs naive candle |");
+    println!("|---|---|---|---|---|");
+    for (i, v) in variants.iter().enumerate() {
+        let (sr, mr) = match base {
+            Some(b) => (
+                format!("{:.2}x", meds[i] / meds[b]),
+                format!("{:.2}x", results[i].1 as f64 / results[b].1 as f64),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        println!("| {v} | {:.0} | {} | {sr} | {mr} |", meds[i], human_bytes(results[i].1));
+    }
+    Ok(())
+}
+
+/// One variant in this process: a warm-up step, then `steps` timed steps; prints a JSON line.
+fn run_variant(a: &Args, cfg: &ModelConfig, variant: &str) -> Result<()> {
+    let src = crate::testing::random_weights(cfg, 0);
+    let mut model = Model::load(cfg, &src, BaseDtype::parse(&a.base_dtype)?, false, &Device::Cpu)?;
     drop(src);
     model.add_lora(&LoraPlan::uniform(16, 32.0, &MODULES), 0)?;
     let n = a.batch * a.seq_len;
@@ -111,71 +196,33 @@ pub fn run(a: Args) -> Result<()> {
         ids: Tensor::from_vec(ids, (a.batch, a.seq_len), &Device::Cpu)?,
         targets,
     };
-    println!(
-        "bench train: {} shape ({} layers, hidden {}, vocab {}), LoRA r=16 on all 7 projections, {} base, batch {} x {}, {} rounds",
-        a.shape, cfg.num_layers, cfg.hidden_size, cfg.vocab_size, a.base_dtype, a.batch, a.seq_len, a.rounds
-    );
-    let base_rss = crate::util::current_rss();
-    let strata_step = || -> Result<f64> {
-        let mut acc = GradAcc::default();
-        let s = forward_backward(&model, &batch, 1.0 / n as f64, true, Fwd::eval(), &mut acc)?;
-        Ok(s.nll_sum / n as f64)
-    };
-    // Warm up both (first-touch allocations, packing).
-    strata_step()?;
-    if !a.no_baseline {
-        naive_step(&model, &batch)?;
-    }
-    let (mut ts, mut tn) = (Vec::new(), Vec::new());
-    let (mut ps, mut pn) = (0u64, 0u64);
-    for _ in 0..a.rounds {
-        reset_peak_rss();
-        let t0 = Instant::now();
-        strata_step()?;
-        ts.push(t0.elapsed().as_secs_f64());
-        ps = ps.max(peak_rss());
-        if !a.no_baseline {
-            reset_peak_rss();
-            let t0 = Instant::now();
-            naive_step(&model, &batch)?;
-            tn.push(t0.elapsed().as_secs_f64());
-            pn = pn.max(peak_rss());
+    let step = || -> Result<f64> {
+        match variant {
+            "naive-candle" => naive_step(&model, &batch),
+            "strata" | "strata-no-recompute" => {
+                let mut acc = GradAcc::default();
+                let s = forward_backward(
+                    &model,
+                    &batch,
+                    1.0 / n as f64,
+                    variant == "strata",
+                    Fwd::eval(),
+                    &mut acc,
+                )?;
+                Ok(s.nll_sum / n as f64)
+            }
+            o => bail!("unknown variant `{o}`; choose from {VARIANTS:?}"),
         }
-    }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
     };
-    let s = median(&mut ts);
-    println!(
-        "{:<28} {:>10} {:>12} {:>14}",
-        "variant", "tok/s", "step (s)", "peak RSS"
-    );
-    println!(
-        "{:<28} {:>10.0} {:>12.3} {:>14}",
-        "strata",
-        n as f64 / s,
-        s,
-        human_bytes(ps)
-    );
-    if !a.no_baseline {
-        let b = median(&mut tn);
-        println!(
-            "{:<28} {:>10.0} {:>12.3} {:>14}",
-            "naive candle",
-            n as f64 / b,
-            b,
-            human_bytes(pn)
-        );
-        println!(
-            "speed ratio strata / naive: {:.2}x; peak RSS ratio: {:.2}x",
-            b / s,
-            ps as f64 / pn.max(1) as f64
-        );
+    step()?;
+    let t0 = Instant::now();
+    for _ in 0..a.steps.max(1) {
+        step()?;
     }
+    let secs = t0.elapsed().as_secs_f64() / a.steps.max(1) as f64;
     println!(
-        "(RSS before the steps: {}; peaks are per variant, reset between them)",
-        human_bytes(base_rss)
+        "{}",
+        serde_json::json!({"variant": variant, "tok_per_s": n as f64 / secs, "step_s": secs, "peak_rss": peak_rss()})
     );
     Ok(())
 }

@@ -9,8 +9,10 @@ use super::config::{ModelConfig, MODULES};
 use super::source::WeightSource;
 use crate::adapter::{Lora, LoraPlan};
 use crate::ops::attention::{causal_attention, repeat_kv};
-use crate::ops::norm::rms_norm;
+use crate::ops::fused_attention::FusedAttention;
+use crate::ops::norm::{rms_norm, rms_norm_composed};
 use crate::ops::rope::Rope;
+use crate::ops::swiglu::swiglu;
 use crate::ops::{frozen_linear, lm_head};
 use crate::rng::{mix, Rng};
 
@@ -352,34 +354,60 @@ impl Model {
         let blk = &self.blocks[i];
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let site = |m: usize| ((i as u64) << 8) | m as u64;
-        let h = rms_norm(x, blk.attn_norm.t(), cfg.rms_norm_eps)?;
-        let heads =
-            |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
-        let q = heads(blk.proj[0].forward(&h, fwd, site(0))?, nh)?;
-        let k = heads(blk.proj[1].forward(&h, fwd, site(1))?, nkv)?;
-        let v = heads(blk.proj[2].forward(&h, fwd, site(2))?, nkv)?;
-        let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        let q = self.rope.apply(&q, offset)?;
-        let mut k = self.rope.apply(&k, offset)?;
-        let mut v = v;
-        if let Some(c) = cache {
-            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
+        let norm = |x: &Tensor, w: &Param| {
+            if fwd.naive {
+                rms_norm_composed(x, w.t(), cfg.rms_norm_eps)
+            } else {
+                rms_norm(x, w.t(), cfg.rms_norm_eps)
             }
-            c.k = Some(k.clone());
-            c.v = Some(v.clone());
-        }
-        let k = repeat_kv(&k, nh / nkv)?.contiguous()?;
-        let v = repeat_kv(&v, nh / nkv)?.contiguous()?;
-        let att = causal_attention(&q, &k, &v)?
-            .transpose(1, 2)?
-            .reshape((b * t, nh * d))?;
+        };
+        let h = norm(x, &blk.attn_norm)?;
+        let q = blk.proj[0].forward(&h, fwd, site(0))?;
+        let k = blk.proj[1].forward(&h, fwd, site(1))?;
+        let v = blk.proj[2].forward(&h, fwd, site(2))?;
+        let att = match cache {
+            // Whole sequences on the CPU (training, evaluation): the fused op.
+            None if self.device.is_cpu() && !fwd.naive => {
+                let op = FusedAttention {
+                    b,
+                    t,
+                    heads: nh,
+                    kv_heads: nkv,
+                    d,
+                    cos: self.rope.half_table(true, t)?,
+                    sin: self.rope.half_table(false, t)?,
+                };
+                q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?
+            }
+            cache => {
+                let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+                    Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+                };
+                let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+                let q = self.rope.apply(&heads(q, nh)?, offset)?;
+                let mut k = self.rope.apply(&heads(k, nkv)?, offset)?;
+                let mut v = heads(v, nkv)?;
+                if let Some(c) = cache {
+                    if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
+                        k = Tensor::cat(&[pk, &k], 2)?;
+                        v = Tensor::cat(&[pv, &v], 2)?;
+                    }
+                    c.k = Some(k.clone());
+                    c.v = Some(v.clone());
+                }
+                let k = repeat_kv(&k, nh / nkv)?.contiguous()?;
+                let v = repeat_kv(&v, nh / nkv)?.contiguous()?;
+                causal_attention(&q, &k, &v)?
+                    .transpose(1, 2)?
+                    .reshape((b * t, nh * d))?
+            }
+        };
         let x = (x + blk.proj[3].forward(&att, fwd, site(3))?)?;
-        let h = rms_norm(&x, blk.mlp_norm.t(), cfg.rms_norm_eps)?;
-        let g = blk.proj[4].forward(&h, fwd, site(4))?.silu()?;
+        let h = norm(&x, &blk.mlp_norm)?;
+        let g = blk.proj[4].forward(&h, fwd, site(4))?;
         let u = blk.proj[5].forward(&h, fwd, site(5))?;
-        Ok((&x + blk.proj[6].forward(&(g * u)?, fwd, site(6))?)?)
+        let act = if fwd.naive { (g.silu()? * u)? } else { swiglu(&g, &u)? };
+        Ok((&x + blk.proj[6].forward(&act, fwd, site(6))?)?)
     }
 
     /// The final RMSNorm.

@@ -85,10 +85,13 @@ impl Default for HeadOptions<'_> {
     }
 }
 
+/// A row's negative log-likelihood and arg-max.
+type RowStat = (f64, u32);
+
 /// Softmax cross-entropy over rows of `logits [rows, v]` in place: returns each row's NLL and
 /// arg-max, and, when `scales` is given, leaves `scale_i * (softmax - onehot)` in the rows
 /// (zero for rows whose scale is 0).
-fn softmax_ce_rows(logits: &mut [f32], v: usize, targets: &[u32], scales: Option<&[f32]>) -> Vec<(f64, u32)> {
+fn softmax_ce_rows(logits: &mut [f32], v: usize, targets: &[u32], scales: Option<&[f32]>) -> Vec<RowStat> {
     logits
         .par_chunks_mut(v)
         .enumerate()
@@ -128,7 +131,7 @@ fn chunk_bf16(
     pack: &HeadPack,
     idx: &[u32],
     scales: Option<&[f32]>,
-) -> Result<(Vec<(f64, u32)>, Option<Tensor>)> {
+) -> Result<(Vec<RowStat>, Option<Tensor>)> {
     let (c, hidden) = hc.dims2()?;
     let v = pack.fwd.n;
     let x: Vec<f32> = hc.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;

@@ -8,8 +8,10 @@
 pub mod attention;
 pub mod bf16_gemm;
 pub mod frozen_linear;
+pub mod fused_attention;
 pub mod lm_head;
 pub mod norm;
 pub mod rope;
+pub mod swiglu;
 
 pub use frozen_linear::{frozen_linear, frozen_matmul};

@@ -10,6 +10,9 @@ use candle_core::{DType, Device, Result, Tensor, D};
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// First halves of the tables as `[positions, head_dim / 2]` f32, for the fused op.
+    cos_half: Vec<f32>,
+    sin_half: Vec<f32>,
 }
 
 impl Rope {
@@ -30,9 +33,33 @@ impl Rope {
                 }
             }
         }
+        let halves = |v: &[f64]| -> Vec<f32> {
+            v.chunks(head_dim)
+                .flat_map(|r| r[..half].iter().map(|&x| x as f32))
+                .collect()
+        };
+        let (cos_half, sin_half) = (halves(&cos), halves(&sin));
         let cos = Tensor::from_vec(cos, (positions, head_dim), dev)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (positions, head_dim), dev)?.to_dtype(dtype)?;
-        Ok(Self { cos, sin })
+        Ok(Self {
+            cos,
+            sin,
+            cos_half,
+            sin_half,
+        })
+    }
+
+    /// The first half of the cos (`true`) or sin table for positions `0..t`, as `[t, d/2]`
+    /// (the fused attention op's layout).
+    pub fn half_table(&self, cos: bool, t: usize) -> Result<Vec<f32>> {
+        if t > self.positions() {
+            candle_core::bail!(
+                "sequence of {t} positions exceeds the RoPE tables ({})",
+                self.positions()
+            );
+        }
+        let half = self.cos_half.len() / self.positions().max(1);
+        Ok((if cos { &self.cos_half } else { &self.sin_half })[..t * half].to_vec())
     }
 
     /// How many positions the tables cover.

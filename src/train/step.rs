@@ -143,8 +143,6 @@ pub fn forward_backward(
         return Ok(stats);
     }
 
-    let trace = std::env::var("STRATA_TRACE").is_ok();
-    let t0 = std::time::Instant::now();
     let mut inputs = Vec::with_capacity(n_layers + 1);
     inputs.push(x0.detach());
     for i in 0..n_layers {
@@ -153,7 +151,6 @@ pub fn forward_backward(
             .with_context(|| format!("block {i}"))?;
         inputs.push(y.detach());
     }
-    let t1 = t0.elapsed();
     let x_top = Var::from_tensor(&inputs[n_layers])?;
     let (stats, grads) = top(x_top.as_tensor(), acc)?;
     collect(&grads, &vars, acc)?;
@@ -162,13 +159,9 @@ pub fn forward_backward(
         .context("no gradient reached the last block")?
         .clone();
     drop(grads);
-    let t2 = t0.elapsed();
-    let mut t_fwd = std::time::Duration::ZERO;
     for i in (0..n_layers).rev() {
         let xin = Var::from_tensor(&inputs[i])?;
-        let tb = std::time::Instant::now();
         let y = model.block_forward(i, xin.as_tensor(), b, t, fwd, None)?;
-        t_fwd += tb.elapsed();
         let grads = y.mul(&g)?.sum_all()?.backward()?;
         collect(&grads, &vars, acc)?;
         g = grads
@@ -176,9 +169,6 @@ pub fn forward_backward(
             .context("no gradient reached a block input")?
             .clone();
         inputs.truncate(i + 1);
-    }
-    if trace {
-        eprintln!("trace: forward {:?}, head {:?}, backward {:?} (recomputed forwards {:?})", t1, t2 - t1, t0.elapsed() - t2, t_fwd);
     }
     if let Param::Train(e) = &model.embed {
         let ids = batch.ids.flatten_all()?;

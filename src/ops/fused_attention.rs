@@ -1,0 +1,321 @@
+//! Causal GQA attention with RoPE as one op with a hand-written backward (CPU).
+//!
+//! The composed version (`attention::causal_attention` after `Rope::apply`) is about twenty
+//! candle ops per block, each allocating and each with its own backward; on a 2-core CPU that
+//! bookkeeping costs more than the arithmetic. This op takes the projections as they come out
+//! of the linears (`q [n, heads * d]`, `k, v [n, kv_heads * d]`, rows ordered batch-major),
+//! applies rotate-half RoPE, attends causally and returns `[n, heads * d]`. The backward
+//! recomputes the probabilities per head (nothing but the inputs is kept) and returns dq, dk, dv
+//! through the inverse rotation. Work is split over (batch, key/value group) so each task owns
+//! its dk and dv.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Shapes and tables of one call.
+#[derive(Clone)]
+pub struct FusedAttention {
+    /// Batch rows.
+    pub b: usize,
+    /// Positions per row.
+    pub t: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Head size.
+    pub d: usize,
+    /// `cos` table `[t, d/2]` for positions 0..t.
+    pub cos: Vec<f32>,
+    /// `sin` table `[t, d/2]`.
+    pub sin: Vec<f32>,
+}
+
+/// `c[m, n] (+)= a[m, k] b[k, n]` with explicit strides (row, column) for each operand.
+#[allow(clippy::too_many_arguments)]
+fn mm(m: usize, n: usize, k: usize, a: (&[f32], usize, usize), b: (&[f32], usize, usize), c: &mut [f32], acc: bool) {
+    debug_assert!(c.len() >= m * n);
+    // SAFETY: the caller passes slices that cover every (row, column) the strides address.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.0.as_ptr(),
+            a.2 as isize,
+            a.1 as isize,
+            b.0.as_ptr(),
+            b.2 as isize,
+            b.1 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+impl FusedAttention {
+    fn gather(&self, src: &[f32], width: usize, bi: usize, h: usize) -> Vec<f32> {
+        let (t, d) = (self.t, self.d);
+        let mut out = Vec::with_capacity(t * d);
+        for p in 0..t {
+            let row = (bi * t + p) * width + h * d;
+            out.extend_from_slice(&src[row..row + d]);
+        }
+        out
+    }
+
+    /// Rotates `[t, d]` in place; `inverse` applies the transpose (for gradients).
+    fn rope(&self, x: &mut [f32], inverse: bool) {
+        let (d, half) = (self.d, self.d / 2);
+        for p in 0..self.t {
+            let r = &mut x[p * d..(p + 1) * d];
+            for i in 0..half {
+                let (c, s) = (self.cos[p * half + i], self.sin[p * half + i]);
+                let s = if inverse { -s } else { s };
+                let (x1, x2) = (r[i], r[i + half]);
+                r[i] = x1 * c - x2 * s;
+                r[i + half] = x2 * c + x1 * s;
+            }
+        }
+    }
+
+    /// Causal softmax of `q k^T / sqrt(d)` for one head: `[t, t]`, zero above the diagonal.
+    fn probs(&self, q: &[f32], k: &[f32]) -> Vec<f32> {
+        let (t, d) = (self.t, self.d);
+        let mut s = vec![0f32; t * t];
+        mm(t, t, d, (q, d, 1), (k, 1, d), &mut s, false);
+        let scale = 1.0 / (d as f32).sqrt();
+        for i in 0..t {
+            let row = &mut s[i * t..(i + 1) * t];
+            let mx = row[..=i].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * scale;
+            let mut sum = 0f32;
+            for x in row[..=i].iter_mut() {
+                *x = (*x * scale - mx).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row[..=i].iter_mut().for_each(|x| *x *= inv);
+            row[i + 1..].iter_mut().for_each(|x| *x = 0.0);
+        }
+        s
+    }
+
+    fn check(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<()> {
+        let n = self.b * self.t;
+        if q.len() != n * self.heads * self.d || k.len() != n * self.kv_heads * self.d || v.len() != k.len() {
+            candle_core::bail!("fused attention: q/k/v sizes do not match the shapes");
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) || self.cos.len() < self.t * self.d / 2 {
+            candle_core::bail!("fused attention: inconsistent heads or RoPE tables");
+        }
+        Ok(())
+    }
+
+    /// Forward on slices: returns `[n, heads * d]`.
+    pub fn forward_slices(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+        self.check(q, k, v)?;
+        let (t, d, hq, hkv) = (self.t, self.d, self.heads, self.kv_heads);
+        let rep = hq / hkv;
+        let parts: Vec<(usize, usize, Vec<f32>)> = (0..self.b * hkv)
+            .into_par_iter()
+            .flat_map_iter(|task| {
+                let (bi, g) = (task / hkv, task % hkv);
+                let mut kr = self.gather(k, hkv * d, bi, g);
+                self.rope(&mut kr, false);
+                let vh = self.gather(v, hkv * d, bi, g);
+                (0..rep)
+                    .map(|r| {
+                        let h = g * rep + r;
+                        let mut qr = self.gather(q, hq * d, bi, h);
+                        self.rope(&mut qr, false);
+                        let p = self.probs(&qr, &kr);
+                        let mut o = vec![0f32; t * d];
+                        mm(t, d, t, (&p, t, 1), (&vh, d, 1), &mut o, false);
+                        (bi, h, o)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut out = vec![0f32; q.len()];
+        for (bi, h, o) in parts {
+            for p in 0..t {
+                let row = (bi * t + p) * hq * d + h * d;
+                out[row..row + d].copy_from_slice(&o[p * d..(p + 1) * d]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Backward on slices: `(dq, dk, dv)` for the output gradient `go [n, heads * d]`.
+    pub fn backward_slices(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        go: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        self.check(q, k, v)?;
+        let (t, d, hq, hkv) = (self.t, self.d, self.heads, self.kv_heads);
+        let rep = hq / hkv;
+        let scale = 1.0 / (d as f32).sqrt();
+        type Part = (usize, usize, Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+        let parts: Vec<Part> = (0..self.b * hkv)
+            .into_par_iter()
+            .map(|task| {
+                let (bi, g) = (task / hkv, task % hkv);
+                let mut kr = self.gather(k, hkv * d, bi, g);
+                self.rope(&mut kr, false);
+                let vh = self.gather(v, hkv * d, bi, g);
+                let mut dk = vec![0f32; t * d];
+                let mut dv = vec![0f32; t * d];
+                let mut dqs = Vec::with_capacity(rep);
+                for r in 0..rep {
+                    let h = g * rep + r;
+                    let mut qr = self.gather(q, hq * d, bi, h);
+                    self.rope(&mut qr, false);
+                    let p = self.probs(&qr, &kr);
+                    let gh = self.gather(go, hq * d, bi, h);
+                    // dV += P^T dO; dP = dO V^T.
+                    mm(t, d, t, (&p, 1, t), (&gh, d, 1), &mut dv, true);
+                    let mut dp = vec![0f32; t * t];
+                    mm(t, t, d, (&gh, d, 1), (&vh, 1, d), &mut dp, false);
+                    // dS = P * (dP - rowsum(P * dP)) * scale, causal rows only.
+                    for i in 0..t {
+                        let (pr, dr) = (&p[i * t..i * t + i + 1], &mut dp[i * t..(i + 1) * t]);
+                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                        for j in 0..=i {
+                            dr[j] = pr[j] * (dr[j] - dot) * scale;
+                        }
+                        dr[i + 1..].iter_mut().for_each(|x| *x = 0.0);
+                    }
+                    let mut dq = vec![0f32; t * d];
+                    mm(t, d, t, (&dp, t, 1), (&kr, d, 1), &mut dq, false);
+                    mm(t, d, t, (&dp, 1, t), (&qr, d, 1), &mut dk, true);
+                    self.rope(&mut dq, true);
+                    dqs.push(dq);
+                }
+                self.rope(&mut dk, true);
+                (bi, g, dqs, dk, dv)
+            })
+            .collect();
+        let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+        for (bi, g, dqs, dkh, dvh) in parts {
+            for p in 0..t {
+                let kv_row = (bi * t + p) * hkv * d + g * d;
+                dk[kv_row..kv_row + d].copy_from_slice(&dkh[p * d..(p + 1) * d]);
+                dv[kv_row..kv_row + d].copy_from_slice(&dvh[p * d..(p + 1) * d]);
+                for (r, dqh) in dqs.iter().enumerate() {
+                    let row = (bi * t + p) * hq * d + (g * rep + r) * d;
+                    dq[row..row + d].copy_from_slice(&dqh[p * d..(p + 1) * d]);
+                }
+            }
+        }
+        Ok((dq, dk, dv))
+    }
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => {
+            let (a, b) = l
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("fused attention: inputs must be contiguous".into()))?;
+            Ok(&v[a..b])
+        }
+        _ => candle_core::bail!("fused attention: inputs must be f32"),
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-rope-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = self.forward_slices(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?)?;
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((self.b * self.t, self.heads * self.d)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let vec = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (dq, dk, dv) = self.backward_slices(&vec(q)?, &vec(k)?, &vec(v)?, &vec(g)?)?;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::attention::{causal_attention, repeat_kv};
+    use crate::ops::rope::Rope;
+    use candle_core::{DType, Device, Var};
+
+    /// The fused op equals RoPE + composed attention, forward and all three gradients.
+    #[test]
+    fn matches_the_composed_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, hq, hkv, d) = (2, 5, 4, 2, 8);
+        let rope = Rope::new(d, 10_000.0, 16, DType::F32, &dev)?;
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1., (b * t, hq * d), &dev)?)?;
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1., (b * t, hkv * d), &dev)?)?;
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1., (b * t, hkv * d), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1., (b * t, hq * d), &dev)?;
+        let heads = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
+        let qr = rope.apply(&heads(q.as_tensor(), hq)?, 0)?;
+        let kr = repeat_kv(&rope.apply(&heads(k.as_tensor(), hkv)?, 0)?, hq / hkv)?.contiguous()?;
+        let vr = repeat_kv(&heads(v.as_tensor(), hkv)?, hq / hkv)?.contiguous()?;
+        let want = causal_attention(&qr, &kr, &vr)?
+            .transpose(1, 2)?
+            .reshape((b * t, hq * d))?;
+        let op = FusedAttention {
+            b,
+            t,
+            heads: hq,
+            kv_heads: hkv,
+            d,
+            cos: rope.half_table(true, t)?,
+            sin: rope.half_table(false, t)?,
+        };
+        let got = q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), op)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+        assert!(diff(&want, &got)? < 1e-5);
+        let gw = want.mul(&probe)?.sum_all()?.backward()?;
+        let gg = got.mul(&probe)?.sum_all()?.backward()?;
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let d = diff(gw.get(x.as_tensor()).unwrap(), gg.get(x.as_tensor()).unwrap())?;
+            assert!(d < 1e-4, "d{name} differs by {d}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,111 @@
+//! `silu(gate) * up` as one op with its backward (CPU f32), the composition elsewhere.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `silu(g) * u`.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if g.device().is_cpu() && g.dtype() == candle_core::DType::F32 && u.dtype() == g.dtype() && g.shape() == u.shape() {
+        let c = |t: &Tensor| {
+            if t.is_contiguous() {
+                Ok(t.clone())
+            } else {
+                t.contiguous()
+            }
+        };
+        return c(g)?.apply_op2(&c(u)?, SwiGlu);
+    }
+    g.silu()? * u
+}
+
+struct SwiGlu;
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => {
+            let (a, b) = l
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("swiglu: inputs must be contiguous".into()))?;
+            Ok(&v[a..b])
+        }
+        _ => candle_core::bail!("swiglu: inputs must be f32"),
+    }
+}
+
+const CHUNK: usize = 1 << 14;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (f32s(s1, l1)?, f32s(s2, l2)?);
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(yc, (gc, uc))| {
+                for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
+                    *o = a / (1.0 + (-a).exp()) * b;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    /// `d/dg = u * s * (1 + g * (1 - s))` with `s = sigmoid(g)`; `d/du = g * s`.
+    fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gs, us, ds): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+            g.flatten_all()?.to_vec1()?,
+            u.flatten_all()?.to_vec1()?,
+            dy.flatten_all()?.to_vec1()?,
+        );
+        let mut dg = vec![0f32; gs.len()];
+        let mut du = vec![0f32; gs.len()];
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK).zip(ds.par_chunks(CHUNK))))
+            .for_each(|((dgc, duc), (gc, (uc, dc)))| {
+                for i in 0..gc.len() {
+                    let s = 1.0 / (1.0 + (-gc[i]).exp());
+                    dgc[i] = dc[i] * uc[i] * s * (1.0 + gc[i] * (1.0 - s));
+                    duc[i] = dc[i] * gc[i] * s;
+                }
+            });
+        Ok((
+            Some(Tensor::from_vec(dg, g.shape(), g.device())?),
+            Some(Tensor::from_vec(du, u.shape(), u.device())?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::check_grad;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_matches_composition_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let g = Var::from_tensor(&Tensor::randn(0f32, 2., (9, 7), &dev)?)?;
+        let u = Var::from_tensor(&Tensor::randn(0f32, 1., (9, 7), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1., (9, 7), &dev)?;
+        let a = swiglu(g.as_tensor(), u.as_tensor())?;
+        let b = (g.as_tensor().silu()? * u.as_tensor())?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+        assert!(diff(&a, &b)? < 1e-5);
+        let ga = a.mul(&probe)?.sum_all()?.backward()?;
+        let gb = b.mul(&probe)?.sum_all()?.backward()?;
+        assert!(diff(ga.get(g.as_tensor()).unwrap(), gb.get(g.as_tensor()).unwrap())? < 1e-4);
+        assert!(diff(ga.get(u.as_tensor()).unwrap(), gb.get(u.as_tensor()).unwrap())? < 1e-4);
+        // The composition (f64 path) against finite differences.
+        let u64_ = u.as_tensor().to_dtype(candle_core::DType::F64)?;
+        let p64 = probe.to_dtype(candle_core::DType::F64)?;
+        check_grad(
+            &g.as_tensor().to_dtype(candle_core::DType::F64)?,
+            |g| swiglu(g, &u64_)?.mul(&p64)?.sum_all(),
+            1e-6,
+        )?;
+        Ok(())
+    }
+}
