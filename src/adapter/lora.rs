@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::plan::ModuleLora;
-use crate::rng::{mix, Rng};
+use crate::rng::Rng;
 
 /// One adapter pair on a projection.
 #[derive(Debug)]
@@ -45,11 +45,7 @@ impl Lora {
     pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         let x = match dropout_seed {
             Some(seed) if self.dropout > 0.0 => {
-                let mut rng = Rng::new(mix(&[seed]));
-                let keep = 1.0 - self.dropout;
-                let mask: Vec<f32> = (0..x.elem_count())
-                    .map(|_| if rng.next_f32() < keep { 1.0 / keep } else { 0.0 })
-                    .collect();
+                let mask = crate::ops::lora_linear::dropout_mask(seed, self.dropout, x.elem_count());
                 (x * Tensor::from_vec(mask, x.shape(), x.device())?)?
             }
             _ => x.clone(),

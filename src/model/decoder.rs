@@ -10,6 +10,7 @@ use super::source::WeightSource;
 use crate::adapter::{Lora, LoraPlan};
 use crate::ops::attention::{causal_attention, repeat_kv};
 use crate::ops::fused_attention::FusedAttention;
+use crate::ops::lora_linear::LoraLinear;
 use crate::ops::norm::{rms_norm, rms_norm_composed};
 use crate::ops::rope::Rope;
 use crate::ops::swiglu::swiglu;
@@ -105,6 +106,25 @@ impl Fwd {
 impl Linear {
     /// `x [n, in] -> [n, out]`.
     pub fn forward(&self, x: &Tensor, fwd: Fwd, site: u64) -> Result<Tensor> {
+        let seed = fwd.dropout_seed.map(|s| mix(&[s, site]));
+        // A frozen projection with an active adapter on the CPU: one fused op.
+        if let (Param::Frozen(w), Some(l), true, false) = (&self.w, &self.lora, fwd.adapters, fwd.naive) {
+            if x.dtype() == DType::F32 && LoraLinear::supports(w, self.pack.as_ref()) {
+                let op = LoraLinear {
+                    w: w.clone(),
+                    pack: self.pack.clone(),
+                    scale: l.scale as f32,
+                    dropout: l.dropout,
+                    seed,
+                };
+                let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+                let y = x.apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)?;
+                return match &self.b {
+                    Some(b) => Ok(y.broadcast_add(&b.t().to_dtype(DType::F32)?)?),
+                    None => Ok(y),
+                };
+            }
+        }
         let mut y = match &self.w {
             Param::Frozen(w) if fwd.naive => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)?,
             Param::Frozen(w) => frozen_linear(x, w, self.pack.as_ref())?,
@@ -114,7 +134,7 @@ impl Linear {
             y = y.broadcast_add(&b.t().to_dtype(DType::F32)?)?;
         }
         if let (Some(l), true) = (&self.lora, fwd.adapters) {
-            y = (y + l.forward(x, fwd.dropout_seed.map(|s| mix(&[s, site])))?)?;
+            y = (y + l.forward(x, seed)?)?;
         }
         Ok(y)
     }

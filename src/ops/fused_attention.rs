@@ -31,34 +31,8 @@ pub struct FusedAttention {
     pub sin: Vec<f32>,
 }
 
-/// `c[m, n] (+)= a[m, k] b[k, n]` with explicit strides (row, column) for each operand.
-#[allow(clippy::too_many_arguments)]
 fn mm(m: usize, n: usize, k: usize, a: (&[f32], usize, usize), b: (&[f32], usize, usize), c: &mut [f32], acc: bool) {
-    debug_assert!(c.len() >= m * n);
-    // SAFETY: the caller passes slices that cover every (row, column) the strides address.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            acc,
-            a.0.as_ptr(),
-            a.2 as isize,
-            a.1 as isize,
-            b.0.as_ptr(),
-            b.2 as isize,
-            b.1 as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    super::sgemm(m, n, k, a, b, c, acc, 1.0, false)
 }
 
 impl FusedAttention {

@@ -10,8 +10,65 @@ pub mod bf16_gemm;
 pub mod frozen_linear;
 pub mod fused_attention;
 pub mod lm_head;
+pub mod lora_linear;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;
 
 pub use frozen_linear::{frozen_linear, frozen_matmul};
+
+/// `c[m, n] = alpha * a[m, k] b[k, n] (+ c if acc)` in f32 through the `gemm` crate, each operand
+/// given as `(slice, row stride, column stride)`; `parallel` spreads it over the rayon pool.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    c: &mut [f32],
+    acc: bool,
+    alpha: f32,
+    parallel: bool,
+) {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(
+        a.0.len() >= last(m, k, a.1, a.2) && b.0.len() >= last(k, n, b.1, b.2) && c.len() >= m * n,
+        "sgemm: operand too short"
+    );
+    let par = if parallel {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the assertion above checks that every addressed element lies inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.0.as_ptr(),
+            a.2 as isize,
+            a.1 as isize,
+            b.0.as_ptr(),
+            b.2 as isize,
+            b.1 as isize,
+            if acc { 1.0 } else { 0.0 },
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}

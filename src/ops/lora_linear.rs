@@ -1,0 +1,245 @@
+//! A frozen projection with its LoRA adapter as one op: `y = x W^T + s * (d(x) A^T) B^T`, where
+//! `d` is the adapter's input dropout, with a hand-written backward returning dx, dA and dB.
+//!
+//! Composed from candle ops, each adapted projection is five graph nodes (frozen matmul, two
+//! small matmuls, a scale, an add) with their backward bookkeeping; on a 2-core CPU that costs
+//! more than the rank-16 arithmetic. Here it is one node; the small products run through the
+//! `gemm` crate on slices. The dropout mask is regenerated from its seed in the backward, so
+//! nothing but the inputs is kept.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use std::sync::Arc;
+
+use super::bf16_gemm::{self, LinearPack};
+use super::sgemm;
+use crate::rng::{mix, Rng};
+
+/// The op: the frozen weight (f32, or bf16 with its pack), the scale and the dropout.
+pub struct LoraLinear {
+    /// Frozen `W [out, in]`: f32, or bf16 when `pack` is set.
+    pub w: Tensor,
+    /// `w` packed for the bf16 kernel.
+    pub pack: Option<Arc<LinearPack>>,
+    /// `alpha / r` (or rsLoRA's `alpha / sqrt(r)`).
+    pub scale: f32,
+    /// Dropout probability on the adapter input.
+    pub dropout: f32,
+    /// Seed of this call's dropout mask (`None`: no dropout).
+    pub seed: Option<u64>,
+}
+
+/// The dropout mask for `n` inputs: `0` or `1 / (1 - p)`, a pure function of the seed (the
+/// same stream the composed `Lora::forward` draws, so both paths agree).
+pub fn dropout_mask(seed: u64, p: f32, n: usize) -> Vec<f32> {
+    let mut rng = Rng::new(mix(&[seed]));
+    let keep = 1.0 - p;
+    (0..n)
+        .map(|_| if rng.next_f32() < keep { 1.0 / keep } else { 0.0 })
+        .collect()
+}
+
+impl LoraLinear {
+    /// Whether the op can run `w` here: CPU, and f32 or a packed bf16 weight.
+    pub fn supports(w: &Tensor, pack: Option<&Arc<LinearPack>>) -> bool {
+        w.device().is_cpu() && w.is_contiguous() && (w.dtype() == DType::F32 || pack.is_some())
+    }
+
+    fn w_f32(&self) -> Result<Vec<f32>> {
+        self.w.flatten_all()?.to_vec1::<f32>()
+    }
+
+    /// `x W^T` into `y [m, out]`.
+    fn base_fwd(&self, x: &[f32], m: usize, k: usize, y: &mut [f32]) -> Result<()> {
+        let n = self.w.dim(0)?;
+        match &self.pack {
+            Some(p) => bf16_gemm::gemm(&bf16_gemm::pack_a(x, m, k), m, &p.fwd, y),
+            None => sgemm(m, n, k, (x, k, 1), (&self.w_f32()?, 1, k), y, false, 1.0, true),
+        }
+        Ok(())
+    }
+
+    /// `g W` into `dx [m, in]`.
+    fn base_bwd(&self, g: &[f32], m: usize, n: usize, dx: &mut [f32]) -> Result<()> {
+        let k = self.w.dim(1)?;
+        match &self.pack {
+            Some(p) => bf16_gemm::gemm(&bf16_gemm::pack_a(g, m, n), m, &p.bwd, dx),
+            None => sgemm(m, k, n, (g, n, 1), (&self.w_f32()?, k, 1), dx, false, 1.0, true),
+        }
+        Ok(())
+    }
+
+    fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
+        match self.seed {
+            Some(seed) if self.dropout > 0.0 => {
+                let mask = dropout_mask(seed, self.dropout, x.len());
+                Some(x.iter().zip(&mask).map(|(a, b)| a * b).collect())
+            }
+            _ => None,
+        }
+    }
+}
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => {
+            let (a, b) = l
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("lora linear: inputs must be contiguous".into()))?;
+            Ok(&v[a..b])
+        }
+        _ => candle_core::bail!("lora linear: inputs must be f32"),
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (r, ka) = l2.shape().dims2()?;
+        let (n, rb) = l3.shape().dims2()?;
+        let (wn, wk) = self.w.dims2()?;
+        if ka != k || rb != r || wk != k || wn != n {
+            candle_core::bail!("lora linear: x [{m}, {k}], A [{r}, {ka}], B [{n}, {rb}] and W [{wn}, {wk}] do not fit");
+        }
+        let (x, a, b) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        let mut y = vec![0f32; m * n];
+        self.base_fwd(x, m, k, &mut y)?;
+        let xd = self.dropped(x);
+        let xd = xd.as_deref().unwrap_or(x);
+        let mut u = vec![0f32; m * r];
+        sgemm(m, r, k, (xd, k, 1), (a, 1, k), &mut u, false, 1.0, true);
+        sgemm(m, n, r, (&u, r, 1), (b, 1, r), &mut y, true, self.scale, true);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let (r, n) = (a.dim(0)?, b.dim(0)?);
+        let vec = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (xs, av, bv, gv) = (vec(x)?, vec(a)?, vec(b)?, vec(g)?);
+        let mask = match self.seed {
+            Some(seed) if self.dropout > 0.0 => Some(dropout_mask(seed, self.dropout, xs.len())),
+            _ => None,
+        };
+        let xd: Vec<f32> = match &mask {
+            Some(mk) => xs.iter().zip(mk).map(|(p, q)| p * q).collect(),
+            None => xs,
+        };
+        let mut u = vec![0f32; m * r];
+        sgemm(m, r, k, (&xd, k, 1), (&av, 1, k), &mut u, false, 1.0, true);
+        // dB = s g^T u; du = s g B; dA = du^T d(x); dx = g W + d(du A).
+        let mut db = vec![0f32; n * r];
+        sgemm(n, r, m, (&gv, 1, n), (&u, r, 1), &mut db, false, self.scale, true);
+        let mut du = vec![0f32; m * r];
+        sgemm(m, r, n, (&gv, n, 1), (&bv, r, 1), &mut du, false, self.scale, true);
+        let mut da = vec![0f32; r * k];
+        sgemm(r, k, m, (&du, 1, r), (&xd, k, 1), &mut da, false, 1.0, true);
+        let mut dx = vec![0f32; m * k];
+        match &mask {
+            Some(mk) => {
+                let mut dxl = vec![0f32; m * k];
+                sgemm(m, k, r, (&du, r, 1), (&av, k, 1), &mut dxl, false, 1.0, true);
+                self.base_bwd(&gv, m, n, &mut dx)?;
+                for ((o, l), q) in dx.iter_mut().zip(&dxl).zip(mk) {
+                    *o += l * q;
+                }
+            }
+            None => {
+                self.base_bwd(&gv, m, n, &mut dx)?;
+                sgemm(m, k, r, (&du, r, 1), (&av, k, 1), &mut dx, true, 1.0, true);
+            }
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (m, k), dev)?),
+            Some(Tensor::from_vec(da, (r, k), dev)?),
+            Some(Tensor::from_vec(db, (n, r), dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::plan::ModuleLora;
+    use crate::adapter::Lora;
+    use crate::ops::frozen_linear::{frozen_linear, pack_weight};
+    use candle_core::{Device, Var};
+
+    fn check(bf16: bool, dropout: f32) -> Result<()> {
+        let dev = Device::Cpu;
+        let (m, k, n, r) = (37, 24, 50, 4);
+        let mut rng = Rng::new(5);
+        let ml = ModuleLora {
+            r,
+            alpha: 8.0,
+            scale: 2.0,
+        };
+        let lora = Lora::init(n, k, ml, dropout, &mut rng, &dev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        lora.b.set(&Tensor::randn(0f32, 0.5, (n, r), &dev)?)?;
+        let mut w = Tensor::randn(0f32, 1., (n, k), &dev)?;
+        let mut x = Tensor::randn(0f32, 1., (m, k), &dev)?;
+        if bf16 {
+            if !bf16_gemm::available() {
+                return Ok(());
+            }
+            w = w.to_dtype(DType::BF16)?;
+            x = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+        }
+        let pack = pack_weight(&w)?;
+        let x = Var::from_tensor(&x)?;
+        let seed = Some(9u64);
+        let composed = (frozen_linear(x.as_tensor(), &w, pack.as_ref())? + lora.forward(x.as_tensor(), seed)?)?;
+        let op = LoraLinear {
+            w: w.clone(),
+            pack: pack.clone(),
+            scale: 2.0,
+            dropout,
+            seed,
+        };
+        let fused = x.as_tensor().apply_op3(lora.a.as_tensor(), lora.b.as_tensor(), op)?;
+        let probe = Tensor::randn(0f32, 1., (m, n), &dev)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+        let tol = if bf16 { 2e-2 } else { 1e-4 };
+        assert!(diff(&composed, &fused)? < tol, "forward");
+        let gc = composed.mul(&probe)?.sum_all()?.backward()?;
+        let gf = fused.mul(&probe)?.sum_all()?.backward()?;
+        for (name, v) in [
+            ("x", x.as_tensor()),
+            ("A", lora.a.as_tensor()),
+            ("B", lora.b.as_tensor()),
+        ] {
+            let d = diff(gc.get(v).unwrap(), gf.get(v).unwrap())?;
+            assert!(d < tol * 5.0, "d{name} differs by {d} (bf16 {bf16}, dropout {dropout})");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_lora_matches_the_composition() -> Result<()> {
+        for bf16 in [false, true] {
+            for dropout in [0.0, 0.3] {
+                check(bf16, dropout)?;
+            }
+        }
+        Ok(())
+    }
+}
