@@ -12,6 +12,7 @@ use std::time::Instant;
 use crate::adapter::LoraPlan;
 use crate::model::config::{Arch, ModelConfig, MODULES};
 use crate::model::{BaseDtype, Fwd, Model};
+use crate::train::optim::AdamW;
 use crate::train::{forward_backward, Batch, GradAcc};
 use crate::util::{human_bytes, peak_rss};
 
@@ -67,7 +68,7 @@ pub fn smollm2_shape() -> ModelConfig {
 }
 
 /// The naive baseline step: autograd over everything, frozen weights as graph constants.
-fn naive_step(model: &Model, batch: &Batch) -> Result<f64> {
+fn naive_step(model: &Model, batch: &Batch, acc: &mut GradAcc) -> Result<f64> {
     let (b, t) = batch.ids.dims2()?;
     let mut x = model.embed(&batch.ids)?;
     for i in 0..model.blocks.len() {
@@ -89,7 +90,12 @@ fn naive_step(model: &Model, batch: &Batch) -> Result<f64> {
     let tg: Vec<u32> = batch.targets.clone();
     let idx = Tensor::from_vec(tg, (b * t, 1), &model.device)?;
     let loss = (lse - logits.gather(&idx, 1)?)?.mean_all()?;
-    let _grads = loss.backward()?;
+    let grads = loss.backward()?;
+    for (_, v) in model.trainable() {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            acc.add(&v, g)?;
+        }
+    }
     Ok(loss.to_scalar::<f32>()? as f64)
 }
 
@@ -196,11 +202,15 @@ fn run_variant(a: &Args, cfg: &ModelConfig, variant: &str) -> Result<()> {
         ids: Tensor::from_vec(ids, (a.batch, a.seq_len), &Device::Cpu)?,
         targets,
     };
-    let step = || -> Result<f64> {
-        match variant {
-            "naive-candle" => naive_step(&model, &batch),
+    let params = model.trainable();
+    let mut opt = AdamW::new(0.0);
+    // A whole optimizer step, as the peer benchmark times it: forward, backward, global-norm
+    // clipping at 1.0, AdamW.
+    let mut step = || -> Result<f64> {
+        let mut acc = GradAcc::default();
+        let loss = match variant {
+            "naive-candle" => naive_step(&model, &batch, &mut acc)?,
             "strata" | "strata-no-recompute" => {
-                let mut acc = GradAcc::default();
                 let s = forward_backward(
                     &model,
                     &batch,
@@ -209,10 +219,16 @@ fn run_variant(a: &Args, cfg: &ModelConfig, variant: &str) -> Result<()> {
                     Fwd::eval(),
                     &mut acc,
                 )?;
-                Ok(s.nll_sum / n as f64)
+                s.nll_sum / n as f64
             }
             o => bail!("unknown variant `{o}`; choose from {VARIANTS:?}"),
+        };
+        let norm = acc.norm()?;
+        if norm > 1.0 {
+            acc.scale(1.0 / norm)?;
         }
+        opt.step(&params, &acc, 1e-4)?;
+        Ok(loss)
     };
     step()?;
     let t0 = Instant::now();

@@ -31,8 +31,24 @@ pub struct FusedAttention {
     pub sin: Vec<f32>,
 }
 
-fn mm(m: usize, n: usize, k: usize, a: (&[f32], usize, usize), b: (&[f32], usize, usize), c: &mut [f32], acc: bool) {
-    super::sgemm(m, n, k, a, b, c, acc, 1.0, false)
+/// Rows per causal block: scores are computed only for keys up to the block's last row.
+const BLK: usize = 64;
+
+fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    c: (&mut [f32], usize),
+    acc: bool,
+) {
+    super::sgemm_ld(m, n, k, a, b, c, acc, 1.0, false)
+}
+
+/// Row blocks `(r0, r1)` covering `0..t`.
+fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t).step_by(BLK).map(move |r0| (r0, (r0 + BLK).min(t)))
 }
 
 impl FusedAttention {
@@ -65,7 +81,17 @@ impl FusedAttention {
     fn probs(&self, q: &[f32], k: &[f32]) -> Vec<f32> {
         let (t, d) = (self.t, self.d);
         let mut s = vec![0f32; t * t];
-        mm(t, t, d, (q, d, 1), (k, 1, d), &mut s, false);
+        for (r0, r1) in blocks(t) {
+            mm(
+                r1 - r0,
+                r1,
+                d,
+                (&q[r0 * d..], d, 1),
+                (k, 1, d),
+                (&mut s[r0 * t..], t),
+                false,
+            );
+        }
         let scale = 1.0 / (d as f32).sqrt();
         for i in 0..t {
             let row = &mut s[i * t..(i + 1) * t];
@@ -112,7 +138,17 @@ impl FusedAttention {
                         self.rope(&mut qr, false);
                         let p = self.probs(&qr, &kr);
                         let mut o = vec![0f32; t * d];
-                        mm(t, d, t, (&p, t, 1), (&vh, d, 1), &mut o, false);
+                        for (r0, r1) in blocks(t) {
+                            mm(
+                                r1 - r0,
+                                d,
+                                r1,
+                                (&p[r0 * t..], t, 1),
+                                (&vh, d, 1),
+                                (&mut o[r0 * d..], d),
+                                false,
+                            );
+                        }
                         (bi, h, o)
                     })
                     .collect::<Vec<_>>()
@@ -158,9 +194,28 @@ impl FusedAttention {
                     let p = self.probs(&qr, &kr);
                     let gh = self.gather(go, hq * d, bi, h);
                     // dV += P^T dO; dP = dO V^T.
-                    mm(t, d, t, (&p, 1, t), (&gh, d, 1), &mut dv, true);
                     let mut dp = vec![0f32; t * t];
-                    mm(t, t, d, (&gh, d, 1), (&vh, 1, d), &mut dp, false);
+                    for (r0, r1) in blocks(t) {
+                        let rows = r1 - r0;
+                        mm(
+                            r1,
+                            d,
+                            rows,
+                            (&p[r0 * t..], 1, t),
+                            (&gh[r0 * d..], d, 1),
+                            (&mut dv, d),
+                            true,
+                        );
+                        mm(
+                            rows,
+                            r1,
+                            d,
+                            (&gh[r0 * d..], d, 1),
+                            (&vh, 1, d),
+                            (&mut dp[r0 * t..], t),
+                            false,
+                        );
+                    }
                     // dS = P * (dP - rowsum(P * dP)) * scale, causal rows only.
                     for i in 0..t {
                         let (pr, dr) = (&p[i * t..i * t + i + 1], &mut dp[i * t..(i + 1) * t]);
@@ -171,8 +226,27 @@ impl FusedAttention {
                         dr[i + 1..].iter_mut().for_each(|x| *x = 0.0);
                     }
                     let mut dq = vec![0f32; t * d];
-                    mm(t, d, t, (&dp, t, 1), (&kr, d, 1), &mut dq, false);
-                    mm(t, d, t, (&dp, 1, t), (&qr, d, 1), &mut dk, true);
+                    for (r0, r1) in blocks(t) {
+                        let rows = r1 - r0;
+                        mm(
+                            rows,
+                            d,
+                            r1,
+                            (&dp[r0 * t..], t, 1),
+                            (&kr, d, 1),
+                            (&mut dq[r0 * d..], d),
+                            false,
+                        );
+                        mm(
+                            r1,
+                            d,
+                            rows,
+                            (&dp[r0 * t..], 1, t),
+                            (&qr[r0 * d..], d, 1),
+                            (&mut dk, d),
+                            true,
+                        );
+                    }
                     self.rope(&mut dq, true);
                     dqs.push(dq);
                 }
@@ -259,8 +333,8 @@ mod tests {
     #[test]
     fn matches_the_composed_ops() -> Result<()> {
         let dev = Device::Cpu;
-        let (b, t, hq, hkv, d) = (2, 5, 4, 2, 8);
-        let rope = Rope::new(d, 10_000.0, 16, DType::F32, &dev)?;
+        let (b, t, hq, hkv, d) = (2, 70, 4, 2, 8);
+        let rope = Rope::new(d, 10_000.0, 128, DType::F32, &dev)?;
         let q = Var::from_tensor(&Tensor::randn(0f32, 1., (b * t, hq * d), &dev)?)?;
         let k = Var::from_tensor(&Tensor::randn(0f32, 1., (b * t, hkv * d), &dev)?)?;
         let v = Var::from_tensor(&Tensor::randn(0f32, 1., (b * t, hkv * d), &dev)?)?;

@@ -18,7 +18,8 @@ pub mod swiglu;
 pub use frozen_linear::{frozen_linear, frozen_matmul};
 
 /// `c[m, n] = alpha * a[m, k] b[k, n] (+ c if acc)` in f32 through the `gemm` crate, each operand
-/// given as `(slice, row stride, column stride)`; `parallel` spreads it over the rayon pool.
+/// given as `(slice, row stride, column stride)`, `c` contiguous; `parallel` spreads it over the
+/// rayon pool.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sgemm(
     m: usize,
@@ -31,6 +32,23 @@ pub(crate) fn sgemm(
     alpha: f32,
     parallel: bool,
 ) {
+    sgemm_ld(m, n, k, a, b, (c, n), acc, alpha, parallel)
+}
+
+/// [`sgemm`] with an explicit row stride for `c` (`(slice, ldc)`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm_ld(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    c: (&mut [f32], usize),
+    acc: bool,
+    alpha: f32,
+    parallel: bool,
+) {
+    let (c, ldc) = c;
     let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
         if rows == 0 || cols == 0 {
             0
@@ -55,7 +73,7 @@ pub(crate) fn sgemm(
             k,
             c.as_mut_ptr(),
             1,
-            n as isize,
+            ldc as isize,
             acc,
             a.0.as_ptr(),
             a.2 as isize,
