@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::bf16_gemm::{self, LinearPack};
 use super::sgemm;
 use crate::rng::{mix, Rng};
+use rayon::prelude::*;
 
 /// The op: the frozen weight (f32, or bf16 with its pack), the scale and the dropout.
 pub struct LoraLinear {
@@ -29,13 +30,29 @@ pub struct LoraLinear {
 }
 
 /// The dropout mask for `n` inputs: `0` or `1 / (1 - p)`, a pure function of the seed (the
-/// same stream the composed `Lora::forward` draws, so both paths agree).
+/// composed `Lora::forward` draws the same mask, so both paths agree). Each 64-bit draw decides
+/// four elements (16 bits each, so `p` is resolved to 1/65536), and chunks have their own
+/// derived seeds so the mask is filled in parallel yet independent of the thread count.
 pub fn dropout_mask(seed: u64, p: f32, n: usize) -> Vec<f32> {
-    let mut rng = Rng::new(mix(&[seed]));
-    let keep = 1.0 - p;
-    (0..n)
-        .map(|_| if rng.next_f32() < keep { 1.0 / keep } else { 0.0 })
-        .collect()
+    const CHUNK: usize = 1 << 14;
+    let drop_below = (p.clamp(0.0, 1.0) as f64 * 65536.0).round() as u32;
+    let keep = 1.0 - drop_below as f32 / 65536.0;
+    let scale = if keep > 0.0 { 1.0 / keep } else { 0.0 };
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
+        let mut rng = Rng::new(mix(&[seed, ci as u64]));
+        for quad in chunk.chunks_mut(4) {
+            let bits = rng.next_u64();
+            for (j, m) in quad.iter_mut().enumerate() {
+                *m = if ((bits >> (16 * j)) & 0xffff) as u32 >= drop_below {
+                    scale
+                } else {
+                    0.0
+                };
+            }
+        }
+    });
+    mask
 }
 
 impl LoraLinear {
@@ -231,6 +248,18 @@ mod tests {
             assert!(d < tol * 5.0, "d{name} differs by {d} (bf16 {bf16}, dropout {dropout})");
         }
         Ok(())
+    }
+
+    #[test]
+    fn dropout_mask_rate_and_determinism() {
+        let a = dropout_mask(3, 0.25, 100_000);
+        assert_eq!(a, dropout_mask(3, 0.25, 100_000));
+        assert_ne!(a, dropout_mask(4, 0.25, 100_000));
+        let dropped = a.iter().filter(|&&m| m == 0.0).count() as f64 / a.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.01, "dropped {dropped}");
+        let mean = a.iter().map(|&m| m as f64).sum::<f64>() / a.len() as f64;
+        assert!((mean - 1.0).abs() < 0.02, "mean {mean}");
+        assert!(dropout_mask(3, 0.0, 1000).iter().all(|&m| m == 1.0));
     }
 
     #[test]
