@@ -76,6 +76,7 @@ fn training_learns_and_is_reproducible() -> Result<()> {
         runs.push(strata::train::trainer::run(&r, &text)?);
     }
     let (a, b) = (&runs[0], &runs[1]);
+    assert_eq!(a.eval_after, b.eval_after);
     assert_eq!(a.steps, 12);
     assert!(
         a.eval_after.loss < a.eval_before.loss,
