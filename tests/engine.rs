@@ -6,7 +6,7 @@ use strata::adapter::{merge, peft, LoraPlan};
 use strata::model::config::{Arch, MODULES};
 use strata::model::gguf::write_gguf;
 use strata::model::tokenizer::tiny_vocab;
-use strata::model::{open, BaseDtype, Fwd, Model, Param};
+use strata::model::{open, BaseDtype, Fwd, LinearWeight, Model, Param};
 use strata::ops::lm_head::IGNORE;
 use strata::testing::{random_weights, tiny_config};
 use strata::train::{forward_backward, Batch, GradAcc};
@@ -346,7 +346,48 @@ fn frozen_base_in_bf16_tracks_f32() -> Result<()> {
     let lb = b.logits(&ids, Fwd::eval(), None)?;
     let scale = la.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     assert!(max_diff(&la, &lb)? < 0.05 * scale);
-    assert!(matches!(b.blocks[0].proj[0].w, Param::Frozen(ref t) if t.dtype() == DType::BF16));
+    assert!(matches!(b.blocks[0].proj[0].w, LinearWeight::Dense(Param::Frozen(ref t)) if t.dtype() == DType::BF16));
     let _ = Var::from_tensor(&la)?;
+    Ok(())
+}
+
+#[test]
+fn gguf_quantized_base_kept_as_stored() -> Result<()> {
+    let dir = tmp("asstored");
+    let vocab = tiny_vocab();
+    let mut cfg = tiny_config(Arch::Llama, 0, true);
+    cfg.vocab_size = vocab.tokens.len();
+    let src = random_weights(&cfg, 5);
+    let gguf = dir.join("q8.gguf");
+    let tensors: Vec<(String, Tensor)> = src.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    write_gguf(&gguf, &cfg, &tensors, &vocab, candle_core::quantized::GgmlDType::Q8_0)?;
+    let s = open(&gguf)?;
+    let dense = Model::load(&s.config, s.weights.as_ref(), BaseDtype::F32, false, &Device::Cpu)?;
+    let mut quant = Model::load(&s.config, s.weights.as_ref(), BaseDtype::AsStored, false, &Device::Cpu)?;
+    assert!(matches!(quant.blocks[1].proj[1].w, LinearWeight::Quant(_)));
+    let bytes: std::collections::BTreeMap<String, usize> = quant.weight_bytes().into_iter().collect();
+    assert!(bytes.contains_key("q8_0"), "{bytes:?}");
+    // Same file, dequantized on load or inside the op: the same model up to the 8-bit
+    // quantization of activations (a wrong Q/K row order would change everything).
+    let ids = Tensor::from_vec(vec![5u32, 80, 81, 200, 7, 9, 30, 31], (1, 8), &Device::Cpu)?;
+    let a = dense.logits(&ids, Fwd::eval(), None)?;
+    let b = quant.logits(&ids, Fwd::eval(), None)?;
+    let scale = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    assert!(max_diff(&a, &b)? < 0.05 * scale, "differs by {} (scale {scale})", max_diff(&a, &b)?);
+    // Adapters on a quantized base train: every adapter gets a gradient.
+    quant.add_lora(&LoraPlan::uniform(2, 4.0, &MODULES), 1)?;
+    for (_, l) in quant.loras() {
+        l.b.set(&Tensor::randn(0f32, 0.1, l.b.as_tensor().shape(), &Device::Cpu)?)?;
+    }
+    let mut acc = GradAcc::default();
+    forward_backward(&quant, &batch(cfg.vocab_size, 1, 6, 3)?, 1.0, true, Fwd::eval(), &mut acc)?;
+    for (name, v) in quant.trainable() {
+        let g = acc.get(&v).unwrap_or_else(|| panic!("{name}: no gradient"));
+        assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name}: zero gradient");
+    }
+    // Export dequantizes.
+    let hf = merge::hf_tensors(&quant, true, DType::F32)?;
+    assert!(hf.iter().any(|(n, t)| n == "model.layers.0.self_attn.q_proj.weight" && t.dims() == [32, 32]));
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -28,7 +28,7 @@ pub fn hf_tensors(model: &Model, merge: bool, dtype: DType) -> Result<Vec<(Strin
         for (mi, m) in MODULES.iter().enumerate() {
             let name = crate::adapter::plan::module_name(i, m);
             let p = &b.proj[mi];
-            let mut w = p.w.t().to_dtype(DType::F32)?;
+            let mut w = p.w.dense()?;
             if let (true, Some(l)) = (merge, &p.lora) {
                 w = (w + l.delta()?)?;
             }

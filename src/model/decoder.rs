@@ -12,10 +12,12 @@ use crate::ops::attention::{causal_attention, repeat_kv};
 use crate::ops::fused_attention::FusedAttention;
 use crate::ops::lora_linear::LoraLinear;
 use crate::ops::norm::{rms_norm, rms_norm_composed};
+use crate::ops::quant_linear::quant_linear;
 use crate::ops::rope::Rope;
 use crate::ops::swiglu::swiglu;
 use crate::ops::{frozen_linear, lm_head};
 use crate::rng::{mix, Rng};
+use candle_core::quantized::QTensor;
 
 /// A weight that is either frozen (a constant) or trained (a `Var`).
 #[derive(Debug)]
@@ -41,8 +43,11 @@ impl Param {
 pub enum BaseDtype {
     /// 32-bit floats.
     F32,
-    /// bfloat16 storage (the matmul runs in bf16 on CPU through candle).
+    /// bfloat16 storage (strata's AVX512-BF16 kernel where the CPU has it, candle elsewhere).
     Bf16,
+    /// Projections kept in the file's own quantization (GGUF Q4_0/Q4_1/Q8_0/K-quants),
+    /// dequantized inside the op; unquantized tensors stay f32.
+    AsStored,
 }
 
 impl BaseDtype {
@@ -51,7 +56,8 @@ impl BaseDtype {
         match s {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
-            o => bail!("base precision `{o}` is not supported; choose f32 or bf16"),
+            "as-stored" => Ok(Self::AsStored),
+            o => bail!("base precision `{o}` is not supported; choose f32, bf16 or as-stored"),
         }
     }
 
@@ -59,15 +65,51 @@ impl BaseDtype {
         match self {
             Self::F32 => DType::F32,
             Self::Bf16 => DType::BF16,
+            Self::AsStored => DType::F32,
         }
     }
+}
+
+/// The weight of a projection: a dense parameter, or a frozen quantized tensor.
+#[derive(Debug)]
+pub enum LinearWeight {
+    /// f32/bf16, frozen or trained.
+    Dense(Param),
+    /// Frozen in its GGUF quantization type.
+    Quant(std::sync::Arc<QTensor>),
+}
+
+impl LinearWeight {
+    /// The weight as a dense f32 tensor (dequantized when quantized): for merging and export.
+    pub fn dense(&self) -> Result<Tensor> {
+        Ok(match self {
+            LinearWeight::Dense(p) => p.t().to_dtype(DType::F32)?,
+            LinearWeight::Quant(q) => q.dequantize(&Device::Cpu)?,
+        })
+    }
+
+    /// Storage type name and bytes held.
+    pub fn storage(&self) -> (String, usize) {
+        match self {
+            LinearWeight::Dense(p) => dense_storage(p.t()),
+            LinearWeight::Quant(q) => (format!("{:?}", q.dtype()).to_lowercase(), q.storage_size_in_bytes()),
+        }
+    }
+}
+
+/// Storage type name and bytes of a dense tensor.
+fn dense_storage(t: &Tensor) -> (String, usize) {
+    (
+        format!("{:?}", t.dtype()).to_lowercase(),
+        t.elem_count() * t.dtype().size_in_bytes(),
+    )
 }
 
 /// A projection: weight, optional bias, optional LoRA adapter.
 #[derive(Debug)]
 pub struct Linear {
     /// `[out, in]`.
-    pub w: Param,
+    pub w: LinearWeight,
     /// `[out]`.
     pub b: Option<Param>,
     /// The adapter, when the plan targets this module.
@@ -108,7 +150,9 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, fwd: Fwd, site: u64) -> Result<Tensor> {
         let seed = fwd.dropout_seed.map(|s| mix(&[s, site]));
         // A frozen projection with an active adapter on the CPU: one fused op.
-        if let (Param::Frozen(w), Some(l), true, false) = (&self.w, &self.lora, fwd.adapters, fwd.naive) {
+        if let (LinearWeight::Dense(Param::Frozen(w)), Some(l), true, false) =
+            (&self.w, &self.lora, fwd.adapters, fwd.naive)
+        {
             if x.dtype() == DType::F32 && LoraLinear::supports(w, self.pack.as_ref()) {
                 let op = LoraLinear {
                     w: w.clone(),
@@ -126,9 +170,12 @@ impl Linear {
             }
         }
         let mut y = match &self.w {
-            Param::Frozen(w) if fwd.naive => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)?,
-            Param::Frozen(w) => frozen_linear(x, w, self.pack.as_ref())?,
-            Param::Train(w) => x.matmul(&w.as_tensor().t()?)?,
+            LinearWeight::Dense(Param::Frozen(w)) if fwd.naive => {
+                x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)?
+            }
+            LinearWeight::Dense(Param::Frozen(w)) => frozen_linear(x, w, self.pack.as_ref())?,
+            LinearWeight::Dense(Param::Train(w)) => x.matmul(&w.as_tensor().t()?)?,
+            LinearWeight::Quant(q) => quant_linear(x, q)?,
         };
         if let Some(b) = &self.b {
             y = y.broadcast_add(&b.t().to_dtype(DType::F32)?)?;
@@ -232,15 +279,29 @@ impl Model {
             for m in MODULES {
                 let (o, inp) = cfg.linear_shape(m).expect("known module");
                 let name = crate::adapter::plan::module_name(i, m);
-                let w = param(load(src, &format!("{name}.weight"), &[o, inp])?, full, pd)?;
+                let wname = format!("{name}.weight");
+                let quant = match (base, full) {
+                    (BaseDtype::AsStored, false) => src.get_quant(&wname)?,
+                    _ => None,
+                };
+                let w = match quant {
+                    Some(q) if q.shape().dims() == [o, inp] => LinearWeight::Quant(std::sync::Arc::new(q)),
+                    Some(q) => bail!(
+                        "{}: tensor `{wname}` has shape {:?} but the config implies {:?}",
+                        src.describe(),
+                        q.shape().dims(),
+                        [o, inp]
+                    ),
+                    None => LinearWeight::Dense(param(load(src, &wname, &[o, inp])?, full, pd)?),
+                };
                 let b = if cfg.arch.qkv_bias() && matches!(m, "q_proj" | "k_proj" | "v_proj") {
                     Some(param(load(src, &format!("{name}.bias"), &[o])?, full, DType::F32)?)
                 } else {
                     None
                 };
                 let pack = match &w {
-                    Param::Frozen(t) => crate::ops::frozen_linear::pack_weight(t)?,
-                    Param::Train(_) => None,
+                    LinearWeight::Dense(Param::Frozen(t)) => crate::ops::frozen_linear::pack_weight(t)?,
+                    _ => None,
                 };
                 proj.push(Linear { w, b, lora: None, pack });
             }
@@ -332,7 +393,9 @@ impl Model {
             );
             for (mi, m) in MODULES.iter().enumerate() {
                 let name = crate::adapter::plan::module_name(b.index, m);
-                push(format!("{name}.weight"), &b.proj[mi].w);
+                if let LinearWeight::Dense(p) = &b.proj[mi].w {
+                    push(format!("{name}.weight"), p);
+                }
                 if let Some(bias) = &b.proj[mi].b {
                     push(format!("{name}.bias"), bias);
                 }
@@ -478,27 +541,26 @@ impl Model {
         vec![KvCache::default(); self.blocks.len()]
     }
 
-    /// Bytes held by weights, by dtype name.
+    /// Bytes held by weights, by storage type.
     pub fn weight_bytes(&self) -> Vec<(String, usize)> {
         let mut acc: std::collections::BTreeMap<String, usize> = Default::default();
-        let mut add = |t: &Tensor| {
-            *acc.entry(format!("{:?}", t.dtype()).to_lowercase()).or_default() +=
-                t.elem_count() * t.dtype().size_in_bytes()
-        };
-        add(self.embed.t());
-        add(self.norm.t());
+        let dense = |p: &Param| dense_storage(p.t());
+        let mut parts = vec![dense(&self.embed), dense(&self.norm)];
         if let Some(h) = &self.head {
-            add(h.t());
+            parts.push(dense(h));
         }
         for b in &self.blocks {
-            add(b.attn_norm.t());
-            add(b.mlp_norm.t());
+            parts.push(dense(&b.attn_norm));
+            parts.push(dense(&b.mlp_norm));
             for p in &b.proj {
-                add(p.w.t());
+                parts.push(p.w.storage());
                 if let Some(bb) = &p.b {
-                    add(bb.t());
+                    parts.push(dense(bb));
                 }
             }
+        }
+        for (ty, bytes) in parts {
+            *acc.entry(ty).or_default() += bytes;
         }
         acc.into_iter().collect()
     }

@@ -327,6 +327,48 @@ impl WeightSource for GgufSource {
         Ok(t)
     }
 
+    fn get_quant(&self, name: &str) -> Result<Option<QTensor>> {
+        use candle_core::quantized::GgmlDType;
+        let Some(g) = hf_to_gguf(name) else { return Ok(None) };
+        let Some(info) = self.content.tensor_infos.get(&g) else {
+            return Ok(None);
+        };
+        if matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) || info.shape.rank() != 2 {
+            return Ok(None);
+        }
+        let q = self.qtensor(&g)?;
+        let n_head = match (self.arch, g.contains(".attn_q."), g.contains(".attn_k.")) {
+            (Arch::Llama, true, _) => self.heads,
+            (Arch::Llama, _, true) => self.kv_heads,
+            _ => return Ok(Some(q)),
+        };
+        // Un-permute whole rows: each row is a run of complete quantization blocks.
+        let (rows, cols) = q.shape().dims2()?;
+        let bytes = q.data()?;
+        let row_bytes = bytes.len() / rows;
+        if n_head == 0 || !rows.is_multiple_of(2 * n_head) || row_bytes * rows != bytes.len() {
+            bail!(
+                "{}: tensor `{g}` rows cannot be split into {n_head} RoPE heads",
+                self.path.display()
+            );
+        }
+        let half = rows / n_head / 2;
+        let mut out = Vec::with_capacity(bytes.len());
+        for r in 0..rows {
+            // HF row (head h, half s, index j) is GGUF row (h, j, s).
+            let (h, rest) = (r / (2 * half), r % (2 * half));
+            let (s, j) = (rest / half, rest % half);
+            let src = h * 2 * half + j * 2 + s;
+            out.extend_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
+        }
+        Ok(Some(candle_core::quantized::ggml_file::qtensor_from_ggml(
+            info.ggml_dtype,
+            &out,
+            vec![rows, cols],
+            &Device::Cpu,
+        )?))
+    }
+
     fn names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.content.tensor_infos.keys().filter_map(|g| gguf_to_hf(g)).collect();
         v.sort();

@@ -17,6 +17,11 @@ pub trait WeightSource {
     fn stored_type(&self, name: &str) -> Option<String>;
     /// A short description of the file for error messages.
     fn describe(&self) -> String;
+    /// The tensor `name` in its stored quantization, when the file holds it quantized (GGUF
+    /// Q4_0/Q4_1/Q8_0/K-quants); `None` for float tensors and for sources without quantization.
+    fn get_quant(&self, _name: &str) -> Result<Option<candle_core::quantized::QTensor>> {
+        Ok(None)
+    }
 }
 
 /// An opened model: its configuration, its weights, its tokenizer.

@@ -12,6 +12,7 @@ pub mod fused_attention;
 pub mod lm_head;
 pub mod lora_linear;
 pub mod norm;
+pub mod quant_linear;
 pub mod rope;
 pub mod swiglu;
 
