@@ -373,21 +373,34 @@ fn gguf_quantized_base_kept_as_stored() -> Result<()> {
     let a = dense.logits(&ids, Fwd::eval(), None)?;
     let b = quant.logits(&ids, Fwd::eval(), None)?;
     let scale = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    assert!(max_diff(&a, &b)? < 0.05 * scale, "differs by {} (scale {scale})", max_diff(&a, &b)?);
+    assert!(
+        max_diff(&a, &b)? < 0.05 * scale,
+        "differs by {} (scale {scale})",
+        max_diff(&a, &b)?
+    );
     // Adapters on a quantized base train: every adapter gets a gradient.
     quant.add_lora(&LoraPlan::uniform(2, 4.0, &MODULES), 1)?;
     for (_, l) in quant.loras() {
         l.b.set(&Tensor::randn(0f32, 0.1, l.b.as_tensor().shape(), &Device::Cpu)?)?;
     }
     let mut acc = GradAcc::default();
-    forward_backward(&quant, &batch(cfg.vocab_size, 1, 6, 3)?, 1.0, true, Fwd::eval(), &mut acc)?;
+    forward_backward(
+        &quant,
+        &batch(cfg.vocab_size, 1, 6, 3)?,
+        1.0,
+        true,
+        Fwd::eval(),
+        &mut acc,
+    )?;
     for (name, v) in quant.trainable() {
         let g = acc.get(&v).unwrap_or_else(|| panic!("{name}: no gradient"));
         assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name}: zero gradient");
     }
     // Export dequantizes.
     let hf = merge::hf_tensors(&quant, true, DType::F32)?;
-    assert!(hf.iter().any(|(n, t)| n == "model.layers.0.self_attn.q_proj.weight" && t.dims() == [32, 32]));
+    assert!(hf
+        .iter()
+        .any(|(n, t)| n == "model.layers.0.self_attn.q_proj.weight" && t.dims() == [32, 32]));
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -107,15 +107,7 @@ impl CustomOp1 for Bf16Linear {
         if k.div_ceil(2) != b.kp {
             candle_core::bail!("frozen linear: input has {k} features, the weight expects {}", 2 * b.kp);
         }
-        let x = match s {
-            CpuStorage::F32(v) => {
-                let (a, e) = l
-                    .contiguous_offsets()
-                    .ok_or_else(|| candle_core::Error::Msg("input must be contiguous".into()))?;
-                &v[a..e]
-            }
-            _ => candle_core::bail!("bf16 linear: activations must be f32"),
-        };
+        let x = super::cpu_f32(s, l, "bf16 linear")?;
         let mut y = vec![0f32; m * b.n];
         bf16_gemm::gemm(&bf16_gemm::pack_a(x, m, k), m, b, &mut y);
         Ok((CpuStorage::F32(y), Shape::from((m, b.n))))

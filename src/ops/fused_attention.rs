@@ -12,6 +12,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_f32;
+
 /// Shapes and tables of one call.
 #[derive(Clone)]
 pub struct FusedAttention {
@@ -270,18 +272,6 @@ impl FusedAttention {
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => {
-            let (a, b) = l
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("fused attention: inputs must be contiguous".into()))?;
-            Ok(&v[a..b])
-        }
-        _ => candle_core::bail!("fused attention: inputs must be f32"),
-    }
-}
-
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
         "fused-rope-attention"
@@ -296,7 +286,11 @@ impl CustomOp3 for FusedAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = self.forward_slices(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?)?;
+        let out = self.forward_slices(
+            cpu_f32(s1, l1, "fused attention")?,
+            cpu_f32(s2, l2, "fused attention")?,
+            cpu_f32(s3, l3, "fused attention")?,
+        )?;
         Ok((
             CpuStorage::F32(out),
             Shape::from((self.b * self.t, self.heads * self.d)),

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 
 use super::bf16_gemm::{self, LinearPack};
-use super::sgemm;
+use super::{cpu_f32, sgemm};
 use crate::rng::{mix, Rng};
 use rayon::prelude::*;
 
@@ -96,18 +96,6 @@ impl LoraLinear {
     }
 }
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => {
-            let (a, b) = l
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("lora linear: inputs must be contiguous".into()))?;
-            Ok(&v[a..b])
-        }
-        _ => candle_core::bail!("lora linear: inputs must be f32"),
-    }
-}
-
 impl CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
         "lora-linear"
@@ -129,7 +117,11 @@ impl CustomOp3 for LoraLinear {
         if ka != k || rb != r || wk != k || wn != n {
             candle_core::bail!("lora linear: x [{m}, {k}], A [{r}, {ka}], B [{n}, {rb}] and W [{wn}, {wk}] do not fit");
         }
-        let (x, a, b) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        let (x, a, b) = (
+            cpu_f32(s1, l1, "lora linear")?,
+            cpu_f32(s2, l2, "lora linear")?,
+            cpu_f32(s3, l3, "lora linear")?,
+        );
         let mut y = vec![0f32; m * n];
         self.base_fwd(x, m, k, &mut y)?;
         let xd = self.dropped(x);

@@ -18,6 +18,23 @@ pub mod swiglu;
 
 pub use frozen_linear::{frozen_linear, frozen_matmul};
 
+/// The contiguous f32 data of a custom op's CPU input, or an error naming the op.
+pub(crate) fn cpu_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match s {
+        candle_core::CpuStorage::F32(v) => {
+            let (a, b) = l
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg(format!("{op}: inputs must be contiguous")))?;
+            Ok(&v[a..b])
+        }
+        _ => candle_core::bail!("{op}: inputs must be f32"),
+    }
+}
+
 /// `c[m, n] = alpha * a[m, k] b[k, n] (+ c if acc)` in f32 through the `gemm` crate, each operand
 /// given as `(slice, row stride, column stride)`, `c` contiguous; `parallel` spreads it over the
 /// rayon pool.

@@ -6,6 +6,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::cpu_f32;
+
 /// `x / sqrt(mean(x^2) + eps) * w` over the last dimension, composed of candle primitives
 /// (any device, any float dtype; the reference for the fused op).
 pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -28,25 +30,13 @@ struct RmsNorm {
     eps: f32,
 }
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => {
-            let (a, b) = l
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("rms norm: inputs must be contiguous".into()))?;
-            Ok(&v[a..b])
-        }
-        _ => candle_core::bail!("rms norm: inputs must be f32"),
-    }
-}
-
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "rms-norm"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (f32s(s1, l1)?, f32s(s2, l2)?);
+        let (x, w) = (cpu_f32(s1, l1, "rms norm")?, cpu_f32(s2, l2, "rms norm")?);
         let h = w.len();
         if l1.dims().last() != Some(&h) {
             candle_core::bail!("rms norm: input width {:?} does not match weight {h}", l1.dims().last());

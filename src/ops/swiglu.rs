@@ -3,6 +3,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_f32;
+
 /// `silu(g) * u`.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.device().is_cpu() && g.dtype() == candle_core::DType::F32 && u.dtype() == g.dtype() && g.shape() == u.shape() {
@@ -20,18 +22,6 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 
 struct SwiGlu;
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => {
-            let (a, b) = l
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("swiglu: inputs must be contiguous".into()))?;
-            Ok(&v[a..b])
-        }
-        _ => candle_core::bail!("swiglu: inputs must be f32"),
-    }
-}
-
 const CHUNK: usize = 1 << 14;
 
 impl CustomOp2 for SwiGlu {
@@ -40,7 +30,7 @@ impl CustomOp2 for SwiGlu {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, u) = (f32s(s1, l1)?, f32s(s2, l2)?);
+        let (g, u) = (cpu_f32(s1, l1, "swiglu")?, cpu_f32(s2, l2, "swiglu")?);
         let mut y = vec![0f32; g.len()];
         y.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
