@@ -11,12 +11,9 @@ use crate::model::Fwd;
 /// Arguments of `strata eval`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A `.gguf` file or a Hugging Face directory.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// A PEFT adapter directory to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    /// The model and optional adapter.
+    #[command(flatten)]
+    pub model: super::ModelArgs,
     /// Text files or directories (`.txt`, `.md`, `.jsonl` with `text`).
     #[arg(long, required = true, num_args = 1..)]
     pub text: Vec<PathBuf>,
@@ -36,7 +33,7 @@ pub struct Args {
 
 /// Runs `strata eval`.
 pub fn run(a: Args) -> Result<()> {
-    let (src, model) = super::load_model(&a.model, a.adapter.as_deref(), &a.base_dtype)?;
+    let (src, model) = a.model.load(&a.base_dtype)?;
     let mut results = Vec::new();
     println!(
         "{:<40} {:>9} {:>9} {:>11} {:>9}",
@@ -60,7 +57,7 @@ pub fn run(a: Args) -> Result<()> {
         results.push(json!({"file": p, "metrics": m}));
     }
     if let Some(out) = &a.out {
-        let doc = json!({"model": a.model, "adapter": a.adapter, "seq_len": a.seq_len, "results": results});
+        let doc = json!({"model": a.model.model, "adapter": a.model.adapter, "seq_len": a.seq_len, "results": results});
         crate::util::write_atomic(out, serde_json::to_string_pretty(&doc)?.as_bytes())?;
         eprintln!("wrote {}", out.display());
     }

@@ -3,7 +3,6 @@
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use std::io::Write;
-use std::path::PathBuf;
 
 use crate::data::chat::{render, Message};
 use crate::model::Fwd;
@@ -12,12 +11,9 @@ use crate::rng::Rng;
 /// Arguments of `strata generate`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A `.gguf` file or a Hugging Face directory.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// A PEFT adapter directory to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    /// The model and optional adapter.
+    #[command(flatten)]
+    pub model: super::ModelArgs,
     /// The prompt.
     #[arg(long)]
     pub prompt: String,
@@ -77,7 +73,7 @@ pub fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut Rng) -> u3
 
 /// Runs `strata generate`.
 pub fn run(a: Args) -> Result<()> {
-    let (src, model) = super::load_model(&a.model, a.adapter.as_deref(), "f32")?;
+    let (src, model) = a.model.load("f32")?;
     let tok = &src.tokenizer;
     let text = if a.chat {
         let tpl = tok

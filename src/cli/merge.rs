@@ -8,12 +8,9 @@ use std::path::PathBuf;
 /// Arguments of `strata merge`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A `.gguf` file or a Hugging Face directory.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// The PEFT adapter to merge (omit to export the base model alone).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    /// The model and optional adapter.
+    #[command(flatten)]
+    pub model: super::ModelArgs,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -30,12 +27,12 @@ pub fn run(a: Args) -> Result<()> {
         "f16" => DType::F16,
         o => bail!("--dtype {o}: choose f32, bf16 or f16"),
     };
-    let (src, model) = super::load_model(&a.model, a.adapter.as_deref(), "f32")?;
-    crate::adapter::merge::write_hf_dir(&model, &src.tokenizer, &a.out, a.adapter.is_some(), dtype)?;
+    let (src, model) = a.model.load("f32")?;
+    crate::adapter::merge::write_hf_dir(&model, &src.tokenizer, &a.out, a.model.adapter.is_some(), dtype)?;
     println!(
         "wrote {} ({}{})",
         a.out.display(),
-        if a.adapter.is_some() {
+        if a.model.adapter.is_some() {
             "adapter merged"
         } else {
             "base model"

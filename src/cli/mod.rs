@@ -47,6 +47,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The model arguments shared by `eval`, `generate` and `merge`.
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    /// A `.gguf` file or a Hugging Face directory.
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// A PEFT adapter directory to apply (for `merge`: to fold into the weights).
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
+}
+
+impl ModelArgs {
+    /// Opens the model frozen in `base_dtype` with the adapter applied.
+    pub fn load(&self, base_dtype: &str) -> anyhow::Result<(crate::model::ModelSource, crate::model::Model)> {
+        load_model(&self.model, self.adapter.as_deref(), base_dtype)
+    }
+}
+
 /// Opens a model and builds it frozen (f32 or bf16 base), with an optional PEFT adapter.
 pub fn load_model(
     path: &std::path::Path,
