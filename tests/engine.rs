@@ -282,8 +282,19 @@ fn malformed_files_give_clear_errors() -> Result<()> {
     let tensors: Vec<(String, Tensor)> = src.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     write_gguf(&gguf, &cfg, &tensors, &vocab, candle_core::quantized::GgmlDType::Q8_0)?;
     let bytes = std::fs::read(&gguf)?;
+    // Where the last tensor's data ends (the file may carry alignment padding after it).
+    let content = strata::model::gguf::read_checked(&gguf)?;
+    let data_end = content
+        .tensor_infos
+        .values()
+        .map(|i| {
+            let bytes = i.shape.elem_count() / i.ggml_dtype.block_size() * i.ggml_dtype.type_size();
+            content.tensor_data_offset as usize + i.offset as usize + bytes
+        })
+        .max()
+        .unwrap();
     // Truncations anywhere in the file: always an error naming the file, never a panic.
-    for cut in [0, 3, 8, 20, 100, bytes.len() / 2, bytes.len() - 1] {
+    for cut in [0, 3, 8, 20, 100, bytes.len() / 2, data_end - 1] {
         let p = dir.join(format!("cut{cut}.gguf"));
         std::fs::write(&p, &bytes[..cut])?;
         let e = open(&p).err().unwrap_or_else(|| panic!("truncated at {cut} opened"));

@@ -494,6 +494,8 @@ pub fn write_gguf(
         };
         qts.push((g, QTensor::quantize(&t, ty)?));
     }
+    // Name order, so the same model always gives the same file.
+    qts.sort_by(|a, b| a.0.cmp(&b.0));
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut buf = std::io::Cursor::new(Vec::new());
