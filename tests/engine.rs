@@ -415,3 +415,63 @@ fn gguf_quantized_base_kept_as_stored() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[test]
+fn sharded_safetensors_index_loads() -> Result<()> {
+    let dir = tmp("sharded");
+    let mut cfg = tiny_config(Arch::Qwen2, 0, false);
+    let vocab = tiny_vocab();
+    cfg.vocab_size = vocab.tokens.len();
+    let src = random_weights(&cfg, 9);
+    let gguf = dir.join("m.gguf");
+    let tensors: Vec<(String, Tensor)> = src.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    write_gguf(&gguf, &cfg, &tensors, &vocab, candle_core::quantized::GgmlDType::F32)?;
+    let opened = open(&gguf)?;
+    let model = Model::load(
+        &opened.config,
+        opened.weights.as_ref(),
+        BaseDtype::F32,
+        false,
+        &Device::Cpu,
+    )?;
+    let hf = dir.join("hf");
+    merge::write_hf_dir(&model, &opened.tokenizer, &hf, false, DType::F32)?;
+    // Re-shard: layer tensors in one file, the rest in another, with an index.
+    let all = merge::hf_tensors(&model, false, DType::F32)?;
+    let (layers, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|(n, _)| n.starts_with("model.layers."));
+    strata::model::hf::save_safetensors(&hf.join("model-00001-of-00002.safetensors"), &layers)?;
+    strata::model::hf::save_safetensors(&hf.join("model-00002-of-00002.safetensors"), &rest)?;
+    let mut map = serde_json::Map::new();
+    for (n, _) in &layers {
+        map.insert(n.clone(), "model-00001-of-00002.safetensors".into());
+    }
+    for (n, _) in &rest {
+        map.insert(n.clone(), "model-00002-of-00002.safetensors".into());
+    }
+    std::fs::write(
+        hf.join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": map}).to_string(),
+    )?;
+    std::fs::remove_file(hf.join("model.safetensors"))?;
+    let sharded = open(&hf)?;
+    let m2 = Model::load(
+        &sharded.config,
+        sharded.weights.as_ref(),
+        BaseDtype::F32,
+        false,
+        &Device::Cpu,
+    )?;
+    let ids = Tensor::from_vec(vec![5u32, 80, 81, 200], (1, 4), &Device::Cpu)?;
+    assert_eq!(
+        m2.logits(&ids, Fwd::eval(), None)?.to_vec2::<f32>()?,
+        model.logits(&ids, Fwd::eval(), None)?.to_vec2::<f32>()?
+    );
+    // A shard name that escapes the directory is refused.
+    std::fs::write(
+        hf.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"a": "../x.safetensors"}}"#,
+    )?;
+    assert!(open(&hf).err().unwrap().to_string().contains("plain file name"));
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

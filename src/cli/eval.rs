@@ -1,44 +1,80 @@
-//! `strata eval`: perplexity and next-token accuracy on text files.
+//! `strata eval`: perplexity and next-token accuracy on text, accuracy on multiple-choice sets,
+//! and `--compare BEFORE.json AFTER.json` for forgetting rate and domain gain.
 
-use anyhow::Result;
-use serde_json::json;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
 use std::path::PathBuf;
 
 use crate::data;
+use crate::eval::compare::paired;
 use crate::eval::eval_sequences;
+use crate::eval::mc::{load_items, score_items, McResult};
 use crate::model::Fwd;
 
 /// Arguments of `strata eval`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The model and optional adapter.
+    /// The model and optional adapter (not needed with `--compare`).
     #[command(flatten)]
-    pub model: super::ModelArgs,
-    /// Text files or directories (`.txt`, `.md`, `.jsonl` with `text`).
-    #[arg(long, required = true, num_args = 1..)]
+    pub model: OptModel,
+    /// Text files or directories (`.txt`, `.md`, `.jsonl` with `text`): perplexity and accuracy.
+    #[arg(long, num_args = 1..)]
     pub text: Vec<PathBuf>,
-    /// Tokens per scored row.
+    /// Multiple-choice jsonl files (`{"context", "choices", "answer"}`) measuring general knowledge.
+    #[arg(long = "general-mc", num_args = 1..)]
+    pub general_mc: Vec<PathBuf>,
+    /// Multiple-choice jsonl files measuring the target domain.
+    #[arg(long = "domain-mc", num_args = 1..)]
+    pub domain_mc: Vec<PathBuf>,
+    /// Tokens per scored text row.
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
-    /// Rows per forward.
+    /// Text rows per forward.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
-    /// Frozen base precision (f32 or bf16).
+    /// Frozen base precision (f32, bf16 or as-stored).
     #[arg(long, default_value = "f32")]
     pub base_dtype: String,
     /// Write the results as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Compare two result files written by `--out` (before, after) instead of evaluating.
+    #[arg(long, num_args = 2, value_names = ["BEFORE", "AFTER"])]
+    pub compare: Vec<PathBuf>,
+}
+
+/// `--model` is optional here because `--compare` needs no model.
+#[derive(clap::Args, Debug)]
+pub struct OptModel {
+    /// A `.gguf` file or a Hugging Face directory.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A PEFT adapter directory to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 /// Runs `strata eval`.
 pub fn run(a: Args) -> Result<()> {
-    let (src, model) = a.model.load(&a.base_dtype)?;
-    let mut results = Vec::new();
-    println!(
-        "{:<40} {:>9} {:>9} {:>11} {:>9}",
-        "file", "tokens", "loss", "perplexity", "accuracy"
-    );
+    if !a.compare.is_empty() {
+        return compare(&a.compare[0], &a.compare[1]);
+    }
+    let path = a
+        .model
+        .model
+        .as_ref()
+        .context("--model is required (or use --compare BEFORE AFTER)")?;
+    if a.text.is_empty() && a.general_mc.is_empty() && a.domain_mc.is_empty() {
+        bail!("nothing to evaluate: give --text, --general-mc or --domain-mc files");
+    }
+    let (src, model) = super::load_model(path, a.model.adapter.as_deref(), &a.base_dtype)?;
+    let mut text_results = Vec::new();
+    if !a.text.is_empty() {
+        println!(
+            "{:<44} {:>9} {:>9} {:>11} {:>9}",
+            "text", "tokens", "loss", "perplexity", "accuracy"
+        );
+    }
     for p in &a.text {
         let seqs = data::pack(
             &src.tokenizer,
@@ -47,19 +83,130 @@ pub fn run(a: Args) -> Result<()> {
         )?;
         let m = eval_sequences(&model, &seqs, a.batch, Fwd::eval())?;
         println!(
-            "{:<40} {:>9} {:>9.4} {:>11.2} {:>8.2}%",
+            "{:<44} {:>9} {:>9.4} {:>11.2} {:>8.2}%",
             p.display().to_string(),
             m.tokens,
             m.loss,
             m.perplexity,
             100.0 * m.accuracy
         );
-        results.push(json!({"file": p, "metrics": m}));
+        text_results.push(json!({"file": p, "metrics": m}));
+    }
+    let mut mc_results = Vec::new();
+    let sets = a
+        .general_mc
+        .iter()
+        .map(|p| (p, "general"))
+        .chain(a.domain_mc.iter().map(|p| (p, "domain")));
+    let mut header = false;
+    for (p, role) in sets {
+        if !header {
+            println!(
+                "{:<44} {:>8} {:>7} {:>9} {:>9}",
+                "multiple choice", "role", "items", "acc", "acc_norm"
+            );
+            header = true;
+        }
+        let items = load_items(p)?;
+        let r = score_items(&model, &src.tokenizer, &items, Fwd::eval()).with_context(|| p.display().to_string())?;
+        println!(
+            "{:<44} {:>8} {:>7} {:>8.2}% {:>8.2}%",
+            p.display().to_string(),
+            role,
+            r.items,
+            100.0 * r.acc,
+            100.0 * r.acc_norm
+        );
+        mc_results.push(json!({"file": p, "role": role, "result": r}));
     }
     if let Some(out) = &a.out {
-        let doc = json!({"model": a.model.model, "adapter": a.model.adapter, "seq_len": a.seq_len, "results": results});
+        let doc = json!({
+            "model": path, "adapter": a.model.adapter, "seq_len": a.seq_len, "base_dtype": a.base_dtype,
+            "text": text_results, "mc": mc_results,
+            "scoring": "acc: highest summed log-likelihood of the choice tokens given the context; acc_norm: the same divided by the choice's length in bytes",
+        });
         crate::util::write_atomic(out, serde_json::to_string_pretty(&doc)?.as_bytes())?;
         eprintln!("wrote {}", out.display());
     }
+    Ok(())
+}
+
+fn read(path: &PathBuf) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a `strata eval --out` result", path.display()))
+}
+
+/// Prints forgetting rate (general sets) and domain gain (domain sets), paired by file.
+fn compare(before: &PathBuf, after: &PathBuf) -> Result<()> {
+    let (b, a) = (read(before)?, read(after)?);
+    let empty = vec![];
+    let mcs = |v: &Value| -> Result<Vec<(String, String, McResult)>> {
+        v.get("mc")
+            .and_then(|m| m.as_array())
+            .unwrap_or(&empty)
+            .iter()
+            .map(|e| {
+                Ok((
+                    e["file"].as_str().unwrap_or("").to_string(),
+                    e["role"].as_str().unwrap_or("").to_string(),
+                    serde_json::from_value(e["result"].clone())?,
+                ))
+            })
+            .collect()
+    };
+    let (mb, ma) = (mcs(&b)?, mcs(&a)?);
+    println!(
+        "{:<40} {:>8} {:>6} {:>8} {:>8}  {:<34}",
+        "set", "role", "items", "before", "after", "metric [95% paired bootstrap]"
+    );
+    let mut any = false;
+    for (file, role, rb) in &mb {
+        let Some((_, _, ra)) = ma.iter().find(|(f, _, _)| f == file) else {
+            continue;
+        };
+        let cb: Vec<bool> = rb.scores.iter().map(|s| s.correct_norm).collect();
+        let ca: Vec<bool> = ra.scores.iter().map(|s| s.correct_norm).collect();
+        let p = paired(&cb, &ca, 2000, 0).with_context(|| file.clone())?;
+        let metric = if role == "general" {
+            format!(
+                "forgetting {:+.2}% [{:+.2}, {:+.2}]",
+                100.0 * p.forgetting.0,
+                100.0 * p.forgetting.1,
+                100.0 * p.forgetting.2
+            )
+        } else {
+            format!(
+                "gain {:+.2} pts [{:+.2}, {:+.2}]",
+                100.0 * p.gain.0,
+                100.0 * p.gain.1,
+                100.0 * p.gain.2
+            )
+        };
+        println!(
+            "{file:<40} {role:>8} {:>6} {:>7.2}% {:>7.2}%  {metric}",
+            p.items,
+            100.0 * p.before,
+            100.0 * p.after
+        );
+        any = true;
+    }
+    let texts = |v: &Value| v.get("text").and_then(|t| t.as_array()).cloned().unwrap_or_default();
+    for tb in texts(&b) {
+        if let Some(ta) = texts(&a).into_iter().find(|t| t["file"] == tb["file"]) {
+            println!(
+                "{:<40} {:>8} {:>6} {:>8.2} {:>8.2}  perplexity",
+                tb["file"].as_str().unwrap_or(""),
+                "text",
+                tb["metrics"]["tokens"],
+                tb["metrics"]["perplexity"].as_f64().unwrap_or(f64::NAN),
+                ta["metrics"]["perplexity"].as_f64().unwrap_or(f64::NAN)
+            );
+            any = true;
+        }
+    }
+    if !any {
+        bail!("{} and {} share no evaluated file", before.display(), after.display());
+    }
+    println!("(accuracy is acc_norm; forgetting = (before - after) / before on general sets; gain = after - before on domain sets)");
     Ok(())
 }

@@ -1,5 +1,8 @@
-//! Evaluation: perplexity and next-token accuracy on packed text.
+//! Evaluation: perplexity and next-token accuracy on text, multiple-choice accuracy, and
+//! before/after comparisons (forgetting rate, domain gain) with bootstrap intervals.
 
+pub mod compare;
+pub mod mc;
 pub mod perplexity;
 
 pub use perplexity::{eval_sequences, TextMetrics};
