@@ -1,6 +1,7 @@
 //! The `strata` command line: one file per subcommand; `main.rs` only dispatches.
 
 pub mod bench;
+pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
@@ -23,6 +24,8 @@ pub struct Cli {
 pub enum Command {
     /// Train adapters (or the full model) as a recipe says.
     Train(train::Args),
+    /// Build evaluation sets from the fetched assets (`strata data build`).
+    Data(data::Args),
     /// Perplexity and next-token accuracy of a model (with or without an adapter) on text.
     Eval(eval::Args),
     /// Sample text from a model, with or without an adapter.
@@ -39,6 +42,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => train::run(a),
+        Command::Data(a) => data::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Merge(a) => merge::run(a),

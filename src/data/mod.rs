@@ -2,5 +2,6 @@
 
 pub mod chat;
 pub mod text;
+pub mod wordnet;
 
 pub use text::{load_documents, pack, Sequences};
