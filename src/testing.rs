@@ -121,3 +121,20 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> MemSource {
     }
     MemSource(m)
 }
+
+/// A tiny model of `arch` over the tiny BPE vocabulary, written to `path` as a GGUF whose
+/// matrices are stored as `dtype`; returns its config and weights.
+pub fn write_tiny_gguf(
+    path: &std::path::Path,
+    arch: Arch,
+    tied: bool,
+    seed: u64,
+    dtype: candle_core::quantized::GgmlDType,
+) -> anyhow::Result<(ModelConfig, MemSource)> {
+    let vocab = crate::model::tokenizer::tiny_vocab();
+    let cfg = tiny_config(arch, vocab.tokens.len(), tied);
+    let src = random_weights(&cfg, seed);
+    let tensors: Vec<(String, Tensor)> = src.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    crate::model::gguf::write_gguf(path, &cfg, &tensors, &vocab, dtype)?;
+    Ok((cfg, src))
+}

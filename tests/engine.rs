@@ -1,14 +1,13 @@
 //! The core engine on tiny synthetic models: gradients, recomputation, loaders, adapters.
 
 use anyhow::Result;
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, Var};
 use strata::adapter::{merge, peft, LoraPlan};
 use strata::model::config::{Arch, MODULES};
-use strata::model::gguf::write_gguf;
-use strata::model::tokenizer::tiny_vocab;
 use strata::model::{open, BaseDtype, Fwd, LinearWeight, Model, Param};
 use strata::ops::lm_head::IGNORE;
-use strata::testing::{random_weights, tiny_config};
+use strata::testing::{random_weights, tiny_config, write_tiny_gguf};
 use strata::train::{forward_backward, Batch, GradAcc};
 
 fn tmp(name: &str) -> std::path::PathBuf {
@@ -159,17 +158,12 @@ fn kv_cache_generation_matches_full_forward() -> Result<()> {
 fn gguf_and_hf_roundtrips_give_identical_logits() -> Result<()> {
     let dir = tmp("roundtrip");
     for arch in [Arch::Llama, Arch::Qwen2] {
-        let mut cfg = tiny_config(arch, 0, true);
-        let vocab = tiny_vocab();
-        cfg.vocab_size = vocab.tokens.len();
-        let src = random_weights(&cfg, 7);
+        let gguf = dir.join(format!("{arch:?}.gguf"));
+        let (cfg, src) = write_tiny_gguf(&gguf, arch, true, 7, GgmlDType::F32)?;
         let reference = Model::load(&cfg, &src, BaseDtype::F32, false, &Device::Cpu)?;
         let ids = Tensor::from_vec(vec![5u32, 80, 81, 200, 7, 9], (2, 3), &Device::Cpu)?;
         let want = reference.logits(&ids, Fwd::eval(), None)?;
 
-        let gguf = dir.join(format!("{arch:?}.gguf"));
-        let tensors: Vec<(String, Tensor)> = src.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        write_gguf(&gguf, &cfg, &tensors, &vocab, candle_core::quantized::GgmlDType::F32)?;
         let opened = open(&gguf)?;
         assert_eq!(opened.config, cfg);
         let from_gguf = Model::load(
@@ -274,13 +268,8 @@ fn adapter_save_load_and_merge_preserve_logits() -> Result<()> {
 #[test]
 fn malformed_files_give_clear_errors() -> Result<()> {
     let dir = tmp("malformed");
-    let mut cfg = tiny_config(Arch::Llama, 0, true);
-    let vocab = tiny_vocab();
-    cfg.vocab_size = vocab.tokens.len();
-    let src = random_weights(&cfg, 7);
     let gguf = dir.join("m.gguf");
-    let tensors: Vec<(String, Tensor)> = src.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    write_gguf(&gguf, &cfg, &tensors, &vocab, candle_core::quantized::GgmlDType::Q8_0)?;
+    let (cfg, src) = write_tiny_gguf(&gguf, Arch::Llama, true, 7, GgmlDType::Q8_0)?;
     let bytes = std::fs::read(&gguf)?;
     // Where the last tensor's data ends (the file may carry alignment padding after it).
     let content = strata::model::gguf::read_checked(&gguf)?;
@@ -365,13 +354,8 @@ fn frozen_base_in_bf16_tracks_f32() -> Result<()> {
 #[test]
 fn gguf_quantized_base_kept_as_stored() -> Result<()> {
     let dir = tmp("asstored");
-    let vocab = tiny_vocab();
-    let mut cfg = tiny_config(Arch::Llama, 0, true);
-    cfg.vocab_size = vocab.tokens.len();
-    let src = random_weights(&cfg, 5);
     let gguf = dir.join("q8.gguf");
-    let tensors: Vec<(String, Tensor)> = src.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    write_gguf(&gguf, &cfg, &tensors, &vocab, candle_core::quantized::GgmlDType::Q8_0)?;
+    let (cfg, _) = write_tiny_gguf(&gguf, Arch::Llama, true, 5, GgmlDType::Q8_0)?;
     let s = open(&gguf)?;
     let dense = Model::load(&s.config, s.weights.as_ref(), BaseDtype::F32, false, &Device::Cpu)?;
     let mut quant = Model::load(&s.config, s.weights.as_ref(), BaseDtype::AsStored, false, &Device::Cpu)?;
@@ -419,13 +403,8 @@ fn gguf_quantized_base_kept_as_stored() -> Result<()> {
 #[test]
 fn sharded_safetensors_index_loads() -> Result<()> {
     let dir = tmp("sharded");
-    let mut cfg = tiny_config(Arch::Qwen2, 0, false);
-    let vocab = tiny_vocab();
-    cfg.vocab_size = vocab.tokens.len();
-    let src = random_weights(&cfg, 9);
     let gguf = dir.join("m.gguf");
-    let tensors: Vec<(String, Tensor)> = src.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    write_gguf(&gguf, &cfg, &tensors, &vocab, candle_core::quantized::GgmlDType::F32)?;
+    write_tiny_gguf(&gguf, Arch::Qwen2, false, 9, GgmlDType::F32)?;
     let opened = open(&gguf)?;
     let model = Model::load(
         &opened.config,

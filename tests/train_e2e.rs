@@ -3,20 +3,12 @@
 
 use anyhow::Result;
 use candle_core::quantized::GgmlDType;
-use candle_core::Tensor;
 use strata::model::config::Arch;
-use strata::model::gguf::write_gguf;
-use strata::model::tokenizer::tiny_vocab;
-use strata::testing::{random_weights, tiny_config};
+use strata::testing::write_tiny_gguf;
 use strata::train::recipe::Recipe;
 
 fn setup(dir: &std::path::Path) -> Result<()> {
-    let vocab = tiny_vocab();
-    let mut cfg = tiny_config(Arch::Llama, 0, true);
-    cfg.vocab_size = vocab.tokens.len();
-    let src = random_weights(&cfg, 3);
-    let tensors: Vec<(String, Tensor)> = src.0.into_iter().collect();
-    write_gguf(&dir.join("tiny.gguf"), &cfg, &tensors, &vocab, GgmlDType::F32)?;
+    write_tiny_gguf(&dir.join("tiny.gguf"), Arch::Llama, true, 3, GgmlDType::F32)?;
     std::fs::create_dir_all(dir.join("data"))?;
     for i in 0..6 {
         let text = format!("the cat {i} sat on the mat. the dog {i} ran to the cat. ").repeat(8);

@@ -61,8 +61,13 @@ impl LoraLinear {
         w.device().is_cpu() && w.is_contiguous() && (w.dtype() == DType::F32 || pack.is_some())
     }
 
-    fn w_f32(&self) -> Result<Vec<f32>> {
-        self.w.flatten_all()?.to_vec1::<f32>()
+    /// Runs `f` on the f32 weight's data in place (no copy on the hot path).
+    fn with_w<R>(&self, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        let (st, l) = self.w.storage_and_layout();
+        match &*st {
+            candle_core::Storage::Cpu(c) => Ok(f(cpu_f32(c, l, "lora linear weight")?)),
+            _ => candle_core::bail!("lora linear: the weight is not on the CPU"),
+        }
     }
 
     /// `x W^T` into `y [m, out]`.
@@ -70,7 +75,7 @@ impl LoraLinear {
         let n = self.w.dim(0)?;
         match &self.pack {
             Some(p) => bf16_gemm::gemm(&bf16_gemm::pack_a(x, m, k), m, &p.fwd, y),
-            None => sgemm(m, n, k, (x, k, 1), (&self.w_f32()?, 1, k), y, false, 1.0, true),
+            None => self.with_w(|w| sgemm(m, n, k, (x, k, 1), (w, 1, k), y, false, 1.0, true))?,
         }
         Ok(())
     }
@@ -80,7 +85,7 @@ impl LoraLinear {
         let k = self.w.dim(1)?;
         match &self.pack {
             Some(p) => bf16_gemm::gemm(&bf16_gemm::pack_a(g, m, n), m, &p.bwd, dx),
-            None => sgemm(m, k, n, (g, n, 1), (&self.w_f32()?, k, 1), dx, false, 1.0, true),
+            None => self.with_w(|w| sgemm(m, k, n, (g, n, 1), (w, k, 1), dx, false, 1.0, true))?,
         }
         Ok(())
     }
