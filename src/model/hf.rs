@@ -146,44 +146,31 @@ pub fn open_dir(dir: &Path) -> Result<ModelSource> {
 
 /// Writes tensors to `path` atomically (temporary file, then rename) with `{"format": "pt"}`.
 pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let mut data: Vec<(String, Vec<u8>, DType, Vec<usize>)> = Vec::with_capacity(tensors.len());
+    fn le<T: candle_core::WithDType>(t: &Tensor, f: impl Fn(&T) -> Vec<u8>) -> Result<Vec<u8>> {
+        Ok(t.flatten_all()?.to_vec1::<T>()?.iter().flat_map(f).collect())
+    }
+    // One match decides both the bytes and the on-disk dtype, so the two cannot disagree.
+    let mut data: Vec<(String, Vec<u8>, safetensors::Dtype, Vec<usize>)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let t = t.to_device(&Device::Cpu)?.contiguous()?;
-        let bytes: Vec<u8> = match t.dtype() {
-            DType::F32 => t
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-            DType::BF16 => t
-                .flatten_all()?
-                .to_vec1::<half::bf16>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-            DType::F16 => t
-                .flatten_all()?
-                .to_vec1::<half::f16>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-            DType::U8 => t.flatten_all()?.to_vec1::<u8>()?,
+        let (bytes, dt) = match t.dtype() {
+            DType::F32 => (le::<f32>(&t, |x| x.to_le_bytes().to_vec())?, safetensors::Dtype::F32),
+            DType::BF16 => (
+                le::<half::bf16>(&t, |x| x.to_le_bytes().to_vec())?,
+                safetensors::Dtype::BF16,
+            ),
+            DType::F16 => (
+                le::<half::f16>(&t, |x| x.to_le_bytes().to_vec())?,
+                safetensors::Dtype::F16,
+            ),
+            DType::U8 => (t.flatten_all()?.to_vec1::<u8>()?, safetensors::Dtype::U8),
             d => bail!("cannot save tensor `{name}` of dtype {d:?}"),
         };
-        data.push((name.clone(), bytes, t.dtype(), t.dims().to_vec()));
+        data.push((name.clone(), bytes, dt, t.dims().to_vec()));
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
         .iter()
-        .map(|(n, b, d, s)| {
-            let dt = match d {
-                DType::F32 => safetensors::Dtype::F32,
-                DType::BF16 => safetensors::Dtype::BF16,
-                DType::F16 => safetensors::Dtype::F16,
-                _ => safetensors::Dtype::U8,
-            };
-            Ok((n.clone(), safetensors::tensor::TensorView::new(dt, s.clone(), b)?))
-        })
+        .map(|(n, b, dt, s)| Ok((n.clone(), safetensors::tensor::TensorView::new(*dt, s.clone(), b)?)))
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     let bytes = safetensors::tensor::serialize(views, Some(meta))?;
