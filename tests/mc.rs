@@ -1,4 +1,4 @@
-//! Multiple-choice scoring on a tiny model: the cached shared-context scores equal a plain full
+//! Multiple-choice scoring on a tiny model: the batched, padded scores equal a plain full
 //! forward of context + choice, and the evaluation file round trip works.
 
 use anyhow::Result;
@@ -32,7 +32,7 @@ fn oracle(model: &Model, tok: &Tok, context: &str, choice: &str) -> Result<f64> 
 }
 
 #[test]
-fn cached_scores_equal_a_full_forward_and_pick_the_likeliest() -> Result<()> {
+fn batched_scores_equal_a_full_forward_and_pick_the_likeliest() -> Result<()> {
     let vocab = tiny_vocab();
     let tok = Tok::from_json(tokenizer_json_from_gguf(&vocab, "t")?, Some(0), None, None)?;
     let mut cfg = tiny_config(Arch::Llama, 0, true);
@@ -46,7 +46,7 @@ fn cached_scores_equal_a_full_forward_and_pick_the_likeliest() -> Result<()> {
     let s = score_item(&model, &tok, &item, Fwd::eval())?;
     for (c, lp) in item.choices.iter().zip(&s.logprobs) {
         let direct = oracle(&model, &tok, "Definition: a small domestic animal. Term:", c)?;
-        assert!((lp - direct).abs() < 1e-3, "choice {c}: cached {lp} vs full {direct}");
+        assert!((lp - direct).abs() < 1e-3, "choice {c}: batched {lp} vs full {direct}");
     }
     // A trailing space of the context moves to the choice: " cat" continues "...Term:".
     let spaced = McItem {
@@ -58,9 +58,23 @@ fn cached_scores_equal_a_full_forward_and_pick_the_likeliest() -> Result<()> {
         let direct = oracle(&model, &tok, &item.context, &format!(" {c}"))?;
         assert!(
             (lp - direct).abs() < 1e-3,
-            "choice ' {c}': cached {lp} vs full {direct}"
+            "choice ' {c}': batched {lp} vs full {direct}"
         );
     }
+    // Several items of different lengths in one padded batch score as each does alone.
+    let long = McItem {
+        context: "Definition: a thing the cat and the dog and the tax all share. Term:".into(),
+        ..item.clone()
+    };
+    let batch = score_items(&model, &tok, &[item.clone(), long.clone(), spaced.clone()], Fwd::eval())?;
+    for (it, sc) in [&item, &long, &spaced].iter().zip(&batch.scores) {
+        let alone = score_item(&model, &tok, it, Fwd::eval())?;
+        for (a, b) in alone.logprobs.iter().zip(&sc.logprobs) {
+            assert!((a - b).abs() < 1e-3, "padded {b} vs alone {a}");
+        }
+    }
+    let direct = oracle(&model, &tok, &long.context, "thesis 42")?;
+    assert!((batch.scores[1].logprobs[3] - direct).abs() < 1e-3);
     // The answer is right exactly when it has the highest summed log-likelihood.
     let best = s
         .logprobs

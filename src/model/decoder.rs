@@ -523,13 +523,18 @@ impl Model {
 
     /// Mean next-token loss and counts over `ids [b, t]` with `targets` (flattened, IGNORE-able).
     pub fn eval_loss(&self, ids: &Tensor, targets: &[u32], fwd: Fwd) -> Result<lm_head::HeadOutput> {
-        let h = self.hidden(ids, fwd, None)?.detach();
+        let h = self.hidden(ids, fwd, None)?;
+        self.head_loss(&h, targets, true)
+    }
+
+    /// Head + cross-entropy over final hidden states `h [n, hidden]` (no gradient).
+    pub fn head_loss(&self, h: &Tensor, targets: &[u32], per_token: bool) -> Result<lm_head::HeadOutput> {
         Ok(lm_head::lm_head_loss(
-            &h,
+            &h.detach(),
             self.head_weight(),
             targets,
             lm_head::HeadOptions {
-                per_token: true,
+                per_token,
                 pack: self.head_pack.as_deref(),
                 ..Default::default()
             },
