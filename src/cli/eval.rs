@@ -29,6 +29,9 @@ pub struct Args {
     /// Tokens per scored text row.
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
+    /// Score at most this many text rows per file, evenly spaced through it (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub max_rows: usize,
     /// Text rows per forward.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
@@ -76,11 +79,12 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     for p in &a.text {
-        let seqs = data::pack(
+        let mut seqs = data::pack(
             &src.tokenizer,
             &data::load_documents(std::slice::from_ref(p))?,
             a.seq_len,
         )?;
+        seqs.subsample(a.max_rows);
         let m = eval_sequences(&model, &seqs, a.batch, Fwd::eval())?;
         println!(
             "{:<44} {:>9} {:>9.4} {:>11.2} {:>8.2}%",

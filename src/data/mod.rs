@@ -1,6 +1,8 @@
 //! Training and evaluation data: text and chat sources, tokenization, packing.
 
 pub mod chat;
+pub mod corpus;
+pub mod mix;
 pub mod text;
 pub mod wordnet;
 

@@ -102,6 +102,17 @@ impl Sequences {
         }
     }
 
+    /// Keeps at most `max` rows (0: all), evenly spaced so that every part of the source is
+    /// represented (a held-out set sorted by document stays a sample of all documents).
+    pub fn subsample(&mut self, max: usize) {
+        if max == 0 || self.len() <= max {
+            return;
+        }
+        let keep: Vec<usize> = (0..max).map(|i| i * self.len() / max).collect();
+        self.inputs = keep.iter().map(|&i| std::mem::take(&mut self.inputs[i])).collect();
+        self.targets = keep.iter().map(|&i| std::mem::take(&mut self.targets[i])).collect();
+    }
+
     /// Tokens with a target.
     pub fn target_tokens(&self) -> usize {
         self.targets

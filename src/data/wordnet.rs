@@ -4,11 +4,11 @@
 //! examples) as the definition, its first lemma as the answer, and three distractors drawn from
 //! lemmas of other synsets in the same file, so every choice is the same kind of thing. The
 //! domain set is `noun.possession` (finance, property, taxes, fees); general sets are other noun
-//! files. Items whose definition contains the term, or whose definition appears in a given
+//! files. Items whose definition contains the term, or whose definition appears anywhere in the
 //! training text, are left out.
 
 use anyhow::{bail, Context, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use crate::eval::mc::McItem;
@@ -91,8 +91,24 @@ fn strip_marker(w: &str) -> String {
     }
 }
 
-/// Builds up to `max` items from the synsets of one file, in a seeded random order.
-pub fn build_items(synsets: &[Synset], max: usize, seed: u64, exclude: &str) -> Vec<McItem> {
+/// Lowercase with whitespace runs collapsed: the form in which definitions are looked up in text.
+pub fn normalize(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+}
+
+/// The (normalized) definitions among `synsets` that occur anywhere in `text`, found in one pass
+/// over the text (Aho-Corasick), so checking tens of thousands against megabytes is quick.
+pub fn definitions_in(synsets: &[&Synset], text: &str) -> HashSet<String> {
+    let defs: Vec<String> = synsets.iter().map(|s| normalize(&s.definition)).collect();
+    let ac = aho_corasick::AhoCorasick::new(&defs).expect("definitions build an automaton");
+    ac.find_overlapping_iter(&normalize(text))
+        .map(|m| defs[m.pattern().as_usize()].clone())
+        .collect()
+}
+
+/// Builds up to `max` items from the synsets of one file, in a seeded random order, leaving out
+/// synsets whose (normalized) definition is in `excluded`.
+pub fn build_items(synsets: &[Synset], max: usize, seed: u64, excluded: &HashSet<String>) -> Vec<McItem> {
     let mut rng = Rng::new(seed);
     let mut order: Vec<usize> = (0..synsets.len()).collect();
     rng.shuffle(&mut order);
@@ -109,7 +125,7 @@ pub fn build_items(synsets: &[Synset], max: usize, seed: u64, exclude: &str) -> 
         if s.definition.split_whitespace().count() < 3
             || term.split(' ').count() > 3
             || def_l.contains(&term.to_lowercase())
-            || (!exclude.is_empty() && exclude.contains(&def_l))
+            || excluded.contains(&normalize(&s.definition))
             || !used.insert(term.to_lowercase())
         {
             continue;
@@ -165,7 +181,10 @@ mod tests {
         assert_eq!(m[&21].len(), 6);
         assert_eq!(m[&21][0].words, vec!["word 0", "alt0"]);
         assert_eq!(m[&21][0].definition, "money paid to the government on income");
-        let items = build_items(&m[&21], 10, 1, "a loan secured by real estate in the text");
+        let all: Vec<&Synset> = m[&21].iter().collect();
+        let excluded = definitions_in(&all, "We took\nA  Loan secured by real estate in the text");
+        assert_eq!(excluded.len(), 1);
+        let items = build_items(&m[&21], 10, 1, &excluded);
         assert!(!items.is_empty() && items.len() <= 5, "{}", items.len());
         for it in &items {
             assert_eq!(it.choices.len(), 4);
@@ -177,8 +196,8 @@ mod tests {
             assert_eq!(c.len(), 4);
         }
         assert_eq!(
-            build_items(&m[&21], 10, 1, "").len(),
-            build_items(&m[&21], 10, 1, "").len()
+            build_items(&m[&21], 10, 1, &HashSet::new()),
+            build_items(&m[&21], 10, 1, &HashSet::new())
         );
         std::fs::write(&f, "garbage\n")?;
         assert!(read_data_noun(&f).unwrap_err().to_string().contains("data.noun:1"));

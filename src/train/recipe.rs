@@ -92,6 +92,15 @@ pub struct DataSection {
     /// Tokens per row.
     #[serde(default = "default_seq")]
     pub seq_len: usize,
+    /// General (replay) training files, mixed into every batch at `1 - domain_share`.
+    #[serde(default)]
+    pub general: Vec<PathBuf>,
+    /// Share of each batch's rows drawn from `train` when `general` is given.
+    #[serde(default)]
+    pub domain_share: Option<f64>,
+    /// General held-out files, scored before and after training (forgetting in perplexity).
+    #[serde(default)]
+    pub general_eval: Vec<PathBuf>,
 }
 
 fn default_format() -> String {
@@ -228,6 +237,14 @@ impl Recipe {
         if self.data.train.is_empty() {
             bail!("data.train lists no files");
         }
+        match (self.data.general.is_empty(), self.data.domain_share) {
+            (false, None) => bail!(
+                "data.general is given: set data.domain_share (e.g. 0.8) to say how much of each batch is domain data"
+            ),
+            (true, Some(_)) => bail!("data.domain_share needs data.general (the general files to mix in)"),
+            (_, Some(s)) if !(0.0..=1.0).contains(&s) => bail!("data.domain_share {s} is outside [0, 1]"),
+            _ => {}
+        }
         crate::train::schedule::Decay::parse(&t.schedule)?;
         crate::model::BaseDtype::parse(&self.model.base_dtype)?;
         Ok(())
@@ -260,6 +277,16 @@ mod tests {
         assert!(format!("{e:#}").contains("wavy"), "{e:#}");
         let e = Recipe::parse("[model]\npath = \"m\"\n[data]\ntrain = [\"d\"]\n", "r.toml", &[]).unwrap_err();
         assert!(format!("{e:#}").contains("[lora]"), "{e:#}");
+    }
+
+    #[test]
+    fn mixing_needs_both_general_files_and_a_share() {
+        let e = Recipe::parse(BASE, "r.toml", &["data.general=[\"g.txt\"]".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("domain_share"), "{e:#}");
+        let e = Recipe::parse(BASE, "r.toml", &["data.domain_share=0.8".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("needs data.general"), "{e:#}");
+        let sets = ["data.general=[\"g.txt\"]".into(), "data.domain_share=1.5".into()];
+        assert!(format!("{:#}", Recipe::parse(BASE, "r.toml", &sets).unwrap_err()).contains("outside"));
     }
 
     #[test]

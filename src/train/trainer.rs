@@ -3,7 +3,7 @@
 //! as it goes, and finally write the adapter (or the full model) and a summary.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde::Serialize;
 use serde_json::json;
 use std::io::{IsTerminal, Write};
@@ -15,11 +15,12 @@ use super::recipe::Recipe;
 use super::schedule::{Decay, Schedule};
 use super::step::{forward_backward, Batch, GradAcc};
 use crate::adapter::{merge, peft};
+use crate::data::mix::{self, Mixer};
 use crate::data::{self, Sequences};
 use crate::eval::{eval_sequences, TextMetrics};
 use crate::model::{self, BaseDtype, Fwd, Model};
 use crate::ops::lm_head::IGNORE;
-use crate::rng::{mix, Rng};
+use crate::rng::mix;
 use crate::util::{human_bytes, peak_rss};
 
 /// What a finished run reports (also written as `summary.json`).
@@ -33,6 +34,12 @@ pub struct RunSummary {
     pub eval_before: TextMetrics,
     /// Held-out metrics after training.
     pub eval_after: TextMetrics,
+    /// General held-out metrics before and after (`data.general_eval`).
+    pub general_before: Option<TextMetrics>,
+    /// See `general_before`.
+    pub general_after: Option<TextMetrics>,
+    /// Fraction of trained rows that were domain rows.
+    pub domain_share: f64,
     /// Trained tokens per second over the loop.
     pub tokens_per_second: f64,
     /// Peak resident set of the process, bytes.
@@ -53,15 +60,6 @@ pub fn load_sequences(recipe: &Recipe, tok: &model::tokenizer::Tok, paths: &[Pat
     }
 }
 
-fn rows_to_batch(seqs: &Sequences, rows: &[usize], dev: &Device) -> Result<Batch> {
-    let ids: Vec<u32> = rows.iter().flat_map(|&r| seqs.inputs[r].iter().copied()).collect();
-    let targets: Vec<u32> = rows.iter().flat_map(|&r| seqs.targets[r].iter().copied()).collect();
-    Ok(Batch {
-        ids: Tensor::from_vec(ids, (rows.len(), seqs.seq_len), dev)?,
-        targets,
-    })
-}
-
 fn fmt_secs(s: f64) -> String {
     let s = s.max(0.0) as u64;
     if s >= 3600 {
@@ -69,6 +67,19 @@ fn fmt_secs(s: f64) -> String {
     } else {
         format!("{}m{:02}s", s / 60, s % 60)
     }
+}
+
+fn report(when: &str, m: &TextMetrics, general: Option<&TextMetrics>) {
+    eprintln!(
+        "held-out {when}: loss {:.4}, perplexity {:.2}, accuracy {:.2}%{}",
+        m.loss,
+        m.perplexity,
+        100.0 * m.accuracy,
+        general.map_or(String::new(), |g| format!(
+            "; general: loss {:.4}, perplexity {:.2}",
+            g.loss, g.perplexity
+        ))
+    );
 }
 
 /// Runs a recipe to completion. `recipe_text` is saved beside the outputs.
@@ -113,10 +124,19 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
     } else {
         load_sequences(recipe, &src.tokenizer, &recipe.data.eval)?
     };
-    if t.eval_rows > 0 && held.len() > t.eval_rows {
-        held.inputs.truncate(t.eval_rows);
-        held.targets.truncate(t.eval_rows);
+    held.subsample(t.eval_rows);
+    let general = match recipe.data.general.is_empty() {
+        true => Sequences::default(),
+        false => load_sequences(recipe, &src.tokenizer, &recipe.data.general)?,
+    };
+    let mut held_general = match recipe.data.general_eval.is_empty() {
+        true => None,
+        false => Some(load_sequences(recipe, &src.tokenizer, &recipe.data.general_eval)?),
+    };
+    if let Some(h) = held_general.as_mut() {
+        h.subsample(t.eval_rows);
     }
+    let share = recipe.data.domain_share.unwrap_or(1.0);
     let per_step = t.batch * t.grad_accum;
     let steps = if t.steps > 0 {
         t.steps
@@ -131,31 +151,35 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
         floor: t.min_lr_ratio,
     };
     eprintln!(
-        "strata train: {} ({} layers), {} trainable parameters, {} training rows x {} tokens, {} held-out rows, {steps} steps of {per_step} rows",
+        "strata train: {} ({} layers), {} trainable parameters, {} training rows x {} tokens{}, {} held-out rows, {steps} steps of {per_step} rows",
         recipe.model.path.display(),
         src.config.num_layers,
         n_params,
         train.len(),
         train.seq_len,
+        match general.is_empty() {
+            true => String::new(),
+            false => format!(" + {} general rows at {:.0}% domain", general.len(), 100.0 * share),
+        },
         held.len()
     );
 
     let mut log = std::fs::File::create(t.out.join("metrics.jsonl")).context("cannot create metrics.jsonl")?;
     let eval_batch = t.batch.max(1);
     let eval_before = eval_sequences(&model, &held, eval_batch, Fwd::eval())?;
-    writeln!(log, "{}", json!({"step": 0, "eval": eval_before}))?;
-    eprintln!(
-        "held-out before: loss {:.4}, perplexity {:.2}, accuracy {:.2}%",
-        eval_before.loss,
-        eval_before.perplexity,
-        100.0 * eval_before.accuracy
-    );
+    let general_before = match &held_general {
+        Some(h) => Some(eval_sequences(&model, h, eval_batch, Fwd::eval())?),
+        None => None,
+    };
+    writeln!(
+        log,
+        "{}",
+        json!({"step": 0, "eval": eval_before, "eval_general": general_before})
+    )?;
+    report("before", &eval_before, general_before.as_ref());
 
     let mut opt = AdamW::new(t.weight_decay);
-    let mut rng = Rng::new(mix(&[t.seed, 0xda7a]));
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    rng.shuffle(&mut order);
-    let mut cursor = 0;
+    let mut mixer = Mixer::new(train.len(), general.len(), t.seed)?;
     let mut acc = GradAcc::default();
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
@@ -165,16 +189,9 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
     for step in 0..steps {
         let mut micro = Vec::with_capacity(t.grad_accum);
         for _ in 0..t.grad_accum {
-            let mut rows = Vec::with_capacity(t.batch);
-            for _ in 0..t.batch {
-                if cursor == order.len() {
-                    rng.shuffle(&mut order);
-                    cursor = 0;
-                }
-                rows.push(order[cursor]);
-                cursor += 1;
-            }
-            micro.push(rows_to_batch(&train, &rows, &dev)?);
+            let rows = mixer.next_rows(t.batch, share);
+            let (ids, targets) = mix::gather(&[&train, &general], &rows, &dev)?;
+            micro.push(Batch { ids, targets });
         }
         // The loss is the mean over every target token of the effective batch, so splitting it
         // into micro-batches changes nothing but memory.
@@ -224,7 +241,7 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
         writeln!(
             log,
             "{}",
-            json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": trained_tokens, "tok_per_s": tps, "peak_rss": peak, "elapsed_s": elapsed})
+            json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": trained_tokens, "tok_per_s": tps, "peak_rss": peak, "elapsed_s": elapsed, "domain_share": share, "domain_share_realised": mixer.realised_share()})
         )?;
         let line = format!(
             "step {}/{steps}  loss {loss:.4}  lr {lr:.2e}  {tps:.0} tok/s  ETA {}  peak {}",
@@ -255,16 +272,19 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
         eprintln!();
     }
     let train_seconds = start.elapsed().as_secs_f64();
+    let mut general_after = general_before;
     if steps > 0 {
         eval_after = eval_sequences(&model, &held, eval_batch, Fwd::eval())?;
-        writeln!(log, "{}", json!({"step": steps, "eval": eval_after}))?;
+        if let Some(h) = &held_general {
+            general_after = Some(eval_sequences(&model, h, eval_batch, Fwd::eval())?);
+        }
+        writeln!(
+            log,
+            "{}",
+            json!({"step": steps, "eval": eval_after, "eval_general": general_after})
+        )?;
     }
-    eprintln!(
-        "held-out after:  loss {:.4}, perplexity {:.2}, accuracy {:.2}%",
-        eval_after.loss,
-        eval_after.perplexity,
-        100.0 * eval_after.accuracy
-    );
+    report("after", &eval_after, general_after.as_ref());
 
     let output = match &plan {
         Some(plan) => {
@@ -283,6 +303,9 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
         tokens: trained_tokens,
         eval_before,
         eval_after,
+        general_before,
+        general_after,
+        domain_share: mixer.realised_share(),
         tokens_per_second: trained_tokens as f64 / train_seconds.max(1e-9),
         peak_rss_bytes: peak_rss(),
         train_seconds,
