@@ -35,6 +35,20 @@ pub fn current_rss() -> u64 {
     status_kb("VmRSS:") * 1024
 }
 
+/// Memory the machine can still give without swapping, bytes (Linux `MemAvailable`), 0 where
+/// unavailable.
+pub fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
 fn status_kb(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -104,3 +104,173 @@ fn training_learns_and_is_reproducible() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+fn fresh_dir(tag: &str) -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("strata-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    setup(&dir)?;
+    Ok(dir)
+}
+
+fn train_with(text: &str, opts: strata::train::trainer::RunOptions) -> Result<strata::train::trainer::RunSummary> {
+    strata::train::trainer::run_with(&Recipe::parse(text, "e2e.toml", &[])?, text, opts)
+}
+
+/// A run with general data mixed in at a scheduled share, LoRA+ and checkpoints every 6 steps.
+fn mixed_recipe(dir: &std::path::Path, out: &str) -> String {
+    recipe(dir, out).replace(
+        "seq_len = 16",
+        "seq_len = 16\ngeneral = [\"DIR/data/doc0.txt\"]\ndomain_share = 0.9\ndomain_share_end = 0.5\nmix_schedule = \"cosine\"",
+    )
+    .replace("DIR", &dir.display().to_string())
+        + "checkpoint_every = 6\nkeep_checkpoints = 3\nloraplus_ratio = 4.0\n"
+}
+
+#[test]
+fn resume_continues_bit_exactly() -> Result<()> {
+    let dir = fresh_dir("resume")?;
+    let whole = train_with(&mixed_recipe(&dir, "whole"), Default::default())?;
+    assert_eq!(whole.steps, 12);
+    let ck = dir.join("whole/checkpoints");
+    let kept: Vec<_> = std::fs::read_dir(&ck)?.map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    // Continue a second run from the checkpoint at step 6, as a killed run would be.
+    let resumed = train_with(
+        &mixed_recipe(&dir, "resumed"),
+        strata::train::trainer::RunOptions {
+            resume: Some(ck.join("step-000006")),
+            ..Default::default()
+        },
+    )?;
+    assert_eq!(resumed.steps, 12);
+    let (la, lb) = (
+        losses(&dir.join("whole/metrics.jsonl"))?,
+        losses(&dir.join("resumed/metrics.jsonl"))?,
+    );
+    assert_eq!(la.len(), 12);
+    assert_eq!(la, lb, "resumed loss curve differs");
+    // Steps 1-6 came from the checkpoint (timings included, byte for byte), not from a rerun.
+    let text = |run: &str| std::fs::read_to_string(dir.join(run).join("metrics.jsonl")).unwrap();
+    let (ta, tb) = (text("whole"), text("resumed"));
+    let first7 = |t: &str| t.lines().take(7).map(String::from).collect::<Vec<_>>();
+    assert_eq!(first7(&ta), first7(&tb));
+    assert_ne!(
+        ta.lines().nth(8),
+        tb.lines().nth(8),
+        "step 8 should have been recomputed (new timings)"
+    );
+    let wa = std::fs::read(dir.join("whole/adapter/adapter_model.safetensors"))?;
+    let wb = std::fs::read(dir.join("resumed/adapter/adapter_model.safetensors"))?;
+    assert_eq!(wa, wb, "resumed adapter bytes differ");
+    assert_eq!(whole.eval_after, resumed.eval_after);
+    // The mix moved from 0.9 towards 0.5, and LoRA B ran at 4x LoRA A's rate; both are logged.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("whole/metrics.jsonl"))?
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("loss").is_some())
+        .collect();
+    let share = |i: usize| lines[i]["domain_share"].as_f64().unwrap();
+    assert!(
+        (share(0) - 0.9).abs() < 1e-9 && share(11) < 0.55,
+        "{} {}",
+        share(0),
+        share(11)
+    );
+    let lr = &lines[5]["lr"];
+    assert!((lr["lora_b"].as_f64().unwrap() / lr["lora_a"].as_f64().unwrap() - 4.0).abs() < 1e-9);
+    // A wrong resume point is a clear error.
+    let e = train_with(
+        &mixed_recipe(&dir, "bad"),
+        strata::train::trainer::RunOptions {
+            resume: Some(dir.join("nowhere")),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("no checkpoint found"), "{e:#}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Forces the micro-batch to change mid-run, as the memory monitor would.
+struct ForceMicro {
+    at: usize,
+    micro: usize,
+}
+
+impl strata::train::callback::Callback for ForceMicro {
+    fn name(&self) -> &str {
+        "force_micro"
+    }
+    fn on_step_begin(&mut self, c: &mut strata::train::callback::Control) -> Result<()> {
+        if c.step == self.at {
+            c.set_micro_batch(self.micro);
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn changing_the_micro_batch_keeps_the_loss_curve() -> Result<()> {
+    let dir = fresh_dir("micro")?;
+    // 4 rows per step as one micro-batch of 4; then forced to 1 row (4 accumulated) at step 3.
+    let text = |out: &str| recipe(&dir, out).replace("batch = 2\ngrad_accum = 2", "batch = 4\ngrad_accum = 1");
+    train_with(&text("plain"), Default::default())?;
+    train_with(
+        &text("forced"),
+        strata::train::trainer::RunOptions {
+            callbacks: vec![Box::new(ForceMicro { at: 3, micro: 1 })],
+            ..Default::default()
+        },
+    )?;
+    let (a, b) = (
+        losses(&dir.join("plain/metrics.jsonl"))?,
+        losses(&dir.join("forced/metrics.jsonl"))?,
+    );
+    assert_eq!(a.len(), 12);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() < 1e-4 * x.abs(),
+            "loss {x} vs {y} after a micro-batch change"
+        );
+    }
+    let micro: Vec<u64> = std::fs::read_to_string(dir.join("forced/metrics.jsonl"))?
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("micro_batch")?
+                .as_u64()
+        })
+        .collect();
+    assert_eq!(&micro[..4], &[4, 4, 4, 1]);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn out_of_memory_halves_the_micro_batch_and_retries() -> Result<()> {
+    let mut c = strata::train::callback::Control {
+        step: 0,
+        total_steps: 1,
+        domain_share: 1.0,
+        micro_batch: 8,
+        effective_batch: 8,
+        lr: Default::default(),
+        stop: false,
+    };
+    let mut tries = Vec::new();
+    let out = strata::train::trainer::with_oom_retry(&mut c, |m| {
+        tries.push(m);
+        if m > 2 {
+            anyhow::bail!("CUDA_ERROR_OUT_OF_MEMORY: out of memory")
+        }
+        Ok(m * 10)
+    })?;
+    assert_eq!((out, tries, c.micro_batch), (20, vec![8, 4, 2], 2));
+    // Other errors are not retried.
+    let e = strata::train::trainer::with_oom_retry(&mut c, |_| -> Result<()> { anyhow::bail!("shape mismatch") });
+    assert!(e.is_err());
+    Ok(())
+}

@@ -42,10 +42,11 @@ impl Lora {
 
     /// The adapter's contribution `s * B A x` for `x [n, in]` (f32). `dropout_seed` is set during
     /// training; the mask is a pure function of it, so a recomputed forward sees the same mask.
-    pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, dropout_seed: Option<crate::ops::lora_linear::MaskSeed>) -> Result<Tensor> {
         let x = match dropout_seed {
             Some(seed) if self.dropout > 0.0 => {
-                let mask = crate::ops::lora_linear::dropout_mask(seed, self.dropout, x.elem_count());
+                let (rows, width) = x.dims2()?;
+                let mask = crate::ops::lora_linear::dropout_mask(seed, self.dropout, rows, width);
                 (x * Tensor::from_vec(mask, x.shape(), x.device())?)?
             }
             _ => x.clone(),

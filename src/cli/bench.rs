@@ -227,7 +227,7 @@ fn run_variant(a: &Args, cfg: &ModelConfig, variant: &str) -> Result<()> {
         if norm > 1.0 {
             acc.scale(1.0 / norm)?;
         }
-        opt.step(&params, &acc, 1e-4)?;
+        opt.step(&params, &acc, |_| 1e-4)?;
         Ok(loss)
     };
     step()?;

@@ -1,4 +1,4 @@
-//! `strata train RECIPE.toml [--set key=value ...]`.
+//! `strata train RECIPE.toml [--set key=value ...] [--resume DIR]`.
 
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -13,6 +13,10 @@ pub struct Args {
     /// Override a recipe field, e.g. `--set train.lr=1e-4` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    /// Continue bit-exactly from a checkpoint: a `checkpoints/step-NNNNNN` directory, or a run
+    /// directory (its newest checkpoint). Use the recipe that wrote it.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
 }
 
 /// Runs `strata train`.
@@ -22,6 +26,10 @@ pub fn run(a: Args) -> Result<()> {
     let text = std::fs::read_to_string(&a.recipe).with_context(|| format!("cannot read {}", a.recipe.display()))?;
     let mut doc: toml::Table = text.parse()?;
     apply_sets(&mut doc, &a.sets)?;
-    crate::train::trainer::run(&recipe, &toml::to_string(&doc)?)?;
+    let opts = crate::train::trainer::RunOptions {
+        resume: a.resume,
+        ..Default::default()
+    };
+    crate::train::trainer::run_with(&recipe, &toml::to_string(&doc)?, opts)?;
     Ok(())
 }

@@ -20,6 +20,7 @@ pub struct Walk {
     order: Vec<usize>,
     cursor: usize,
     rng: [u64; 4],
+    passes: u64,
 }
 
 impl Walk {
@@ -31,6 +32,7 @@ impl Walk {
             order,
             cursor: 0,
             rng: rng.state(),
+            passes: 0,
         }
     }
 
@@ -42,6 +44,9 @@ impl Walk {
             self.cursor = 0;
         }
         self.cursor += 1;
+        if self.cursor == self.order.len() {
+            self.passes += 1;
+        }
         self.order[self.cursor - 1]
     }
 }
@@ -93,6 +98,11 @@ impl Mixer {
                 (s, self.walks[s].next())
             })
             .collect()
+    }
+
+    /// Completed passes over the domain rows (epochs).
+    pub fn domain_passes(&self) -> u64 {
+        self.walks[0].passes
     }
 
     /// Fraction of all rows drawn so far that came from the domain.

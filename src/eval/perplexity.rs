@@ -2,13 +2,13 @@
 
 use anyhow::Result;
 use candle_core::Tensor;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::Sequences;
 use crate::model::{Fwd, Model};
 
 /// Text metrics over a set of sequences.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TextMetrics {
     /// Tokens scored.
     pub tokens: usize,

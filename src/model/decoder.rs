@@ -10,7 +10,7 @@ use super::source::WeightSource;
 use crate::adapter::{Lora, LoraPlan};
 use crate::ops::attention::{causal_attention, repeat_kv};
 use crate::ops::fused_attention::FusedAttention;
-use crate::ops::lora_linear::LoraLinear;
+use crate::ops::lora_linear::{LoraLinear, MaskSeed};
 use crate::ops::norm::{rms_norm, rms_norm_composed};
 use crate::ops::quant_linear::quant_linear;
 use crate::ops::rope::Rope;
@@ -123,6 +123,9 @@ pub struct Linear {
 pub struct Fwd {
     /// Seed of this step's dropout masks; `None` disables dropout (evaluation).
     pub dropout_seed: Option<u64>,
+    /// Index within the optimizer step of this micro-batch's first token, so that dropout masks
+    /// do not depend on how the step is split into micro-batches.
+    pub first_token: u64,
     /// Whether adapters contribute (off gives the base model without a second copy).
     pub adapters: bool,
     /// Run frozen weights through candle's own matmul (the naive baseline of `strata bench`).
@@ -138,6 +141,7 @@ impl Fwd {
     pub fn eval() -> Self {
         Self {
             dropout_seed: None,
+            first_token: 0,
             adapters: true,
             naive: false,
             graph: false,
@@ -148,7 +152,10 @@ impl Fwd {
 impl Linear {
     /// `x [n, in] -> [n, out]`.
     pub fn forward(&self, x: &Tensor, fwd: Fwd, site: u64) -> Result<Tensor> {
-        let seed = fwd.dropout_seed.map(|s| mix(&[s, site]));
+        let seed = fwd.dropout_seed.map(|s| MaskSeed {
+            seed: mix(&[s, site]),
+            first_row: fwd.first_token,
+        });
         // A frozen projection with an active adapter on the CPU: one fused op.
         if let (LinearWeight::Dense(Param::Frozen(w)), Some(l), true, false) =
             (&self.w, &self.lora, fwd.adapters, fwd.naive)

@@ -26,22 +26,35 @@ pub struct LoraLinear {
     /// Dropout probability on the adapter input.
     pub dropout: f32,
     /// Seed of this call's dropout mask (`None`: no dropout).
-    pub seed: Option<u64>,
+    pub seed: Option<MaskSeed>,
 }
 
-/// The dropout mask for `n` inputs: `0` or `1 / (1 - p)`, a pure function of the seed (the
-/// composed `Lora::forward` draws the same mask, so both paths agree). Each 64-bit draw decides
-/// four elements (16 bits each, so `p` is resolved to 1/65536), and chunks have their own
-/// derived seeds so the mask is filled in parallel yet independent of the thread count.
-pub fn dropout_mask(seed: u64, p: f32, n: usize) -> Vec<f32> {
-    const CHUNK: usize = 1 << 14;
+/// Where a dropout mask comes from: a seed (the step's, mixed with the op's site) and the index
+/// of `x`'s first row (token) within the optimizer step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaskSeed {
+    /// Seed of the step and site.
+    pub seed: u64,
+    /// Index within the step of the first row of `x`.
+    pub first_row: u64,
+}
+
+/// The dropout mask for `rows x width` inputs: `0` or `1 / (1 - p)`, a pure function of the
+/// seed (the composed `Lora::forward` draws the same mask, so both paths agree). Each row draws
+/// from its own stream, seeded by its index within the step, so splitting a step into
+/// micro-batches of any size gives every token the same mask. Each 64-bit draw decides four
+/// elements (16 bits each, so `p` is resolved to 1/65536); rows fill in parallel.
+pub fn dropout_mask(s: MaskSeed, p: f32, rows: usize, width: usize) -> Vec<f32> {
     let drop_below = (p.clamp(0.0, 1.0) as f64 * 65536.0).round() as u32;
     let keep = 1.0 - drop_below as f32 / 65536.0;
     let scale = if keep > 0.0 { 1.0 / keep } else { 0.0 };
-    let mut mask = vec![0f32; n];
-    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
-        let mut rng = Rng::new(mix(&[seed, ci as u64]));
-        for quad in chunk.chunks_mut(4) {
+    let mut mask = vec![0f32; rows * width];
+    if width == 0 {
+        return mask;
+    }
+    mask.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+        let mut rng = Rng::new(mix(&[s.seed, s.first_row + r as u64]));
+        for quad in row.chunks_mut(4) {
             let bits = rng.next_u64();
             for (j, m) in quad.iter_mut().enumerate() {
                 *m = if ((bits >> (16 * j)) & 0xffff) as u32 >= drop_below {
@@ -93,7 +106,8 @@ impl LoraLinear {
     fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
         match self.seed {
             Some(seed) if self.dropout > 0.0 => {
-                let mask = dropout_mask(seed, self.dropout, x.len());
+                let k = self.w.dim(1).unwrap_or(1).max(1);
+                let mask = dropout_mask(seed, self.dropout, x.len() / k, k);
                 Some(x.iter().zip(&mask).map(|(a, b)| a * b).collect())
             }
             _ => None,
@@ -150,7 +164,7 @@ impl CustomOp3 for LoraLinear {
         let vec = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
         let (xs, av, bv, gv) = (vec(x)?, vec(a)?, vec(b)?, vec(g)?);
         let mask = match self.seed {
-            Some(seed) if self.dropout > 0.0 => Some(dropout_mask(seed, self.dropout, xs.len())),
+            Some(seed) if self.dropout > 0.0 => Some(dropout_mask(seed, self.dropout, m, k)),
             _ => None,
         };
         let xd: Vec<f32> = match &mask {
@@ -220,7 +234,7 @@ mod tests {
         }
         let pack = pack_weight(&w)?;
         let x = Var::from_tensor(&x)?;
-        let seed = Some(9u64);
+        let seed = Some(MaskSeed { seed: 9, first_row: 5 });
         let composed = (frozen_linear(x.as_tensor(), &w, pack.as_ref())? + lora.forward(x.as_tensor(), seed)?)?;
         let op = LoraLinear {
             w: w.clone(),
@@ -249,14 +263,17 @@ mod tests {
 
     #[test]
     fn dropout_mask_rate_and_determinism() {
-        let a = dropout_mask(3, 0.25, 100_000);
-        assert_eq!(a, dropout_mask(3, 0.25, 100_000));
-        assert_ne!(a, dropout_mask(4, 0.25, 100_000));
+        let s = |seed, first_row| MaskSeed { seed, first_row };
+        let a = dropout_mask(s(3, 0), 0.25, 1000, 100);
+        assert_eq!(a, dropout_mask(s(3, 0), 0.25, 1000, 100));
+        assert_ne!(a, dropout_mask(s(4, 0), 0.25, 1000, 100));
         let dropped = a.iter().filter(|&&m| m == 0.0).count() as f64 / a.len() as f64;
         assert!((dropped - 0.25).abs() < 0.01, "dropped {dropped}");
         let mean = a.iter().map(|&m| m as f64).sum::<f64>() / a.len() as f64;
         assert!((mean - 1.0).abs() < 0.02, "mean {mean}");
-        assert!(dropout_mask(3, 0.0, 1000).iter().all(|&m| m == 1.0));
+        assert!(dropout_mask(s(3, 0), 0.0, 10, 100).iter().all(|&m| m == 1.0));
+        // Rows 400.. of the step get the same mask whether or not they start a micro-batch.
+        assert_eq!(dropout_mask(s(3, 400), 0.25, 600, 100), a[400 * 100..].to_vec());
     }
 
     #[test]

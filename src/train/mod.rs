@@ -1,5 +1,7 @@
 //! Training: the explicit forward/backward step, AdamW, schedules, the trainer loop, recipes.
 
+pub mod callback;
+pub mod checkpoint;
 pub mod optim;
 pub mod recipe;
 pub mod schedule;

@@ -1,8 +1,8 @@
 //! AdamW with decoupled weight decay over the trainable parameters.
 
 use anyhow::Result;
-use candle_core::{Tensor, TensorId, Var};
-use std::collections::HashMap;
+use candle_core::{Tensor, Var};
+use std::collections::BTreeMap;
 
 use super::step::GradAcc;
 
@@ -19,7 +19,8 @@ pub struct AdamW {
     pub weight_decay: f64,
     /// Updates taken so far.
     pub t: u64,
-    moments: HashMap<TensorId, (Tensor, Tensor)>,
+    /// First and second moments by parameter name (names make them checkpointable).
+    pub moments: BTreeMap<String, (Tensor, Tensor)>,
 }
 
 impl AdamW {
@@ -31,19 +32,19 @@ impl AdamW {
             eps: 1e-8,
             weight_decay,
             t: 0,
-            moments: HashMap::new(),
+            moments: BTreeMap::new(),
         }
     }
 
-    /// One update of every parameter in `params` that has a gradient, at learning rate `lr`.
-    pub fn step(&mut self, params: &[(String, Var)], grads: &GradAcc, lr: f64) -> Result<()> {
+    /// One update of every parameter in `params` that has a gradient, each at `lr(name)`.
+    pub fn step(&mut self, params: &[(String, Var)], grads: &GradAcc, lr: impl Fn(&str) -> f64) -> Result<()> {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
-        for (_, p) in params {
+        for (name, p) in params {
             let Some(g) = grads.get(p) else { continue };
-            let id = p.as_tensor().id();
-            let (m, v) = match self.moments.remove(&id) {
+            let lr = lr(name);
+            let (m, v) = match self.moments.remove(name) {
                 Some(mv) => mv,
                 None => (g.zeros_like()?, g.zeros_like()?),
             };
@@ -55,13 +56,13 @@ impl AdamW {
                 w = (w * (1.0 - lr * self.weight_decay))?;
             }
             p.set(&(w - (upd * lr)?)?)?;
-            self.moments.insert(id, (m, v));
+            self.moments.insert(name.clone(), (m, v));
         }
         Ok(())
     }
 
-    /// The moments of `p` (for checkpoints and tests).
-    pub fn moments(&self, p: &Var) -> Option<&(Tensor, Tensor)> {
-        self.moments.get(&p.as_tensor().id())
+    /// The moments of the parameter called `name` (for tests).
+    pub fn moments_of(&self, name: &str) -> Option<&(Tensor, Tensor)> {
+        self.moments.get(name)
     }
 }

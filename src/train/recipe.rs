@@ -101,6 +101,51 @@ pub struct DataSection {
     /// General held-out files, scored before and after training (forgetting in perplexity).
     #[serde(default)]
     pub general_eval: Vec<PathBuf>,
+    /// Domain share at the end of the run (the share moves from `domain_share` to this).
+    #[serde(default)]
+    pub domain_share_end: Option<f64>,
+    /// Path of the share from `domain_share` to `domain_share_end`: linear, cosine or step.
+    #[serde(default = "default_mix_schedule")]
+    pub mix_schedule: String,
+}
+
+fn default_mix_schedule() -> String {
+    "linear".into()
+}
+
+/// `[[train.groups]]`: a parameter group's own learning rate and schedule (fields left out
+/// inherit from `[train]`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSection {
+    /// `lora_a`, `lora_b` or `base` (every trainable non-adapter weight).
+    pub name: String,
+    /// Peak learning rate.
+    #[serde(default)]
+    pub lr: Option<f64>,
+    /// Warmup steps.
+    #[serde(default)]
+    pub warmup: Option<usize>,
+    /// `cosine`, `linear` or `constant`.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// Final learning rate as a fraction of the peak.
+    #[serde(default)]
+    pub min_lr_ratio: Option<f64>,
+}
+
+/// The parameter groups.
+pub const GROUPS: [&str; 3] = ["lora_a", "lora_b", "base"];
+
+/// The group a trainable parameter belongs to, by its name.
+pub fn group_of(name: &str) -> &'static str {
+    if name.ends_with("lora_A.weight") {
+        "lora_a"
+    } else if name.ends_with("lora_B.weight") {
+        "lora_b"
+    } else {
+        "base"
+    }
 }
 
 fn default_format() -> String {
@@ -149,6 +194,20 @@ pub struct TrainSection {
     pub eval_rows: usize,
     /// Output directory (adapter, metrics, summary).
     pub out: PathBuf,
+    /// LoRA+: the `lora_b` group's learning rate is this multiple of `lr` (unless a group sets it).
+    pub loraplus_ratio: f64,
+    /// Per-group learning rates and schedules.
+    pub groups: Vec<GroupSection>,
+    /// Watch memory and halve/grow the micro-batch (`batch`) to stay within the budget.
+    pub memory_monitor: bool,
+    /// Memory budget in GB for the monitor (0: this process plus what the machine has free at start).
+    pub memory_budget_gb: f64,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: usize,
+    /// Checkpoints kept (the oldest are removed).
+    pub keep_checkpoints: usize,
+    /// Non-finite steps in a row (each skipped) after which the run stops.
+    pub max_bad_steps: usize,
 }
 
 impl Default for TrainSection {
@@ -170,6 +229,13 @@ impl Default for TrainSection {
             eval_every: 0,
             eval_rows: 0,
             out: PathBuf::from("runs/latest"),
+            loraplus_ratio: 1.0,
+            groups: Vec::new(),
+            memory_monitor: false,
+            memory_budget_gb: 0.0,
+            checkpoint_every: 0,
+            keep_checkpoints: 2,
+            max_bad_steps: 3,
         }
     }
 }
@@ -246,8 +312,57 @@ impl Recipe {
             _ => {}
         }
         crate::train::schedule::Decay::parse(&t.schedule)?;
+        crate::train::callback::MixShape::parse(&self.data.mix_schedule)?;
+        if let Some(e) = self.data.domain_share_end {
+            if self.data.general.is_empty() || !(0.0..=1.0).contains(&e) {
+                bail!("data.domain_share_end needs data.general and must lie in [0, 1] (got {e})");
+            }
+        }
+        if t.loraplus_ratio <= 0.0 {
+            bail!("train.loraplus_ratio must be positive");
+        }
+        for g in &t.groups {
+            if !GROUPS.contains(&g.name.as_str()) {
+                bail!(
+                    "train.groups: unknown group `{}`; choose lora_a, lora_b or base",
+                    g.name
+                );
+            }
+            if let Some(s) = &g.schedule {
+                crate::train::schedule::Decay::parse(s)?;
+            }
+        }
+        if t.keep_checkpoints == 0 || t.max_bad_steps == 0 {
+            bail!("train.keep_checkpoints and train.max_bad_steps must be at least 1");
+        }
         crate::model::BaseDtype::parse(&self.model.base_dtype)?;
         Ok(())
+    }
+
+    /// Each parameter group's schedule over `total` steps: `[train]`'s, with LoRA+ for `lora_b`,
+    /// then whatever `[[train.groups]]` sets.
+    pub fn schedules(
+        &self,
+        total: usize,
+    ) -> Result<std::collections::BTreeMap<String, crate::train::schedule::Schedule>> {
+        use crate::train::schedule::{Decay, Schedule};
+        let t = &self.train;
+        let mut out = std::collections::BTreeMap::new();
+        for name in GROUPS {
+            let g = t.groups.iter().find(|g| g.name == name);
+            let ratio = if name == "lora_b" { t.loraplus_ratio } else { 1.0 };
+            out.insert(
+                name.to_string(),
+                Schedule {
+                    peak: g.and_then(|g| g.lr).unwrap_or(t.lr * ratio),
+                    warmup: g.and_then(|g| g.warmup).unwrap_or(t.warmup),
+                    total,
+                    decay: Decay::parse(g.and_then(|g| g.schedule.as_deref()).unwrap_or(&t.schedule))?,
+                    floor: g.and_then(|g| g.min_lr_ratio).unwrap_or(t.min_lr_ratio),
+                },
+            );
+        }
+        Ok(out)
     }
 
     /// The LoRA plan of this recipe for a model with `num_layers` blocks.

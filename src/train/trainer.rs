@@ -10,9 +10,11 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
+use super::callback::{Callback, Control, MemoryMonitor, MixSchedule, MixShape, ProcMemory, StepReport};
+use super::checkpoint::{self, RunState};
 use super::optim::AdamW;
+use super::recipe::group_of;
 use super::recipe::Recipe;
-use super::schedule::{Decay, Schedule};
 use super::step::{forward_backward, Batch, GradAcc};
 use crate::adapter::{merge, peft};
 use crate::data::mix::{self, Mixer};
@@ -82,8 +84,46 @@ fn report(when: &str, m: &TextMetrics, general: Option<&TextMetrics>) {
     );
 }
 
+/// How a run starts beyond its recipe.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Continue from this checkpoint (a checkpoint, `checkpoints/` or run directory).
+    pub resume: Option<PathBuf>,
+    /// Callbacks added after the built-in ones.
+    pub callbacks: Vec<Box<dyn Callback>>,
+}
+
+/// Whether an error is an allocation failure (a CUDA out-of-memory, an allocator refusing).
+fn is_oom(e: &anyhow::Error) -> bool {
+    let s = format!("{e:#}").to_lowercase();
+    s.contains("out of memory") || s.contains("out_of_memory") || s.contains("memory allocation")
+}
+
+/// Runs `f(micro_batch)`; when it fails for lack of memory, halves the micro-batch (keeping the
+/// effective batch) and runs the step again, down to one row.
+pub fn with_oom_retry<T>(ctl: &mut Control, mut f: impl FnMut(usize) -> Result<T>) -> Result<T> {
+    loop {
+        match f(ctl.micro_batch) {
+            Err(e) if is_oom(&e) && ctl.micro_batch > 1 => {
+                let m = ctl.micro_batch;
+                ctl.set_micro_batch(m / 2);
+                eprintln!(
+                    "out of memory at micro-batch {m}; retrying the step at {}",
+                    ctl.micro_batch
+                );
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Runs a recipe to completion. `recipe_text` is saved beside the outputs.
 pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
+    run_with(recipe, recipe_text, RunOptions::default())
+}
+
+/// [`run`] with a resume point and extra callbacks.
+pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<RunSummary> {
     let t = &recipe.train;
     let dev = Device::Cpu;
     std::fs::create_dir_all(&t.out).with_context(|| format!("cannot create output directory {}", t.out.display()))?;
@@ -143,13 +183,7 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
     } else {
         ((train.len() as f64 * t.epochs) / per_step as f64).ceil().max(1.0) as usize
     };
-    let sched = Schedule {
-        peak: t.lr,
-        warmup: t.warmup,
-        total: steps,
-        decay: Decay::parse(&t.schedule)?,
-        floor: t.min_lr_ratio,
-    };
+    let scheds = recipe.schedules(steps)?;
     eprintln!(
         "strata train: {} ({} layers), {} trainable parameters, {} training rows x {} tokens{}, {} held-out rows, {steps} steps of {per_step} rows",
         recipe.model.path.display(),
@@ -164,127 +198,254 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
         held.len()
     );
 
-    let mut log = std::fs::File::create(t.out.join("metrics.jsonl")).context("cannot create metrics.jsonl")?;
-    let eval_batch = t.batch.max(1);
-    let eval_before = eval_sequences(&model, &held, eval_batch, Fwd::eval())?;
-    let general_before = match &held_general {
-        Some(h) => Some(eval_sequences(&model, h, eval_batch, Fwd::eval())?),
-        None => None,
-    };
-    writeln!(
-        log,
-        "{}",
-        json!({"step": 0, "eval": eval_before, "eval_general": general_before})
-    )?;
-    report("before", &eval_before, general_before.as_ref());
+    // Built-in behaviours are callbacks like the user's: the mix schedule, the memory monitor.
+    let mut callbacks: Vec<Box<dyn Callback>> = Vec::new();
+    if let Some(end) = recipe.data.domain_share_end {
+        callbacks.push(Box::new(MixSchedule {
+            start: share,
+            end,
+            shape: MixShape::parse(&recipe.data.mix_schedule)?,
+        }));
+    }
+    if t.memory_monitor {
+        callbacks.push(Box::new(MemoryMonitor::new(
+            (t.memory_budget_gb * 1e9) as u64,
+            Box::new(ProcMemory),
+        )));
+    }
+    callbacks.extend(opts.callbacks);
 
+    let eval_batch = t.batch.max(1);
     let mut opt = AdamW::new(t.weight_decay);
-    let mut mixer = Mixer::new(train.len(), general.len(), t.seed)?;
+    let mut st = match &opts.resume {
+        Some(path) => {
+            let ck = checkpoint::load(path, &dev)?;
+            checkpoint::restore_params(&params, &ck.params, &ck.dir)?;
+            opt.moments = ck.moments;
+            opt.t = ck.state.adam_t;
+            if ck.state.control.total_steps != steps || ck.state.control.effective_batch != per_step {
+                bail!(
+                    "{}: written by a run of {} steps of {} rows; this recipe plans {steps} steps of {per_step}. Resume with the recipe that wrote it",
+                    ck.dir.display(),
+                    ck.state.control.total_steps,
+                    ck.state.control.effective_batch
+                );
+            }
+            for cb in callbacks.iter_mut() {
+                if let Some(v) = ck.state.callbacks.get(cb.name()) {
+                    cb.restore(v)?;
+                }
+            }
+            eprintln!("resuming from {} (step {})", ck.dir.display(), ck.state.step);
+            ck.state
+        }
+        None => {
+            let eval_before = eval_sequences(&model, &held, eval_batch, Fwd::eval())?;
+            let general_before = match &held_general {
+                Some(h) => Some(eval_sequences(&model, h, eval_batch, Fwd::eval())?),
+                None => None,
+            };
+            RunState {
+                step: 0,
+                adam_t: 0,
+                mixer: Mixer::new(train.len(), general.len(), t.seed)?,
+                control: Control {
+                    step: 0,
+                    total_steps: steps,
+                    domain_share: share,
+                    micro_batch: t.batch,
+                    effective_batch: per_step,
+                    lr: Default::default(),
+                    stop: false,
+                },
+                callbacks: Default::default(),
+                bad_in_a_row: 0,
+                trained_tokens: 0,
+                elapsed_s: 0.0,
+                epoch: 0,
+                eval_before,
+                general_before,
+                metrics: vec![json!({"step": 0, "eval": eval_before, "eval_general": general_before}).to_string()],
+            }
+        }
+    };
+    let mut log = std::fs::File::create(t.out.join("metrics.jsonl")).context("cannot create metrics.jsonl")?;
+    for line in &st.metrics {
+        writeln!(log, "{line}")?;
+    }
+    report("before", &st.eval_before, st.general_before.as_ref());
+    let mut emit = |st: &mut RunState, v: serde_json::Value| -> Result<()> {
+        let line = v.to_string();
+        writeln!(log, "{line}")?;
+        st.metrics.push(line);
+        Ok(())
+    };
+
+    let mut ctl = st.control.clone();
+    for cb in callbacks.iter_mut() {
+        cb.on_run_begin(&mut ctl)?;
+    }
     let mut acc = GradAcc::default();
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
-    let mut trained_tokens = 0usize;
-    let mut bad_in_a_row = 0;
-    let mut eval_after = eval_before;
-    for step in 0..steps {
-        let mut micro = Vec::with_capacity(t.grad_accum);
-        for _ in 0..t.grad_accum {
-            let rows = mixer.next_rows(t.batch, share);
-            let (ids, targets) = mix::gather(&[&train, &general], &rows, &dev)?;
-            micro.push(Batch { ids, targets });
+    let elapsed0 = st.elapsed_s;
+    let tokens0 = st.trained_tokens;
+    let step0 = st.step;
+    let ck_root = t.out.join("checkpoints");
+    if st.step == 0 {
+        for cb in callbacks.iter_mut() {
+            cb.on_epoch_begin(&mut ctl, 0)?;
         }
-        // The loss is the mean over every target token of the effective batch, so splitting it
-        // into micro-batches changes nothing but memory.
-        let tokens: usize = micro
+    }
+    while st.step < steps && !ctl.stop {
+        let step = st.step;
+        ctl.step = step;
+        ctl.lr = scheds.iter().map(|(g, s)| (g.clone(), s.lr(step))).collect();
+        for cb in callbacks.iter_mut() {
+            cb.on_step_begin(&mut ctl)?;
+        }
+        // The step's rows are drawn at once, so the micro-batch only decides how they are split.
+        let rows = st.mixer.next_rows(per_step, ctl.domain_share);
+        let tokens: usize = rows
             .iter()
-            .map(|b| b.targets.iter().filter(|&&x| x != IGNORE).count())
+            .map(|&(s, r)| {
+                [&train, &general][s].targets[r]
+                    .iter()
+                    .filter(|&&x| x != IGNORE)
+                    .count()
+            })
             .sum();
-        if tokens == 0 {
-            continue;
+        let mut loss = f64::NAN;
+        let mut gnorm = f64::NAN;
+        if tokens > 0 {
+            let seed = mix(&[t.seed, step as u64]);
+            let nll = with_oom_retry(&mut ctl, |micro| {
+                acc.clear();
+                let mut nll = 0.0;
+                for (k, chunk) in rows.chunks(micro).enumerate() {
+                    let (ids, targets) = mix::gather(&[&train, &general], chunk, &dev)?;
+                    let fwd = Fwd {
+                        dropout_seed: Some(seed),
+                        first_token: (k * micro * train.seq_len) as u64,
+                        ..Fwd::eval()
+                    };
+                    // The loss is the mean over every target token of the step, so splitting it
+                    // into micro-batches changes nothing but memory.
+                    let b = Batch { ids, targets };
+                    nll += forward_backward(&model, &b, 1.0 / tokens as f64, t.recompute, fwd, &mut acc)?.nll_sum;
+                }
+                Ok(nll)
+            })?;
+            loss = nll / tokens as f64;
+            gnorm = acc.norm()?;
         }
-        acc.clear();
-        let mut nll = 0.0;
-        for (mi, b) in micro.iter().enumerate() {
-            let fwd = Fwd {
-                dropout_seed: Some(mix(&[t.seed, step as u64, mi as u64])),
-                ..Fwd::eval()
-            };
-            nll += forward_backward(&model, b, 1.0 / tokens as f64, t.recompute, fwd, &mut acc)?.nll_sum;
+        st.step += 1;
+        ctl.step = st.step;
+        let skipped = !loss.is_finite() || !gnorm.is_finite();
+        let mut rep = StepReport {
+            loss,
+            skipped,
+            log: Default::default(),
+        };
+        if skipped {
+            st.bad_in_a_row += 1;
+        } else {
+            st.bad_in_a_row = 0;
+            if t.clip > 0.0 && gnorm > t.clip {
+                acc.scale(t.clip / gnorm)?;
+            }
+            opt.step(&params, &acc, |name| ctl.lr[group_of(name)])?;
+            st.trained_tokens += tokens;
         }
-        let loss = nll / tokens as f64;
-        let gnorm = acc.norm()?;
-        if !loss.is_finite() || !gnorm.is_finite() {
-            bad_in_a_row += 1;
-            writeln!(
-                log,
-                "{}",
-                json!({"step": step + 1, "skipped": true, "loss": loss.to_string(), "grad_norm": gnorm.to_string()})
-            )?;
-            if bad_in_a_row >= 3 {
+        let micro_used = ctl.micro_batch;
+        for cb in callbacks.iter_mut() {
+            cb.on_step_end(&mut ctl, &mut rep)?;
+        }
+        let elapsed = elapsed0 + start.elapsed().as_secs_f64();
+        let tps = (st.trained_tokens - tokens0) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        let peak = peak_rss();
+        let mut line = json!({
+            "step": st.step, "loss": if skipped { json!(loss.to_string()) } else { json!(loss) },
+            "grad_norm": if gnorm.is_finite() { json!(gnorm) } else { json!(gnorm.to_string()) },
+            "skipped": skipped, "lr": ctl.lr, "micro_batch": micro_used, "grad_accum": per_step / micro_used,
+            "domain_share": ctl.domain_share, "domain_share_realised": st.mixer.realised_share(),
+            "tokens": st.trained_tokens, "tok_per_s": tps, "peak_rss": peak, "elapsed_s": elapsed,
+        });
+        line.as_object_mut().expect("object").extend(rep.log);
+        emit(&mut st, line)?;
+        if skipped {
+            eprintln!(
+                "step {}: loss {loss} / gradient norm {gnorm} not finite; update skipped",
+                st.step
+            );
+            if st.bad_in_a_row >= t.max_bad_steps {
                 bail!(
-                    "loss or gradient was not finite for 3 steps in a row (step {}); lower train.lr",
-                    step + 1
+                    "loss or gradient was not finite for {} steps in a row (step {}); stopping with the last good checkpoint in {}. Lower train.lr or check the data",
+                    st.bad_in_a_row,
+                    st.step,
+                    ck_root.display()
                 );
             }
-            continue;
         }
-        bad_in_a_row = 0;
-        if t.clip > 0.0 && gnorm > t.clip {
-            acc.scale(t.clip / gnorm)?;
-        }
-        let lr = sched.lr(step);
-        opt.step(&params, &acc, lr)?;
-        trained_tokens += tokens;
-        let elapsed = start.elapsed().as_secs_f64();
-        let tps = trained_tokens as f64 / elapsed;
-        let peak = peak_rss();
-        writeln!(
-            log,
-            "{}",
-            json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": trained_tokens, "tok_per_s": tps, "peak_rss": peak, "elapsed_s": elapsed, "domain_share": share, "domain_share_realised": mixer.realised_share()})
-        )?;
-        let line = format!(
-            "step {}/{steps}  loss {loss:.4}  lr {lr:.2e}  {tps:.0} tok/s  ETA {}  peak {}",
-            step + 1,
-            fmt_secs(elapsed / (step + 1) as f64 * (steps - step - 1) as f64),
+        let lr_main = ctl.lr.get("lora_a").copied().unwrap_or(t.lr);
+        let status = format!(
+            "step {}/{steps}  loss {loss:.4}  lr {lr_main:.2e}  {tps:.0} tok/s  ETA {}  peak {}",
+            st.step,
+            fmt_secs(start.elapsed().as_secs_f64() / (st.step - step0) as f64 * (steps - st.step) as f64),
             human_bytes(peak)
         );
         if tty {
-            eprint!("\r{line}\x1b[K");
-        } else if (step + 1) % 10 == 0 || step + 1 == steps || step == 0 {
-            eprintln!("{line}");
+            eprint!("\r{status}\x1b[K");
+        } else if st.step % 10 == 0 || st.step == steps || st.step == 1 {
+            eprintln!("{status}");
         }
-        if t.eval_every > 0 && (step + 1) % t.eval_every == 0 && step + 1 < steps {
+        let passes = st.mixer.domain_passes();
+        if passes > st.epoch {
+            for cb in callbacks.iter_mut() {
+                cb.on_epoch_end(&mut ctl, st.epoch)?;
+                cb.on_epoch_begin(&mut ctl, passes)?;
+            }
+            st.epoch = passes;
+        }
+        if t.eval_every > 0 && st.step % t.eval_every == 0 && st.step < steps {
             let m = eval_sequences(&model, &held, eval_batch, Fwd::eval())?;
-            writeln!(log, "{}", json!({"step": step + 1, "eval": m}))?;
+            let line = json!({"step": st.step, "eval": m});
+            emit(&mut st, line)?;
             if tty {
                 eprintln!();
             }
             eprintln!(
                 "held-out at step {}: loss {:.4}, perplexity {:.2}",
-                step + 1,
-                m.loss,
-                m.perplexity
+                st.step, m.loss, m.perplexity
             );
         }
+        let due = t.checkpoint_every > 0 && st.step % t.checkpoint_every == 0;
+        if due || st.step == steps || ctl.stop {
+            st.adam_t = opt.t;
+            st.control = ctl.clone();
+            st.elapsed_s = elapsed;
+            st.callbacks = callbacks.iter().map(|c| (c.name().to_string(), c.state())).collect();
+            checkpoint::save(&ck_root, &st, &params, &opt, t.keep_checkpoints)?;
+        }
+    }
+    for cb in callbacks.iter_mut() {
+        cb.on_run_end(&mut ctl)?;
     }
     if tty {
         eprintln!();
     }
     let train_seconds = start.elapsed().as_secs_f64();
-    let mut general_after = general_before;
-    if steps > 0 {
-        eval_after = eval_sequences(&model, &held, eval_batch, Fwd::eval())?;
-        if let Some(h) = &held_general {
-            general_after = Some(eval_sequences(&model, h, eval_batch, Fwd::eval())?);
-        }
-        writeln!(
-            log,
-            "{}",
-            json!({"step": steps, "eval": eval_after, "eval_general": general_after})
-        )?;
-    }
+    let eval_after = eval_sequences(&model, &held, eval_batch, Fwd::eval())?;
+    let general_after = match &held_general {
+        Some(h) => Some(eval_sequences(&model, h, eval_batch, Fwd::eval())?),
+        None => None,
+    };
+    let line = json!({"step": st.step, "eval": eval_after, "eval_general": general_after});
+    emit(&mut st, line)?;
     report("after", &eval_after, general_after.as_ref());
+    let eval_before = st.eval_before;
+    let general_before = st.general_before;
+    let trained_tokens = st.trained_tokens;
 
     let output = match &plan {
         Some(plan) => {
@@ -299,19 +460,20 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
         }
     };
     let summary = RunSummary {
-        steps,
+        steps: st.step,
         tokens: trained_tokens,
         eval_before,
         eval_after,
         general_before,
         general_after,
-        domain_share: mixer.realised_share(),
-        tokens_per_second: trained_tokens as f64 / train_seconds.max(1e-9),
+        domain_share: st.mixer.realised_share(),
+        tokens_per_second: (trained_tokens - tokens0) as f64 / train_seconds.max(1e-9),
         peak_rss_bytes: peak_rss(),
         train_seconds,
         trainable_params: n_params,
         output: output.clone(),
     };
+    crate::report::write_run_report(&t.out)?;
     crate::util::write_atomic(
         &t.out.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),

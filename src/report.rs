@@ -1,0 +1,220 @@
+//! Self-contained HTML reports with inline SVG plots (no scripts, no network): the run report
+//! every `strata train` writes beside its metrics.
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::fmt::Write;
+use std::path::Path;
+
+/// One named series of (x, y) points.
+pub type Series = (String, Vec<(f64, f64)>);
+
+const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// A line chart of `series` (empty series are left out) as an SVG element.
+pub fn line_chart(title: &str, x_label: &str, series: &[Series]) -> String {
+    let (w, h, l, r, t, b) = (560.0, 260.0, 64.0, 16.0, 28.0, 40.0);
+    let pts: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.1.iter().copied())
+        .filter(|p| p.1.is_finite())
+        .collect();
+    let mut svg = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='11'>\
+         <text x='{l}' y='16' font-size='13' font-weight='bold'>{}</text>",
+        esc(title)
+    );
+    if pts.is_empty() {
+        svg += "<text x='70' y='120'>no data</text></svg>";
+        return svg;
+    }
+    let fold = |f: fn(f64, f64) -> f64, init: f64, by: fn(&(f64, f64)) -> f64| pts.iter().map(by).fold(init, f);
+    let (x0, x1) = (
+        fold(f64::min, f64::INFINITY, |p| p.0),
+        fold(f64::max, f64::NEG_INFINITY, |p| p.0),
+    );
+    let (mut y0, mut y1) = (
+        fold(f64::min, f64::INFINITY, |p| p.1),
+        fold(f64::max, f64::NEG_INFINITY, |p| p.1),
+    );
+    if (y1 - y0).abs() < 1e-12 * y1.abs().max(1e-30) {
+        y0 -= 0.5 * y0.abs().max(1e-3);
+        y1 += 0.5 * y1.abs().max(1e-3);
+    }
+    let xs = |x: f64| l + (x - x0) / (x1 - x0).max(1e-12) * (w - l - r);
+    let ys = |y: f64| h - b - (y - y0) / (y1 - y0) * (h - t - b);
+    let _ = write!(
+        svg,
+        "<rect x='{l}' y='{t}' width='{}' height='{}' fill='none' stroke='#999'/>",
+        w - l - r,
+        h - t - b
+    );
+    for k in 0..=4 {
+        let y = y0 + (y1 - y0) * k as f64 / 4.0;
+        let _ = write!(
+            svg,
+            "<text x='{}' y='{}' text-anchor='end'>{}</text>",
+            l - 4.0,
+            ys(y) + 4.0,
+            fmt_tick(y)
+        );
+        let x = x0 + (x1 - x0) * k as f64 / 4.0;
+        let _ = write!(
+            svg,
+            "<text x='{}' y='{}' text-anchor='middle'>{}</text>",
+            xs(x),
+            h - b + 14.0,
+            fmt_tick(x)
+        );
+    }
+    let _ = write!(
+        svg,
+        "<text x='{}' y='{}' text-anchor='middle'>{}</text>",
+        (l + w - r) / 2.0,
+        h - 6.0,
+        esc(x_label)
+    );
+    for (i, (name, s)) in series.iter().filter(|s| !s.1.is_empty()).enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let path: Vec<String> = s
+            .iter()
+            .filter(|p| p.1.is_finite())
+            .map(|&(x, y)| format!("{:.1},{:.1}", xs(x), ys(y)))
+            .collect();
+        let _ = write!(
+            svg,
+            "<polyline fill='none' stroke='{c}' stroke-width='1.5' points='{}'/>",
+            path.join(" ")
+        );
+        if s.len() == 1 {
+            let _ = write!(
+                svg,
+                "<circle cx='{:.1}' cy='{:.1}' r='3' fill='{c}'/>",
+                xs(s[0].0),
+                ys(s[0].1)
+            );
+        }
+        let _ = write!(
+            svg,
+            "<text x='{}' y='{}' fill='{c}'>{}</text>",
+            l + 8.0,
+            t + 14.0 + 13.0 * i as f64,
+            esc(name)
+        );
+    }
+    svg + "</svg>"
+}
+
+fn fmt_tick(v: f64) -> String {
+    let a = v.abs();
+    if a != 0.0 && !(1e-2..1e5).contains(&a) {
+        format!("{v:.2e}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Wraps sections (heading, HTML) into a page.
+pub fn page(title: &str, sections: &[(String, String)]) -> String {
+    let mut s = format!(
+        "<!doctype html><html><head><meta charset='utf-8'><title>{0}</title>\
+         <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}\
+         .plots{{display:flex;flex-wrap:wrap;gap:8px}} table{{border-collapse:collapse}}\
+         td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body><h1>{0}</h1>",
+        esc(title)
+    );
+    for (h, body) in sections {
+        let _ = write!(s, "<h2>{}</h2>{body}", esc(h));
+    }
+    s + "</body></html>"
+}
+
+/// `report.html` for a training run: loss, learning rate per group, domain share (scheduled and
+/// realised), micro-batch and memory over the steps, from its `metrics.jsonl`.
+pub fn write_run_report(out: &Path) -> Result<()> {
+    let path = out.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let lines: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let steps: Vec<&Value> = lines.iter().filter(|v| v.get("micro_batch").is_some()).collect();
+    let series = |name: &str, f: &dyn Fn(&Value) -> Option<f64>| -> Series {
+        let pts = steps
+            .iter()
+            .filter_map(|v| Some((v["step"].as_f64()?, f(v)?)))
+            .collect();
+        (name.to_string(), pts)
+    };
+    let field = |k: &'static str| move |v: &Value| v.get(k)?.as_f64();
+    let evals = |key: &'static str| -> Series {
+        let pts = lines
+            .iter()
+            .filter_map(|v| Some((v["step"].as_f64()?, v.get(key)?.get("loss")?.as_f64()?)))
+            .collect();
+        (format!("held-out {key}"), pts)
+    };
+    let mut groups: Vec<String> = steps
+        .first()
+        .and_then(|v| v["lr"].as_object())
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    groups.sort();
+    let lrs: Vec<Series> = groups
+        .iter()
+        .map(|g| series(g, &|v: &Value| v["lr"].get(g)?.as_f64()))
+        .collect();
+    let gb = |k: &'static str| move |v: &Value| Some(v.get(k)?.as_f64()? / 1e9);
+    let plots = [
+        line_chart(
+            "loss",
+            "step",
+            &[series("train", &field("loss")), evals("eval"), evals("eval_general")],
+        ),
+        line_chart("learning rate by group", "step", &lrs),
+        line_chart(
+            "domain share of the rows",
+            "step",
+            &[
+                series("scheduled", &field("domain_share")),
+                series("realised (cumulative)", &field("domain_share_realised")),
+            ],
+        ),
+        line_chart(
+            "micro-batch (rows per forward)",
+            "step",
+            &[series("micro-batch", &field("micro_batch"))],
+        ),
+        line_chart(
+            "memory (GB)",
+            "step",
+            &[series("peak RSS", &gb("peak_rss")), series("RSS", &gb("rss"))],
+        ),
+        line_chart("throughput (tok/s)", "step", &[series("tok/s", &field("tok_per_s"))]),
+    ];
+    let html = page(
+        &format!("strata run: {}", out.display()),
+        &[(
+            "Over the run".into(),
+            format!("<div class='plots'>{}</div>", plots.join("")),
+        )],
+    );
+    crate::util::write_atomic(&out.join("report.html"), html.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charts_scale_points_into_the_frame_and_escape_names() {
+        let s = line_chart("a<b", "x", &[("s&t".into(), vec![(0.0, 1.0), (10.0, 3.0)])]);
+        assert!(s.contains("a&lt;b") && s.contains("s&amp;t"));
+        // x 0 -> left edge 64, x 10 -> right edge 544; y 3 (max) -> top 28, y 1 -> bottom 220.
+        assert!(s.contains("points='64.0,220.0 544.0,28.0'"), "{s}");
+        assert!(line_chart("t", "x", &[]).contains("no data"));
+    }
+}
