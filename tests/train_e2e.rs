@@ -274,3 +274,110 @@ fn out_of_memory_halves_the_micro_batch_and_retries() -> Result<()> {
     assert!(e.is_err());
     Ok(())
 }
+
+#[test]
+fn modules_to_save_train_beside_adapters_and_round_trip() -> Result<()> {
+    let dir = fresh_dir("mts")?;
+    let text = recipe(&dir, "mts").replace(
+        "dropout = 0.1",
+        "dropout = 0.1\nmodules_to_save = [\"norm\", \"input_layernorm\", \"embed_tokens\"]",
+    );
+    let s = train_with(&text, Default::default())?;
+    let src = strata::model::open(&dir.join("tiny.gguf"))?;
+    let load = || {
+        strata::model::Model::load(
+            &src.config,
+            src.weights.as_ref(),
+            strata::model::BaseDtype::F32,
+            false,
+            &candle_core::Device::Cpu,
+        )
+    };
+    let base = load()?;
+    let mut m = load()?;
+    let plan = strata::adapter::peft::load(&mut m, &dir.join("mts/adapter"))?;
+    assert_eq!(plan.modules_to_save, vec!["norm", "input_layernorm", "embed_tokens"]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("mts/adapter/adapter_config.json"))?)?;
+    assert_eq!(
+        cfg["modules_to_save"],
+        serde_json::json!(["model.norm", "input_layernorm", "embed_tokens"])
+    );
+    // The saved norms and embeddings moved during training, and the reloaded model scores the
+    // held-out rows exactly as the trained one did.
+    let names = [
+        "model.norm.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.embed_tokens.weight",
+    ];
+    let mods: Vec<String> = plan.modules_to_save.clone();
+    let (tb, tm) = (base.savable(&mods)?, m.savable(&mods)?);
+    for name in names {
+        let a = tb.iter().find(|(n, _)| n == name).unwrap().1;
+        let b = tm.iter().find(|(n, _)| n == name).unwrap().1;
+        let d: f32 = (a - b)?.abs()?.max_all()?.to_scalar()?;
+        assert!(d > 0.0, "{name} did not train");
+    }
+    let r = Recipe::parse(&text, "e2e.toml", &[])?;
+    let held = strata::train::trainer::load_sequences(&r, &src.tokenizer, &r.data.train)?.split_off(0.2);
+    let after = strata::eval::eval_sequences(&m, &held, 2, strata::model::Fwd::eval())?;
+    assert_eq!(
+        after, s.eval_after,
+        "reloaded adapter + saved modules score differently"
+    );
+    let without = strata::eval::eval_sequences(&base, &held, 2, strata::model::Fwd::eval())?;
+    assert_ne!(without, after);
+    assert!(s.trainable_params > 0);
+    // A module that cannot be saved is refused with the choices named.
+    let bad = text.replace("\"embed_tokens\"]", "\"q_proj\"]");
+    let e = Recipe::parse(&bad, "e2e.toml", &[])?.plan(3).unwrap_err();
+    assert!(format!("{e:#}").contains("choose from"), "{e:#}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Poisons the learning rate at one step, so the weights turn NaN and later losses are not finite.
+struct PoisonLr(usize);
+
+impl strata::train::callback::Callback for PoisonLr {
+    fn name(&self) -> &str {
+        "poison_lr"
+    }
+    fn on_step_begin(&mut self, c: &mut strata::train::callback::Control) -> Result<()> {
+        if c.step == self.0 {
+            c.lr.values_mut().for_each(|v| *v = f64::NAN);
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn non_finite_steps_are_skipped_then_stop_the_run_keeping_the_last_good_checkpoint() -> Result<()> {
+    let dir = fresh_dir("nan")?;
+    let text = recipe(&dir, "nan") + "checkpoint_every = 2\nkeep_checkpoints = 5\nmax_bad_steps = 3\n";
+    let e = train_with(
+        &text,
+        strata::train::trainer::RunOptions {
+            callbacks: vec![Box::new(PoisonLr(4))],
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("not finite for 3 steps in a row"), "{e:#}");
+    // Step 5's update wrote NaNs; steps 6-8 were skipped and logged; no checkpoint after step 4.
+    let ck = strata::train::checkpoint::list(&dir.join("nan/checkpoints"))?;
+    let last = ck.last().unwrap();
+    assert!(last.ends_with("step-000004"), "{last:?}");
+    let saved = candle_core::safetensors::load(last.join("trainable.safetensors"), &candle_core::Device::Cpu)?;
+    for (n, t) in saved {
+        let s: f32 = t.sqr()?.sum_all()?.to_scalar()?;
+        assert!(s.is_finite(), "{n} is not finite in the last checkpoint");
+    }
+    let skipped = std::fs::read_to_string(dir.join("nan/metrics.jsonl"))?
+        .lines()
+        .filter(|l| l.contains("\"skipped\":true"))
+        .count();
+    assert_eq!(skipped, 3);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -6,7 +6,7 @@ use candle_core::{DType, Var};
 use serde_json::{json, Value};
 use std::path::Path;
 
-use super::plan::{module_name, pattern_match, LoraPlan};
+use super::plan::{module_name, pattern_match, peft_save_name, LoraPlan, SAVABLE};
 use super::Lora;
 use crate::model::config::MODULES;
 use crate::model::hf::{save_safetensors, SafetensorsSource};
@@ -37,7 +37,11 @@ pub fn adapter_config(plan: &LoraPlan, base_model: &str) -> Value {
         "use_dora": false,
         "layers_to_transform": plan.layers,
         "layers_pattern": plan.layers.as_ref().map(|_| "layers"),
-        "modules_to_save": null,
+        "modules_to_save": if plan.modules_to_save.is_empty() {
+            Value::Null
+        } else {
+            json!(plan.modules_to_save.iter().map(|m| peft_save_name(m)).collect::<Vec<_>>())
+        },
         "init_lora_weights": true,
         "inference_mode": true,
         "revision": null,
@@ -54,6 +58,9 @@ pub fn save(model: &Model, plan: &LoraPlan, dir: &Path, base_model: &str) -> Res
     }
     if tensors.is_empty() {
         bail!("the model has no adapters to save");
+    }
+    for (name, t) in model.savable(&plan.modules_to_save)? {
+        tensors.push((format!("base_model.model.{name}"), t.clone()));
     }
     save_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
     let cfg = serde_json::to_string_pretty(&adapter_config(plan, base_model))?;
@@ -93,9 +100,17 @@ pub fn read_plan(dir: &Path, num_layers: usize) -> Result<LoraPlan> {
             }
         }
     }
+    let mut modules_to_save = Vec::new();
     if let Some(m) = v.get("modules_to_save").and_then(|m| m.as_array()) {
-        if !m.is_empty() {
-            bail!("{p}: modules_to_save {m:?} is not supported by strata");
+        for x in m {
+            let name = x.as_str().unwrap_or("");
+            let short = SAVABLE
+                .iter()
+                .find(|s| peft_save_name(s) == name || **s == name)
+                .with_context(|| {
+                    format!("{p}: modules_to_save entry {x} is not one strata trains (choose from {SAVABLE:?})")
+                })?;
+            modules_to_save.push(short.to_string());
         }
     }
     if v.get("bias").and_then(|b| b.as_str()).unwrap_or("none") != "none" {
@@ -144,6 +159,7 @@ pub fn read_plan(dir: &Path, num_layers: usize) -> Result<LoraPlan> {
         alpha_pattern: patterns(v.get("alpha_pattern"), |x| x.as_f64(), "alpha_pattern")?,
         use_rslora: v.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false),
         dropout: v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0) as f32,
+        modules_to_save,
     })
 }
 
@@ -200,6 +216,21 @@ pub fn load(model: &mut Model, dir: &Path) -> Result<LoraPlan> {
                 dropout: plan.dropout,
             });
         }
+    }
+    let saved: Vec<String> = model
+        .savable(&plan.modules_to_save)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for name in saved {
+        let key = format!("base_model.model.{name}");
+        if !unused.remove(&key) {
+            bail!("{}: missing tensor `{key}` (listed in modules_to_save)", file.display());
+        }
+        let t = st.raw(&key)?.to_dtype(DType::F32)?.to_device(&dev)?;
+        model
+            .set_base(&name, t)
+            .with_context(|| format!("{}: `{key}`", file.display()))?;
     }
     if let Some(extra) = unused.iter().next() {
         bail!(

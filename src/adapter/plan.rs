@@ -47,6 +47,29 @@ pub struct LoraPlan {
     pub use_rslora: bool,
     /// Dropout on the adapter input during training.
     pub dropout: f32,
+    /// Base modules trained in full beside the adapters and saved with them (PEFT's
+    /// `modules_to_save`): any of [`SAVABLE`].
+    pub modules_to_save: Vec<String>,
+}
+
+/// Modules that can be trained in full beside adapters: the embeddings, the (untied) LM head,
+/// the final norm and the per-layer norms.
+pub const SAVABLE: [&str; 5] = [
+    "embed_tokens",
+    "lm_head",
+    "norm",
+    "input_layernorm",
+    "post_attention_layernorm",
+];
+
+/// The name PEFT's `modules_to_save` gets (matched against module paths by suffix, so the final
+/// norm is `model.norm`, which no layer norm ends with).
+pub fn peft_save_name(m: &str) -> &str {
+    if m == "norm" {
+        "model.norm"
+    } else {
+        m
+    }
 }
 
 /// Rank, alpha and scale for one module.
@@ -111,6 +134,7 @@ impl LoraPlan {
             alpha_pattern: vec![],
             use_rslora: false,
             dropout: 0.0,
+            modules_to_save: vec![],
         }
     }
 

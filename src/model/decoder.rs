@@ -356,6 +356,90 @@ impl Model {
         Ok(model)
     }
 
+    /// The base parameters of `modules` (names from `adapter::plan::SAVABLE`) with their Hugging
+    /// Face names, in a fixed order.
+    pub fn savable(&self, modules: &[String]) -> Result<Vec<(String, &Tensor)>> {
+        let mut out = Vec::new();
+        for m in modules {
+            match m.as_str() {
+                "embed_tokens" => out.push(("model.embed_tokens.weight".to_string(), self.embed.t())),
+                "lm_head" => match &self.head {
+                    Some(h) => out.push(("lm_head.weight".to_string(), h.t())),
+                    None => bail!("lm_head is tied to embed_tokens in this model: list embed_tokens instead"),
+                },
+                "norm" => out.push(("model.norm.weight".to_string(), self.norm.t())),
+                "input_layernorm" | "post_attention_layernorm" => {
+                    for b in &self.blocks {
+                        let p = if m == "input_layernorm" {
+                            &b.attn_norm
+                        } else {
+                            &b.mlp_norm
+                        };
+                        out.push((format!("model.layers.{}.{m}.weight", b.index), p.t()));
+                    }
+                }
+                o => bail!(
+                    "`{o}` cannot be trained beside adapters; choose from {:?}",
+                    crate::adapter::plan::SAVABLE
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    fn base_param_mut(&mut self, name: &str) -> Result<&mut Param> {
+        if name == "model.embed_tokens.weight" {
+            return Ok(&mut self.embed);
+        }
+        if name == "model.norm.weight" {
+            return Ok(&mut self.norm);
+        }
+        if name == "lm_head.weight" {
+            return self.head.as_mut().context("the model has no separate lm_head");
+        }
+        let rest = name.strip_prefix("model.layers.").context("unknown base parameter")?;
+        let (i, tail) = rest.split_once('.').context("unknown base parameter")?;
+        let i: usize = i.parse().context("unknown base parameter")?;
+        let b = self.blocks.get_mut(i).context("layer index out of range")?;
+        match tail {
+            "input_layernorm.weight" => Ok(&mut b.attn_norm),
+            "post_attention_layernorm.weight" => Ok(&mut b.mlp_norm),
+            _ => bail!("unknown base parameter `{name}`"),
+        }
+    }
+
+    /// Replaces a base parameter's value (shape checked), keeping it trainable or frozen.
+    pub fn set_base(&mut self, name: &str, t: Tensor) -> Result<()> {
+        let p = self.base_param_mut(name)?;
+        if t.dims() != p.t().dims() {
+            bail!("shape {:?}, the model has {:?}", t.dims(), p.t().dims());
+        }
+        match p {
+            Param::Train(v) => v.set(&t.to_dtype(v.dtype())?)?,
+            Param::Frozen(old) => *old = t.to_dtype(old.dtype())?,
+        }
+        if matches!(name, "model.embed_tokens.weight" | "lm_head.weight") {
+            self.head_pack = None;
+        }
+        Ok(())
+    }
+
+    /// Makes the base parameters of `modules` trainable (f32), beside the adapters.
+    pub fn train_modules(&mut self, modules: &[String]) -> Result<()> {
+        let names: Vec<String> = self.savable(modules)?.into_iter().map(|(n, _)| n).collect();
+        for name in names {
+            let p = self.base_param_mut(&name)?;
+            if let Param::Frozen(t) = p {
+                *p = Param::Train(Var::from_tensor(&t.to_dtype(DType::F32)?)?);
+            }
+            if matches!(name.as_str(), "model.embed_tokens.weight" | "lm_head.weight") {
+                // The packed head is a frozen copy; a trained head must be read live.
+                self.head_pack = None;
+            }
+        }
+        Ok(())
+    }
+
     /// Attaches fresh adapters (PEFT init) to every module the plan targets.
     pub fn add_lora(&mut self, plan: &LoraPlan, seed: u64) -> Result<()> {
         for block in &mut self.blocks {

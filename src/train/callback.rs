@@ -39,7 +39,10 @@ impl Control {
     /// (at least 1), so gradient accumulation keeps the effective batch.
     pub fn set_micro_batch(&mut self, m: usize) {
         let m = m.clamp(1, self.effective_batch);
-        self.micro_batch = (1..=m).rev().find(|d| self.effective_batch.is_multiple_of(*d)).unwrap_or(1);
+        self.micro_batch = (1..=m)
+            .rev()
+            .find(|d| self.effective_batch.is_multiple_of(*d))
+            .unwrap_or(1);
     }
 }
 

@@ -64,6 +64,10 @@ pub struct LoraSection {
     /// Per-layer-range overrides (the layered plan).
     #[serde(default)]
     pub layers: Vec<PlanRule>,
+    /// Base modules trained in full beside the adapters (PEFT `modules_to_save`): embed_tokens,
+    /// lm_head, norm, input_layernorm, post_attention_layernorm.
+    #[serde(default)]
+    pub modules_to_save: Vec<String>,
 }
 
 fn default_r() -> usize {
@@ -373,6 +377,15 @@ impl Recipe {
             LoraPlan::uniform(l.r, l.alpha.unwrap_or(2.0 * l.r as f64), &targets).with_rules(&l.layers, num_layers)?;
         plan.use_rslora = l.rslora;
         plan.dropout = l.dropout;
+        for m in &l.modules_to_save {
+            if !crate::adapter::plan::SAVABLE.contains(&m.as_str()) {
+                bail!(
+                    "lora.modules_to_save: `{m}` is not a base module strata trains beside adapters; choose from {:?}",
+                    crate::adapter::plan::SAVABLE
+                );
+            }
+        }
+        plan.modules_to_save = l.modules_to_save.clone();
         Ok(Some(plan))
     }
 }

@@ -146,6 +146,9 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
         }
         (None, None) => None,
     };
+    if let Some(plan) = &plan {
+        model.train_modules(&plan.modules_to_save)?;
+    }
     let params = model.trainable();
     let n_params: usize = params.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
     if n_params == 0 {
@@ -420,7 +423,8 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
             );
         }
         let due = t.checkpoint_every > 0 && st.step % t.checkpoint_every == 0;
-        if due || st.step == steps || ctl.stop {
+        // A skipped step writes no checkpoint: the last one stays the last good state.
+        if (due || st.step == steps || ctl.stop) && !skipped {
             st.adam_t = opt.t;
             st.control = ctl.clone();
             st.elapsed_s = elapsed;
