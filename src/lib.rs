@@ -12,6 +12,7 @@ pub mod eval;
 pub mod model;
 pub mod ops;
 pub mod report;
+pub mod retain;
 pub mod rng;
 pub mod testing;
 pub mod train;

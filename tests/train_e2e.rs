@@ -381,3 +381,48 @@ fn non_finite_steps_are_skipped_then_stop_the_run_keeping_the_last_good_checkpoi
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[test]
+fn retention_terms_are_logged_and_the_fisher_is_reused() -> Result<()> {
+    let dir = fresh_dir("retain")?;
+    let fisher = dir.join("fisher.safetensors");
+    let text = |out: &str| {
+        recipe(&dir, out).replace(
+            "seq_len = 16",
+            &format!(
+                "seq_len = 16\ngeneral = [\"{0}/data/doc1.txt\", \"{0}/data/doc2.txt\"]\ndomain_share = 0.5",
+                dir.display()
+            ),
+        ) + &format!(
+            "[retain]\nfisher = \"{}\"\nfisher_data = [\"{}/data/doc3.txt\"]\nfisher_rows = 4\newc_lambda = 50.0\ncontrastive_lambda = 0.1\nsegment = 4\n",
+            fisher.display(),
+            dir.display()
+        )
+    };
+    let text = |out: &str| text(out).replace("batch = 2\ngrad_accum = 2", "batch = 4\ngrad_accum = 1");
+    train_with(&text("a"), Default::default())?;
+    assert!(fisher.exists() && dir.join("fisher.safetensors.json").exists());
+    let stamp = std::fs::metadata(&fisher)?.modified()?;
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("a/metrics.jsonl"))?
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("ce").is_some())
+        .collect();
+    // Step 1 starts at the anchor (EWC 0); later steps have moved away from it.
+    assert_eq!(lines[0]["ewc"].as_f64(), Some(0.0));
+    assert!(lines[5]["ewc"].as_f64().unwrap() > 0.0);
+    assert!(lines.iter().all(|v| v["contrastive"].as_f64().unwrap() > 0.0));
+    for v in &lines {
+        let total = v["ce"].as_f64().unwrap() + v["ewc"].as_f64().unwrap() + 0.1 * v["contrastive"].as_f64().unwrap();
+        assert!((total - v["loss"].as_f64().unwrap()).abs() < 1e-9);
+    }
+    // A second run reuses the Fisher file and repeats the run exactly.
+    train_with(&text("b"), Default::default())?;
+    assert_eq!(std::fs::metadata(&fisher)?.modified()?, stamp);
+    assert_eq!(
+        losses(&dir.join("a/metrics.jsonl"))?,
+        losses(&dir.join("b/metrics.jsonl"))?
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

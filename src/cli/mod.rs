@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod data;
 pub mod eval;
+pub mod fisher;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
@@ -28,6 +29,8 @@ pub enum Command {
     Data(data::Args),
     /// Perplexity and next-token accuracy of a model (with or without an adapter) on text.
     Eval(eval::Args),
+    /// Estimate the Fisher information EWC uses, for a recipe's model and plan.
+    Fisher(fisher::Args),
     /// Sample text from a model, with or without an adapter.
     Generate(generate::Args),
     /// Write a model (adapter merged, or not) as a Hugging Face directory.
@@ -44,6 +47,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::run(a),
         Command::Data(a) => data::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Fisher(a) => fisher::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Inspect(a) => inspect::run(a),

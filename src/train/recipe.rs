@@ -22,6 +22,58 @@ pub struct Recipe {
     /// The optimisation loop.
     #[serde(default)]
     pub train: TrainSection,
+    /// Forgetting suppression (EWC, contrastive retention).
+    #[serde(default)]
+    pub retain: Option<RetainSection>,
+}
+
+/// `[retain]`: forgetting suppression.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetainSection {
+    /// The Fisher file EWC uses; estimated from `fisher_data` and written here when absent.
+    #[serde(default)]
+    pub fisher: Option<PathBuf>,
+    /// General data the Fisher is estimated on.
+    #[serde(default)]
+    pub fisher_data: Vec<PathBuf>,
+    /// Rows (examples) the Fisher averages, evenly spaced through the data.
+    #[serde(default = "default_fisher_rows")]
+    pub fisher_rows: usize,
+    /// `empirical` (the data's labels) or `sampled` (the model's own predictions).
+    #[serde(default = "default_estimator")]
+    pub fisher_estimator: String,
+    /// `full` (bf16 entries) or `factored` (row and column sums).
+    #[serde(default = "default_fisher_format")]
+    pub fisher_format: String,
+    /// EWC strength (0: off).
+    #[serde(default)]
+    pub ewc_lambda: f64,
+    /// Contrastive retention weight (0: off).
+    #[serde(default)]
+    pub contrastive_lambda: f64,
+    /// InfoNCE temperature.
+    #[serde(default = "default_tau")]
+    pub temperature: f64,
+    /// Tokens per contrastive sample (a segment of a general row).
+    #[serde(default = "default_segment")]
+    pub segment: usize,
+}
+
+fn default_fisher_rows() -> usize {
+    64
+}
+fn default_estimator() -> String {
+    "empirical".into()
+}
+fn default_fisher_format() -> String {
+    "full".into()
+}
+fn default_tau() -> f64 {
+    0.07
+}
+fn default_segment() -> usize {
+    64
 }
 
 /// `[model]`.
@@ -334,6 +386,21 @@ impl Recipe {
             }
             if let Some(s) = &g.schedule {
                 crate::train::schedule::Decay::parse(s)?;
+            }
+        }
+        if let Some(r) = &self.retain {
+            crate::retain::Estimator::parse(&r.fisher_estimator)?;
+            if !matches!(r.fisher_format.as_str(), "full" | "factored") {
+                bail!("retain.fisher_format `{}`: expected full or factored", r.fisher_format);
+            }
+            if r.ewc_lambda < 0.0 || r.contrastive_lambda < 0.0 || r.temperature <= 0.0 {
+                bail!("retain: ewc_lambda and contrastive_lambda must be >= 0 and temperature > 0");
+            }
+            if r.ewc_lambda > 0.0 && r.fisher.is_none() {
+                bail!("retain.ewc_lambda needs retain.fisher (a Fisher file, estimated from retain.fisher_data when absent)");
+            }
+            if r.contrastive_lambda > 0.0 && self.data.general.is_empty() {
+                bail!("retain.contrastive_lambda needs data.general: it is computed on the general rows of each batch");
             }
         }
         if t.keep_checkpoints == 0 || t.max_bad_steps == 0 {

@@ -31,7 +31,13 @@ pub struct StepStats {
     pub count: usize,
     /// Correct arg-max predictions.
     pub correct: usize,
+    /// What the extra term (if any) returned as its loss.
+    pub extra: f64,
 }
+
+/// An extra loss on the final hidden states `hn [b * t, hidden]` (detached): returns its value
+/// and its gradient `dL/dhn`, already scaled as it should enter the step.
+pub type ExtraTerm<'a> = &'a dyn Fn(&Tensor) -> Result<(f64, Tensor)>;
 
 /// Gradients accumulated across micro-batches, keyed by parameter.
 #[derive(Default)]
@@ -98,6 +104,20 @@ pub fn forward_backward(
     fwd: Fwd,
     acc: &mut GradAcc,
 ) -> Result<StepStats> {
+    forward_backward_with(model, batch, grad_scale, recompute, fwd, acc, None)
+}
+
+/// [`forward_backward`] plus an extra term on the final hidden states (the contrastive
+/// retention loss), whose gradient joins the head's at the top of the graph.
+pub fn forward_backward_with(
+    model: &Model,
+    batch: &Batch,
+    grad_scale: f64,
+    recompute: bool,
+    fwd: Fwd,
+    acc: &mut GradAcc,
+    extra: Option<ExtraTerm<'_>>,
+) -> Result<StepStats> {
     let (b, t) = batch.ids.dims2()?;
     let vars = model.trainable();
     let head_var = match model.head.as_ref().unwrap_or(&model.embed) {
@@ -116,7 +136,14 @@ pub fn forward_backward(
     let top = |x_top: &Tensor, acc: &mut GradAcc| -> Result<(StepStats, candle_core::backprop::GradStore)> {
         let hn = model.final_norm(x_top)?;
         let out = lm_head_loss(&hn.detach(), model.head_weight(), &batch.targets, opts)?;
-        let dh = out.dh.context("head returned no gradient")?;
+        let mut dh = out.dh.context("head returned no gradient")?;
+        let mut extra_loss = 0.0;
+        if let Some(f) = extra {
+            let (l, d) = f(&hn.detach())?;
+            extra_loss = l;
+            let dt = dh.dtype();
+            dh = (dh + d.to_dtype(dt)?)?;
+        }
         let grads = hn.mul(&dh)?.sum_all()?.backward()?;
         if let (Some(v), Some(dw)) = (&head_var, &out.dw) {
             acc.add(v, dw)?;
@@ -126,6 +153,7 @@ pub fn forward_backward(
                 nll_sum: out.nll_sum,
                 count: out.count,
                 correct: out.correct,
+                extra: extra_loss,
             },
             grads,
         ))

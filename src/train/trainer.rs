@@ -3,7 +3,7 @@
 //! as it goes, and finally write the adapter (or the full model) and a summary.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use serde_json::json;
 use std::io::{IsTerminal, Write};
@@ -15,13 +15,15 @@ use super::checkpoint::{self, RunState};
 use super::optim::AdamW;
 use super::recipe::group_of;
 use super::recipe::Recipe;
-use super::step::{forward_backward, Batch, GradAcc};
+use super::recipe::RetainSection;
+use super::step::{forward_backward_with, Batch, ExtraTerm, GradAcc};
 use crate::adapter::{merge, peft};
 use crate::data::mix::{self, Mixer};
 use crate::data::{self, Sequences};
 use crate::eval::{eval_sequences, TextMetrics};
 use crate::model::{self, BaseDtype, Fwd, Model};
 use crate::ops::lm_head::IGNORE;
+use crate::retain::{contrastive, Ewc};
 use crate::rng::mix;
 use crate::util::{human_bytes, peak_rss};
 
@@ -154,6 +156,29 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
     if n_params == 0 {
         bail!("nothing to train: the plan targets no module");
     }
+
+    // EWC is anchored here, before any resume restores trained values: the anchor is the
+    // adapter (or weights) the stage started from, which the seed and recipe reproduce.
+    let retain = recipe.retain.clone().unwrap_or(RetainSection {
+        fisher: None,
+        fisher_data: vec![],
+        fisher_rows: 0,
+        fisher_estimator: String::new(),
+        fisher_format: String::new(),
+        ewc_lambda: 0.0,
+        contrastive_lambda: 0.0,
+        temperature: 0.07,
+        segment: 64,
+    });
+    let ewc = match (&retain.fisher, retain.ewc_lambda > 0.0) {
+        (Some(path), true) => {
+            let f = crate::retain::load_or_estimate(recipe, path)?;
+            let e = Ewc::new(&model, &f, retain.ewc_lambda)?;
+            eprintln!("ewc: lambda {} over {} weights", retain.ewc_lambda, e.len());
+            Some(e)
+        }
+        _ => None,
+    };
 
     let mut train = load_sequences(recipe, &src.tokenizer, &recipe.data.train)?;
     let mut held = if recipe.data.eval.is_empty() {
@@ -320,26 +345,72 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
             .sum();
         let mut loss = f64::NAN;
         let mut gnorm = f64::NAN;
+        let (mut ce, mut ewc_pen, mut contrastive_loss) = (f64::NAN, 0.0, 0.0);
         if tokens > 0 {
             let seed = mix(&[t.seed, step as u64]);
-            let nll = with_oom_retry(&mut ctl, |micro| {
+            let seq = train.seq_len;
+            let step_segments = contrastive::segments(
+                &(0..rows.len()).filter(|&i| rows[i].0 == 1).collect::<Vec<_>>(),
+                seq,
+                retain.segment,
+            )
+            .len();
+            let (nll, con) = with_oom_retry(&mut ctl, |micro| {
                 acc.clear();
-                let mut nll = 0.0;
+                let (mut nll, mut con) = (0.0, 0.0);
                 for (k, chunk) in rows.chunks(micro).enumerate() {
                     let (ids, targets) = mix::gather(&[&train, &general], chunk, &dev)?;
                     let fwd = Fwd {
                         dropout_seed: Some(seed),
-                        first_token: (k * micro * train.seq_len) as u64,
+                        first_token: (k * micro * seq) as u64,
                         ..Fwd::eval()
+                    };
+                    // The contrastive samples are this micro-batch's general rows; each
+                    // micro-batch's term is weighted by its share of the step's samples.
+                    let gen_rows: Vec<usize> = (0..chunk.len()).filter(|&i| chunk[i].0 == 1).collect();
+                    let segs = contrastive::segments(&gen_rows, seq, retain.segment);
+                    let extra = if retain.contrastive_lambda > 0.0 && segs.len() >= 2 {
+                        let hb: Vec<f32> = model
+                            .hidden(
+                                &ids,
+                                Fwd {
+                                    adapters: false,
+                                    ..Fwd::eval()
+                                },
+                                None,
+                            )?
+                            .flatten_all()?
+                            .to_vec1()?;
+                        let w = retain.contrastive_lambda * segs.len() as f64 / step_segments.max(1) as f64;
+                        Some((hb, segs, w))
+                    } else {
+                        None
+                    };
+                    let term = |h: &Tensor| -> Result<(f64, Tensor)> {
+                        let (hb, segs, w) = extra.as_ref().expect("only passed with a term");
+                        let d = h.dim(1)?;
+                        let hv: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                        let (l, dh) = contrastive::info_nce(&hv, hb, d, segs, retain.temperature);
+                        let dh = (Tensor::from_vec(dh, h.shape(), h.device())? * *w)?;
+                        Ok((l * w / retain.contrastive_lambda, dh))
                     };
                     // The loss is the mean over every target token of the step, so splitting it
                     // into micro-batches changes nothing but memory.
                     let b = Batch { ids, targets };
-                    nll += forward_backward(&model, &b, 1.0 / tokens as f64, t.recompute, fwd, &mut acc)?.nll_sum;
+                    let hook: Option<ExtraTerm<'_>> = extra.as_ref().map(|_| &term as ExtraTerm<'_>);
+                    let out = forward_backward_with(&model, &b, 1.0 / tokens as f64, t.recompute, fwd, &mut acc, hook)?;
+                    nll += out.nll_sum;
+                    con += out.extra;
                 }
-                Ok(nll)
+                Ok((nll, con))
             })?;
-            loss = nll / tokens as f64;
+            ce = nll / tokens as f64;
+            contrastive_loss = con;
+            ewc_pen = match &ewc {
+                Some(e) => e.penalty(Some(&mut acc), 1.0)?,
+                None => 0.0,
+            };
+            loss = ce + ewc_pen + retain.contrastive_lambda * con;
             gnorm = acc.norm()?;
         }
         st.step += 1;
@@ -370,7 +441,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
         let mut line = json!({
             "step": st.step, "loss": if skipped { json!(loss.to_string()) } else { json!(loss) },
             "grad_norm": if gnorm.is_finite() { json!(gnorm) } else { json!(gnorm.to_string()) },
-            "skipped": skipped, "lr": ctl.lr, "micro_batch": micro_used, "grad_accum": per_step / micro_used,
+            "skipped": skipped, "ce": ce, "ewc": ewc_pen, "contrastive": contrastive_loss, "lr": ctl.lr, "micro_batch": micro_used, "grad_accum": per_step / micro_used,
             "domain_share": ctl.domain_share, "domain_share_realised": st.mixer.realised_share(),
             "tokens": st.trained_tokens, "tok_per_s": tps, "peak_rss": peak, "elapsed_s": elapsed,
         });
