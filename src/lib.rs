@@ -11,7 +11,6 @@ pub mod data;
 pub mod eval;
 pub mod model;
 pub mod ops;
-pub mod report;
 pub mod retain;
 pub mod rng;
 pub mod testing;

@@ -141,6 +141,8 @@ fn check_ewc_gradient(model: &Model, ewc: &Ewc) -> Result<()> {
     assert!(p0 > 0.0);
     for (name, v) in model.trainable() {
         let Some(g) = acc.get(&v) else { continue };
+        // A gradient that tracked its graph would keep every step's graph alive in AdamW.
+        assert!(!g.track_op(), "{name}: the EWC gradient carries an autograd graph");
         let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
         let orig = v.as_tensor().copy()?;
         let flat: Vec<f32> = orig.flatten_all()?.to_vec1()?;

@@ -14,7 +14,7 @@ pub struct Args {
     /// The recipe whose model, adapter and plan the Fisher is for.
     pub recipe: PathBuf,
     /// General data (files or directories) to estimate on.
-    #[arg(long, num_args = 1.., required = true)]
+    #[arg(long, num_args = 1.., required_unless_present = "penalty_of")]
     pub data: Vec<PathBuf>,
     /// Rows (examples) averaged, evenly spaced through the data.
     #[arg(long, default_value_t = 64)]
@@ -38,13 +38,31 @@ pub struct Args {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// Output safetensors file (provenance goes to `OUT.json`).
+    #[arg(long, required_unless_present = "penalty_of")]
+    pub out: Option<PathBuf>,
+    /// Instead of estimating: print the EWC penalty (per unit lambda) that this trained adapter
+    /// pays against `--fisher`, to calibrate `retain.ewc_lambda` from a run without EWC.
+    #[arg(long, requires = "fisher")]
+    pub penalty_of: Option<PathBuf>,
+    /// The Fisher file for `--penalty-of`.
     #[arg(long)]
-    pub out: PathBuf,
+    pub fisher: Option<PathBuf>,
 }
 
 /// Runs `strata fisher`.
 pub fn run(a: Args) -> Result<()> {
     let recipe = Recipe::load(&a.recipe, &a.sets)?;
+    if let (Some(adapter), Some(fisher)) = (&a.penalty_of, &a.fisher) {
+        let (_, model) = super::load_model(&recipe.model.path, Some(adapter), "f32")?;
+        let f = Fisher::load(fisher, &Device::Cpu)?;
+        let p = crate::retain::Ewc::from_base(&model, &f, 1.0)?.penalty(None, 1.0)?;
+        println!(
+            "EWC penalty of {} at lambda = 1: {p:.6e} (0.5 * sum F * (s B A)^2)",
+            adapter.display()
+        );
+        return Ok(());
+    }
+    let out = a.out.clone().expect("clap requires --out");
     let dtype = match a.dtype.as_str() {
         "bf16" => DType::BF16,
         "f32" => DType::F32,
@@ -61,11 +79,11 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(old) = &a.accumulate {
         f.accumulate(&Fisher::load(old, &Device::Cpu)?, a.decay)?;
     }
-    f.save(&a.out, &a.format, dtype)?;
-    let bytes = std::fs::metadata(&a.out)?.len();
+    f.save(&out, &a.format, dtype)?;
+    let bytes = std::fs::metadata(&out)?.len();
     println!(
         "wrote {} ({} weights, {} format, {}, {} stage(s)) in {:.0} s",
-        a.out.display(),
+        out.display(),
         f.tensors.len(),
         a.format,
         crate::util::human_bytes(bytes),

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod data;
 pub mod eval;
+pub mod experiment;
 pub mod fisher;
 pub mod generate;
 pub mod inspect;
@@ -29,6 +30,8 @@ pub enum Command {
     Data(data::Args),
     /// Perplexity and next-token accuracy of a model (with or without an adapter) on text.
     Eval(eval::Args),
+    /// Run a set of recipes on one token budget and compare learning and forgetting.
+    Experiment(experiment::Args),
     /// Estimate the Fisher information EWC uses, for a recipe's model and plan.
     Fisher(fisher::Args),
     /// Sample text from a model, with or without an adapter.
@@ -47,6 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::run(a),
         Command::Data(a) => data::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Experiment(a) => experiment::run(a),
         Command::Fisher(a) => fisher::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Merge(a) => merge::run(a),

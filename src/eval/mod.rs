@@ -4,5 +4,6 @@
 pub mod compare;
 pub mod mc;
 pub mod perplexity;
+pub mod report;
 
 pub use perplexity::{eval_sequences, TextMetrics};

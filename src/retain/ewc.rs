@@ -30,11 +30,22 @@ impl Ewc {
     /// Anchors EWC at the model's current state: every adapted module (LoRA) or every trained
     /// weight (full) that the Fisher covers. Errors when the Fisher covers none of them.
     pub fn new(model: &Model, fisher: &Fisher, lambda: f64) -> Result<Self> {
+        Self::build(model, fisher, lambda, false)
+    }
+
+    /// EWC anchored at the base itself (`B* A* = 0`): the penalty a trained adapter would pay,
+    /// for calibrating `lambda` from a run without EWC.
+    pub fn from_base(model: &Model, fisher: &Fisher, lambda: f64) -> Result<Self> {
+        Self::build(model, fisher, lambda, true)
+    }
+
+    fn build(model: &Model, fisher: &Fisher, lambda: f64, from_base: bool) -> Result<Self> {
         let mut terms = Vec::new();
         for (module, l) in model.loras() {
             let name = format!("{module}.weight");
             if let Some(f) = fisher.tensors.get(&name) {
                 let ba0 = l.b.as_tensor().matmul(l.a.as_tensor())?.detach();
+                let ba0 = if from_base { ba0.zeros_like()? } else { ba0 };
                 terms.push((
                     name,
                     f.clone(),
@@ -80,9 +91,13 @@ impl Ewc {
         let mut total = 0.0;
         for (name, f, target) in &self.terms {
             let f = f.dense().with_context(|| name.clone())?;
+            // Detached: the gradient is written out here, and a tensor built from `Var`s would
+            // carry its graph into the optimizer's moments and keep every step's alive.
             let delta = match target {
-                Target::Lora { a, b, ba0, scale } => ((b.as_tensor().matmul(a.as_tensor())? - ba0)? * *scale)?,
-                Target::Full { w, w0 } => (w.as_tensor() - w0)?,
+                Target::Lora { a, b, ba0, scale } => {
+                    ((b.as_tensor().detach().matmul(&a.as_tensor().detach())? - ba0)? * *scale)?
+                }
+                Target::Full { w, w0 } => (w.as_tensor().detach() - w0)?,
             };
             let fd = (&f * &delta)?;
             total += 0.5
@@ -95,8 +110,8 @@ impl Ewc {
                 let g = (fd * (self.lambda * grad_scale))?;
                 match target {
                     Target::Lora { a, b, scale, .. } => {
-                        acc.add(b, &(g.matmul(&a.as_tensor().t()?)? * *scale)?)?;
-                        acc.add(a, &(b.as_tensor().t()?.matmul(&g)? * *scale)?)?;
+                        acc.add(b, &(g.matmul(&a.as_tensor().detach().t()?)? * *scale)?)?;
+                        acc.add(a, &(b.as_tensor().detach().t()?.matmul(&g)? * *scale)?)?;
                     }
                     Target::Full { w, .. } => acc.add(w, &g)?,
                 }

@@ -49,7 +49,8 @@ impl GradAcc {
     /// Adds `g` to the gradient of `v`.
     pub fn add(&mut self, v: &Var, g: &Tensor) -> Result<()> {
         let id = v.as_tensor().id();
-        let g = g.to_dtype(DType::F32)?;
+        // Stored detached: a gradient must never keep a graph alive across steps.
+        let g = g.to_dtype(DType::F32)?.detach();
         let next = match self.grads.remove(&id) {
             Some(acc) => (acc + g)?,
             None => g,

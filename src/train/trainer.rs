@@ -548,7 +548,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
         trainable_params: n_params,
         output: output.clone(),
     };
-    crate::report::write_run_report(&t.out)?;
+    crate::eval::report::write_run_report(&t.out)?;
     crate::util::write_atomic(
         &t.out.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),

@@ -9,6 +9,9 @@ use std::path::Path;
 /// One named series of (x, y) points.
 pub type Series = (String, Vec<(f64, f64)>);
 
+/// A labelled scatter point: `(label, x, (x_lo, x_hi), y, (y_lo, y_hi))`.
+pub type Point = (String, f64, (f64, f64), f64, (f64, f64));
+
 const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
 
 fn esc(s: &str) -> String {
@@ -104,6 +107,99 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series]) -> String {
             l + 8.0,
             t + 14.0 + 13.0 * i as f64,
             esc(name)
+        );
+    }
+    svg + "</svg>"
+}
+
+/// A scatter of labelled points with error bars `(label, x, (x_lo, x_hi), y, (y_lo, y_hi))`.
+pub fn scatter_chart(title: &str, x_label: &str, y_label: &str, pts: &[Point]) -> String {
+    let (w, h, l, r, t, b) = (560.0, 340.0, 64.0, 16.0, 28.0, 40.0);
+    let fin: Vec<_> = pts.iter().filter(|p| p.1.is_finite() && p.3.is_finite()).collect();
+    let mut svg = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='11'>\
+         <text x='{l}' y='16' font-size='13' font-weight='bold'>{}</text>",
+        esc(title)
+    );
+    if fin.is_empty() {
+        return svg + "<text x='70' y='120'>no data</text></svg>";
+    }
+    let span = |lo: f64, hi: f64| {
+        let pad = ((hi - lo) * 0.1).max(1e-3);
+        (lo - pad, hi + pad)
+    };
+    let bound = |f: &dyn Fn(&&Point) -> [f64; 3]| {
+        let v: Vec<f64> = fin.iter().flat_map(f).filter(|x| x.is_finite()).collect();
+        span(
+            v.iter().copied().fold(f64::INFINITY, f64::min).min(0.0),
+            v.iter().copied().fold(f64::NEG_INFINITY, f64::max).max(0.0),
+        )
+    };
+    let (x0, x1) = bound(&|p| [p.1, p.2 .0, p.2 .1]);
+    let (y0, y1) = bound(&|p| [p.3, p.4 .0, p.4 .1]);
+    let xs = |x: f64| l + (x - x0) / (x1 - x0) * (w - l - r);
+    let ys = |y: f64| h - b - (y - y0) / (y1 - y0) * (h - t - b);
+    let _ = write!(
+        svg,
+        "<rect x='{l}' y='{t}' width='{}' height='{}' fill='none' stroke='#999'/>\
+         <line x1='{:.1}' y1='{t}' x2='{:.1}' y2='{}' stroke='#ccc'/><line x1='{l}' y1='{:.1}' x2='{}' y2='{:.1}' stroke='#ccc'/>",
+        w - l - r,
+        h - t - b,
+        xs(0.0),
+        xs(0.0),
+        h - b,
+        ys(0.0),
+        w - r,
+        ys(0.0)
+    );
+    for k in 0..=4 {
+        let (x, y) = (x0 + (x1 - x0) * k as f64 / 4.0, y0 + (y1 - y0) * k as f64 / 4.0);
+        let _ = write!(
+            svg,
+            "<text x='{:.1}' y='{:.1}' text-anchor='middle'>{}</text><text x='{:.1}' y='{:.1}' text-anchor='end'>{}</text>",
+            xs(x),
+            h - b + 14.0,
+            fmt_tick(x),
+            l - 4.0,
+            ys(y) + 4.0,
+            fmt_tick(y)
+        );
+    }
+    let _ = write!(
+        svg,
+        "<text x='{:.1}' y='{}' text-anchor='middle'>{}</text><text x='12' y='{:.1}' transform='rotate(-90 12 {:.1})' text-anchor='middle'>{}</text>",
+        (l + w - r) / 2.0,
+        h - 6.0,
+        esc(x_label),
+        (t + h - b) / 2.0,
+        (t + h - b) / 2.0,
+        esc(y_label)
+    );
+    for (i, p) in fin.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let (cx, cy) = (xs(p.1), ys(p.3));
+        if p.2 .0.is_finite() && p.2 .1.is_finite() {
+            let _ = write!(
+                svg,
+                "<line x1='{:.1}' y1='{cy:.1}' x2='{:.1}' y2='{cy:.1}' stroke='{c}'/>",
+                xs(p.2 .0),
+                xs(p.2 .1)
+            );
+        }
+        if p.4 .0.is_finite() && p.4 .1.is_finite() {
+            let _ = write!(
+                svg,
+                "<line x1='{cx:.1}' y1='{:.1}' x2='{cx:.1}' y2='{:.1}' stroke='{c}'/>",
+                ys(p.4 .0),
+                ys(p.4 .1)
+            );
+        }
+        let _ = write!(
+            svg,
+            "<circle cx='{cx:.1}' cy='{cy:.1}' r='4' fill='{c}'/><text x='{:.1}' y='{:.1}' fill='{c}'>{}</text>",
+            cx + 6.0,
+            cy - 6.0,
+            esc(&p.0)
         );
     }
     svg + "</svg>"

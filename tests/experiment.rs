@@ -1,0 +1,90 @@
+//! `strata experiment` end to end on a tiny synthetic model: every run trains and is evaluated
+//! in its own process, and the table, the results and the HTML report come out.
+
+use anyhow::Result;
+use candle_core::quantized::GgmlDType;
+use std::process::Command;
+use strata::model::config::Arch;
+use strata::testing::write_tiny_gguf;
+
+#[test]
+fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("strata-exp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("data"))?;
+    write_tiny_gguf(&dir.join("tiny.gguf"), Arch::Llama, true, 3, GgmlDType::F32)?;
+    for (name, text) in [
+        ("dom", "the bank lends the money at a rate. "),
+        ("gen", "the cat sat on the mat. "),
+    ] {
+        std::fs::write(dir.join(format!("data/{name}.txt")), text.repeat(40))?;
+        std::fs::write(dir.join(format!("data/{name}-held.txt")), text.repeat(6))?;
+    }
+    let mc = |ctx: &str, a: &str, b: &str| {
+        format!("{{\"context\": \"{ctx} \", \"choices\": [\"{a}\", \"{b}\"], \"answer\": 0}}\n")
+    };
+    std::fs::write(
+        dir.join("data/dmc.jsonl"),
+        mc("the bank lends the", "money", "cat").repeat(3),
+    )?;
+    std::fs::write(
+        dir.join("data/gmc.jsonl"),
+        mc("the cat sat on the", "mat", "rate").repeat(3),
+    )?;
+    let d = dir.display();
+    let recipe = |extra: &str| {
+        format!(
+            "[model]\npath = \"{d}/tiny.gguf\"\n[lora]\nr = 4\n[data]\ntrain = [\"{d}/data/dom.txt\"]\n{extra}eval = [\"{d}/data/dom-held.txt\"]\nseq_len = 16\n[train]\nbatch = 2\nlr = 1e-2\n"
+        )
+    };
+    std::fs::write(dir.join("lora.toml"), recipe(""))?;
+    std::fs::write(
+        dir.join("retain.toml"),
+        recipe(&format!("general = [\"{d}/data/gen.txt\"]\ndomain_share = 0.5\n"))
+            + &format!("[retain]\nfisher = \"{d}/fisher.safetensors\"\nfisher_data = [\"{d}/data/gen.txt\"]\nfisher_rows = 3\newc_lambda = 10.0\ncontrastive_lambda = 0.1\nsegment = 8\n"),
+    )?;
+    std::fs::write(
+        dir.join("exp.toml"),
+        format!(
+            "name = \"tiny\"\nout = \"{d}/full\"\ntokens = 256\n[eval]\ngeneral_mc = \"{d}/data/gmc.jsonl\"\ndomain_mc = \"{d}/data/dmc.jsonl\"\ntext = [\"{d}/data/dom-held.txt\", \"{d}/data/gen-held.txt\"]\nseq_len = 16\n\
+             [quick]\ntokens = 96\nmc_items = 2\ntext_rows = 2\nout = \"{d}/quick\"\n\
+             [[run]]\nname = \"plain LoRA\"\nrecipe = \"{d}/lora.toml\"\n[[run]]\nname = \"LoRA + EWC\"\nrecipe = \"{d}/retain.toml\"\n"
+        ),
+    )?;
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["experiment", &dir.join("exp.toml").display().to_string(), "--quick"])
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let q = dir.join("quick");
+    let table = std::fs::read_to_string(q.join("table.md"))?;
+    assert!(
+        table.contains("| plain LoRA |") && table.contains("| LoRA + EWC |"),
+        "{table}"
+    );
+    assert!(
+        table.contains("3 steps"),
+        "96 tokens / (2 rows x 16) = 3 steps: {table}"
+    );
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(q.join("results.json"))?)?;
+    for r in results["runs"].as_array().unwrap() {
+        assert_eq!(r["steps"], 3);
+        assert!(r["peak_rss_bytes"].as_u64().unwrap() > 0);
+        assert_eq!(r["general"]["items"], 2);
+    }
+    let html = std::fs::read_to_string(q.join("report.html"))?;
+    assert!(html.matches("<svg").count() == 2 && html.contains("learning vs forgetting"));
+    assert!(dir.join("fisher.safetensors").exists());
+    // A broken run is reported, not hidden, and the others still finish.
+    std::fs::write(dir.join("lora.toml"), recipe("").replace("dom.txt", "nothing.txt"))?;
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["experiment", &dir.join("exp.toml").display().to_string(), "--quick"])
+        .output()?;
+    assert!(!out.status.success());
+    let table = std::fs::read_to_string(q.join("table.md"))?;
+    assert!(
+        table.contains("| plain LoRA | failed") && table.contains("| LoRA + EWC |"),
+        "{table}"
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
