@@ -6,9 +6,21 @@ use strata::train::recipe::Recipe;
 fn shipped_recipes_parse() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
     let mut n = 0;
-    for e in std::fs::read_dir(&dir).unwrap() {
-        let p = e.unwrap().path();
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.extend(
+        std::fs::read_dir(dir.join("forgetting"))
+            .unwrap()
+            .map(|e| e.unwrap().path()),
+    );
+    for p in files {
         if p.extension().and_then(|x| x.to_str()) != Some("toml") {
+            continue;
+        }
+        if std::fs::read_to_string(&p).unwrap().contains("[[run]]") {
+            // An experiment: its runs' recipe paths are relative to the project root.
+            std::env::set_current_dir(env!("CARGO_MANIFEST_DIR")).unwrap();
+            let ex = strata::cli::experiment::Experiment::load(&p).unwrap_or_else(|e| panic!("{e:#}"));
+            assert!(ex.runs.len() >= 5 && ex.quick.is_some(), "{}", p.display());
             continue;
         }
         let r = Recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
@@ -16,5 +28,5 @@ fn shipped_recipes_parse() {
         assert_eq!(plan.is_some(), r.train.mode == "lora", "{}", p.display());
         n += 1;
     }
-    assert!(n >= 3, "expected the shipped recipes in {}", dir.display());
+    assert!(n >= 9, "expected the shipped recipes in {}", dir.display());
 }

@@ -45,6 +45,19 @@ pub struct Experiment {
     pub runs: Vec<RunEntry>,
 }
 
+impl Experiment {
+    /// Reads an experiment file, checking that every run's recipe parses.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let ex: Experiment =
+            toml::from_str(&text).with_context(|| format!("{}: invalid experiment", path.display()))?;
+        for r in &ex.runs {
+            Recipe::load(&r.recipe, &[]).with_context(|| format!("{}: run `{}`", path.display(), r.name))?;
+        }
+        Ok(ex)
+    }
+}
+
 /// `[eval]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -185,10 +198,7 @@ struct Row {
 
 /// Runs `strata experiment`.
 pub fn run(a: Args) -> Result<()> {
-    let text =
-        std::fs::read_to_string(&a.experiment).with_context(|| format!("cannot read {}", a.experiment.display()))?;
-    let mut ex: Experiment =
-        toml::from_str(&text).with_context(|| format!("{}: invalid experiment", a.experiment.display()))?;
+    let mut ex = Experiment::load(&a.experiment)?;
     if a.quick {
         let q = ex
             .quick
