@@ -11,6 +11,7 @@ pub mod data;
 pub mod eval;
 pub mod model;
 pub mod ops;
+pub mod quant;
 pub mod retain;
 pub mod rng;
 pub mod testing;

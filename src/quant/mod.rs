@@ -1,0 +1,3 @@
+//! Quantized storage formats: bitsandbytes NF4 with double quantization.
+
+pub mod nf4;
