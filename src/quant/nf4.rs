@@ -3,6 +3,9 @@
 //! (`scripts/nf4_fixture.py` -> `tests/fixtures/nf4_bnb.json`).
 
 /// The 16 NF4 levels by code (`get_4bit_type("nf4")`).
+// The literals are bitsandbytes' table as it prints it (float64 repr of f32 values), kept
+// verbatim so they can be checked against the source; each parses to the exact f32.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.6961928009986877,
