@@ -211,6 +211,7 @@ fn adapter_save_load_and_merge_preserve_logits() -> Result<()> {
             modules: Some(vec!["v_proj".into()]),
             r: 6,
             alpha: Some(3.0),
+            base: None,
         }],
         2,
     )?;

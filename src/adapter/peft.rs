@@ -10,7 +10,7 @@ use super::plan::{module_name, pattern_match, peft_save_name, LoraPlan, SAVABLE}
 use super::Lora;
 use crate::model::config::MODULES;
 use crate::model::hf::{save_safetensors, SafetensorsSource};
-use crate::model::Model;
+use crate::model::{BaseDtype, Model};
 
 /// Tensor name PEFT uses for an adapter matrix (`ab` is `A` or `B`).
 pub fn peft_key(module: &str, ab: &str) -> String {
@@ -64,7 +64,52 @@ pub fn save(model: &Model, plan: &LoraPlan, dir: &Path, base_model: &str) -> Res
     }
     save_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
     let cfg = serde_json::to_string_pretty(&adapter_config(plan, base_model))?;
-    crate::util::write_atomic(&dir.join("adapter_config.json"), cfg.as_bytes())
+    crate::util::write_atomic(&dir.join("adapter_config.json"), cfg.as_bytes())?;
+    let record = base_record(model);
+    crate::util::write_atomic(
+        &dir.join(BASE_RECORD),
+        serde_json::to_string_pretty(&record)?.as_bytes(),
+    )
+}
+
+/// The file beside a PEFT adapter that records the precision each base projection had during
+/// training, so merge and eval can rebuild the base the adapter was trained against (an
+/// adapter trained on NF4 corrects NF4's rounding, not the original weights). PEFT ignores it.
+pub const BASE_RECORD: &str = "strata_base.json";
+
+fn base_record(model: &Model) -> Value {
+    let mut modules = serde_json::Map::new();
+    for b in &model.blocks {
+        for (m, p) in MODULES.iter().zip(&b.proj) {
+            modules.insert(module_name(b.index, m), json!(p.w.precision().name()));
+        }
+    }
+    json!({"base_dtype": model.base.name(), "modules": modules})
+}
+
+/// The base precisions recorded beside an adapter (`None` when the adapter has no record, as
+/// one made by PEFT): the overall base and each projection's by module name.
+pub fn recorded_bases(dir: &Path) -> Result<Option<(BaseDtype, std::collections::HashMap<String, BaseDtype>)>> {
+    let p = dir.join(BASE_RECORD);
+    if !p.exists() {
+        return Ok(None);
+    }
+    let bad = || {
+        format!(
+            "{}: malformed base record (delete it to load the adapter onto an f32 base)",
+            p.display()
+        )
+    };
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).with_context(bad)?).with_context(bad)?;
+    let base = BaseDtype::parse(v["base_dtype"].as_str().with_context(bad)?).with_context(bad)?;
+    let mut modules = std::collections::HashMap::new();
+    for (k, d) in v["modules"].as_object().with_context(bad)? {
+        modules.insert(
+            k.clone(),
+            BaseDtype::parse(d.as_str().with_context(bad)?).with_context(bad)?,
+        );
+    }
+    Ok(Some((base, modules)))
 }
 
 fn patterns<T>(v: Option<&Value>, conv: impl Fn(&Value) -> Option<T>, what: &str) -> Result<Vec<(String, T)>> {
@@ -157,6 +202,7 @@ pub fn read_plan(dir: &Path, num_layers: usize) -> Result<LoraPlan> {
             "rank_pattern",
         )?,
         alpha_pattern: patterns(v.get("alpha_pattern"), |x| x.as_f64(), "alpha_pattern")?,
+        base_pattern: vec![],
         use_rslora: v.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false),
         dropout: v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0) as f32,
         modules_to_save,

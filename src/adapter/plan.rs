@@ -11,6 +11,7 @@ use regex::Regex;
 use serde::Deserialize;
 
 use crate::model::config::{module_parent, MODULES};
+use crate::model::BaseDtype;
 
 /// A recipe rule: a rank and alpha for a range of layers (and optionally some modules).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -26,6 +27,10 @@ pub struct PlanRule {
     /// Alpha for these modules (defaults to twice the rank).
     #[serde(default)]
     pub alpha: Option<f64>,
+    /// Storage of these modules' frozen base weights: f32, bf16, nf4, nf4-dq or as-stored
+    /// (defaults to `model.base_dtype`).
+    #[serde(default)]
+    pub base: Option<String>,
 }
 
 /// A resolved-by-pattern LoRA plan, in PEFT's terms.
@@ -43,6 +48,9 @@ pub struct LoraPlan {
     pub rank_pattern: Vec<(String, usize)>,
     /// Ordered `(pattern, alpha)` overrides.
     pub alpha_pattern: Vec<(String, f64)>,
+    /// Ordered `(pattern, base precision)` overrides (strata's own: PEFT has no such field and
+    /// the adapter does not depend on it).
+    pub base_pattern: Vec<(String, BaseDtype)>,
     /// Scale by `alpha / sqrt(r)` instead of `alpha / r`.
     pub use_rslora: bool,
     /// Dropout on the adapter input during training.
@@ -132,6 +140,7 @@ impl LoraPlan {
             layers: None,
             rank_pattern: vec![],
             alpha_pattern: vec![],
+            base_pattern: vec![],
             use_rslora: false,
             dropout: 0.0,
             modules_to_save: vec![],
@@ -163,11 +172,31 @@ impl LoraPlan {
             let layer_alt = layers.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("|");
             let mod_alt = mods.join("|");
             let key = format!(r"model\.layers\.({layer_alt})\.(self_attn|mlp)\.({mod_alt})");
+            if let Some(b) = &rule.base {
+                let b = BaseDtype::parse(b).with_context(|| format!("layer rule `{}`", rule.layers))?;
+                self.base_pattern.push((key.clone(), b));
+            }
             self.rank_pattern.push((key.clone(), rule.r));
             self.alpha_pattern
                 .push((key, rule.alpha.unwrap_or(2.0 * rule.r as f64)));
         }
         Ok(self)
+    }
+
+    /// Base precision of every projection, `[layer][MODULES index]`: the first rule naming it,
+    /// else `default`.
+    pub fn base_table(&self, num_layers: usize, default: BaseDtype) -> Result<Vec<[BaseDtype; 7]>> {
+        (0..num_layers)
+            .map(|l| {
+                let mut row = [default; 7];
+                for (slot, m) in row.iter_mut().zip(MODULES) {
+                    if let Some(b) = pattern_match(&self.base_pattern, &module_name(l, m))? {
+                        *slot = *b;
+                    }
+                }
+                Ok(row)
+            })
+            .collect()
     }
 
     /// The adapter of `module` in `layer`, or `None` when the plan leaves it untouched.
@@ -207,12 +236,14 @@ mod tests {
                 modules: None,
                 r: 64,
                 alpha: Some(128.0),
+                base: Some("bf16".into()),
             },
             PlanRule {
                 layers: "11-".into(),
                 modules: Some(vec!["q_proj".into()]),
                 r: 8,
                 alpha: None,
+                base: Some("nf4".into()),
             },
         ];
         let plan = LoraPlan::uniform(16, 32.0, &MODULES).with_rules(&rules, 30)?;
@@ -226,6 +257,10 @@ mod tests {
         let mut rs = plan.clone();
         rs.use_rslora = true;
         assert_eq!(rs.resolve(29, "q_proj")?.unwrap().scale, 16.0 / 8f64.sqrt());
+        let table = plan.base_table(30, BaseDtype::F32)?;
+        assert_eq!(table[10], [BaseDtype::Bf16; 7]);
+        assert_eq!(table[11][0], BaseDtype::Nf4);
+        assert_eq!(table[11][1], BaseDtype::F32);
         let partial = LoraPlan::uniform(4, 8.0, &["q_proj"]);
         assert!(partial.resolve(0, "v_proj")?.is_none());
         Ok(())
@@ -254,6 +289,7 @@ mod tests {
                 modules: None,
                 r: 4,
                 alpha: None,
+                base: None,
             }],
             30,
         );
@@ -264,6 +300,7 @@ mod tests {
                 modules: Some(vec!["wq".into()]),
                 r: 4,
                 alpha: None,
+                base: None,
             }],
             30,
         );

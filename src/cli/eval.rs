@@ -35,8 +35,9 @@ pub struct Args {
     /// Text rows per forward.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
-    /// Frozen base precision (f32, bf16 or as-stored).
-    #[arg(long, default_value = "f32")]
+    /// Frozen base precision: f32, bf16, nf4, nf4-dq, as-stored, or auto (the precision the
+    /// adapter was trained against, from its strata_base.json; f32 without one).
+    #[arg(long, default_value = "auto")]
     pub base_dtype: String,
     /// Write the results as JSON here.
     #[arg(long)]

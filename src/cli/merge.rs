@@ -1,5 +1,10 @@
 //! `strata merge`: a Hugging Face directory of the model, with an adapter folded in
 //! (`W + s B A`, computed in f32) or without one (a GGUF -> safetensors conversion).
+//!
+//! An adapter trained on a 4-bit base is folded into that base the way training saw it: the NF4
+//! weights are dequantized (`code * absmax`, in f32) and `s B A` added, then written in
+//! `--dtype`. Folding it into the original 16-bit weights instead would add a correction made
+//! for NF4's rounding to weights that never had it.
 
 use anyhow::{bail, Result};
 use candle_core::DType;
@@ -17,6 +22,11 @@ pub struct Args {
     /// Stored precision: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// The base the adapter is folded into: auto (the one it was trained against, from its
+    /// strata_base.json: an adapter trained on NF4 merges into the dequantized NF4 weights), or
+    /// f32, bf16, nf4, nf4-dq, as-stored.
+    #[arg(long, default_value = "auto")]
+    pub base_dtype: String,
 }
 
 /// Runs `strata merge`.
@@ -27,7 +37,7 @@ pub fn run(a: Args) -> Result<()> {
         "f16" => DType::F16,
         o => bail!("--dtype {o}: choose f32, bf16 or f16"),
     };
-    let (src, model) = a.model.load("f32")?;
+    let (src, model) = a.model.load(&a.base_dtype)?;
     crate::adapter::merge::write_hf_dir(&model, &src.tokenizer, &a.out, a.model.adapter.is_some(), dtype)?;
     println!(
         "wrote {} ({}{})",

@@ -77,20 +77,38 @@ impl ModelArgs {
     }
 }
 
-/// Opens a model and builds it frozen (f32 or bf16 base), with an optional PEFT adapter.
+/// Opens a model and builds it frozen, with an optional PEFT adapter. `base_dtype` `auto` rebuilds
+/// the base the adapter was trained against (its `strata_base.json`: NF4 where training had NF4)
+/// and is f32 without a record; anything else is a precision for every projection.
 pub fn load_model(
     path: &std::path::Path,
     adapter: Option<&std::path::Path>,
     base_dtype: &str,
 ) -> anyhow::Result<(crate::model::ModelSource, crate::model::Model)> {
+    use crate::model::BaseDtype;
     let src = crate::model::open(path)?;
-    let mut m = crate::model::Model::load(
-        &src.config,
-        src.weights.as_ref(),
-        crate::model::BaseDtype::parse(base_dtype)?,
-        false,
-        &candle_core::Device::Cpu,
-    )?;
+    let recorded = match (adapter, base_dtype) {
+        (Some(a), "auto") => crate::adapter::peft::recorded_bases(a)?,
+        _ => None,
+    };
+    let (base, per_module) = match (base_dtype, recorded) {
+        ("auto", Some((b, m))) => (b, m),
+        ("auto", None) => (BaseDtype::F32, Default::default()),
+        (b, _) => (BaseDtype::parse(b)?, Default::default()),
+    };
+    let per = |l: usize, m: &str| {
+        per_module
+            .get(&crate::adapter::plan::module_name(l, m))
+            .copied()
+            .unwrap_or(base)
+    };
+    let spec = crate::model::LoadSpec {
+        base,
+        per: &per,
+        full: false,
+        pack: true,
+    };
+    let mut m = crate::model::Model::load_with(&src.config, src.weights.as_ref(), &spec, &candle_core::Device::Cpu)?;
     if let Some(a) = adapter {
         crate::adapter::peft::load(&mut m, a)?;
     }

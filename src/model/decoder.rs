@@ -19,6 +19,20 @@ use crate::ops::{frozen_linear, lm_head};
 use crate::rng::{mix, Rng};
 use candle_core::quantized::QTensor;
 
+/// How [`Model::load_with`] stores the base.
+pub struct LoadSpec<'a> {
+    /// Precision of everything the per-module choice does not cover (embeddings and head follow
+    /// it: bf16 under bf16 and NF4 bases).
+    pub base: BaseDtype,
+    /// Base precision of projection `(layer, module)`.
+    pub per: &'a dyn Fn(usize, &str) -> BaseDtype,
+    /// Every weight trainable in f32 (full fine-tuning).
+    pub full: bool,
+    /// Pack frozen bf16 weights for the AVX512-BF16 kernel: faster, but two packed copies sit
+    /// beside each bf16 weight (6 bytes a parameter instead of 2).
+    pub pack: bool,
+}
+
 /// A weight that is either frozen (a constant) or trained (a `Var`).
 #[derive(Debug)]
 pub enum Param {
@@ -48,6 +62,10 @@ pub enum BaseDtype {
     /// Projections kept in the file's own quantization (GGUF Q4_0/Q4_1/Q8_0/K-quants),
     /// dequantized inside the op; unquantized tensors stay f32.
     AsStored,
+    /// Projections quantized to NF4 at load (bitsandbytes' format, blocks of 64).
+    Nf4,
+    /// NF4 with double-quantized block scales (`bnb_4bit_use_double_quant`).
+    Nf4Dq,
 }
 
 impl BaseDtype {
@@ -57,7 +75,20 @@ impl BaseDtype {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
             "as-stored" => Ok(Self::AsStored),
-            o => bail!("base precision `{o}` is not supported; choose f32, bf16 or as-stored"),
+            "nf4" => Ok(Self::Nf4),
+            "nf4-dq" => Ok(Self::Nf4Dq),
+            o => bail!("base precision `{o}` is not supported; choose f32, bf16, nf4, nf4-dq or as-stored"),
+        }
+    }
+
+    /// The name recipes use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::AsStored => "as-stored",
+            Self::Nf4 => "nf4",
+            Self::Nf4Dq => "nf4-dq",
         }
     }
 
@@ -65,7 +96,7 @@ impl BaseDtype {
         match self {
             Self::F32 => DType::F32,
             Self::Bf16 => DType::BF16,
-            Self::AsStored => DType::F32,
+            Self::AsStored | Self::Nf4 | Self::Nf4Dq => DType::F32,
         }
     }
 }
@@ -77,14 +108,30 @@ pub enum LinearWeight {
     Dense(Param),
     /// Frozen in its GGUF quantization type.
     Quant(std::sync::Arc<QTensor>),
+    /// Frozen in NF4.
+    Nf4(std::sync::Arc<crate::quant::nf4::Nf4Tensor>),
 }
 
 impl LinearWeight {
+    /// The base precision this weight is held in.
+    pub fn precision(&self) -> BaseDtype {
+        match self {
+            LinearWeight::Dense(p) if p.t().dtype() == DType::BF16 => BaseDtype::Bf16,
+            LinearWeight::Dense(_) => BaseDtype::F32,
+            LinearWeight::Quant(_) => BaseDtype::AsStored,
+            LinearWeight::Nf4(q) => match q.scales {
+                crate::quant::nf4::Scales::Plain(_) => BaseDtype::Nf4,
+                crate::quant::nf4::Scales::Nested(_) => BaseDtype::Nf4Dq,
+            },
+        }
+    }
+
     /// The weight as a dense f32 tensor (dequantized when quantized): for merging and export.
     pub fn dense(&self) -> Result<Tensor> {
         Ok(match self {
             LinearWeight::Dense(p) => p.t().to_dtype(DType::F32)?,
             LinearWeight::Quant(q) => q.dequantize(&Device::Cpu)?,
+            LinearWeight::Nf4(q) => Tensor::from_vec(q.dequantize(), (q.rows, q.cols), &Device::Cpu)?,
         })
     }
 
@@ -93,6 +140,7 @@ impl LinearWeight {
         match self {
             LinearWeight::Dense(p) => dense_storage(p.t()),
             LinearWeight::Quant(q) => (format!("{:?}", q.dtype()).to_lowercase(), q.storage_size_in_bytes()),
+            LinearWeight::Nf4(q) => (self.precision().name().into(), q.bytes()),
         }
     }
 }
@@ -183,6 +231,7 @@ impl Linear {
             LinearWeight::Dense(Param::Frozen(w)) => frozen_linear(x, w, self.pack.as_ref())?,
             LinearWeight::Dense(Param::Train(w)) => x.matmul(&w.as_tensor().t()?)?,
             LinearWeight::Quant(q) => quant_linear(x, q)?,
+            LinearWeight::Nf4(q) => crate::ops::nf4_linear::nf4_linear(x, q)?,
         };
         if let Some(b) = &self.b {
             y = y.broadcast_add(&b.t().to_dtype(DType::F32)?)?;
@@ -244,9 +293,11 @@ pub struct Model {
     pub head_pack: Option<std::sync::Arc<lm_head::HeadPack>>,
     /// Device of every tensor.
     pub device: Device,
+    /// The precision the base was loaded in (per-module choices aside).
+    pub base: BaseDtype,
 }
 
-/// Reads `name`, checks its shape and returns it in f32.
+/// Reads `name` and checks its shape; the tensor keeps its stored dtype.
 fn load(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Tensor> {
     let t = src.get(name)?;
     if t.dims() != shape {
@@ -257,12 +308,14 @@ fn load(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Tensor> {
             shape
         );
     }
-    Ok(t.to_dtype(DType::F32)?)
+    Ok(t)
 }
 
+/// A trainable f32 `Var` or a frozen tensor in `dtype`, converted from the stored dtype directly
+/// (no f32 copy of a 16-bit embedding on the way).
 fn param(t: Tensor, train: bool, dtype: DType) -> Result<Param> {
     Ok(if train {
-        Param::Train(Var::from_tensor(&t)?)
+        Param::Train(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
     } else {
         Param::Frozen(t.to_dtype(dtype)?)
     })
@@ -272,9 +325,31 @@ impl Model {
     /// Builds the model from a weight source. `full` makes every weight trainable in f32 (full
     /// fine-tuning); otherwise every weight is frozen, projections stored in `base`.
     pub fn load(cfg: &ModelConfig, src: &dyn WeightSource, base: BaseDtype, full: bool, dev: &Device) -> Result<Self> {
+        Self::load_with(
+            cfg,
+            src,
+            &LoadSpec {
+                base,
+                per: &|_, _| base,
+                full,
+                pack: true,
+            },
+            dev,
+        )
+    }
+
+    /// [`Model::load`] with each projection's base precision chosen per layer and module (the
+    /// layered plan: e.g. bf16 below, NF4 above).
+    pub fn load_with(cfg: &ModelConfig, src: &dyn WeightSource, spec: &LoadSpec<'_>, dev: &Device) -> Result<Self> {
         cfg.validate()?;
+        let (base, full) = (spec.base, spec.full);
         let h = cfg.hidden_size;
-        let pd = base.dtype();
+        // Embeddings and the head follow the base: 16-bit under bf16 and NF4 bases (bitsandbytes
+        // leaves them unquantized too), f32 otherwise.
+        let pd = match base {
+            BaseDtype::Bf16 | BaseDtype::Nf4 | BaseDtype::Nf4Dq => DType::BF16,
+            _ => DType::F32,
+        };
         let embed = param(
             load(src, "model.embed_tokens.weight", &[cfg.vocab_size, h])?,
             full,
@@ -287,7 +362,8 @@ impl Model {
                 let (o, inp) = cfg.linear_shape(m).expect("known module");
                 let name = crate::adapter::plan::module_name(i, m);
                 let wname = format!("{name}.weight");
-                let quant = match (base, full) {
+                let prec = (spec.per)(i, m);
+                let quant = match (prec, full) {
                     (BaseDtype::AsStored, false) => src.get_quant(&wname)?,
                     _ => None,
                 };
@@ -299,7 +375,35 @@ impl Model {
                         q.shape().dims(),
                         [o, inp]
                     ),
-                    None => LinearWeight::Dense(param(load(src, &wname, &[o, inp])?, full, pd)?),
+                    None if !full && matches!(prec, BaseDtype::Nf4 | BaseDtype::Nf4Dq | BaseDtype::AsStored) => {
+                        match src.get_nf4(&wname)? {
+                            // A bitsandbytes checkpoint: its codes are used as stored.
+                            Some(q) if (q.rows, q.cols) == (o, inp) => LinearWeight::Nf4(std::sync::Arc::new(q)),
+                            Some(q) => bail!(
+                                "{}: NF4 tensor `{wname}` has shape [{}, {}] but the config implies [{o}, {inp}]",
+                                src.describe(),
+                                q.rows,
+                                q.cols
+                            ),
+                            None if prec == BaseDtype::AsStored => {
+                                LinearWeight::Dense(param(load(src, &wname, &[o, inp])?, full, DType::F32)?)
+                            }
+                            None => {
+                                let w: Vec<f32> = load(src, &wname, &[o, inp])?
+                                    .to_dtype(DType::F32)?
+                                    .flatten_all()?
+                                    .to_vec1()?;
+                                LinearWeight::Nf4(std::sync::Arc::new(crate::quant::nf4::Nf4Tensor::quantize(
+                                    &w,
+                                    o,
+                                    inp,
+                                    64,
+                                    prec == BaseDtype::Nf4Dq,
+                                )))
+                            }
+                        }
+                    }
+                    None => LinearWeight::Dense(param(load(src, &wname, &[o, inp])?, full, prec.dtype())?),
                 };
                 let b = if cfg.arch.qkv_bias() && matches!(m, "q_proj" | "k_proj" | "v_proj") {
                     Some(param(load(src, &format!("{name}.bias"), &[o])?, full, DType::F32)?)
@@ -307,7 +411,7 @@ impl Model {
                     None
                 };
                 let pack = match &w {
-                    LinearWeight::Dense(Param::Frozen(t)) => crate::ops::frozen_linear::pack_weight(t)?,
+                    LinearWeight::Dense(Param::Frozen(t)) if spec.pack => crate::ops::frozen_linear::pack_weight(t)?,
                     _ => None,
                 };
                 proj.push(Linear { w, b, lora: None, pack });
@@ -349,8 +453,9 @@ impl Model {
             rope,
             head_pack: None,
             device: dev.clone(),
+            base,
         };
-        if base == BaseDtype::Bf16 && !full {
+        if pd == DType::BF16 && !full && spec.pack {
             model.head_pack = lm_head::HeadPack::new(model.head_weight())?.map(std::sync::Arc::new);
         }
         Ok(model)

@@ -22,6 +22,11 @@ pub trait WeightSource {
     fn get_quant(&self, _name: &str) -> Result<Option<candle_core::quantized::QTensor>> {
         Ok(None)
     }
+    /// The tensor `name` in NF4 when the file holds it so (a bitsandbytes 4-bit checkpoint);
+    /// `None` otherwise. [`WeightSource::get`] returns the same tensor dequantized.
+    fn get_nf4(&self, _name: &str) -> Result<Option<crate::quant::nf4::Nf4Tensor>> {
+        Ok(None)
+    }
 }
 
 /// An opened model: its configuration, its weights, its tokenizer.

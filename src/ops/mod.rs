@@ -11,6 +11,7 @@ pub mod frozen_linear;
 pub mod fused_attention;
 pub mod lm_head;
 pub mod lora_linear;
+pub mod nf4_linear;
 pub mod norm;
 pub mod quant_linear;
 pub mod rope;

@@ -21,7 +21,7 @@ use crate::adapter::{merge, peft};
 use crate::data::mix::{self, Mixer};
 use crate::data::{self, Sequences};
 use crate::eval::{eval_sequences, TextMetrics};
-use crate::model::{self, BaseDtype, Fwd, Model};
+use crate::model::{self, BaseDtype, Fwd, LoadSpec, Model};
 use crate::ops::lm_head::IGNORE;
 use crate::retain::{contrastive, Ewc};
 use crate::rng::mix;
@@ -133,14 +133,25 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
 
     let src = model::open(&recipe.model.path)?;
     let full = t.mode == "full";
-    let mut model = Model::load(
+    let base = BaseDtype::parse(&recipe.model.base_dtype)?;
+    let recipe_plan = recipe.plan(src.config.num_layers)?;
+    let bases = match &recipe_plan {
+        Some(p) => p.base_table(src.config.num_layers, base)?,
+        None => vec![[base; 7]; src.config.num_layers],
+    };
+    let per = |l: usize, m: &str| bases[l][crate::model::config::MODULES.iter().position(|x| *x == m).unwrap_or(0)];
+    let mut model = Model::load_with(
         &src.config,
         src.weights.as_ref(),
-        BaseDtype::parse(&recipe.model.base_dtype)?,
-        full,
+        &LoadSpec {
+            base,
+            per: &per,
+            full,
+            pack: recipe.model.pack_bf16,
+        },
         &dev,
     )?;
-    let plan = match (&recipe.model.adapter, recipe.plan(src.config.num_layers)?) {
+    let plan = match (&recipe.model.adapter, recipe_plan) {
         (Some(dir), _) => Some(peft::load(&mut model, dir)?),
         (None, Some(plan)) => {
             model.add_lora(&plan, t.seed)?;
