@@ -138,3 +138,123 @@ pub fn write_tiny_gguf(
     crate::model::gguf::write_gguf(path, &cfg, &tensors, &vocab, dtype)?;
     Ok((cfg, src))
 }
+
+/// A synthetic model generated tensor by tensor on request, in 16-bit or directly in NF4 from
+/// random codes: a 7B-shaped model without a download and without ever holding it in f32.
+pub struct SyntheticSource {
+    shapes: HashMap<String, Vec<usize>>,
+    /// Projections served as NF4 (`true`: with double quantization), by weight name.
+    nf4: HashMap<String, bool>,
+    seed: u64,
+}
+
+impl SyntheticSource {
+    /// A source for `cfg` whose projections `(layer, module)` come as NF4 where `nf4(layer,
+    /// module)` says so (`Some(double_quant)`), bf16 otherwise.
+    pub fn new(cfg: &ModelConfig, seed: u64, nf4: &dyn Fn(usize, &str) -> Option<bool>) -> Self {
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let mut shapes = HashMap::new();
+        let mut quant = HashMap::new();
+        shapes.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
+        shapes.insert("model.norm.weight".to_string(), vec![h]);
+        if !cfg.tie_word_embeddings {
+            shapes.insert("lm_head.weight".to_string(), vec![v, h]);
+        }
+        for i in 0..cfg.num_layers {
+            shapes.insert(format!("model.layers.{i}.input_layernorm.weight"), vec![h]);
+            shapes.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), vec![h]);
+            for m in MODULES {
+                let (o, inp) = cfg.linear_shape(m).expect("module");
+                let name = format!("{}.weight", crate::adapter::plan::module_name(i, m));
+                if let Some(dq) = nf4(i, m) {
+                    quant.insert(name.clone(), dq);
+                }
+                shapes.insert(name, vec![o, inp]);
+                if cfg.arch.qkv_bias() && matches!(m, "q_proj" | "k_proj" | "v_proj") {
+                    shapes.insert(format!("{}.bias", crate::adapter::plan::module_name(i, m)), vec![o]);
+                }
+            }
+        }
+        Self {
+            shapes,
+            nf4: quant,
+            seed,
+        }
+    }
+
+    fn rng(&self, name: &str) -> crate::rng::Rng {
+        let h = name
+            .bytes()
+            .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+        crate::rng::Rng::new(crate::rng::mix(&[self.seed, h]))
+    }
+}
+
+impl WeightSource for SyntheticSource {
+    fn get(&self, name: &str) -> anyhow::Result<Tensor> {
+        let shape = self
+            .shapes
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("synthetic model: no tensor `{name}`"))?;
+        let n: usize = shape.iter().product();
+        let mut rng = self.rng(name);
+        // Norms near 1, everything else small (uniform, std about 0.02).
+        let (mean, half) = if name.ends_with("norm.weight") {
+            (1.0, 0.1)
+        } else {
+            (0.0, 0.035)
+        };
+        let v: Vec<half::bf16> = (0..n)
+            .map(|_| half::bf16::from_f32(mean + (rng.next_f32() * 2.0 - 1.0) * half))
+            .collect();
+        Ok(Tensor::from_vec(v, shape.as_slice(), &Device::Cpu)?)
+    }
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.shapes.keys().cloned().collect();
+        v.sort();
+        v
+    }
+    fn stored_type(&self, name: &str) -> Option<String> {
+        self.shapes.get(name)?;
+        Some(match self.nf4.get(name) {
+            Some(true) => "nf4-dq".into(),
+            Some(false) => "nf4".into(),
+            None => "bf16".into(),
+        })
+    }
+    fn describe(&self) -> String {
+        "synthetic model".into()
+    }
+    fn get_nf4(&self, name: &str) -> anyhow::Result<Option<crate::quant::nf4::Nf4Tensor>> {
+        use crate::quant::nf4::{NestedAbsmax, Nf4Tensor, Scales};
+        let Some(&dq) = self.nf4.get(name) else { return Ok(None) };
+        let (rows, cols) = (self.shapes[name][0], self.shapes[name][1]);
+        let n = rows * cols;
+        let mut rng = self.rng(name);
+        let mut packed = vec![0u8; n.div_ceil(2)];
+        for chunk in packed.chunks_mut(8) {
+            let r = rng.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&r[..chunk.len()]);
+        }
+        let blocks = n.div_ceil(64);
+        // Block scales around 0.05 (what a bf16 checkpoint of std 0.02 gives).
+        let scales = if dq {
+            Scales::Nested(NestedAbsmax {
+                codes: (0..blocks).map(|_| rng.next_u64() as u8).collect(),
+                absmax2: (0..blocks.div_ceil(crate::quant::nf4::NESTED_BLOCK))
+                    .map(|_| 0.01)
+                    .collect(),
+                offset: 0.05,
+            })
+        } else {
+            Scales::Plain((0..blocks).map(|_| 0.04 + 0.02 * rng.next_f32()).collect())
+        };
+        Ok(Some(Nf4Tensor {
+            packed,
+            scales,
+            blocksize: 64,
+            rows,
+            cols,
+        }))
+    }
+}

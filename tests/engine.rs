@@ -176,7 +176,13 @@ fn gguf_and_hf_roundtrips_give_identical_logits() -> Result<()> {
         assert!(max_diff(&want, &from_gguf.logits(&ids, Fwd::eval(), None)?)? < 1e-5);
 
         let hf = dir.join(format!("{arch:?}-hf"));
-        merge::write_hf_dir(&from_gguf, &opened.tokenizer, &hf, false, DType::F32)?;
+        merge::write_hf_dir(
+            &from_gguf,
+            &opened.tokenizer,
+            &hf,
+            false,
+            merge::Store::Float(DType::F32),
+        )?;
         let reopened = open(&hf)?;
         assert_eq!(reopened.config, cfg);
         assert_eq!(
@@ -240,7 +246,7 @@ fn adapter_save_load_and_merge_preserve_logits() -> Result<()> {
         want.to_vec2::<f32>()?
     );
 
-    let tensors = merge::hf_tensors(&m, true, DType::F32)?;
+    let tensors = merge::hf_tensors(&m, true, merge::Store::Float(DType::F32))?;
     let merged = Model::load(
         &cfg,
         &strata::testing::MemSource(tensors.into_iter().collect()),
@@ -303,8 +309,14 @@ fn malformed_files_give_clear_errors() -> Result<()> {
     // Hugging Face directory with a wrong tensor shape and a config missing a field.
     let hf = dir.join("hf");
     let model = Model::load(&cfg, &src, BaseDtype::F32, false, &Device::Cpu)?;
-    merge::write_hf_dir(&model, &open(&gguf)?.tokenizer, &hf, false, DType::F32)?;
-    let mut bad: Vec<(String, Tensor)> = merge::hf_tensors(&model, false, DType::F32)?;
+    merge::write_hf_dir(
+        &model,
+        &open(&gguf)?.tokenizer,
+        &hf,
+        false,
+        merge::Store::Float(DType::F32),
+    )?;
+    let mut bad: Vec<(String, Tensor)> = merge::hf_tensors(&model, false, merge::Store::Float(DType::F32))?;
     for (n, t) in bad.iter_mut() {
         if n == "model.layers.1.mlp.up_proj.weight" {
             *t = Tensor::zeros((3, 3), DType::F32, &Device::Cpu)?;
@@ -393,7 +405,7 @@ fn gguf_quantized_base_kept_as_stored() -> Result<()> {
         assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name}: zero gradient");
     }
     // Export dequantizes.
-    let hf = merge::hf_tensors(&quant, true, DType::F32)?;
+    let hf = merge::hf_tensors(&quant, true, merge::Store::Float(DType::F32))?;
     assert!(hf
         .iter()
         .any(|(n, t)| n == "model.layers.0.self_attn.q_proj.weight" && t.dims() == [32, 32]));
@@ -415,9 +427,9 @@ fn sharded_safetensors_index_loads() -> Result<()> {
         &Device::Cpu,
     )?;
     let hf = dir.join("hf");
-    merge::write_hf_dir(&model, &opened.tokenizer, &hf, false, DType::F32)?;
+    merge::write_hf_dir(&model, &opened.tokenizer, &hf, false, merge::Store::Float(DType::F32))?;
     // Re-shard: layer tensors in one file, the rest in another, with an index.
-    let all = merge::hf_tensors(&model, false, DType::F32)?;
+    let all = merge::hf_tensors(&model, false, merge::Store::Float(DType::F32))?;
     let (layers, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|(n, _)| n.starts_with("model.layers."));
     strata::model::hf::save_safetensors(&hf.join("model-00001-of-00002.safetensors"), &layers)?;
     strata::model::hf::save_safetensors(&hf.join("model-00002-of-00002.safetensors"), &rest)?;

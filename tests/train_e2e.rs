@@ -460,7 +460,7 @@ fn qlora_layered_trains_and_merges_into_the_base_it_saw() -> Result<()> {
         &src.tokenizer,
         &dir.join("merged"),
         true,
-        candle_core::DType::F32,
+        strata::adapter::merge::Store::Float(candle_core::DType::F32),
     )?;
     let (_, merged) = strata::cli::load_model(&dir.join("merged"), None, "f32")?;
     let (_, naive) = strata::cli::load_model(&gguf, Some(&adapter), "f32")?;

@@ -19,17 +19,23 @@ use crate::util::{human_bytes, peak_rss};
 /// Arguments of `strata bench`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// What to benchmark (`train`).
+    /// What to benchmark: `train` (tok/s against a naive candle trainer), `memory` (peak
+    /// memory and tok/s of LoRA, QLoRA and the layered policy, beside their predictions) or
+    /// `gemm`.
     pub what: String,
-    /// Model shape: `smollm2` (SmolLM2-135M) or `tiny`.
+    /// Model shape: `smollm2` (SmolLM2-135M), `qwen2-7b` or `tiny`.
     #[arg(long, default_value = "smollm2")]
     pub shape: String,
-    /// Rows per batch.
-    #[arg(long, default_value_t = 4)]
-    pub batch: usize,
-    /// Tokens per row.
-    #[arg(long, default_value_t = 256)]
-    pub seq_len: usize,
+    /// Rows per batch (train: 4, memory: 1).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Tokens per row (train: 256, memory: 512).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Policies `bench memory` trains (comma-separated: lora, qlora, layered); the others are
+    /// predicted only. Default: all three, or qlora and layered for qwen2-7b.
+    #[arg(long)]
+    pub policies: Option<String>,
     /// Timed rounds (each runs every variant once, interleaved).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -102,25 +108,51 @@ fn naive_step(model: &Model, batch: &Batch, acc: &mut GradAcc) -> Result<f64> {
 /// The variants `strata bench train` compares.
 const VARIANTS: [&str; 3] = ["strata", "strata-no-recompute", "naive-candle"];
 
-/// Runs `strata bench`.
-pub fn run(a: Args) -> Result<()> {
-    match a.what.as_str() {
-        "train" => {}
-        "gemm" => return bench_gemm(a.rounds),
-        o => bail!("unknown benchmark `{o}`; available: train, gemm"),
+/// Qwen2-7B's shape.
+pub fn qwen2_7b_shape() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Qwen2,
+        hidden_size: 3584,
+        num_layers: 28,
+        num_heads: 28,
+        num_kv_heads: 4,
+        head_dim: 128,
+        intermediate_size: 18_944,
+        vocab_size: 152_064,
+        rope_theta: 1_000_000.0,
+        rms_norm_eps: 1e-6,
+        tie_word_embeddings: false,
+        max_position_embeddings: 32_768,
+        bos_token_id: None,
+        eos_token_id: Some(151_643),
     }
+}
+
+/// Runs `strata bench`.
+pub fn run(mut a: Args) -> Result<()> {
+    let memory = a.what == "memory";
+    a.batch.get_or_insert(if memory { 1 } else { 4 });
+    a.seq_len.get_or_insert(if memory { 512 } else { 256 });
     let cfg = match a.shape.as_str() {
         "smollm2" => smollm2_shape(),
+        "qwen2-7b" => qwen2_7b_shape(),
         "tiny" => crate::testing::tiny_config(Arch::Llama, 1000, true),
-        o => bail!("unknown shape `{o}`; choose smollm2 or tiny"),
+        o => bail!("unknown shape `{o}`; choose smollm2, qwen2-7b or tiny"),
     };
+    match a.what.as_str() {
+        "train" => {}
+        "memory" => return super::bench_memory::run(&a, &cfg),
+        "gemm" => return bench_gemm(a.rounds),
+        o => bail!("unknown benchmark `{o}`; available: train, memory, gemm"),
+    }
+    let (batch, seq_len) = (a.batch.unwrap_or(4), a.seq_len.unwrap_or(256));
     if let Some(v) = &a.variant {
         return run_variant(&a, &cfg, v);
     }
     println!(
         "bench train: {} shape ({} layers, hidden {}, vocab {}), LoRA r=16 alpha=32 on all 7 projections, {} frozen base, \
          batch {} x {}; each variant in its own process (clean peak RSS), {} interleaved rounds of 1 warm-up + {} timed steps",
-        a.shape, cfg.num_layers, cfg.hidden_size, cfg.vocab_size, a.base_dtype, a.batch, a.seq_len, a.rounds, a.steps
+        a.shape, cfg.num_layers, cfg.hidden_size, cfg.vocab_size, a.base_dtype, batch, seq_len, a.rounds, a.steps
     );
     let exe = std::env::current_exe()?;
     let variants: Vec<&str> = VARIANTS
@@ -144,9 +176,9 @@ pub fn run(a: Args) -> Result<()> {
                 ])
                 .args([
                     "--batch",
-                    &a.batch.to_string(),
+                    &batch.to_string(),
                     "--seq-len",
-                    &a.seq_len.to_string(),
+                    &seq_len.to_string(),
                     "--steps",
                     &a.steps.to_string(),
                 ])
@@ -194,25 +226,38 @@ fn run_variant(a: &Args, cfg: &ModelConfig, variant: &str) -> Result<()> {
     let mut model = Model::load(cfg, &src, BaseDtype::parse(&a.base_dtype)?, false, &Device::Cpu)?;
     drop(src);
     model.add_lora(&LoraPlan::uniform(16, 32.0, &MODULES), 0)?;
-    let n = a.batch * a.seq_len;
+    let (batch, seq_len) = (a.batch.unwrap_or(4), a.seq_len.unwrap_or(256));
+    let secs = timed_steps(&model, variant, batch, seq_len, a.steps)?;
+    let n = batch * seq_len;
+    println!(
+        "{}",
+        serde_json::json!({"variant": variant, "tok_per_s": n as f64 / secs, "step_s": secs, "peak_rss": peak_rss()})
+    );
+    Ok(())
+}
+
+/// Seconds a whole optimizer step takes on random tokens (`rows x seq_len`), as the peer
+/// benchmark times it: forward, backward, global-norm clipping at 1.0, AdamW. One warm-up step,
+/// then the mean of `steps`.
+pub(crate) fn timed_steps(model: &Model, variant: &str, rows: usize, seq_len: usize, steps: usize) -> Result<f64> {
+    let n = rows * seq_len;
+    let vocab = model.cfg.vocab_size;
     let mut rng = crate::rng::Rng::new(1);
-    let ids: Vec<u32> = (0..n).map(|_| rng.below(cfg.vocab_size) as u32).collect();
-    let targets: Vec<u32> = (0..n).map(|_| rng.below(cfg.vocab_size) as u32).collect();
+    let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
+    let targets: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
     let batch = Batch {
-        ids: Tensor::from_vec(ids, (a.batch, a.seq_len), &Device::Cpu)?,
+        ids: Tensor::from_vec(ids, (rows, seq_len), &Device::Cpu)?,
         targets,
     };
     let params = model.trainable();
     let mut opt = AdamW::new(0.0);
-    // A whole optimizer step, as the peer benchmark times it: forward, backward, global-norm
-    // clipping at 1.0, AdamW.
     let mut step = || -> Result<f64> {
         let mut acc = GradAcc::default();
         let loss = match variant {
-            "naive-candle" => naive_step(&model, &batch, &mut acc)?,
+            "naive-candle" => naive_step(model, &batch, &mut acc)?,
             "strata" | "strata-no-recompute" => {
                 let s = forward_backward(
-                    &model,
+                    model,
                     &batch,
                     1.0 / n as f64,
                     variant == "strata",
@@ -232,15 +277,10 @@ fn run_variant(a: &Args, cfg: &ModelConfig, variant: &str) -> Result<()> {
     };
     step()?;
     let t0 = Instant::now();
-    for _ in 0..a.steps.max(1) {
+    for _ in 0..steps.max(1) {
         step()?;
     }
-    let secs = t0.elapsed().as_secs_f64() / a.steps.max(1) as f64;
-    println!(
-        "{}",
-        serde_json::json!({"variant": variant, "tok_per_s": n as f64 / secs, "step_s": secs, "peak_rss": peak_rss()})
-    );
-    Ok(())
+    Ok(t0.elapsed().as_secs_f64() / steps.max(1) as f64)
 }
 
 /// GFLOP/s of the frozen-linear products on SmolLM2's shapes (1,024 tokens): strata's bf16

@@ -6,8 +6,9 @@
 //! `--dtype`. Folding it into the original 16-bit weights instead would add a correction made
 //! for NF4's rounding to weights that never had it.
 
-use anyhow::{bail, Result};
-use candle_core::DType;
+use anyhow::Result;
+
+use crate::adapter::merge::Store;
 use std::path::PathBuf;
 
 /// Arguments of `strata merge`.
@@ -19,7 +20,8 @@ pub struct Args {
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
-    /// Stored precision: f32, bf16 or f16.
+    /// Stored precision: f32, bf16, f16, or nf4 / nf4-dq (a bitsandbytes 4-bit checkpoint:
+    /// projections in NF4, the rest bf16; projections already in that NF4 layout keep their codes).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// The base the adapter is folded into: auto (the one it was trained against, from its
@@ -31,14 +33,9 @@ pub struct Args {
 
 /// Runs `strata merge`.
 pub fn run(a: Args) -> Result<()> {
-    let dtype = match a.dtype.as_str() {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        o => bail!("--dtype {o}: choose f32, bf16 or f16"),
-    };
+    let store = Store::parse(&a.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let (src, model) = a.model.load(&a.base_dtype)?;
-    crate::adapter::merge::write_hf_dir(&model, &src.tokenizer, &a.out, a.model.adapter.is_some(), dtype)?;
+    crate::adapter::merge::write_hf_dir(&model, &src.tokenizer, &a.out, a.model.adapter.is_some(), store)?;
     println!(
         "wrote {} ({}{})",
         a.out.display(),

@@ -122,7 +122,12 @@ impl ModelConfig {
             head_dim,
             intermediate_size: req_usize(v, "intermediate_size", file)?,
             vocab_size: req_usize(v, "vocab_size", file)?,
-            rope_theta: v.get("rope_theta").and_then(|x| x.as_f64()).unwrap_or(10_000.0),
+            // transformers 5 writes it inside `rope_parameters`.
+            rope_theta: v
+                .get("rope_theta")
+                .or_else(|| v.get("rope_parameters").and_then(|r| r.get("rope_theta")))
+                .and_then(|x| x.as_f64())
+                .unwrap_or(10_000.0),
             rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
             max_position_embeddings: v

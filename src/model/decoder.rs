@@ -9,8 +9,9 @@ use super::config::{ModelConfig, MODULES};
 use super::source::WeightSource;
 use crate::adapter::{Lora, LoraPlan};
 use crate::ops::attention::{causal_attention, repeat_kv};
+use crate::ops::dequant_linear::{dequant_linear, Compact};
 use crate::ops::fused_attention::FusedAttention;
-use crate::ops::lora_linear::{LoraLinear, MaskSeed};
+use crate::ops::lora_linear::{LoraBase, LoraLinear, MaskSeed};
 use crate::ops::norm::{rms_norm, rms_norm_composed};
 use crate::ops::quant_linear::quant_linear;
 use crate::ops::rope::Rope;
@@ -205,13 +206,23 @@ impl Linear {
             first_row: fwd.first_token,
         });
         // A frozen projection with an active adapter on the CPU: one fused op.
-        if let (LinearWeight::Dense(Param::Frozen(w)), Some(l), true, false) =
-            (&self.w, &self.lora, fwd.adapters, fwd.naive)
+        if let (Some(l), true, false, DType::F32, true) =
+            (&self.lora, fwd.adapters, fwd.naive, x.dtype(), x.device().is_cpu())
         {
-            if x.dtype() == DType::F32 && LoraLinear::supports(w, self.pack.as_ref()) {
+            let base = match (&self.w, &self.pack) {
+                (LinearWeight::Dense(Param::Frozen(w)), Some(p)) => Some(LoraBase::Packed(w.clone(), p.clone())),
+                (LinearWeight::Dense(Param::Frozen(w)), None) if w.is_contiguous() && w.dtype() == DType::F32 => {
+                    Some(LoraBase::F32(w.clone()))
+                }
+                (LinearWeight::Dense(Param::Frozen(w)), None) if w.is_contiguous() && w.dtype() == DType::BF16 => {
+                    Some(LoraBase::Compact(Compact::Bf16(w.clone())))
+                }
+                (LinearWeight::Nf4(q), _) => Some(LoraBase::Compact(Compact::Nf4(q.clone()))),
+                _ => None,
+            };
+            if let Some(base) = base {
                 let op = LoraLinear {
-                    w: w.clone(),
-                    pack: self.pack.clone(),
+                    base,
                     scale: l.scale as f32,
                     dropout: l.dropout,
                     seed,
@@ -228,10 +239,16 @@ impl Linear {
             LinearWeight::Dense(Param::Frozen(w)) if fwd.naive => {
                 x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)?
             }
+            // Unpacked bf16 (memory before speed): decoded a slab at a time into the f32 GEMM.
+            LinearWeight::Dense(Param::Frozen(w))
+                if self.pack.is_none() && w.dtype() == DType::BF16 && w.device().is_cpu() =>
+            {
+                dequant_linear(x, Compact::Bf16(w.clone()))?
+            }
             LinearWeight::Dense(Param::Frozen(w)) => frozen_linear(x, w, self.pack.as_ref())?,
             LinearWeight::Dense(Param::Train(w)) => x.matmul(&w.as_tensor().t()?)?,
             LinearWeight::Quant(q) => quant_linear(x, q)?,
-            LinearWeight::Nf4(q) => crate::ops::nf4_linear::nf4_linear(x, q)?,
+            LinearWeight::Nf4(q) => dequant_linear(x, Compact::Nf4(q.clone()))?,
         };
         if let Some(b) = &self.b {
             y = y.broadcast_add(&b.t().to_dtype(DType::F32)?)?;
@@ -350,11 +367,7 @@ impl Model {
             BaseDtype::Bf16 | BaseDtype::Nf4 | BaseDtype::Nf4Dq => DType::BF16,
             _ => DType::F32,
         };
-        let embed = param(
-            load(src, "model.embed_tokens.weight", &[cfg.vocab_size, h])?,
-            full,
-            DType::F32,
-        )?;
+        let embed = param(load(src, "model.embed_tokens.weight", &[cfg.vocab_size, h])?, full, pd)?;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let mut proj = Vec::with_capacity(7);

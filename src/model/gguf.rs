@@ -375,6 +375,12 @@ impl WeightSource for GgufSource {
         v
     }
 
+    fn stored_bytes(&self, name: &str) -> Option<u64> {
+        let info = self.content.tensor_infos.get(&hf_to_gguf(name)?)?;
+        let ty = info.ggml_dtype;
+        Some((info.shape.elem_count() / ty.block_size() * ty.type_size()) as u64)
+    }
+
     fn stored_type(&self, name: &str) -> Option<String> {
         let g = hf_to_gguf(name)?;
         Some(format!("{:?}", self.content.tensor_infos.get(&g)?.ggml_dtype).to_lowercase())

@@ -75,9 +75,113 @@ impl SafetensorsSource {
     }
 }
 
+/// Suffix of the JSON quant state bitsandbytes writes beside each 4-bit weight.
+const BNB_NF4_STATE: &str = ".quant_state.bitsandbytes__nf4";
+
+impl SafetensorsSource {
+    /// Reads a bitsandbytes 4-bit weight (`QuantState.as_dict(packed=True)`: packed codes,
+    /// `absmax`, `quant_map`, optionally `nested_absmax` / `nested_quant_map`, and the JSON
+    /// state), checking every piece against the NF4 format strata implements.
+    fn bnb_nf4(&self, name: &str) -> Result<Option<crate::quant::nf4::Nf4Tensor>> {
+        use crate::quant::nf4::{dynamic_map, NestedAbsmax, Nf4Tensor, Scales, NESTED_BLOCK, NF4_CODE};
+        let state_name = format!("{name}{BNB_NF4_STATE}");
+        if !self.index.contains_key(&state_name) {
+            if self
+                .index
+                .contains_key(&format!("{name}.quant_state.bitsandbytes__fp4"))
+            {
+                bail!("{}: `{name}` is stored in bitsandbytes FP4; strata reads NF4 4-bit checkpoints (bnb_4bit_quant_type=\"nf4\")", self.describe());
+            }
+            return Ok(None);
+        }
+        let bad = |what: &str| anyhow::anyhow!("{}: 4-bit weight `{name}`: {what}", self.describe());
+        let state: serde_json::Value = serde_json::from_slice(&self.raw(&state_name)?.flatten_all()?.to_vec1::<u8>()?)
+            .map_err(|e| bad(&format!("quant state is not valid JSON ({e})")))?;
+        if state["quant_type"] != "nf4" {
+            bail!(bad(&format!("quant_type {} is not nf4", state["quant_type"])));
+        }
+        let shape: Vec<usize> = state["shape"]
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+            .ok_or_else(|| bad("quant state has no shape"))?;
+        let [rows, cols] = shape[..] else {
+            bail!(bad(&format!("shape {shape:?} is not a matrix")))
+        };
+        let blocksize = state["blocksize"]
+            .as_u64()
+            .ok_or_else(|| bad("quant state has no blocksize"))? as usize;
+        if blocksize == 0 {
+            bail!(bad("blocksize 0"));
+        }
+        let n = rows * cols;
+        let packed = self.raw(name)?.flatten_all()?.to_vec1::<u8>()?;
+        if packed.len() != n.div_ceil(2) {
+            bail!(bad(&format!("{} packed bytes for {n} values", packed.len())));
+        }
+        let f32s = |t: &str| -> Result<Vec<f32>> {
+            Ok(self
+                .raw(&format!("{name}.{t}"))?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        if f32s("quant_map")? != NF4_CODE {
+            bail!(bad("quant_map is not the NF4 code table"));
+        }
+        let blocks = n.div_ceil(blocksize);
+        let scales = if self.index.contains_key(&format!("{name}.nested_absmax")) {
+            if state["nested_blocksize"].as_u64() != Some(NESTED_BLOCK as u64) {
+                bail!(bad("nested_blocksize is not 256"));
+            }
+            if f32s("nested_quant_map")? != dynamic_map() {
+                bail!(bad("nested_quant_map is not bitsandbytes' signed dynamic map"));
+            }
+            let codes = self.raw(&format!("{name}.absmax"))?.flatten_all()?.to_vec1::<u8>()?;
+            let absmax2 = f32s("nested_absmax")?;
+            if codes.len() != blocks || absmax2.len() != blocks.div_ceil(NESTED_BLOCK) {
+                bail!(bad("absmax and nested_absmax do not match the block count"));
+            }
+            let offset = state["nested_offset"].as_f64().ok_or_else(|| bad("no nested_offset"))? as f32;
+            Scales::Nested(NestedAbsmax { codes, absmax2, offset })
+        } else {
+            let a = f32s("absmax")?;
+            if a.len() != blocks {
+                bail!(bad(&format!("{} absmax values for {blocks} blocks", a.len())));
+            }
+            Scales::Plain(a)
+        };
+        Ok(Some(Nf4Tensor {
+            packed,
+            scales,
+            blocksize,
+            rows,
+            cols,
+        }))
+    }
+}
+
 impl WeightSource for SafetensorsSource {
     fn get(&self, name: &str) -> Result<Tensor> {
+        // A 4-bit weight read as a float tensor: dequantized the way bitsandbytes does.
+        if let Some(q) = self.bnb_nf4(name)? {
+            return Ok(Tensor::from_vec(q.dequantize(), (q.rows, q.cols), &Device::Cpu)?);
+        }
         self.raw(name)
+    }
+
+    fn get_nf4(&self, name: &str) -> Result<Option<crate::quant::nf4::Nf4Tensor>> {
+        self.bnb_nf4(name)
+    }
+
+    fn stored_bytes(&self, name: &str) -> Option<u64> {
+        let &id = self.index.get(name)?;
+        let st = SafeTensors::deserialize(&self.files[id].1).ok()?;
+        let mut bytes = st.tensor(name).ok()?.data().len() as u64;
+        if self.index.contains_key(&format!("{name}{BNB_NF4_STATE}")) {
+            bytes += self.stored_bytes(&format!("{name}.absmax")).unwrap_or(0)
+                + self.stored_bytes(&format!("{name}.nested_absmax")).unwrap_or(0);
+        }
+        Some(bytes)
     }
 
     fn names(&self) -> Vec<String> {

@@ -22,6 +22,10 @@ pub trait WeightSource {
     fn get_quant(&self, _name: &str) -> Result<Option<candle_core::quantized::QTensor>> {
         Ok(None)
     }
+    /// Bytes `name` occupies as stored (for memory planning of `as-stored` bases).
+    fn stored_bytes(&self, _name: &str) -> Option<u64> {
+        None
+    }
     /// The tensor `name` in NF4 when the file holds it so (a bitsandbytes 4-bit checkpoint);
     /// `None` otherwise. [`WeightSource::get`] returns the same tensor dequantized.
     fn get_nf4(&self, _name: &str) -> Result<Option<crate::quant::nf4::Nf4Tensor>> {

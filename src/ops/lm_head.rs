@@ -149,6 +149,32 @@ fn chunk_bf16(
     Ok((rows, dh))
 }
 
+/// One chunk against a frozen bf16 head without the kernel's packs: logits in one f32 buffer
+/// (the head decoded a slab of rows at a time), softmax in place, `dh` the same way back.
+fn chunk_lean(
+    hc: &Tensor,
+    w: &super::dequant_linear::Compact,
+    idx: &[u32],
+    scales: Option<&[f32]>,
+) -> Result<(Vec<RowStat>, Option<Tensor>)> {
+    use super::dequant_linear::{g_w, x_wt};
+    let (c, hidden) = hc.dims2()?;
+    let (v, _) = w.dims()?;
+    let x: Vec<f32> = hc.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut logits = vec![0f32; c * v];
+    x_wt(&x, c, w, &mut logits)?;
+    let rows = softmax_ce_rows(&mut logits, v, idx, scales);
+    let dh = match scales {
+        Some(_) => {
+            let mut dh = vec![0f32; c * hidden];
+            g_w(&logits, c, w, &mut dh)?;
+            Some(Tensor::from_vec(dh, (c, hidden), hc.device())?)
+        }
+        None => None,
+    };
+    Ok((rows, dh))
+}
+
 /// Runs `h [n, hidden]` (detached) through the head `w [vocab, hidden]` against `targets` (length
 /// n, [`IGNORE`] to skip).
 pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -> Result<HeadOutput> {
@@ -199,12 +225,23 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
             continue;
         }
         let hc = h.narrow(0, start, c)?;
-        if let (Some(pack), false) = (opt.pack, opt.want_dw) {
-            if pack.fwd.n != vocab {
-                candle_core::bail!("lm head: packed head has {} rows, weight has {vocab}", pack.fwd.n);
-            }
+        let lean = opt.pack.is_none() && w.dtype() == DType::BF16 && w.device().is_cpu() && h.dtype() != DType::F64;
+        if (opt.pack.is_some() || lean) && !opt.want_dw {
             let scales: Option<Vec<f32>> = opt.grad_scale.map(|s| mask.iter().map(|m| m * s as f32).collect());
-            let (rows, dh) = chunk_bf16(&hc, pack, &idx, scales.as_deref())?;
+            let (rows, dh) = match opt.pack {
+                Some(pack) => {
+                    if pack.fwd.n != vocab {
+                        candle_core::bail!("lm head: packed head has {} rows, weight has {vocab}", pack.fwd.n);
+                    }
+                    chunk_bf16(&hc, pack, &idx, scales.as_deref())?
+                }
+                None => chunk_lean(
+                    &hc,
+                    &super::dequant_linear::Compact::Bf16(w.contiguous()?),
+                    &idx,
+                    scales.as_deref(),
+                )?,
+            };
             for (i, (nll, am)) in rows.into_iter().enumerate() {
                 if mask[i] > 0.0 {
                     out.nll_sum += nll;
@@ -320,6 +357,29 @@ mod tests {
             .max_all()?
             .to_scalar::<f64>()?;
         assert!(d < 1e-9, "dw differs by {d}");
+        Ok(())
+    }
+
+    /// An unpacked bf16 head (decoded slab by slab into one logits buffer) gives the f32 head's
+    /// loss, arg-maxes and `dh` on the same (bf16-representable) weights.
+    #[test]
+    fn lean_bf16_head_matches_the_f32_head() -> Result<()> {
+        let dev = Device::Cpu;
+        let h = Tensor::randn(0f32, 1., (9, 16), &dev)?;
+        let w = Tensor::randn(0f32, 1., (300, 16), &dev)?.to_dtype(DType::BF16)?;
+        let targets = [3, IGNORE, 0, 299, 4, 5, 6, 7, 8];
+        let base = HeadOptions {
+            chunk: 4,
+            grad_scale: Some(0.25),
+            per_token: true,
+            ..Default::default()
+        };
+        let a = lm_head_loss(&h, &w.to_dtype(DType::F32)?, &targets, base)?;
+        let b = lm_head_loss(&h, &w, &targets, base)?;
+        assert_eq!((a.count, a.correct), (b.count, b.correct));
+        assert!((a.nll_sum - b.nll_sum).abs() < 1e-5 * a.nll_sum.abs());
+        let d = (a.dh.unwrap() - b.dh.unwrap())?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "dh differs by {d}");
         Ok(())
     }
 

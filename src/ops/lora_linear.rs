@@ -7,20 +7,40 @@
 //! `gemm` crate on slices. The dropout mask is regenerated from its seed in the backward, so
 //! nothing but the inputs is kept.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 
 use super::bf16_gemm::{self, LinearPack};
+use super::dequant_linear::{g_w, x_wt, Compact};
 use super::{cpu_f32, sgemm};
 use crate::rng::{mix, Rng};
 use rayon::prelude::*;
 
-/// The op: the frozen weight (f32, or bf16 with its pack), the scale and the dropout.
+/// The frozen weight under the adapter.
+#[derive(Clone)]
+pub enum LoraBase {
+    /// A contiguous f32 `W [out, in]` on the CPU.
+    F32(Tensor),
+    /// A bf16 `W` and its packs for the bf16 kernel.
+    Packed(Tensor, Arc<LinearPack>),
+    /// NF4 or unpacked bf16, decoded a slab at a time (`ops::dequant_linear`).
+    Compact(Compact),
+}
+
+impl LoraBase {
+    /// `[out, in]`.
+    fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            LoraBase::F32(w) | LoraBase::Packed(w, _) => w.dims2(),
+            LoraBase::Compact(c) => c.dims(),
+        }
+    }
+}
+
+/// The op: the frozen weight, the scale and the dropout.
 pub struct LoraLinear {
-    /// Frozen `W [out, in]`: f32, or bf16 when `pack` is set.
-    pub w: Tensor,
-    /// `w` packed for the bf16 kernel.
-    pub pack: Option<Arc<LinearPack>>,
+    /// Frozen `W [out, in]`.
+    pub base: LoraBase,
     /// `alpha / r` (or rsLoRA's `alpha / sqrt(r)`).
     pub scale: f32,
     /// Dropout probability on the adapter input.
@@ -69,14 +89,9 @@ pub fn dropout_mask(s: MaskSeed, p: f32, rows: usize, width: usize) -> Vec<f32> 
 }
 
 impl LoraLinear {
-    /// Whether the op can run `w` here: CPU, and f32 or a packed bf16 weight.
-    pub fn supports(w: &Tensor, pack: Option<&Arc<LinearPack>>) -> bool {
-        w.device().is_cpu() && w.is_contiguous() && (w.dtype() == DType::F32 || pack.is_some())
-    }
-
     /// Runs `f` on the f32 weight's data in place (no copy on the hot path).
-    fn with_w<R>(&self, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-        let (st, l) = self.w.storage_and_layout();
+    fn with_w<R>(w: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        let (st, l) = w.storage_and_layout();
         match &*st {
             candle_core::Storage::Cpu(c) => Ok(f(cpu_f32(c, l, "lora linear weight")?)),
             _ => candle_core::bail!("lora linear: the weight is not on the CPU"),
@@ -85,20 +100,22 @@ impl LoraLinear {
 
     /// `x W^T` into `y [m, out]`.
     fn base_fwd(&self, x: &[f32], m: usize, k: usize, y: &mut [f32]) -> Result<()> {
-        let n = self.w.dim(0)?;
-        match &self.pack {
-            Some(p) => bf16_gemm::gemm(&bf16_gemm::pack_a(x, m, k), m, &p.fwd, y),
-            None => self.with_w(|w| sgemm(m, n, k, (x, k, 1), (w, 1, k), y, false, 1.0, true))?,
+        let (n, _) = self.base.dims()?;
+        match &self.base {
+            LoraBase::Packed(_, p) => bf16_gemm::gemm(&bf16_gemm::pack_a(x, m, k), m, &p.fwd, y),
+            LoraBase::F32(w) => Self::with_w(w, |w| sgemm(m, n, k, (x, k, 1), (w, 1, k), y, false, 1.0, true))?,
+            LoraBase::Compact(c) => x_wt(x, m, c, y)?,
         }
         Ok(())
     }
 
     /// `g W` into `dx [m, in]`.
     fn base_bwd(&self, g: &[f32], m: usize, n: usize, dx: &mut [f32]) -> Result<()> {
-        let k = self.w.dim(1)?;
-        match &self.pack {
-            Some(p) => bf16_gemm::gemm(&bf16_gemm::pack_a(g, m, n), m, &p.bwd, dx),
-            None => self.with_w(|w| sgemm(m, k, n, (g, n, 1), (w, k, 1), dx, false, 1.0, true))?,
+        let (_, k) = self.base.dims()?;
+        match &self.base {
+            LoraBase::Packed(_, p) => bf16_gemm::gemm(&bf16_gemm::pack_a(g, m, n), m, &p.bwd, dx),
+            LoraBase::F32(w) => Self::with_w(w, |w| sgemm(m, k, n, (g, n, 1), (w, k, 1), dx, false, 1.0, true))?,
+            LoraBase::Compact(c) => g_w(g, m, c, dx)?,
         }
         Ok(())
     }
@@ -106,7 +123,7 @@ impl LoraLinear {
     fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
         match self.seed {
             Some(seed) if self.dropout > 0.0 => {
-                let k = self.w.dim(1).unwrap_or(1).max(1);
+                let k = self.base.dims().map(|d| d.1).unwrap_or(1).max(1);
                 let mask = dropout_mask(seed, self.dropout, x.len() / k, k);
                 Some(x.iter().zip(&mask).map(|(a, b)| a * b).collect())
             }
@@ -132,7 +149,7 @@ impl CustomOp3 for LoraLinear {
         let (m, k) = l1.shape().dims2()?;
         let (r, ka) = l2.shape().dims2()?;
         let (n, rb) = l3.shape().dims2()?;
-        let (wn, wk) = self.w.dims2()?;
+        let (wn, wk) = self.base.dims()?;
         if ka != k || rb != r || wk != k || wn != n {
             candle_core::bail!("lora linear: x [{m}, {k}], A [{r}, {ka}], B [{n}, {rb}] and W [{wn}, {wk}] do not fit");
         }
@@ -209,10 +226,13 @@ mod tests {
     use super::*;
     use crate::adapter::plan::ModuleLora;
     use crate::adapter::Lora;
+    use crate::ops::dequant_linear::dequant_linear;
     use crate::ops::frozen_linear::{frozen_linear, pack_weight};
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
-    fn check(bf16: bool, dropout: f32) -> Result<()> {
+    /// `kind`: 0 f32, 1 packed bf16, 2 unpacked bf16, 3 NF4.
+    fn check(kind: u8, dropout: f32) -> Result<()> {
+        let bf16 = kind == 1;
         let dev = Device::Cpu;
         let (m, k, n, r) = (37, 24, 50, 4);
         let mut rng = Rng::new(5);
@@ -232,13 +252,30 @@ mod tests {
             w = w.to_dtype(DType::BF16)?;
             x = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
         }
-        let pack = pack_weight(&w)?;
         let x = Var::from_tensor(&x)?;
         let seed = Some(MaskSeed { seed: 9, first_row: 5 });
-        let composed = (frozen_linear(x.as_tensor(), &w, pack.as_ref())? + lora.forward(x.as_tensor(), seed)?)?;
+        let (base_out, base) = match kind {
+            0 => (frozen_linear(x.as_tensor(), &w, None)?, LoraBase::F32(w.clone())),
+            1 => {
+                let pack = pack_weight(&w)?.expect("bf16 kernel");
+                (
+                    frozen_linear(x.as_tensor(), &w, Some(&pack))?,
+                    LoraBase::Packed(w.clone(), pack),
+                )
+            }
+            2 => {
+                let c = Compact::Bf16(w.to_dtype(DType::BF16)?);
+                (dequant_linear(x.as_tensor(), c.clone())?, LoraBase::Compact(c))
+            }
+            _ => {
+                let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+                let c = Compact::Nf4(Arc::new(crate::quant::nf4::Nf4Tensor::quantize(&wv, n, k, 64, true)));
+                (dequant_linear(x.as_tensor(), c.clone())?, LoraBase::Compact(c))
+            }
+        };
+        let composed = (base_out + lora.forward(x.as_tensor(), seed)?)?;
         let op = LoraLinear {
-            w: w.clone(),
-            pack: pack.clone(),
+            base,
             scale: 2.0,
             dropout,
             seed,
@@ -256,7 +293,7 @@ mod tests {
             ("B", lora.b.as_tensor()),
         ] {
             let d = diff(gc.get(v).unwrap(), gf.get(v).unwrap())?;
-            assert!(d < tol * 5.0, "d{name} differs by {d} (bf16 {bf16}, dropout {dropout})");
+            assert!(d < tol * 5.0, "d{name} differs by {d} (kind {kind}, dropout {dropout})");
         }
         Ok(())
     }
@@ -278,9 +315,9 @@ mod tests {
 
     #[test]
     fn fused_lora_matches_the_composition() -> Result<()> {
-        for bf16 in [false, true] {
+        for kind in 0..4 {
             for dropout in [0.0, 0.3] {
-                check(bf16, dropout)?;
+                check(kind, dropout)?;
             }
         }
         Ok(())

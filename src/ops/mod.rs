@@ -7,11 +7,11 @@
 
 pub mod attention;
 pub mod bf16_gemm;
+pub mod dequant_linear;
 pub mod frozen_linear;
 pub mod fused_attention;
 pub mod lm_head;
 pub mod lora_linear;
-pub mod nf4_linear;
 pub mod norm;
 pub mod quant_linear;
 pub mod rope;

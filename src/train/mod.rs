@@ -2,6 +2,7 @@
 
 pub mod callback;
 pub mod checkpoint;
+pub mod memory;
 pub mod optim;
 pub mod recipe;
 pub mod schedule;

@@ -448,6 +448,16 @@ impl Recipe {
         Ok(out)
     }
 
+    /// Base precision of every projection, `[layer][MODULES index]`: `model.base_dtype`, then
+    /// whatever `[[lora.layers]]` rules say.
+    pub fn base_table(&self, num_layers: usize) -> Result<Vec<[crate::model::BaseDtype; 7]>> {
+        let base = crate::model::BaseDtype::parse(&self.model.base_dtype)?;
+        match self.plan(num_layers)? {
+            Some(p) => p.base_table(num_layers, base),
+            None => Ok(vec![[base; 7]; num_layers]),
+        }
+    }
+
     /// The LoRA plan of this recipe for a model with `num_layers` blocks.
     pub fn plan(&self, num_layers: usize) -> Result<Option<LoraPlan>> {
         let Some(l) = &self.lora else { return Ok(None) };

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use super::callback::{Callback, Control, MemoryMonitor, MixSchedule, MixShape, ProcMemory, StepReport};
 use super::checkpoint::{self, RunState};
+use super::memory;
 use super::optim::AdamW;
 use super::recipe::group_of;
 use super::recipe::Recipe;
@@ -25,7 +26,7 @@ use crate::model::{self, BaseDtype, Fwd, LoadSpec, Model};
 use crate::ops::lm_head::IGNORE;
 use crate::retain::{contrastive, Ewc};
 use crate::rng::mix;
-use crate::util::{human_bytes, peak_rss};
+use crate::util::{current_rss, human_bytes, peak_rss};
 
 /// What a finished run reports (also written as `summary.json`).
 #[derive(Debug, Serialize)]
@@ -48,6 +49,8 @@ pub struct RunSummary {
     pub tokens_per_second: f64,
     /// Peak resident set of the process, bytes.
     pub peak_rss_bytes: u64,
+    /// The peak predicted before the run, by part (`train::memory`), with its total.
+    pub predicted_memory: serde_json::Value,
     /// Wall time of the loop, seconds.
     pub train_seconds: f64,
     /// Trainable parameters.
@@ -135,10 +138,9 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
     let full = t.mode == "full";
     let base = BaseDtype::parse(&recipe.model.base_dtype)?;
     let recipe_plan = recipe.plan(src.config.num_layers)?;
-    let bases = match &recipe_plan {
-        Some(p) => p.base_table(src.config.num_layers, base)?,
-        None => vec![[base; 7]; src.config.num_layers],
-    };
+    let bases = recipe.base_table(src.config.num_layers)?;
+    let predicted = memory::for_recipe(recipe, &src, current_rss())?;
+    eprintln!("memory plan (micro-batch {}):\n{}", t.batch, predicted.table());
     let per = |l: usize, m: &str| bases[l][crate::model::config::MODULES.iter().position(|x| *x == m).unwrap_or(0)];
     let mut model = Model::load_with(
         &src.config,
@@ -541,7 +543,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
         }
         None => {
             let dir = t.out.join("model");
-            merge::write_hf_dir(&model, &src.tokenizer, &dir, false, DType::F32)?;
+            merge::write_hf_dir(&model, &src.tokenizer, &dir, false, merge::Store::Float(DType::F32))?;
             dir
         }
     };
@@ -555,6 +557,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
         domain_share: st.mixer.realised_share(),
         tokens_per_second: (trained_tokens - tokens0) as f64 / train_seconds.max(1e-9),
         peak_rss_bytes: peak_rss(),
+        predicted_memory: predicted.to_json(),
         train_seconds,
         trainable_params: n_params,
         output: output.clone(),
@@ -565,11 +568,13 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     eprintln!(
-        "wrote {} ({} steps, {:.0} tok/s, peak RSS {})",
+        "wrote {} ({} steps, {:.0} tok/s, peak RSS {} measured, {} predicted: {:+.0}%)",
         output.display(),
         steps,
         summary.tokens_per_second,
-        human_bytes(summary.peak_rss_bytes)
+        human_bytes(summary.peak_rss_bytes),
+        human_bytes(predicted.total()),
+        100.0 * (predicted.total() as f64 / summary.peak_rss_bytes.max(1) as f64 - 1.0)
     );
     Ok(summary)
 }

@@ -1,0 +1,393 @@
+//! Memory you can plan: a training run's peak resident memory predicted by part before it runs
+//! (`strata inspect --recipe`), and printed beside the measured peak after every run.
+//!
+//! Every part is counted from the buffers the code actually holds: the weights in their stored
+//! precision (with the bf16 kernel's two packed copies when it packs), adapter and optimizer
+//! state (value, accumulated gradient, two AdamW moments: 16 bytes a trained parameter), the
+//! activations the step keeps (each block's input with recomputation, plus one block's graph
+//! and its gradients; every block's graph without), the LM head's logits chunk, and the
+//! process's own footprint measured when the prediction is made.
+
+use crate::model::config::{ModelConfig, MODULES};
+use crate::model::BaseDtype;
+use crate::util::human_bytes;
+
+/// One part of the prediction.
+#[derive(Clone, Debug)]
+pub struct Part {
+    /// What it is (`weights nf4`, `activations` ...).
+    pub name: String,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// A predicted peak, by part.
+#[derive(Clone, Debug, Default)]
+pub struct Prediction {
+    /// The parts, in the order they are printed.
+    pub parts: Vec<Part>,
+}
+
+impl Prediction {
+    /// The predicted peak.
+    pub fn total(&self) -> u64 {
+        self.parts.iter().map(|p| p.bytes).sum()
+    }
+
+    fn add(&mut self, name: &str, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        match self.parts.iter_mut().find(|p| p.name == name) {
+            Some(p) => p.bytes += bytes,
+            None => self.parts.push(Part {
+                name: name.to_string(),
+                bytes,
+            }),
+        }
+    }
+
+    /// A two-column table, one line a part, then the total.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        for p in &self.parts {
+            s += &format!("  {:<34} {:>10}\n", p.name, human_bytes(p.bytes));
+        }
+        s += &format!("  {:<34} {:>10}\n", "predicted peak", human_bytes(self.total()));
+        s
+    }
+
+    /// The parts as a JSON object (name -> bytes) with the total.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for p in &self.parts {
+            m.insert(p.name.clone(), p.bytes.into());
+        }
+        m.insert("total".into(), self.total().into());
+        serde_json::Value::Object(m)
+    }
+}
+
+/// What a run holds, as far as memory goes.
+pub struct RunShape<'a> {
+    /// The model.
+    pub cfg: &'a ModelConfig,
+    /// Precision of the embeddings, head and anything without a per-module choice.
+    pub base: BaseDtype,
+    /// Base precision of every projection, `[layer][MODULES index]`.
+    pub bases: &'a [[BaseDtype; 7]],
+    /// Full fine-tuning (every weight trained in f32).
+    pub full: bool,
+    /// Frozen bf16 weights packed for the bf16 kernel (when the CPU has it).
+    pub pack: bool,
+    /// Adapter parameters.
+    pub adapter_params: u64,
+    /// Base modules trained beside the adapters (`modules_to_save`, SAVABLE names).
+    pub saved: &'a [String],
+    /// Rows per micro-batch.
+    pub rows: usize,
+    /// Tokens per row.
+    pub seq_len: usize,
+    /// Per-block recomputation.
+    pub recompute: bool,
+    /// Bytes of a projection kept `as-stored` (a GGUF quant type), by Hugging Face weight name.
+    pub stored_bytes: &'a dyn Fn(&str) -> Option<u64>,
+    /// The process's resident memory before the model is loaded (binary, tokenizer, data).
+    pub runtime: u64,
+}
+
+/// Bytes of an NF4 weight of `n` elements in blocks of 64 (codes, then fp32 scales or 8-bit
+/// scales with one fp32 per 256 of them and the offset).
+pub fn nf4_bytes(n: u64, double_quant: bool) -> u64 {
+    let blocks = n.div_ceil(64);
+    n.div_ceil(2)
+        + if double_quant {
+            blocks + 4 * blocks.div_ceil(256) + 4
+        } else {
+            4 * blocks
+        }
+}
+
+/// Elements of the base modules a `modules_to_save` name covers.
+fn saved_elems(cfg: &ModelConfig, m: &str) -> u64 {
+    let (h, v, l) = (cfg.hidden_size as u64, cfg.vocab_size as u64, cfg.num_layers as u64);
+    match m {
+        "embed_tokens" | "lm_head" => v * h,
+        "norm" => h,
+        "input_layernorm" | "post_attention_layernorm" => l * h,
+        _ => 0,
+    }
+}
+
+/// Predicts the peak resident memory of a training run.
+pub fn predict(s: &RunShape<'_>) -> Prediction {
+    let c = s.cfg;
+    let (h, i, l, v) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.num_layers as u64,
+        c.vocab_size as u64,
+    );
+    let (q, kv) = (c.q_dim() as u64, c.kv_dim() as u64);
+    let kernel = s.pack && crate::ops::bf16_gemm::available();
+    let mut p = Prediction::default();
+    p.add("runtime (measured at start)", s.runtime);
+
+    // Weights in their stored precision; trained ones are counted with the training state.
+    let mut trained = s.adapter_params;
+    let sixteen = matches!(s.base, BaseDtype::Bf16 | BaseDtype::Nf4 | BaseDtype::Nf4Dq);
+    let saved = |m: &str| s.saved.iter().any(|x| x == m);
+    for (name, elems) in [
+        ("embed_tokens", v * h),
+        ("lm_head", if c.tie_word_embeddings { 0 } else { v * h }),
+    ] {
+        if s.full || saved(name) {
+            trained += elems;
+        } else if sixteen {
+            p.add("weights bf16 (embeddings, head)", 2 * elems);
+        } else {
+            p.add("weights f32 (embeddings, head)", 4 * elems);
+        }
+    }
+    if sixteen && kernel && !s.full && !saved("embed_tokens") && !saved("lm_head") {
+        // The frozen head packed twice (forward and backward layouts).
+        p.add("bf16 kernel packs", 4 * v * h);
+    }
+    let norms = (2 * l + 1) * h;
+    let bias = if c.arch.qkv_bias() { l * (q + 2 * kv) } else { 0 };
+    if s.full {
+        trained += norms + bias;
+    } else {
+        let saved_norms: u64 = ["norm", "input_layernorm", "post_attention_layernorm"]
+            .iter()
+            .filter(|m| saved(m))
+            .map(|m| saved_elems(c, m))
+            .sum();
+        trained += saved_norms;
+        p.add("weights f32 (norms, biases, rope)", 4 * (norms - saved_norms + bias));
+    }
+    for (layer, row) in s.bases.iter().enumerate() {
+        for (m, prec) in MODULES.iter().zip(row) {
+            let (o, inp) = c.linear_shape(m).expect("known module");
+            let n = (o * inp) as u64;
+            if s.full {
+                trained += n;
+                continue;
+            }
+            match prec {
+                BaseDtype::F32 => p.add("weights f32", 4 * n),
+                BaseDtype::Bf16 => {
+                    p.add("weights bf16", 2 * n);
+                    if kernel {
+                        p.add("bf16 kernel packs", 4 * n);
+                    }
+                }
+                BaseDtype::Nf4 => p.add("weights nf4", nf4_bytes(n, false)),
+                BaseDtype::Nf4Dq => p.add("weights nf4-dq", nf4_bytes(n, true)),
+                BaseDtype::AsStored => {
+                    let name = format!("{}.weight", crate::adapter::plan::module_name(layer, m));
+                    match (s.stored_bytes)(&name) {
+                        Some(b) => p.add("weights as stored", b),
+                        None => p.add("weights f32", 4 * n),
+                    }
+                }
+            }
+        }
+    }
+    // RoPE's cos and sin tables over the context, f32.
+    p.add(
+        "weights f32 (norms, biases, rope)",
+        (c.max_position_embeddings * c.head_dim * 4) as u64,
+    );
+    // Value, accumulated gradient and two AdamW moments, all f32.
+    p.add("trained parameters + AdamW state", 16 * trained);
+
+    // Activations, f32, for n tokens a micro-batch.
+    let n = (s.rows * s.seq_len) as u64;
+    let t = s.seq_len as u64;
+    // One block's graph: norms, q/k/v, attention out, o, two residuals, gate/up and their
+    // product, down; LoRA's low-rank intermediates are small beside these and left out.
+    let graph = n * (6 * h + 2 * q + 2 * kv + 3 * i) * 4;
+    // candle's backward keeps a gradient for every node of the block's graph until it returns,
+    // so the gradients double the graph; plus the attention's per-task score tiles.
+    let grads = graph + 4 * t * t * 4;
+    if s.recompute {
+        p.add("activations (block inputs)", (l + 1) * n * h * 4);
+        p.add("activations (one block + grads)", graph + grads);
+    } else {
+        p.add("activations (every block)", l * graph + (l + 1) * n * h * 4 + grads);
+    }
+    if s.full {
+        // One block's weight gradients before they reach the accumulator.
+        let per_block: u64 = MODULES
+            .iter()
+            .map(|m| c.linear_shape(m).map(|(o, i)| (o * i) as u64).unwrap_or(0))
+            .sum();
+        p.add("activations (one block + grads)", 4 * per_block);
+    }
+    // The head's logits chunk (256 rows) and the final hidden states with their gradient.
+    p.add("logits chunk", 256 * v * 4 + 2 * n * h * 4);
+    p
+}
+
+/// Adapter parameters a plan puts on a model.
+pub fn adapter_params(cfg: &ModelConfig, plan: &crate::adapter::LoraPlan) -> anyhow::Result<u64> {
+    let mut n = 0u64;
+    for layer in 0..cfg.num_layers {
+        for m in MODULES {
+            if let Some(ml) = plan.resolve(layer, m)? {
+                let (o, i) = cfg.linear_shape(m).expect("known module");
+                n += (ml.r * (o + i)) as u64;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// The prediction for a recipe on an opened model, `runtime` being the process's resident
+/// memory now (before the model is loaded).
+pub fn for_recipe(
+    recipe: &super::recipe::Recipe,
+    src: &crate::model::ModelSource,
+    runtime: u64,
+) -> anyhow::Result<Prediction> {
+    let cfg = &src.config;
+    let plan = recipe.plan(cfg.num_layers)?;
+    let bases = recipe.base_table(cfg.num_layers)?;
+    let adapter = match &plan {
+        Some(p) => adapter_params(cfg, p)?,
+        None => 0,
+    };
+    let saved = plan.as_ref().map(|p| p.modules_to_save.clone()).unwrap_or_default();
+    let stored = |name: &str| src.weights.stored_bytes(name);
+    Ok(predict(&RunShape {
+        cfg,
+        base: BaseDtype::parse(&recipe.model.base_dtype)?,
+        bases: &bases,
+        full: recipe.train.mode == "full",
+        pack: recipe.model.pack_bf16,
+        adapter_params: adapter,
+        saved: &saved,
+        rows: recipe.train.batch,
+        seq_len: recipe.data.seq_len,
+        recompute: recipe.train.recompute,
+        stored_bytes: &stored,
+        runtime,
+    }))
+}
+
+/// A named way of fine-tuning, for side-by-side planning (`strata inspect`) and the memory
+/// benchmark.
+pub struct Policy {
+    /// `full`, `lora`, `qlora` or `layered`.
+    pub name: &'static str,
+    /// Base precision outside the plan's per-layer choices.
+    pub base: BaseDtype,
+    /// Adapters and per-layer bases (`None` for full fine-tuning).
+    pub plan: Option<crate::adapter::LoraPlan>,
+}
+
+/// The policies strata compares: full fine-tuning (f32), LoRA r=16 on a bf16 base, QLoRA r=16
+/// on NF4 with double quantization, and the brief's layered policy (lower third of the layers
+/// bf16 with r=64, the rest NF4 with r=16). Adapters on all seven projections.
+pub fn policies(cfg: &ModelConfig) -> anyhow::Result<Vec<Policy>> {
+    use crate::adapter::{LoraPlan, PlanRule};
+    let lower = (cfg.num_layers / 3).max(1);
+    let layered = LoraPlan::uniform(16, 32.0, &MODULES).with_rules(
+        &[
+            PlanRule {
+                layers: format!("0-{}", lower - 1),
+                modules: None,
+                r: 64,
+                alpha: Some(128.0),
+                base: Some("bf16".into()),
+            },
+            PlanRule {
+                layers: format!("{lower}-"),
+                modules: None,
+                r: 16,
+                alpha: Some(32.0),
+                base: Some("nf4-dq".into()),
+            },
+        ],
+        cfg.num_layers,
+    )?;
+    Ok(vec![
+        Policy {
+            name: "full",
+            base: BaseDtype::F32,
+            plan: None,
+        },
+        Policy {
+            name: "lora",
+            base: BaseDtype::Bf16,
+            plan: Some(LoraPlan::uniform(16, 32.0, &MODULES)),
+        },
+        Policy {
+            name: "qlora",
+            base: BaseDtype::Nf4Dq,
+            plan: Some(LoraPlan::uniform(16, 32.0, &MODULES)),
+        },
+        Policy {
+            name: "layered",
+            base: BaseDtype::Nf4Dq,
+            plan: Some(layered),
+        },
+    ])
+}
+
+impl Policy {
+    /// Base precision of every projection.
+    pub fn bases(&self, cfg: &ModelConfig) -> anyhow::Result<Vec<[BaseDtype; 7]>> {
+        match &self.plan {
+            Some(p) => p.base_table(cfg.num_layers, self.base),
+            None => Ok(vec![[self.base; 7]; cfg.num_layers]),
+        }
+    }
+
+    /// The prediction for this policy at `rows x seq_len` tokens a micro-batch.
+    pub fn predict(
+        &self,
+        cfg: &ModelConfig,
+        rows: usize,
+        seq_len: usize,
+        pack: bool,
+        runtime: u64,
+    ) -> anyhow::Result<Prediction> {
+        let bases = self.bases(cfg)?;
+        let adapter = match &self.plan {
+            Some(p) => adapter_params(cfg, p)?,
+            None => 0,
+        };
+        Ok(predict(&RunShape {
+            cfg,
+            base: self.base,
+            bases: &bases,
+            full: self.plan.is_none(),
+            pack,
+            adapter_params: adapter,
+            saved: &[],
+            rows,
+            seq_len,
+            recompute: true,
+            stored_bytes: &|_| None,
+            runtime,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nf4_bytes_match_the_tensor() {
+        for (rows, cols) in [(64, 64), (300, 96), (7, 37)] {
+            let w = vec![0.5f32; rows * cols];
+            for dq in [false, true] {
+                let t = crate::quant::nf4::Nf4Tensor::quantize(&w, rows, cols, 64, dq);
+                assert_eq!(nf4_bytes((rows * cols) as u64, dq), t.bytes() as u64);
+            }
+        }
+    }
+}
