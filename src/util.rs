@@ -7,6 +7,18 @@ use std::path::Path;
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
 /// crash never leaves a half-written file where a good one was.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        let mut f = std::fs::File::create(tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all().ok();
+        Ok(())
+    })
+}
+
+/// [`write_atomic`] for a writer that streams into a file of its own: `write(tmp)` fills a
+/// temporary file beside `path`, which then replaces `path` in one rename.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -16,11 +28,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .with_context(|| format!("{} is not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.sync_all().ok();
+    if let Err(e) = write(&tmp) {
+        std::fs::remove_file(&tmp).ok();
+        return Err(e);
     }
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
 }

@@ -23,7 +23,7 @@ pub struct Args {
     /// memory and tok/s of LoRA, QLoRA and the layered policy, beside their predictions) or
     /// `gemm`.
     pub what: String,
-    /// Model shape: `smollm2` (SmolLM2-135M), `qwen2-7b` or `tiny`.
+    /// Model shape: `smollm2` (SmolLM2-135M), `qwen2-0.5b`, `qwen2-7b` or `tiny`.
     #[arg(long, default_value = "smollm2")]
     pub shape: String,
     /// Rows per batch (train: 4, memory: 1).
@@ -128,6 +128,26 @@ pub fn qwen2_7b_shape() -> ModelConfig {
     }
 }
 
+/// Qwen2-0.5B's shape.
+pub fn qwen2_05b_shape() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Qwen2,
+        hidden_size: 896,
+        num_layers: 24,
+        num_heads: 14,
+        num_kv_heads: 2,
+        head_dim: 64,
+        intermediate_size: 4864,
+        vocab_size: 151_936,
+        rope_theta: 1_000_000.0,
+        rms_norm_eps: 1e-6,
+        tie_word_embeddings: true,
+        max_position_embeddings: 32_768,
+        bos_token_id: None,
+        eos_token_id: Some(151_643),
+    }
+}
+
 /// Runs `strata bench`.
 pub fn run(mut a: Args) -> Result<()> {
     let memory = a.what == "memory";
@@ -136,8 +156,9 @@ pub fn run(mut a: Args) -> Result<()> {
     let cfg = match a.shape.as_str() {
         "smollm2" => smollm2_shape(),
         "qwen2-7b" => qwen2_7b_shape(),
+        "qwen2-0.5b" => qwen2_05b_shape(),
         "tiny" => crate::testing::tiny_config(Arch::Llama, 1000, true),
-        o => bail!("unknown shape `{o}`; choose smollm2, qwen2-7b or tiny"),
+        o => bail!("unknown shape `{o}`; choose smollm2, qwen2-0.5b, qwen2-7b or tiny"),
     };
     match a.what.as_str() {
         "train" => {}

@@ -11,7 +11,7 @@ use super::bench::{timed_steps, Args};
 use crate::model::config::ModelConfig;
 use crate::model::{BaseDtype, LoadSpec, Model};
 use crate::testing::SyntheticSource;
-use crate::train::memory::{policies, Policy};
+use crate::train::memory::policies;
 use crate::util::{current_rss, human_bytes, peak_rss};
 
 /// Runs `strata bench memory` (the parent, or one policy with `--variant`).
@@ -42,12 +42,12 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
     println!("| policy | weights | predicted peak | measured peak | prediction error | tok/s |");
     println!("|---|---|---|---|---|---|");
     for p in &all {
-        let label = label(p, cfg);
+        let label = p.label(cfg);
         if !measured.iter().any(|m| m == p.name) {
             let pred = p.predict(cfg, rows, seq, false, current_rss())?;
             // Full fine-tuning holds its weights as trained f32 parameters.
             let w = match p.plan {
-                Some(_) => weights(&pred),
+                Some(_) => pred.weights(),
                 None => 4 * cfg.num_params() as u64,
             };
             println!(
@@ -90,26 +90,6 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-fn label(p: &Policy, cfg: &ModelConfig) -> String {
-    match p.name {
-        "full" => "full fine-tuning (f32, AdamW)".into(),
-        "lora" => "LoRA r=16, bf16 base".into(),
-        "qlora" => "QLoRA r=16, NF4 + double quant".into(),
-        _ => format!(
-            "layered: layers 0-{} bf16 r=64, rest NF4 r=16",
-            (cfg.num_layers / 3).max(1) - 1
-        ),
-    }
-}
-
-fn weights(p: &crate::train::memory::Prediction) -> u64 {
-    p.parts
-        .iter()
-        .filter(|x| x.name.starts_with("weights") || x.name.starts_with("bf16 kernel"))
-        .map(|x| x.bytes)
-        .sum()
-}
-
 /// One policy in this process: predict, build the synthetic model, train; one JSON line.
 fn run_policy(a: &Args, cfg: &ModelConfig, name: &str, rows: usize, seq: usize) -> Result<()> {
     let runtime = current_rss();
@@ -146,7 +126,7 @@ fn run_policy(a: &Args, cfg: &ModelConfig, name: &str, rows: usize, seq: usize) 
         "{}",
         serde_json::json!({
             "policy": name, "tok_per_s": (rows * seq) as f64 / secs, "step_s": secs, "build_s": build_s,
-            "peak_rss": peak_rss(), "predicted": pred.total(), "weights": weights(&pred), "parts": pred.to_json(),
+            "peak_rss": peak_rss(), "predicted": pred.total(), "weights": pred.weights(), "parts": pred.to_json(),
         })
     );
     Ok(())

@@ -79,7 +79,6 @@ pub fn run(a: Args) -> Result<()> {
     for (ty, (count, _)) in &by_type {
         println!("  stored as {ty:<6} {count} tensors");
     }
-    let n = a.batch * a.seq_len;
     println!(
         "\npredicted peak training memory, micro-batch {} x {} tokens, per-block recomputation (`train::memory`; every run prints its measured peak beside it):",
         a.batch, a.seq_len
@@ -90,31 +89,15 @@ pub fn run(a: Args) -> Result<()> {
     );
     for p in policies(c)? {
         let pred = p.predict(c, a.batch, a.seq_len, true, runtime)?;
-        let part = |pre: &str| -> u64 {
-            pred.parts
-                .iter()
-                .filter(|x| x.name.starts_with(pre))
-                .map(|x| x.bytes)
-                .sum()
-        };
-        let label = match p.name {
-            "full" => "full fine-tuning (f32, AdamW)".to_string(),
-            "lora" => "LoRA r=16, bf16 base".to_string(),
-            "qlora" => "QLoRA r=16, NF4 + double quant".to_string(),
-            _ => format!(
-                "layered: layers 0-{} bf16 r=64, rest NF4 r=16",
-                (c.num_layers / 3).max(1) - 1
-            ),
-        };
+        let label = p.label(c);
         println!(
             "{label:<44} {:>10} {:>12} {:>12} {:>10}",
-            human_bytes(part("weights") + part("bf16 kernel")),
-            human_bytes(part("trained")),
-            human_bytes(part("activations") + part("logits")),
+            human_bytes(pred.weights()),
+            human_bytes(pred.part("trained")),
+            human_bytes(pred.part("activations") + pred.part("logits")),
             human_bytes(pred.total())
         );
     }
-    let _ = n;
     if let Some(r) = &recipe {
         println!(
             "\nrecipe {} (micro-batch {} x {} tokens):",

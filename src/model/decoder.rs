@@ -743,6 +743,7 @@ impl Model {
             self.head_weight(),
             targets,
             lm_head::HeadOptions {
+                chunk: lm_head::chunk_rows(self.cfg.vocab_size),
                 per_token,
                 pack: self.head_pack.as_deref(),
                 ..Default::default()

@@ -248,35 +248,78 @@ pub fn open_dir(dir: &Path) -> Result<ModelSource> {
     })
 }
 
-/// Writes tensors to `path` atomically (temporary file, then rename) with `{"format": "pt"}`.
-pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    fn le<T: candle_core::WithDType>(t: &Tensor, f: impl Fn(&T) -> Vec<u8>) -> Result<Vec<u8>> {
-        Ok(t.flatten_all()?.to_vec1::<T>()?.iter().flat_map(f).collect())
-    }
-    // One match decides both the bytes and the on-disk dtype, so the two cannot disagree.
-    let mut data: Vec<(String, Vec<u8>, safetensors::Dtype, Vec<usize>)> = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let t = t.to_device(&Device::Cpu)?.contiguous()?;
-        let (bytes, dt) = match t.dtype() {
-            DType::F32 => (le::<f32>(&t, |x| x.to_le_bytes().to_vec())?, safetensors::Dtype::F32),
-            DType::BF16 => (
-                le::<half::bf16>(&t, |x| x.to_le_bytes().to_vec())?,
-                safetensors::Dtype::BF16,
-            ),
-            DType::F16 => (
-                le::<half::f16>(&t, |x| x.to_le_bytes().to_vec())?,
-                safetensors::Dtype::F16,
-            ),
-            DType::U8 => (t.flatten_all()?.to_vec1::<u8>()?, safetensors::Dtype::U8),
+/// A tensor as safetensors sees it: its bytes are produced when the writer asks for them, so a
+/// checkpoint is streamed tensor by tensor instead of being copied whole into memory first.
+struct Lazy {
+    t: Tensor,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+}
+
+impl Lazy {
+    fn new(name: &str, t: &Tensor) -> Result<Self> {
+        let dtype = match t.dtype() {
+            DType::F32 => safetensors::Dtype::F32,
+            DType::BF16 => safetensors::Dtype::BF16,
+            DType::F16 => safetensors::Dtype::F16,
+            DType::U8 => safetensors::Dtype::U8,
             d => bail!("cannot save tensor `{name}` of dtype {d:?}"),
         };
-        data.push((name.clone(), bytes, dt, t.dims().to_vec()));
+        Ok(Self {
+            t: t.to_device(&Device::Cpu)?,
+            dtype,
+            shape: t.dims().to_vec(),
+        })
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+
+    fn bytes(&self) -> candle_core::Result<Vec<u8>> {
+        fn le<T: candle_core::WithDType, const N: usize>(
+            t: &Tensor,
+            f: impl Fn(T) -> [u8; N],
+        ) -> candle_core::Result<Vec<u8>> {
+            Ok(t.flatten_all()?.to_vec1::<T>()?.into_iter().flat_map(f).collect())
+        }
+        match self.dtype {
+            safetensors::Dtype::F32 => le::<f32, 4>(&self.t, |x| x.to_le_bytes()),
+            safetensors::Dtype::BF16 => le::<half::bf16, 2>(&self.t, |x| x.to_le_bytes()),
+            safetensors::Dtype::F16 => le::<half::f16, 2>(&self.t, |x| x.to_le_bytes()),
+            _ => self.t.flatten_all()?.to_vec1::<u8>(),
+        }
+    }
+}
+
+impl safetensors::View for Lazy {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        // The writer cannot take an error here; a CPU tensor of a supported dtype converts.
+        std::borrow::Cow::Owned(self.bytes().expect("tensor bytes"))
+    }
+    fn data_len(&self) -> usize {
+        self.t.elem_count() * self.t.dtype().size_in_bytes()
+    }
+}
+
+/// Writes tensors to `path` atomically (temporary file, then rename) with `{"format": "pt"}`,
+/// streamed: only one tensor's bytes are in memory at a time.
+pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let views: Vec<(String, Lazy)> = tensors
         .iter()
-        .map(|(n, b, dt, s)| Ok((n.clone(), safetensors::tensor::TensorView::new(*dt, s.clone(), b)?)))
-        .collect::<Result<_, safetensors::SafeTensorError>>()?;
+        .map(|(n, t)| Ok((n.clone(), Lazy::new(n, t)?)))
+        .collect::<Result<_>>()?;
+    // Checked before writing, so the writer's conversions cannot fail.
+    for (_, v) in &views {
+        v.t.flatten_all()?;
+    }
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let bytes = safetensors::tensor::serialize(views, Some(meta))?;
-    crate::util::write_atomic(path, &bytes)
+    crate::util::write_atomic_with(path, |tmp| {
+        safetensors::tensor::serialize_to_file(views, Some(meta), tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::File::open(tmp).and_then(|f| f.sync_all()).ok();
+        Ok(())
+    })
 }

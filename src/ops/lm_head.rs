@@ -58,6 +58,12 @@ impl HeadPack {
     }
 }
 
+/// Rows of logits materialised at once for a vocabulary: up to 256, fewer for large
+/// vocabularies so that a chunk's logits stay within 64 MiB (110 rows at Qwen2's 152k).
+pub fn chunk_rows(vocab: usize) -> usize {
+    ((64usize << 20) / (4 * vocab.max(1))).clamp(32, 256)
+}
+
 /// Options of [`lm_head_loss`].
 #[derive(Clone, Copy, Debug)]
 pub struct HeadOptions<'a> {

@@ -34,6 +34,20 @@ impl Prediction {
         self.parts.iter().map(|p| p.bytes).sum()
     }
 
+    /// Bytes of the parts whose name starts with `prefix`.
+    pub fn part(&self, prefix: &str) -> u64 {
+        self.parts
+            .iter()
+            .filter(|p| p.name.starts_with(prefix))
+            .map(|p| p.bytes)
+            .sum()
+    }
+
+    /// Bytes of the frozen weights as held (with the bf16 kernel's packs), trained ones aside.
+    pub fn weights(&self) -> u64 {
+        self.part("weights") + self.part("bf16 kernel")
+    }
+
     fn add(&mut self, name: &str, bytes: u64) {
         if bytes == 0 {
             return;
@@ -92,7 +106,8 @@ pub struct RunShape<'a> {
     pub recompute: bool,
     /// Bytes of a projection kept `as-stored` (a GGUF quant type), by Hugging Face weight name.
     pub stored_bytes: &'a dyn Fn(&str) -> Option<u64>,
-    /// The process's resident memory before the model is loaded (binary, tokenizer, data).
+    /// The process's resident memory just before the model is loaded (binary, tokenizer and, in
+    /// a training run, the tokenized data).
     pub runtime: u64,
 }
 
@@ -131,7 +146,7 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
     let (q, kv) = (c.q_dim() as u64, c.kv_dim() as u64);
     let kernel = s.pack && crate::ops::bf16_gemm::available();
     let mut p = Prediction::default();
-    p.add("runtime (measured at start)", s.runtime);
+    p.add("process before the model (measured)", s.runtime);
 
     // Weights in their stored precision; trained ones are counted with the training state.
     let mut trained = s.adapter_params;
@@ -201,6 +216,21 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
     );
     // Value, accumulated gradient and two AdamW moments, all f32.
     p.add("trained parameters + AdamW state", 16 * trained);
+    // A trained embedding gets dense gradients: from the lookup and, tied, from the head; an
+    // untied trained head gets its own.
+    let embed_trained = s.full || saved("embed_tokens");
+    let head_trained = !c.tie_word_embeddings && (s.full || saved("lm_head"));
+    let dense_grads = (embed_trained as u64 * if c.tie_word_embeddings { 2 } else { 1 } + head_trained as u64) * v * h;
+    p.add("trained parameters + AdamW state", 4 * dense_grads);
+    // AdamW's update of the largest trained tensor: new moments and the update alongside.
+    let largest = if embed_trained || head_trained {
+        v * h
+    } else if s.full {
+        i * h
+    } else {
+        0
+    };
+    p.add("trained parameters + AdamW state", 3 * 4 * largest);
 
     // Activations, f32, for n tokens a micro-batch.
     let n = (s.rows * s.seq_len) as u64;
@@ -225,8 +255,9 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
             .sum();
         p.add("activations (one block + grads)", 4 * per_block);
     }
-    // The head's logits chunk (256 rows) and the final hidden states with their gradient.
-    p.add("logits chunk", 256 * v * 4 + 2 * n * h * 4);
+    // The head's logits chunk and the final hidden states with their gradient.
+    let rows = (crate::ops::lm_head::chunk_rows(c.vocab_size) as u64).min(n);
+    p.add("logits chunk", rows * v * 4 + 2 * n * h * 4);
     p
 }
 
@@ -337,6 +368,19 @@ pub fn policies(cfg: &ModelConfig) -> anyhow::Result<Vec<Policy>> {
 }
 
 impl Policy {
+    /// A one-line description for tables.
+    pub fn label(&self, cfg: &ModelConfig) -> String {
+        match self.name {
+            "full" => "full fine-tuning (f32, AdamW)".into(),
+            "lora" => "LoRA r=16, bf16 base".into(),
+            "qlora" => "QLoRA r=16, NF4 + double quant".into(),
+            _ => format!(
+                "layered: layers 0-{} bf16 r=64, rest NF4 r=16",
+                (cfg.num_layers / 3).max(1) - 1
+            ),
+        }
+    }
+
     /// Base precision of every projection.
     pub fn bases(&self, cfg: &ModelConfig) -> anyhow::Result<Vec<[BaseDtype; 7]>> {
         match &self.plan {

@@ -126,6 +126,7 @@ pub fn forward_backward_with(
         Param::Frozen(_) => None,
     };
     let opts = HeadOptions {
+        chunk: crate::ops::lm_head::chunk_rows(model.cfg.vocab_size),
         grad_scale: Some(grad_scale),
         want_dw: head_var.is_some(),
         pack: model.head_pack.as_deref(),

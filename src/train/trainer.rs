@@ -135,6 +135,31 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
     crate::util::write_atomic(&t.out.join("recipe.toml"), recipe_text.as_bytes())?;
 
     let src = model::open(&recipe.model.path)?;
+    // Data first: the memory plan measures the process with the data and tokenizer loaded.
+    let mut train = load_sequences(recipe, &src.tokenizer, &recipe.data.train)?;
+    let mut held = if recipe.data.eval.is_empty() {
+        if train.len() < 2 {
+            bail!(
+                "the training data packs into {} row(s); give more text or a separate data.eval",
+                train.len()
+            );
+        }
+        train.split_off(recipe.data.eval_fraction)
+    } else {
+        load_sequences(recipe, &src.tokenizer, &recipe.data.eval)?
+    };
+    held.subsample(t.eval_rows);
+    let general = match recipe.data.general.is_empty() {
+        true => Sequences::default(),
+        false => load_sequences(recipe, &src.tokenizer, &recipe.data.general)?,
+    };
+    let mut held_general = match recipe.data.general_eval.is_empty() {
+        true => None,
+        false => Some(load_sequences(recipe, &src.tokenizer, &recipe.data.general_eval)?),
+    };
+    if let Some(h) = held_general.as_mut() {
+        h.subsample(t.eval_rows);
+    }
     let full = t.mode == "full";
     let base = BaseDtype::parse(&recipe.model.base_dtype)?;
     let recipe_plan = recipe.plan(src.config.num_layers)?;
@@ -193,30 +218,6 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
         _ => None,
     };
 
-    let mut train = load_sequences(recipe, &src.tokenizer, &recipe.data.train)?;
-    let mut held = if recipe.data.eval.is_empty() {
-        if train.len() < 2 {
-            bail!(
-                "the training data packs into {} row(s); give more text or a separate data.eval",
-                train.len()
-            );
-        }
-        train.split_off(recipe.data.eval_fraction)
-    } else {
-        load_sequences(recipe, &src.tokenizer, &recipe.data.eval)?
-    };
-    held.subsample(t.eval_rows);
-    let general = match recipe.data.general.is_empty() {
-        true => Sequences::default(),
-        false => load_sequences(recipe, &src.tokenizer, &recipe.data.general)?,
-    };
-    let mut held_general = match recipe.data.general_eval.is_empty() {
-        true => None,
-        false => Some(load_sequences(recipe, &src.tokenizer, &recipe.data.general_eval)?),
-    };
-    if let Some(h) = held_general.as_mut() {
-        h.subsample(t.eval_rows);
-    }
     let share = recipe.data.domain_share.unwrap_or(1.0);
     let per_step = t.batch * t.grad_accum;
     let steps = if t.steps > 0 {
