@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(long)]
     pub seq_len: Option<usize>,
     /// Policies `bench memory` trains (comma-separated: lora, qlora, layered); the others are
-    /// predicted only. Default: all three, or qlora and layered for qwen2-7b.
+    /// predicted only (`""`: predict all). Default: all three, or qlora and layered for qwen2-7b.
     #[arg(long)]
     pub policies: Option<String>,
     /// Timed rounds (each runs every variant once, interleaved).

@@ -21,7 +21,11 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
         return run_policy(a, cfg, v, rows, seq);
     }
     let measured: Vec<String> = match &a.policies {
-        Some(p) => p.split(',').map(|s| s.trim().to_string()).collect(),
+        Some(p) => p
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
         None if a.shape == "qwen2-7b" => vec!["qlora".into(), "layered".into()],
         None => vec!["lora".into(), "qlora".into(), "layered".into()],
     };

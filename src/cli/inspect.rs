@@ -92,7 +92,10 @@ pub fn run(a: Args) -> Result<()> {
         let label = p.label(c);
         println!(
             "{label:<44} {:>10} {:>12} {:>12} {:>10}",
-            human_bytes(pred.weights()),
+            match p.plan {
+                Some(_) => human_bytes(pred.weights()),
+                None => "(trained)".into(),
+            },
             human_bytes(pred.part("trained")),
             human_bytes(pred.part("activations") + pred.part("logits")),
             human_bytes(pred.total())
@@ -105,7 +108,19 @@ pub fn run(a: Args) -> Result<()> {
             r.train.batch,
             r.data.seq_len
         );
-        print!("{}", crate::train::memory::for_recipe(r, &src, runtime)?.table());
+        // The run holds its tokenized data before the model loads: load it here too, so the
+        // measured part of the plan is the run's.
+        let mut data = Vec::new();
+        for paths in [&r.data.train, &r.data.eval, &r.data.general, &r.data.general_eval] {
+            if !paths.is_empty() {
+                data.push(crate::train::trainer::load_sequences(r, &src.tokenizer, paths)?);
+            }
+        }
+        print!(
+            "{}",
+            crate::train::memory::for_recipe(r, &src, crate::util::current_rss())?.table()
+        );
+        drop(data);
     }
     if let (Some(text), Some(out)) = (&a.logits, &a.json) {
         let (_, model) = super::load_model(&path, a.adapter.as_deref(), "f32")?;
