@@ -415,6 +415,11 @@ impl Recipe {
             bail!("train.keep_checkpoints and train.max_bad_steps must be at least 1");
         }
         let base = crate::model::BaseDtype::parse(&self.model.base_dtype)?;
+        for rule in self.lora.iter().flat_map(|l| &l.layers) {
+            if let Some(b) = &rule.base {
+                crate::model::BaseDtype::parse(b).with_context(|| format!("lora.layers `{}`", rule.layers))?;
+            }
+        }
         let layer_bases = self.lora.iter().flat_map(|l| &l.layers).any(|r| r.base.is_some());
         if t.mode == "full" && (base != crate::model::BaseDtype::F32 || layer_bases) {
             bail!("train.mode = \"full\" trains every weight in f32: leave model.base_dtype at f32 and drop per-layer `base` (quantized and 16-bit bases are for frozen weights under LoRA)");
@@ -494,6 +499,24 @@ mod tests {
         assert!(format!("{e:#}").contains("wavy"), "{e:#}");
         let e = Recipe::parse("[model]\npath = \"m\"\n[data]\ntrain = [\"d\"]\n", "r.toml", &[]).unwrap_err();
         assert!(format!("{e:#}").contains("[lora]"), "{e:#}");
+    }
+
+    #[test]
+    fn base_precisions_are_checked_and_resolved_per_layer() -> Result<()> {
+        let e = Recipe::parse(BASE, "r.toml", &["model.base_dtype=\"nf8\"".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("nf4-dq"), "{e:#}");
+        let full = ["train.mode=\"full\"".into(), "model.base_dtype=\"nf4\"".into()];
+        let e = Recipe::parse(BASE, "r.toml", &full).unwrap_err();
+        assert!(format!("{e:#}").contains("frozen weights"), "{e:#}");
+        let layered = format!("{BASE}[[lora.layers]]\nlayers = \"0-1\"\nr = 64\nbase = \"bf16\"\n");
+        let r = Recipe::parse(&layered, "r.toml", &["model.base_dtype=\"nf4-dq\"".into()])?;
+        let t = r.base_table(4)?;
+        use crate::model::BaseDtype;
+        assert_eq!((t[1][0], t[2][6]), (BaseDtype::Bf16, BaseDtype::Nf4Dq));
+        let bad = layered.replace("base = \"bf16\"", "base = \"int3\"");
+        let e = Recipe::parse(&bad, "r.toml", &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("int3"), "{e:#}");
+        Ok(())
     }
 
     #[test]
