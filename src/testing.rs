@@ -36,6 +36,19 @@ pub fn check_grad(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>, tol: f64) -
     Ok(())
 }
 
+/// The largest difference between the input gradients two computations of the same function give
+/// (`y` and `y_ref` of input `x`), both seeded with `probe`.
+pub fn dx_gap(y: &Tensor, y_ref: &Tensor, x: &Var, probe: &Tensor) -> Result<f32> {
+    let g = y.mul(probe)?.sum_all()?.backward()?;
+    let g_ref = y_ref.mul(probe)?.sum_all()?.backward()?;
+    let missing = || candle_core::Error::Msg("no gradient reached the input".into());
+    let (a, b) = (
+        g.get(x.as_tensor()).ok_or_else(missing)?,
+        g_ref.get(x.as_tensor()).ok_or_else(missing)?,
+    );
+    (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+}
+
 use crate::model::config::{Arch, ModelConfig, MODULES};
 use crate::model::WeightSource;
 use candle_core::Device;

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 
-use super::{cpu_f32, sgemm_ld};
+use super::{bf16_gemm, cpu_f32, sgemm_ld};
 use crate::quant::nf4::Nf4Tensor;
 
 /// A weight `[rows, cols]` the op decodes slab by slab.
@@ -56,40 +56,94 @@ impl Compact {
 /// (`SLAB * in` floats) to stay in cache-sized memory.
 const SLAB: usize = 128;
 
-/// `y [m, n] = x [m, k] W^T` for a compact `W [n, k]`, a slab of rows decoded at a time.
-pub(crate) fn x_wt(x: &[f32], m: usize, w: &Compact, y: &mut [f32]) -> Result<()> {
+/// Rows per slab on the bf16 kernel's path: four of its 48-column panels.
+const SLAB_BF16: usize = 192;
+
+/// Calls `f(r0, rows, slab)` for each slab of up to `rows` of `W`'s rows, decoded to f32 into
+/// one reused buffer.
+fn for_each_slab(w: &Compact, rows: usize, mut f: impl FnMut(usize, usize, &[f32])) -> Result<()> {
     let (n, k) = w.dims()?;
-    let mut slab = vec![0f32; SLAB * k];
+    let mut slab = vec![0f32; rows * k];
     w.with_decoder(|decode| {
-        for r0 in (0..n).step_by(SLAB) {
-            let nc = SLAB.min(n - r0);
+        for r0 in (0..n).step_by(rows) {
+            let nc = rows.min(n - r0);
             let ws = &mut slab[..nc * k];
             decode(r0, ws);
-            // y[:, r0..r0+nc] = x [m, k] * ws^T: ws read as [k, nc] (row stride 1, column stride k).
-            sgemm_ld(m, nc, k, (x, k, 1), (ws, 1, k), (&mut y[r0..], n), false, 1.0, true);
+            f(r0, nc, ws);
         }
     })
 }
 
-/// `dx [m, k] = g [m, n] W` for a compact `W [n, k]`, a slab of rows decoded at a time.
-pub(crate) fn g_w(g: &[f32], m: usize, w: &Compact, dx: &mut [f32]) -> Result<()> {
+/// Whether products with `m` rows should run through the bf16 kernel: the CPU has it and there
+/// are rows enough to amortize decoding and packing each slab (bitsandbytes computes in bf16 too).
+pub(crate) fn use_kernel(m: usize) -> bool {
+    m >= 16 && bf16_gemm::available()
+}
+
+/// `y [m, n] = x [m, k] W^T` for a compact `W [n, k]`, a slab of rows decoded at a time: through
+/// the bf16 kernel when `kernel` (activations rounded to bf16), else the f32 GEMM.
+pub(crate) fn x_wt(x: &[f32], m: usize, w: &Compact, y: &mut [f32], kernel: bool) -> Result<()> {
     let (n, k) = w.dims()?;
-    let mut slab = vec![0f32; SLAB * k];
-    w.with_decoder(|decode| {
-        for r0 in (0..n).step_by(SLAB) {
-            let nc = SLAB.min(n - r0);
-            let ws = &mut slab[..nc * k];
-            decode(r0, ws);
-            // dx += g[:, r0..r0+nc] * ws [nc, k].
-            sgemm_ld(m, k, nc, (&g[r0..], n, 1), (ws, k, 1), (&mut *dx, k), r0 > 0, 1.0, true);
+    if !kernel {
+        // y[:, r0..r0+nc] = x [m, k] * ws^T: ws read as [k, nc] (row stride 1, column stride k).
+        return for_each_slab(w, SLAB, |r0, nc, ws| {
+            sgemm_ld(m, nc, k, (x, k, 1), (ws, 1, k), (&mut y[r0..], n), false, 1.0, true)
+        });
+    }
+    let a = bf16_gemm::pack_a(x, m, k);
+    let mut hb = vec![half::bf16::ZERO; SLAB_BF16 * k];
+    let mut part = vec![0f32; m * SLAB_BF16];
+    for_each_slab(w, SLAB_BF16, |r0, nc, ws| {
+        to_bf16(ws, &mut hb[..nc * k]);
+        let b = bf16_gemm::PackedB::from_transposed(&hb[..nc * k], nc, k);
+        bf16_gemm::gemm(&a, m, &b, &mut part[..m * nc]);
+        for (dst, src) in y.chunks_mut(n).zip(part.chunks(nc)) {
+            dst[r0..r0 + nc].copy_from_slice(src);
         }
     })
+}
+
+/// `dx [m, k] = g [m, n] W` for a compact `W [n, k]`, a slab of rows decoded at a time (see
+/// [`x_wt`] for `kernel`).
+pub(crate) fn g_w(g: &[f32], m: usize, w: &Compact, dx: &mut [f32], kernel: bool) -> Result<()> {
+    let (n, k) = w.dims()?;
+    if !kernel {
+        // dx += g[:, r0..r0+nc] * ws [nc, k].
+        return for_each_slab(w, SLAB, |r0, nc, ws| {
+            sgemm_ld(m, k, nc, (&g[r0..], n, 1), (ws, k, 1), (&mut *dx, k), r0 > 0, 1.0, true)
+        });
+    }
+    let mut hb = vec![half::bf16::ZERO; SLAB_BF16 * k];
+    let mut gs = vec![0f32; m * SLAB_BF16];
+    let mut part = vec![0f32; m * k];
+    for_each_slab(w, SLAB_BF16, |r0, nc, ws| {
+        to_bf16(ws, &mut hb[..nc * k]);
+        let b = bf16_gemm::PackedB::from_rows(&hb[..nc * k], nc, k);
+        for (dst, src) in gs.chunks_mut(nc).zip(g.chunks(n)).take(m) {
+            dst.copy_from_slice(&src[r0..r0 + nc]);
+        }
+        let a = bf16_gemm::pack_a(&gs[..m * nc], m, nc);
+        bf16_gemm::gemm(&a, m, &b, &mut part);
+        if r0 == 0 {
+            dx.copy_from_slice(&part);
+        } else {
+            dx.iter_mut().zip(&part).for_each(|(d, p)| *d += p);
+        }
+    })
+}
+
+fn to_bf16(src: &[f32], dst: &mut [half::bf16]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = half::bf16::from_f32(*s);
+    }
 }
 
 /// `x [m, k] -> [m, n]` against a compact `W [n, k]`.
 pub struct DequantLinear {
     /// The weight.
     pub w: Compact,
+    /// Run the products through the bf16 kernel (see [`use_kernel`]).
+    pub kernel: bool,
 }
 
 impl CustomOp1 for DequantLinear {
@@ -105,7 +159,7 @@ impl CustomOp1 for DequantLinear {
             candle_core::bail!("dequant-linear: input width {k} does not match the weight's {wk}");
         }
         let mut y = vec![0f32; m * n];
-        x_wt(x, m, &self.w, &mut y)?;
+        x_wt(x, m, &self.w, &mut y, self.kernel)?;
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -113,7 +167,7 @@ impl CustomOp1 for DequantLinear {
         let (m, k) = x.dims2()?;
         let g: Vec<f32> = g.contiguous()?.flatten_all()?.to_vec1()?;
         let mut dx = vec![0f32; m * k];
-        g_w(&g, m, &self.w, &mut dx)?;
+        g_w(&g, m, &self.w, &mut dx, self.kernel)?;
         Ok(Some(Tensor::from_vec(dx, (m, k), x.device())?))
     }
 }
@@ -126,7 +180,8 @@ pub fn dequant_linear(x: &Tensor, w: Compact) -> Result<Tensor> {
         }
     }
     let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
-    x.apply_op1(DequantLinear { w })
+    let kernel = use_kernel(x.dim(0)?);
+    x.apply_op1(DequantLinear { w, kernel })
 }
 
 #[cfg(test)]
@@ -135,28 +190,18 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// Forward and dx equal the dense product with the dequantized weight, with and without
-    /// double quantization, across slab boundaries; the same for an unpacked bf16 weight.
+    /// double quantization, across slab boundaries; the same for an unpacked bf16 weight; on the
+    /// f32 GEMM to float precision and on the bf16 kernel to bf16 precision.
     #[test]
     fn gradient_equals_dense_gradient_on_dequantized_weight() -> Result<()> {
         let dev = Device::Cpu;
+        let (n, k, m) = (400, 96, 37);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (m, k), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1., (m, n), &dev)?;
         for dq in [false, true] {
-            let (n, k) = (300, 96);
             let w: Vec<f32> = Tensor::randn(0f32, 0.05, (n, k), &dev)?.flatten_all()?.to_vec1()?;
             let q = Arc::new(Nf4Tensor::quantize(&w, n, k, 64, dq));
             let wd = Tensor::from_vec(q.dequantize(), (n, k), &dev)?;
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (7, k), &dev)?)?;
-            let y = dequant_linear(x.as_tensor(), Compact::Nf4(q.clone()))?;
-            let y_ref = x.as_tensor().matmul(&wd.t()?)?;
-            let d = (&y - &y_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(d < 1e-4, "dq {dq}: forward differs by {d}");
-            let probe = Tensor::randn(0f32, 1., (7, n), &dev)?;
-            let g = y.mul(&probe)?.sum_all()?.backward()?;
-            let g_ref = y_ref.mul(&probe)?.sum_all()?.backward()?;
-            let d = (g.get(x.as_tensor()).unwrap() - g_ref.get(x.as_tensor()).unwrap())?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f32>()?;
-            assert!(d < 1e-4, "dq {dq}: dx differs by {d}");
             // NF4 keeps the weight within its 16 levels of each block's scale.
             let err = (&wd - Tensor::from_vec(w, (n, k), &dev)?)?
                 .abs()?
@@ -166,17 +211,27 @@ mod tests {
             assert!(q.bytes() < n * k * 4 / 7, "{} bytes", q.bytes());
             // The same weight held in bf16 goes through the same op.
             let wb = wd.to_dtype(candle_core::DType::BF16)?;
-            let y = dequant_linear(x.as_tensor(), Compact::Bf16(wb.clone()))?;
-            let y_ref = x.as_tensor().matmul(&wb.to_dtype(candle_core::DType::F32)?.t()?)?;
-            let d = (&y - &y_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(d < 1e-4, "bf16: forward differs by {d}");
-            let g = y.mul(&probe)?.sum_all()?.backward()?;
-            let g_ref = y_ref.mul(&probe)?.sum_all()?.backward()?;
-            let d = (g.get(x.as_tensor()).unwrap() - g_ref.get(x.as_tensor()).unwrap())?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f32>()?;
-            assert!(d < 1e-4, "bf16: dx differs by {d}");
+            let cases = [
+                (Compact::Nf4(q.clone()), wd.clone()),
+                (Compact::Bf16(wb.clone()), wb.to_dtype(candle_core::DType::F32)?),
+            ];
+            for (w, dense) in cases {
+                let y_ref = x.as_tensor().matmul(&dense.t()?)?;
+                let scale = y_ref.abs()?.max_all()?.to_scalar::<f32>()?;
+                for kernel in [false, true] {
+                    if kernel && !bf16_gemm::available() {
+                        continue;
+                    }
+                    // Activations are rounded to bf16 on the kernel's path: about 3 significant
+                    // digits.
+                    let tol = if kernel { 5e-3 * scale } else { 1e-4 };
+                    let y = x.as_tensor().apply_op1(DequantLinear { w: w.clone(), kernel })?;
+                    let d = (&y - &y_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(d < tol, "dq {dq}, kernel {kernel}: forward differs by {d}");
+                    let d = crate::testing::dx_gap(&y, &y_ref, &x, &probe)?;
+                    assert!(d < 10.0 * tol, "dq {dq}, kernel {kernel}: dx differs by {d}");
+                }
+            }
         }
         Ok(())
     }

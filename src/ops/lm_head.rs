@@ -163,17 +163,17 @@ fn chunk_lean(
     idx: &[u32],
     scales: Option<&[f32]>,
 ) -> Result<(Vec<RowStat>, Option<Tensor>)> {
-    use super::dequant_linear::{g_w, x_wt};
+    use super::dequant_linear::{g_w, use_kernel, x_wt};
     let (c, hidden) = hc.dims2()?;
     let (v, _) = w.dims()?;
     let x: Vec<f32> = hc.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let mut logits = vec![0f32; c * v];
-    x_wt(&x, c, w, &mut logits)?;
+    x_wt(&x, c, w, &mut logits, use_kernel(c))?;
     let rows = softmax_ce_rows(&mut logits, v, idx, scales);
     let dh = match scales {
         Some(_) => {
             let mut dh = vec![0f32; c * hidden];
-            g_w(&logits, c, w, &mut dh)?;
+            g_w(&logits, c, w, &mut dh, use_kernel(c))?;
             Some(Tensor::from_vec(dh, (c, hidden), hc.device())?)
         }
         None => None,

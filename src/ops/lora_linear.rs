@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 
 use super::bf16_gemm::{self, LinearPack};
-use super::dequant_linear::{g_w, x_wt, Compact};
+use super::dequant_linear::{g_w, use_kernel, x_wt, Compact};
 use super::{cpu_f32, sgemm};
 use crate::rng::{mix, Rng};
 use rayon::prelude::*;
@@ -104,7 +104,7 @@ impl LoraLinear {
         match &self.base {
             LoraBase::Packed(_, p) => bf16_gemm::gemm(&bf16_gemm::pack_a(x, m, k), m, &p.fwd, y),
             LoraBase::F32(w) => Self::with_w(w, |w| sgemm(m, n, k, (x, k, 1), (w, 1, k), y, false, 1.0, true))?,
-            LoraBase::Compact(c) => x_wt(x, m, c, y)?,
+            LoraBase::Compact(c) => x_wt(x, m, c, y, use_kernel(m))?,
         }
         Ok(())
     }
@@ -115,7 +115,7 @@ impl LoraLinear {
         match &self.base {
             LoraBase::Packed(_, p) => bf16_gemm::gemm(&bf16_gemm::pack_a(g, m, n), m, &p.bwd, dx),
             LoraBase::F32(w) => Self::with_w(w, |w| sgemm(m, k, n, (g, n, 1), (w, k, 1), dx, false, 1.0, true))?,
-            LoraBase::Compact(c) => g_w(g, m, c, dx)?,
+            LoraBase::Compact(c) => g_w(g, m, c, dx, use_kernel(m))?,
         }
         Ok(())
     }

@@ -59,12 +59,7 @@ mod tests {
             let d = (&y - &y_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(d < 0.05 * scale, "{ty:?}: forward differs by {d} (scale {scale})");
             let probe = Tensor::randn(0f32, 1., (5, 8), &dev)?;
-            let g = y.mul(&probe)?.sum_all()?.backward()?;
-            let g_ref = y_ref.mul(&probe)?.sum_all()?.backward()?;
-            let d = (g.get(x.as_tensor()).unwrap() - g_ref.get(x.as_tensor()).unwrap())?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f32>()?;
+            let d = crate::testing::dx_gap(&y, &y_ref, &x, &probe)?;
             assert!(d < 1e-4, "{ty:?}: dx differs by {d}");
         }
         Ok(())
