@@ -12,7 +12,7 @@ cargo build --release --quiet
 BIN=target/release/strata
 M=assets/SmolLM2-135M-Instruct.Q4_1.gguf
 echo
-$BIN inspect "$M" | head -4
+$BIN inspect "$M" | sed -n 1,4p
 echo
 echo "== data: finance and general corpora (split by document), WordNet multiple-choice sets"
 $BIN data build --out data > /dev/null
@@ -48,7 +48,8 @@ python3 - "$((SECONDS - START))" <<'PY'
 import json, sys
 s = json.load(open("runs/smollm2-layered/summary.json"))
 print(f"\ntraining: {s['steps']} steps, {s['tokens']:,} tokens ({100*s['domain_share']:.0f}% domain rows), "
-      f"{s['tokens_per_second']:.0f} tok/s, peak RSS {s['peak_rss_bytes']/1e9:.2f} GB, {s['train_seconds']:.0f} s; "
+      f"{s['tokens_per_second']:.0f} tok/s, peak RSS {s['peak_rss_bytes']/1e9:.2f} GB "
+      f"(predicted {s['predicted_memory']['total']/1e9:.2f} GB), {s['train_seconds']:.0f} s; "
       f"demo wall time {int(sys.argv[1])//60}m{int(sys.argv[1])%60:02d}s; adapter: {s['output']}")
 PY
 echo
