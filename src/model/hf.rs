@@ -173,6 +173,10 @@ impl WeightSource for SafetensorsSource {
         self.bnb_nf4(name)
     }
 
+    fn mapped_bytes(&self) -> u64 {
+        self.files.iter().map(|(_, m)| m.len() as u64).sum()
+    }
+
     fn stored_bytes(&self, name: &str) -> Option<u64> {
         let &id = self.index.get(name)?;
         let st = SafeTensors::deserialize(&self.files[id].1).ok()?;

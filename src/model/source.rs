@@ -22,6 +22,12 @@ pub trait WeightSource {
     fn get_quant(&self, _name: &str) -> Result<Option<candle_core::quantized::QTensor>> {
         Ok(None)
     }
+    /// Bytes of the file that stay resident once every tensor has been read (a memory-mapped
+    /// checkpoint's pages count in the process's resident set); 0 for sources that read into
+    /// buffers they free.
+    fn mapped_bytes(&self) -> u64 {
+        0
+    }
     /// Bytes `name` occupies as stored (for memory planning of `as-stored` bases).
     fn stored_bytes(&self, _name: &str) -> Option<u64> {
         None

@@ -106,6 +106,8 @@ pub struct RunShape<'a> {
     pub recompute: bool,
     /// Bytes of a projection kept `as-stored` (a GGUF quant type), by Hugging Face weight name.
     pub stored_bytes: &'a dyn Fn(&str) -> Option<u64>,
+    /// Bytes of a memory-mapped checkpoint that stay resident once read.
+    pub mapped: u64,
     /// The process's resident memory just before the model is loaded (binary, tokenizer and, in
     /// a training run, the tokenized data).
     pub runtime: u64,
@@ -147,6 +149,7 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
     let kernel = s.pack && crate::ops::bf16_gemm::available();
     let mut p = Prediction::default();
     p.add("process before the model (measured)", s.runtime);
+    p.add("checkpoint pages (memory-mapped)", s.mapped);
 
     // Weights in their stored precision; trained ones are counted with the training state.
     let mut trained = s.adapter_params;
@@ -303,6 +306,7 @@ pub fn for_recipe(
         seq_len: recipe.data.seq_len,
         recompute: recipe.train.recompute,
         stored_bytes: &stored,
+        mapped: src.weights.mapped_bytes(),
         runtime,
     }))
 }
@@ -415,6 +419,7 @@ impl Policy {
             seq_len,
             recompute: true,
             stored_bytes: &|_| None,
+            mapped: 0,
             runtime,
         }))
     }
