@@ -239,7 +239,7 @@ impl Linear {
             LinearWeight::Dense(Param::Frozen(w)) if fwd.naive => {
                 x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)?
             }
-            // Unpacked bf16 (memory before speed): decoded a slab at a time into the f32 GEMM.
+            // Unpacked bf16 (memory before speed): decoded a slab at a time (ops::dequant_linear).
             LinearWeight::Dense(Param::Frozen(w))
                 if self.pack.is_none() && w.dtype() == DType::BF16 && w.device().is_cpu() =>
             {
