@@ -60,6 +60,13 @@ pub struct RetainSection {
     pub segment: usize,
 }
 
+impl Default for RetainSection {
+    /// An empty `[retain]`: the serde defaults, so there is one place that states them.
+    fn default() -> Self {
+        toml::from_str("").expect("every [retain] field has a default")
+    }
+}
+
 fn default_fisher_rows() -> usize {
     64
 }
@@ -499,6 +506,17 @@ mod tests {
         assert!(format!("{e:#}").contains("wavy"), "{e:#}");
         let e = Recipe::parse("[model]\npath = \"m\"\n[data]\ntrain = [\"d\"]\n", "r.toml", &[]).unwrap_err();
         assert!(format!("{e:#}").contains("[lora]"), "{e:#}");
+    }
+
+    #[test]
+    fn an_absent_retain_section_is_the_empty_one() {
+        let d = RetainSection::default();
+        assert_eq!((d.ewc_lambda, d.contrastive_lambda, d.temperature), (0.0, 0.0, 0.07));
+        assert_eq!((d.fisher_rows, d.segment), (64, 64));
+        assert_eq!(
+            (d.fisher_estimator.as_str(), d.fisher_format.as_str()),
+            ("empirical", "full")
+        );
     }
 
     #[test]

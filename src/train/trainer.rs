@@ -16,7 +16,6 @@ use super::memory;
 use super::optim::AdamW;
 use super::recipe::group_of;
 use super::recipe::Recipe;
-use super::recipe::RetainSection;
 use super::step::{forward_backward_with, Batch, ExtraTerm, GradAcc};
 use crate::adapter::{merge, peft};
 use crate::data::mix::{self, Mixer};
@@ -197,17 +196,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
 
     // EWC is anchored here, before any resume restores trained values: the anchor is the
     // adapter (or weights) the stage started from, which the seed and recipe reproduce.
-    let retain = recipe.retain.clone().unwrap_or(RetainSection {
-        fisher: None,
-        fisher_data: vec![],
-        fisher_rows: 0,
-        fisher_estimator: String::new(),
-        fisher_format: String::new(),
-        ewc_lambda: 0.0,
-        contrastive_lambda: 0.0,
-        temperature: 0.07,
-        segment: 64,
-    });
+    let retain = recipe.retain.clone().unwrap_or_default();
     let ewc = match (&retain.fisher, retain.ewc_lambda > 0.0) {
         (Some(path), true) => {
             let f = crate::retain::load_or_estimate(recipe, path)?;
