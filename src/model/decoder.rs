@@ -9,7 +9,7 @@ use super::config::{ModelConfig, MODULES};
 use super::source::WeightSource;
 use crate::adapter::{Lora, LoraPlan};
 use crate::ops::attention::{causal_attention, repeat_kv};
-use crate::ops::dequant_linear::{dequant_linear, Compact};
+use crate::ops::dequant_linear::{dequant_linear, gguf_decodable, Compact};
 use crate::ops::fused_attention::FusedAttention;
 use crate::ops::lora_linear::{LoraBase, LoraLinear, MaskSeed};
 use crate::ops::norm::{rms_norm, rms_norm_composed};
@@ -218,6 +218,7 @@ impl Linear {
                     Some(LoraBase::Compact(Compact::Bf16(w.clone())))
                 }
                 (LinearWeight::Nf4(q), _) => Some(LoraBase::Compact(Compact::Nf4(q.clone()))),
+                (LinearWeight::Quant(q), _) if gguf_decodable(q) => Some(LoraBase::Compact(Compact::Gguf(q.clone()))),
                 _ => None,
             };
             if let Some(base) = base {
@@ -247,6 +248,8 @@ impl Linear {
             }
             LinearWeight::Dense(Param::Frozen(w)) => frozen_linear(x, w, self.pack.as_ref())?,
             LinearWeight::Dense(Param::Train(w)) => x.matmul(&w.as_tensor().t()?)?,
+            // GGUF block types decode by slabs like NF4; anything else through candle's QMatMul.
+            LinearWeight::Quant(q) if gguf_decodable(q) => dequant_linear(x, Compact::Gguf(q.clone()))?,
             LinearWeight::Quant(q) => quant_linear(x, q)?,
             LinearWeight::Nf4(q) => dequant_linear(x, Compact::Nf4(q.clone()))?,
         };

@@ -3,6 +3,7 @@
 //! inside the product, and a backward that returns dL/dx only. No decoded copy of the weight
 //! outlives one slab, so the weight costs its stored bytes and nothing more.
 
+use candle_core::quantized::{GgmlType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 
@@ -16,6 +17,65 @@ pub enum Compact {
     Nf4(Arc<Nf4Tensor>),
     /// A contiguous bf16 tensor.
     Bf16(Tensor),
+    /// A contiguous f32 tensor (rows copied; for an f32 LM head, one logits buffer at a time).
+    F32(Tensor),
+    /// A GGUF block-quantized tensor (Q4_0 ... Q8_0, K-quants) on the CPU; see [`gguf_decodable`].
+    Gguf(Arc<QTensor>),
+}
+
+/// Whether a GGUF tensor can be decoded a slab of rows at a time: a block type strata decodes,
+/// on the CPU, with rows made of whole blocks.
+pub fn gguf_decodable(q: &QTensor) -> bool {
+    use candle_core::quantized::GgmlDType as G;
+    let supported = matches!(
+        q.dtype(),
+        G::Q4_0 | G::Q4_1 | G::Q5_0 | G::Q5_1 | G::Q8_0 | G::Q2K | G::Q3K | G::Q4K | G::Q5K | G::Q6K
+    );
+    let cols = q.shape().dims().last().copied().unwrap_or(0);
+    supported && q.shape().rank() == 2 && cols % q.dtype().block_size() == 0 && q.data().is_ok()
+}
+
+/// Decodes whole blocks of type `T` from their bytes into `out`.
+fn blocks_to_f32<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+    let n = bytes.len() / std::mem::size_of::<T>();
+    if bytes.as_ptr().align_offset(std::mem::align_of::<T>()) == 0 {
+        // SAFETY: the bytes are `n` whole blocks of `T` (a plain `repr(C)` struct of integers
+        // and f16s, valid for any bit pattern) as candle stores them, and aligned for `T`.
+        let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, n) };
+        T::to_float(blocks, out);
+    } else {
+        let mut v: Vec<T> = Vec::with_capacity(n);
+        // SAFETY: copies n blocks' bytes into a buffer allocated (and so aligned) for n blocks.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, bytes.len());
+            v.set_len(n);
+        }
+        T::to_float(&v, out);
+    }
+}
+
+/// Decodes rows `r0..` of a GGUF tensor whose raw blocks are `data` into `out`.
+fn gguf_rows(q: &QTensor, data: &[u8], cols: usize, r0: usize, out: &mut [f32]) {
+    use candle_core::quantized::k_quants::*;
+    use candle_core::quantized::GgmlDType as G;
+    let ty = q.dtype();
+    let row_bytes = cols / ty.block_size() * ty.type_size();
+    let rows = out.len() / cols;
+    let bytes = &data[r0 * row_bytes..(r0 + rows) * row_bytes];
+    match ty {
+        G::Q4_0 => blocks_to_f32::<BlockQ4_0>(bytes, out),
+        G::Q4_1 => blocks_to_f32::<BlockQ4_1>(bytes, out),
+        G::Q5_0 => blocks_to_f32::<BlockQ5_0>(bytes, out),
+        G::Q5_1 => blocks_to_f32::<BlockQ5_1>(bytes, out),
+        G::Q8_0 => blocks_to_f32::<BlockQ8_0>(bytes, out),
+        G::Q2K => blocks_to_f32::<BlockQ2K>(bytes, out),
+        G::Q3K => blocks_to_f32::<BlockQ3K>(bytes, out),
+        G::Q4K => blocks_to_f32::<BlockQ4K>(bytes, out),
+        G::Q5K => blocks_to_f32::<BlockQ5K>(bytes, out),
+        G::Q6K => blocks_to_f32::<BlockQ6K>(bytes, out),
+        // `gguf_decodable` admits only the types above.
+        _ => out.fill(f32::NAN),
+    }
 }
 
 impl Compact {
@@ -23,7 +83,8 @@ impl Compact {
     pub fn dims(&self) -> Result<(usize, usize)> {
         match self {
             Compact::Nf4(q) => Ok((q.rows, q.cols)),
-            Compact::Bf16(t) => t.dims2(),
+            Compact::Bf16(t) | Compact::F32(t) => t.dims2(),
+            Compact::Gguf(q) => q.shape().dims2(),
         }
     }
 
@@ -31,6 +92,28 @@ impl Compact {
     fn with_decoder<R>(&self, f: impl FnOnce(&dyn Fn(usize, &mut [f32])) -> R) -> Result<R> {
         match self {
             Compact::Nf4(q) => Ok(f(&|r0, out| q.dequant_rows(r0, out))),
+            Compact::Gguf(q) => {
+                if !gguf_decodable(q) {
+                    candle_core::bail!(
+                        "dequant-linear: GGUF type {:?} cannot be decoded by rows here",
+                        q.dtype()
+                    );
+                }
+                let cols = q.shape().dims2()?.1;
+                let data = q.data()?;
+                Ok(f(&|r0, out| gguf_rows(q, &data, cols, r0, out)))
+            }
+            Compact::F32(t) => {
+                let cols = t.dims2()?.1;
+                let (st, l) = t.storage_and_layout();
+                let data = match &*st {
+                    candle_core::Storage::Cpu(c) => cpu_f32(c, l, "dequant-linear weight")?,
+                    _ => candle_core::bail!("dequant-linear: expected an f32 weight on the CPU"),
+                };
+                Ok(f(&|r0, out: &mut [f32]| {
+                    out.copy_from_slice(&data[r0 * cols..r0 * cols + out.len()])
+                }))
+            }
             Compact::Bf16(t) => {
                 let cols = t.dims2()?.1;
                 let (st, l) = t.storage_and_layout();
@@ -232,6 +315,45 @@ mod tests {
                     assert!(d < 10.0 * tol, "dq {dq}, kernel {kernel}: dx differs by {d}");
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// GGUF block types decode by rows to exactly what candle's whole-tensor dequantization gives,
+    /// and the op's forward and dx match the dense product on those weights.
+    #[test]
+    fn gguf_types_decode_by_rows_like_candle() -> Result<()> {
+        use candle_core::quantized::GgmlDType as G;
+        let dev = Device::Cpu;
+        let (n, k, m) = (200, 512, 21);
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (m, k), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1., (m, n), &dev)?;
+        for ty in [
+            G::Q4_0,
+            G::Q4_1,
+            G::Q5_0,
+            G::Q5_1,
+            G::Q8_0,
+            G::Q2K,
+            G::Q3K,
+            G::Q4K,
+            G::Q5K,
+            G::Q6K,
+        ] {
+            let q = Arc::new(QTensor::quantize(&w, ty)?);
+            assert!(gguf_decodable(&q), "{ty:?}");
+            let dense = q.dequantize(&dev)?;
+            let c = Compact::Gguf(q.clone());
+            let mut rows = vec![0f32; 3 * k];
+            c.with_decoder(|decode| decode(5, &mut rows))?;
+            assert_eq!(rows, dense.narrow(0, 5, 3)?.flatten_all()?.to_vec1::<f32>()?, "{ty:?}");
+            let y = x.as_tensor().apply_op1(DequantLinear { w: c, kernel: false })?;
+            let y_ref = x.as_tensor().matmul(&dense.t()?)?;
+            let d = (&y - &y_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-4, "{ty:?}: forward differs by {d}");
+            let d = crate::testing::dx_gap(&y, &y_ref, &x, &probe)?;
+            assert!(d < 1e-4, "{ty:?}: dx differs by {d}");
         }
         Ok(())
     }

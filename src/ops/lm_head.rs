@@ -155,8 +155,8 @@ fn chunk_bf16(
     Ok((rows, dh))
 }
 
-/// One chunk against a frozen bf16 head without the kernel's packs: logits in one f32 buffer
-/// (the head decoded a slab of rows at a time), softmax in place, `dh` the same way back.
+/// One chunk against a frozen head without the kernel's packs (bf16 or f32): logits in one f32
+/// buffer (the head decoded a slab of rows at a time), softmax in place, `dh` the same way back.
 fn chunk_lean(
     hc: &Tensor,
     w: &super::dequant_linear::Compact,
@@ -168,12 +168,14 @@ fn chunk_lean(
     let (v, _) = w.dims()?;
     let x: Vec<f32> = hc.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let mut logits = vec![0f32; c * v];
-    x_wt(&x, c, w, &mut logits, use_kernel(c))?;
+    // An f32 head stays f32; a bf16 one may use the kernel.
+    let kernel = use_kernel(c) && !matches!(w, super::dequant_linear::Compact::F32(_));
+    x_wt(&x, c, w, &mut logits, kernel)?;
     let rows = softmax_ce_rows(&mut logits, v, idx, scales);
     let dh = match scales {
         Some(_) => {
             let mut dh = vec![0f32; c * hidden];
-            g_w(&logits, c, w, &mut dh, use_kernel(c))?;
+            g_w(&logits, c, w, &mut dh, kernel)?;
             Some(Tensor::from_vec(dh, (c, hidden), hc.device())?)
         }
         None => None,
@@ -231,7 +233,10 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
             continue;
         }
         let hc = h.narrow(0, start, c)?;
-        let lean = opt.pack.is_none() && w.dtype() == DType::BF16 && w.device().is_cpu() && h.dtype() != DType::F64;
+        let lean = opt.pack.is_none()
+            && matches!(w.dtype(), DType::BF16 | DType::F32)
+            && w.device().is_cpu()
+            && h.dtype() != DType::F64;
         if (opt.pack.is_some() || lean) && !opt.want_dw {
             let scales: Option<Vec<f32>> = opt.grad_scale.map(|s| mask.iter().map(|m| m * s as f32).collect());
             let (rows, dh) = match opt.pack {
@@ -241,12 +246,15 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
                     }
                     chunk_bf16(&hc, pack, &idx, scales.as_deref())?
                 }
-                None => chunk_lean(
-                    &hc,
-                    &super::dequant_linear::Compact::Bf16(w.contiguous()?),
-                    &idx,
-                    scales.as_deref(),
-                )?,
+                None => {
+                    use super::dequant_linear::Compact;
+                    let w = w.contiguous()?;
+                    let c = match w.dtype() {
+                        DType::BF16 => Compact::Bf16(w),
+                        _ => Compact::F32(w),
+                    };
+                    chunk_lean(&hc, &c, &idx, scales.as_deref())?
+                }
             };
             for (i, (nll, am)) in rows.into_iter().enumerate() {
                 if mask[i] > 0.0 {
@@ -382,6 +390,13 @@ mod tests {
         };
         let a = lm_head_loss(&h, &w.to_dtype(DType::F32)?, &targets, base)?;
         let b = lm_head_loss(&h, &w, &targets, base)?;
+        // The f32 head (lean too) against the f64 composition.
+        let exact = naive(&h.to_dtype(DType::F64)?, &w.to_dtype(DType::F64)?, &targets)?.to_scalar::<f64>()?;
+        assert!(
+            (a.nll_sum - exact).abs() < 1e-5 * exact.abs(),
+            "{} vs {exact}",
+            a.nll_sum
+        );
         assert_eq!((a.count, a.correct), (b.count, b.correct));
         assert!((a.nll_sum - b.nll_sum).abs() < 1e-5 * a.nll_sum.abs());
         let d = (a.dh.unwrap() - b.dh.unwrap())?.abs()?.max_all()?.to_scalar::<f32>()?;
