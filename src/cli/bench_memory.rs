@@ -103,7 +103,7 @@ fn run_policy(a: &Args, cfg: &ModelConfig, name: &str, rows: usize, seq: usize) 
         .with_context(|| format!("unknown policy `{name}`"))?;
     let pred = p.predict(cfg, rows, seq, false, runtime)?;
     let bases = p.bases(cfg)?;
-    let index = |m: &str| crate::model::config::MODULES.iter().position(|x| *x == m).unwrap_or(0);
+    let index = crate::model::config::module_index;
     let src = SyntheticSource::new(cfg, 0, &|l, m| match bases[l][index(m)] {
         BaseDtype::Nf4 => Some(false),
         BaseDtype::Nf4Dq => Some(true),

@@ -248,6 +248,15 @@ pub const MODULES: [&str; 7] = [
     "down_proj",
 ];
 
+/// Position of a projection in [`MODULES`] (the column of a per-module table such as
+/// `LoraPlan::base_table`'s). Only ever called with a projection name.
+pub fn module_index(module: &str) -> usize {
+    MODULES
+        .iter()
+        .position(|m| *m == module)
+        .unwrap_or_else(|| panic!("`{module}` is not one of the projections {MODULES:?}"))
+}
+
 /// Whether a module sits under `self_attn` (else `mlp`).
 pub fn module_parent(module: &str) -> &'static str {
     match module {

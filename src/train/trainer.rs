@@ -165,7 +165,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
     let bases = recipe.base_table(src.config.num_layers)?;
     let predicted = memory::for_recipe(recipe, &src, current_rss())?;
     eprintln!("memory plan (micro-batch {}):\n{}", t.batch, predicted.table());
-    let per = |l: usize, m: &str| bases[l][crate::model::config::MODULES.iter().position(|x| *x == m).unwrap_or(0)];
+    let per = |l: usize, m: &str| bases[l][crate::model::config::module_index(m)];
     let mut model = Model::load_with(
         &src.config,
         src.weights.as_ref(),
