@@ -20,8 +20,9 @@ use crate::util::{human_bytes, peak_rss};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// What to benchmark: `train` (tok/s against a naive candle trainer), `memory` (peak
-    /// memory and tok/s of LoRA, QLoRA and the layered policy, beside their predictions) or
-    /// `gemm`.
+    /// memory and tok/s of LoRA, QLoRA and the layered policy, beside their predictions),
+    /// `gemm`, or `gpu` (device checks against the CPU ops, then NF4 against dense projections
+    /// on the device).
     pub what: String,
     /// Model shape: `smollm2` (SmolLM2-135M), `qwen2-0.5b`, `qwen2-7b` or `tiny`.
     #[arg(long, default_value = "smollm2")]
@@ -48,6 +49,10 @@ pub struct Args {
     /// Timed steps per variant process.
     #[arg(long, default_value_t = 2)]
     pub steps: usize,
+    /// Device of `bench gpu`: `cuda` (needs the `cuda` feature) or `cpu` (the same code on the
+    /// CPU backend).
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
     /// Run one variant in this process (used by the parent process; prints JSON).
     #[arg(long, hide = true)]
     pub variant: Option<String>,
@@ -152,7 +157,8 @@ pub fn qwen2_05b_shape() -> ModelConfig {
 pub fn run(mut a: Args) -> Result<()> {
     let memory = a.what == "memory";
     a.batch.get_or_insert(if memory { 1 } else { 4 });
-    a.seq_len.get_or_insert(if memory { 512 } else { 256 });
+    a.seq_len
+        .get_or_insert(if memory || a.what == "gpu" { 512 } else { 256 });
     let cfg = match a.shape.as_str() {
         "smollm2" => smollm2_shape(),
         "qwen2-7b" => qwen2_7b_shape(),
@@ -164,7 +170,11 @@ pub fn run(mut a: Args) -> Result<()> {
         "train" => {}
         "memory" => return super::bench_memory::run(&a, &cfg),
         "gemm" => return bench_gemm(a.rounds),
-        o => bail!("unknown benchmark `{o}`; available: train, memory, gemm"),
+        "gpu" => {
+            let tokens = a.batch.unwrap_or(4) * a.seq_len.unwrap_or(512);
+            return super::bench_gpu::run(&cfg, tokens, a.rounds, &a.device);
+        }
+        o => bail!("unknown benchmark `{o}`; available: train, memory, gemm, gpu"),
     }
     let (batch, seq_len) = (a.batch.unwrap_or(4), a.seq_len.unwrap_or(256));
     if let Some(v) = &a.variant {

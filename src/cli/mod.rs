@@ -1,6 +1,7 @@
 //! The `strata` command line: one file per subcommand; `main.rs` only dispatches.
 
 pub mod bench;
+pub mod bench_gpu;
 pub mod bench_memory;
 pub mod data;
 pub mod eval;

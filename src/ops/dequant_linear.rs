@@ -32,7 +32,7 @@ pub fn gguf_decodable(q: &QTensor) -> bool {
         G::Q4_0 | G::Q4_1 | G::Q5_0 | G::Q5_1 | G::Q8_0 | G::Q2K | G::Q3K | G::Q4K | G::Q5K | G::Q6K
     );
     let cols = q.shape().dims().last().copied().unwrap_or(0);
-    supported && q.shape().rank() == 2 && cols % q.dtype().block_size() == 0 && q.data().is_ok()
+    supported && q.device().is_cpu() && q.shape().rank() == 2 && cols % q.dtype().block_size() == 0 && q.data().is_ok()
 }
 
 /// Decodes whole blocks of type `T` from their bytes into `out`.
@@ -261,6 +261,13 @@ pub fn dequant_linear(x: &Tensor, w: Compact) -> Result<Tensor> {
         if t.dtype() != DType::BF16 {
             candle_core::bail!("dequant-linear: expected a bf16 weight, got {:?}", t.dtype());
         }
+    }
+    if !x.device().is_cpu() {
+        candle_core::bail!(
+            "dequant-linear decodes weights held on the CPU; for activations on {:?}, upload NF4 \
+             weights with ops::dequant_device::DeviceNf4 (GGUF weights: load them onto the device)",
+            x.device().location()
+        );
     }
     let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
     let kernel = use_kernel(x.dim(0)?);

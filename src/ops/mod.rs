@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod bf16_gemm;
+pub mod dequant_device;
 pub mod dequant_linear;
 pub mod frozen_linear;
 pub mod fused_attention;

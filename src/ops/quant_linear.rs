@@ -4,10 +4,11 @@
 //! candle's `QMatMul` has no backward and silently cuts the gradient (DESIGN pitfall 3). Here
 //! the forward runs candle's quantized matmul (activations quantized to 8 bits, as llama.cpp
 //! does) and the backward is `dx = g dequant(W)`, the dequantized copy living only for that
-//! product.
+//! product. On CUDA (`cuda` feature) the forward is candle's CUDA quantized matmul and the
+//! backward dequantizes on the device; the weight must have been loaded onto that device.
 
 use candle_core::quantized::QTensor;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 
 /// `x [m, k] -> [m, n]` against a quantized `W [n, k]`.
@@ -22,7 +23,24 @@ impl CustomOp1 for QuantLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if !self.w.device().is_cpu() {
+            candle_core::bail!(
+                "quant-linear: the weight is on {:?}, the activations on the CPU",
+                self.w.device().location()
+            );
+        }
         CustomOp1::cpu_fwd(self.w.as_ref(), s, l)
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        // candle's CUDA matmul assumes (and would panic otherwise) that the weight is on CUDA.
+        if !self.w.device().is_cuda() {
+            candle_core::bail!(
+                "quant-linear: the weight is on {:?}, the activations on CUDA",
+                self.w.device().location()
+            );
+        }
+        CustomOp1::cuda_fwd(self.w.as_ref(), s, l)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {

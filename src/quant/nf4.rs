@@ -26,7 +26,7 @@ pub const NF4_CODE: [f32; 16] = [
 ];
 
 /// The two values a packed byte stands for (high nibble first), before scaling.
-const NF4_PAIRS: [[f32; 2]; 256] = {
+pub(crate) const NF4_PAIRS: [[f32; 2]; 256] = {
     let mut t = [[0f32; 2]; 256];
     let mut b = 0;
     while b < 256 {

@@ -1,0 +1,304 @@
+//! `strata bench gpu`: checks the quantized frozen projections on a device against the CPU
+//! ops, then times one block's projections there: NF4 (plain and double-quantized scales)
+//! against dense bf16 and f32 weights, measured in the same run.
+//!
+//! Built with `--features cuda` it runs on CUDA device 0; `--device cpu` runs the same code on
+//! candle's CPU backend (how the tests hold it without a GPU).
+
+use anyhow::{bail, Result};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor, Var};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::model::config::{ModelConfig, MODULES};
+use crate::ops::dequant_device::{nf4_device_linear, nf4_device_linear_slab, DeviceNf4, DeviceNf4Linear};
+use crate::ops::dequant_linear::{Compact, DequantLinear};
+use crate::ops::frozen_matmul;
+use crate::ops::lora_linear::{LoraBase, LoraLinear};
+use crate::ops::quant_linear::quant_linear;
+use crate::quant::nf4::Nf4Tensor;
+use crate::util::human_bytes;
+
+/// One comparison of a device result with the CPU's.
+#[derive(Debug)]
+pub struct Check {
+    /// What was compared.
+    pub name: String,
+    /// Largest absolute difference, relative to the CPU result's largest magnitude.
+    pub gap: f64,
+    /// The largest gap allowed.
+    pub tol: f64,
+}
+
+impl Check {
+    /// Whether the gap is within tolerance.
+    pub fn pass(&self) -> bool {
+        self.gap <= self.tol
+    }
+}
+
+/// The device named on the command line.
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if !candle_core::utils::cuda_is_available() => bail!(
+            "this strata was built without the `cuda` feature; build it with \
+             `../shared/gpu/build-cuda.sh cargo build --release --features cuda` (see shared/gpu/README.md), \
+             or pass --device cpu"
+        ),
+        "cuda" => Ok(Device::new_cuda(0)?),
+        o => bail!("unknown device `{o}`; choose cuda or cpu"),
+    }
+}
+
+/// `max |a - b| / max |b|` (0 when both are zero), read back on the CPU.
+fn gap(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    let s = b.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    Ok(if s == 0.0 { d } else { d / s })
+}
+
+/// Gradients of `sum(y * probe)` with respect to `vars`.
+fn grads(y: &Tensor, probe: &Tensor, vars: &[&Var]) -> Result<Vec<Tensor>> {
+    let g = y.mul(probe)?.sum_all()?.backward()?;
+    vars.iter()
+        .map(|v| {
+            g.get(v.as_tensor())
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("no gradient reached a variable"))
+        })
+        .collect()
+}
+
+/// Every check, on `dev` against the CPU ops: NF4 decoding (exact), NF4 forward and dx, a QLoRA
+/// projection's gradients (NF4 base + adapter) against the CPU's fused op, GGUF block types,
+/// and the dense frozen product.
+pub fn checks(dev: &Device) -> Result<Vec<Check>> {
+    let cpu = Device::Cpu;
+    let mut out = Vec::new();
+    let mut push = |name: String, gap: f64, tol: f64| out.push(Check { name, gap, tol });
+    // Odd sizes: slabs end mid-weight, the last scale group is partial. Under 16 rows the CPU's
+    // fused LoRA op stays on its f32 GEMM (not the bf16 kernel), so all references are f32.
+    let (n, k, m, r) = (600, 256, 13, 8);
+    let mut wv: Vec<f32> = Tensor::randn(0f32, 0.05, (n, k), &cpu)?.flatten_all()?.to_vec1()?;
+    // A byte holding the two top levels (0xFF) must decode like any other.
+    wv[0] = 0.5;
+    wv[1] = 0.5;
+    let x_cpu = Var::from_tensor(&Tensor::randn(0f32, 1., (m, k), &cpu)?)?;
+    let x_dev = Var::from_tensor(&x_cpu.to_device(dev)?)?;
+    let probe = Tensor::randn(0f32, 1., (m, n), &cpu)?;
+    let probe_dev = probe.to_device(dev)?;
+    for dq in [false, true] {
+        let tag = if dq { "nf4-dq" } else { "nf4" };
+        let q = Arc::new(Nf4Tensor::quantize(&wv, n, k, 64, dq));
+        let d = Arc::new(DeviceNf4::upload(&q, dev)?);
+        let eye = Tensor::eye(k, DType::F32, dev)?;
+        let want = Tensor::from_vec(q.dequantize(), (n, k), &cpu)?.t()?;
+        push(
+            format!("{tag} decode (bit-exact)"),
+            gap(&nf4_device_linear_slab(&eye, &d, 77)?, &want)?,
+            0.0,
+        );
+        let y_ref = x_cpu.as_tensor().apply_op1(DequantLinear {
+            w: Compact::Nf4(q.clone()),
+            kernel: false,
+        })?;
+        let dx_ref = grads(&y_ref, &probe, &[&x_cpu])?;
+        for (slab, what) in [(77, "slabs of 77 rows"), (0, "default slabs")] {
+            let y = if slab == 0 {
+                nf4_device_linear(x_dev.as_tensor(), &d)?
+            } else {
+                nf4_device_linear_slab(x_dev.as_tensor(), &d, slab)?
+            };
+            push(format!("{tag} forward, {what}"), gap(&y, &y_ref)?, 1e-5);
+            let dx = grads(&y, &probe_dev, &[&x_dev])?;
+            push(format!("{tag} dx, {what}"), gap(&dx[0], &dx_ref[0])?, 1e-5);
+        }
+        // QLoRA: the NF4 base plus s * (x A^T) B^T composed on the device, against the CPU's
+        // fused op; gradients for x, A and B.
+        let a_cpu = Var::from_tensor(&Tensor::randn(0f32, 0.1, (r, k), &cpu)?)?;
+        let b_cpu = Var::from_tensor(&Tensor::randn(0f32, 0.1, (n, r), &cpu)?)?;
+        let fused = x_cpu.as_tensor().apply_op3(
+            a_cpu.as_tensor(),
+            b_cpu.as_tensor(),
+            LoraLinear {
+                base: LoraBase::Compact(Compact::Nf4(q.clone())),
+                scale: 2.0,
+                dropout: 0.0,
+                seed: None,
+            },
+        )?;
+        let want = grads(&fused, &probe, &[&x_cpu, &a_cpu, &b_cpu])?;
+        let a_dev = Var::from_tensor(&a_cpu.to_device(dev)?)?;
+        let b_dev = Var::from_tensor(&b_cpu.to_device(dev)?)?;
+        let xa = x_dev.as_tensor().matmul(&a_dev.as_tensor().t()?)?;
+        let y = (nf4_device_linear(x_dev.as_tensor(), &d)? + (xa.matmul(&b_dev.as_tensor().t()?)? * 2.0)?)?;
+        push(format!("{tag} + LoRA forward"), gap(&y, &fused)?, 1e-5);
+        let got = grads(&y, &probe_dev, &[&x_dev, &a_dev, &b_dev])?;
+        for (i, v) in ["x", "A", "B"].iter().enumerate() {
+            push(format!("{tag} + LoRA d{v}"), gap(&got[i], &want[i])?, 1e-5);
+        }
+    }
+    // GGUF block types: the same bytes on both sides. Forwards quantize activations to 8 bits
+    // on both (differently on CUDA), so they agree to that precision; dx is exact arithmetic
+    // on the dequantized weight.
+    let (gn, gk, gm) = (96, 512, 8);
+    let w = Tensor::randn(0f32, 0.05, (gn, gk), &cpu)?;
+    let gx_cpu = Var::from_tensor(&Tensor::randn(0f32, 1., (gm, gk), &cpu)?)?;
+    let gx_dev = Var::from_tensor(&gx_cpu.to_device(dev)?)?;
+    let gprobe = Tensor::randn(0f32, 1., (gm, gn), &cpu)?;
+    for ty in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ] {
+        let q = Arc::new(QTensor::quantize(&w, ty)?);
+        let qd = Arc::new(qtensor_from_ggml(ty, &q.data()?, vec![gn, gk], dev)?);
+        let y_ref = quant_linear(gx_cpu.as_tensor(), &q)?;
+        let y = quant_linear(gx_dev.as_tensor(), &qd)?;
+        push(format!("{ty:?} forward"), gap(&y, &y_ref)?, 0.05);
+        let want = grads(&y_ref, &gprobe, &[&gx_cpu])?;
+        let got = grads(&y, &gprobe.to_device(dev)?, &[&gx_dev])?;
+        push(format!("{ty:?} dx"), gap(&got[0], &want[0])?, 1e-5);
+    }
+    // Dense frozen product (f32).
+    let wd = Tensor::from_vec(wv, (n, k), &cpu)?;
+    let y_ref = frozen_matmul(x_cpu.as_tensor(), &wd)?;
+    let y = frozen_matmul(x_dev.as_tensor(), &wd.to_device(dev)?)?;
+    push("dense f32 forward".into(), gap(&y, &y_ref)?, 1e-5);
+    let want = grads(&y_ref, &probe, &[&x_cpu])?;
+    let got = grads(&y, &probe_dev, &[&x_dev])?;
+    push("dense f32 dx".into(), gap(&got[0], &want[0])?, 1e-5);
+    Ok(out)
+}
+
+/// Seconds for the best of `rounds` calls of `f` (after one warm-up), the device synchronized.
+fn best(dev: &Device, rounds: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    dev.synchronize()?;
+    let mut t = f64::MAX;
+    for _ in 0..rounds.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        t = t.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(t)
+}
+
+/// Runs the checks (stopping with an error if one fails), then times one block of `cfg`'s
+/// projections at `tokens` rows: forward and dx, NF4 / NF4-DQ / dense bf16 / dense f32.
+pub fn run(cfg: &ModelConfig, tokens: usize, rounds: usize, device_name: &str) -> Result<()> {
+    let dev = device(device_name)?;
+    println!("bench gpu on {:?}: checks against the CPU ops", dev.location());
+    let rows = checks(&dev)?;
+    for c in &rows {
+        println!(
+            "  {:<34} gap {:>9.2e}  (tolerance {:.0e})  {}",
+            c.name,
+            c.gap,
+            c.tol,
+            if c.pass() { "ok" } else { "FAILED" }
+        );
+    }
+    let failed = rows.iter().filter(|c| !c.pass()).count();
+    if failed > 0 {
+        bail!("{failed} of {} device checks failed", rows.len());
+    }
+    println!(
+        "\none block of the {}-layer shape (hidden {}, intermediate {}): its 7 projections, \
+         forward + dx at {tokens} tokens, best of {rounds}",
+        cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    );
+    println!(
+        "{:<10} {:>12} {:>12} {:>10} {:>14}",
+        "weights", "ms / block", "TFLOP/s", "vs bf16", "weight bytes"
+    );
+    let mut flops = 0f64;
+    let mut per: Vec<(String, f64, usize)> = Vec::new();
+    for kind in ["nf4", "nf4-dq", "bf16", "f32"] {
+        let (mut secs, mut bytes) = (0f64, 0usize);
+        for m in MODULES {
+            let (n, k) = cfg.linear_shape(m).expect("known module");
+            if kind == "nf4" {
+                flops += 4.0 * (tokens * n * k) as f64;
+            }
+            let x = Tensor::randn(0f32, 1., (tokens, k), &dev)?;
+            let g = Tensor::randn(0f32, 1., (tokens, n), &dev)?;
+            let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+            match kind {
+                "nf4" | "nf4-dq" => {
+                    let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+                    let d = Arc::new(DeviceNf4::upload(
+                        &Nf4Tensor::quantize(&wv, n, k, 64, kind == "nf4-dq"),
+                        &dev,
+                    )?);
+                    bytes += d.bytes();
+                    let back = DeviceNf4Linear {
+                        w: d.clone(),
+                        slab: (8 << 20) / k,
+                        forward: false,
+                    };
+                    secs += best(&dev, rounds, || {
+                        nf4_device_linear(&x, &d)?;
+                        g.apply_op1_no_bwd(&back)?;
+                        Ok(())
+                    })?;
+                }
+                _ => {
+                    let dt = if kind == "bf16" { DType::BF16 } else { DType::F32 };
+                    let (w, x, g) = (w.to_dtype(dt)?, x.to_dtype(dt)?, g.to_dtype(dt)?);
+                    bytes += w.elem_count() * dt.size_in_bytes();
+                    secs += best(&dev, rounds, || {
+                        frozen_matmul(&x, &w)?;
+                        g.matmul(&w)?;
+                        Ok(())
+                    })?;
+                }
+            }
+        }
+        per.push((kind.to_string(), secs, bytes));
+    }
+    let bf16 = per.iter().find(|p| p.0 == "bf16").map(|p| p.1).unwrap_or(f64::NAN);
+    for (kind, secs, bytes) in &per {
+        println!(
+            "{:<10} {:>12.2} {:>12.2} {:>9.2}x {:>14}",
+            kind,
+            secs * 1e3,
+            flops / secs / 1e12,
+            secs / bf16,
+            human_bytes(*bytes as u64)
+        );
+    }
+    println!("(vs bf16 = time over dense bf16's; NF4 computes in f32 after decoding, bf16 in bf16)");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The device checks pass on the CPU backend (the same code a GPU runs).
+    #[test]
+    fn checks_pass_on_the_cpu_backend() -> Result<()> {
+        let rows = checks(&Device::Cpu)?;
+        assert!(rows.len() >= 20, "{} checks", rows.len());
+        for c in &rows {
+            assert!(c.pass(), "{}: gap {} over {}", c.name, c.gap, c.tol);
+        }
+        Ok(())
+    }
+
+    /// Without the `cuda` feature, asking for CUDA says how to build it.
+    #[test]
+    #[cfg(not(feature = "cuda"))]
+    fn cuda_without_the_feature_says_how_to_build() {
+        let e = device("cuda").unwrap_err().to_string();
+        assert!(e.contains("--features cuda"), "{e}");
+    }
+}
