@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The device check, for a session lent a GPU machine (shared/gpu/README.md). Here:
+#   CARGO_TARGET_DIR=/work/target-cuda ../shared/gpu/build-cuda.sh cargo build --release --features cuda
+#   mkdir -p gpu-bin && cp /work/target-cuda/release/strata gpu-bin/ && strip gpu-bin/strata
+# then, with the device tool: run(command="scripts/gpu_check.sh", carry=["gpu-bin"]).
+# It runs the checks of the quantized projections against the CPU ops and the per-block
+# benchmark, on a small shape first, then the Qwen2-7B shape; results land in $OUT.
+set -euo pipefail
+BIN=${STRATA_BIN:-gpu-bin/strata}
+OUT=${OUT:-/tmp/strata-gpu}
+mkdir -p "$OUT"
+LIB=$(python3 -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2>/dev/null || true)
+if [ -n "$LIB" ] && [ -d "$LIB" ]; then
+  export LD_LIBRARY_PATH="$LIB:${LD_LIBRARY_PATH:-}"
+else
+  echo "no cu13 folder in python's nvidia package; libraries found:" | tee "$OUT/libs.txt"
+  find / -name 'libcublas.so*' 2>/dev/null | head | tee -a "$OUT/libs.txt"
+fi
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+"$BIN" bench gpu --shape smollm2 --batch 4 --seq-len 512 2>&1 | tee "$OUT/bench-gpu-smollm2.txt"
+"$BIN" bench gpu --shape qwen2-7b --batch 4 --seq-len 512 2>&1 | tee "$OUT/bench-gpu-qwen2-7b.txt"
