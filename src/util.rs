@@ -83,3 +83,56 @@ pub fn human_bytes(b: u64) -> String {
         format!("{b} B")
     }
 }
+
+/// Device memory allocated at its peak since the last [`reset_device_peak`]: on CUDA, the
+/// high-water mark of the stream-ordered pool candle allocates from (what PyTorch calls max
+/// memory allocated; cuBLAS workspaces aside). `None` on the CPU (see [`peak_rss`]) or when
+/// the driver does not say.
+pub fn device_peak(dev: &candle_core::Device) -> Option<u64> {
+    device_pool::used_high(dev, false)
+}
+
+/// Restarts [`device_peak`] from the memory in use now.
+pub fn reset_device_peak(dev: &candle_core::Device) {
+    device_pool::used_high(dev, true);
+}
+
+#[cfg(feature = "cuda")]
+mod device_pool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+
+    /// Reads (or, with `reset`, zeroes) the default pool's `USED_MEM_HIGH`.
+    pub fn used_high(dev: &candle_core::Device, reset: bool) -> Option<u64> {
+        let candle_core::Device::Cuda(c) = dev else {
+            return None;
+        };
+        let stream = c.cuda_stream();
+        let ctx = stream.context();
+        ctx.bind_to_thread().ok()?;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        let ok = |r: sys::CUresult| r == sys::CUresult::CUDA_SUCCESS;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut value: u64 = 0;
+        // SAFETY: plain driver queries on the context bound above; `pool` and `value` are valid
+        // out-pointers of the types the driver writes (a pool handle, a cuuint64_t).
+        unsafe {
+            if !ok(sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())) {
+                return None;
+            }
+            let v = &mut value as *mut u64 as *mut std::ffi::c_void;
+            let r = match reset {
+                true => sys::cuMemPoolSetAttribute(pool, attr, v),
+                false => sys::cuMemPoolGetAttribute(pool, attr, v),
+            };
+            ok(r).then_some(value)
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod device_pool {
+    /// No device pools without the `cuda` feature.
+    pub fn used_high(_: &candle_core::Device, _: bool) -> Option<u64> {
+        None
+    }
+}

@@ -467,3 +467,70 @@ fn sharded_safetensors_index_loads() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// The path every device but the CPU takes (NF4 decoded by `ops::dequant_device` from its
+/// device copy; composed norms, attention, SwiGLU and LoRA; candle's matmul), run on the CPU
+/// backend, gives the CPU fused path's loss and gradients on a QLoRA model (NF4-DQ base).
+#[test]
+fn device_path_matches_the_fused_cpu_path_on_qlora() -> Result<()> {
+    use strata::model::LoadSpec;
+    for (arch, tied) in [(Arch::Llama, true), (Arch::Qwen2, false)] {
+        // Rows must be whole NF4 blocks of 64 on a device: hidden 64.
+        let mut cfg = tiny_config(arch, 300, tied);
+        cfg.hidden_size = 64;
+        cfg.head_dim = 16;
+        cfg.intermediate_size = 128;
+        let src = random_weights(&cfg, 1);
+        let load = |device_nf4: bool| -> Result<Model> {
+            let per = |_: usize, _: &str| BaseDtype::Nf4Dq;
+            let spec = LoadSpec {
+                base: BaseDtype::Nf4Dq,
+                per: &per,
+                full: false,
+                pack: false,
+                device_nf4,
+            };
+            let mut m = Model::load_with(&cfg, &src, &spec, &Device::Cpu)?;
+            m.add_lora(&LoraPlan::uniform(4, 8.0, &MODULES), 3)?;
+            for (i, (_, l)) in m.loras().into_iter().enumerate() {
+                let b = Tensor::randn(0f32, 0.1, l.b.as_tensor().shape(), &Device::Cpu)?;
+                l.b.set(&(b * (1.0 + i as f64 * 0.01))?)?;
+            }
+            Ok(m)
+        };
+        let (cpu, dev) = (load(false)?, load(true)?);
+        assert!(dev.blocks[0].proj.iter().all(|p| p.nf4_dev.is_some()));
+        assert!(cpu.blocks[0].proj.iter().all(|p| p.nf4_dev.is_none()));
+        // Same B values in both: copy them over.
+        for ((_, a), (_, b)) in cpu.loras().into_iter().zip(dev.loras()) {
+            b.b.set(a.b.as_tensor())?;
+            b.a.set(a.a.as_tensor())?;
+        }
+        // 14 rows: under 16, so the CPU's NF4 products stay in f32 (not the bf16 kernel).
+        let b = batch(300, 2, 7, 5)?;
+        let mut g_cpu = GradAcc::default();
+        let s_cpu = forward_backward(&cpu, &b, 0.1, true, Fwd::eval(), &mut g_cpu)?;
+        let mut g_dev = GradAcc::default();
+        let naive = Fwd {
+            naive: true,
+            ..Fwd::eval()
+        };
+        let s_dev = forward_backward(&dev, &b, 0.1, true, naive, &mut g_dev)?;
+        assert!(
+            (s_cpu.nll_sum - s_dev.nll_sum).abs() < 1e-4 * s_cpu.nll_sum.abs(),
+            "{arch:?}: loss {} vs {}",
+            s_cpu.nll_sum,
+            s_dev.nll_sum
+        );
+        let (pc, pd) = (cpu.trainable(), dev.trainable());
+        assert_eq!(pc.len(), pd.len());
+        for ((name, vc), (_, vd)) in pc.iter().zip(&pd) {
+            let a = g_cpu.get(vc).unwrap_or_else(|| panic!("{name}: no gradient"));
+            let n = a.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(n > 0.0, "{name}: zero gradient");
+            let d = max_diff(a, g_dev.get(vd).unwrap())?;
+            assert!(d < 1e-4 * n, "{arch:?} {name}: device path differs by {d} (scale {n})");
+        }
+    }
+    Ok(())
+}

@@ -170,10 +170,7 @@ pub fn run(mut a: Args) -> Result<()> {
         "train" => {}
         "memory" => return super::bench_memory::run(&a, &cfg),
         "gemm" => return bench_gemm(a.rounds),
-        "gpu" => {
-            let tokens = a.batch.unwrap_or(4) * a.seq_len.unwrap_or(512);
-            return super::bench_gpu::run(&cfg, tokens, a.rounds, &a.device);
-        }
+        "gpu" => return super::bench_gpu::run(&a, &cfg),
         o => bail!("unknown benchmark `{o}`; available: train, memory, gemm, gpu"),
     }
     let (batch, seq_len) = (a.batch.unwrap_or(4), a.seq_len.unwrap_or(256));
@@ -277,7 +274,7 @@ pub(crate) fn timed_steps(model: &Model, variant: &str, rows: usize, seq_len: us
     let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
     let targets: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
     let batch = Batch {
-        ids: Tensor::from_vec(ids, (rows, seq_len), &Device::Cpu)?,
+        ids: Tensor::from_vec(ids, (rows, seq_len), &model.device)?,
         targets,
     };
     let params = model.trainable();
@@ -307,10 +304,13 @@ pub(crate) fn timed_steps(model: &Model, variant: &str, rows: usize, seq_len: us
         Ok(loss)
     };
     step()?;
+    model.device.synchronize()?;
     let t0 = Instant::now();
     for _ in 0..steps.max(1) {
         step()?;
     }
+    // Devices run asynchronously: the time counts once the last update has landed.
+    model.device.synchronize()?;
     Ok(t0.elapsed().as_secs_f64() / steps.max(1) as f64)
 }
 

@@ -1,6 +1,7 @@
-//! `strata bench gpu`: checks the quantized frozen projections on a device against the CPU
-//! ops, then times one block's projections there: NF4 (plain and double-quantized scales)
-//! against dense bf16 and f32 weights, measured in the same run.
+//! `strata bench gpu`: checks the quantized frozen projections and a QLoRA step on a device
+//! against the CPU, then measures there: one block's projections (NF4, plain and
+//! double-quantized, against dense bf16 and f32 weights) and whole training steps of the
+//! shape's synthetic model under LoRA, QLoRA and the layered policy, all in the same run.
 //!
 //! Built with `--features cuda` it runs on CUDA device 0; `--device cpu` runs the same code on
 //! candle's CPU backend (how the tests hold it without a GPU).
@@ -11,6 +12,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::bench::{timed_steps, Args};
+use super::bench_memory::synthetic_model;
 use crate::model::config::{ModelConfig, MODULES};
 use crate::ops::dequant_device::{nf4_device_linear, nf4_device_linear_slab, DeviceNf4, DeviceNf4Linear};
 use crate::ops::dequant_linear::{Compact, DequantLinear};
@@ -18,7 +21,8 @@ use crate::ops::frozen_matmul;
 use crate::ops::lora_linear::{LoraBase, LoraLinear};
 use crate::ops::quant_linear::quant_linear;
 use crate::quant::nf4::Nf4Tensor;
-use crate::util::human_bytes;
+use crate::train::memory::policies;
+use crate::util::{device_peak, human_bytes, reset_device_peak};
 
 /// One comparison of a device result with the CPU's.
 #[derive(Debug)]
@@ -174,6 +178,83 @@ pub fn checks(dev: &Device) -> Result<Vec<Check>> {
     let want = grads(&y_ref, &probe, &[&x_cpu])?;
     let got = grads(&y, &probe_dev, &[&x_dev])?;
     push("dense f32 dx".into(), gap(&got[0], &want[0])?, 1e-5);
+    for (name, g, tol) in qlora_step_gaps(dev)? {
+        push(name, g, tol);
+    }
+    Ok(out)
+}
+
+/// One QLoRA micro-batch (NF4-DQ base, LoRA r=4 on every projection, recomputation) on `dev`
+/// against the CPU's fused path: the loss and every adapter gradient.
+fn qlora_step_gaps(dev: &Device) -> Result<Vec<(String, f64, f64)>> {
+    use crate::adapter::LoraPlan;
+    use crate::model::config::Arch;
+    use crate::model::{BaseDtype, Fwd, LoadSpec, Model};
+    use crate::train::{forward_backward, Batch, GradAcc};
+    let cpu = Device::Cpu;
+    // Rows must be whole NF4 blocks of 64 on a device: hidden 64.
+    let mut cfg = crate::testing::tiny_config(Arch::Qwen2, 300, false);
+    cfg.hidden_size = 64;
+    cfg.head_dim = 16;
+    cfg.intermediate_size = 128;
+    let src = crate::testing::random_weights(&cfg, 1);
+    let per = |_: usize, _: &str| BaseDtype::Nf4Dq;
+    let load = |on: &Device, device_nf4: bool| -> Result<Model> {
+        let spec = LoadSpec {
+            base: BaseDtype::Nf4Dq,
+            per: &per,
+            full: false,
+            pack: false,
+            device_nf4,
+        };
+        let mut m = Model::load_with(&cfg, &src, &spec, on)?;
+        m.add_lora(&LoraPlan::uniform(4, 8.0, &MODULES), 3)?;
+        Ok(m)
+    };
+    let (host, on_dev) = (load(&cpu, false)?, load(dev, true)?);
+    // B starts at zero (A would get no gradient): the same random B on both sides.
+    for ((_, a), (_, b)) in host.loras().into_iter().zip(on_dev.loras()) {
+        let v = Tensor::randn(0f32, 0.1, a.b.as_tensor().shape(), &cpu)?;
+        a.b.set(&v)?;
+        b.b.set(&v.to_device(dev)?)?;
+        b.a.set(&a.a.as_tensor().to_device(dev)?)?;
+    }
+    // 14 rows: the CPU's NF4 products stay on its f32 GEMM (not the bf16 kernel).
+    let (rows, t) = (2, 7);
+    let mut rng = crate::rng::Rng::new(5);
+    let ids: Vec<u32> = (0..rows * t).map(|_| rng.below(300) as u32).collect();
+    let targets: Vec<u32> = (0..rows * t).map(|_| rng.below(300) as u32).collect();
+    let batch = |on: &Device| -> Result<Batch> {
+        Ok(Batch {
+            ids: Tensor::from_vec(ids.clone(), (rows, t), on)?,
+            targets: targets.clone(),
+        })
+    };
+    let mut g_host = GradAcc::default();
+    let s_host = forward_backward(&host, &batch(&cpu)?, 0.1, true, Fwd::eval(), &mut g_host)?;
+    let mut g_dev = GradAcc::default();
+    // Composed ops everywhere, as any device but the CPU runs them.
+    let fwd = Fwd {
+        naive: true,
+        ..Fwd::eval()
+    };
+    let s_dev = forward_backward(&on_dev, &batch(dev)?, 0.1, true, fwd, &mut g_dev)?;
+    let mut out = vec![(
+        "QLoRA step loss".to_string(),
+        (s_dev.nll_sum - s_host.nll_sum).abs() / s_host.nll_sum.abs().max(1e-12),
+        1e-5,
+    )];
+    let (mut worst, mut name) = (0f64, String::new());
+    for ((n, vh), (_, vd)) in host.trainable().iter().zip(&on_dev.trainable()) {
+        let (Some(a), Some(b)) = (g_host.get(vh), g_dev.get(vd)) else {
+            bail!("{n}: no gradient in the QLoRA step");
+        };
+        let g = gap(b, a)?;
+        if g >= worst {
+            (worst, name) = (g, n.clone());
+        }
+    }
+    out.push((format!("QLoRA step grads (worst: {name})"), worst, 1e-4));
     Ok(out)
 }
 
@@ -193,11 +274,13 @@ fn best(dev: &Device, rounds: usize, mut f: impl FnMut() -> Result<()>) -> Resul
 
 /// Runs the checks (stopping with an error if one fails), then times one block of `cfg`'s
 /// projections at `tokens` rows: forward and dx, NF4 / NF4-DQ / dense bf16 / dense f32.
-pub fn run(cfg: &ModelConfig, tokens: usize, rounds: usize, device_name: &str) -> Result<()> {
-    let dev = device(device_name)?;
+pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
+    let (rows, seq) = (a.batch.unwrap_or(4), a.seq_len.unwrap_or(512));
+    let (tokens, rounds) = (rows * seq, a.rounds);
+    let dev = device(&a.device)?;
     println!("bench gpu on {:?}: checks against the CPU ops", dev.location());
-    let rows = checks(&dev)?;
-    for c in &rows {
+    let results = checks(&dev)?;
+    for c in &results {
         println!(
             "  {:<34} gap {:>9.2e}  (tolerance {:.0e})  {}",
             c.name,
@@ -206,9 +289,9 @@ pub fn run(cfg: &ModelConfig, tokens: usize, rounds: usize, device_name: &str) -
             if c.pass() { "ok" } else { "FAILED" }
         );
     }
-    let failed = rows.iter().filter(|c| !c.pass()).count();
+    let failed = results.iter().filter(|c| !c.pass()).count();
     if failed > 0 {
-        bail!("{failed} of {} device checks failed", rows.len());
+        bail!("{failed} of {} device checks failed", results.len());
     }
     println!(
         "\none block of the {}-layer shape (hidden {}, intermediate {}): its 7 projections, \
@@ -276,6 +359,59 @@ pub fn run(cfg: &ModelConfig, tokens: usize, rounds: usize, device_name: &str) -
         );
     }
     println!("(vs bf16 = time over dense bf16's; NF4 computes in f32 after decoding, bf16 in bf16)");
+    train_steps(a, cfg, &dev, rows, seq)
+}
+
+/// Whole training steps of `cfg`'s synthetic model on `dev` under each policy (forward,
+/// backward with recomputation, clipping, AdamW): tok/s and the device's peak memory.
+fn train_steps(a: &Args, cfg: &ModelConfig, dev: &Device, rows: usize, seq: usize) -> Result<()> {
+    let wanted: Vec<String> = match &a.policies {
+        Some(p) => p
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        None => vec!["lora".into(), "qlora".into(), "layered".into()],
+    };
+    println!(
+        "\ntraining steps on {:?}: synthetic model of the shape, batch {rows} x {seq}, 1 warm-up + {} timed steps",
+        dev.location(),
+        a.steps
+    );
+    println!(
+        "{:<10} {:>10} {:>10} {:>16} {:>10}",
+        "policy", "tok/s", "vs lora", "peak device mem", "build s"
+    );
+    let mut lora_speed = None;
+    for p in policies(cfg)?.into_iter().filter(|p| p.plan.is_some()) {
+        if !wanted.iter().any(|w| w == p.name) {
+            continue;
+        }
+        dev.synchronize()?;
+        reset_device_peak(dev);
+        let t0 = Instant::now();
+        let model = synthetic_model(cfg, &p, dev)?;
+        dev.synchronize()?;
+        let build = t0.elapsed().as_secs_f64();
+        let secs = timed_steps(&model, "strata", rows, seq, a.steps)?;
+        let speed = (rows * seq) as f64 / secs;
+        if p.name == "lora" {
+            lora_speed = Some(speed);
+        }
+        println!(
+            "{:<10} {:>10.1} {:>10} {:>16} {:>10.1}",
+            p.name,
+            speed,
+            lora_speed
+                .map(|l| format!("{:.2}x", speed / l))
+                .unwrap_or_else(|| "-".into()),
+            device_peak(dev)
+                .map(human_bytes)
+                .unwrap_or_else(|| "- (CPU: see RSS)".into()),
+            build
+        );
+    }
+    println!("(peak device mem: the CUDA pool's high-water mark from model build to the last step)");
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use super::bench::{timed_steps, Args};
 use crate::model::config::ModelConfig;
 use crate::model::{BaseDtype, LoadSpec, Model};
 use crate::testing::SyntheticSource;
-use crate::train::memory::policies;
+use crate::train::memory::{policies, Policy};
 use crate::util::{current_rss, human_bytes, peak_rss};
 
 /// Runs `strata bench memory` (the parent, or one policy with `--variant`).
@@ -102,29 +102,9 @@ fn run_policy(a: &Args, cfg: &ModelConfig, name: &str, rows: usize, seq: usize) 
         .find(|p| p.name == name && p.plan.is_some())
         .with_context(|| format!("unknown policy `{name}`"))?;
     let pred = p.predict(cfg, rows, seq, false, runtime)?;
-    let bases = p.bases(cfg)?;
-    let index = crate::model::config::module_index;
-    let src = SyntheticSource::new(cfg, 0, &|l, m| match bases[l][index(m)] {
-        BaseDtype::Nf4 => Some(false),
-        BaseDtype::Nf4Dq => Some(true),
-        _ => None,
-    });
     let t0 = Instant::now();
-    let per = |l: usize, m: &str| bases[l][index(m)];
-    let mut model = Model::load_with(
-        cfg,
-        &src,
-        &LoadSpec {
-            base: p.base,
-            per: &per,
-            full: false,
-            pack: false,
-        },
-        &Device::Cpu,
-    )?;
+    let model = synthetic_model(cfg, &p, &Device::Cpu)?;
     let build_s = t0.elapsed().as_secs_f64();
-    let plan = p.plan.as_ref().expect("adapters");
-    model.add_lora(plan, 0)?;
     let secs = timed_steps(&model, "strata", rows, seq, a.steps)?;
     println!(
         "{}",
@@ -134,4 +114,36 @@ fn run_policy(a: &Args, cfg: &ModelConfig, name: &str, rows: usize, seq: usize) 
         })
     );
     Ok(())
+}
+
+/// `cfg`'s synthetic model under policy `p` on `dev`, with its adapters: NF4 layers are built
+/// directly from random codes (never in f32), the rest from seeded random weights.
+pub(crate) fn synthetic_model(cfg: &ModelConfig, p: &Policy, dev: &Device) -> Result<Model> {
+    let bases = p.bases(cfg)?;
+    let index = crate::model::config::module_index;
+    let src = SyntheticSource::new(cfg, 0, &|l, m| match bases[l][index(m)] {
+        BaseDtype::Nf4 => Some(false),
+        BaseDtype::Nf4Dq => Some(true),
+        _ => None,
+    });
+    let per = |l: usize, m: &str| bases[l][index(m)];
+    let mut model = Model::load_with(
+        cfg,
+        &src,
+        &LoadSpec {
+            base: p.base,
+            per: &per,
+            full: false,
+            pack: false,
+            device_nf4: false,
+        },
+        dev,
+    )?;
+    model.add_lora(
+        p.plan
+            .as_ref()
+            .context("full fine-tuning has no synthetic adapter model")?,
+        0,
+    )?;
+    Ok(model)
 }

@@ -109,6 +109,7 @@ pub fn load_model(
         per: &per,
         full: false,
         pack: true,
+        device_nf4: false,
     };
     let mut m = crate::model::Model::load_with(&src.config, src.weights.as_ref(), &spec, &candle_core::Device::Cpu)?;
     if let Some(a) = adapter {

@@ -9,6 +9,7 @@ use super::config::{ModelConfig, MODULES};
 use super::source::WeightSource;
 use crate::adapter::{Lora, LoraPlan};
 use crate::ops::attention::{causal_attention, repeat_kv};
+use crate::ops::dequant_device::{nf4_device_linear, DeviceNf4};
 use crate::ops::dequant_linear::{dequant_linear, gguf_decodable, Compact};
 use crate::ops::fused_attention::FusedAttention;
 use crate::ops::lora_linear::{LoraBase, LoraLinear, MaskSeed};
@@ -32,6 +33,9 @@ pub struct LoadSpec<'a> {
     /// Pack frozen bf16 weights for the AVX512-BF16 kernel: faster, but two packed copies sit
     /// beside each bf16 weight (6 bytes a parameter instead of 2).
     pub pack: bool,
+    /// Give NF4 projections their device form (`ops::dequant_device`) even on the CPU: the GPU
+    /// path, run on the CPU backend (how the tests check it). Always on for other devices.
+    pub device_nf4: bool,
 }
 
 /// A weight that is either frozen (a constant) or trained (a `Var`).
@@ -165,6 +169,9 @@ pub struct Linear {
     pub lora: Option<Lora>,
     /// `w` packed for the bf16 kernel (frozen bf16 weights on AVX512-BF16 CPUs).
     pub pack: Option<std::sync::Arc<crate::ops::bf16_gemm::LinearPack>>,
+    /// An NF4 `w` held on the model's device (any device but the CPU, or the CPU on request):
+    /// the forward decodes this copy with `ops::dequant_device`.
+    pub nf4_dev: Option<std::sync::Arc<DeviceNf4>>,
 }
 
 /// Per-forward switches.
@@ -206,9 +213,14 @@ impl Linear {
             first_row: fwd.first_token,
         });
         // A frozen projection with an active adapter on the CPU: one fused op.
-        if let (Some(l), true, false, DType::F32, true) =
-            (&self.lora, fwd.adapters, fwd.naive, x.dtype(), x.device().is_cpu())
-        {
+        if let (Some(l), true, false, DType::F32, true, None) = (
+            &self.lora,
+            fwd.adapters,
+            fwd.naive,
+            x.dtype(),
+            x.device().is_cpu(),
+            &self.nf4_dev,
+        ) {
             let base = match (&self.w, &self.pack) {
                 (LinearWeight::Dense(Param::Frozen(w)), Some(p)) => Some(LoraBase::Packed(w.clone(), p.clone())),
                 (LinearWeight::Dense(Param::Frozen(w)), None) if w.is_contiguous() && w.dtype() == DType::F32 => {
@@ -251,7 +263,10 @@ impl Linear {
             // GGUF block types decode by slabs like NF4; anything else through candle's QMatMul.
             LinearWeight::Quant(q) if gguf_decodable(q) => dequant_linear(x, Compact::Gguf(q.clone()))?,
             LinearWeight::Quant(q) => quant_linear(x, q)?,
-            LinearWeight::Nf4(q) => dequant_linear(x, Compact::Nf4(q.clone()))?,
+            LinearWeight::Nf4(q) => match &self.nf4_dev {
+                Some(d) => nf4_device_linear(x, d)?,
+                None => dequant_linear(x, Compact::Nf4(q.clone()))?,
+            },
         };
         if let Some(b) = &self.b {
             y = y.broadcast_add(&b.t().to_dtype(DType::F32)?)?;
@@ -333,11 +348,11 @@ fn load(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Tensor> {
 
 /// A trainable f32 `Var` or a frozen tensor in `dtype`, converted from the stored dtype directly
 /// (no f32 copy of a 16-bit embedding on the way).
-fn param(t: Tensor, train: bool, dtype: DType) -> Result<Param> {
+fn param(t: Tensor, train: bool, dtype: DType, dev: &Device) -> Result<Param> {
     Ok(if train {
-        Param::Train(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
+        Param::Train(Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(dev)?)?)
     } else {
-        Param::Frozen(t.to_dtype(dtype)?)
+        Param::Frozen(t.to_dtype(dtype)?.to_device(dev)?)
     })
 }
 
@@ -353,6 +368,7 @@ impl Model {
                 per: &|_, _| base,
                 full,
                 pack: true,
+                device_nf4: false,
             },
             dev,
         )
@@ -370,7 +386,12 @@ impl Model {
             BaseDtype::Bf16 | BaseDtype::Nf4 | BaseDtype::Nf4Dq => DType::BF16,
             _ => DType::F32,
         };
-        let embed = param(load(src, "model.embed_tokens.weight", &[cfg.vocab_size, h])?, full, pd)?;
+        let embed = param(
+            load(src, "model.embed_tokens.weight", &[cfg.vocab_size, h])?,
+            full,
+            pd,
+            dev,
+        )?;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let mut proj = Vec::with_capacity(7);
@@ -384,6 +405,16 @@ impl Model {
                     _ => None,
                 };
                 let w = match quant {
+                    Some(q) if q.shape().dims() == [o, inp] && !dev.is_cpu() => {
+                        // Block bytes as stored, copied onto the device (candle's CUDA kernels).
+                        let on = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                            q.dtype(),
+                            &q.data()?,
+                            vec![o, inp],
+                            dev,
+                        )?;
+                        LinearWeight::Quant(std::sync::Arc::new(on))
+                    }
                     Some(q) if q.shape().dims() == [o, inp] => LinearWeight::Quant(std::sync::Arc::new(q)),
                     Some(q) => bail!(
                         "{}: tensor `{wname}` has shape {:?} but the config implies {:?}",
@@ -402,7 +433,7 @@ impl Model {
                                 q.cols
                             ),
                             None if prec == BaseDtype::AsStored => {
-                                LinearWeight::Dense(param(load(src, &wname, &[o, inp])?, full, DType::F32)?)
+                                LinearWeight::Dense(param(load(src, &wname, &[o, inp])?, full, DType::F32, dev)?)
                             }
                             None => {
                                 let w: Vec<f32> = load(src, &wname, &[o, inp])?
@@ -419,10 +450,10 @@ impl Model {
                             }
                         }
                     }
-                    None => LinearWeight::Dense(param(load(src, &wname, &[o, inp])?, full, prec.dtype())?),
+                    None => LinearWeight::Dense(param(load(src, &wname, &[o, inp])?, full, prec.dtype(), dev)?),
                 };
                 let b = if cfg.arch.qkv_bias() && matches!(m, "q_proj" | "k_proj" | "v_proj") {
-                    Some(param(load(src, &format!("{name}.bias"), &[o])?, full, DType::F32)?)
+                    Some(param(load(src, &format!("{name}.bias"), &[o])?, full, DType::F32, dev)?)
                 } else {
                     None
                 };
@@ -430,7 +461,19 @@ impl Model {
                     LinearWeight::Dense(Param::Frozen(t)) if spec.pack => crate::ops::frozen_linear::pack_weight(t)?,
                     _ => None,
                 };
-                proj.push(Linear { w, b, lora: None, pack });
+                let nf4_dev = match &w {
+                    LinearWeight::Nf4(q) if spec.device_nf4 || !dev.is_cpu() => Some(std::sync::Arc::new(
+                        DeviceNf4::upload(q, dev).with_context(|| wname.clone())?,
+                    )),
+                    _ => None,
+                };
+                proj.push(Linear {
+                    w,
+                    b,
+                    lora: None,
+                    pack,
+                    nf4_dev,
+                });
             }
             blocks.push(Block {
                 index: i,
@@ -438,20 +481,27 @@ impl Model {
                     load(src, &format!("model.layers.{i}.input_layernorm.weight"), &[h])?,
                     full,
                     DType::F32,
+                    dev,
                 )?,
                 proj,
                 mlp_norm: param(
                     load(src, &format!("model.layers.{i}.post_attention_layernorm.weight"), &[h])?,
                     full,
                     DType::F32,
+                    dev,
                 )?,
             });
         }
-        let norm = param(load(src, "model.norm.weight", &[h])?, full, DType::F32)?;
+        let norm = param(load(src, "model.norm.weight", &[h])?, full, DType::F32, dev)?;
         let head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(param(load(src, "lm_head.weight", &[cfg.vocab_size, h])?, full, pd)?)
+            Some(param(
+                load(src, "lm_head.weight", &[cfg.vocab_size, h])?,
+                full,
+                pd,
+                dev,
+            )?)
         };
         let rope = Rope::new(
             cfg.head_dim,

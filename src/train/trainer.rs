@@ -174,6 +174,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
             per: &per,
             full,
             pack: recipe.model.pack_bf16,
+            device_nf4: false,
         },
         &dev,
     )?;
