@@ -4,7 +4,8 @@
 #   mkdir -p gpu-bin && cp /work/target-cuda/release/strata gpu-bin/ && strip gpu-bin/strata
 # then, with the device tool: run(command="scripts/gpu_check.sh", carry=["gpu-bin"]).
 # It runs the checks of the quantized projections against the CPU ops and the per-block
-# benchmark, on a small shape first, then the Qwen2-7B shape; results land in $OUT.
+# benchmark (projections, then LoRA / QLoRA / layered training steps with peak device memory),
+# on SmolLM2's shape first, then Qwen2-7B's; results land in $OUT. Give it timeout_s=540.
 set -euo pipefail
 BIN=${STRATA_BIN:-gpu-bin/strata}
 OUT=${OUT:-/tmp/strata-gpu}
@@ -17,5 +18,6 @@ else
   find / -name 'libcublas.so*' 2>/dev/null | head | tee -a "$OUT/libs.txt"
 fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-"$BIN" bench gpu --shape smollm2 --batch 4 --seq-len 512 2>&1 | tee "$OUT/bench-gpu-smollm2.txt"
-"$BIN" bench gpu --shape qwen2-7b --batch 4 --seq-len 512 2>&1 | tee "$OUT/bench-gpu-qwen2-7b.txt"
+# Each part under its own limit, so a slow one still leaves the others' results in $OUT.
+timeout 180 "$BIN" bench gpu --shape smollm2 --batch 4 --seq-len 512 --steps 3 2>&1 | tee "$OUT/bench-gpu-smollm2.txt" || true
+timeout 300 "$BIN" bench gpu --shape qwen2-7b --batch 1 --seq-len 512 --steps 2 --rounds 2 --policies qlora,layered,lora 2>&1 | tee "$OUT/bench-gpu-qwen2-7b.txt" || true

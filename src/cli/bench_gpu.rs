@@ -363,7 +363,8 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
 }
 
 /// Whole training steps of `cfg`'s synthetic model on `dev` under each policy (forward,
-/// backward with recomputation, clipping, AdamW): tok/s and the device's peak memory.
+/// backward with recomputation, clipping, AdamW): tok/s and the device's peak memory. Policies
+/// run in the order given (`--policies`), each row also printed as it lands.
 fn train_steps(a: &Args, cfg: &ModelConfig, dev: &Device, rows: usize, seq: usize) -> Result<()> {
     let wanted: Vec<String> = match &a.policies {
         Some(p) => p
@@ -373,41 +374,44 @@ fn train_steps(a: &Args, cfg: &ModelConfig, dev: &Device, rows: usize, seq: usiz
             .collect(),
         None => vec!["lora".into(), "qlora".into(), "layered".into()],
     };
+    let all = policies(cfg)?;
     println!(
         "\ntraining steps on {:?}: synthetic model of the shape, batch {rows} x {seq}, 1 warm-up + {} timed steps",
         dev.location(),
         a.steps
     );
-    println!(
-        "{:<10} {:>10} {:>10} {:>16} {:>10}",
-        "policy", "tok/s", "vs lora", "peak device mem", "build s"
-    );
-    let mut lora_speed = None;
-    for p in policies(cfg)?.into_iter().filter(|p| p.plan.is_some()) {
-        if !wanted.iter().any(|w| w == p.name) {
-            continue;
-        }
+    let mut done: Vec<(&str, f64, Option<u64>, f64)> = Vec::new();
+    for w in &wanted {
+        let Some(p) = all.iter().find(|p| p.name == w && p.plan.is_some()) else {
+            bail!("unknown policy `{w}`; choose from lora, qlora, layered");
+        };
         dev.synchronize()?;
         reset_device_peak(dev);
         let t0 = Instant::now();
-        let model = synthetic_model(cfg, &p, dev)?;
+        let model = synthetic_model(cfg, p, dev)?;
         dev.synchronize()?;
         let build = t0.elapsed().as_secs_f64();
         let secs = timed_steps(&model, "strata", rows, seq, a.steps)?;
         let speed = (rows * seq) as f64 / secs;
-        if p.name == "lora" {
-            lora_speed = Some(speed);
-        }
+        let peak = device_peak(dev);
+        eprintln!(
+            "  {}: {speed:.1} tok/s, peak {:?} bytes, built in {build:.1} s",
+            p.name, peak
+        );
+        done.push((p.name, speed, peak, build));
+    }
+    let lora = done.iter().find(|d| d.0 == "lora").map(|d| d.1);
+    println!(
+        "{:<10} {:>10} {:>10} {:>16} {:>10}",
+        "policy", "tok/s", "vs lora", "peak device mem", "build s"
+    );
+    for (name, speed, peak, build) in &done {
         println!(
             "{:<10} {:>10.1} {:>10} {:>16} {:>10.1}",
-            p.name,
+            name,
             speed,
-            lora_speed
-                .map(|l| format!("{:.2}x", speed / l))
-                .unwrap_or_else(|| "-".into()),
-            device_peak(dev)
-                .map(human_bytes)
-                .unwrap_or_else(|| "- (CPU: see RSS)".into()),
+            lora.map(|l| format!("{:.2}x", speed / l)).unwrap_or_else(|| "-".into()),
+            peak.map(human_bytes).unwrap_or_else(|| "- (CPU: RSS)".into()),
             build
         );
     }
