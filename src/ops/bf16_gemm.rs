@@ -130,22 +130,52 @@ impl PackedB {
     }
 }
 
-/// Converts f32 rows `[m, k]` to bf16 pair rows `[m, ceil(k/2)]` (round to nearest even).
+/// Converts f32 rows `[m, k]` to bf16 pair rows `[m, ceil(k/2)]` (round to nearest even). A
+/// row of bf16 values read as u32 is already its pairs (low half = even k), so each row is one
+/// vector conversion (`vcvtneps2bf16`, 16 values an instruction) into its own output slice.
 pub fn pack_a(x: &[f32], m: usize, k: usize) -> Vec<u32> {
     let kp = k.div_ceil(2);
     let mut out = vec![0u32; m * kp];
+    assert!(x.len() >= m * k, "pack_a: {} values for {m} rows of {k}", x.len());
     out.par_chunks_mut(kp).enumerate().for_each(|(i, dst)| {
-        let row = &x[i * k..(i + 1) * k];
-        for p in 0..kp {
-            let hi = if 2 * p + 1 < k {
-                bf16::from_f32(row[2 * p + 1])
-            } else {
-                bf16::ZERO
-            };
-            dst[p] = pair(bf16::from_f32(row[2 * p]), hi);
-        }
+        // SAFETY: `dst` holds kp u32 = 2 kp >= k u16 at u32 (so also u16) alignment, and on
+        // x86 (little-endian) the u16 at index 2p is the low half of u32 p.
+        let half = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut u16, 2 * kp) };
+        f32_to_bf16_bits(&x[i * k..(i + 1) * k], &mut half[..k]);
+        // An odd k leaves the last pair's high half at its initial zero.
     });
     out
+}
+
+/// `dst[i] = bf16(src[i])` bits, round to nearest even: 16 at a time with AVX512-BF16 (which
+/// also flushes subnormal inputs to zero), the rest (and CPUs without it) with `half`.
+pub fn f32_to_bf16_bits(src: &[f32], dst: &mut [u16]) {
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has AVX512F and AVX512-BF16 (checked), and 16-value loads and
+        // stores stay below n in both slices.
+        unsafe { i = cvt_bf16_avx512(src.as_ptr(), dst.as_mut_ptr(), n) };
+    }
+    for j in i..n {
+        dst[j] = bf16::from_f32(src[j]).to_bits();
+    }
+}
+
+/// Converts the first `n / 16 * 16` values; returns how many it did.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn cvt_bf16_avx512(src: *const f32, dst: *mut u16, n: usize) -> usize {
+    use std::arch::x86_64::*;
+    let mut i = 0;
+    while i + 16 <= n {
+        let v = _mm512_loadu_ps(src.add(i));
+        let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+        _mm256_storeu_si256(dst.add(i) as *mut __m256i, b);
+        i += 16;
+    }
+    i
 }
 
 /// `c [m, b.n] = a [m, kp pairs] x b`, overwriting `c`. Panics if the CPU lacks AVX512-BF16
@@ -236,6 +266,27 @@ mod tests {
 
     fn rand_bf16(n: usize, rng: &mut Rng) -> Vec<bf16> {
         (0..n).map(|_| bf16::from_f64(rng.normal())).collect()
+    }
+
+    /// The vector conversion rounds like `half` (nearest even, ties included) on normal values.
+    #[test]
+    fn vector_bf16_conversion_matches_half() {
+        let mut rng = Rng::new(7);
+        let mut x: Vec<f32> = (0..1000).map(|_| (rng.normal() * 100.0) as f32).collect();
+        // Ties: exactly halfway between two bf16 values, both parities.
+        x[0] = f32::from_bits(0x3f80_8000);
+        x[1] = f32::from_bits(0x3f81_8000);
+        x[2] = -0.0;
+        x[3] = f32::INFINITY;
+        let mut got = vec![0u16; x.len()];
+        f32_to_bf16_bits(&x, &mut got);
+        let want: Vec<u16> = x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        assert_eq!(got, want);
+        // pack_a on an odd width: pairs in order, the last high half zero.
+        let a = pack_a(&x[..2 * 7], 2, 7);
+        assert_eq!(a.len(), 8);
+        assert_eq!(a[3] >> 16, 0);
+        assert_eq!(a[4] & 0xffff, want[7] as u32);
     }
 
     #[test]

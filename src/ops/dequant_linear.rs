@@ -5,6 +5,8 @@
 
 use candle_core::quantized::{GgmlType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
+use rayon::prelude::*;
 use std::sync::Arc;
 
 use super::{bf16_gemm, cpu_f32, sgemm_ld};
@@ -89,7 +91,7 @@ impl Compact {
     }
 
     /// Calls `f(decode)` where `decode(r0, out)` writes rows `r0..` into `out` in f32.
-    fn with_decoder<R>(&self, f: impl FnOnce(&dyn Fn(usize, &mut [f32])) -> R) -> Result<R> {
+    fn with_decoder<R>(&self, f: impl FnOnce(&(dyn Fn(usize, &mut [f32]) + Sync)) -> R) -> Result<R> {
         match self {
             Compact::Nf4(q) => Ok(f(&|r0, out| q.dequant_rows(r0, out))),
             Compact::Gguf(q) => {
@@ -135,6 +137,34 @@ impl Compact {
     }
 }
 
+impl Compact {
+    /// [`Compact::with_decoder`] in bf16 (rounded to nearest even): NF4 rounds once per block
+    /// level and bf16 is copied as stored, so neither passes through an f32 slab.
+    fn with_decoder_bf16<R>(&self, f: impl FnOnce(&(dyn Fn(usize, &mut [bf16]) + Sync)) -> R) -> Result<R> {
+        match self {
+            Compact::Nf4(q) => Ok(f(&|r0, out| q.dequant_rows_bf16(r0, out))),
+            Compact::Bf16(t) => {
+                let cols = t.dims2()?.1;
+                let (st, l) = t.storage_and_layout();
+                let data = match (&*st, l.contiguous_offsets()) {
+                    (candle_core::Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => &v[a..b],
+                    _ => candle_core::bail!("dequant-linear: expected a contiguous bf16 weight on the CPU"),
+                };
+                Ok(f(&|r0, out: &mut [bf16]| {
+                    out.copy_from_slice(&data[r0 * cols..r0 * cols + out.len()])
+                }))
+            }
+            Compact::F32(_) | Compact::Gguf(_) => self.with_decoder(|decode| {
+                f(&|r0, out: &mut [bf16]| {
+                    let mut tmp = vec![0f32; out.len()];
+                    decode(r0, &mut tmp);
+                    to_bf16(&tmp, out);
+                })
+            }),
+        }
+    }
+}
+
 /// Weight rows dequantized per slab: large enough for the GEMM to run at speed, small enough
 /// (`SLAB * in` floats) to stay in cache-sized memory.
 const SLAB: usize = 128;
@@ -157,6 +187,24 @@ fn for_each_slab(w: &Compact, rows: usize, mut f: impl FnMut(usize, usize, &[f32
     })
 }
 
+/// [`for_each_slab`] in bf16 for the kernel's path, the rows of each slab decoded in parallel.
+fn for_each_slab_bf16(w: &Compact, rows: usize, mut f: impl FnMut(usize, usize, &[bf16])) -> Result<()> {
+    let (n, k) = w.dims()?;
+    let mut slab = vec![bf16::ZERO; rows * k];
+    let tasks = rayon::current_num_threads().max(1);
+    w.with_decoder_bf16(|decode| {
+        for r0 in (0..n).step_by(rows) {
+            let nc = rows.min(n - r0);
+            let ws = &mut slab[..nc * k];
+            let per = nc.div_ceil(tasks).max(1);
+            ws.par_chunks_mut(per * k)
+                .enumerate()
+                .for_each(|(i, part)| decode(r0 + i * per, part));
+            f(r0, nc, ws);
+        }
+    })
+}
+
 /// Whether products with `m` rows should run through the bf16 kernel: the CPU has it and there
 /// are rows enough to amortize decoding and packing each slab (bitsandbytes computes in bf16 too).
 pub(crate) fn use_kernel(m: usize) -> bool {
@@ -174,11 +222,9 @@ pub(crate) fn x_wt(x: &[f32], m: usize, w: &Compact, y: &mut [f32], kernel: bool
         });
     }
     let a = bf16_gemm::pack_a(x, m, k);
-    let mut hb = vec![half::bf16::ZERO; SLAB_BF16 * k];
     let mut part = vec![0f32; m * SLAB_BF16];
-    for_each_slab(w, SLAB_BF16, |r0, nc, ws| {
-        to_bf16(ws, &mut hb[..nc * k]);
-        let b = bf16_gemm::PackedB::from_transposed(&hb[..nc * k], nc, k);
+    for_each_slab_bf16(w, SLAB_BF16, |r0, nc, ws| {
+        let b = bf16_gemm::PackedB::from_transposed(ws, nc, k);
         bf16_gemm::gemm(&a, m, &b, &mut part[..m * nc]);
         for (dst, src) in y.chunks_mut(n).zip(part.chunks(nc)) {
             dst[r0..r0 + nc].copy_from_slice(src);
@@ -196,12 +242,10 @@ pub(crate) fn g_w(g: &[f32], m: usize, w: &Compact, dx: &mut [f32], kernel: bool
             sgemm_ld(m, k, nc, (&g[r0..], n, 1), (ws, k, 1), (&mut *dx, k), r0 > 0, 1.0, true)
         });
     }
-    let mut hb = vec![half::bf16::ZERO; SLAB_BF16 * k];
     let mut gs = vec![0f32; m * SLAB_BF16];
     let mut part = vec![0f32; m * k];
-    for_each_slab(w, SLAB_BF16, |r0, nc, ws| {
-        to_bf16(ws, &mut hb[..nc * k]);
-        let b = bf16_gemm::PackedB::from_rows(&hb[..nc * k], nc, k);
+    for_each_slab_bf16(w, SLAB_BF16, |r0, nc, ws| {
+        let b = bf16_gemm::PackedB::from_rows(ws, nc, k);
         for (dst, src) in gs.chunks_mut(nc).zip(g.chunks(n)).take(m) {
             dst.copy_from_slice(&src[r0..r0 + nc]);
         }
@@ -215,9 +259,9 @@ pub(crate) fn g_w(g: &[f32], m: usize, w: &Compact, dx: &mut [f32], kernel: bool
     })
 }
 
-fn to_bf16(src: &[f32], dst: &mut [half::bf16]) {
+fn to_bf16(src: &[f32], dst: &mut [bf16]) {
     for (d, s) in dst.iter_mut().zip(src) {
-        *d = half::bf16::from_f32(*s);
+        *d = bf16::from_f32(*s);
     }
 }
 

@@ -223,31 +223,41 @@ impl Nf4Tensor {
         }
     }
 
-    /// Dequantizes rows `r0..r0 + out.len() / cols` into `out` (f32, row-major): a block at a
-    /// time, one table lookup per byte (two values), so the inner loop is a plain scaled copy.
+    /// Dequantizes rows `r0..r0 + out.len() / cols` into `out` (f32, row-major).
     pub fn dequant_rows(&self, r0: usize, out: &mut [f32]) {
+        self.decode_rows(r0, out, |s| NF4_CODE.map(|c| c * s));
+    }
+
+    /// [`Self::dequant_rows`] rounded to bf16 (nearest even) as it decodes: the values
+    /// `bf16::from_f32(code * scale)`, with one rounding per block level instead of one per value.
+    pub fn dequant_rows_bf16(&self, r0: usize, out: &mut [half::bf16]) {
+        self.decode_rows(r0, out, |s| NF4_CODE.map(|c| half::bf16::from_f32(c * s)));
+    }
+
+    /// Decodes rows from `r0` into `out` a block at a time: `levels(scale)` gives the block's 16
+    /// values, then each code byte is two table reads (high nibble first).
+    fn decode_rows<T: Copy>(&self, r0: usize, out: &mut [T], levels: impl Fn(f32) -> [T; 16]) {
         let start = r0 * self.cols;
         let n = out.len();
         let mut i = 0;
         while i < n {
             let block = (start + i) / self.blocksize;
-            let s = self.scale(block);
+            let t = levels(self.scale(block));
             let end = ((block + 1) * self.blocksize - start).min(n);
             let mut j = i;
             if (start + j) % 2 == 1 {
-                out[j] = NF4_CODE[(self.packed[(start + j) / 2] & 15) as usize] * s;
+                out[j] = t[(self.packed[(start + j) / 2] & 15) as usize];
                 j += 1;
             }
             let pairs = (end - j) / 2;
             let bytes = &self.packed[(start + j) / 2..(start + j) / 2 + pairs];
             for (o, &byte) in out[j..j + 2 * pairs].chunks_exact_mut(2).zip(bytes) {
-                let [a, b] = NF4_PAIRS[byte as usize];
-                o[0] = a * s;
-                o[1] = b * s;
+                o[0] = t[(byte >> 4) as usize];
+                o[1] = t[(byte & 15) as usize];
             }
             j += 2 * pairs;
             if j < end {
-                out[j] = NF4_CODE[(self.packed[(start + j) / 2] >> 4) as usize] * s;
+                out[j] = t[(self.packed[(start + j) / 2] >> 4) as usize];
             }
             i = end;
         }
@@ -287,6 +297,10 @@ mod tests {
                         reference[r * cols..(r + take) * cols],
                         "{rows}x{cols} rows {r}+{take}"
                     );
+                    let mut b = vec![half::bf16::ZERO; take * cols];
+                    q.dequant_rows_bf16(r, &mut b);
+                    let rounded: Vec<half::bf16> = out.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                    assert_eq!(b, rounded, "bf16 {rows}x{cols} rows {r}+{take}");
                 }
             }
         }
