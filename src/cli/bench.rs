@@ -49,6 +49,9 @@ pub struct Args {
     /// Timed steps per variant process.
     #[arg(long, default_value_t = 2)]
     pub steps: usize,
+    /// Train without per-block recomputation (`bench memory`): faster, more activation memory.
+    #[arg(long)]
+    pub no_recompute: bool,
     /// Device of `bench gpu`: `cuda` (needs the `cuda` feature) or `cpu` (the same code on the
     /// CPU backend).
     #[arg(long, default_value = "cuda")]

@@ -37,9 +37,19 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
     }
     println!(
         "bench memory: {} shape ({} layers, hidden {}, MLP {}, vocab {}), micro-batch {rows} x {seq} tokens, \
-         adapters on all 7 projections, bf16 weights unpacked (decoded slab by slab), per-block recomputation; \
+         adapters on all 7 projections, bf16 weights unpacked (decoded slab by slab), {}; \
          each policy in its own process, 1 warm-up + {} timed steps",
-        a.shape, cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, a.steps
+        a.shape,
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+        if a.no_recompute {
+            "no recomputation"
+        } else {
+            "per-block recomputation"
+        },
+        a.steps
     );
     let exe = std::env::current_exe()?;
     println!();
@@ -48,7 +58,7 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
     for p in &all {
         let label = p.label(cfg);
         if !measured.iter().any(|m| m == p.name) {
-            let pred = p.predict(cfg, rows, seq, false, current_rss())?;
+            let pred = p.predict(cfg, rows, seq, false, !a.no_recompute, current_rss())?;
             // Full fine-tuning holds its weights as trained f32 parameters.
             let w = match p.plan {
                 Some(_) => pred.weights(),
@@ -65,6 +75,7 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
             .args(["bench", "memory", "--shape", &a.shape, "--variant", p.name])
             .args(["--batch", &rows.to_string(), "--seq-len", &seq.to_string()])
             .args(["--steps", &a.steps.to_string()])
+            .args(a.no_recompute.then_some("--no-recompute"))
             .output()
             .context("cannot start the benchmark process")?;
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
@@ -101,11 +112,16 @@ fn run_policy(a: &Args, cfg: &ModelConfig, name: &str, rows: usize, seq: usize) 
         .into_iter()
         .find(|p| p.name == name && p.plan.is_some())
         .with_context(|| format!("unknown policy `{name}`"))?;
-    let pred = p.predict(cfg, rows, seq, false, runtime)?;
+    let pred = p.predict(cfg, rows, seq, false, !a.no_recompute, runtime)?;
     let t0 = Instant::now();
     let model = synthetic_model(cfg, &p, &Device::Cpu)?;
     let build_s = t0.elapsed().as_secs_f64();
-    let secs = timed_steps(&model, "strata", rows, seq, a.steps)?;
+    let variant = if a.no_recompute {
+        "strata-no-recompute"
+    } else {
+        "strata"
+    };
+    let secs = timed_steps(&model, variant, rows, seq, a.steps)?;
     println!(
         "{}",
         serde_json::json!({

@@ -393,13 +393,15 @@ impl Policy {
         }
     }
 
-    /// The prediction for this policy at `rows x seq_len` tokens a micro-batch.
+    /// The prediction for this policy at `rows x seq_len` tokens a micro-batch, with or
+    /// without per-block recomputation.
     pub fn predict(
         &self,
         cfg: &ModelConfig,
         rows: usize,
         seq_len: usize,
         pack: bool,
+        recompute: bool,
         runtime: u64,
     ) -> anyhow::Result<Prediction> {
         let bases = self.bases(cfg)?;
@@ -417,7 +419,7 @@ impl Policy {
             saved: &[],
             rows,
             seq_len,
-            recompute: true,
+            recompute,
             stored_bytes: &|_| None,
             mapped: 0,
             runtime,
