@@ -7,6 +7,28 @@ extern "C" {
     fn signal(signum: i32, handler: usize) -> usize;
 }
 
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+extern "C" {
+    fn mallopt(param: i32, value: i32) -> i32;
+}
+
+/// Keeps freed memory in the heap for reuse. A training step allocates and frees buffers of
+/// 1-32 MB per op (decoded slabs, outputs, gradients); glibc serves those with fresh `mmap`s
+/// by default, so every op page-faults and zeroes its pages again (about 5% of a QLoRA step
+/// here). Peak memory is unchanged: it is the same buffers, reused.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn reuse_freed_memory() {
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_TOP_PAD: i32 = -2;
+    const M_MMAP_THRESHOLD: i32 = -3;
+    // SAFETY: glibc's documented tuning calls, made before any allocation-heavy work or thread.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 32 << 20);
+        mallopt(M_TRIM_THRESHOLD, 1 << 30);
+        mallopt(M_TOP_PAD, 64 << 20);
+    }
+}
+
 fn main() {
     // Rust ignores SIGPIPE, so `strata inspect M | head` would panic when `head` closes the pipe;
     // the default action ends the process quietly, as other command-line tools do.
@@ -16,6 +38,8 @@ fn main() {
     unsafe {
         signal(13, 0);
     }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    reuse_freed_memory();
     let cli = strata::cli::Cli::parse();
     if let Err(e) = strata::cli::run(cli) {
         eprintln!("error: {e:#}");

@@ -98,6 +98,17 @@ pub fn tiny_config(arch: Arch, vocab: usize, tied: bool) -> ModelConfig {
     }
 }
 
+/// [`tiny_config`] widened so that every projection's rows are whole NF4 blocks of 64 (hidden
+/// 64, head size 16, MLP 128), as NF4 weights on a device require.
+pub fn tiny_nf4_config(arch: Arch, vocab: usize, tied: bool) -> ModelConfig {
+    ModelConfig {
+        hidden_size: 64,
+        head_dim: 16,
+        intermediate_size: 128,
+        ..tiny_config(arch, vocab, tied)
+    }
+}
+
 /// Random weights for `cfg` from a seeded generator (uniform with the given mean and standard
 /// deviation: cheap enough for 7B-shaped benchmarks; norms near 1).
 pub fn random_weights(cfg: &ModelConfig, seed: u64) -> MemSource {

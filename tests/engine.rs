@@ -475,11 +475,7 @@ fn sharded_safetensors_index_loads() -> Result<()> {
 fn device_path_matches_the_fused_cpu_path_on_qlora() -> Result<()> {
     use strata::model::LoadSpec;
     for (arch, tied) in [(Arch::Llama, true), (Arch::Qwen2, false)] {
-        // Rows must be whole NF4 blocks of 64 on a device: hidden 64.
-        let mut cfg = tiny_config(arch, 300, tied);
-        cfg.hidden_size = 64;
-        cfg.head_dim = 16;
-        cfg.intermediate_size = 128;
+        let cfg = strata::testing::tiny_nf4_config(arch, 300, tied);
         let src = random_weights(&cfg, 1);
         let load = |device_nf4: bool| -> Result<Model> {
             let per = |_: usize, _: &str| BaseDtype::Nf4Dq;

@@ -61,6 +61,20 @@ pub struct Args {
     pub variant: Option<String>,
 }
 
+impl Args {
+    /// The policies `--policies` names, in its order, or `default` when it is not given.
+    pub(crate) fn policy_list(&self, default: &[&str]) -> Vec<String> {
+        match &self.policies {
+            Some(p) => p
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            None => default.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
 /// SmolLM2-135M's shape.
 pub fn smollm2_shape() -> ModelConfig {
     ModelConfig {
@@ -99,7 +113,12 @@ fn naive_step(model: &Model, batch: &Batch, acc: &mut GradAcc) -> Result<f64> {
         )?;
     }
     let h = model.final_norm(&x)?;
-    let logits = h.matmul(&model.head_weight().t()?)?;
+    // In the head's own dtype (bf16 under bf16 bases), as the naive projections compute.
+    let w = model.head_weight();
+    let logits = h
+        .to_dtype(w.dtype())?
+        .matmul(&w.t()?)?
+        .to_dtype(candle_core::DType::F32)?;
     let lse = logits.exp()?.sum_keepdim(D::Minus1)?.log()?;
     let tg: Vec<u32> = batch.targets.clone();
     let idx = Tensor::from_vec(tg, (b * t, 1), &model.device)?;
@@ -364,4 +383,26 @@ fn bench_gemm(rounds: usize) -> Result<()> {
     }
     println!("(best of {rounds}; ratio = strata bf16 over candle f32)");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every variant of `bench train` runs a step on a tiny model, over f32 and bf16 bases (the
+    /// naive baseline once broke when embeddings became bf16 under bf16 bases).
+    #[test]
+    fn every_variant_steps_on_f32_and_bf16_bases() -> Result<()> {
+        let cfg = crate::testing::tiny_config(Arch::Llama, 300, true);
+        let src = crate::testing::random_weights(&cfg, 1);
+        for base in [BaseDtype::F32, BaseDtype::Bf16] {
+            let mut model = Model::load(&cfg, &src, base, false, &Device::Cpu)?;
+            model.add_lora(&LoraPlan::uniform(4, 8.0, &MODULES), 0)?;
+            for v in VARIANTS {
+                let secs = timed_steps(&model, v, 2, 8, 1)?;
+                assert!(secs > 0.0, "{v} on {base:?}");
+            }
+        }
+        Ok(())
+    }
 }

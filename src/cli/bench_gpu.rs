@@ -192,11 +192,7 @@ fn qlora_step_gaps(dev: &Device) -> Result<Vec<(String, f64, f64)>> {
     use crate::model::{BaseDtype, Fwd, LoadSpec, Model};
     use crate::train::{forward_backward, Batch, GradAcc};
     let cpu = Device::Cpu;
-    // Rows must be whole NF4 blocks of 64 on a device: hidden 64.
-    let mut cfg = crate::testing::tiny_config(Arch::Qwen2, 300, false);
-    cfg.hidden_size = 64;
-    cfg.head_dim = 16;
-    cfg.intermediate_size = 128;
+    let cfg = crate::testing::tiny_nf4_config(Arch::Qwen2, 300, false);
     let src = crate::testing::random_weights(&cfg, 1);
     let per = |_: usize, _: &str| BaseDtype::Nf4Dq;
     let load = |on: &Device, device_nf4: bool| -> Result<Model> {
@@ -366,14 +362,7 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
 /// backward with recomputation, clipping, AdamW): tok/s and the device's peak memory. Policies
 /// run in the order given (`--policies`), each row also printed as it lands.
 fn train_steps(a: &Args, cfg: &ModelConfig, dev: &Device, rows: usize, seq: usize) -> Result<()> {
-    let wanted: Vec<String> = match &a.policies {
-        Some(p) => p
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
-        None => vec!["lora".into(), "qlora".into(), "layered".into()],
-    };
+    let wanted = a.policy_list(&["lora", "qlora", "layered"]);
     let all = policies(cfg)?;
     println!(
         "\ntraining steps on {:?}: synthetic model of the shape, batch {rows} x {seq}, 1 warm-up + {} timed steps",

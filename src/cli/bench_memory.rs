@@ -20,14 +20,9 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
     if let Some(v) = &a.variant {
         return run_policy(a, cfg, v, rows, seq);
     }
-    let measured: Vec<String> = match &a.policies {
-        Some(p) => p
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
-        None if a.shape == "qwen2-7b" => vec!["qlora".into(), "layered".into()],
-        None => vec!["lora".into(), "qlora".into(), "layered".into()],
+    let measured = match a.shape.as_str() {
+        "qwen2-7b" => a.policy_list(&["qlora", "layered"]),
+        _ => a.policy_list(&["lora", "qlora", "layered"]),
     };
     let all = policies(cfg)?;
     for m in &measured {
