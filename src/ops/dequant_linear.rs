@@ -269,7 +269,8 @@ fn to_bf16(src: &[f32], dst: &mut [bf16]) {
 pub struct DequantLinear {
     /// The weight.
     pub w: Compact,
-    /// Run the products through the bf16 kernel (see [`use_kernel`]).
+    /// Run the products through the bf16 kernel (products of 16 rows or more, on CPUs with
+    /// AVX512-BF16).
     pub kernel: bool,
 }
 
