@@ -530,3 +530,27 @@ fn device_path_matches_the_fused_cpu_path_on_qlora() -> Result<()> {
     }
     Ok(())
 }
+
+/// `freeze_except` leaves exactly the named base weights trainable, and a step computes
+/// gradients for those alone.
+#[test]
+fn freeze_except_keeps_only_the_named_weights_trainable() -> Result<()> {
+    let cfg = tiny_config(Arch::Qwen2, 300, false);
+    let src = random_weights(&cfg, 1);
+    let mut m = Model::load(&cfg, &src, BaseDtype::F32, true, &Device::Cpu)?;
+    let keep = vec![
+        "model.layers.0.self_attn.q_proj.weight".to_string(),
+        "model.layers.1.mlp.down_proj.weight".to_string(),
+    ];
+    assert!(m.trainable().len() > 20);
+    m.freeze_except(&keep);
+    let names: Vec<String> = m.trainable().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, keep);
+    let mut acc = GradAcc::default();
+    forward_backward(&m, &batch(300, 2, 7, 5)?, 1.0, true, Fwd::eval(), &mut acc)?;
+    for (n, v) in m.trainable() {
+        let g = acc.get(&v).unwrap_or_else(|| panic!("{n}: no gradient"));
+        assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{n}: zero gradient");
+    }
+    Ok(())
+}

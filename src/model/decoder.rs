@@ -674,6 +674,42 @@ impl Model {
         v
     }
 
+    /// Freezes every trained base weight whose name (as [`Model::trainable`] gives it) is not
+    /// in `keep`, so gradients are computed for those alone; adapters are left as they are.
+    pub fn freeze_except(&mut self, keep: &[String]) {
+        let freeze = |name: String, p: &mut Param| {
+            if let Param::Train(v) = p {
+                if !keep.contains(&name) {
+                    *p = Param::Frozen(v.as_tensor().detach());
+                }
+            }
+        };
+        freeze("model.embed_tokens.weight".into(), &mut self.embed);
+        for b in &mut self.blocks {
+            freeze(
+                format!("model.layers.{}.input_layernorm.weight", b.index),
+                &mut b.attn_norm,
+            );
+            freeze(
+                format!("model.layers.{}.post_attention_layernorm.weight", b.index),
+                &mut b.mlp_norm,
+            );
+            for (mi, m) in MODULES.iter().enumerate() {
+                let name = crate::adapter::plan::module_name(b.index, m);
+                if let LinearWeight::Dense(p) = &mut b.proj[mi].w {
+                    freeze(format!("{name}.weight"), p);
+                }
+                if let Some(bias) = &mut b.proj[mi].b {
+                    freeze(format!("{name}.bias"), bias);
+                }
+            }
+        }
+        freeze("model.norm.weight".into(), &mut self.norm);
+        if let Some(h) = &mut self.head {
+            freeze("lm_head.weight".into(), h);
+        }
+    }
+
     /// The LM head weight (the embedding when tied).
     pub fn head_weight(&self) -> &Tensor {
         self.head.as_ref().unwrap_or(&self.embed).t()

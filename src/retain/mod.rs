@@ -53,6 +53,9 @@ pub fn fisher_for(recipe: &Recipe, data: &[PathBuf], rows: usize, est: Estimator
         crate::adapter::peft::load(&mut model, dir)?;
     }
     let names = protected_names(recipe, &model)?;
+    // Loaded with every weight trainable (f32, as EWC compares them); only the protected ones
+    // need gradients, so the embeddings, norms and unadapted projections are frozen again.
+    model.freeze_except(&names);
     let mut seqs = crate::train::trainer::load_sequences(recipe, &src.tokenizer, data)?;
     seqs.subsample(rows);
     eprintln!(
