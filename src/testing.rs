@@ -109,6 +109,29 @@ pub fn tiny_nf4_config(arch: Arch, vocab: usize, tied: bool) -> ModelConfig {
     }
 }
 
+/// A QLoRA model of `src` on `dev`: every projection NF4 with double quantization, LoRA r=4
+/// (alpha 8) on all seven, adapter seed 3; `device_nf4` gives NF4 its device form even on the
+/// CPU (see `LoadSpec::device_nf4`). B starts at zero, as PEFT initializes it.
+pub fn tiny_qlora_model(
+    cfg: &ModelConfig,
+    src: &dyn WeightSource,
+    dev: &Device,
+    device_nf4: bool,
+) -> anyhow::Result<crate::model::Model> {
+    use crate::model::{BaseDtype, LoadSpec, Model};
+    let per = |_: usize, _: &str| BaseDtype::Nf4Dq;
+    let spec = LoadSpec {
+        base: BaseDtype::Nf4Dq,
+        per: &per,
+        full: false,
+        pack: false,
+        device_nf4,
+    };
+    let mut m = Model::load_with(cfg, src, &spec, dev)?;
+    m.add_lora(&crate::adapter::LoraPlan::uniform(4, 8.0, &MODULES), 3)?;
+    Ok(m)
+}
+
 /// Random weights for `cfg` from a seeded generator (uniform with the given mean and standard
 /// deviation: cheap enough for 7B-shaped benchmarks; norms near 1).
 pub fn random_weights(cfg: &ModelConfig, seed: u64) -> MemSource {

@@ -473,21 +473,11 @@ fn sharded_safetensors_index_loads() -> Result<()> {
 /// backend, gives the CPU fused path's loss and gradients on a QLoRA model (NF4-DQ base).
 #[test]
 fn device_path_matches_the_fused_cpu_path_on_qlora() -> Result<()> {
-    use strata::model::LoadSpec;
     for (arch, tied) in [(Arch::Llama, true), (Arch::Qwen2, false)] {
         let cfg = strata::testing::tiny_nf4_config(arch, 300, tied);
         let src = random_weights(&cfg, 1);
         let load = |device_nf4: bool| -> Result<Model> {
-            let per = |_: usize, _: &str| BaseDtype::Nf4Dq;
-            let spec = LoadSpec {
-                base: BaseDtype::Nf4Dq,
-                per: &per,
-                full: false,
-                pack: false,
-                device_nf4,
-            };
-            let mut m = Model::load_with(&cfg, &src, &spec, &Device::Cpu)?;
-            m.add_lora(&LoraPlan::uniform(4, 8.0, &MODULES), 3)?;
+            let m = strata::testing::tiny_qlora_model(&cfg, &src, &Device::Cpu, device_nf4)?;
             for (i, (_, l)) in m.loras().into_iter().enumerate() {
                 let b = Tensor::randn(0f32, 0.1, l.b.as_tensor().shape(), &Device::Cpu)?;
                 l.b.set(&(b * (1.0 + i as f64 * 0.01))?)?;

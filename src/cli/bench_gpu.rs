@@ -187,27 +187,14 @@ pub fn checks(dev: &Device) -> Result<Vec<Check>> {
 /// One QLoRA micro-batch (NF4-DQ base, LoRA r=4 on every projection, recomputation) on `dev`
 /// against the CPU's fused path: the loss and every adapter gradient.
 fn qlora_step_gaps(dev: &Device) -> Result<Vec<(String, f64, f64)>> {
-    use crate::adapter::LoraPlan;
     use crate::model::config::Arch;
-    use crate::model::{BaseDtype, Fwd, LoadSpec, Model};
+    use crate::model::Fwd;
     use crate::train::{forward_backward, Batch, GradAcc};
     let cpu = Device::Cpu;
     let cfg = crate::testing::tiny_nf4_config(Arch::Qwen2, 300, false);
     let src = crate::testing::random_weights(&cfg, 1);
-    let per = |_: usize, _: &str| BaseDtype::Nf4Dq;
-    let load = |on: &Device, device_nf4: bool| -> Result<Model> {
-        let spec = LoadSpec {
-            base: BaseDtype::Nf4Dq,
-            per: &per,
-            full: false,
-            pack: false,
-            device_nf4,
-        };
-        let mut m = Model::load_with(&cfg, &src, &spec, on)?;
-        m.add_lora(&LoraPlan::uniform(4, 8.0, &MODULES), 3)?;
-        Ok(m)
-    };
-    let (host, on_dev) = (load(&cpu, false)?, load(dev, true)?);
+    let host = crate::testing::tiny_qlora_model(&cfg, &src, &cpu, false)?;
+    let on_dev = crate::testing::tiny_qlora_model(&cfg, &src, dev, true)?;
     // B starts at zero (A would get no gradient): the same random B on both sides.
     for ((_, a), (_, b)) in host.loras().into_iter().zip(on_dev.loras()) {
         let v = Tensor::randn(0f32, 0.1, a.b.as_tensor().shape(), &cpu)?;
