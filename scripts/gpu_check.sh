@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The device check, for a session lent a GPU machine (shared/gpu/README.md). Here:
 #   CARGO_TARGET_DIR=/work/target-cuda ../shared/gpu/build-cuda.sh cargo build --release --features cuda
-#   mkdir -p gpu-bin && cp /work/target-cuda/release/strata gpu-bin/ && strip gpu-bin/strata
-# then, with the device tool: run(command="scripts/gpu_check.sh", carry=["gpu-bin"]).
+#   mkdir -p gpu-bin && strip -o /tmp/strata-cuda /work/target-cuda/release/strata
+#   xz -T2 -6 -c /tmp/strata-cuda > gpu-bin/strata.xz     # 66 MB stripped -> 8 MB (carry limit 64 MiB)
+# then, with the device tool: run(command="scripts/gpu_check.sh", carry=["gpu-bin"], timeout_s=540).
 # It runs the checks of the quantized projections against the CPU ops and the per-block
 # benchmark (projections, then LoRA / QLoRA / layered training steps with peak device memory),
 # on SmolLM2's shape first, then Qwen2-7B's; results land in $OUT. Give it timeout_s=540.
@@ -10,6 +11,12 @@ set -euo pipefail
 BIN=${STRATA_BIN:-gpu-bin/strata}
 OUT=${OUT:-/tmp/strata-gpu}
 mkdir -p "$OUT"
+if [ ! -x "$BIN" ] && [ -f gpu-bin/strata.xz ]; then
+  # The carried binary is xz-compressed; python's lzma unpacks it without an xz binary.
+  python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('gpu-bin/strata.xz'), open('/tmp/strata-cuda', 'wb'))"
+  chmod +x /tmp/strata-cuda
+  BIN=/tmp/strata-cuda
+fi
 LIB=$(python3 -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2>/dev/null || true)
 if [ -n "$LIB" ] && [ -d "$LIB" ]; then
   export LD_LIBRARY_PATH="$LIB:${LD_LIBRARY_PATH:-}"
