@@ -15,7 +15,7 @@ use std::time::Instant;
 use super::bench::{timed_steps, Args};
 use super::bench_memory::synthetic_model;
 use crate::model::config::{ModelConfig, MODULES};
-use crate::ops::dequant_device::{nf4_device_linear, nf4_device_linear_slab, DeviceNf4, DeviceNf4Linear};
+use crate::ops::dequant_device::{default_slab, nf4_device_linear, nf4_device_linear_slab, DeviceNf4, DeviceNf4Linear};
 use crate::ops::dequant_linear::{Compact, DequantLinear};
 use crate::ops::frozen_matmul;
 use crate::ops::lora_linear::{LoraBase, LoraLinear};
@@ -307,7 +307,7 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
                     bytes += d.bytes();
                     let back = DeviceNf4Linear {
                         w: d.clone(),
-                        slab: (8 << 20) / k,
+                        slab: default_slab(&d),
                         forward: false,
                     };
                     secs += best(&dev, rounds, || {

@@ -305,10 +305,14 @@ impl CustomOp1 for DeviceNf4Linear {
     }
 }
 
+/// Weight rows a slab holds by default: [`SLAB_ELEMS`] decoded values.
+pub fn default_slab(w: &DeviceNf4) -> usize {
+    (SLAB_ELEMS / w.cols.max(1)).max(1)
+}
+
 /// `x W^T` for f32 `x [m, cols]` on `w`'s device; backward gives dL/dx only.
 pub fn nf4_device_linear(x: &Tensor, w: &Arc<DeviceNf4>) -> Result<Tensor> {
-    let slab = (SLAB_ELEMS / w.cols.max(1)).max(1);
-    nf4_device_linear_slab(x, w, slab)
+    nf4_device_linear_slab(x, w, default_slab(w))
 }
 
 /// [`nf4_device_linear`] with an explicit slab height (tests use small ones to cross slabs).
