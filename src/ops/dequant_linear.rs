@@ -6,6 +6,7 @@
 use candle_core::quantized::{GgmlType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -158,7 +159,7 @@ impl Compact {
                 f(&|r0, out: &mut [bf16]| {
                     let mut tmp = vec![0f32; out.len()];
                     decode(r0, &mut tmp);
-                    to_bf16(&tmp, out);
+                    bf16_gemm::f32_to_bf16_bits(&tmp, out.reinterpret_cast_mut());
                 })
             }),
         }
@@ -257,12 +258,6 @@ pub(crate) fn g_w(g: &[f32], m: usize, w: &Compact, dx: &mut [f32], kernel: bool
             dx.iter_mut().zip(&part).for_each(|(d, p)| *d += p);
         }
     })
-}
-
-fn to_bf16(src: &[f32], dst: &mut [bf16]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = bf16::from_f32(*s);
-    }
 }
 
 /// `x [m, k] -> [m, n]` against a compact `W [n, k]`.
@@ -400,12 +395,24 @@ mod tests {
             let mut rows = vec![0f32; 3 * k];
             c.with_decoder(|decode| decode(5, &mut rows))?;
             assert_eq!(rows, dense.narrow(0, 5, 3)?.flatten_all()?.to_vec1::<f32>()?, "{ty:?}");
-            let y = x.as_tensor().apply_op1(DequantLinear { w: c, kernel: false })?;
+            let y = x.as_tensor().apply_op1(DequantLinear {
+                w: c.clone(),
+                kernel: false,
+            })?;
             let y_ref = x.as_tensor().matmul(&dense.t()?)?;
             let d = (&y - &y_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(d < 1e-4, "{ty:?}: forward differs by {d}");
             let d = crate::testing::dx_gap(&y, &y_ref, &x, &probe)?;
             assert!(d < 1e-4, "{ty:?}: dx differs by {d}");
+            // The bf16 kernel's path (rows decoded to f32, then rounded): to bf16 precision.
+            if bf16_gemm::available() {
+                let y = x.as_tensor().apply_op1(DequantLinear { w: c, kernel: true })?;
+                let tol = 5e-3 * y_ref.abs()?.max_all()?.to_scalar::<f32>()?;
+                let d = (&y - &y_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < tol, "{ty:?}, kernel: forward differs by {d}");
+                let d = crate::testing::dx_gap(&y, &y_ref, &x, &probe)?;
+                assert!(d < 10.0 * tol, "{ty:?}, kernel: dx differs by {d}");
+            }
         }
         Ok(())
     }
