@@ -8,7 +8,7 @@ use strata::model::config::{Arch, MODULES};
 use strata::model::{open, BaseDtype, Fwd, LinearWeight, Model, Param};
 use strata::ops::lm_head::IGNORE;
 use strata::testing::{random_weights, tiny_config, write_tiny_gguf};
-use strata::train::{forward_backward, Batch, GradAcc};
+use strata::train::{forward_backward, Batch, GradAcc, Recompute};
 
 fn tmp(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("strata-test-{name}-{}", std::process::id()));
@@ -52,19 +52,69 @@ fn every_trainable_parameter_gets_a_gradient_and_recompute_matches() -> Result<(
         let b = batch(300, 2, 7, 5)?;
         let fwd = Fwd::eval();
         let mut g1 = GradAcc::default();
-        let s1 = forward_backward(&m, &b, 0.1, false, fwd, &mut g1)?;
-        let mut g2 = GradAcc::default();
-        let s2 = forward_backward(&m, &b, 0.1, true, fwd, &mut g2)?;
+        let s1 = forward_backward(&m, &b, 0.1, Recompute::Off, fwd, &mut g1)?;
         assert_eq!(s1.count, 13);
-        assert!((s1.nll_sum - s2.nll_sum).abs() < 1e-4);
         let params = m.trainable();
         assert_eq!(params.len(), 2 * 7 * 2);
-        for (name, v) in &params {
-            let a = g1.get(v).unwrap_or_else(|| panic!("{name}: no gradient"));
-            let n = a.abs()?.sum_all()?.to_scalar::<f32>()?;
-            assert!(n > 0.0, "{name}: zero gradient");
-            let d = max_diff(a, g2.get(v).unwrap())?;
-            assert!(d < 1e-5 * (1.0 + n), "{name}: recompute differs by {d}");
+        // An f32 base keeps its products exact: selective recomputation changes nothing either.
+        for r in [Recompute::Blocks, Recompute::Selective] {
+            let mut g2 = GradAcc::default();
+            let s2 = forward_backward(&m, &b, 0.1, r, fwd, &mut g2)?;
+            assert!((s1.nll_sum - s2.nll_sum).abs() < 1e-4, "{r:?}: loss differs");
+            for (name, v) in &params {
+                let a = g1.get(v).unwrap_or_else(|| panic!("{name}: no gradient"));
+                let n = a.abs()?.sum_all()?.to_scalar::<f32>()?;
+                assert!(n > 0.0, "{name}: zero gradient");
+                let d = max_diff(a, g2.get(v).unwrap())?;
+                assert!(d < 1e-5 * (1.0 + n), "{name}: {r:?} recompute differs by {d}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Selective recomputation on 16-bit and NF4 bases keeps the frozen products in bf16 (the
+/// bf16 kernel's rows: at least 16), so its gradients match per-block recomputation's to bf16
+/// rounding, with dropout on (the recomputed forward must draw the same masks).
+#[test]
+fn selective_recompute_matches_blocks_on_bf16_and_nf4_bases() -> Result<()> {
+    let cfg = strata::testing::tiny_nf4_config(Arch::Qwen2, 300, false);
+    let src = random_weights(&cfg, 4);
+    for base in [BaseDtype::Bf16, BaseDtype::Nf4Dq] {
+        let mut m = Model::load(&cfg, &src, base, false, &Device::Cpu)?;
+        let mut plan = LoraPlan::uniform(4, 8.0, &MODULES);
+        plan.dropout = 0.1;
+        m.add_lora(&plan, 3)?;
+        for (_, l) in m.loras() {
+            l.b.set(&Tensor::randn(0f32, 0.1, l.b.as_tensor().shape(), &Device::Cpu)?)?;
+        }
+        let b = batch(300, 2, 12, 6)?;
+        let fwd = Fwd {
+            dropout_seed: Some(11),
+            ..Fwd::eval()
+        };
+        let run = |r| -> Result<(f64, GradAcc)> {
+            let mut g = GradAcc::default();
+            let s = forward_backward(&m, &b, 0.1, r, fwd, &mut g)?;
+            Ok((s.nll_sum, g))
+        };
+        let (l_blocks, g_blocks) = run(Recompute::Blocks)?;
+        let (l_sel, g_sel) = run(Recompute::Selective)?;
+        let (l_again, g_again) = run(Recompute::Selective)?;
+        assert!(
+            (l_blocks - l_sel).abs() < 1e-2 * l_blocks.abs(),
+            "{base:?}: loss {l_blocks} vs {l_sel}"
+        );
+        assert_eq!(l_sel, l_again, "{base:?}: selective steps are not deterministic");
+        for (name, v) in m.trainable() {
+            let (a, s) = (g_blocks.get(&v).unwrap(), g_sel.get(&v).unwrap());
+            let n = a.abs()?.max_all()?.to_scalar::<f32>()?;
+            let d = max_diff(a, s)?;
+            assert!(
+                n > 0.0 && d < 5e-2 * n,
+                "{base:?} {name}: selective differs by {d} (scale {n})"
+            );
+            assert_eq!(max_diff(s, g_again.get(&v).unwrap())?, 0.0, "{name}");
         }
     }
     Ok(())
@@ -81,7 +131,7 @@ fn full_finetune_gradients_match_naive_autograd() -> Result<()> {
         let m = Model::load(&cfg, &src, BaseDtype::F32, true, &Device::Cpu)?;
         let b = batch(50, 2, 5, 9)?;
         let mut acc = GradAcc::default();
-        forward_backward(&m, &b, 1.0, true, Fwd::eval(), &mut acc)?;
+        forward_backward(&m, &b, 1.0, Recompute::Blocks, Fwd::eval(), &mut acc)?;
         let logits = m.logits(
             &b.ids,
             Fwd {
@@ -131,7 +181,7 @@ fn loss_falls_on_a_tiny_corpus() -> Result<()> {
     let mut last = 0.0;
     for _ in 0..30 {
         let mut acc = GradAcc::default();
-        let s = forward_backward(&m, &b, 1.0 / 16.0, true, Fwd::eval(), &mut acc)?;
+        let s = forward_backward(&m, &b, 1.0 / 16.0, Recompute::Blocks, Fwd::eval(), &mut acc)?;
         last = s.nll_sum / 16.0;
         first.get_or_insert(last);
         opt.step(&params, &acc, |_| 1e-2)?;
@@ -396,7 +446,7 @@ fn gguf_quantized_base_kept_as_stored() -> Result<()> {
         &quant,
         &batch(cfg.vocab_size, 1, 6, 3)?,
         1.0,
-        true,
+        Recompute::Blocks,
         Fwd::eval(),
         &mut acc,
     )?;
@@ -495,13 +545,13 @@ fn device_path_matches_the_fused_cpu_path_on_qlora() -> Result<()> {
         // 14 rows: under 16, so the CPU's NF4 products stay in f32 (not the bf16 kernel).
         let b = batch(300, 2, 7, 5)?;
         let mut g_cpu = GradAcc::default();
-        let s_cpu = forward_backward(&cpu, &b, 0.1, true, Fwd::eval(), &mut g_cpu)?;
+        let s_cpu = forward_backward(&cpu, &b, 0.1, Recompute::Blocks, Fwd::eval(), &mut g_cpu)?;
         let mut g_dev = GradAcc::default();
         let naive = Fwd {
             naive: true,
             ..Fwd::eval()
         };
-        let s_dev = forward_backward(&dev, &b, 0.1, true, naive, &mut g_dev)?;
+        let s_dev = forward_backward(&dev, &b, 0.1, Recompute::Blocks, naive, &mut g_dev)?;
         assert!(
             (s_cpu.nll_sum - s_dev.nll_sum).abs() < 1e-4 * s_cpu.nll_sum.abs(),
             "{arch:?}: loss {} vs {}",
@@ -537,7 +587,7 @@ fn freeze_except_keeps_only_the_named_weights_trainable() -> Result<()> {
     let names: Vec<String> = m.trainable().into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, keep);
     let mut acc = GradAcc::default();
-    forward_backward(&m, &batch(300, 2, 7, 5)?, 1.0, true, Fwd::eval(), &mut acc)?;
+    forward_backward(&m, &batch(300, 2, 7, 5)?, 1.0, Recompute::Blocks, Fwd::eval(), &mut acc)?;
     for (n, v) in m.trainable() {
         let g = acc.get(&v).unwrap_or_else(|| panic!("{n}: no gradient"));
         assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{n}: zero gradient");

@@ -13,7 +13,7 @@ use crate::adapter::LoraPlan;
 use crate::model::config::{Arch, ModelConfig, MODULES};
 use crate::model::{BaseDtype, Fwd, Model};
 use crate::train::optim::AdamW;
-use crate::train::{forward_backward, Batch, GradAcc};
+use crate::train::{forward_backward, Batch, GradAcc, Recompute};
 use crate::util::{human_bytes, peak_rss};
 
 /// Arguments of `strata bench`.
@@ -49,9 +49,10 @@ pub struct Args {
     /// Timed steps per variant process.
     #[arg(long, default_value_t = 2)]
     pub steps: usize,
-    /// Train without per-block recomputation (`bench memory`): faster, more activation memory.
-    #[arg(long)]
-    pub no_recompute: bool,
+    /// What the backward recomputes in `bench memory`: `blocks` (least memory), `selective`
+    /// (blocks, keeping the frozen products) or `off` (fastest, most activation memory).
+    #[arg(long, default_value = "blocks")]
+    pub recompute: String,
     /// Device of `bench gpu`: `cuda` (needs the `cuda` feature) or `cpu` (the same code on the
     /// CPU backend).
     #[arg(long, default_value = "cuda")]
@@ -133,7 +134,26 @@ fn naive_step(model: &Model, batch: &Batch, acc: &mut GradAcc) -> Result<f64> {
 }
 
 /// The variants `strata bench train` compares.
-const VARIANTS: [&str; 3] = ["strata", "strata-no-recompute", "naive-candle"];
+const VARIANTS: [&str; 4] = ["strata", "strata-selective", "strata-no-recompute", "naive-candle"];
+
+/// The recomputation of a strata variant of `bench train` or `bench memory`.
+pub(crate) fn variant_recompute(variant: &str) -> Option<Recompute> {
+    match variant {
+        "strata" => Some(Recompute::Blocks),
+        "strata-selective" => Some(Recompute::Selective),
+        "strata-no-recompute" => Some(Recompute::Off),
+        _ => None,
+    }
+}
+
+/// The `bench train` variant name of a recomputation.
+pub(crate) fn recompute_variant(r: Recompute) -> &'static str {
+    match r {
+        Recompute::Blocks => "strata",
+        Recompute::Selective => "strata-selective",
+        Recompute::Off => "strata-no-recompute",
+    }
+}
 
 /// Qwen2-7B's shape.
 pub fn qwen2_7b_shape() -> ModelConfig {
@@ -303,20 +323,12 @@ pub(crate) fn timed_steps(model: &Model, variant: &str, rows: usize, seq_len: us
     let mut opt = AdamW::new(0.0);
     let mut step = || -> Result<f64> {
         let mut acc = GradAcc::default();
-        let loss = match variant {
-            "naive-candle" => naive_step(model, &batch, &mut acc)?,
-            "strata" | "strata-no-recompute" => {
-                let s = forward_backward(
-                    model,
-                    &batch,
-                    1.0 / n as f64,
-                    variant == "strata",
-                    Fwd::eval(),
-                    &mut acc,
-                )?;
-                s.nll_sum / n as f64
+        let loss = match (variant, variant_recompute(variant)) {
+            ("naive-candle", _) => naive_step(model, &batch, &mut acc)?,
+            (_, Some(r)) => {
+                forward_backward(model, &batch, 1.0 / n as f64, r, Fwd::eval(), &mut acc)?.nll_sum / n as f64
             }
-            o => bail!("unknown variant `{o}`; choose from {VARIANTS:?}"),
+            (o, None) => bail!("unknown variant `{o}`; choose from {VARIANTS:?}"),
         };
         let norm = acc.norm()?;
         if norm > 1.0 {

@@ -133,6 +133,7 @@ pub fn checks(dev: &Device) -> Result<Vec<Check>> {
                 scale: 2.0,
                 dropout: 0.0,
                 seed: None,
+                keep: None,
             },
         )?;
         let want = grads(&fused, &probe, &[&x_cpu, &a_cpu, &b_cpu])?;
@@ -189,7 +190,7 @@ pub fn checks(dev: &Device) -> Result<Vec<Check>> {
 fn qlora_step_gaps(dev: &Device) -> Result<Vec<(String, f64, f64)>> {
     use crate::model::config::Arch;
     use crate::model::Fwd;
-    use crate::train::{forward_backward, Batch, GradAcc};
+    use crate::train::{forward_backward, Batch, GradAcc, Recompute};
     let cpu = Device::Cpu;
     let cfg = crate::testing::tiny_nf4_config(Arch::Qwen2, 300, false);
     let src = crate::testing::random_weights(&cfg, 1);
@@ -214,14 +215,14 @@ fn qlora_step_gaps(dev: &Device) -> Result<Vec<(String, f64, f64)>> {
         })
     };
     let mut g_host = GradAcc::default();
-    let s_host = forward_backward(&host, &batch(&cpu)?, 0.1, true, Fwd::eval(), &mut g_host)?;
+    let s_host = forward_backward(&host, &batch(&cpu)?, 0.1, Recompute::Blocks, Fwd::eval(), &mut g_host)?;
     let mut g_dev = GradAcc::default();
     // Composed ops everywhere, as any device but the CPU runs them.
     let fwd = Fwd {
         naive: true,
         ..Fwd::eval()
     };
-    let s_dev = forward_backward(&on_dev, &batch(dev)?, 0.1, true, fwd, &mut g_dev)?;
+    let s_dev = forward_backward(&on_dev, &batch(dev)?, 0.1, Recompute::Blocks, fwd, &mut g_dev)?;
     let mut out = vec![(
         "QLoRA step loss".to_string(),
         (s_dev.nll_sum - s_host.nll_sum).abs() / s_host.nll_sum.abs().max(1e-12),

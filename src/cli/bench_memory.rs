@@ -7,11 +7,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::time::Instant;
 
-use super::bench::{timed_steps, Args};
+use super::bench::{recompute_variant, timed_steps, Args};
 use crate::model::config::ModelConfig;
 use crate::model::{BaseDtype, LoadSpec, Model};
 use crate::testing::SyntheticSource;
 use crate::train::memory::{policies, Policy};
+use crate::train::Recompute;
 use crate::util::{current_rss, human_bytes, peak_rss};
 
 /// Runs `strata bench memory` (the parent, or one policy with `--variant`).
@@ -20,6 +21,7 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
     if let Some(v) = &a.variant {
         return run_policy(a, cfg, v, rows, seq);
     }
+    let recompute = Recompute::parse(&a.recompute).context("--recompute")?;
     let measured = match a.shape.as_str() {
         "qwen2-7b" => a.policy_list(&["qlora", "layered"]),
         _ => a.policy_list(&["lora", "qlora", "layered"]),
@@ -39,10 +41,10 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
         cfg.hidden_size,
         cfg.intermediate_size,
         cfg.vocab_size,
-        if a.no_recompute {
-            "no recomputation"
-        } else {
-            "per-block recomputation"
+        match recompute {
+            Recompute::Off => "no recomputation",
+            Recompute::Blocks => "per-block recomputation",
+            Recompute::Selective => "selective recomputation (blocks re-run, frozen products kept)",
         },
         a.steps
     );
@@ -53,7 +55,7 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
     for p in &all {
         let label = p.label(cfg);
         if !measured.iter().any(|m| m == p.name) {
-            let pred = p.predict(cfg, rows, seq, false, !a.no_recompute, current_rss())?;
+            let pred = p.predict(cfg, rows, seq, false, recompute, current_rss())?;
             // Full fine-tuning holds its weights as trained f32 parameters.
             let w = match p.plan {
                 Some(_) => pred.weights(),
@@ -70,7 +72,7 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
             .args(["bench", "memory", "--shape", &a.shape, "--variant", p.name])
             .args(["--batch", &rows.to_string(), "--seq-len", &seq.to_string()])
             .args(["--steps", &a.steps.to_string()])
-            .args(a.no_recompute.then_some("--no-recompute"))
+            .args(["--recompute", recompute.name()])
             .output()
             .context("cannot start the benchmark process")?;
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
@@ -107,16 +109,12 @@ fn run_policy(a: &Args, cfg: &ModelConfig, name: &str, rows: usize, seq: usize) 
         .into_iter()
         .find(|p| p.name == name && p.plan.is_some())
         .with_context(|| format!("unknown policy `{name}`"))?;
-    let pred = p.predict(cfg, rows, seq, false, !a.no_recompute, runtime)?;
+    let recompute = Recompute::parse(&a.recompute)?;
+    let pred = p.predict(cfg, rows, seq, false, recompute, runtime)?;
     let t0 = Instant::now();
     let model = synthetic_model(cfg, &p, &Device::Cpu)?;
     let build_s = t0.elapsed().as_secs_f64();
-    let variant = if a.no_recompute {
-        "strata-no-recompute"
-    } else {
-        "strata"
-    };
-    let secs = timed_steps(&model, variant, rows, seq, a.steps)?;
+    let secs = timed_steps(&model, recompute_variant(recompute), rows, seq, a.steps)?;
     println!(
         "{}",
         serde_json::json!({

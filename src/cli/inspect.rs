@@ -88,7 +88,7 @@ pub fn run(a: Args) -> Result<()> {
         "policy", "weights", "trained+opt", "activations", "total"
     );
     for p in policies(c)? {
-        let pred = p.predict(c, a.batch, a.seq_len, true, true, runtime)?;
+        let pred = p.predict(c, a.batch, a.seq_len, true, crate::train::Recompute::Blocks, runtime)?;
         let label = p.label(c);
         println!(
             "{label:<44} {:>10} {:>12} {:>12} {:>10}",

@@ -12,7 +12,7 @@ use crate::ops::attention::{causal_attention, repeat_kv};
 use crate::ops::dequant_device::{nf4_device_linear, DeviceNf4};
 use crate::ops::dequant_linear::{dequant_linear, gguf_decodable, Compact};
 use crate::ops::fused_attention::FusedAttention;
-use crate::ops::lora_linear::{LoraBase, LoraLinear, MaskSeed};
+use crate::ops::lora_linear::{KeptProducts, LoraBase, LoraLinear, MaskSeed};
 use crate::ops::norm::{rms_norm, rms_norm_composed};
 use crate::ops::quant_linear::quant_linear;
 use crate::ops::rope::Rope;
@@ -20,6 +20,7 @@ use crate::ops::swiglu::swiglu;
 use crate::ops::{frozen_linear, lm_head};
 use crate::rng::{mix, Rng};
 use candle_core::quantized::QTensor;
+use std::sync::Arc;
 
 /// How [`Model::load_with`] stores the base.
 pub struct LoadSpec<'a> {
@@ -208,6 +209,12 @@ impl Fwd {
 impl Linear {
     /// `x [n, in] -> [n, out]`.
     pub fn forward(&self, x: &Tensor, fwd: Fwd, site: u64) -> Result<Tensor> {
+        self.forward_kept(x, fwd, site, None)
+    }
+
+    /// [`Linear::forward`], keeping the frozen product of the fused adapter op in `kept` (the
+    /// first forward of a micro-batch) or reading it back (the recomputed one).
+    fn forward_kept(&self, x: &Tensor, fwd: Fwd, site: u64, kept: Option<&Arc<KeptProducts>>) -> Result<Tensor> {
         let seed = fwd.dropout_seed.map(|s| MaskSeed {
             seed: mix(&[s, site]),
             first_row: fwd.first_token,
@@ -239,6 +246,7 @@ impl Linear {
                     scale: l.scale as f32,
                     dropout: l.dropout,
                     seed,
+                    keep: kept.map(|k| (k.clone(), site)),
                 };
                 let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
                 let y = x.apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)?;
@@ -731,6 +739,35 @@ impl Model {
         fwd: Fwd,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        self.block_impl(i, x, b, t, fwd, cache, None)
+    }
+
+    /// [`Model::block_forward`] for selective recomputation: the adapted projections keep their
+    /// frozen products in `kept` on the first call for a micro-batch and read them back on the
+    /// second, which then runs no base GEMM of those projections.
+    pub fn block_forward_kept(
+        &self,
+        i: usize,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        fwd: Fwd,
+        kept: &Arc<KeptProducts>,
+    ) -> Result<Tensor> {
+        self.block_impl(i, x, b, t, fwd, None, Some(kept))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_impl(
+        &self,
+        i: usize,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        fwd: Fwd,
+        cache: Option<&mut KvCache>,
+        kept: Option<&Arc<KeptProducts>>,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let blk = &self.blocks[i];
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -743,9 +780,9 @@ impl Model {
             }
         };
         let h = norm(x, &blk.attn_norm)?;
-        let q = blk.proj[0].forward(&h, fwd, site(0))?;
-        let k = blk.proj[1].forward(&h, fwd, site(1))?;
-        let v = blk.proj[2].forward(&h, fwd, site(2))?;
+        let q = blk.proj[0].forward_kept(&h, fwd, site(0), kept)?;
+        let k = blk.proj[1].forward_kept(&h, fwd, site(1), kept)?;
+        let v = blk.proj[2].forward_kept(&h, fwd, site(2), kept)?;
         let att = match cache {
             // Whole sequences on the CPU (training, evaluation): the fused op.
             None if self.device.is_cpu() && !fwd.naive => {
@@ -783,12 +820,12 @@ impl Model {
                     .reshape((b * t, nh * d))?
             }
         };
-        let x = (x + blk.proj[3].forward(&att, fwd, site(3))?)?;
+        let x = (x + blk.proj[3].forward_kept(&att, fwd, site(3), kept)?)?;
         let h = norm(&x, &blk.mlp_norm)?;
-        let g = blk.proj[4].forward(&h, fwd, site(4))?;
-        let u = blk.proj[5].forward(&h, fwd, site(5))?;
+        let g = blk.proj[4].forward_kept(&h, fwd, site(4), kept)?;
+        let u = blk.proj[5].forward_kept(&h, fwd, site(5), kept)?;
         let act = if fwd.naive { (g.silu()? * u)? } else { swiglu(&g, &u)? };
-        Ok((&x + blk.proj[6].forward(&act, fwd, site(6))?)?)
+        Ok((&x + blk.proj[6].forward_kept(&act, fwd, site(6), kept)?)?)
     }
 
     /// The final RMSNorm.

@@ -98,11 +98,9 @@ impl FusedAttention {
         for i in 0..t {
             let row = &mut s[i * t..(i + 1) * t];
             let mx = row[..=i].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * scale;
-            let mut sum = 0f32;
-            for x in row[..=i].iter_mut() {
-                *x = (*x * scale - mx).exp();
-                sum += *x;
-            }
+            row[..=i].iter_mut().for_each(|x| *x = *x * scale - mx);
+            super::fast_exp::exp_in_place(&mut row[..=i]);
+            let sum = super::fast_exp::lane_sum(&row[..=i]);
             let inv = 1.0 / sum;
             row[..=i].iter_mut().for_each(|x| *x *= inv);
             row[i + 1..].iter_mut().for_each(|x| *x = 0.0);

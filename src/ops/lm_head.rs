@@ -10,6 +10,7 @@ use candle_core::{DType, Result, Tensor, D};
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, PackedB};
+use super::fast_exp::{exp_in_place, lane_sum};
 
 /// Marks a target position that contributes no loss (prompt tokens, padding).
 pub const IGNORE: u32 = u32::MAX;
@@ -97,6 +98,12 @@ type RowStat = (f64, u32);
 /// Softmax cross-entropy over rows of `logits [rows, v]` in place: returns each row's NLL and
 /// arg-max, and, when `scales` is given, leaves `scale_i * (softmax - onehot)` in the rows
 /// (zero for rows whose scale is 0).
+/// `sum(xs)` in f64 over f32 partial sums of 256 values (the vocabulary-wide sums of the
+/// softmax, without a serial f64 chain per value).
+fn sum_f64(xs: &[f32]) -> f64 {
+    xs.chunks(256).map(|c| lane_sum(c) as f64).sum()
+}
+
 fn softmax_ce_rows(logits: &mut [f32], v: usize, targets: &[u32], scales: Option<&[f32]>) -> Vec<RowStat> {
     logits
         .par_chunks_mut(v)
@@ -113,18 +120,22 @@ fn softmax_ce_rows(logits: &mut [f32], v: usize, targets: &[u32], scales: Option
             let tl = row[t];
             let mut sum = 0f64;
             if let Some(sc) = scales {
-                for x in row.iter_mut() {
-                    let e = (*x - mx).exp();
-                    *x = e;
-                    sum += e as f64;
-                }
+                row.iter_mut().for_each(|x| *x -= mx);
+                exp_in_place(row);
+                sum = sum_f64(row);
                 let k = (sc[i] as f64 / sum) as f32;
                 for x in row.iter_mut() {
                     *x *= k;
                 }
                 row[t] -= sc[i];
             } else {
-                sum = row.iter().map(|&x| (x - mx).exp() as f64).sum();
+                let mut buf = [0f32; 256];
+                for part in row.chunks(buf.len()) {
+                    let b = &mut buf[..part.len()];
+                    b.iter_mut().zip(part).for_each(|(o, &x)| *o = x - mx);
+                    exp_in_place(b);
+                    sum += sum_f64(b);
+                }
             }
             (sum.ln() + mx as f64 - tl as f64, am)
         })

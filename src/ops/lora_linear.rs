@@ -6,9 +6,16 @@
 //! more than the rank-16 arithmetic. Here it is one node; the small products run through the
 //! `gemm` crate on slices. The dropout mask is regenerated from its seed in the backward, so
 //! nothing but the inputs is kept.
+//!
+//! Selective recomputation ([`KeptProducts`]): the first forward of a micro-batch keeps the
+//! frozen product `x W^T` (bf16, or f32 under an f32 base) and the recomputed forward reads it
+//! back instead of running the GEMM again, so recomputing a block costs only its adapters, norms
+//! and attention. The kept product is rounded to bf16 in the first forward's output too, so both
+//! forwards give the same bits and the backward differentiates the loss that was computed.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use super::bf16_gemm::{self, LinearPack};
 use super::dequant_linear::{g_w, use_kernel, x_wt, Compact};
@@ -37,6 +44,83 @@ impl LoraBase {
     }
 }
 
+/// Frozen products kept from a micro-batch's forward for its recomputed forward, by site (a
+/// projection's place in the model). Each is taken when read back, so the store empties as the
+/// backward walks down the blocks.
+#[derive(Default)]
+pub struct KeptProducts {
+    map: Mutex<HashMap<u64, Kept>>,
+}
+
+enum Kept {
+    Bf16(Vec<u16>),
+    F32(Vec<f32>),
+}
+
+impl KeptProducts {
+    /// Bytes held now.
+    pub fn bytes(&self) -> usize {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.values()
+            .map(|k| match k {
+                Kept::Bf16(v) => 2 * v.len(),
+                Kept::F32(v) => 4 * v.len(),
+            })
+            .sum()
+    }
+
+    /// Products held now.
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps `y` for `site`, rounding it to bf16 in place first when `round`.
+    fn keep(&self, site: u64, y: &mut [f32], round: bool) {
+        let kept = if round {
+            let mut bits = vec![0u16; y.len()];
+            bf16_gemm::f32_to_bf16_bits(y, &mut bits);
+            for (o, b) in y.iter_mut().zip(&bits) {
+                *o = f32::from_bits((*b as u32) << 16);
+            }
+            Kept::Bf16(bits)
+        } else {
+            Kept::F32(y.to_vec())
+        };
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).insert(site, kept);
+    }
+
+    /// Writes the product kept for `site` into `y` and forgets it; false when none is kept.
+    fn take(&self, site: u64, y: &mut [f32]) -> Result<bool> {
+        let kept = self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&site);
+        let len = match &kept {
+            None => return Ok(false),
+            Some(Kept::Bf16(v)) => v.len(),
+            Some(Kept::F32(v)) => v.len(),
+        };
+        if len != y.len() {
+            candle_core::bail!(
+                "lora linear: the product kept for site {site:#x} has {len} values, this forward needs {}; \
+                 a store of kept products serves one micro-batch",
+                y.len()
+            );
+        }
+        match kept {
+            Some(Kept::Bf16(v)) => y
+                .par_iter_mut()
+                .zip(v.par_iter())
+                .for_each(|(o, b)| *o = f32::from_bits((*b as u32) << 16)),
+            Some(Kept::F32(v)) => y.copy_from_slice(&v),
+            None => unreachable!("handled above"),
+        }
+        Ok(true)
+    }
+}
+
 /// The op: the frozen weight, the scale and the dropout.
 pub struct LoraLinear {
     /// Frozen `W [out, in]`.
@@ -47,6 +131,9 @@ pub struct LoraLinear {
     pub dropout: f32,
     /// Seed of this call's dropout mask (`None`: no dropout).
     pub seed: Option<MaskSeed>,
+    /// Where this micro-batch's frozen products are kept, and this projection's site in it
+    /// (selective recomputation); `None` computes the product every time.
+    pub keep: Option<(Arc<KeptProducts>, u64)>,
 }
 
 /// Where a dropout mask comes from: a seed (the step's, mixed with the op's site) and the index
@@ -159,7 +246,16 @@ impl CustomOp3 for LoraLinear {
             cpu_f32(s3, l3, "lora linear")?,
         );
         let mut y = vec![0f32; m * n];
-        self.base_fwd(x, m, k, &mut y)?;
+        match &self.keep {
+            Some((kept, site)) => {
+                if !kept.take(*site, &mut y)? {
+                    self.base_fwd(x, m, k, &mut y)?;
+                    // An f32 base keeps its product exact; the others compute in bf16 already.
+                    kept.keep(*site, &mut y, !matches!(self.base, LoraBase::F32(_)));
+                }
+            }
+            None => self.base_fwd(x, m, k, &mut y)?,
+        }
         let xd = self.dropped(x);
         let xd = xd.as_deref().unwrap_or(x);
         let mut u = vec![0f32; m * r];
@@ -279,6 +375,7 @@ mod tests {
             scale: 2.0,
             dropout,
             seed,
+            keep: None,
         };
         let fused = x.as_tensor().apply_op3(lora.a.as_tensor(), lora.b.as_tensor(), op)?;
         let probe = Tensor::randn(0f32, 1., (m, n), &dev)?;
@@ -320,6 +417,73 @@ mod tests {
                 check(kind, dropout)?;
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn kept_products_are_read_back_once_and_rounded_under_bf16() -> Result<()> {
+        let dev = Device::Cpu;
+        let (m, k, n, r) = (20, 16, 12, 4);
+        let x = Tensor::randn(0f32, 1., (m, k), &dev)?;
+        let a = Tensor::randn(0f32, 0.1, (r, k), &dev)?;
+        let b = Tensor::randn(0f32, 0.1, (n, r), &dev)?;
+        let w = Tensor::randn(0f32, 0.3, (n, k), &dev)?;
+        let op = |base: LoraBase, keep: Option<(Arc<KeptProducts>, u64)>| LoraLinear {
+            base,
+            scale: 2.0,
+            dropout: 0.0,
+            seed: None,
+            keep,
+        };
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+        };
+
+        // f32 base: the kept product is exact, so the first forward is the plain op's.
+        let plain = x.apply_op3(&a, &b, op(LoraBase::F32(w.clone()), None))?;
+        let kept = Arc::new(KeptProducts::default());
+        let first = x.apply_op3(&a, &b, op(LoraBase::F32(w.clone()), Some((kept.clone(), 7))))?;
+        assert_eq!(bits(&first)?, bits(&plain)?);
+        assert_eq!((kept.len(), kept.bytes()), (1, 4 * m * n));
+        // The second forward reads the product back (another weight would give other values)
+        // and forgets it.
+        let other = (&w * 3.0)?;
+        let again = x.apply_op3(&a, &b, op(LoraBase::F32(other.clone()), Some((kept.clone(), 7))))?;
+        assert_eq!(bits(&again)?, bits(&first)?);
+        assert!(kept.is_empty());
+        let third = x.apply_op3(&a, &b, op(LoraBase::F32(other), Some((kept.clone(), 7))))?;
+        assert_ne!(
+            bits(&third)?,
+            bits(&first)?,
+            "a new micro-batch computes its product again"
+        );
+
+        // bf16 base: the product is kept (and used) rounded to bf16, in half the bytes.
+        let kept = Arc::new(KeptProducts::default());
+        let wb = w.to_dtype(DType::BF16)?;
+        let zero_b = Tensor::zeros((n, r), DType::F32, &dev)?;
+        let base = || LoraBase::Compact(Compact::Bf16(wb.clone()));
+        let unrounded = x.apply_op3(&a, &zero_b, op(base(), None))?;
+        let rounded = x.apply_op3(&a, &zero_b, op(base(), Some((kept.clone(), 1))))?;
+        assert_eq!(kept.bytes(), 2 * m * n);
+        assert!(
+            bits(&rounded)?.iter().all(|v| v & 0xffff == 0),
+            "kept product is not bf16"
+        );
+        let d = (&rounded - &unrounded)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let top = unrounded.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d > 0.0 && d <= top / 128.0, "rounding error {d} of {top}");
+        let replay = x.apply_op3(&a, &zero_b, op(base(), Some((kept.clone(), 1))))?;
+        assert_eq!(bits(&replay)?, bits(&rounded)?);
+
+        // A product kept for another shape is an error, not a silent wrong answer.
+        let kept = Arc::new(KeptProducts::default());
+        x.apply_op3(&a, &b, op(LoraBase::F32(w.clone()), Some((kept.clone(), 3))))?;
+        let short = x.narrow(0, 0, 5)?;
+        let err = short
+            .apply_op3(&a, &b, op(LoraBase::F32(w), Some((kept, 3))))
+            .expect_err("a product of another micro-batch must not be read back");
+        assert!(err.to_string().contains("one micro-batch"), "{err}");
         Ok(())
     }
 }

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod bf16_gemm;
 pub mod dequant_device;
 pub mod dequant_linear;
+pub mod fast_exp;
 pub mod frozen_linear;
 pub mod fused_attention;
 pub mod lm_head;

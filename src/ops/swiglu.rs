@@ -4,6 +4,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_f32;
+use super::fast_exp::exp_in_place;
 
 /// `silu(g) * u`.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
@@ -35,8 +36,11 @@ impl CustomOp2 for SwiGlu {
         y.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(yc, (gc, uc))| {
+                // e^-g first, in the output's place.
+                yc.iter_mut().zip(gc).for_each(|(o, &a)| *o = -a);
+                exp_in_place(yc);
                 for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
-                    *o = a / (1.0 + (-a).exp()) * b;
+                    *o = a / (1.0 + *o) * b;
                 }
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -55,8 +59,10 @@ impl CustomOp2 for SwiGlu {
             .zip(du.par_chunks_mut(CHUNK))
             .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK).zip(ds.par_chunks(CHUNK))))
             .for_each(|((dgc, duc), (gc, (uc, dc)))| {
+                dgc.iter_mut().zip(gc).for_each(|(o, &a)| *o = -a);
+                exp_in_place(dgc);
                 for i in 0..gc.len() {
-                    let s = 1.0 / (1.0 + (-gc[i]).exp());
+                    let s = 1.0 / (1.0 + dgc[i]);
                     dgc[i] = dc[i] * uc[i] * s * (1.0 + gc[i] * (1.0 - s));
                     duc[i] = dc[i] * gc[i] * s;
                 }

@@ -30,7 +30,7 @@ use crate::model::hf::save_safetensors;
 use crate::model::{Fwd, Model};
 use crate::ops::lm_head::IGNORE;
 use crate::rng::{mix, Rng};
-use crate::train::step::{forward_backward, Batch, GradAcc};
+use crate::train::step::{forward_backward, Batch, GradAcc, Recompute};
 
 /// Which labels the squared gradients are taken with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,7 +192,14 @@ pub fn estimate(
         }
         acc.clear();
         let batch = Batch { ids, targets };
-        forward_backward(model, &batch, 1.0 / count as f64, true, Fwd::eval(), &mut acc)?;
+        forward_backward(
+            model,
+            &batch,
+            1.0 / count as f64,
+            Recompute::Blocks,
+            Fwd::eval(),
+            &mut acc,
+        )?;
         for (k, v) in vars.iter().enumerate() {
             let g2 = match acc.get(v) {
                 Some(g) => g.sqr()?,

@@ -10,6 +10,7 @@
 
 use crate::model::config::{ModelConfig, MODULES};
 use crate::model::BaseDtype;
+use crate::train::Recompute;
 use crate::util::human_bytes;
 
 /// One part of the prediction.
@@ -102,8 +103,11 @@ pub struct RunShape<'a> {
     pub rows: usize,
     /// Tokens per row.
     pub seq_len: usize,
-    /// Per-block recomputation.
-    pub recompute: bool,
+    /// What the backward recomputes.
+    pub recompute: Recompute,
+    /// Which projections carry an adapter, `[layer][MODULES index]` (selective recomputation
+    /// keeps their frozen products).
+    pub adapted: &'a [[bool; 7]],
     /// Bytes of a projection kept `as-stored` (a GGUF quant type), by Hugging Face weight name.
     pub stored_bytes: &'a dyn Fn(&str) -> Option<u64>,
     /// Bytes of a memory-mapped checkpoint that stay resident once read.
@@ -244,11 +248,26 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
     // candle's backward keeps a gradient for every node of the block's graph until it returns,
     // so the gradients double the graph; plus the attention's per-task score tiles.
     let grads = graph + 4 * t * t * 4;
-    if s.recompute {
+    if s.recompute == Recompute::Off {
+        p.add("activations (every block)", l * graph + (l + 1) * n * h * 4 + grads);
+    } else {
         p.add("activations (block inputs)", (l + 1) * n * h * 4);
         p.add("activations (one block + grads)", graph + grads);
-    } else {
-        p.add("activations (every block)", l * graph + (l + 1) * n * h * 4 + grads);
+    }
+    if s.recompute == Recompute::Selective && !s.full {
+        // Every adapted projection's frozen product, bf16 (f32 under an f32 base), all alive
+        // when the forward reaches the head.
+        let mut kept = 0;
+        for (layer, row) in s.adapted.iter().enumerate() {
+            for (mi, m) in MODULES.iter().enumerate() {
+                if row[mi] {
+                    let out = c.linear_shape(m).map(|(o, _)| o as u64).unwrap_or(0);
+                    let bytes = if s.bases[layer][mi] == BaseDtype::F32 { 4 } else { 2 };
+                    kept += n * out * bytes;
+                }
+            }
+        }
+        p.add("activations (kept frozen products)", kept);
     }
     if s.full {
         // One block's weight gradients before they reach the accumulator.
@@ -262,6 +281,19 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
     let rows = (crate::ops::lm_head::chunk_rows(c.vocab_size) as u64).min(n);
     p.add("logits chunk", rows * v * 4 + 2 * n * h * 4);
     p
+}
+
+/// Which projections a plan adapts, `[layer][MODULES index]` (none without a plan).
+pub fn adapted(cfg: &ModelConfig, plan: Option<&crate::adapter::LoraPlan>) -> anyhow::Result<Vec<[bool; 7]>> {
+    let mut t = vec![[false; 7]; cfg.num_layers];
+    if let Some(plan) = plan {
+        for (layer, row) in t.iter_mut().enumerate() {
+            for (mi, m) in MODULES.iter().enumerate() {
+                row[mi] = plan.resolve(layer, m)?.is_some();
+            }
+        }
+    }
+    Ok(t)
 }
 
 /// Adapter parameters a plan puts on a model.
@@ -305,6 +337,7 @@ pub fn for_recipe(
         rows: recipe.train.batch,
         seq_len: recipe.data.seq_len,
         recompute: recipe.train.recompute,
+        adapted: &adapted(cfg, plan.as_ref())?,
         stored_bytes: &stored,
         mapped: src.weights.mapped_bytes(),
         runtime,
@@ -393,15 +426,15 @@ impl Policy {
         }
     }
 
-    /// The prediction for this policy at `rows x seq_len` tokens a micro-batch, with or
-    /// without per-block recomputation.
+    /// The prediction for this policy at `rows x seq_len` tokens a micro-batch under
+    /// `recompute`.
     pub fn predict(
         &self,
         cfg: &ModelConfig,
         rows: usize,
         seq_len: usize,
         pack: bool,
-        recompute: bool,
+        recompute: Recompute,
         runtime: u64,
     ) -> anyhow::Result<Prediction> {
         let bases = self.bases(cfg)?;
@@ -420,6 +453,7 @@ impl Policy {
             rows,
             seq_len,
             recompute,
+            adapted: &adapted(cfg, self.plan.as_ref())?,
             stored_bytes: &|_| None,
             mapped: 0,
             runtime,

@@ -9,4 +9,4 @@ pub mod schedule;
 pub mod step;
 pub mod trainer;
 
-pub use step::{forward_backward, Batch, GradAcc, StepStats};
+pub use step::{forward_backward, Batch, GradAcc, Recompute, StepStats};

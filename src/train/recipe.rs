@@ -257,8 +257,9 @@ pub struct TrainSection {
     pub clip: f64,
     /// Seed of initialisation, dropout and data order.
     pub seed: u64,
-    /// Per-block recomputation (gradient checkpointing).
-    pub recompute: bool,
+    /// What the backward recomputes: `blocks` (gradient checkpointing, the default), `selective`
+    /// (blocks, keeping the frozen products) or `off`; `true` / `false` mean blocks / off.
+    pub recompute: crate::train::Recompute,
     /// Evaluate every this many steps (0: only at the start and end).
     pub eval_every: usize,
     /// At most this many held-out rows per evaluation (0: all).
@@ -296,7 +297,7 @@ impl Default for TrainSection {
             min_lr_ratio: 0.1,
             clip: 1.0,
             seed: 0,
-            recompute: true,
+            recompute: crate::train::Recompute::Blocks,
             eval_every: 0,
             eval_rows: 0,
             out: PathBuf::from("runs/latest"),
@@ -431,6 +432,9 @@ impl Recipe {
         if t.mode == "full" && (base != crate::model::BaseDtype::F32 || layer_bases) {
             bail!("train.mode = \"full\" trains every weight in f32: leave model.base_dtype at f32 and drop per-layer `base` (quantized and 16-bit bases are for frozen weights under LoRA)");
         }
+        if t.mode == "full" && t.recompute == crate::train::Recompute::Selective {
+            bail!("train.recompute = \"selective\" keeps the frozen products under adapters, and full fine-tuning has none: use \"blocks\" or \"off\"");
+        }
         Ok(())
     }
 
@@ -534,6 +538,27 @@ mod tests {
         let bad = layered.replace("base = \"bf16\"", "base = \"int3\"");
         let e = Recipe::parse(&bad, "r.toml", &[]).unwrap_err();
         assert!(format!("{e:#}").contains("int3"), "{e:#}");
+        Ok(())
+    }
+
+    #[test]
+    fn recompute_reads_names_and_the_older_booleans() -> Result<()> {
+        use crate::train::Recompute;
+        for (v, want) in [
+            ("true", Recompute::Blocks),
+            ("false", Recompute::Off),
+            ("\"blocks\"", Recompute::Blocks),
+            ("\"selective\"", Recompute::Selective),
+            ("\"off\"", Recompute::Off),
+        ] {
+            let r = Recipe::parse(BASE, "r.toml", &[format!("train.recompute={v}")])?;
+            assert_eq!(r.train.recompute, want, "{v}");
+        }
+        let e = Recipe::parse(BASE, "r.toml", &["train.recompute=\"sometimes\"".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("off, blocks or selective"), "{e:#}");
+        let full = ["train.mode=\"full\"".into(), "train.recompute=\"selective\"".into()];
+        let e = Recipe::parse(BASE, "r.toml", &full).unwrap_err();
+        assert!(format!("{e:#}").contains("full fine-tuning has none"), "{e:#}");
         Ok(())
     }
 

@@ -4,7 +4,9 @@
 //! and the graph below is seeded with `sum(h * dL/dh)`. With recomputation (the default) only
 //! each block's input is kept during the forward; the backward walks the blocks from the top,
 //! re-running each one with its input as a `Var` and seeding it with the gradient from above, so
-//! a single block's graph is alive at any time (DESIGN pitfall 4).
+//! a single block's graph is alive at any time (DESIGN pitfall 4). Selective recomputation
+//! also keeps every adapted projection's frozen product from the forward
+//! (`ops::lora_linear::KeptProducts`), so re-running a block skips its base GEMMs.
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, TensorId, Var};
@@ -12,6 +14,59 @@ use std::collections::HashMap;
 
 use crate::model::{Fwd, Model, Param};
 use crate::ops::lm_head::{lm_head_loss, HeadOptions};
+use crate::ops::lora_linear::KeptProducts;
+use std::sync::Arc;
+
+/// How the backward gets the activations it needs (`train.recompute`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Recompute {
+    /// Keep every block's graph from the forward: fastest, most activation memory.
+    Off,
+    /// Keep only each block's input and re-run the block in the backward (gradient
+    /// checkpointing): least memory.
+    #[default]
+    Blocks,
+    /// [`Recompute::Blocks`] that also keeps each adapted projection's frozen product (bf16;
+    /// f32 under an f32 base), so the re-run costs only the adapters, norms and attention.
+    Selective,
+}
+
+impl Recompute {
+    /// Parses `off`, `blocks` or `selective` (and `false` / `true`, the older boolean form).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "off" | "false" | "none" => Ok(Self::Off),
+            "blocks" | "true" | "block" => Ok(Self::Blocks),
+            "selective" => Ok(Self::Selective),
+            _ => anyhow::bail!("recompute `{s}`: expected off, blocks or selective"),
+        }
+    }
+
+    /// The name [`Recompute::parse`] reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Blocks => "blocks",
+            Self::Selective => "selective",
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Recompute {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Flag(bool),
+            Name(String),
+        }
+        match Form::deserialize(d)? {
+            Form::Flag(true) => Ok(Self::Blocks),
+            Form::Flag(false) => Ok(Self::Off),
+            Form::Name(s) => Self::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
 
 /// A packed micro-batch: `ids [b, t]` and flattened next-token targets (`IGNORE` to skip).
 #[derive(Clone, Debug)]
@@ -101,7 +156,7 @@ pub fn forward_backward(
     model: &Model,
     batch: &Batch,
     grad_scale: f64,
-    recompute: bool,
+    recompute: Recompute,
     fwd: Fwd,
     acc: &mut GradAcc,
 ) -> Result<StepStats> {
@@ -114,7 +169,7 @@ pub fn forward_backward_with(
     model: &Model,
     batch: &Batch,
     grad_scale: f64,
-    recompute: bool,
+    recompute: Recompute,
     fwd: Fwd,
     acc: &mut GradAcc,
     extra: Option<ExtraTerm<'_>>,
@@ -161,7 +216,7 @@ pub fn forward_backward_with(
         ))
     };
 
-    if !recompute {
+    if recompute == Recompute::Off {
         let mut x = x0;
         for i in 0..n_layers {
             x = model
@@ -173,12 +228,15 @@ pub fn forward_backward_with(
         return Ok(stats);
     }
 
+    let kept = (recompute == Recompute::Selective).then(|| Arc::new(KeptProducts::default()));
+    let block = |i: usize, x: &Tensor| match &kept {
+        Some(k) => model.block_forward_kept(i, x, b, t, fwd, k),
+        None => model.block_forward(i, x, b, t, fwd, None),
+    };
     let mut inputs = Vec::with_capacity(n_layers + 1);
     inputs.push(x0.detach());
     for i in 0..n_layers {
-        let y = model
-            .block_forward(i, &inputs[i], b, t, fwd, None)
-            .with_context(|| format!("block {i}"))?;
+        let y = block(i, &inputs[i]).with_context(|| format!("block {i}"))?;
         inputs.push(y.detach());
     }
     let x_top = Var::from_tensor(&inputs[n_layers])?;
@@ -191,7 +249,7 @@ pub fn forward_backward_with(
     drop(grads);
     for i in (0..n_layers).rev() {
         let xin = Var::from_tensor(&inputs[i])?;
-        let y = model.block_forward(i, xin.as_tensor(), b, t, fwd, None)?;
+        let y = block(i, xin.as_tensor())?;
         let grads = y.mul(&g)?.sum_all()?.backward()?;
         collect(&grads, &vars, acc)?;
         g = grads
