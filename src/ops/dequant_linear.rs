@@ -10,7 +10,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use super::{bf16_gemm, cpu_f32, sgemm_ld};
+use super::{bf16_gemm, cpu_f32, f32_view, sgemm_ld};
 use crate::quant::nf4::Nf4Tensor;
 
 /// A weight `[rows, cols]` the op decodes slab by slab.
@@ -288,9 +288,9 @@ impl CustomOp1 for DequantLinear {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (m, k) = x.dims2()?;
-        let g: Vec<f32> = g.contiguous()?.flatten_all()?.to_vec1()?;
+        let g = f32_view(g)?;
         let mut dx = vec![0f32; m * k];
-        g_w(&g, m, &self.w, &mut dx, self.kernel)?;
+        g_w(g.get(), m, &self.w, &mut dx, self.kernel)?;
         Ok(Some(Tensor::from_vec(dx, (m, k), x.device())?))
     }
 }

@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_f32;
+use super::{cpu_f32, f32_view};
 
 /// Shapes and tables of one call.
 #[derive(Clone)]
@@ -303,8 +303,8 @@ impl CustomOp3 for FusedAttention {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let vec = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let (dq, dk, dv) = self.backward_slices(&vec(q)?, &vec(k)?, &vec(v)?, &vec(g)?)?;
+        let (qv, kv, vv, gv) = (f32_view(q)?, f32_view(k)?, f32_view(v)?, f32_view(g)?);
+        let (dq, dk, dv) = self.backward_slices(qv.get(), kv.get(), vv.get(), gv.get())?;
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),

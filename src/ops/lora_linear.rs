@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use super::bf16_gemm::{self, LinearPack};
 use super::dequant_linear::{g_w, use_kernel, x_wt, Compact};
-use super::{cpu_f32, sgemm};
+use super::{cpu_f32, f32_view, sgemm};
 use crate::rng::{mix, Rng};
 use rayon::prelude::*;
 
@@ -274,38 +274,36 @@ impl CustomOp3 for LoraLinear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (m, k) = x.dims2()?;
         let (r, n) = (a.dim(0)?, b.dim(0)?);
-        let vec = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let (xs, av, bv, gv) = (vec(x)?, vec(a)?, vec(b)?, vec(g)?);
+        let views = (f32_view(x)?, f32_view(a)?, f32_view(b)?, f32_view(g)?);
+        let (xs, av, bv, gv) = (views.0.get(), views.1.get(), views.2.get(), views.3.get());
         let mask = match self.seed {
             Some(seed) if self.dropout > 0.0 => Some(dropout_mask(seed, self.dropout, m, k)),
             _ => None,
         };
-        let xd: Vec<f32> = match &mask {
-            Some(mk) => xs.iter().zip(mk).map(|(p, q)| p * q).collect(),
-            None => xs,
-        };
+        let dropped: Option<Vec<f32>> = mask.as_ref().map(|mk| xs.iter().zip(mk).map(|(p, q)| p * q).collect());
+        let xd = dropped.as_deref().unwrap_or(xs);
         let mut u = vec![0f32; m * r];
-        sgemm(m, r, k, (&xd, k, 1), (&av, 1, k), &mut u, false, 1.0, true);
+        sgemm(m, r, k, (xd, k, 1), (av, 1, k), &mut u, false, 1.0, true);
         // dB = s g^T u; du = s g B; dA = du^T d(x); dx = g W + d(du A).
         let mut db = vec![0f32; n * r];
-        sgemm(n, r, m, (&gv, 1, n), (&u, r, 1), &mut db, false, self.scale, true);
+        sgemm(n, r, m, (gv, 1, n), (&u, r, 1), &mut db, false, self.scale, true);
         let mut du = vec![0f32; m * r];
-        sgemm(m, r, n, (&gv, n, 1), (&bv, r, 1), &mut du, false, self.scale, true);
+        sgemm(m, r, n, (gv, n, 1), (bv, r, 1), &mut du, false, self.scale, true);
         let mut da = vec![0f32; r * k];
-        sgemm(r, k, m, (&du, 1, r), (&xd, k, 1), &mut da, false, 1.0, true);
+        sgemm(r, k, m, (&du, 1, r), (xd, k, 1), &mut da, false, 1.0, true);
         let mut dx = vec![0f32; m * k];
         match &mask {
             Some(mk) => {
                 let mut dxl = vec![0f32; m * k];
-                sgemm(m, k, r, (&du, r, 1), (&av, k, 1), &mut dxl, false, 1.0, true);
-                self.base_bwd(&gv, m, n, &mut dx)?;
+                sgemm(m, k, r, (&du, r, 1), (av, k, 1), &mut dxl, false, 1.0, true);
+                self.base_bwd(gv, m, n, &mut dx)?;
                 for ((o, l), q) in dx.iter_mut().zip(&dxl).zip(mk) {
                     *o += l * q;
                 }
             }
             None => {
-                self.base_bwd(&gv, m, n, &mut dx)?;
-                sgemm(m, k, r, (&du, r, 1), (&av, k, 1), &mut dx, true, 1.0, true);
+                self.base_bwd(gv, m, n, &mut dx)?;
+                sgemm(m, k, r, (&du, r, 1), (av, k, 1), &mut dx, true, 1.0, true);
             }
         }
         let dev = x.device();

@@ -38,6 +38,38 @@ pub(crate) fn cpu_f32<'a>(
     }
 }
 
+/// A tensor's f32 values on the CPU for a backward: borrowed from its storage when it is a
+/// contiguous f32 CPU tensor (no copy on the hot path), else converted once.
+pub(crate) enum F32View<'a> {
+    Borrowed(candle_core::StorageRef<'a>, std::ops::Range<usize>),
+    Owned(Vec<f32>),
+}
+
+impl F32View<'_> {
+    /// The values, row-major.
+    pub(crate) fn get(&self) -> &[f32] {
+        match self {
+            F32View::Borrowed(g, r) => match &**g {
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => &v[r.clone()],
+                _ => unreachable!("F32View::Borrowed only holds f32 CPU storage"),
+            },
+            F32View::Owned(v) => v,
+        }
+    }
+}
+
+/// [`F32View`] of `t`.
+pub(crate) fn f32_view(t: &candle_core::Tensor) -> candle_core::Result<F32View<'_>> {
+    let (st, l) = t.storage_and_layout();
+    if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_)), Some((a, b))) = (&*st, l.contiguous_offsets()) {
+        return Ok(F32View::Borrowed(st, a..b));
+    }
+    drop(st);
+    Ok(F32View::Owned(
+        t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?,
+    ))
+}
+
 /// `c[m, n] = alpha * a[m, k] b[k, n] (+ c if acc)` in f32 through the `gemm` crate, each operand
 /// given as `(slice, row stride, column stride)`, `c` contiguous; `parallel` spreads it over the
 /// rayon pool.

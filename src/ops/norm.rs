@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::cpu_f32;
+use super::{cpu_f32, f32_view};
 
 /// `x / sqrt(mean(x^2) + eps) * w` over the last dimension, composed of candle primitives
 /// (any device, any float dtype; the reference for the fused op).
@@ -57,9 +57,8 @@ impl CustomOp2 for RmsNorm {
     /// `dw = sum over rows of g * x * r`.
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let h = w.elem_count();
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let ws: Vec<f32> = w.flatten_all()?.to_vec1()?;
-        let gs: Vec<f32> = g.flatten_all()?.to_vec1()?;
+        let (xv, wv, gv) = (f32_view(x)?, f32_view(w)?, f32_view(g)?);
+        let (xs, ws, gs) = (xv.get(), wv.get(), gv.get());
         let mut dx = vec![0f32; xs.len()];
         let rows = 64;
         let dw_parts: Vec<Vec<f32>> = dx
@@ -72,7 +71,7 @@ impl CustomOp2 for RmsNorm {
                     let dot: f32 = xr
                         .iter()
                         .zip(gr)
-                        .zip(&ws)
+                        .zip(ws)
                         .map(|((&xv, &gv), &wv)| gv * wv * xv)
                         .sum::<f32>()
                         / h as f32;

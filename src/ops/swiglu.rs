@@ -3,8 +3,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_f32;
 use super::fast_exp::exp_in_place;
+use super::{cpu_f32, f32_view};
 
 /// `silu(g) * u`.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
@@ -48,11 +48,8 @@ impl CustomOp2 for SwiGlu {
 
     /// `d/dg = u * s * (1 + g * (1 - s))` with `s = sigmoid(g)`; `d/du = g * s`.
     fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gs, us, ds): (Vec<f32>, Vec<f32>, Vec<f32>) = (
-            g.flatten_all()?.to_vec1()?,
-            u.flatten_all()?.to_vec1()?,
-            dy.flatten_all()?.to_vec1()?,
-        );
+        let (gv, uv, dv) = (f32_view(g)?, f32_view(u)?, f32_view(dy)?);
+        let (gs, us, ds) = (gv.get(), uv.get(), dv.get());
         let mut dg = vec![0f32; gs.len()];
         let mut du = vec![0f32; gs.len()];
         dg.par_chunks_mut(CHUNK)
