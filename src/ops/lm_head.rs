@@ -142,23 +142,34 @@ fn softmax_ce_rows(logits: &mut [f32], v: usize, targets: &[u32], scales: Option
         .collect()
 }
 
+/// The first `len` values of the logits buffer every chunk of a call reuses: a chunk's logits
+/// are tens of MB, over malloc's mmap threshold, so a fresh buffer per chunk would be mapped,
+/// page-faulted and zeroed by the kernel each time. The GEMMs overwrite it; no zeroing needed.
+fn logits_buffer(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
 /// One chunk through the bf16 kernel: NLLs, arg-maxes and (when asked) `dh [c, hidden]`.
 fn chunk_bf16(
     hc: &Tensor,
     pack: &HeadPack,
     idx: &[u32],
     scales: Option<&[f32]>,
+    buf: &mut Vec<f32>,
 ) -> Result<(Vec<RowStat>, Option<Tensor>)> {
     let (c, hidden) = hc.dims2()?;
     let v = pack.fwd.n;
     let x: Vec<f32> = hc.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let mut logits = vec![0f32; c * v];
-    bf16_gemm::gemm(&bf16_gemm::pack_a(&x, c, hidden), c, &pack.fwd, &mut logits);
-    let rows = softmax_ce_rows(&mut logits, v, idx, scales);
+    let logits = logits_buffer(buf, c * v);
+    bf16_gemm::gemm(&bf16_gemm::pack_a(&x, c, hidden), c, &pack.fwd, logits);
+    let rows = softmax_ce_rows(logits, v, idx, scales);
     let dh = match scales {
         Some(_) => {
             let mut dh = vec![0f32; c * hidden];
-            bf16_gemm::gemm(&bf16_gemm::pack_a(&logits, c, v), c, &pack.bwd, &mut dh);
+            bf16_gemm::gemm(&bf16_gemm::pack_a(logits, c, v), c, &pack.bwd, &mut dh);
             Some(Tensor::from_vec(dh, (c, hidden), hc.device())?)
         }
         None => None,
@@ -173,20 +184,21 @@ fn chunk_lean(
     w: &super::dequant_linear::Compact,
     idx: &[u32],
     scales: Option<&[f32]>,
+    buf: &mut Vec<f32>,
 ) -> Result<(Vec<RowStat>, Option<Tensor>)> {
     use super::dequant_linear::{g_w, use_kernel, x_wt};
     let (c, hidden) = hc.dims2()?;
     let (v, _) = w.dims()?;
     let x: Vec<f32> = hc.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let mut logits = vec![0f32; c * v];
+    let logits = logits_buffer(buf, c * v);
     // An f32 head stays f32; a bf16 one may use the kernel.
     let kernel = use_kernel(c) && !matches!(w, super::dequant_linear::Compact::F32(_));
-    x_wt(&x, c, w, &mut logits, kernel)?;
-    let rows = softmax_ce_rows(&mut logits, v, idx, scales);
+    x_wt(&x, c, w, logits, kernel)?;
+    let rows = softmax_ce_rows(logits, v, idx, scales);
     let dh = match scales {
         Some(_) => {
             let mut dh = vec![0f32; c * hidden];
-            g_w(&logits, c, w, &mut dh, kernel)?;
+            g_w(logits, c, w, &mut dh, kernel)?;
             Some(Tensor::from_vec(dh, (c, hidden), hc.device())?)
         }
         None => None,
@@ -229,6 +241,7 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
     };
     let mut dh_parts = Vec::new();
     let mut dw: Option<Tensor> = None;
+    let mut buf = Vec::new();
     let mut start = 0;
     while start < n {
         let c = chunk.min(n - start);
@@ -255,7 +268,7 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
                     if pack.fwd.n != vocab {
                         candle_core::bail!("lm head: packed head has {} rows, weight has {vocab}", pack.fwd.n);
                     }
-                    chunk_bf16(&hc, pack, &idx, scales.as_deref())?
+                    chunk_bf16(&hc, pack, &idx, scales.as_deref(), &mut buf)?
                 }
                 None => {
                     use super::dequant_linear::Compact;
@@ -264,7 +277,7 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
                         DType::BF16 => Compact::Bf16(w),
                         _ => Compact::F32(w),
                     };
-                    chunk_lean(&hc, &c, &idx, scales.as_deref())?
+                    chunk_lean(&hc, &c, &idx, scales.as_deref(), &mut buf)?
                 }
             };
             for (i, (nll, am)) in rows.into_iter().enumerate() {
