@@ -252,6 +252,12 @@ pub fn run(mut a: Args) -> Result<()> {
                     "--steps",
                     &a.steps.to_string(),
                 ])
+                // The naive port runs as a plain candle program would: candle's elementwise
+                // pool at its default size (strata's binary holds it to one thread).
+                .envs(
+                    (*v == "naive-candle")
+                        .then(|| ("CANDLE_NUM_THREADS", candle_core::utils::get_num_threads().to_string())),
+                )
                 .output()?;
             if !out.status.success() {
                 bail!("variant {v} failed: {}", String::from_utf8_lossy(&out.stderr));

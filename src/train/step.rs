@@ -32,11 +32,12 @@ pub enum Recompute {
 }
 
 impl Recompute {
-    /// Parses `off`, `blocks` or `selective` (and `false` / `true`, the older boolean form).
+    /// Parses `off`, `blocks` or `selective` (a recipe may also say `false` / `true`, the
+    /// older boolean form).
     pub fn parse(s: &str) -> Result<Self> {
         match s {
-            "off" | "false" | "none" => Ok(Self::Off),
-            "blocks" | "true" | "block" => Ok(Self::Blocks),
+            "off" => Ok(Self::Off),
+            "blocks" => Ok(Self::Blocks),
             "selective" => Ok(Self::Selective),
             _ => anyhow::bail!("recompute `{s}`: expected off, blocks or selective"),
         }

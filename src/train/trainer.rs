@@ -164,7 +164,12 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
     let recipe_plan = recipe.plan(src.config.num_layers)?;
     let bases = recipe.base_table(src.config.num_layers)?;
     let predicted = memory::for_recipe(recipe, &src, current_rss())?;
-    eprintln!("memory plan (micro-batch {}):\n{}", t.batch, predicted.table());
+    eprintln!(
+        "memory plan (micro-batch {}, recompute = {}):\n{}",
+        t.batch,
+        t.recompute.name(),
+        predicted.table()
+    );
     let per = |l: usize, m: &str| bases[l][crate::model::config::module_index(m)];
     let mut model = Model::load_with(
         &src.config,

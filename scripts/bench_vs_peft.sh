@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# strata against PyTorch + PEFT (+ bitsandbytes) on the SmolLM2-135M shape, batch 4 x 256:
+# every configuration in its own process (so each peak RSS is its own), ROUNDS interleaved
+# rounds, medians printed as the README's table. This VM's speed drifts by up to 2x within
+# minutes, so only rows measured in the same rounds are compared.
+#
+#   scripts/bench_vs_peft.sh [ROUNDS] [PYTHON]
+#
+# PYTHON is the interpreter of the peer environment (../shared/peer; default
+# ~/.cache/strata-peer-venv/bin/python). Raw results go to runs/bench-vs-peft.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+py=${2:-$HOME/.cache/strata-peer-venv/bin/python}
+peer=../shared/peer/peft_bench.py
+[ -x "$py" ] || { echo "no peer python at $py (see ../shared/peer/README)" >&2; exit 1; }
+[ -f "$peer" ] || { echo "no peer benchmark at $peer" >&2; exit 1; }
+cargo build --release --quiet
+# A copy, so that a rebuild during the rounds cannot change the binary under test.
+exe=$(mktemp -t strata-bench.XXXXXX)
+cp target/release/strata "$exe"
+chmod +x "$exe"
+trap 'rm -f "$exe"' EXIT
+mkdir -p runs
+log=runs/bench-vs-peft.jsonl
+: >"$log"
+
+for round in $(seq 1 "$rounds"); do
+  for spec in "lora bfloat16 no" "lora bfloat16 yes" "qlora bfloat16 no" "qlora bfloat16 yes" "lora float32 no"; do
+    set -- $spec
+    ckpt=(); [ "$3" = yes ] && ckpt=(--grad-ckpt)
+    line=$("$py" "$peer" --preset smollm2 --mode "$1" --dtype "$2" "${ckpt[@]}" -b 4 -s 256 -w 1 -n 3 2>/dev/null | tail -1)
+    echo "{\"round\": $round, \"who\": \"peft\", \"mode\": \"$1\", \"dtype\": \"$2\", \"ckpt\": \"$3\", \"r\": $line}" >>"$log"
+    echo "round $round: peft $spec done" >&2
+  done
+  for dtype in bf16 nf4-dq f32; do
+    # One variant per process (the hidden --variant is what `bench train` runs per variant).
+    for v in strata-no-recompute strata strata-selective; do
+      line=$("$exe" bench train --variant "$v" --base-dtype "$dtype" --steps 3 2>/dev/null | tail -1)
+      echo "{\"round\": $round, \"who\": \"strata\", \"dtype\": \"$dtype\", \"variant\": \"$v\", \"r\": $line}" >>"$log"
+      echo "round $round: strata $dtype $v done" >&2
+    done
+  done
+done
+
+python3 - "$log" <<'EOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def med(sel, key):
+    v = [r["r"][key] for r in rows if sel(r)]
+    return statistics.median(v) if v else None
+def peft(mode, dtype, ckpt):
+    s = lambda r: r["who"] == "peft" and (r["mode"], r["dtype"], r["ckpt"]) == (mode, dtype, ckpt)
+    return med(s, "tokens_per_s"), med(s, "peak_rss_mb") * 1e6
+def strata(dtype, v):
+    s = lambda r: r["who"] == "strata" and (r["dtype"], r["variant"]) == (dtype, v)
+    return med(s, "tok_per_s"), med(s, "peak_rss")
+print(f"medians of {max(r['round'] for r in rows)} interleaved rounds\n")
+print("| trainer | frozen base | recomputation | tok/s | peak RSS | speed vs PyTorch | memory vs PyTorch |")
+print("|---|---|---|---|---|---|---|")
+groups = [
+    ("bf16", "lora", "bfloat16", "PyTorch + PEFT", "bf16"),
+    ("nf4-dq", "qlora", "bfloat16", "PyTorch + PEFT + bitsandbytes", "NF4 + double quant"),
+    ("f32", "lora", "float32", "PyTorch + PEFT", "f32"),
+]
+for dtype, mode, pdt, who, base in groups:
+    for ckpt, variants in (("no", ["strata-no-recompute"]), ("yes", ["strata", "strata-selective"])):
+        if (mode, pdt) == ("lora", "float32") and ckpt == "yes":
+            ref = peft(mode, pdt, "no")
+            tag = " (vs f32, no checkpointing)"
+        else:
+            ref = peft(mode, pdt, ckpt)
+            tag = ""
+            label = "gradient checkpointing" if ckpt == "yes" else "no"
+            print(f"| {who} | {base} | {label} | {ref[0]:.0f} | {ref[1] / 1e9:.2f} GB | 1.00x | 1.00x |")
+        for v in variants:
+            t, m = strata(dtype, v)
+            rc = {"strata-no-recompute": "no", "strata": "per block (default)", "strata-selective": "selective"}[v]
+            print(f"| **strata** | {base if dtype != 'nf4-dq' else 'NF4 + double quant'} | {rc} | {t:.0f} | {m / 1e9:.2f} GB "
+                  f"| {t / ref[0]:.2f}x{tag} | {m / ref[1]:.2f}x{tag} |")
+EOF
