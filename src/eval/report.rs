@@ -18,6 +18,68 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+/// A chart's plot area inside its `w x h` box (margins `l r t b`) and the data ranges it maps.
+struct Frame {
+    w: f64,
+    h: f64,
+    l: f64,
+    r: f64,
+    t: f64,
+    b: f64,
+    x: (f64, f64),
+    y: (f64, f64),
+}
+
+impl Frame {
+    fn xs(&self, x: f64) -> f64 {
+        self.l + (x - self.x.0) / (self.x.1 - self.x.0).max(1e-12) * (self.w - self.l - self.r)
+    }
+
+    fn ys(&self, y: f64) -> f64 {
+        self.h - self.b - (y - self.y.0) / (self.y.1 - self.y.0) * (self.h - self.t - self.b)
+    }
+
+    /// The border, five ticks on each axis and the axis labels.
+    fn draw(&self, svg: &mut String, x_label: &str, y_label: Option<&str>) {
+        let (w, h, l, r, t, b) = (self.w, self.h, self.l, self.r, self.t, self.b);
+        let _ = write!(
+            svg,
+            "<rect x='{l}' y='{t}' width='{}' height='{}' fill='none' stroke='#999'/>",
+            w - l - r,
+            h - t - b
+        );
+        for k in 0..=4 {
+            let x = self.x.0 + (self.x.1 - self.x.0) * k as f64 / 4.0;
+            let y = self.y.0 + (self.y.1 - self.y.0) * k as f64 / 4.0;
+            let _ = write!(
+                svg,
+                "<text x='{:.1}' y='{:.1}' text-anchor='middle'>{}</text><text x='{:.1}' y='{:.1}' text-anchor='end'>{}</text>",
+                self.xs(x),
+                h - b + 14.0,
+                fmt_tick(x),
+                l - 4.0,
+                self.ys(y) + 4.0,
+                fmt_tick(y)
+            );
+        }
+        let _ = write!(
+            svg,
+            "<text x='{:.1}' y='{}' text-anchor='middle'>{}</text>",
+            (l + w - r) / 2.0,
+            h - 6.0,
+            esc(x_label)
+        );
+        if let Some(y_label) = y_label {
+            let mid = (t + h - b) / 2.0;
+            let _ = write!(
+                svg,
+                "<text x='12' y='{mid:.1}' transform='rotate(-90 12 {mid:.1})' text-anchor='middle'>{}</text>",
+                esc(y_label)
+            );
+        }
+    }
+}
+
 /// A line chart of `series` (empty series are left out) as an SVG element.
 pub fn line_chart(title: &str, x_label: &str, series: &[Series]) -> String {
     let (w, h, l, r, t, b) = (560.0, 260.0, 64.0, 16.0, 28.0, 40.0);
@@ -48,39 +110,18 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series]) -> String {
         y0 -= 0.5 * y0.abs().max(1e-3);
         y1 += 0.5 * y1.abs().max(1e-3);
     }
-    let xs = |x: f64| l + (x - x0) / (x1 - x0).max(1e-12) * (w - l - r);
-    let ys = |y: f64| h - b - (y - y0) / (y1 - y0) * (h - t - b);
-    let _ = write!(
-        svg,
-        "<rect x='{l}' y='{t}' width='{}' height='{}' fill='none' stroke='#999'/>",
-        w - l - r,
-        h - t - b
-    );
-    for k in 0..=4 {
-        let y = y0 + (y1 - y0) * k as f64 / 4.0;
-        let _ = write!(
-            svg,
-            "<text x='{}' y='{}' text-anchor='end'>{}</text>",
-            l - 4.0,
-            ys(y) + 4.0,
-            fmt_tick(y)
-        );
-        let x = x0 + (x1 - x0) * k as f64 / 4.0;
-        let _ = write!(
-            svg,
-            "<text x='{}' y='{}' text-anchor='middle'>{}</text>",
-            xs(x),
-            h - b + 14.0,
-            fmt_tick(x)
-        );
-    }
-    let _ = write!(
-        svg,
-        "<text x='{}' y='{}' text-anchor='middle'>{}</text>",
-        (l + w - r) / 2.0,
-        h - 6.0,
-        esc(x_label)
-    );
+    let f = Frame {
+        w,
+        h,
+        l,
+        r,
+        t,
+        b,
+        x: (x0, x1),
+        y: (y0, y1),
+    };
+    let (xs, ys) = (|x| f.xs(x), |y| f.ys(y));
+    f.draw(&mut svg, x_label, None);
     for (i, (name, s)) in series.iter().filter(|s| !s.1.is_empty()).enumerate() {
         let c = COLORS[i % COLORS.len()];
         let path: Vec<String> = s
@@ -137,14 +178,21 @@ pub fn scatter_chart(title: &str, x_label: &str, y_label: &str, pts: &[Point]) -
     };
     let (x0, x1) = bound(&|p| [p.1, p.2 .0, p.2 .1]);
     let (y0, y1) = bound(&|p| [p.3, p.4 .0, p.4 .1]);
-    let xs = |x: f64| l + (x - x0) / (x1 - x0) * (w - l - r);
-    let ys = |y: f64| h - b - (y - y0) / (y1 - y0) * (h - t - b);
+    let f = Frame {
+        w,
+        h,
+        l,
+        r,
+        t,
+        b,
+        x: (x0, x1),
+        y: (y0, y1),
+    };
+    let (xs, ys) = (|x| f.xs(x), |y| f.ys(y));
+    // Zero lines: the scatter's axes always include 0.
     let _ = write!(
         svg,
-        "<rect x='{l}' y='{t}' width='{}' height='{}' fill='none' stroke='#999'/>\
-         <line x1='{:.1}' y1='{t}' x2='{:.1}' y2='{}' stroke='#ccc'/><line x1='{l}' y1='{:.1}' x2='{}' y2='{:.1}' stroke='#ccc'/>",
-        w - l - r,
-        h - t - b,
+        "<line x1='{:.1}' y1='{t}' x2='{:.1}' y2='{}' stroke='#ccc'/><line x1='{l}' y1='{:.1}' x2='{}' y2='{:.1}' stroke='#ccc'/>",
         xs(0.0),
         xs(0.0),
         h - b,
@@ -152,29 +200,7 @@ pub fn scatter_chart(title: &str, x_label: &str, y_label: &str, pts: &[Point]) -
         w - r,
         ys(0.0)
     );
-    for k in 0..=4 {
-        let (x, y) = (x0 + (x1 - x0) * k as f64 / 4.0, y0 + (y1 - y0) * k as f64 / 4.0);
-        let _ = write!(
-            svg,
-            "<text x='{:.1}' y='{:.1}' text-anchor='middle'>{}</text><text x='{:.1}' y='{:.1}' text-anchor='end'>{}</text>",
-            xs(x),
-            h - b + 14.0,
-            fmt_tick(x),
-            l - 4.0,
-            ys(y) + 4.0,
-            fmt_tick(y)
-        );
-    }
-    let _ = write!(
-        svg,
-        "<text x='{:.1}' y='{}' text-anchor='middle'>{}</text><text x='12' y='{:.1}' transform='rotate(-90 12 {:.1})' text-anchor='middle'>{}</text>",
-        (l + w - r) / 2.0,
-        h - 6.0,
-        esc(x_label),
-        (t + h - b) / 2.0,
-        (t + h - b) / 2.0,
-        esc(y_label)
-    );
+    f.draw(&mut svg, x_label, Some(y_label));
     for (i, p) in fin.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         let (cx, cy) = (xs(p.1), ys(p.3));
