@@ -1,9 +1,9 @@
 //! Perplexity and next-token accuracy over packed sequences.
 
 use anyhow::Result;
-use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use crate::data::mix::{gather, RowRef};
 use crate::data::Sequences;
 use crate::model::{Fwd, Model};
 
@@ -25,9 +25,8 @@ pub fn eval_sequences(model: &Model, seqs: &Sequences, batch: usize, fwd: Fwd) -
     let (mut nll, mut count, mut correct) = (0.0, 0usize, 0usize);
     for start in (0..seqs.len()).step_by(batch.max(1)) {
         let end = (start + batch.max(1)).min(seqs.len());
-        let ids: Vec<u32> = seqs.inputs[start..end].iter().flatten().copied().collect();
-        let tg: Vec<u32> = seqs.targets[start..end].iter().flatten().copied().collect();
-        let ids = Tensor::from_vec(ids, (end - start, seqs.seq_len), &model.device)?;
+        let rows: Vec<RowRef> = (start..end).map(|r| (0, r)).collect();
+        let (ids, tg) = gather(&[seqs], &rows, &model.device)?;
         let out = model.eval_loss(&ids, &tg, fwd)?;
         nll += out.nll_sum;
         count += out.count;
