@@ -40,14 +40,16 @@ fn main() {
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     reuse_freed_memory();
+    let cli = strata::cli::Cli::parse();
     // strata's heavy CPU ops run on rayon's pool; candle's elementwise ops (residual adds and
     // the like) have a pool of their own whose workers spin between ops, competing with rayon's
-    // for the same cores (+6-15% training speed on 2 cores without it). The main thread does
-    // candle's share alone unless the user asks otherwise.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+    // for the same cores (+6-15% adapter training speed on 2 cores without it). The main thread
+    // does candle's share alone unless the user asks otherwise, or the run trains every weight
+    // (its gradient sums are large candle ops: 9% slower on one thread). Still one thread here,
+    // so setting the variable races with nothing.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() && !cli.trains_every_weight() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    let cli = strata::cli::Cli::parse();
     if let Err(e) = strata::cli::run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

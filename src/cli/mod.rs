@@ -47,6 +47,20 @@ pub enum Command {
 }
 
 /// Runs the parsed command line.
+impl Cli {
+    /// Whether this invocation fine-tunes every weight (`strata train` of a `mode = "full"`
+    /// recipe): the one job whose optimizer and gradient sums lean on candle's own elementwise
+    /// pool (see `main`). A recipe that does not parse says no; the run itself reports why.
+    pub fn trains_every_weight(&self) -> bool {
+        match &self.command {
+            Command::Train(a) => crate::train::recipe::Recipe::load(&a.recipe, &a.sets)
+                .map(|r| r.train.mode == "full")
+                .unwrap_or(false),
+            _ => false,
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => train::run(a),
