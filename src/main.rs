@@ -29,6 +29,9 @@ fn reuse_freed_memory() {
     }
 }
 
+/// Marks `CANDLE_NUM_THREADS` as strata's choice rather than the user's.
+const CHOSEN: &str = "STRATA_CHOSE_CANDLE_THREADS";
+
 fn main() {
     // Rust ignores SIGPIPE, so `strata inspect M | head` would panic when `head` closes the pipe;
     // the default action ends the process quietly, as other command-line tools do.
@@ -47,8 +50,17 @@ fn main() {
     // does candle's share alone unless the user asks otherwise, or the run trains every weight
     // (its gradient sums are large candle ops: 9% slower on one thread). Still one thread here,
     // so setting the variable races with nothing.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() && !cli.trains_every_weight() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    // A strata parent that chose the value itself marks it, so that its children (`experiment`
+    // runs each recipe in one) choose again for their own job.
+    let chosen_by_strata = std::env::var_os(CHOSEN).is_some();
+    if chosen_by_strata || std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        if cli.trains_every_weight() {
+            std::env::remove_var("CANDLE_NUM_THREADS");
+            std::env::remove_var(CHOSEN);
+        } else {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+            std::env::set_var(CHOSEN, "1");
+        }
     }
     if let Err(e) = strata::cli::run(cli) {
         eprintln!("error: {e:#}");

@@ -233,7 +233,14 @@ pub fn run(mut a: Args) -> Result<()> {
     let mut results: Vec<(Vec<f64>, u64)> = vec![(Vec::new(), 0); variants.len()];
     for round in 0..a.rounds {
         for (i, v) in variants.iter().enumerate() {
-            let out = std::process::Command::new(&exe)
+            let mut cmd = std::process::Command::new(&exe);
+            if *v == "naive-candle" {
+                // The naive port runs as a plain candle program would: candle's elementwise
+                // pool at its default size (strata's binary holds it to one thread).
+                cmd.env("CANDLE_NUM_THREADS", candle_core::utils::get_num_threads().to_string())
+                    .env_remove("STRATA_CHOSE_CANDLE_THREADS");
+            }
+            let out = cmd
                 .args([
                     "bench",
                     "train",
@@ -252,12 +259,6 @@ pub fn run(mut a: Args) -> Result<()> {
                     "--steps",
                     &a.steps.to_string(),
                 ])
-                // The naive port runs as a plain candle program would: candle's elementwise
-                // pool at its default size (strata's binary holds it to one thread).
-                .envs(
-                    (*v == "naive-candle")
-                        .then(|| ("CANDLE_NUM_THREADS", candle_core::utils::get_num_threads().to_string())),
-                )
                 .output()?;
             if !out.status.success() {
                 bail!("variant {v} failed: {}", String::from_utf8_lossy(&out.stderr));
