@@ -110,7 +110,7 @@ fn naive_step(model: &Model, batch: &Batch, acc: &mut GradAcc) -> Result<f64> {
                 naive: true,
                 ..Fwd::eval()
             },
-            None,
+            crate::model::BlockState::None,
         )?;
     }
     let h = model.final_norm(&x)?;

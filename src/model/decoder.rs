@@ -286,6 +286,18 @@ impl Linear {
     }
 }
 
+/// What [`Model::block_forward`] keeps across calls.
+pub enum BlockState<'a> {
+    /// Nothing: training and whole-sequence evaluation.
+    None,
+    /// Keys and values of earlier positions, extended by this call (generation).
+    Cache(&'a mut KvCache),
+    /// Selective recomputation: the adapted projections keep their frozen products here on the
+    /// first call for a micro-batch and read them back on the second, which then runs none of
+    /// their base GEMMs.
+    Kept(&'a Arc<KeptProducts>),
+}
+
 /// Keys and values of past positions for one block, `[b, kv_heads, t, head_dim]`.
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
@@ -729,7 +741,8 @@ impl Model {
         Ok(self.embed.t().index_select(&flat, 0)?.to_dtype(DType::F32)?)
     }
 
-    /// Runs one block on `x [b * t, hidden]` for a batch of `b` rows of `t` positions.
+    /// Runs one block on `x [b * t, hidden]` for a batch of `b` rows of `t` positions; `state`
+    /// says what the block keeps across calls (see [`BlockState`]).
     pub fn block_forward(
         &self,
         i: usize,
@@ -737,37 +750,13 @@ impl Model {
         b: usize,
         t: usize,
         fwd: Fwd,
-        cache: Option<&mut KvCache>,
+        state: BlockState<'_>,
     ) -> Result<Tensor> {
-        self.block_impl(i, x, b, t, fwd, cache, None)
-    }
-
-    /// [`Model::block_forward`] for selective recomputation: the adapted projections keep their
-    /// frozen products in `kept` on the first call for a micro-batch and read them back on the
-    /// second, which then runs no base GEMM of those projections.
-    pub fn block_forward_kept(
-        &self,
-        i: usize,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        fwd: Fwd,
-        kept: &Arc<KeptProducts>,
-    ) -> Result<Tensor> {
-        self.block_impl(i, x, b, t, fwd, None, Some(kept))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn block_impl(
-        &self,
-        i: usize,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        fwd: Fwd,
-        cache: Option<&mut KvCache>,
-        kept: Option<&Arc<KeptProducts>>,
-    ) -> Result<Tensor> {
+        let (cache, kept) = match state {
+            BlockState::None => (None, None),
+            BlockState::Cache(c) => (Some(c), None),
+            BlockState::Kept(k) => (None, Some(k)),
+        };
         let cfg = &self.cfg;
         let blk = &self.blocks[i];
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -838,9 +827,12 @@ impl Model {
         let (b, t) = ids.dims2()?;
         let mut x = self.embed(ids)?;
         for i in 0..self.blocks.len() {
-            let c = caches.as_mut().map(|cs| &mut cs[i]);
+            let state = match caches.as_mut() {
+                Some(cs) => BlockState::Cache(&mut cs[i]),
+                None => BlockState::None,
+            };
             x = self
-                .block_forward(i, &x, b, t, fwd, c)
+                .block_forward(i, &x, b, t, fwd, state)
                 .with_context(|| format!("block {i}"))?;
             if !fwd.graph {
                 x = x.detach();

@@ -8,5 +8,5 @@ pub mod source;
 pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig};
-pub use decoder::{BaseDtype, Block, Fwd, KvCache, Linear, LinearWeight, LoadSpec, Model, Param};
+pub use decoder::{BaseDtype, Block, BlockState, Fwd, KvCache, Linear, LinearWeight, LoadSpec, Model, Param};
 pub use source::{open, ModelSource, WeightSource};

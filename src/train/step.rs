@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, TensorId, Var};
 use std::collections::HashMap;
 
-use crate::model::{Fwd, Model, Param};
+use crate::model::{BlockState, Fwd, Model, Param};
 use crate::ops::lm_head::{lm_head_loss, HeadOptions};
 use crate::ops::lora_linear::KeptProducts;
 use std::sync::Arc;
@@ -221,7 +221,7 @@ pub fn forward_backward_with(
         let mut x = x0;
         for i in 0..n_layers {
             x = model
-                .block_forward(i, &x, b, t, fwd, None)
+                .block_forward(i, &x, b, t, fwd, BlockState::None)
                 .with_context(|| format!("block {i}"))?;
         }
         let (stats, grads) = top(&x, acc)?;
@@ -230,9 +230,12 @@ pub fn forward_backward_with(
     }
 
     let kept = (recompute == Recompute::Selective).then(|| Arc::new(KeptProducts::default()));
-    let block = |i: usize, x: &Tensor| match &kept {
-        Some(k) => model.block_forward_kept(i, x, b, t, fwd, k),
-        None => model.block_forward(i, x, b, t, fwd, None),
+    let block = |i: usize, x: &Tensor| {
+        let state = match &kept {
+            Some(k) => BlockState::Kept(k),
+            None => BlockState::None,
+        };
+        model.block_forward(i, x, b, t, fwd, state)
     };
     let mut inputs = Vec::with_capacity(n_layers + 1);
     inputs.push(x0.detach());
