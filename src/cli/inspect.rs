@@ -103,10 +103,11 @@ pub fn run(a: Args) -> Result<()> {
     }
     if let Some(r) = &recipe {
         println!(
-            "\nrecipe {} (micro-batch {} x {} tokens):",
+            "\nrecipe {} (micro-batch {} x {} tokens, recompute = {}):",
             a.recipe.as_ref().expect("recipe").display(),
             r.train.batch,
-            r.data.seq_len
+            r.data.seq_len,
+            r.train.recompute.name()
         );
         // The run holds its tokenized data before the model loads: load it here too, so the
         // measured part of the plan is the run's.
