@@ -48,10 +48,10 @@ fn main() {
     // the like) have a pool of their own whose workers spin between ops, competing with rayon's
     // for the same cores (+6-15% adapter training speed on 2 cores without it). The main thread
     // does candle's share alone unless the user asks otherwise, or the run trains every weight
-    // (its gradient sums are large candle ops: 9% slower on one thread). Still one thread here,
-    // so setting the variable races with nothing.
-    // A strata parent that chose the value itself marks it, so that its children (`experiment`
-    // runs each recipe in one) choose again for their own job.
+    // (its gradient sums are large candle ops: 9% slower on one thread). A strata parent that
+    // chose the value itself marks it, so that its children (`experiment` runs each recipe in
+    // one) choose again for their own job. Still one thread here, so setting the variables
+    // races with nothing.
     let chosen_by_strata = std::env::var_os(CHOSEN).is_some();
     if chosen_by_strata || std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         if cli.trains_every_weight() {

@@ -46,7 +46,6 @@ pub enum Command {
     Bench(bench::Args),
 }
 
-/// Runs the parsed command line.
 impl Cli {
     /// Whether this invocation fine-tunes every weight (`strata train` of a `mode = "full"`
     /// recipe): the one job whose optimizer and gradient sums lean on candle's own elementwise
@@ -61,6 +60,7 @@ impl Cli {
     }
 }
 
+/// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => train::run(a),
