@@ -556,6 +556,8 @@ mod tests {
         }
         let e = Recipe::parse(BASE, "r.toml", &["train.recompute=\"sometimes\"".into()]).unwrap_err();
         assert!(format!("{e:#}").contains("off, blocks or selective"), "{e:#}");
+        let e = Recipe::parse(BASE, "r.toml", &["train.recompute=3".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("\"selective\" (or true / false)"), "{e:#}");
         let full = ["train.mode=\"full\"".into(), "train.recompute=\"selective\"".into()];
         let e = Recipe::parse(BASE, "r.toml", &full).unwrap_err();
         assert!(format!("{e:#}").contains("full fine-tuning has none"), "{e:#}");

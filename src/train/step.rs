@@ -55,17 +55,20 @@ impl Recompute {
 
 impl<'de> serde::Deserialize<'de> for Recompute {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        enum Form {
-            Flag(bool),
-            Name(String),
+        struct Form;
+        impl serde::de::Visitor<'_> for Form {
+            type Value = Recompute;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"off\", \"blocks\" or \"selective\" (or true / false)")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<Recompute, E> {
+                Ok(if v { Recompute::Blocks } else { Recompute::Off })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Recompute, E> {
+                Recompute::parse(v).map_err(E::custom)
+            }
         }
-        match Form::deserialize(d)? {
-            Form::Flag(true) => Ok(Self::Blocks),
-            Form::Flag(false) => Ok(Self::Off),
-            Form::Name(s) => Self::parse(&s).map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(Form)
     }
 }
 
