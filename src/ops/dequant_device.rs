@@ -305,7 +305,7 @@ impl CustomOp1 for DeviceNf4Linear {
     }
 }
 
-/// Weight rows a slab holds by default: [`SLAB_ELEMS`] decoded values.
+/// Weight rows a slab holds by default: 8M decoded values (`SLAB_ELEMS`).
 pub fn default_slab(w: &DeviceNf4) -> usize {
     (SLAB_ELEMS / w.cols.max(1)).max(1)
 }
