@@ -84,9 +84,7 @@ impl KeptProducts {
         let kept = if round {
             let mut bits = vec![0u16; y.len()];
             bf16_gemm::f32_to_bf16_bits(y, &mut bits);
-            for (o, b) in y.iter_mut().zip(&bits) {
-                *o = f32::from_bits((*b as u32) << 16);
-            }
+            widen_bf16(&bits, y);
             Kept::Bf16(bits)
         } else {
             Kept::F32(y.to_vec())
@@ -96,11 +94,12 @@ impl KeptProducts {
 
     /// Writes the product kept for `site` into `y` and forgets it; false when none is kept.
     fn take(&self, site: u64, y: &mut [f32]) -> Result<bool> {
-        let kept = self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&site);
+        let Some(kept) = self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&site) else {
+            return Ok(false);
+        };
         let len = match &kept {
-            None => return Ok(false),
-            Some(Kept::Bf16(v)) => v.len(),
-            Some(Kept::F32(v)) => v.len(),
+            Kept::Bf16(v) => v.len(),
+            Kept::F32(v) => v.len(),
         };
         if len != y.len() {
             candle_core::bail!(
@@ -110,15 +109,22 @@ impl KeptProducts {
             );
         }
         match kept {
-            Some(Kept::Bf16(v)) => y
-                .par_iter_mut()
-                .zip(v.par_iter())
-                .for_each(|(o, b)| *o = f32::from_bits((*b as u32) << 16)),
-            Some(Kept::F32(v)) => y.copy_from_slice(&v),
-            None => unreachable!("handled above"),
+            Kept::Bf16(v) => widen_bf16(&v, y),
+            Kept::F32(v) => y.copy_from_slice(&v),
         }
         Ok(true)
     }
+}
+
+/// `y[i] = f32(bits[i])`: bf16 is the top half of an f32, so widening is exact.
+fn widen_bf16(bits: &[u16], y: &mut [f32]) {
+    y.par_chunks_mut(1 << 14)
+        .zip(bits.par_chunks(1 << 14))
+        .for_each(|(o, b)| {
+            o.iter_mut()
+                .zip(b)
+                .for_each(|(o, b)| *o = f32::from_bits((*b as u32) << 16))
+        });
 }
 
 /// The op: the frozen weight, the scale and the dropout.
