@@ -95,15 +95,15 @@ impl Default for HeadOptions<'_> {
 /// A row's negative log-likelihood and arg-max.
 type RowStat = (f64, u32);
 
-/// Softmax cross-entropy over rows of `logits [rows, v]` in place: returns each row's NLL and
-/// arg-max, and, when `scales` is given, leaves `scale_i * (softmax - onehot)` in the rows
-/// (zero for rows whose scale is 0).
 /// `sum(xs)` in f64 over f32 partial sums of 256 values (the vocabulary-wide sums of the
 /// softmax, without a serial f64 chain per value).
 fn sum_f64(xs: &[f32]) -> f64 {
     xs.chunks(256).map(|c| lane_sum(c) as f64).sum()
 }
 
+/// Softmax cross-entropy over rows of `logits [rows, v]` in place: returns each row's NLL and
+/// arg-max, and, when `scales` is given, leaves `scale_i * (softmax - onehot)` in the rows
+/// (zero for rows whose scale is 0).
 fn softmax_ce_rows(logits: &mut [f32], v: usize, targets: &[u32], scales: Option<&[f32]>) -> Vec<RowStat> {
     logits
         .par_chunks_mut(v)
