@@ -134,25 +134,35 @@ fn naive_step(model: &Model, batch: &Batch, acc: &mut GradAcc) -> Result<f64> {
 }
 
 /// The variants `strata bench train` compares.
-const VARIANTS: [&str; 4] = ["strata", "strata-selective", "strata-no-recompute", "naive-candle"];
+const VARIANTS: [&str; 4] = [
+    STRATA_VARIANTS[0].0,
+    STRATA_VARIANTS[1].0,
+    STRATA_VARIANTS[2].0,
+    "naive-candle",
+];
 
-/// The recomputation of a strata variant of `bench train` or `bench memory`.
+/// strata's variants of `bench train` (and `bench memory`'s timed steps), one per recomputation,
+/// in [`recompute_variant`]'s order.
+const STRATA_VARIANTS: [(&str, Recompute); 3] = [
+    ("strata", Recompute::Blocks),
+    ("strata-selective", Recompute::Selective),
+    ("strata-no-recompute", Recompute::Off),
+];
+
+/// The recomputation of a strata variant.
 pub(crate) fn variant_recompute(variant: &str) -> Option<Recompute> {
-    match variant {
-        "strata" => Some(Recompute::Blocks),
-        "strata-selective" => Some(Recompute::Selective),
-        "strata-no-recompute" => Some(Recompute::Off),
-        _ => None,
-    }
+    STRATA_VARIANTS.iter().find(|v| v.0 == variant).map(|v| v.1)
 }
 
-/// The `bench train` variant name of a recomputation.
+/// The variant name of a recomputation.
 pub(crate) fn recompute_variant(r: Recompute) -> &'static str {
-    match r {
-        Recompute::Blocks => "strata",
-        Recompute::Selective => "strata-selective",
-        Recompute::Off => "strata-no-recompute",
-    }
+    // An exhaustive match, so a new recomputation cannot go without its variant.
+    let i = match r {
+        Recompute::Blocks => 0,
+        Recompute::Selective => 1,
+        Recompute::Off => 2,
+    };
+    STRATA_VARIANTS[i].0
 }
 
 /// Qwen2-7B's shape.
