@@ -95,8 +95,6 @@ pub struct RunShape<'a> {
     pub full: bool,
     /// Frozen bf16 weights packed for the bf16 kernel (when the CPU has it).
     pub pack: bool,
-    /// Adapter parameters.
-    pub adapter_params: u64,
     /// Base modules trained beside the adapters (`modules_to_save`, SAVABLE names).
     pub saved: &'a [String],
     /// Rows per micro-batch.
@@ -105,9 +103,9 @@ pub struct RunShape<'a> {
     pub seq_len: usize,
     /// What the backward recomputes.
     pub recompute: Recompute,
-    /// Which projections carry an adapter, `[layer][MODULES index]` (selective recomputation
-    /// keeps their frozen products).
-    pub adapted: &'a [[bool; 7]],
+    /// Adapter rank of every projection, `[layer][MODULES index]`, 0 where none (the adapter
+    /// parameters follow, and selective recomputation keeps the adapted ones' frozen products).
+    pub ranks: &'a [[usize; 7]],
     /// Bytes of a projection kept `as-stored` (a GGUF quant type), by Hugging Face weight name.
     pub stored_bytes: &'a dyn Fn(&str) -> Option<u64>,
     /// Bytes of a memory-mapped checkpoint that stay resident once read.
@@ -156,7 +154,12 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
     p.add("checkpoint pages (memory-mapped)", s.mapped);
 
     // Weights in their stored precision; trained ones are counted with the training state.
-    let mut trained = s.adapter_params;
+    let mut trained: u64 = s
+        .ranks
+        .iter()
+        .flat_map(|row| MODULES.iter().zip(row))
+        .map(|(m, &r)| c.linear_shape(m).map(|(o, i)| (r * (o + i)) as u64).unwrap_or(0))
+        .sum();
     let sixteen = matches!(s.base, BaseDtype::Bf16 | BaseDtype::Nf4 | BaseDtype::Nf4Dq);
     let saved = |m: &str| s.saved.iter().any(|x| x == m);
     for (name, elems) in [
@@ -258,9 +261,9 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
         // Every adapted projection's frozen product, bf16 (f32 under an f32 base), all alive
         // when the forward reaches the head.
         let mut kept = 0;
-        for (layer, row) in s.adapted.iter().enumerate() {
+        for (layer, row) in s.ranks.iter().enumerate() {
             for (mi, m) in MODULES.iter().enumerate() {
-                if row[mi] {
+                if row[mi] > 0 {
                     let out = c.linear_shape(m).map(|(o, _)| o as u64).unwrap_or(0);
                     let bytes = if s.bases[layer][mi] == BaseDtype::F32 { 4 } else { 2 };
                     kept += n * out * bytes;
@@ -283,31 +286,18 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
     p
 }
 
-/// Which projections a plan adapts, `[layer][MODULES index]` (none without a plan).
-pub fn adapted(cfg: &ModelConfig, plan: Option<&crate::adapter::LoraPlan>) -> anyhow::Result<Vec<[bool; 7]>> {
-    let mut t = vec![[false; 7]; cfg.num_layers];
+/// Adapter rank of every projection under `plan`, `[layer][MODULES index]`, 0 where it puts
+/// none (everywhere without a plan).
+pub fn ranks(cfg: &ModelConfig, plan: Option<&crate::adapter::LoraPlan>) -> anyhow::Result<Vec<[usize; 7]>> {
+    let mut t = vec![[0; 7]; cfg.num_layers];
     if let Some(plan) = plan {
         for (layer, row) in t.iter_mut().enumerate() {
             for (mi, m) in MODULES.iter().enumerate() {
-                row[mi] = plan.resolve(layer, m)?.is_some();
+                row[mi] = plan.resolve(layer, m)?.map(|ml| ml.r).unwrap_or(0);
             }
         }
     }
     Ok(t)
-}
-
-/// Adapter parameters a plan puts on a model.
-pub fn adapter_params(cfg: &ModelConfig, plan: &crate::adapter::LoraPlan) -> anyhow::Result<u64> {
-    let mut n = 0u64;
-    for layer in 0..cfg.num_layers {
-        for m in MODULES {
-            if let Some(ml) = plan.resolve(layer, m)? {
-                let (o, i) = cfg.linear_shape(m).expect("known module");
-                n += (ml.r * (o + i)) as u64;
-            }
-        }
-    }
-    Ok(n)
 }
 
 /// The prediction for a recipe on an opened model, `runtime` being the process's resident
@@ -320,10 +310,6 @@ pub fn for_recipe(
     let cfg = &src.config;
     let plan = recipe.plan(cfg.num_layers)?;
     let bases = recipe.base_table(cfg.num_layers)?;
-    let adapter = match &plan {
-        Some(p) => adapter_params(cfg, p)?,
-        None => 0,
-    };
     let saved = plan.as_ref().map(|p| p.modules_to_save.clone()).unwrap_or_default();
     let stored = |name: &str| src.weights.stored_bytes(name);
     Ok(predict(&RunShape {
@@ -332,12 +318,11 @@ pub fn for_recipe(
         bases: &bases,
         full: recipe.train.mode == "full",
         pack: recipe.model.pack_bf16,
-        adapter_params: adapter,
         saved: &saved,
         rows: recipe.train.batch,
         seq_len: recipe.data.seq_len,
         recompute: recipe.train.recompute,
-        adapted: &adapted(cfg, plan.as_ref())?,
+        ranks: &ranks(cfg, plan.as_ref())?,
         stored_bytes: &stored,
         mapped: src.weights.mapped_bytes(),
         runtime,
@@ -438,22 +423,17 @@ impl Policy {
         runtime: u64,
     ) -> anyhow::Result<Prediction> {
         let bases = self.bases(cfg)?;
-        let adapter = match &self.plan {
-            Some(p) => adapter_params(cfg, p)?,
-            None => 0,
-        };
         Ok(predict(&RunShape {
             cfg,
             base: self.base,
             bases: &bases,
             full: self.plan.is_none(),
             pack,
-            adapter_params: adapter,
             saved: &[],
             rows,
             seq_len,
             recompute,
-            adapted: &adapted(cfg, self.plan.as_ref())?,
+            ranks: &ranks(cfg, self.plan.as_ref())?,
             stored_bytes: &|_| None,
             mapped: 0,
             runtime,
