@@ -180,10 +180,23 @@ pub fn write_tiny_gguf(
 ) -> anyhow::Result<(ModelConfig, MemSource)> {
     let vocab = crate::model::tokenizer::tiny_vocab();
     let cfg = tiny_config(arch, vocab.tokens.len(), tied);
-    let src = random_weights(&cfg, seed);
-    let tensors: Vec<(String, Tensor)> = src.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    crate::model::gguf::write_gguf(path, &cfg, &tensors, &vocab, dtype)?;
+    let src = write_gguf_of(path, &cfg, seed, dtype)?;
     Ok((cfg, src))
+}
+
+/// Random weights for `cfg` (whose vocabulary is the tiny BPE's) written to `path` as a GGUF
+/// with the tiny tokenizer; returns the weights.
+pub fn write_gguf_of(
+    path: &std::path::Path,
+    cfg: &ModelConfig,
+    seed: u64,
+    dtype: candle_core::quantized::GgmlDType,
+) -> anyhow::Result<MemSource> {
+    let vocab = crate::model::tokenizer::tiny_vocab();
+    let src = random_weights(cfg, seed);
+    let tensors: Vec<(String, Tensor)> = src.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    crate::model::gguf::write_gguf(path, cfg, &tensors, &vocab, dtype)?;
+    Ok(src)
 }
 
 /// A synthetic model generated tensor by tensor on request, in 16-bit or directly in NF4 from

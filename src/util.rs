@@ -84,6 +84,39 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
+/// Checks a device name (`cpu`, `cuda`, `cuda:N`) without opening the device: the ordinal
+/// for CUDA, `None` for the CPU.
+pub fn device_ordinal(name: &str) -> Result<Option<usize>> {
+    match name.trim() {
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        n => match n.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Ok(Some(i)),
+            _ => anyhow::bail!("unknown device `{n}`; choose cpu, cuda or cuda:N (N the GPU's ordinal)"),
+        },
+    }
+}
+
+/// Opens the device `name` names (see [`device_ordinal`]). A CUDA device in a build without
+/// the `cuda` feature is an error that says how to build one.
+pub fn device(name: &str) -> Result<candle_core::Device> {
+    match device_ordinal(name)? {
+        None => Ok(candle_core::Device::Cpu),
+        Some(_) if !candle_core::utils::cuda_is_available() => anyhow::bail!(
+            "device `{name}`: this strata was built without the `cuda` feature; build it with \
+             `../shared/gpu/build-cuda.sh cargo build --release --features cuda` (see shared/gpu/README.md), \
+             or use the cpu"
+        ),
+        Some(i) => candle_core::Device::new_cuda(i).with_context(|| format!("cannot open CUDA device {i}")),
+    }
+}
+
+/// Device memory now: (bytes allocated from the device's pool, bytes the device has free), on
+/// CUDA; `None` on the CPU (see [`current_rss`] and [`mem_available`]).
+pub fn device_memory(dev: &candle_core::Device) -> Option<(u64, u64)> {
+    device_pool::now(dev)
+}
+
 /// Device memory allocated at its peak since the last [`reset_device_peak`]: on CUDA, the
 /// high-water mark of the stream-ordered pool candle allocates from (what PyTorch calls max
 /// memory allocated; cuBLAS workspaces aside). `None` on the CPU (see [`peak_rss`]) or when
@@ -127,6 +160,31 @@ mod device_pool {
             ok(r).then_some(value)
         }
     }
+
+    /// The default pool's `USED_MEM_CURRENT` and the device's free memory.
+    pub fn now(dev: &candle_core::Device) -> Option<(u64, u64)> {
+        let candle_core::Device::Cuda(c) = dev else {
+            return None;
+        };
+        let stream = c.cuda_stream();
+        let ctx = stream.context();
+        ctx.bind_to_thread().ok()?;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut used: u64 = 0;
+        // SAFETY: as in `used_high`: driver queries on the bound context with valid out-pointers.
+        unsafe {
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) != sys::CUresult::CUDA_SUCCESS {
+                return None;
+            }
+            let v = &mut used as *mut u64 as *mut std::ffi::c_void;
+            if sys::cuMemPoolGetAttribute(pool, attr, v) != sys::CUresult::CUDA_SUCCESS {
+                return None;
+            }
+        }
+        let (free, _total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
+        Some((used, free as u64))
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -134,5 +192,35 @@ mod device_pool {
     /// No device pools without the `cuda` feature.
     pub fn used_high(_: &candle_core::Device, _: bool) -> Option<u64> {
         None
+    }
+
+    /// No device pools without the `cuda` feature.
+    pub fn now(_: &candle_core::Device) -> Option<(u64, u64)> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Device names are checked before anything opens; without the `cuda` feature, asking
+    /// for CUDA says how to build it.
+    #[test]
+    fn device_names_are_checked() {
+        assert_eq!(device_ordinal("cpu").unwrap(), None);
+        assert_eq!(device_ordinal("cuda").unwrap(), Some(0));
+        assert_eq!(device_ordinal("cuda:3").unwrap(), Some(3));
+        for bad in ["gpu", "cuda:", "cuda:x", "metal"] {
+            let e = device_ordinal(bad).unwrap_err().to_string();
+            assert!(e.contains("choose cpu, cuda or cuda:N"), "{bad}: {e}");
+        }
+        assert!(device("cpu").unwrap().is_cpu());
+        #[cfg(not(feature = "cuda"))]
+        {
+            let e = device("cuda:1").unwrap_err().to_string();
+            assert!(e.contains("--features cuda"), "{e}");
+            assert!(device_memory(&candle_core::Device::Cpu).is_none());
+        }
     }
 }

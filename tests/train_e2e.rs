@@ -453,7 +453,7 @@ fn qlora_layered_trains_and_merges_into_the_base_it_saw() -> Result<()> {
     let gguf = dir.join("tiny.gguf");
     let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 3, 7, 2, 8, 4]], &candle_core::Device::Cpu)?;
     let logits = |m: &strata::model::Model| m.logits(&ids, strata::model::Fwd::eval(), None);
-    let (src, seen) = strata::cli::load_model(&gguf, Some(&adapter), "auto")?;
+    let (src, seen) = strata::cli::load_model(&gguf, Some(&adapter), "auto", &candle_core::Device::Cpu)?;
     let seen_logits = logits(&seen)?;
     strata::adapter::merge::write_hf_dir(
         &seen,
@@ -462,8 +462,8 @@ fn qlora_layered_trains_and_merges_into_the_base_it_saw() -> Result<()> {
         true,
         strata::adapter::merge::Store::Float(candle_core::DType::F32),
     )?;
-    let (_, merged) = strata::cli::load_model(&dir.join("merged"), None, "f32")?;
-    let (_, naive) = strata::cli::load_model(&gguf, Some(&adapter), "f32")?;
+    let (_, merged) = strata::cli::load_model(&dir.join("merged"), None, "f32", &candle_core::Device::Cpu)?;
+    let (_, naive) = strata::cli::load_model(&gguf, Some(&adapter), "f32", &candle_core::Device::Cpu)?;
     let gap =
         |a: &candle_core::Tensor| -> Result<f32> { Ok((a - &seen_logits)?.abs()?.max_all()?.to_scalar::<f32>()?) };
     let (faithful, onto_original) = (gap(&logits(&merged)?)?, gap(&logits(&naive)?)?);

@@ -39,6 +39,9 @@ pub struct Args {
     /// adapter was trained against, from its strata_base.json; f32 without one).
     #[arg(long, default_value = "auto")]
     pub base_dtype: String,
+    /// Where the model runs: cpu, cuda or cuda:N (a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Write the results as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -71,7 +74,12 @@ pub fn run(a: Args) -> Result<()> {
     if a.text.is_empty() && a.general_mc.is_empty() && a.domain_mc.is_empty() {
         bail!("nothing to evaluate: give --text, --general-mc or --domain-mc files");
     }
-    let (src, model) = super::load_model(path, a.model.adapter.as_deref(), &a.base_dtype)?;
+    let (src, model) = super::load_model(
+        path,
+        a.model.adapter.as_deref(),
+        &a.base_dtype,
+        &crate::util::device(&a.device)?,
+    )?;
     let mut text_results = Vec::new();
     if !a.text.is_empty() {
         println!(

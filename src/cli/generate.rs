@@ -32,6 +32,9 @@ pub struct Args {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Where the model runs: cpu, cuda or cuda:N (a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// Picks the next token from `logits` (greedy at temperature 0, else top-p sampling).
@@ -73,7 +76,7 @@ pub fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut Rng) -> u3
 
 /// Runs `strata generate`.
 pub fn run(a: Args) -> Result<()> {
-    let (src, model) = a.model.load("auto")?;
+    let (src, model) = a.model.load("auto", &crate::util::device(&a.device)?)?;
     let tok = &src.tokenizer;
     let text = if a.chat {
         let tpl = tok

@@ -122,9 +122,15 @@ pub fn run(a: Args) -> Result<()> {
             crate::train::memory::for_recipe(r, &src, crate::util::current_rss())?.table()
         );
         drop(data);
+        if r.train.device != "cpu" {
+            println!(
+                "(the plan is the CPU path's; this recipe trains on {}, where the run reports the device's measured peak)",
+                r.train.device
+            );
+        }
     }
     if let (Some(text), Some(out)) = (&a.logits, &a.json) {
-        let (_, model) = super::load_model(&path, a.adapter.as_deref(), "f32")?;
+        let (_, model) = super::load_model(&path, a.adapter.as_deref(), "f32", &candle_core::Device::Cpu)?;
         let ids = src.tokenizer.encode(text)?;
         let t = Tensor::from_vec(ids.clone(), (1, ids.len()), &model.device)?;
         let logits = model.logits(&t, Fwd::eval(), None)?.to_vec2::<f32>()?;

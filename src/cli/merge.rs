@@ -34,7 +34,7 @@ pub struct Args {
 /// Runs `strata merge`.
 pub fn run(a: Args) -> Result<()> {
     let store = Store::parse(&a.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
-    let (src, model) = a.model.load(&a.base_dtype)?;
+    let (src, model) = a.model.load(&a.base_dtype, &candle_core::Device::Cpu)?;
     crate::adapter::merge::write_hf_dir(&model, &src.tokenizer, &a.out, a.model.adapter.is_some(), store)?;
     println!(
         "wrote {} ({}{})",

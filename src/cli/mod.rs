@@ -87,9 +87,13 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// Opens the model frozen in `base_dtype` with the adapter applied.
-    pub fn load(&self, base_dtype: &str) -> anyhow::Result<(crate::model::ModelSource, crate::model::Model)> {
-        load_model(&self.model, self.adapter.as_deref(), base_dtype)
+    /// Opens the model frozen in `base_dtype` on `dev` with the adapter applied.
+    pub fn load(
+        &self,
+        base_dtype: &str,
+        dev: &candle_core::Device,
+    ) -> anyhow::Result<(crate::model::ModelSource, crate::model::Model)> {
+        load_model(&self.model, self.adapter.as_deref(), base_dtype, dev)
     }
 }
 
@@ -100,6 +104,7 @@ pub fn load_model(
     path: &std::path::Path,
     adapter: Option<&std::path::Path>,
     base_dtype: &str,
+    dev: &candle_core::Device,
 ) -> anyhow::Result<(crate::model::ModelSource, crate::model::Model)> {
     use crate::model::BaseDtype;
     let src = crate::model::open(path)?;
@@ -125,7 +130,7 @@ pub fn load_model(
         pack: true,
         device_nf4: false,
     };
-    let mut m = crate::model::Model::load_with(&src.config, src.weights.as_ref(), &spec, &candle_core::Device::Cpu)?;
+    let mut m = crate::model::Model::load_with(&src.config, src.weights.as_ref(), &spec, dev)?;
     if let Some(a) = adapter {
         crate::adapter::peft::load(&mut m, a)?;
     }

@@ -313,7 +313,12 @@ pub fn write_run_report(out: &Path) -> Result<()> {
         line_chart(
             "memory (GB)",
             "step",
-            &[series("peak RSS", &gb("peak_rss")), series("RSS", &gb("rss"))],
+            &[
+                series("peak RSS", &gb("peak_rss")),
+                series("RSS", &gb("rss")),
+                series("peak on the device", &gb("peak_device")),
+                series("device in use", &gb("device_used")),
+            ],
         ),
         line_chart("throughput (tok/s)", "step", &[series("tok/s", &field("tok_per_s"))]),
     ];

@@ -93,9 +93,10 @@ pub fn fisher_for(recipe: &Recipe, data: &[PathBuf], rows: usize, est: Estimator
 
 /// The Fisher file a recipe names: read when present, otherwise estimated and written there
 /// (so later runs reuse it).
-pub fn load_or_estimate(recipe: &Recipe, path: &Path) -> Result<Fisher> {
+/// The Fisher is read onto `dev`, where the run's weights are; estimating it runs on the CPU.
+pub fn load_or_estimate(recipe: &Recipe, path: &Path, dev: &Device) -> Result<Fisher> {
     if path.exists() {
-        let f = Fisher::load(path, &Device::Cpu)?;
+        let f = Fisher::load(path, dev)?;
         eprintln!(
             "fisher: reusing {} ({} weights, {:?}, {} rows)",
             path.display(),
@@ -116,5 +117,5 @@ pub fn load_or_estimate(recipe: &Recipe, path: &Path) -> Result<Fisher> {
     f.save(path, &r.fisher_format, candle_core::DType::BF16)?;
     eprintln!("fisher: wrote {}", path.display());
     // Read back, so this run uses exactly what later runs will.
-    Fisher::load(path, &Device::Cpu)
+    Fisher::load(path, dev)
 }

@@ -151,18 +151,44 @@ impl Callback for MixSchedule {
     }
 }
 
-/// Resident and available memory, read from the OS.
+/// Memory in use and memory still available where the model lives.
 pub trait MemoryProbe {
-    /// (bytes this process holds now, bytes the machine could still give it).
-    fn read(&self) -> (u64, u64);
+    /// (bytes this run holds now, bytes that could still be given to it), or `None` when the
+    /// source cannot be read (the monitor then leaves the micro-batch alone).
+    fn read(&self) -> Option<(u64, u64)>;
+    /// The metrics key the bytes in use are logged under.
+    fn key(&self) -> &'static str {
+        "rss"
+    }
 }
 
 /// Linux `/proc`: current RSS from `/proc/self/statm`, `MemAvailable` from `/proc/meminfo`.
 pub struct ProcMemory;
 
 impl MemoryProbe for ProcMemory {
-    fn read(&self) -> (u64, u64) {
-        (crate::util::current_rss(), crate::util::mem_available())
+    fn read(&self) -> Option<(u64, u64)> {
+        Some((crate::util::current_rss(), crate::util::mem_available()))
+    }
+}
+
+/// A CUDA device: what candle's pool holds now and what the device has free (the brief's
+/// monitor reads device memory).
+pub struct DeviceMemory(pub candle_core::Device);
+
+impl MemoryProbe for DeviceMemory {
+    fn read(&self) -> Option<(u64, u64)> {
+        crate::util::device_memory(&self.0)
+    }
+    fn key(&self) -> &'static str {
+        "device_used"
+    }
+}
+
+/// The probe for memory where `dev` holds the model: the process on the CPU, the pool on a GPU.
+pub fn probe_for(dev: &candle_core::Device) -> Box<dyn MemoryProbe> {
+    match dev.is_cpu() {
+        true => Box::new(ProcMemory),
+        false => Box::new(DeviceMemory(dev.clone())),
     }
 }
 
@@ -171,7 +197,8 @@ impl MemoryProbe for ProcMemory {
 /// [1, effective batch]. Gradient accumulation keeps the effective batch, so the loss curve does
 /// not change.
 pub struct MemoryMonitor {
-    /// Bytes the run may use (0: this process's RSS plus the machine's available memory at start).
+    /// Bytes the run may use (0: what it holds plus what is still available at start: the
+    /// process and the machine on the CPU, candle's pool and the device on a GPU).
     pub budget: u64,
     /// Shrink above this fraction of the budget.
     pub high: f64,
@@ -204,13 +231,17 @@ impl Callback for MemoryMonitor {
     }
     fn on_run_begin(&mut self, _c: &mut Control) -> Result<()> {
         if self.budget == 0 {
-            let (rss, avail) = self.probe.read();
-            self.budget = rss + avail;
+            match self.probe.read() {
+                Some((used, avail)) => self.budget = used + avail,
+                None => eprintln!("memory monitor: memory cannot be read here; the micro-batch stays as set"),
+            }
         }
         Ok(())
     }
     fn on_step_end(&mut self, c: &mut Control, r: &mut StepReport) -> Result<()> {
-        let (rss, avail) = self.probe.read();
+        let Some((rss, avail)) = self.probe.read() else {
+            return Ok(());
+        };
         let frac = rss as f64 / self.budget.max(1) as f64;
         let before = c.micro_batch;
         self.quiet += 1;
@@ -222,7 +253,7 @@ impl Callback for MemoryMonitor {
         if c.micro_batch != before {
             self.quiet = 0;
         }
-        r.log.insert("rss".into(), rss.into());
+        r.log.insert(self.probe.key().into(), rss.into());
         r.log.insert("mem_available".into(), avail.into());
         r.log.insert("memory_budget".into(), self.budget.into());
         Ok(())
@@ -277,8 +308,8 @@ mod tests {
 
     struct Fake(Arc<Mutex<(u64, u64)>>);
     impl MemoryProbe for Fake {
-        fn read(&self) -> (u64, u64) {
-            *self.0.lock().unwrap()
+        fn read(&self) -> Option<(u64, u64)> {
+            Some(*self.0.lock().unwrap())
         }
     }
 

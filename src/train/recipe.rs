@@ -257,6 +257,9 @@ pub struct TrainSection {
     pub clip: f64,
     /// Seed of initialisation, dropout and data order.
     pub seed: u64,
+    /// Where the model trains: `cpu` (the default), `cuda` or `cuda:N` (a build with the
+    /// `cuda` feature).
+    pub device: String,
     /// What the backward recomputes: `blocks` (gradient checkpointing, the default), `selective`
     /// (blocks, keeping the frozen products) or `off`; `true` / `false` mean blocks / off.
     pub recompute: crate::train::Recompute,
@@ -272,7 +275,8 @@ pub struct TrainSection {
     pub groups: Vec<GroupSection>,
     /// Watch memory and halve/grow the micro-batch (`batch`) to stay within the budget.
     pub memory_monitor: bool,
-    /// Memory budget in GB for the monitor (0: this process plus what the machine has free at start).
+    /// Memory budget in GB for the monitor (0: this process plus what the machine has free at
+    /// start; on a GPU, the device memory the run holds plus what the device has free).
     pub memory_budget_gb: f64,
     /// Write a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: usize,
@@ -297,6 +301,7 @@ impl Default for TrainSection {
             min_lr_ratio: 0.1,
             clip: 1.0,
             seed: 0,
+            device: "cpu".into(),
             recompute: crate::train::Recompute::Blocks,
             eval_every: 0,
             eval_rows: 0,
@@ -419,6 +424,7 @@ impl Recipe {
                 bail!("retain.contrastive_lambda needs data.general: it is computed on the general rows of each batch");
             }
         }
+        crate::util::device_ordinal(&t.device).context("train.device")?;
         if t.keep_checkpoints == 0 || t.max_bad_steps == 0 {
             bail!("train.keep_checkpoints and train.max_bad_steps must be at least 1");
         }
@@ -510,6 +516,9 @@ mod tests {
         assert!(format!("{e:#}").contains("wavy"), "{e:#}");
         let e = Recipe::parse("[model]\npath = \"m\"\n[data]\ntrain = [\"d\"]\n", "r.toml", &[]).unwrap_err();
         assert!(format!("{e:#}").contains("[lora]"), "{e:#}");
+        let e = Recipe::parse(BASE, "r.toml", &["train.device=\"gpu\"".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("train.device: unknown device `gpu`"), "{e:#}");
+        Recipe::parse(BASE, "r.toml", &["train.device=\"cuda:1\"".into()]).unwrap();
     }
 
     #[test]

@@ -3,14 +3,14 @@
 //! as it goes, and finally write the adapter (or the full model) and a summary.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::callback::{Callback, Control, MemoryMonitor, MixSchedule, MixShape, ProcMemory, StepReport};
+use super::callback::{probe_for, Callback, Control, MemoryMonitor, MixSchedule, MixShape, StepReport};
 use super::checkpoint::{self, RunState};
 use super::memory;
 use super::optim::AdamW;
@@ -25,7 +25,7 @@ use crate::model::{self, BaseDtype, Fwd, LoadSpec, Model};
 use crate::ops::lm_head::IGNORE;
 use crate::retain::{contrastive, Ewc};
 use crate::rng::mix;
-use crate::util::{current_rss, human_bytes, peak_rss};
+use crate::util::{current_rss, device_peak, human_bytes, peak_rss, reset_device_peak};
 
 /// What a finished run reports (also written as `summary.json`).
 #[derive(Debug, Serialize)]
@@ -46,9 +46,14 @@ pub struct RunSummary {
     pub domain_share: f64,
     /// Trained tokens per second over the loop.
     pub tokens_per_second: f64,
+    /// Where the model trained (`train.device`).
+    pub device: String,
     /// Peak resident set of the process, bytes.
     pub peak_rss_bytes: u64,
-    /// The peak predicted before the run, by part (`train::memory`), with its total.
+    /// Peak device memory (candle's CUDA pool) of a run on a GPU, bytes.
+    pub peak_device_bytes: Option<u64>,
+    /// The peak predicted before the run, by part (`train::memory`), with its total; null on
+    /// a GPU, which the plan does not model.
     pub predicted_memory: serde_json::Value,
     /// Wall time of the loop, seconds.
     pub train_seconds: f64,
@@ -95,6 +100,9 @@ pub struct RunOptions {
     pub resume: Option<PathBuf>,
     /// Callbacks added after the built-in ones.
     pub callbacks: Vec<Box<dyn Callback>>,
+    /// Run the ops a GPU runs (composed candle ops, NF4 in its device form) on the CPU
+    /// backend: how `bench gpu --device cpu` and the tests hold the GPU path without a GPU.
+    pub device_ops: bool,
 }
 
 /// Whether an error is an allocation failure (a CUDA out-of-memory, an allocator refusing).
@@ -129,7 +137,8 @@ pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
 /// [`run`] with a resume point and extra callbacks.
 pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<RunSummary> {
     let t = &recipe.train;
-    let dev = Device::Cpu;
+    let dev = crate::util::device(&t.device)?;
+    reset_device_peak(&dev);
     std::fs::create_dir_all(&t.out).with_context(|| format!("cannot create output directory {}", t.out.display()))?;
     crate::util::write_atomic(&t.out.join("recipe.toml"), recipe_text.as_bytes())?;
 
@@ -163,14 +172,31 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
     let base = BaseDtype::parse(&recipe.model.base_dtype)?;
     let recipe_plan = recipe.plan(src.config.num_layers)?;
     let bases = recipe.base_table(src.config.num_layers)?;
-    let predicted = memory::for_recipe(recipe, &src, current_rss())?;
-    eprintln!(
-        "memory plan (micro-batch {}, recompute = {}):\n{}",
-        t.batch,
-        t.recompute.name(),
-        predicted.table()
-    );
+    // The plan models the CPU path (its kernel packs, fused ops and process); on a GPU the
+    // run reports the device pool's measured peak instead of a prediction it cannot back.
+    let predicted = match dev.is_cpu() {
+        true => Some(memory::for_recipe(recipe, &src, current_rss())?),
+        false => None,
+    };
+    match &predicted {
+        Some(p) => eprintln!(
+            "memory plan (micro-batch {}, recompute = {}):\n{}",
+            t.batch,
+            t.recompute.name(),
+            p.table()
+        ),
+        None => eprintln!(
+            "training on {} (recompute = {}): the memory plan models the CPU only; the run reports the device's measured peak",
+            t.device,
+            t.recompute.name()
+        ),
+    }
     let per = |l: usize, m: &str| bases[l][crate::model::config::module_index(m)];
+    // Every forward of the run starts from this one (dropout and adapters set per use).
+    let eval_fwd = Fwd {
+        naive: opts.device_ops,
+        ..Fwd::eval()
+    };
     let mut model = Model::load_with(
         &src.config,
         src.weights.as_ref(),
@@ -179,7 +205,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
             per: &per,
             full,
             pack: recipe.model.pack_bf16,
-            device_nf4: false,
+            device_nf4: opts.device_ops,
         },
         &dev,
     )?;
@@ -205,7 +231,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
     let retain = recipe.retain.clone().unwrap_or_default();
     let ewc = match (&retain.fisher, retain.ewc_lambda > 0.0) {
         (Some(path), true) => {
-            let f = crate::retain::load_or_estimate(recipe, path)?;
+            let f = crate::retain::load_or_estimate(recipe, path, &dev)?;
             let e = Ewc::new(&model, &f, retain.ewc_lambda)?;
             eprintln!("ewc: lambda {} over {} weights", retain.ewc_lambda, e.len());
             Some(e)
@@ -247,7 +273,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
     if t.memory_monitor {
         callbacks.push(Box::new(MemoryMonitor::new(
             (t.memory_budget_gb * 1e9) as u64,
-            Box::new(ProcMemory),
+            probe_for(&dev),
         )));
     }
     callbacks.extend(opts.callbacks);
@@ -277,9 +303,9 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
             ck.state
         }
         None => {
-            let eval_before = eval_sequences(&model, &held, eval_batch, Fwd::eval())?;
+            let eval_before = eval_sequences(&model, &held, eval_batch, eval_fwd)?;
             let general_before = match &held_general {
-                Some(h) => Some(eval_sequences(&model, h, eval_batch, Fwd::eval())?),
+                Some(h) => Some(eval_sequences(&model, h, eval_batch, eval_fwd)?),
                 None => None,
             };
             RunState {
@@ -372,7 +398,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
                     let fwd = Fwd {
                         dropout_seed: Some(seed),
                         first_token: (k * micro * seq) as u64,
-                        ..Fwd::eval()
+                        ..eval_fwd
                     };
                     // The contrastive samples are this micro-batch's general rows; each
                     // micro-batch's term is weighted by its share of the step's samples.
@@ -384,7 +410,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
                                 &ids,
                                 Fwd {
                                     adapters: false,
-                                    ..Fwd::eval()
+                                    ..eval_fwd
                                 },
                                 None,
                             )?
@@ -447,12 +473,13 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
         let elapsed = elapsed0 + start.elapsed().as_secs_f64();
         let tps = (st.trained_tokens - tokens0) as f64 / start.elapsed().as_secs_f64().max(1e-9);
         let peak = peak_rss();
+        let peak_dev = device_peak(&dev);
         let mut line = json!({
             "step": st.step, "loss": if skipped { json!(loss.to_string()) } else { json!(loss) },
             "grad_norm": if gnorm.is_finite() { json!(gnorm) } else { json!(gnorm.to_string()) },
             "skipped": skipped, "ce": ce, "ewc": ewc_pen, "contrastive": contrastive_loss, "lr": ctl.lr, "micro_batch": micro_used, "grad_accum": per_step / micro_used,
             "domain_share": ctl.domain_share, "domain_share_realised": st.mixer.realised_share(),
-            "tokens": st.trained_tokens, "tok_per_s": tps, "peak_rss": peak, "elapsed_s": elapsed,
+            "tokens": st.trained_tokens, "tok_per_s": tps, "peak_rss": peak, "peak_device": peak_dev, "elapsed_s": elapsed,
         });
         line.as_object_mut().expect("object").extend(rep.log);
         emit(&mut st, line)?;
@@ -475,7 +502,10 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
             "step {}/{steps}  loss {loss:.4}  lr {lr_main:.2e}  {tps:.0} tok/s  ETA {}  peak {}",
             st.step,
             fmt_secs(start.elapsed().as_secs_f64() / (st.step - step0) as f64 * (steps - st.step) as f64),
-            human_bytes(peak)
+            match peak_dev {
+                Some(d) => format!("{} on {}", human_bytes(d), t.device),
+                None => human_bytes(peak),
+            }
         );
         if tty {
             eprint!("\r{status}\x1b[K");
@@ -491,7 +521,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
             st.epoch = passes;
         }
         if t.eval_every > 0 && st.step % t.eval_every == 0 && st.step < steps {
-            let m = eval_sequences(&model, &held, eval_batch, Fwd::eval())?;
+            let m = eval_sequences(&model, &held, eval_batch, eval_fwd)?;
             let line = json!({"step": st.step, "eval": m});
             emit(&mut st, line)?;
             if tty {
@@ -519,9 +549,9 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
         eprintln!();
     }
     let train_seconds = start.elapsed().as_secs_f64();
-    let eval_after = eval_sequences(&model, &held, eval_batch, Fwd::eval())?;
+    let eval_after = eval_sequences(&model, &held, eval_batch, eval_fwd)?;
     let general_after = match &held_general {
-        Some(h) => Some(eval_sequences(&model, h, eval_batch, Fwd::eval())?),
+        Some(h) => Some(eval_sequences(&model, h, eval_batch, eval_fwd)?),
         None => None,
     };
     let line = json!({"step": st.step, "eval": eval_after, "eval_general": general_after});
@@ -552,8 +582,10 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
         general_after,
         domain_share: st.mixer.realised_share(),
         tokens_per_second: (trained_tokens - tokens0) as f64 / train_seconds.max(1e-9),
+        device: t.device.clone(),
         peak_rss_bytes: peak_rss(),
-        predicted_memory: predicted.to_json(),
+        peak_device_bytes: device_peak(&dev),
+        predicted_memory: predicted.as_ref().map_or(serde_json::Value::Null, |p| p.to_json()),
         train_seconds,
         trainable_params: n_params,
         output: output.clone(),
@@ -563,14 +595,26 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
         &t.out.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
+    let memory = match (&predicted, summary.peak_device_bytes) {
+        (Some(p), _) => format!(
+            "peak RSS {} measured, {} predicted: {:+.0}%",
+            human_bytes(summary.peak_rss_bytes),
+            human_bytes(p.total()),
+            100.0 * (p.total() as f64 / summary.peak_rss_bytes.max(1) as f64 - 1.0)
+        ),
+        (None, Some(d)) => format!(
+            "peak {} on {} (candle's pool), host RSS {}",
+            human_bytes(d),
+            t.device,
+            human_bytes(summary.peak_rss_bytes)
+        ),
+        (None, None) => format!("host RSS {}", human_bytes(summary.peak_rss_bytes)),
+    };
     eprintln!(
-        "wrote {} ({} steps, {:.0} tok/s, peak RSS {} measured, {} predicted: {:+.0}%)",
+        "wrote {} ({} steps, {:.0} tok/s, {memory})",
         output.display(),
         steps,
         summary.tokens_per_second,
-        human_bytes(summary.peak_rss_bytes),
-        human_bytes(predicted.total()),
-        100.0 * (predicted.total() as f64 / summary.peak_rss_bytes.max(1) as f64 - 1.0)
     );
     Ok(summary)
 }
