@@ -1,6 +1,9 @@
-//! Writing a model as a Hugging Face directory, with adapters merged (`W + s B A`) or not.
+//! Writing a model as a Hugging Face directory or a GGUF file, with adapters merged
+//! (`W + s B A`) or not.
 
 use anyhow::{Context, Result};
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Tensor};
 use serde_json::json;
 use std::path::Path;
@@ -77,12 +80,25 @@ fn bnb_tensors(name: &str, q: &Nf4Tensor) -> Result<Vec<(String, Tensor)>> {
 
 /// Every weight of the model in Hugging Face naming; adapters folded in when `merge`.
 pub fn hf_tensors(model: &Model, merge: bool, store: Store) -> Result<Vec<(String, Tensor)>> {
-    let dtype = store.float();
     let mut out = Vec::new();
-    let mut push = |name: String, t: &Tensor| -> Result<()> {
-        out.push((name, t.to_dtype(DType::F32)?.to_dtype(dtype)?));
+    each_hf_tensor(model, merge, store, &mut |name, t| {
+        out.push((name, t));
         Ok(())
-    };
+    })?;
+    Ok(out)
+}
+
+/// Hands `f` every weight of the model in Hugging Face naming, one at a time (adapters folded
+/// in when `merge`), so that a writer can store each before the next is made: an export holds
+/// one merged f32 weight at a time, not the whole model in f32.
+pub fn each_hf_tensor(
+    model: &Model,
+    merge: bool,
+    store: Store,
+    f: &mut dyn FnMut(String, Tensor) -> Result<()>,
+) -> Result<()> {
+    let dtype = store.float();
+    let mut push = |name: String, t: &Tensor| -> Result<()> { f(name, t.to_dtype(DType::F32)?.to_dtype(dtype)?) };
     let mut quantized = Vec::new();
     push("model.embed_tokens.weight".into(), model.embed.t())?;
     for b in &model.blocks {
@@ -125,8 +141,10 @@ pub fn hf_tensors(model: &Model, merge: bool, store: Store) -> Result<Vec<(Strin
     if let Some(h) = &model.head {
         push("lm_head.weight".into(), h.t())?;
     }
-    out.extend(quantized);
-    Ok(out)
+    for (name, t) in quantized {
+        f(name, t)?;
+    }
+    Ok(())
 }
 
 fn nf4_precision(dq: bool) -> crate::model::BaseDtype {
@@ -188,4 +206,103 @@ pub fn write_hf_dir(model: &Model, tok: &Tok, dir: &Path, merge: bool, store: St
         &dir.join("generation_config.json"),
         serde_json::to_string_pretty(&gc)?.as_bytes(),
     )
+}
+
+/// GGUF storage types for `strata merge --out FILE.gguf --dtype T`, by llama.cpp's names, with
+/// the `general.file_type` llama.cpp writes for a file mostly of that type.
+pub const GGUF_TYPES: [(&str, GgmlDType, u32); 9] = [
+    ("f32", GgmlDType::F32, 0),
+    ("f16", GgmlDType::F16, 1),
+    ("bf16", GgmlDType::BF16, 32),
+    ("q8_0", GgmlDType::Q8_0, 7),
+    ("q6_k", GgmlDType::Q6K, 18),
+    ("q5_k", GgmlDType::Q5K, 16),
+    ("q5_0", GgmlDType::Q5_0, 8),
+    ("q4_k", GgmlDType::Q4K, 14),
+    ("q4_0", GgmlDType::Q4_0, 2),
+];
+
+/// The storage type of one GGUF matrix whose rows hold `cols` values: `want` when rows are
+/// whole blocks of it, else Q8_0 (blocks of 32) for a quantized `want`, else f16, as llama.cpp's
+/// quantizer falls back for rows that do not divide.
+fn gguf_matrix_type(want: GgmlDType, cols: usize) -> GgmlDType {
+    let whole = |t: GgmlDType| cols.is_multiple_of(t.block_size());
+    match want {
+        t if whole(t) => t,
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => want,
+        _ if whole(GgmlDType::Q8_0) => GgmlDType::Q8_0,
+        _ => GgmlDType::F16,
+    }
+}
+
+/// Checks a GGUF export before any model loads: `source` must be a `.gguf` file (its tokenizer
+/// and metadata are reused) and `dtype` one of [`GGUF_TYPES`]; gives the type and file type.
+pub fn gguf_export_type(source: &Path, dtype: &str) -> Result<(GgmlDType, u32)> {
+    let Some(&(_, want, file_type)) = GGUF_TYPES.iter().find(|t| t.0 == dtype) else {
+        let names: Vec<&str> = GGUF_TYPES.iter().map(|t| t.0).collect();
+        anyhow::bail!("GGUF storage type `{dtype}`: choose one of {}", names.join(", "));
+    };
+    if source.extension().and_then(|e| e.to_str()) != Some("gguf") {
+        anyhow::bail!(
+            "{}: a GGUF export keeps the source GGUF's tokenizer and metadata, so the model must be a .gguf file. \
+             For a Hugging Face directory, write a directory (--out DIR) and convert it with llama.cpp's convert_hf_to_gguf.py",
+            source.display()
+        );
+    }
+    Ok((want, file_type))
+}
+
+/// Writes the model (adapters folded in when `merge`) as a GGUF file at `out`, keeping every
+/// metadata entry of the GGUF it was loaded from (`source`: tokenizer, chat template, names)
+/// and copying source tensors strata does not model (e.g. `rope_freqs`) as they are, so
+/// llama.cpp reads it as it reads the source. Matrices are stored as `dtype` (see
+/// [`GGUF_TYPES`]), vectors in f32. Returns a note per matrix stored otherwise than asked.
+pub fn write_gguf_file(model: &Model, source: &Path, out: &Path, merge: bool, dtype: &str) -> Result<Vec<String>> {
+    let (want, file_type) = gguf_export_type(source, dtype)?;
+    let content = crate::model::gguf::read_checked(source)?;
+    let mut meta: Vec<(String, Value)> = content
+        .metadata
+        .iter()
+        // candle's writer aligns to 32 bytes; the type entries are set below.
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "general.alignment" | "general.file_type" | "general.quantization_version"
+            )
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    meta.sort_by(|a, b| a.0.cmp(&b.0));
+    meta.push(("general.file_type".into(), Value::U32(file_type)));
+    if file_type > 1 && file_type != 32 {
+        meta.push(("general.quantization_version".into(), Value::U32(2)));
+    }
+    // The source's tensors that strata does not model pass through as stored.
+    let mut f = std::fs::File::open(source).with_context(|| format!("cannot open {}", source.display()))?;
+    let mut extra = Vec::new();
+    for name in content
+        .tensor_infos
+        .keys()
+        .filter(|n| !crate::model::gguf::is_modelled(n))
+    {
+        extra.push((name.clone(), content.tensor(&mut f, name, &candle_core::Device::Cpu)?));
+    }
+    let notes = std::cell::RefCell::new(Vec::new());
+    let ty = |name: &str, t: &Tensor| {
+        if t.rank() < 2 {
+            return GgmlDType::F32;
+        }
+        let cols = t.dims()[t.rank() - 1];
+        let got = gguf_matrix_type(want, cols);
+        if got != want {
+            notes.borrow_mut().push(format!(
+                "{name}: rows of {cols} are not whole {want:?} blocks; stored as {got:?}"
+            ));
+        }
+        got
+    };
+    let mut each =
+        |f: &mut dyn FnMut(String, Tensor) -> Result<()>| each_hf_tensor(model, merge, Store::Float(DType::F32), f);
+    crate::model::gguf::write_tensors(out, &model.cfg, meta, &mut each, &extra, &ty)?;
+    Ok(notes.into_inner())
 }

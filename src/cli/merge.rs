@@ -17,11 +17,14 @@ pub struct Args {
     /// The model and optional adapter.
     #[command(flatten)]
     pub model: super::ModelArgs,
-    /// Output directory.
+    /// Output: a directory (a Hugging Face model), or a file ending in `.gguf` (a GGUF for
+    /// llama.cpp, from a `.gguf` model: its tokenizer and metadata are kept).
     #[arg(long)]
     pub out: PathBuf,
-    /// Stored precision: f32, bf16, f16, or nf4 / nf4-dq (a bitsandbytes 4-bit checkpoint:
-    /// projections in NF4, the rest bf16; projections already in that NF4 layout keep their codes).
+    /// Stored precision. A directory: f32, bf16, f16, or nf4 / nf4-dq (a bitsandbytes 4-bit
+    /// checkpoint: projections in NF4, the rest bf16; projections already in that NF4 layout
+    /// keep their codes). A `.gguf` file: f32, f16, bf16, q8_0, q6_k, q5_k, q5_0, q4_k or q4_0
+    /// for the matrices (vectors stay f32; rows that are not whole blocks fall back to q8_0).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// The base the adapter is folded into: auto (the one it was trained against, from its
@@ -33,9 +36,30 @@ pub struct Args {
 
 /// Runs `strata merge`.
 pub fn run(a: Args) -> Result<()> {
+    let merge = a.model.adapter.is_some();
+    if a.out.extension().and_then(|e| e.to_str()) == Some("gguf") {
+        if a.out.is_dir() {
+            anyhow::bail!("--out {} is a directory; a GGUF export is a file", a.out.display());
+        }
+        // Checked before the model loads, which takes a while on a large one.
+        crate::adapter::merge::gguf_export_type(&a.model.model, &a.dtype)?;
+        let (_, model) = a.model.load(&a.base_dtype, &candle_core::Device::Cpu)?;
+        let notes = crate::adapter::merge::write_gguf_file(&model, &a.model.model, &a.out, merge, &a.dtype)?;
+        if let Some(n) = notes.first() {
+            println!("{} matrices stored otherwise than {} (e.g. {n})", notes.len(), a.dtype);
+        }
+        println!(
+            "wrote {} ({}, {}; llama.cpp: llama-cli -m {})",
+            a.out.display(),
+            if merge { "adapter merged" } else { "base model" },
+            a.dtype,
+            a.out.display()
+        );
+        return Ok(());
+    }
     let store = Store::parse(&a.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let (src, model) = a.model.load(&a.base_dtype, &candle_core::Device::Cpu)?;
-    crate::adapter::merge::write_hf_dir(&model, &src.tokenizer, &a.out, a.model.adapter.is_some(), store)?;
+    crate::adapter::merge::write_hf_dir(&model, &src.tokenizer, &a.out, merge, store)?;
     println!(
         "wrote {} ({}{})",
         a.out.display(),

@@ -7,7 +7,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -103,7 +103,8 @@ pub fn read_checked(path: &Path) -> Result<Content> {
     Ok(content)
 }
 
-fn hf_to_gguf(name: &str) -> Option<String> {
+/// The GGUF name of a Hugging Face tensor name (`None`: not a tensor of the supported families).
+pub fn hf_to_gguf(name: &str) -> Option<String> {
     let fixed = match name {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
@@ -158,6 +159,12 @@ fn gguf_to_hf(name: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{h}.{kind}"))
+}
+
+/// Whether strata's decoder holds the GGUF tensor `name` (the rest, e.g. `rope_freqs`, are
+/// not read, and an export copies them as stored).
+pub fn is_modelled(name: &str) -> bool {
+    gguf_to_hf(name).is_some()
 }
 
 /// llama.cpp's Q/K row permutation (`convert_hf_to_gguf.py::permute`) and its inverse, on the
@@ -430,15 +437,27 @@ pub fn open_gguf(path: &Path) -> Result<ModelSource> {
     })
 }
 
-/// Writes a GGUF file for `cfg` from Hugging Face-named f32 tensors (Llama Q/K permuted as
-/// llama.cpp expects), each stored as `dtype`. Used for exports and synthetic test models.
+/// Writes a GGUF file for `cfg` from Hugging Face-named tensors (Llama Q/K permuted as
+/// llama.cpp expects) with `vocab` as its tokenizer, matrices stored as `dtype` and vectors as
+/// f32. Synthetic test models are written this way; exports go through [`write_tensors`].
 pub fn write_gguf(
     path: &Path,
     cfg: &ModelConfig,
     tensors: &[(String, Tensor)],
     vocab: &GgufVocab,
-    dtype: candle_core::quantized::GgmlDType,
+    dtype: GgmlDType,
 ) -> Result<()> {
+    let ty = |_: &str, t: &Tensor| if t.rank() == 1 { GgmlDType::F32 } else { dtype };
+    let mut each =
+        |f: &mut dyn FnMut(String, Tensor) -> Result<()>| tensors.iter().try_for_each(|(n, t)| f(n.clone(), t.clone()));
+    write_tensors(path, cfg, metadata(cfg, vocab), &mut each, &[], &ty)
+}
+
+/// A source of Hugging Face-named tensors handed over one at a time (see [`write_tensors`]).
+pub type EachTensor<'a> = dyn FnMut(&mut dyn FnMut(String, Tensor) -> Result<()>) -> Result<()> + 'a;
+
+/// A GGUF's metadata for `cfg` with `vocab`: architecture, shapes and tokenizer.
+fn metadata(cfg: &ModelConfig, vocab: &GgufVocab) -> Vec<(String, Value)> {
     let a = cfg.arch.model_type();
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),
@@ -484,29 +503,50 @@ pub fn write_gguf(
     if let Some(b) = cfg.bos_token_id {
         meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
     }
+    meta
+}
+
+/// Writes `meta` and the Hugging Face-named tensors `each` hands over as a GGUF file at
+/// `path`, atomically: each tensor is mapped to its GGUF name, Llama Q/K rows permuted as
+/// llama.cpp expects, and stored as `ty(gguf_name, tensor)` as it arrives (so only the stored
+/// form of the model is held, plus one tensor);
+/// `extra` are tensors copied as they are (GGUF-named). Tensors are written in name order, so
+/// the same model always gives the same file.
+pub fn write_tensors(
+    path: &Path,
+    cfg: &ModelConfig,
+    meta: Vec<(String, Value)>,
+    each: &mut EachTensor<'_>,
+    extra: &[(String, QTensor)],
+    ty: &dyn Fn(&str, &Tensor) -> GgmlDType,
+) -> Result<()> {
     let mut qts = Vec::new();
-    for (name, t) in tensors {
-        let g = hf_to_gguf(name).with_context(|| format!("no GGUF name for tensor `{name}`"))?;
+    each(&mut |name, t| {
+        let g = hf_to_gguf(&name).with_context(|| format!("no GGUF name for tensor `{name}`"))?;
         let mut t = t.to_dtype(candle_core::DType::F32)?;
         if cfg.arch == Arch::Llama && g.contains(".attn_q.") {
             t = permute_rows(&t, cfg.num_heads, true)?;
         } else if cfg.arch == Arch::Llama && g.contains(".attn_k.") {
             t = permute_rows(&t, cfg.num_kv_heads, true)?;
         }
-        let ty = if t.rank() == 1 {
-            candle_core::quantized::GgmlDType::F32
-        } else {
-            dtype
-        };
-        qts.push((g, QTensor::quantize(&t, ty)?));
-    }
-    // Name order, so the same model always gives the same file.
-    qts.sort_by(|a, b| a.0.cmp(&b.0));
+        let to = ty(&g, &t);
+        let q = QTensor::quantize(&t, to).with_context(|| format!("cannot store `{g}` as {to:?}"))?;
+        qts.push((g, q));
+        Ok(())
+    })?;
+    let mut qts: Vec<(&str, &QTensor)> = qts.iter().chain(extra).map(|(k, v)| (k.as_str(), v)).collect();
+    qts.sort_by(|a, b| a.0.cmp(b.0));
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut buf = std::io::Cursor::new(Vec::new());
-    candle_core::quantized::gguf_file::write(&mut buf, &meta_refs, &t_refs)?;
-    crate::util::write_atomic(path, buf.get_ref())
+    crate::util::write_atomic_with(path, |tmp| {
+        let f = File::create(tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        let mut w = std::io::BufWriter::new(f);
+        candle_core::quantized::gguf_file::write(&mut w, &meta_refs, &qts)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        use std::io::Write;
+        w.flush().with_context(|| format!("cannot write {}", tmp.display()))?;
+        w.get_ref().sync_all().ok();
+        Ok(())
+    })
 }
 
 #[cfg(test)]
