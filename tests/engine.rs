@@ -56,8 +56,9 @@ fn every_trainable_parameter_gets_a_gradient_and_recompute_matches() -> Result<(
         assert_eq!(s1.count, 13);
         let params = m.trainable();
         assert_eq!(params.len(), 2 * 7 * 2);
-        // An f32 base keeps its products exact: selective recomputation changes nothing either.
-        for r in [Recompute::Blocks, Recompute::Selective] {
+        // An f32 base keeps its products exact: selective recomputation, in every layer or in
+        // one, changes nothing either.
+        for r in [Recompute::Blocks, Recompute::Selective, Recompute::Partial(1)] {
             let mut g2 = GradAcc::default();
             let s2 = forward_backward(&m, &b, 0.1, r, fwd, &mut g2)?;
             assert!((s1.nll_sum - s2.nll_sum).abs() < 1e-4, "{r:?}: loss differs");
@@ -141,7 +142,16 @@ fn selective_recompute_matches_blocks_on_bf16_and_nf4_bases() -> Result<()> {
         );
         assert_eq!(l_sel, l_again, "{base:?}: selective steps are not deterministic");
         assert_eq!(rel(&g_sel, &g_again)?, 0.0, "{base:?}");
+        // Products kept in one layer of two: each layer as in its own mode.
+        let (_, g_part) = run(m, Recompute::Partial(1))?;
+        let (e_blocks, e_sel) = (rel(&g_blocks, &g_part)?, rel(&g_sel, &g_part)?);
+        assert!(
+            e_blocks > 0.0 && e_sel > 0.0 && e_blocks < 2.0 * bf16_noise && e_sel < 2.0 * bf16_noise,
+            "{base:?}: one layer kept differs from blocks by {e_blocks}, from selective by {e_sel}"
+        );
     }
+    let e = run(&models[1], Recompute::Auto).unwrap_err().to_string();
+    assert!(e.contains("chosen by the trainer"), "{e}");
     Ok(())
 }
 

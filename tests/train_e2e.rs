@@ -127,6 +127,40 @@ fn mixed_recipe(dir: &std::path::Path, out: &str) -> String {
         + "checkpoint_every = 6\nkeep_checkpoints = 3\nloraplus_ratio = 4.0\n"
 }
 
+/// `recompute = "auto"` chooses against the budget when a run begins, and a resumed run keeps
+/// that choice even where its own budget would choose otherwise.
+#[test]
+fn auto_recompute_is_chosen_once_per_run() -> Result<()> {
+    let dir = fresh_dir("auto-recompute")?;
+    let with = |out: &str, budget: &str| {
+        mixed_recipe(&dir, out) + &format!("recompute = \"auto\"\nmemory_budget_gb = {budget}\n")
+    };
+    let whole = train_with(&with("whole", "1000"), Default::default())?;
+    assert_eq!(
+        whole.recompute, "off",
+        "a budget that holds everything runs without recomputation"
+    );
+    let tight = train_with(&with("tight", "0.001"), Default::default())?;
+    assert_eq!(
+        tight.recompute, "blocks",
+        "a budget nothing fits runs in the least memory"
+    );
+    let resumed = train_with(
+        &with("resumed", "0.001"),
+        strata::train::trainer::RunOptions {
+            resume: Some(dir.join("whole/checkpoints/step-000006")),
+            ..Default::default()
+        },
+    )?;
+    assert_eq!(resumed.recompute, "off");
+    assert_eq!(
+        losses(&dir.join("whole/metrics.jsonl"))?,
+        losses(&dir.join("resumed/metrics.jsonl"))?
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
 #[test]
 fn resume_continues_bit_exactly() -> Result<()> {
     let dir = fresh_dir("resume")?;

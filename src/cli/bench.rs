@@ -154,15 +154,22 @@ pub(crate) fn variant_recompute(variant: &str) -> Option<Recompute> {
     STRATA_VARIANTS.iter().find(|v| v.0 == variant).map(|v| v.1)
 }
 
-/// The variant name of a recomputation.
-pub(crate) fn recompute_variant(r: Recompute) -> &'static str {
+/// The variant name of a recomputation; the benchmarks time whole modes, so a partial or
+/// automatic one has none.
+pub(crate) fn recompute_variant(r: Recompute) -> Result<&'static str> {
     // An exhaustive match, so a new recomputation cannot go without its variant.
     let i = match r {
         Recompute::Blocks => 0,
         Recompute::Selective => 1,
         Recompute::Off => 2,
+        Recompute::Partial(_) | Recompute::Auto => {
+            bail!(
+                "the benchmarks time off, blocks or selective recomputation, not `{}`",
+                r.name()
+            )
+        }
     };
-    STRATA_VARIANTS[i].0
+    Ok(STRATA_VARIANTS[i].0)
 }
 
 /// Qwen2-7B's shape.

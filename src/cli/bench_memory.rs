@@ -22,6 +22,7 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
         return run_policy(a, cfg, v, rows, seq);
     }
     let recompute = Recompute::parse(&a.recompute).context("--recompute")?;
+    recompute_variant(recompute).context("--recompute")?;
     let measured = match a.shape.as_str() {
         "qwen2-7b" => a.policy_list(&["qlora", "layered"]),
         _ => a.policy_list(&["lora", "qlora", "layered"]),
@@ -44,7 +45,7 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
         match recompute {
             Recompute::Off => "no recomputation",
             Recompute::Blocks => "per-block recomputation",
-            Recompute::Selective => "selective recomputation (blocks re-run, frozen products kept)",
+            _ => "selective recomputation (blocks re-run, frozen products kept)",
         },
         a.steps
     );
@@ -72,7 +73,7 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
             .args(["bench", "memory", "--shape", &a.shape, "--variant", p.name])
             .args(["--batch", &rows.to_string(), "--seq-len", &seq.to_string()])
             .args(["--steps", &a.steps.to_string()])
-            .args(["--recompute", recompute.name()])
+            .args(["--recompute", &recompute.name()])
             .output()
             .context("cannot start the benchmark process")?;
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
@@ -114,7 +115,7 @@ fn run_policy(a: &Args, cfg: &ModelConfig, name: &str, rows: usize, seq: usize) 
     let t0 = Instant::now();
     let model = synthetic_model(cfg, &p, &Device::Cpu)?;
     let build_s = t0.elapsed().as_secs_f64();
-    let secs = timed_steps(&model, recompute_variant(recompute), rows, seq, a.steps)?;
+    let secs = timed_steps(&model, recompute_variant(recompute)?, rows, seq, a.steps)?;
     println!(
         "{}",
         serde_json::json!({

@@ -102,13 +102,6 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     if let Some(r) = &recipe {
-        println!(
-            "\nrecipe {} (micro-batch {} x {} tokens, recompute = {}):",
-            a.recipe.as_ref().expect("recipe").display(),
-            r.train.batch,
-            r.data.seq_len,
-            r.train.recompute.name()
-        );
         // The run holds its tokenized data before the model loads: load it here too, so the
         // measured part of the plan is the run's.
         let mut data = Vec::new();
@@ -117,10 +110,19 @@ pub fn run(a: Args) -> Result<()> {
                 data.push(crate::train::trainer::load_sequences(r, &src.tokenizer, paths)?);
             }
         }
-        print!(
-            "{}",
-            crate::train::memory::for_recipe(r, &src, crate::util::current_rss())?.table()
+        let (recompute, plan, budget) = crate::train::memory::resolve_recompute(r, &src, crate::util::current_rss())?;
+        println!(
+            "\nrecipe {} (micro-batch {} x {} tokens, recompute = {}{}):",
+            a.recipe.as_ref().expect("recipe").display(),
+            r.train.batch,
+            r.data.seq_len,
+            recompute.name(),
+            budget.map_or(String::new(), |b| format!(
+                ", chosen by auto for a budget of {}",
+                human_bytes(b)
+            ))
         );
+        print!("{}", plan.table());
         drop(data);
         if r.train.device != "cpu" {
             println!(

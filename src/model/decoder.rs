@@ -658,6 +658,14 @@ impl Model {
         v
     }
 
+    /// Each layer's rank for keeping its frozen products (`train::step::keep_rank`).
+    pub fn keep_ranks(&self) -> Vec<u8> {
+        self.blocks
+            .iter()
+            .map(|b| crate::train::step::keep_rank(b.proj.iter().filter(|p| p.lora.is_some()).map(|p| p.w.precision())))
+            .collect()
+    }
+
     /// Every trainable tensor with its name (adapters as `<module>.lora_A.weight`).
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let mut v = Vec::new();

@@ -39,6 +39,9 @@ pub struct RunState {
     pub callbacks: BTreeMap<String, serde_json::Value>,
     /// Non-finite steps in a row.
     pub bad_in_a_row: usize,
+    /// The recomputation the run trains with (`train.recompute = "auto"` resolved at its start).
+    #[serde(default)]
+    pub recompute: Option<String>,
     /// Target tokens trained on.
     pub trained_tokens: usize,
     /// Seconds spent in the loop so far.

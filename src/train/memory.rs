@@ -257,11 +257,12 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
         p.add("activations (block inputs)", (l + 1) * n * h * 4);
         p.add("activations (one block + grads)", graph + grads);
     }
-    if s.recompute == Recompute::Selective && !s.full {
-        // Every adapted projection's frozen product, bf16 (f32 under an f32 base), all alive
-        // when the forward reaches the head.
+    let keep = s.recompute.kept(&keep_ranks(s.ranks, s.bases));
+    if keep.iter().any(|&k| k) && !s.full {
+        // Every adapted projection's frozen product in the layers that keep them, bf16 (f32
+        // under an f32 base), all alive when the forward reaches the head.
         let mut kept = 0;
-        for (layer, row) in s.ranks.iter().enumerate() {
+        for (layer, row) in s.ranks.iter().enumerate().filter(|(l, _)| keep[*l]) {
             for (mi, m) in MODULES.iter().enumerate() {
                 if row[mi] > 0 {
                     let out = c.linear_shape(m).map(|(o, _)| o as u64).unwrap_or(0);
@@ -286,6 +287,41 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
     p
 }
 
+/// Each layer's rank for keeping its frozen products (`train::step::keep_rank`), from the
+/// adapter ranks and bases tables: what `Model::keep_ranks` reads off a built model.
+pub fn keep_ranks(ranks: &[[usize; 7]], bases: &[[BaseDtype; 7]]) -> Vec<u8> {
+    ranks
+        .iter()
+        .zip(bases)
+        .map(|(r, b)| crate::train::step::keep_rank((0..7).filter(|&m| r[m] > 0).map(|m| b[m])))
+        .collect()
+}
+
+/// The fastest recomputation whose predicted peak fits `budget` bytes: no recomputation, then
+/// selective in every layer, then in fewer layers one at a time, then per-block (the least
+/// memory, chosen even when nothing fits: the run then says so). Full fine-tuning has no
+/// frozen products to keep, so it chooses between off and blocks. Returns the choice and its
+/// prediction.
+pub fn choose_recompute(
+    layers: usize,
+    full: bool,
+    budget: u64,
+    predict: impl Fn(Recompute) -> anyhow::Result<Prediction>,
+) -> anyhow::Result<(Recompute, Prediction)> {
+    let mut candidates = vec![Recompute::Off];
+    if !full {
+        candidates.push(Recompute::Selective);
+        candidates.extend((1..layers).rev().map(Recompute::Partial));
+    }
+    for r in candidates {
+        let p = predict(r)?;
+        if p.total() <= budget {
+            return Ok((r, p));
+        }
+    }
+    Ok((Recompute::Blocks, predict(Recompute::Blocks)?))
+}
+
 /// Adapter rank of every projection under `plan`, `[layer][MODULES index]`, 0 where it puts
 /// none (everywhere without a plan).
 pub fn ranks(cfg: &ModelConfig, plan: Option<&crate::adapter::LoraPlan>) -> anyhow::Result<Vec<[usize; 7]>> {
@@ -307,6 +343,38 @@ pub fn for_recipe(
     src: &crate::model::ModelSource,
     runtime: u64,
 ) -> anyhow::Result<Prediction> {
+    for_recipe_with(recipe, src, runtime, recipe.train.recompute)
+}
+
+/// The recipe's recomputation, with `auto` resolved against its memory budget
+/// (`train.memory_budget_gb`, or 85% of this process plus the memory the machine has free,
+/// the memory monitor's high mark): the mode, its prediction, and the budget when resolved.
+pub fn resolve_recompute(
+    recipe: &super::recipe::Recipe,
+    src: &crate::model::ModelSource,
+    runtime: u64,
+) -> anyhow::Result<(Recompute, Prediction, Option<u64>)> {
+    let t = &recipe.train;
+    if t.recompute != Recompute::Auto {
+        return Ok((t.recompute, for_recipe(recipe, src, runtime)?, None));
+    }
+    let budget = match t.memory_budget_gb > 0.0 {
+        true => (t.memory_budget_gb * 1e9) as u64,
+        false => ((crate::util::current_rss() + crate::util::mem_available()) as f64 * 0.85) as u64,
+    };
+    let (r, p) = choose_recompute(src.config.num_layers, t.mode == "full", budget, |r| {
+        for_recipe_with(recipe, src, runtime, r)
+    })?;
+    Ok((r, p, Some(budget)))
+}
+
+/// [`for_recipe`] under another recomputation than the recipe's.
+pub fn for_recipe_with(
+    recipe: &super::recipe::Recipe,
+    src: &crate::model::ModelSource,
+    runtime: u64,
+    recompute: Recompute,
+) -> anyhow::Result<Prediction> {
     let cfg = &src.config;
     let plan = recipe.plan(cfg.num_layers)?;
     let bases = recipe.base_table(cfg.num_layers)?;
@@ -321,7 +389,7 @@ pub fn for_recipe(
         saved: &saved,
         rows: recipe.train.batch,
         seq_len: recipe.data.seq_len,
-        recompute: recipe.train.recompute,
+        recompute,
         ranks: &ranks(cfg, plan.as_ref())?,
         stored_bytes: &stored,
         mapped: src.weights.mapped_bytes(),
@@ -454,5 +522,72 @@ mod tests {
                 assert_eq!(nf4_bytes((rows * cols) as u64, dq), t.bytes() as u64);
             }
         }
+    }
+
+    /// `auto` takes the fastest mode whose prediction fits: no recomputation, selective in
+    /// every layer, in fewer layers (the NF4 ones first under the layered policy), per block.
+    #[test]
+    fn auto_recompute_picks_the_fastest_mode_that_fits() -> anyhow::Result<()> {
+        let cfg = crate::cli::bench::smollm2_shape();
+        let all = policies(&cfg)?;
+        let layered = all.iter().find(|p| p.name == "layered").expect("layered policy");
+        // The plan's tables once (resolving PEFT patterns is the slow part of a prediction).
+        let (bases, rank_table) = (layered.bases(&cfg)?, ranks(&cfg, layered.plan.as_ref())?);
+        let at = |recompute| -> anyhow::Result<Prediction> {
+            Ok(predict(&RunShape {
+                cfg: &cfg,
+                base: layered.base,
+                bases: &bases,
+                full: false,
+                pack: false,
+                saved: &[],
+                rows: 4,
+                seq_len: 256,
+                recompute,
+                ranks: &rank_table,
+                stored_bytes: &|_| None,
+                mapped: 0,
+                runtime: 0,
+            }))
+        };
+        let total = |r| at(r).map(|p| p.total());
+        let (off, sel, blocks) = (
+            total(Recompute::Off)?,
+            total(Recompute::Selective)?,
+            total(Recompute::Blocks)?,
+        );
+        assert!(off > sel && sel > blocks, "off {off}, selective {sel}, blocks {blocks}");
+        let mut last = blocks;
+        for k in 1..cfg.num_layers {
+            let t = total(Recompute::Partial(k))?;
+            assert!(t > last && t < sel, "selective:{k} predicts {t}");
+            last = t;
+        }
+        let l = cfg.num_layers;
+        for (budget, want) in [
+            (off, Recompute::Off),
+            (off - 1, Recompute::Selective),
+            (total(Recompute::Partial(7))?, Recompute::Partial(7)),
+            (total(Recompute::Partial(7))? + 1, Recompute::Partial(7)),
+            (total(Recompute::Partial(1))? - 1, Recompute::Blocks),
+            (0, Recompute::Blocks),
+        ] {
+            let (got, p) = choose_recompute(l, false, budget, at)?;
+            assert_eq!(got, want, "budget {budget}");
+            assert_eq!(p.total(), total(want)?);
+        }
+        // Full fine-tuning keeps no products: off or blocks.
+        let full = all.iter().find(|p| p.name == "full").expect("full policy");
+        let f = |r| full.predict(&cfg, 4, 256, false, r, 0);
+        let f_off = f(Recompute::Off)?.total();
+        assert_eq!(choose_recompute(l, true, f_off - 1, f)?.0, Recompute::Blocks);
+        // The layered policy's NF4 layers (10-29) keep their products before the bf16 ones.
+        let ranks = keep_ranks(&rank_table, &bases);
+        let kept = Recompute::Partial(7).kept(&ranks);
+        let want: Vec<bool> = (0..l).map(|i| (10..17).contains(&i)).collect();
+        assert_eq!(kept, want);
+        assert_eq!(Recompute::Partial(25).kept(&ranks).iter().filter(|&&k| k).count(), 25);
+        assert!(Recompute::Partial(25).kept(&ranks)[..5].iter().all(|&k| k));
+        Ok(())
     }
 }

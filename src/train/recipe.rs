@@ -261,7 +261,8 @@ pub struct TrainSection {
     /// `cuda` feature).
     pub device: String,
     /// What the backward recomputes: `blocks` (gradient checkpointing, the default), `selective`
-    /// (blocks, keeping the frozen products) or `off`; `true` / `false` mean blocks / off.
+    /// (blocks, keeping the frozen products), `selective:K` (in K layers), `off`, or `auto` (the
+    /// fastest whose predicted peak fits `memory_budget_gb`); `true` / `false` mean blocks / off.
     pub recompute: crate::train::Recompute,
     /// Evaluate every this many steps (0: only at the start and end).
     pub eval_every: usize,
@@ -275,8 +276,9 @@ pub struct TrainSection {
     pub groups: Vec<GroupSection>,
     /// Watch memory and halve/grow the micro-batch (`batch`) to stay within the budget.
     pub memory_monitor: bool,
-    /// Memory budget in GB for the monitor (0: this process plus what the machine has free at
-    /// start; on a GPU, the device memory the run holds plus what the device has free).
+    /// Memory budget in GB for the monitor and for `recompute = "auto"` (0: this process plus
+    /// what the machine has free at start, auto aiming under 85% of it; on a GPU, the device
+    /// memory the run holds plus what the device has free).
     pub memory_budget_gb: f64,
     /// Write a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: usize,
@@ -438,7 +440,12 @@ impl Recipe {
         if t.mode == "full" && (base != crate::model::BaseDtype::F32 || layer_bases) {
             bail!("train.mode = \"full\" trains every weight in f32: leave model.base_dtype at f32 and drop per-layer `base` (quantized and 16-bit bases are for frozen weights under LoRA)");
         }
-        if t.mode == "full" && t.recompute == crate::train::Recompute::Selective {
+        if t.mode == "full"
+            && matches!(
+                t.recompute,
+                crate::train::Recompute::Selective | crate::train::Recompute::Partial(_)
+            )
+        {
             bail!("train.recompute = \"selective\" keeps the frozen products under adapters, and full fine-tuning has none: use \"blocks\" or \"off\"");
         }
         Ok(())
@@ -559,17 +566,24 @@ mod tests {
             ("\"blocks\"", Recompute::Blocks),
             ("\"selective\"", Recompute::Selective),
             ("\"off\"", Recompute::Off),
+            ("\"auto\"", Recompute::Auto),
+            ("\"selective:12\"", Recompute::Partial(12)),
         ] {
             let r = Recipe::parse(BASE, "r.toml", &[format!("train.recompute={v}")])?;
             assert_eq!(r.train.recompute, want, "{v}");
         }
         let e = Recipe::parse(BASE, "r.toml", &["train.recompute=\"sometimes\"".into()]).unwrap_err();
-        assert!(format!("{e:#}").contains("off, blocks or selective"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("off, blocks, selective, selective:K"),
+            "{e:#}"
+        );
         let e = Recipe::parse(BASE, "r.toml", &["train.recompute=3".into()]).unwrap_err();
-        assert!(format!("{e:#}").contains("\"selective\" (or true / false)"), "{e:#}");
+        assert!(format!("{e:#}").contains("\"auto\" (or true / false)"), "{e:#}");
         let full = ["train.mode=\"full\"".into(), "train.recompute=\"selective\"".into()];
         let e = Recipe::parse(BASE, "r.toml", &full).unwrap_err();
         assert!(format!("{e:#}").contains("full fine-tuning has none"), "{e:#}");
+        let full = ["train.mode=\"full\"".into(), "train.recompute=\"selective:3\"".into()];
+        assert!(Recipe::parse(BASE, "r.toml", &full).is_err());
         Ok(())
     }
 

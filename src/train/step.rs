@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, TensorId, Var};
 use std::collections::HashMap;
 
-use crate::model::{BlockState, Fwd, Model, Param};
+use crate::model::{BaseDtype, BlockState, Fwd, Model, Param};
 use crate::ops::lm_head::{lm_head_loss, HeadOptions};
 use crate::ops::lora_linear::KeptProducts;
 use std::sync::Arc;
@@ -29,28 +29,78 @@ pub enum Recompute {
     /// [`Recompute::Blocks`] that also keeps each adapted projection's frozen product (bf16;
     /// f32 under an f32 base), so the re-run costs only the adapters, norms and attention.
     Selective,
+    /// [`Recompute::Selective`] in this many layers, the ones whose products cost the most to
+    /// recompute first ([`selective_layers`]); the others as [`Recompute::Blocks`].
+    Partial(usize),
+    /// The fastest of the others whose predicted peak fits the memory budget, chosen by the
+    /// trainer before the run (`train::memory::choose_recompute`); a step cannot run it.
+    Auto,
 }
 
 impl Recompute {
-    /// Parses `off`, `blocks` or `selective` (a recipe may also say `false` / `true`, the
-    /// older boolean form).
+    /// Parses `off`, `blocks`, `selective`, `selective:K` (K layers) or `auto` (a recipe may
+    /// also say `false` / `true`, the older boolean form).
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "off" => Ok(Self::Off),
             "blocks" => Ok(Self::Blocks),
             "selective" => Ok(Self::Selective),
-            _ => anyhow::bail!("recompute `{s}`: expected off, blocks or selective"),
+            "auto" => Ok(Self::Auto),
+            _ => match s.strip_prefix("selective:").map(str::parse::<usize>) {
+                Some(Ok(k)) => Ok(Self::Partial(k)),
+                _ => anyhow::bail!("recompute `{s}`: expected off, blocks, selective, selective:K (K layers) or auto"),
+            },
         }
     }
 
     /// The name [`Recompute::parse`] reads.
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
-            Self::Off => "off",
-            Self::Blocks => "blocks",
-            Self::Selective => "selective",
+            Self::Off => "off".into(),
+            Self::Blocks => "blocks".into(),
+            Self::Selective => "selective".into(),
+            Self::Partial(k) => format!("selective:{k}"),
+            Self::Auto => "auto".into(),
         }
     }
+
+    /// Which of `n` layers keep their frozen products, `costs[i]` ranking layer `i` as
+    /// [`selective_layers`] reads it.
+    pub fn kept(self, costs: &[u8]) -> Vec<bool> {
+        match self {
+            Self::Selective => vec![true; costs.len()],
+            Self::Partial(k) => selective_layers(costs, k),
+            _ => vec![false; costs.len()],
+        }
+    }
+}
+
+/// How a layer ranks for keeping its frozen products, from the bases of its adapted
+/// projections: 0 for quantized bases (a re-run decodes them before the GEMM), 1 for 16-bit,
+/// 2 for f32 (kept at twice the bytes), the best of them; 3 with no adapted projection
+/// (nothing to keep).
+pub fn keep_rank(adapted_bases: impl IntoIterator<Item = BaseDtype>) -> u8 {
+    adapted_bases
+        .into_iter()
+        .map(|b| match b {
+            BaseDtype::F32 => 2,
+            BaseDtype::Bf16 => 1,
+            _ => 0,
+        })
+        .min()
+        .unwrap_or(3)
+}
+
+/// The `k` layers that keep their products under [`Recompute::Partial`]: lowest
+/// [`keep_rank`] first, then from the bottom up.
+pub fn selective_layers(costs: &[u8], k: usize) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..costs.len()).collect();
+    order.sort_by_key(|&i| (costs[i], i));
+    let mut kept = vec![false; costs.len()];
+    for &i in order.iter().take(k) {
+        kept[i] = true;
+    }
+    kept
 }
 
 impl<'de> serde::Deserialize<'de> for Recompute {
@@ -59,7 +109,7 @@ impl<'de> serde::Deserialize<'de> for Recompute {
         impl serde::de::Visitor<'_> for Form {
             type Value = Recompute;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("\"off\", \"blocks\" or \"selective\" (or true / false)")
+                f.write_str("\"off\", \"blocks\", \"selective\", \"selective:K\" or \"auto\" (or true / false)")
             }
             fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<Recompute, E> {
                 Ok(if v { Recompute::Blocks } else { Recompute::Off })
@@ -220,6 +270,9 @@ pub fn forward_backward_with(
         ))
     };
 
+    if recompute == Recompute::Auto {
+        anyhow::bail!("recompute = \"auto\" is chosen by the trainer before a run; pass the mode it chose");
+    }
     if recompute == Recompute::Off {
         let mut x = x0;
         for i in 0..n_layers {
@@ -232,11 +285,12 @@ pub fn forward_backward_with(
         return Ok(stats);
     }
 
-    let kept = (recompute == Recompute::Selective).then(|| Arc::new(KeptProducts::default()));
+    let keep = recompute.kept(&model.keep_ranks());
+    let kept = keep.iter().any(|&k| k).then(|| Arc::new(KeptProducts::default()));
     let block = |i: usize, x: &Tensor| {
         let state = match &kept {
-            Some(k) => BlockState::Kept(k),
-            None => BlockState::None,
+            Some(k) if keep[i] => BlockState::Kept(k),
+            _ => BlockState::None,
         };
         model.block_forward(i, x, b, t, fwd, state)
     };

@@ -16,7 +16,7 @@ use super::memory;
 use super::optim::AdamW;
 use super::recipe::group_of;
 use super::recipe::Recipe;
-use super::step::{forward_backward_with, Batch, ExtraTerm, GradAcc};
+use super::step::{forward_backward_with, Batch, ExtraTerm, GradAcc, Recompute};
 use crate::adapter::{merge, peft};
 use crate::data::mix::{self, Mixer};
 use crate::data::{self, Sequences};
@@ -48,6 +48,8 @@ pub struct RunSummary {
     pub tokens_per_second: f64,
     /// Where the model trained (`train.device`).
     pub device: String,
+    /// The recomputation it trained with (`auto` resolved).
+    pub recompute: String,
     /// Peak resident set of the process, bytes.
     pub peak_rss_bytes: u64,
     /// Peak device memory (candle's CUDA pool) of a run on a GPU, bytes.
@@ -173,22 +175,40 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
     let recipe_plan = recipe.plan(src.config.num_layers)?;
     let bases = recipe.base_table(src.config.num_layers)?;
     // The plan models the CPU path (its kernel packs, fused ops and process); on a GPU the
-    // run reports the device pool's measured peak instead of a prediction it cannot back.
-    let predicted = match dev.is_cpu() {
-        true => Some(memory::for_recipe(recipe, &src, current_rss())?),
-        false => None,
+    // run reports the device pool's measured peak instead of a prediction it cannot back, and
+    // `auto` recomputes per block.
+    let (mut recompute, predicted) = match dev.is_cpu() {
+        true => {
+            let (r, p, budget) = memory::resolve_recompute(recipe, &src, current_rss())?;
+            if let Some(b) = budget {
+                eprintln!(
+                    "recompute = auto: {} (predicted {} against a budget of {}{})",
+                    r.name(),
+                    human_bytes(p.total()),
+                    human_bytes(b),
+                    if p.total() > b {
+                        "; nothing fits it, so the least memory"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            (r, Some(p))
+        }
+        false if t.recompute == Recompute::Auto => (Recompute::Blocks, None),
+        false => (t.recompute, None),
     };
     match &predicted {
         Some(p) => eprintln!(
             "memory plan (micro-batch {}, recompute = {}):\n{}",
             t.batch,
-            t.recompute.name(),
+            recompute.name(),
             p.table()
         ),
         None => eprintln!(
             "training on {} (recompute = {}): the memory plan models the CPU only; the run reports the device's measured peak",
             t.device,
-            t.recompute.name()
+            recompute.name()
         ),
     }
     let per = |l: usize, m: &str| bases[l][crate::model::config::module_index(m)];
@@ -299,6 +319,19 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
                     cb.restore(v)?;
                 }
             }
+            // `auto` chose against the memory free when the run began; the rest of the run
+            // keeps that choice, since keeping products rounds them and so changes the numbers.
+            if let (Recompute::Auto, Some(r)) = (t.recompute, &ck.state.recompute) {
+                let began = Recompute::parse(r).with_context(|| format!("{}: recompute", ck.dir.display()))?;
+                if began != recompute {
+                    eprintln!(
+                        "recompute = auto: {} as the run began (not {})",
+                        began.name(),
+                        recompute.name()
+                    );
+                    recompute = began;
+                }
+            }
             eprintln!("resuming from {} (step {})", ck.dir.display(), ck.state.step);
             ck.state
         }
@@ -323,6 +356,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
                 },
                 callbacks: Default::default(),
                 bad_in_a_row: 0,
+                recompute: Some(recompute.name()),
                 trained_tokens: 0,
                 elapsed_s: 0.0,
                 epoch: 0,
@@ -433,7 +467,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
                     // into micro-batches changes nothing but memory.
                     let b = Batch { ids, targets };
                     let hook: Option<ExtraTerm<'_>> = extra.as_ref().map(|_| &term as ExtraTerm<'_>);
-                    let out = forward_backward_with(&model, &b, 1.0 / tokens as f64, t.recompute, fwd, &mut acc, hook)?;
+                    let out = forward_backward_with(&model, &b, 1.0 / tokens as f64, recompute, fwd, &mut acc, hook)?;
                     nll += out.nll_sum;
                     con += out.extra;
                 }
@@ -583,6 +617,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
         domain_share: st.mixer.realised_share(),
         tokens_per_second: (trained_tokens - tokens0) as f64 / train_seconds.max(1e-9),
         device: t.device.clone(),
+        recompute: recompute.name(),
         peak_rss_bytes: peak_rss(),
         peak_device_bytes: device_peak(&dev),
         predicted_memory: predicted.as_ref().map_or(serde_json::Value::Null, |p| p.to_json()),
