@@ -131,6 +131,52 @@ pub fn with_oom_retry<T>(ctl: &mut Control, mut f: impl FnMut(usize) -> Result<T
     }
 }
 
+/// The run's recomputation (`auto` resolved) and its memory plan, printed. The plan models the
+/// CPU path (its kernel packs, fused ops and process); on a GPU the run reports the device
+/// pool's measured peak instead of a prediction it cannot back, and `auto` recomputes per block.
+fn plan_memory(
+    recipe: &Recipe,
+    src: &model::ModelSource,
+    dev: &candle_core::Device,
+) -> Result<(Recompute, Option<memory::Prediction>)> {
+    let t = &recipe.train;
+    let (recompute, predicted) = match dev.is_cpu() {
+        true => {
+            let (r, p, budget) = memory::resolve_recompute(recipe, src, current_rss())?;
+            if let Some(b) = budget {
+                eprintln!(
+                    "recompute = auto: {} (predicted {} against a budget of {}{})",
+                    r.name(),
+                    human_bytes(p.total()),
+                    human_bytes(b),
+                    if p.total() > b {
+                        "; nothing fits it, so the least memory"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            (r, Some(p))
+        }
+        false if t.recompute == Recompute::Auto => (Recompute::Blocks, None),
+        false => (t.recompute, None),
+    };
+    match &predicted {
+        Some(p) => eprintln!(
+            "memory plan (micro-batch {}, recompute = {}):\n{}",
+            t.batch,
+            recompute.name(),
+            p.table()
+        ),
+        None => eprintln!(
+            "training on {} (recompute = {}): the memory plan models the CPU only; the run reports the device's measured peak",
+            t.device,
+            recompute.name()
+        ),
+    }
+    Ok((recompute, predicted))
+}
+
 /// Runs a recipe to completion. `recipe_text` is saved beside the outputs.
 pub fn run(recipe: &Recipe, recipe_text: &str) -> Result<RunSummary> {
     run_with(recipe, recipe_text, RunOptions::default())
@@ -174,43 +220,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
     let base = BaseDtype::parse(&recipe.model.base_dtype)?;
     let recipe_plan = recipe.plan(src.config.num_layers)?;
     let bases = recipe.base_table(src.config.num_layers)?;
-    // The plan models the CPU path (its kernel packs, fused ops and process); on a GPU the
-    // run reports the device pool's measured peak instead of a prediction it cannot back, and
-    // `auto` recomputes per block.
-    let (mut recompute, predicted) = match dev.is_cpu() {
-        true => {
-            let (r, p, budget) = memory::resolve_recompute(recipe, &src, current_rss())?;
-            if let Some(b) = budget {
-                eprintln!(
-                    "recompute = auto: {} (predicted {} against a budget of {}{})",
-                    r.name(),
-                    human_bytes(p.total()),
-                    human_bytes(b),
-                    if p.total() > b {
-                        "; nothing fits it, so the least memory"
-                    } else {
-                        ""
-                    }
-                );
-            }
-            (r, Some(p))
-        }
-        false if t.recompute == Recompute::Auto => (Recompute::Blocks, None),
-        false => (t.recompute, None),
-    };
-    match &predicted {
-        Some(p) => eprintln!(
-            "memory plan (micro-batch {}, recompute = {}):\n{}",
-            t.batch,
-            recompute.name(),
-            p.table()
-        ),
-        None => eprintln!(
-            "training on {} (recompute = {}): the memory plan models the CPU only; the run reports the device's measured peak",
-            t.device,
-            recompute.name()
-        ),
-    }
+    let (mut recompute, predicted) = plan_memory(recipe, &src, &dev)?;
     let per = |l: usize, m: &str| bases[l][crate::model::config::module_index(m)];
     // Every forward of the run starts from this one (dropout and adapters set per use).
     let eval_fwd = Fwd {
