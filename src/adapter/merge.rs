@@ -9,7 +9,7 @@ use serde_json::json;
 use std::path::Path;
 
 use crate::model::config::MODULES;
-use crate::model::hf::save_safetensors;
+use crate::model::hf::{save_deferred, save_safetensors, Deferred};
 use crate::model::tokenizer::Tok;
 use crate::model::{LinearWeight, Model};
 use crate::quant::nf4::{dynamic_map, Nf4Tensor, Scales, NESTED_BLOCK, NF4_CODE};
@@ -78,81 +78,107 @@ fn bnb_tensors(name: &str, q: &Nf4Tensor) -> Result<Vec<(String, Tensor)>> {
     Ok(out)
 }
 
-/// Every weight of the model in Hugging Face naming; adapters folded in when `merge`.
-pub fn hf_tensors(model: &Model, merge: bool, store: Store) -> Result<Vec<(String, Tensor)>> {
-    let mut out = Vec::new();
-    each_hf_tensor(model, merge, store, &mut |name, t| {
-        out.push((name, t));
-        Ok(())
-    })?;
-    Ok(out)
+/// One weight of the model in Hugging Face naming, made (dequantized to f32, the adapter folded
+/// in) only when asked: writers make each in turn and drop it, so a merge never holds a second
+/// copy of the model.
+pub struct HfWeight<'a> {
+    /// Hugging Face name.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// A projection weight (what a 4-bit checkpoint quantizes).
+    pub projection: bool,
+    /// The projection's NF4 codes when they can be written as they are (NF4 base, no adapter
+    /// folded in).
+    pub nf4: Option<&'a Nf4Tensor>,
+    make: Box<dyn Fn() -> Result<Tensor> + 'a>,
 }
 
-/// Hands `f` every weight of the model in Hugging Face naming, one at a time (adapters folded
-/// in when `merge`), so that a writer can store each before the next is made: an export holds
-/// one merged f32 weight at a time, not the whole model in f32.
-pub fn each_hf_tensor(
-    model: &Model,
-    merge: bool,
-    store: Store,
-    f: &mut dyn FnMut(String, Tensor) -> Result<()>,
-) -> Result<()> {
-    let dtype = store.float();
-    let mut push = |name: String, t: &Tensor| -> Result<()> { f(name, t.to_dtype(DType::F32)?.to_dtype(dtype)?) };
-    let mut quantized = Vec::new();
-    push("model.embed_tokens.weight".into(), model.embed.t())?;
+impl HfWeight<'_> {
+    /// The weight in f32.
+    pub fn make(&self) -> Result<Tensor> {
+        (self.make)()
+    }
+}
+
+/// Every weight of the model in Hugging Face naming, in file order; adapters folded in when
+/// `merge`. Nothing is computed until a weight is made.
+pub fn hf_weights(model: &Model, merge: bool) -> Vec<HfWeight<'_>> {
+    fn plain(name: String, t: &Tensor) -> HfWeight<'_> {
+        HfWeight {
+            name,
+            shape: t.dims().to_vec(),
+            projection: false,
+            nf4: None,
+            make: Box::new(move || Ok(t.to_dtype(DType::F32)?)),
+        }
+    }
+    let mut out = vec![plain("model.embed_tokens.weight".into(), model.embed.t())];
     for b in &model.blocks {
         let i = b.index;
-        push(format!("model.layers.{i}.input_layernorm.weight"), b.attn_norm.t())?;
-        push(
+        out.push(plain(
+            format!("model.layers.{i}.input_layernorm.weight"),
+            b.attn_norm.t(),
+        ));
+        out.push(plain(
             format!("model.layers.{i}.post_attention_layernorm.weight"),
             b.mlp_norm.t(),
-        )?;
+        ));
         for (mi, m) in MODULES.iter().enumerate() {
             let name = crate::adapter::plan::module_name(i, m);
             let p = &b.proj[mi];
-            let folded = merge && p.lora.is_some();
-            match (store, &p.w) {
-                // Already NF4 in the layout asked for, nothing folded in: the codes as they are.
-                (Store::Nf4(dq), LinearWeight::Nf4(q)) if !folded && p.w.precision() == nf4_precision(dq) => {
-                    quantized.extend(bnb_tensors(&format!("{name}.weight"), q)?);
-                }
-                _ => {
-                    let mut w = p.w.dense()?;
-                    if let (true, Some(l)) = (merge, &p.lora) {
-                        w = (w + l.delta()?)?;
-                    }
-                    match store {
-                        Store::Nf4(dq) => {
-                            let (o, i) = w.dims2()?;
-                            let q = Nf4Tensor::quantize(&w.flatten_all()?.to_vec1::<f32>()?, o, i, 64, dq);
-                            quantized.extend(bnb_tensors(&format!("{name}.weight"), &q)?);
-                        }
-                        Store::Float(_) => push(format!("{name}.weight"), &w)?,
-                    }
-                }
-            }
+            let lora = p.lora.as_ref().filter(|_| merge);
+            let (o, inp) = model.cfg.linear_shape(m).expect("a known module");
+            out.push(HfWeight {
+                name: format!("{name}.weight"),
+                shape: vec![o, inp],
+                projection: true,
+                nf4: match (&p.w, lora) {
+                    (LinearWeight::Nf4(q), None) => Some(q.as_ref()),
+                    _ => None,
+                },
+                make: Box::new(move || {
+                    let w = p.w.dense()?;
+                    Ok(match lora {
+                        Some(l) => (w + l.delta()?)?,
+                        None => w,
+                    })
+                }),
+            });
             if let Some(bias) = &p.b {
-                push(format!("{name}.bias"), bias.t())?;
+                out.push(plain(format!("{name}.bias"), bias.t()));
             }
         }
     }
-    push("model.norm.weight".into(), model.norm.t())?;
+    out.push(plain("model.norm.weight".into(), model.norm.t()));
     if let Some(h) = &model.head {
-        push("lm_head.weight".into(), h.t())?;
+        out.push(plain("lm_head.weight".into(), h.t()));
     }
-    for (name, t) in quantized {
-        f(name, t)?;
-    }
-    Ok(())
+    out
 }
 
-fn nf4_precision(dq: bool) -> crate::model::BaseDtype {
-    if dq {
-        crate::model::BaseDtype::Nf4Dq
-    } else {
-        crate::model::BaseDtype::Nf4
+/// Every weight of the model in Hugging Face naming as `store` writes it (the 4-bit state
+/// tensors last), made at once; adapters folded in when `merge`.
+pub fn hf_tensors(model: &Model, merge: bool, store: Store) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    let mut quantized = Vec::new();
+    for w in hf_weights(model, merge) {
+        match store {
+            Store::Nf4(dq) if w.projection => match w.nf4 {
+                // Already NF4 in the layout asked for: the codes as they are.
+                Some(q) if matches!(q.scales, Scales::Nested(_)) == dq => quantized.extend(bnb_tensors(&w.name, q)?),
+                _ => {
+                    let t = w.make()?;
+                    let (o, i) = t.dims2()?;
+                    let q = Nf4Tensor::quantize(&t.flatten_all()?.to_vec1::<f32>()?, o, i, 64, dq);
+                    quantized.extend(bnb_tensors(&w.name, &q)?);
+                }
+            },
+            _ => out.push((w.name.clone(), w.make()?.to_dtype(store.float())?)),
+        }
     }
+    out.extend(quantized);
+    Ok(out)
 }
 
 /// Writes `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json` and
@@ -164,7 +190,24 @@ pub fn write_hf_dir(model: &Model, tok: &Tok, dir: &Path, merge: bool, store: St
         DType::F16 => "float16",
         _ => "float32",
     };
-    save_safetensors(&dir.join("model.safetensors"), &hf_tensors(model, merge, store)?)?;
+    let weights = dir.join("model.safetensors");
+    match store {
+        // Each weight made, converted and written in turn.
+        Store::Float(dtype) => save_deferred(
+            &weights,
+            hf_weights(model, merge)
+                .into_iter()
+                .map(|w| Deferred {
+                    name: w.name.clone(),
+                    dtype,
+                    shape: w.shape.clone(),
+                    make: Box::new(move || w.make()),
+                })
+                .collect(),
+        )?,
+        // The 4-bit checkpoint is a quarter of the f32 model: made whole, then written.
+        Store::Nf4(_) => save_safetensors(&weights, &hf_tensors(model, merge, store)?)?,
+    }
     let mut cfg = model.cfg.to_hf_json(torch_dtype);
     cfg["transformers_version"] = json!("4.46.0");
     if let Store::Nf4(dq) = store {
@@ -301,8 +344,11 @@ pub fn write_gguf_file(model: &Model, source: &Path, out: &Path, merge: bool, dt
         }
         got
     };
-    let mut each =
-        |f: &mut dyn FnMut(String, Tensor) -> Result<()>| each_hf_tensor(model, merge, Store::Float(DType::F32), f);
+    let mut each = |f: &mut dyn FnMut(String, Tensor) -> Result<()>| {
+        hf_weights(model, merge)
+            .into_iter()
+            .try_for_each(|w| f(w.name.clone(), w.make()?))
+    };
     crate::model::gguf::write_tensors(out, &model.cfg, meta, &mut each, &extra, &ty)?;
     Ok(notes.into_inner())
 }

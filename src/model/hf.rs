@@ -252,74 +252,118 @@ pub fn open_dir(dir: &Path) -> Result<ModelSource> {
     })
 }
 
-/// A tensor as safetensors sees it: its bytes are produced when the writer asks for them, so a
-/// checkpoint is streamed tensor by tensor instead of being copied whole into memory first.
-struct Lazy {
-    t: Tensor,
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
+/// A tensor to be written by [`save_deferred`]: its name, stored type and shape, and how to
+/// make it when the writer reaches it (a merge computes each weight only then).
+pub struct Deferred<'a> {
+    /// Tensor name.
+    pub name: String,
+    /// Stored type (f32, bf16, f16 or u8); what `make` gives is converted to it.
+    pub dtype: DType,
+    /// Shape; `make` must give this shape.
+    pub shape: Vec<usize>,
+    /// Makes the tensor.
+    pub make: Box<dyn Fn() -> Result<Tensor> + 'a>,
 }
 
-impl Lazy {
-    fn new(name: &str, t: &Tensor) -> Result<Self> {
-        let dtype = match t.dtype() {
-            DType::F32 => safetensors::Dtype::F32,
-            DType::BF16 => safetensors::Dtype::BF16,
-            DType::F16 => safetensors::Dtype::F16,
-            DType::U8 => safetensors::Dtype::U8,
-            d => bail!("cannot save tensor `{name}` of dtype {d:?}"),
-        };
-        Ok(Self {
-            t: t.to_device(&Device::Cpu)?,
-            dtype,
-            shape: t.dims().to_vec(),
-        })
-    }
+/// A tensor as safetensors sees it: its bytes are produced when the writer asks for them, so a
+/// file is streamed tensor by tensor instead of being copied whole into memory first. The
+/// writer's `data()` cannot fail, so a failure is kept in `failed` and reported after it.
+struct Lazy<'a, 'e> {
+    d: Deferred<'a>,
+    dtype: safetensors::Dtype,
+    failed: &'e std::cell::RefCell<Option<anyhow::Error>>,
+}
 
-    fn bytes(&self) -> candle_core::Result<Vec<u8>> {
-        fn le<T: candle_core::WithDType, const N: usize>(
-            t: &Tensor,
-            f: impl Fn(T) -> [u8; N],
-        ) -> candle_core::Result<Vec<u8>> {
+impl Lazy<'_, '_> {
+    fn bytes(&self) -> Result<Vec<u8>> {
+        fn le<T: candle_core::WithDType, const N: usize>(t: &Tensor, f: impl Fn(T) -> [u8; N]) -> Result<Vec<u8>> {
             Ok(t.flatten_all()?.to_vec1::<T>()?.into_iter().flat_map(f).collect())
         }
+        let t = (self.d.make)()?.to_device(&Device::Cpu)?.to_dtype(self.d.dtype)?;
+        if t.dims() != self.d.shape {
+            bail!(
+                "tensor `{}` came out {:?}, not {:?}",
+                self.d.name,
+                t.dims(),
+                self.d.shape
+            );
+        }
         match self.dtype {
-            safetensors::Dtype::F32 => le::<f32, 4>(&self.t, |x| x.to_le_bytes()),
-            safetensors::Dtype::BF16 => le::<half::bf16, 2>(&self.t, |x| x.to_le_bytes()),
-            safetensors::Dtype::F16 => le::<half::f16, 2>(&self.t, |x| x.to_le_bytes()),
-            _ => self.t.flatten_all()?.to_vec1::<u8>(),
+            safetensors::Dtype::F32 => le::<f32, 4>(&t, |x| x.to_le_bytes()),
+            safetensors::Dtype::BF16 => le::<half::bf16, 2>(&t, |x| x.to_le_bytes()),
+            safetensors::Dtype::F16 => le::<half::f16, 2>(&t, |x| x.to_le_bytes()),
+            _ => Ok(t.flatten_all()?.to_vec1::<u8>()?),
         }
     }
 }
 
-impl safetensors::View for Lazy {
+impl safetensors::View for Lazy<'_, '_> {
     fn dtype(&self) -> safetensors::Dtype {
         self.dtype
     }
     fn shape(&self) -> &[usize] {
-        &self.shape
+        &self.d.shape
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        // The writer cannot take an error here. `Lazy::new` admits only f32/bf16/f16/u8 tensors
-        // and moves them to the CPU, and `bytes` reads each as its own type, which cannot fail.
-        std::borrow::Cow::Owned(self.bytes().expect("tensor bytes"))
+        match self.bytes() {
+            Ok(b) => std::borrow::Cow::Owned(b),
+            Err(e) => {
+                self.failed.borrow_mut().get_or_insert(e);
+                // The file is abandoned (see `save_deferred`); zeros keep the writer's count.
+                std::borrow::Cow::Owned(vec![0; self.data_len()])
+            }
+        }
     }
     fn data_len(&self) -> usize {
-        self.t.elem_count() * self.t.dtype().size_in_bytes()
+        self.d.shape.iter().product::<usize>() * self.d.dtype.size_in_bytes()
     }
 }
 
 /// Writes tensors to `path` atomically (temporary file, then rename) with `{"format": "pt"}`,
 /// streamed: only one tensor's bytes are in memory at a time.
 pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let views: Vec<(String, Lazy)> = tensors
+    let items = tensors
         .iter()
-        .map(|(n, t)| Ok((n.clone(), Lazy::new(n, t)?)))
+        .map(|(n, t)| Deferred {
+            name: n.clone(),
+            dtype: t.dtype(),
+            shape: t.dims().to_vec(),
+            make: Box::new(move || Ok(t.clone())),
+        })
+        .collect();
+    save_deferred(path, items)
+}
+
+/// [`save_safetensors`] for tensors made one at a time as the writer reaches them.
+pub fn save_deferred(path: &Path, items: Vec<Deferred<'_>>) -> Result<()> {
+    let failed = std::cell::RefCell::new(None);
+    let views: Vec<(String, Lazy)> = items
+        .into_iter()
+        .map(|d| {
+            let dtype = match d.dtype {
+                DType::F32 => safetensors::Dtype::F32,
+                DType::BF16 => safetensors::Dtype::BF16,
+                DType::F16 => safetensors::Dtype::F16,
+                DType::U8 => safetensors::Dtype::U8,
+                o => bail!("cannot save tensor `{}` of dtype {o:?}", d.name),
+            };
+            Ok((
+                d.name.clone(),
+                Lazy {
+                    d,
+                    dtype,
+                    failed: &failed,
+                },
+            ))
+        })
         .collect::<Result<_>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     crate::util::write_atomic_with(path, |tmp| {
         safetensors::tensor::serialize_to_file(views, Some(meta), tmp)
             .with_context(|| format!("cannot write {}", tmp.display()))?;
+        if let Some(e) = failed.borrow_mut().take() {
+            return Err(e.context(format!("cannot write {}", path.display())));
+        }
         std::fs::File::open(tmp).and_then(|f| f.sync_all()).ok();
         Ok(())
     })
