@@ -402,7 +402,7 @@ fn non_finite_steps_are_skipped_then_stop_the_run_keeping_the_last_good_checkpoi
     let ck = strata::train::checkpoint::list(&dir.join("nan/checkpoints"))?;
     let last = ck.last().unwrap();
     assert!(last.ends_with("step-000004"), "{last:?}");
-    let saved = candle_core::safetensors::load(last.join("trainable.safetensors"), &candle_core::Device::Cpu)?;
+    let saved = candle_core::safetensors::load(last.join("trainable.safetensors"), &candle_core::Device::Cpu, true)?;
     for (n, t) in saved {
         let s: f32 = t.sqr()?.sum_all()?.to_scalar()?;
         assert!(s.is_finite(), "{n} is not finite in the last checkpoint");
@@ -485,9 +485,9 @@ fn qlora_layered_trains_and_merges_into_the_base_it_saw() -> Result<()> {
     assert_eq!(per["model.layers.1.mlp.down_proj"], strata::model::BaseDtype::Nf4Dq);
 
     let gguf = dir.join("tiny.gguf");
-    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 3, 7, 2, 8, 4]], &candle_core::Device::Cpu)?;
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 3, 7, 2, 8, 4]], &candle_core::Device::Cpu, true)?;
     let logits = |m: &strata::model::Model| m.logits(&ids, strata::model::Fwd::eval(), None);
-    let (src, seen) = strata::cli::load_model(&gguf, Some(&adapter), "auto", &candle_core::Device::Cpu)?;
+    let (src, seen) = strata::cli::load_model(&gguf, Some(&adapter), "auto", &candle_core::Device::Cpu, true)?;
     let seen_logits = logits(&seen)?;
     strata::adapter::merge::write_hf_dir(
         &seen,
@@ -496,8 +496,8 @@ fn qlora_layered_trains_and_merges_into_the_base_it_saw() -> Result<()> {
         true,
         strata::adapter::merge::Store::Float(candle_core::DType::F32),
     )?;
-    let (_, merged) = strata::cli::load_model(&dir.join("merged"), None, "f32", &candle_core::Device::Cpu)?;
-    let (_, naive) = strata::cli::load_model(&gguf, Some(&adapter), "f32", &candle_core::Device::Cpu)?;
+    let (_, merged) = strata::cli::load_model(&dir.join("merged"), None, "f32", &candle_core::Device::Cpu, true)?;
+    let (_, naive) = strata::cli::load_model(&gguf, Some(&adapter), "f32", &candle_core::Device::Cpu, true)?;
     let gap =
         |a: &candle_core::Tensor| -> Result<f32> { Ok((a - &seen_logits)?.abs()?.max_all()?.to_scalar::<f32>()?) };
     let (faithful, onto_original) = (gap(&logits(&merged)?)?, gap(&logits(&naive)?)?);

@@ -79,6 +79,7 @@ pub fn run(a: Args) -> Result<()> {
         a.model.adapter.as_deref(),
         &a.base_dtype,
         &crate::util::device(&a.device)?,
+        true,
     )?;
     let mut text_results = Vec::new();
     if !a.text.is_empty() {

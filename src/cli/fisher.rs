@@ -53,7 +53,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let recipe = Recipe::load(&a.recipe, &a.sets)?;
     if let (Some(adapter), Some(fisher)) = (&a.penalty_of, &a.fisher) {
-        let (_, model) = super::load_model(&recipe.model.path, Some(adapter), "f32", &Device::Cpu)?;
+        let (_, model) = super::load_model(&recipe.model.path, Some(adapter), "f32", &Device::Cpu, false)?;
         let f = Fisher::load(fisher, &Device::Cpu)?;
         let p = crate::retain::Ewc::from_base(&model, &f, 1.0)?.penalty(None, 1.0)?;
         println!(

@@ -76,7 +76,7 @@ pub fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut Rng) -> u3
 
 /// Runs `strata generate`.
 pub fn run(a: Args) -> Result<()> {
-    let (src, model) = a.model.load("auto", &crate::util::device(&a.device)?)?;
+    let (src, model) = a.model.load("auto", &crate::util::device(&a.device)?, true)?;
     let tok = &src.tokenizer;
     let text = if a.chat {
         let tpl = tok

@@ -43,7 +43,7 @@ pub fn run(a: Args) -> Result<()> {
         }
         // Checked before the model loads, which takes a while on a large one.
         crate::adapter::merge::gguf_export_type(&a.model.model, &a.dtype)?;
-        let (_, model) = a.model.load(&a.base_dtype, &candle_core::Device::Cpu)?;
+        let (_, model) = a.model.load(&a.base_dtype, &candle_core::Device::Cpu, false)?;
         let notes = crate::adapter::merge::write_gguf_file(&model, &a.model.model, &a.out, merge, &a.dtype)?;
         if let Some(n) = notes.first() {
             println!("{} matrices stored otherwise than {} (e.g. {n})", notes.len(), a.dtype);
@@ -58,7 +58,7 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     let store = Store::parse(&a.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
-    let (src, model) = a.model.load(&a.base_dtype, &candle_core::Device::Cpu)?;
+    let (src, model) = a.model.load(&a.base_dtype, &candle_core::Device::Cpu, false)?;
     crate::adapter::merge::write_hf_dir(&model, &src.tokenizer, &a.out, merge, store)?;
     println!(
         "wrote {} ({}{})",

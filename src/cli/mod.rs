@@ -87,24 +87,29 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// Opens the model frozen in `base_dtype` on `dev` with the adapter applied.
+    /// Opens the model frozen in `base_dtype` on `dev` with the adapter applied (`pack`: see
+    /// [`load_model`]).
     pub fn load(
         &self,
         base_dtype: &str,
         dev: &candle_core::Device,
+        pack: bool,
     ) -> anyhow::Result<(crate::model::ModelSource, crate::model::Model)> {
-        load_model(&self.model, self.adapter.as_deref(), base_dtype, dev)
+        load_model(&self.model, self.adapter.as_deref(), base_dtype, dev, pack)
     }
 }
 
 /// Opens a model and builds it frozen, with an optional PEFT adapter. `base_dtype` `auto` rebuilds
 /// the base the adapter was trained against (its `strata_base.json`: NF4 where training had NF4)
-/// and is f32 without a record; anything else is a precision for every projection.
+/// and is f32 without a record; anything else is a precision for every projection. `pack`
+/// packs bf16 weights for the bf16 kernel (faster forwards, a second copy of each): for
+/// running the model, not for writing it out.
 pub fn load_model(
     path: &std::path::Path,
     adapter: Option<&std::path::Path>,
     base_dtype: &str,
     dev: &candle_core::Device,
+    pack: bool,
 ) -> anyhow::Result<(crate::model::ModelSource, crate::model::Model)> {
     use crate::model::BaseDtype;
     let src = crate::model::open(path)?;
@@ -127,7 +132,7 @@ pub fn load_model(
         base,
         per: &per,
         full: false,
-        pack: true,
+        pack,
         device_nf4: false,
     };
     let mut m = crate::model::Model::load_with(&src.config, src.weights.as_ref(), &spec, dev)?;
