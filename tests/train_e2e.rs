@@ -402,7 +402,7 @@ fn non_finite_steps_are_skipped_then_stop_the_run_keeping_the_last_good_checkpoi
     let ck = strata::train::checkpoint::list(&dir.join("nan/checkpoints"))?;
     let last = ck.last().unwrap();
     assert!(last.ends_with("step-000004"), "{last:?}");
-    let saved = candle_core::safetensors::load(last.join("trainable.safetensors"), &candle_core::Device::Cpu, true)?;
+    let saved = candle_core::safetensors::load(last.join("trainable.safetensors"), &candle_core::Device::Cpu)?;
     for (n, t) in saved {
         let s: f32 = t.sqr()?.sum_all()?.to_scalar()?;
         assert!(s.is_finite(), "{n} is not finite in the last checkpoint");
@@ -485,7 +485,7 @@ fn qlora_layered_trains_and_merges_into_the_base_it_saw() -> Result<()> {
     assert_eq!(per["model.layers.1.mlp.down_proj"], strata::model::BaseDtype::Nf4Dq);
 
     let gguf = dir.join("tiny.gguf");
-    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 3, 7, 2, 8, 4]], &candle_core::Device::Cpu, true)?;
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 3, 7, 2, 8, 4]], &candle_core::Device::Cpu)?;
     let logits = |m: &strata::model::Model| m.logits(&ids, strata::model::Fwd::eval(), None);
     let (src, seen) = strata::cli::load_model(&gguf, Some(&adapter), "auto", &candle_core::Device::Cpu, true)?;
     let seen_logits = logits(&seen)?;
