@@ -184,6 +184,17 @@ pub fn write_tiny_gguf(
     Ok((cfg, src))
 }
 
+/// Six small text documents in `dir/data` (repetitive, so a tiny model learns them in a few
+/// steps): the corpus of the end-to-end training tests and `bench gpu`'s trainer check.
+pub fn write_tiny_corpus(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join("data"))?;
+    for i in 0..6 {
+        let text = format!("the cat {i} sat on the mat. the dog {i} ran to the cat. ").repeat(8);
+        std::fs::write(dir.join(format!("data/doc{i}.txt")), text)?;
+    }
+    Ok(())
+}
+
 /// Random weights for `cfg` (whose vocabulary is the tiny BPE's) written to `path` as a GGUF
 /// with the tiny tokenizer; returns the weights.
 pub fn write_gguf_of(

@@ -134,15 +134,15 @@ pub fn reset_device_peak(dev: &candle_core::Device) {
 mod device_pool {
     use candle_core::cuda_backend::cudarc::driver::sys;
 
-    /// Reads (or, with `reset`, zeroes) the default pool's `USED_MEM_HIGH`.
-    pub fn used_high(dev: &candle_core::Device, reset: bool) -> Option<u64> {
+    /// Reads an attribute of `dev`'s default memory pool, or with `set` writes 0 to it (the
+    /// driver's way to restart a high-water mark), with the device's context bound to this thread.
+    fn pool_attribute(dev: &candle_core::Device, attr: sys::CUmemPool_attribute, set: bool) -> Option<u64> {
         let candle_core::Device::Cuda(c) = dev else {
             return None;
         };
         let stream = c.cuda_stream();
         let ctx = stream.context();
         ctx.bind_to_thread().ok()?;
-        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
         let ok = |r: sys::CUresult| r == sys::CUresult::CUDA_SUCCESS;
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
         let mut value: u64 = 0;
@@ -153,7 +153,7 @@ mod device_pool {
                 return None;
             }
             let v = &mut value as *mut u64 as *mut std::ffi::c_void;
-            let r = match reset {
+            let r = match set {
                 true => sys::cuMemPoolSetAttribute(pool, attr, v),
                 false => sys::cuMemPoolGetAttribute(pool, attr, v),
             };
@@ -161,27 +161,14 @@ mod device_pool {
         }
     }
 
+    /// Reads (or, with `reset`, zeroes) the default pool's `USED_MEM_HIGH`.
+    pub fn used_high(dev: &candle_core::Device, reset: bool) -> Option<u64> {
+        pool_attribute(dev, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, reset)
+    }
+
     /// The default pool's `USED_MEM_CURRENT` and the device's free memory.
     pub fn now(dev: &candle_core::Device) -> Option<(u64, u64)> {
-        let candle_core::Device::Cuda(c) = dev else {
-            return None;
-        };
-        let stream = c.cuda_stream();
-        let ctx = stream.context();
-        ctx.bind_to_thread().ok()?;
-        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        let mut used: u64 = 0;
-        // SAFETY: as in `used_high`: driver queries on the bound context with valid out-pointers.
-        unsafe {
-            if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) != sys::CUresult::CUDA_SUCCESS {
-                return None;
-            }
-            let v = &mut used as *mut u64 as *mut std::ffi::c_void;
-            if sys::cuMemPoolGetAttribute(pool, attr, v) != sys::CUresult::CUDA_SUCCESS {
-                return None;
-            }
-        }
+        let used = pool_attribute(dev, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT, false)?;
         let (free, _total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
         Some((used, free as u64))
     }

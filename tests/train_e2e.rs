@@ -9,12 +9,7 @@ use strata::train::recipe::Recipe;
 
 fn setup(dir: &std::path::Path) -> Result<()> {
     write_tiny_gguf(&dir.join("tiny.gguf"), Arch::Llama, true, 3, GgmlDType::F32)?;
-    std::fs::create_dir_all(dir.join("data"))?;
-    for i in 0..6 {
-        let text = format!("the cat {i} sat on the mat. the dog {i} ran to the cat. ").repeat(8);
-        std::fs::write(dir.join(format!("data/doc{i}.txt")), text)?;
-    }
-    Ok(())
+    strata::testing::write_tiny_corpus(dir)
 }
 
 fn recipe(dir: &std::path::Path, out: &str) -> String {

@@ -183,14 +183,10 @@ fn trainer_gaps(dev: &Device) -> Result<Vec<(String, f64, f64)>> {
     };
     let dir = std::env::temp_dir().join(format!("strata-device-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("data"))?;
     let vocab = crate::model::tokenizer::tiny_vocab().tokens.len();
     let cfg = crate::testing::tiny_nf4_config(Arch::Qwen2, vocab, false);
     crate::testing::write_gguf_of(&dir.join("tiny.gguf"), &cfg, 4, GgmlDType::F32)?;
-    for i in 0..6 {
-        let text = format!("the cat {i} sat on the mat. the dog {i} ran to the cat. ").repeat(8);
-        std::fs::write(dir.join(format!("data/doc{i}.txt")), text)?;
-    }
+    crate::testing::write_tiny_corpus(&dir)?;
     // 14-token rows one at a time and no bf16 weights: the CPU's products stay on its f32
     // GEMM, so the two runs differ only by summation order.
     let recipe = |device: &str, out: &str| {
