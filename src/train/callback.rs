@@ -313,6 +313,29 @@ mod tests {
         }
     }
 
+    struct Unreadable;
+    impl MemoryProbe for Unreadable {
+        fn read(&self) -> Option<(u64, u64)> {
+            None
+        }
+    }
+
+    /// Where memory cannot be read (a device whose driver does not say), the monitor changes
+    /// nothing and logs nothing, rather than acting on a made-up reading.
+    #[test]
+    fn memory_monitor_without_readings_leaves_the_batch_alone() -> Result<()> {
+        let mut m = MemoryMonitor::new(0, Box::new(Unreadable));
+        let mut c = control();
+        let mut r = StepReport::default();
+        m.on_run_begin(&mut c)?;
+        for _ in 0..10 {
+            m.on_step_end(&mut c, &mut r)?;
+        }
+        assert_eq!(c.micro_batch, control().micro_batch);
+        assert!(r.log.is_empty(), "{:?}", r.log);
+        Ok(())
+    }
+
     #[test]
     fn memory_monitor_halves_and_regrows_within_divisors() -> Result<()> {
         let mem = Arc::new(Mutex::new((90, 10)));
