@@ -368,3 +368,51 @@ pub fn save_deferred(path: &Path, items: Vec<Deferred<'_>>) -> Result<()> {
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tensor that cannot be made fails the write with its reason, and the file that was
+    /// there before stays as it was (the write goes to a temporary file first).
+    #[test]
+    fn a_failed_deferred_write_keeps_the_old_file() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("strata-deferred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("model.safetensors");
+        let ok = Tensor::arange(0f32, 6., &Device::Cpu)?.reshape((2, 3))?;
+        save_safetensors(&path, &[("w".into(), ok.clone())])?;
+        let before = std::fs::read(&path)?;
+        let items = vec![
+            Deferred {
+                name: "w".into(),
+                dtype: DType::BF16,
+                shape: vec![2, 3],
+                make: Box::new(|| Ok(ok.clone())),
+            },
+            Deferred {
+                name: "x".into(),
+                dtype: DType::F32,
+                shape: vec![4],
+                make: Box::new(|| bail!("the adapter does not fit this weight")),
+            },
+        ];
+        let e = format!("{:#}", save_deferred(&path, items).unwrap_err());
+        assert!(e.contains("does not fit"), "{e}");
+        assert_eq!(std::fs::read(&path)?, before);
+        let left: Vec<_> = std::fs::read_dir(&dir)?.map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        // A tensor made in another shape than announced is an error too.
+        let items = vec![Deferred {
+            name: "w".into(),
+            dtype: DType::F32,
+            shape: vec![3, 2],
+            make: Box::new(|| Ok(ok.clone())),
+        }];
+        let e = format!("{:#}", save_deferred(&path, items).unwrap_err());
+        assert!(e.contains("came out [2, 3], not [3, 2]"), "{e}");
+        assert_eq!(std::fs::read(&path)?, before);
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}
