@@ -1,16 +1,16 @@
 // Holds a GGUF that strata wrote to llama.cpp's reading of it: node scripts/llamacpp_check.mjs
-// MODEL.gguf LOGITS.json, where LOGITS.json is `strata inspect MODEL.gguf --logits TEXT --json
-// LOGITS.json`. llama.cpp (node-llama-cpp's prebuilt CPU build, installed by llamacpp_check.sh)
+// MODEL.gguf LOGITS.json [LORA.gguf], where LOGITS.json is `strata inspect MODEL.gguf --logits
+// TEXT --json LOGITS.json` (with `--adapter` when llama.cpp is given the adapter as LORA.gguf). llama.cpp (node-llama-cpp's prebuilt CPU build, installed by llamacpp_check.sh)
 // tokenizes the same text and scores the same ids; printed as one JSON line: whether the token
 // ids agree, the arg-max agreement of the next-token distributions, the largest probability
 // gap, and both sides' mean negative log-likelihood of the text's own next tokens.
 import { readFileSync } from "node:fs";
 import { pathToFileURL } from "node:url";
 
-const [modelPath, logitsPath] = process.argv.slice(2);
+const [modelPath, logitsPath, loraPath] = process.argv.slice(2);
 const dir = process.env.LLAMACPP_DIR;
 if (!modelPath || !logitsPath || !dir) {
-  console.error("usage: LLAMACPP_DIR=DIR node scripts/llamacpp_check.mjs MODEL.gguf LOGITS.json");
+  console.error("usage: LLAMACPP_DIR=DIR node scripts/llamacpp_check.mjs MODEL.gguf LOGITS.json [LORA.gguf]");
   process.exit(2);
 }
 const { getLlama, LlamaLogLevel } = await import(
@@ -21,7 +21,10 @@ const llama = await getLlama({ gpu: false, build: "never", logLevel: LlamaLogLev
 const model = await llama.loadModel({ modelPath });
 const ids = Array.from(model.tokenize(ref.text, false));
 const sameIds = ids.length === ref.ids.length && ids.every((t, i) => t === ref.ids[i]);
-const ctx = await model.createContext({ contextSize: Math.max(64, ref.ids.length + 8) });
+const ctx = await model.createContext({
+  contextSize: Math.max(64, ref.ids.length + 8),
+  ...(loraPath ? { lora: { adapters: [{ filePath: loraPath, scale: 1 }] } } : {}),
+});
 const seq = ctx.getSequence();
 // Every position scored on strata's ids, so both sides see the same inputs even if the
 // tokenizers were to disagree (which `same_ids` reports).
@@ -51,6 +54,7 @@ for (let i = 0; i < n; i++) {
 }
 console.log(JSON.stringify({
   model: modelPath,
+  lora: loraPath ?? null,
   tokens: n,
   same_ids: sameIds,
   argmax_agreement: agree / n,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # strata's GGUF exports read by llama.cpp itself: merges ADAPTER into MODEL and writes it as
-# GGUF in several storage types (and the base alone in f32), then for each file compares
+# GGUF in several storage types (and the base alone in f32), writes the adapter alone as a
+# llama.cpp LoRA GGUF (applied to the f32 base and to MODEL as it is), then for each compares
 # strata's next-token distributions on a finance passage with llama.cpp's (node-llama-cpp
 # 3.21.1's prebuilt CPU build, from npm into ~/.cache/strata-llamacpp): same token ids,
 # arg-max agreement, largest probability gap, and both sides' mean NLL of the passage.
@@ -35,19 +36,27 @@ except OSError:
 ")
 echo "| file | size | same ids | arg-max agreement | max prob gap | NLL strata | NLL llama.cpp |"
 echo "|---|---|---|---|---|---|---|"
-for spec in "base f32" "merged f32" "merged f16" "merged q8_0" "merged q4_0"; do
-  set -- $spec
-  out="$work/$1-$2.gguf"
-  if [ "$1" = base ]; then
-    "$bin" merge --model "$model" --out "$out" --dtype "$2" >/dev/null
+row() { # LABEL MODEL.gguf [LORA.gguf]: strata's logits of the same model against llama.cpp's
+  local label=$1 file=$2 lora=${3:-}
+  if [ -n "$lora" ]; then
+    "$bin" inspect "$file" --adapter "$adapter" --logits "$text" --json "$work/logits.json" >/dev/null 2>&1
   else
-    "$bin" merge --model "$model" --adapter "$adapter" --out "$out" --dtype "$2" >/dev/null
+    "$bin" inspect "$file" --logits "$text" --json "$work/logits.json" >/dev/null 2>&1
   fi
-  "$bin" inspect "$out" --logits "$text" --json "$work/logits.json" >/dev/null 2>&1
-  LLAMACPP_DIR="$lib" node scripts/llamacpp_check.mjs "$out" "$work/logits.json" | python3 -c "
+  LLAMACPP_DIR="$lib" node scripts/llamacpp_check.mjs "$file" "$work/logits.json" $lora | python3 -c "
 import json, os, sys
 r = json.loads(sys.stdin.read())
-size = os.path.getsize('$out') / 1e6
-print(f\"| $1 {'$2'} | {size:.0f} MB | {'yes' if r['same_ids'] else 'NO'} | {100 * r['argmax_agreement']:.1f}% ({r['tokens']} tokens) | {r['max_prob_gap']:.1e} | {r['nll_strata']:.4f} | {r['nll_llamacpp']:.4f} |\")
+size = sum(os.path.getsize(f) for f in ['$file', '$lora'] if f) / 1e6
+print(f\"| $label | {size:.0f} MB | {'yes' if r['same_ids'] else 'NO'} | {100 * r['argmax_agreement']:.1f}% ({r['tokens']} tokens) | {r['max_prob_gap']:.1e} | {r['nll_strata']:.4f} | {r['nll_llamacpp']:.4f} |\")
 "
+}
+"$bin" merge --model "$model" --out "$work/base-f32.gguf" >/dev/null
+row "base f32" "$work/base-f32.gguf"
+for t in f32 f16 q8_0 q4_0; do
+  "$bin" merge --model "$model" --adapter "$adapter" --out "$work/merged-$t.gguf" --dtype "$t" >/dev/null
+  row "merged $t" "$work/merged-$t.gguf"
 done
+# The adapter alone (llama.cpp's --lora), on the f32 base and on the model file as it is.
+"$bin" merge --model "$model" --adapter "$adapter" --out "$work/lora.gguf" --adapter-only >/dev/null
+row "base f32 + LoRA GGUF" "$work/base-f32.gguf" "$work/lora.gguf"
+row "$(basename "$model") + LoRA GGUF" "$model" "$work/lora.gguf"

@@ -115,3 +115,73 @@ fn gguf_exports_that_cannot_be_made_say_why() -> Result<()> {
     assert!(e.contains("convert_hf_to_gguf.py"), "{e}");
     Ok(())
 }
+
+/// `strata merge --adapter-only`: llama.cpp's LoRA GGUF, whose pairs added to the base file's
+/// own tensors (as llama.cpp does: `W + B A`, alpha 0, so no further scale) give the merged
+/// file's tensors, Llama's permuted Q/K rows included, under a plan whose layers differ in
+/// rank and alpha.
+#[test]
+fn llama_lora_gguf_adds_up_to_the_merged_gguf() -> Result<()> {
+    use strata::adapter::{llama_lora, PlanRule};
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let dir = tmp(&format!("llama-lora-{arch:?}"));
+        let source = dir.join("source.gguf");
+        write_tiny_gguf(&source, arch, false, 2, GgmlDType::F32)?;
+        let mut model = load(&source)?;
+        let plan = LoraPlan::uniform(4, 8.0, &MODULES).with_rules(
+            &[PlanRule {
+                layers: "1".into(),
+                modules: None,
+                r: 6,
+                alpha: Some(3.0),
+                base: None,
+            }],
+            2,
+        )?;
+        model.add_lora(&plan, 9)?;
+        for (_, l) in model.loras() {
+            l.b.set(&Tensor::randn(0f32, 0.1, l.b.as_tensor().shape(), &Device::Cpu)?)?;
+        }
+        let lora = dir.join("lora.gguf");
+        llama_lora::write(&model, &lora, "f32")?;
+        let merged = dir.join("merged.gguf");
+        merge::write_gguf_file(&model, &source, &merged, true, "f32")?;
+
+        let read = |p: &std::path::Path| -> Result<_> {
+            let c = read_checked(p)?;
+            let mut f = std::fs::File::open(p)?;
+            let mut t = std::collections::HashMap::new();
+            for name in c.tensor_infos.keys() {
+                t.insert(
+                    name.clone(),
+                    c.tensor(&mut f, name, &Device::Cpu)?.dequantize(&Device::Cpu)?,
+                );
+            }
+            Ok((c.metadata, t))
+        };
+        let (meta, pairs) = read(&lora)?;
+        assert!(matches!(meta.get("general.type"), Some(Value::String(s)) if s == "adapter"));
+        assert!(matches!(meta.get("adapter.type"), Some(Value::String(s)) if s == "lora"));
+        assert!(matches!(meta.get("adapter.lora.alpha"), Some(Value::F32(a)) if *a == 0.0));
+        assert!(matches!(meta.get("general.architecture"), Some(Value::String(s)) if s == arch.model_type()));
+        assert_eq!(pairs.len(), 2 * 7 * 2);
+        let (_, base) = read(&source)?;
+        let (_, want) = read(&merged)?;
+        for (name, a) in pairs.iter().filter(|(n, _)| n.ends_with(".lora_a")) {
+            let w = name.trim_end_matches(".lora_a");
+            let b = &pairs[&format!("{w}.lora_b")];
+            let r = if w.starts_with("blk.1.") { 6 } else { 4 };
+            assert_eq!(a.dims()[0], r, "{name}");
+            let got = (&base[w] + b.matmul(a)?)?;
+            let g = rel_gap(&got, &want[w])?;
+            assert!(
+                g < 1e-5,
+                "{arch:?} {w}: base + B A differs from the merged weight by {g}"
+            );
+        }
+        let e = llama_lora::write(&load(&source)?, &dir.join("none.gguf"), "f32").unwrap_err();
+        assert!(e.to_string().contains("no adapter"), "{e}");
+        assert!(llama_lora::write(&model, &dir.join("q.gguf"), "q8_0").is_err());
+    }
+    Ok(())
+}

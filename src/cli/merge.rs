@@ -32,10 +32,17 @@ pub struct Args {
     /// f32, bf16, nf4, nf4-dq, as-stored.
     #[arg(long, default_value = "auto")]
     pub base_dtype: String,
+    /// Write the adapter alone, not merged, as a llama.cpp LoRA GGUF (`--out FILE.gguf`; for
+    /// `llama-cli -m BASE.gguf --lora FILE.gguf` or Ollama's `ADAPTER`); `--dtype` f32, f16 or bf16.
+    #[arg(long, requires = "adapter")]
+    pub adapter_only: bool,
 }
 
 /// Runs `strata merge`.
 pub fn run(a: Args) -> Result<()> {
+    if a.adapter_only {
+        return adapter_only(&a);
+    }
     let merge = a.model.adapter.is_some();
     if a.out.extension().and_then(|e| e.to_str()) == Some("gguf") {
         if a.out.is_dir() {
@@ -70,5 +77,49 @@ pub fn run(a: Args) -> Result<()> {
         },
         format_args!(", {}", a.dtype)
     );
+    Ok(())
+}
+
+/// `--adapter-only`: the adapter as a llama.cpp LoRA GGUF.
+fn adapter_only(a: &Args) -> Result<()> {
+    let dir = a.model.adapter.as_deref().expect("clap requires --adapter");
+    if a.out.extension().and_then(|e| e.to_str()) != Some("gguf") || a.out.is_dir() {
+        anyhow::bail!("--adapter-only writes one GGUF file: give --out a path ending in .gguf");
+    }
+    if !crate::adapter::llama_lora::LORA_TYPES.iter().any(|t| t.0 == a.dtype) {
+        anyhow::bail!("--dtype {}: a llama.cpp LoRA is stored as f32, f16 or bf16", a.dtype);
+    }
+    // The base is only read for its shapes: its blocks as stored are the cheapest to load.
+    let (src, model) = a.model.load("as-stored", &candle_core::Device::Cpu, false)?;
+    let plan = crate::adapter::peft::read_plan(dir, src.config.num_layers)?;
+    if !plan.modules_to_save.is_empty() {
+        anyhow::bail!(
+            "{}: the adapter also trains {:?} (modules_to_save), which a llama.cpp LoRA cannot carry; merge it instead (--out without --adapter-only)",
+            dir.display(),
+            plan.modules_to_save
+        );
+    }
+    crate::adapter::llama_lora::write(&model, &a.out, &a.dtype)?;
+    println!(
+        "wrote {} (the adapter of {}, {})",
+        a.out.display(),
+        dir.display(),
+        a.dtype
+    );
+    // llama.cpp adds the adapter to the GGUF's own weights; one trained against NF4 learned to
+    // correct NF4's rounding of them instead.
+    if let Some((_, per)) = crate::adapter::peft::recorded_bases(dir)? {
+        let nf4 = per
+            .values()
+            .filter(|b| matches!(b, crate::model::BaseDtype::Nf4 | crate::model::BaseDtype::Nf4Dq))
+            .count();
+        if nf4 > 0 {
+            println!(
+                "note: {nf4} of its modules were trained on an NF4 base; llama.cpp applies them to the GGUF's own \
+                 weights, not to the NF4 ones they learned beside. For the model exactly as trained, merge it \
+                 (--out merged.gguf without --adapter-only)"
+            );
+        }
+    }
     Ok(())
 }
