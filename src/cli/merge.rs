@@ -89,9 +89,8 @@ fn adapter_only(a: &Args) -> Result<()> {
     if !crate::adapter::llama_lora::LORA_TYPES.iter().any(|t| t.0 == a.dtype) {
         anyhow::bail!("--dtype {}: a llama.cpp LoRA is stored as f32, f16 or bf16", a.dtype);
     }
-    // The base is only read for its shapes: its blocks as stored are the cheapest to load.
-    let (src, model) = a.model.load("as-stored", &candle_core::Device::Cpu, false)?;
-    let plan = crate::adapter::peft::read_plan(dir, src.config.num_layers)?;
+    // Checked before the model loads (its header gives the layer count).
+    let plan = crate::adapter::peft::read_plan(dir, crate::model::open(&a.model.model)?.config.num_layers)?;
     if !plan.modules_to_save.is_empty() {
         anyhow::bail!(
             "{}: the adapter also trains {:?} (modules_to_save), which a llama.cpp LoRA cannot carry; merge it instead (--out without --adapter-only)",
@@ -99,6 +98,8 @@ fn adapter_only(a: &Args) -> Result<()> {
             plan.modules_to_save
         );
     }
+    // The base is only read for its shapes: its blocks as stored are the cheapest to load.
+    let (_, model) = a.model.load("as-stored", &candle_core::Device::Cpu, false)?;
     crate::adapter::llama_lora::write(&model, &a.out, &a.dtype)?;
     println!(
         "wrote {} (the adapter of {}, {})",
