@@ -133,7 +133,8 @@ pub fn with_oom_retry<T>(ctl: &mut Control, mut f: impl FnMut(usize) -> Result<T
 
 /// The run's recomputation (`auto` resolved) and its memory plan, printed. The plan models the
 /// CPU path (its kernel packs, fused ops and process); on a GPU the run reports the device
-/// pool's measured peak instead of a prediction it cannot back, and `auto` recomputes per block.
+/// pool's measured peak instead of a prediction it cannot back, and `auto` and the selective
+/// modes recompute per block.
 fn plan_memory(
     recipe: &Recipe,
     src: &model::ModelSource,
@@ -157,6 +158,15 @@ fn plan_memory(
                 );
             }
             (r, Some(p))
+        }
+        // Kept products are the CPU adapter op's; a device re-runs whole blocks.
+        false if matches!(t.recompute, Recompute::Selective | Recompute::Partial(_)) => {
+            eprintln!(
+                "recompute = {}: frozen products are kept on the CPU path only; on {} blocks are re-run whole",
+                t.recompute.name(),
+                t.device
+            );
+            (Recompute::Blocks, None)
         }
         false if t.recompute == Recompute::Auto => (Recompute::Blocks, None),
         false => (t.recompute, None),
