@@ -42,13 +42,15 @@ pub fn protected_names(recipe: &Recipe, model: &Model) -> Result<Vec<String>> {
 }
 
 /// Estimates the Fisher information a recipe's EWC needs, on `rows` evenly spaced rows of
-/// `data` (packed at the recipe's sequence length), with the recipe's starting adapter attached.
+/// `data` (packed at the recipe's sequence length), with the recipe's starting adapter attached,
+/// on the recipe's device (`train.device`).
 pub fn fisher_for(recipe: &Recipe, data: &[PathBuf], rows: usize, est: Estimator, seed: u64) -> Result<Fisher> {
     if data.is_empty() {
         bail!("no data to estimate the Fisher information on (retain.fisher_data or --data)");
     }
     let src = crate::model::open(&recipe.model.path)?;
-    let mut model = Model::load(&src.config, src.weights.as_ref(), BaseDtype::F32, true, &Device::Cpu)?;
+    let dev = crate::util::device(&recipe.train.device)?;
+    let mut model = Model::load(&src.config, src.weights.as_ref(), BaseDtype::F32, true, &dev)?;
     if let Some(dir) = &recipe.model.adapter {
         crate::adapter::peft::load(&mut model, dir)?;
     }
@@ -93,7 +95,7 @@ pub fn fisher_for(recipe: &Recipe, data: &[PathBuf], rows: usize, est: Estimator
 
 /// The Fisher file a recipe names: read when present, otherwise estimated and written there
 /// (so later runs reuse it).
-/// The Fisher is read onto `dev`, where the run's weights are; estimating it runs on the CPU.
+/// The Fisher is read onto `dev`, where the run's weights are.
 pub fn load_or_estimate(recipe: &Recipe, path: &Path, dev: &Device) -> Result<Fisher> {
     if path.exists() {
         let f = Fisher::load(path, dev)?;
