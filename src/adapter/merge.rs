@@ -266,8 +266,8 @@ pub const GGUF_TYPES: [(&str, GgmlDType, u32); 9] = [
 ];
 
 /// The storage type of one GGUF matrix whose rows hold `cols` values: `want` when rows are
-/// whole blocks of it, else Q8_0 (blocks of 32) for a quantized `want`, else f16, as llama.cpp's
-/// quantizer falls back for rows that do not divide.
+/// whole blocks of it, else Q8_0 (blocks of 32) for a quantized `want`, else f16 (llama.cpp's
+/// quantizer also falls back to another type for rows that do not divide).
 fn gguf_matrix_type(want: GgmlDType, cols: usize) -> GgmlDType {
     let whole = |t: GgmlDType| cols.is_multiple_of(t.block_size());
     match want {
@@ -317,7 +317,7 @@ pub fn write_gguf_file(model: &Model, source: &Path, out: &Path, merge: bool, dt
         .collect();
     meta.sort_by(|a, b| a.0.cmp(&b.0));
     meta.push(("general.file_type".into(), Value::U32(file_type)));
-    if file_type > 1 && file_type != 32 {
+    if !matches!(want, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
         meta.push(("general.quantization_version".into(), Value::U32(2)));
     }
     // The source's tensors that strata does not model pass through as stored.
