@@ -202,8 +202,24 @@ fn ewc_is_zero_at_its_anchor_and_its_gradient_is_right() -> Result<()> {
             .to_scalar::<f64>()?;
     let got = ewc_one.penalty(None, 1.0)?;
     assert!(want > 0.0 && (got - want).abs() < 1e-6 * want, "{got} vs {want}");
-    // Anchored at the moved adapter, it is zero again.
-    assert!(Ewc::new(&model, &f_one, 0.7)?.penalty(None, 1.0)?.abs() < 1e-9);
+    // Anchored at the moved adapter, it is zero again; moved once more, it measures from that
+    // anchor (kept as it was, not following the adapter's variables).
+    let ewc_moved = Ewc::new(&model, &f_one, 0.7)?;
+    assert!(ewc_moved.penalty(None, 1.0)?.abs() < 1e-9);
+    let anchor = l.b.as_tensor().matmul(l.a.as_tensor())?;
+    for (_, l) in model.loras() {
+        l.b.set(&l.b.as_tensor().rand_like(-0.5, 0.5)?)?;
+    }
+    let delta = ((l.b.as_tensor().matmul(l.a.as_tensor())? - anchor)? * l.scale)?;
+    let want = 0.5
+        * 0.7
+        * (fd * delta.sqr()?)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    let got = ewc_moved.penalty(None, 1.0)?;
+    assert!(want > 0.0 && (got - want).abs() < 1e-6 * want, "{got} vs {want}");
+    check_ewc_gradient(&model, &ewc_moved)?;
 
     // Full fine-tuning: delta = theta - theta*.
     let full = Model::load(&cfg, &src, BaseDtype::F32, true, &Device::Cpu)?;

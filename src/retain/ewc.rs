@@ -15,8 +15,19 @@ use crate::model::Model;
 use crate::train::step::GradAcc;
 
 enum Target {
-    Lora { a: Var, b: Var, ba0: Tensor, scale: f64 },
-    Full { w: Var, w0: Tensor },
+    /// The anchor is kept as its factors `B* [out, r]`, `A* [r, in]` (the adapter's size), not
+    /// as the dense `B* A*`, which is as large as the weight itself.
+    Lora {
+        a: Var,
+        b: Var,
+        a0: Tensor,
+        b0: Tensor,
+        scale: f64,
+    },
+    Full {
+        w: Var,
+        w0: Tensor,
+    },
 }
 
 /// The EWC term of a run, anchored at the weights the run started from.
@@ -44,15 +55,16 @@ impl Ewc {
         for (module, l) in model.loras() {
             let name = format!("{module}.weight");
             if let Some(f) = fisher.tensors.get(&name) {
-                let ba0 = l.b.as_tensor().matmul(l.a.as_tensor())?.detach();
-                let ba0 = if from_base { ba0.zeros_like()? } else { ba0 };
+                // Copies: the variables' storage is updated in place as training runs.
+                let b0 = l.b.as_tensor().copy()?.detach();
                 terms.push((
                     name,
                     f.clone(),
                     Target::Lora {
                         a: l.a.clone(),
                         b: l.b.clone(),
-                        ba0,
+                        a0: l.a.as_tensor().copy()?.detach(),
+                        b0: if from_base { b0.zeros_like()? } else { b0 },
                         scale: l.scale,
                     },
                 ));
@@ -94,8 +106,8 @@ impl Ewc {
             // Detached: the gradient is written out here, and a tensor built from `Var`s would
             // carry its graph into the optimizer's moments and keep every step's alive.
             let delta = match target {
-                Target::Lora { a, b, ba0, scale } => {
-                    ((b.as_tensor().detach().matmul(&a.as_tensor().detach())? - ba0)? * *scale)?
+                Target::Lora { a, b, a0, b0, scale } => {
+                    ((b.as_tensor().detach().matmul(&a.as_tensor().detach())? - b0.matmul(a0)?)? * *scale)?
                 }
                 Target::Full { w, w0 } => (w.as_tensor().detach() - w0)?,
             };

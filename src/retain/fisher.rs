@@ -56,7 +56,8 @@ impl Estimator {
 /// One weight's Fisher diagonal.
 #[derive(Clone, Debug)]
 pub enum FisherTensor {
-    /// Every entry, `[out, in]` (f32 in memory).
+    /// Every entry, `[out, in]` (in memory as stored: f32, or bf16 / f16; [`FisherTensor::dense`]
+    /// gives f32).
     Full(Tensor),
     /// Row sums `[out]`, column sums `[in]` and their total: `F_ij ~= r_i c_j / total`.
     Factored {
@@ -293,7 +294,16 @@ impl Fisher {
         let names: Vec<String> = raw.keys().cloned().collect();
         for k in names {
             if let Some(n) = k.strip_suffix(".fisher") {
-                let t = raw.remove(&k).expect("listed").to_dtype(DType::F32)?;
+                // Kept as stored (bf16 by default): `dense` widens one weight's at a time, so a
+                // run holds half the bytes an f32 copy would, and loses nothing the file had.
+                let t = raw.remove(&k).expect("listed");
+                if !matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+                    bail!(
+                        "{}: `{k}` is {:?}; a Fisher is stored in f32, bf16 or f16",
+                        path.display(),
+                        t.dtype()
+                    );
+                }
                 tensors.insert(n.to_string(), FisherTensor::Full(t));
             } else if let Some(n) = k.strip_suffix(".fisher_rows") {
                 let get = |raw: &mut std::collections::HashMap<String, Tensor>, s: &str| {

@@ -113,6 +113,9 @@ pub struct RunShape<'a> {
     /// The process's resident memory just before the model is loaded (binary, tokenizer and, in
     /// a training run, the tokenized data).
     pub runtime: u64,
+    /// Bytes of the Fisher that EWC holds (as stored: bf16 entries, or row and column sums when
+    /// factored); 0 without EWC.
+    pub ewc_fisher: u64,
 }
 
 /// Bytes of an NF4 weight of `n` elements in blocks of 64 (codes, then fp32 scales or 8-bit
@@ -281,6 +284,20 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
             .sum();
         p.add("activations (one block + grads)", 4 * per_block);
     }
+    if s.ewc_fisher > 0 {
+        p.add("retain: Fisher (EWC)", s.ewc_fisher);
+        // The penalty works one weight at a time: its Fisher widened to f32, B A, the anchor's
+        // B* A*, delta, F delta and F delta^2, for the largest adapted weight.
+        let largest = s
+            .ranks
+            .iter()
+            .flat_map(|row| MODULES.iter().zip(row))
+            .filter(|(_, &r)| r > 0)
+            .map(|(m, _)| c.linear_shape(m).map(|(o, i)| (o * i) as u64).unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        p.add("retain: EWC penalty (one weight)", 6 * 4 * largest);
+    }
     // The head's logits chunk and the final hidden states with their gradient.
     let rows = (crate::ops::lm_head::chunk_rows(c.vocab_size) as u64).min(n);
     p.add("logits chunk", rows * v * 4 + 2 * n * h * 4);
@@ -380,6 +397,7 @@ pub fn for_recipe_with(
     let bases = recipe.base_table(cfg.num_layers)?;
     let saved = plan.as_ref().map(|p| p.modules_to_save.clone()).unwrap_or_default();
     let stored = |name: &str| src.weights.stored_bytes(name);
+    let rank_table = ranks(cfg, plan.as_ref())?;
     Ok(predict(&RunShape {
         cfg,
         base: BaseDtype::parse(&recipe.model.base_dtype)?,
@@ -390,11 +408,41 @@ pub fn for_recipe_with(
         rows: recipe.train.batch,
         seq_len: recipe.data.seq_len,
         recompute,
-        ranks: &ranks(cfg, plan.as_ref())?,
+        ranks: &rank_table,
         stored_bytes: &stored,
         mapped: src.weights.mapped_bytes(),
         runtime,
+        ewc_fisher: ewc_fisher_bytes(recipe, cfg, &rank_table),
     }))
+}
+
+/// Bytes of the Fisher a recipe's EWC holds: its file's size when it exists (tensors held as
+/// stored), else what `strata train` will write (bf16 entries of every adapted weight, or f32
+/// row and column sums when factored); 0 without EWC.
+fn ewc_fisher_bytes(recipe: &super::recipe::Recipe, cfg: &ModelConfig, ranks: &[[usize; 7]]) -> u64 {
+    let Some(r) = recipe.retain.as_ref().filter(|r| r.ewc_lambda > 0.0) else {
+        return 0;
+    };
+    if let Some(len) = r
+        .fisher
+        .as_ref()
+        .and_then(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+    {
+        return len;
+    }
+    ranks
+        .iter()
+        .flat_map(|row| MODULES.iter().zip(row))
+        .filter(|(_, &rank)| rank > 0)
+        .map(|(m, _)| {
+            let (o, i) = cfg.linear_shape(m).unwrap_or((0, 0));
+            match r.fisher_format.as_str() {
+                "factored" => 4 * (o + i) as u64,
+                _ => 2 * (o * i) as u64,
+            }
+        })
+        .sum()
 }
 
 /// A named way of fine-tuning, for side-by-side planning (`strata inspect`) and the memory
@@ -505,6 +553,7 @@ impl Policy {
             stored_bytes: &|_| None,
             mapped: 0,
             runtime,
+            ewc_fisher: 0,
         }))
     }
 }
@@ -548,6 +597,7 @@ mod tests {
                 stored_bytes: &|_| None,
                 mapped: 0,
                 runtime: 0,
+                ewc_fisher: 0,
             }))
         };
         let total = |r| at(r).map(|p| p.total());
