@@ -15,13 +15,13 @@ use crate::model::Model;
 use crate::train::step::GradAcc;
 
 enum Target {
-    /// The anchor is kept as its factors `B* [out, r]`, `A* [r, in]` (the adapter's size), not
-    /// as the dense `B* A*`, which is as large as the weight itself.
+    /// The anchor is kept as its factors `(B* [out, r], A* [r, in])` (the adapter's size), not
+    /// as the dense `B* A*`, which is as large as the weight itself; `None` when it is zero (a
+    /// fresh adapter, or anchored at the base).
     Lora {
         a: Var,
         b: Var,
-        a0: Tensor,
-        b0: Tensor,
+        anchor: Option<(Tensor, Tensor)>,
         scale: f64,
     },
     Full {
@@ -55,16 +55,19 @@ impl Ewc {
         for (module, l) in model.loras() {
             let name = format!("{module}.weight");
             if let Some(f) = fisher.tensors.get(&name) {
+                let zero = from_base || l.b.as_tensor().abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
                 // Copies: the variables' storage is updated in place as training runs.
-                let b0 = l.b.as_tensor().copy()?.detach();
+                let anchor = match zero {
+                    true => None,
+                    false => Some((l.b.as_tensor().copy()?.detach(), l.a.as_tensor().copy()?.detach())),
+                };
                 terms.push((
                     name,
                     f.clone(),
                     Target::Lora {
                         a: l.a.clone(),
                         b: l.b.clone(),
-                        a0: l.a.as_tensor().copy()?.detach(),
-                        b0: if from_base { b0.zeros_like()? } else { b0 },
+                        anchor,
                         scale: l.scale,
                     },
                 ));
@@ -106,8 +109,13 @@ impl Ewc {
             // Detached: the gradient is written out here, and a tensor built from `Var`s would
             // carry its graph into the optimizer's moments and keep every step's alive.
             let delta = match target {
-                Target::Lora { a, b, a0, b0, scale } => {
-                    ((b.as_tensor().detach().matmul(&a.as_tensor().detach())? - b0.matmul(a0)?)? * *scale)?
+                Target::Lora { a, b, anchor, scale } => {
+                    let ba = b.as_tensor().detach().matmul(&a.as_tensor().detach())?;
+                    let moved = match anchor {
+                        Some((b0, a0)) => (ba - b0.matmul(a0)?)?,
+                        None => ba,
+                    };
+                    (moved * *scale)?
                 }
                 Target::Full { w, w0 } => (w.as_tensor().detach() - w0)?,
             };
