@@ -131,7 +131,8 @@ pub fn with_oom_retry<T>(ctl: &mut Control, mut f: impl FnMut(usize) -> Result<T
     }
 }
 
-/// The run's recomputation (`auto` resolved) and its memory plan, printed. The plan models the
+/// The run's recomputation (`auto` resolved) and its memory plan, printed, for a process of
+/// `runtime` resident bytes before the model loads. The plan models the
 /// CPU path (its kernel packs, fused ops and process); on a GPU the run reports the device
 /// pool's measured peak instead of a prediction it cannot back, and `auto` and the selective
 /// modes recompute per block.
@@ -139,11 +140,12 @@ fn plan_memory(
     recipe: &Recipe,
     src: &model::ModelSource,
     dev: &candle_core::Device,
+    runtime: u64,
 ) -> Result<(Recompute, Option<memory::Prediction>)> {
     let t = &recipe.train;
     let (recompute, predicted) = match dev.is_cpu() {
         true => {
-            let (r, p, budget) = memory::resolve_recompute(recipe, src, current_rss())?;
+            let (r, p, budget) = memory::resolve_recompute(recipe, src, runtime)?;
             if let Some(b) = budget {
                 eprintln!(
                     "recompute = auto: {} (predicted {} against a budget of {}{})",
@@ -230,7 +232,25 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
     let base = BaseDtype::parse(&recipe.model.base_dtype)?;
     let recipe_plan = recipe.plan(src.config.num_layers)?;
     let bases = recipe.base_table(src.config.num_layers)?;
-    let (mut recompute, predicted) = plan_memory(recipe, &src, &dev)?;
+    // The process as the model will find it (the plan counts the Fisher apart).
+    let runtime = current_rss();
+    // The Fisher before the model: estimating it loads the model once more in f32, and done
+    // here that copy is gone before the training model arrives, each with its own peak.
+    let retain = recipe.retain.clone().unwrap_or_default();
+    let (fisher, estimated) = match (&retain.fisher, retain.ewc_lambda > 0.0) {
+        (Some(path), true) => {
+            let estimated = !path.exists();
+            (Some(crate::retain::load_or_estimate(recipe, path, &dev)?), estimated)
+        }
+        _ => (None, false),
+    };
+    let (mut recompute, predicted) = plan_memory(recipe, &src, &dev, runtime)?;
+    if estimated {
+        eprintln!(
+            "(the Fisher estimate above ran first, with a peak of its own that this plan leaves out; \
+             `strata fisher` beforehand keeps it out of the run)"
+        );
+    }
     let per = |l: usize, m: &str| bases[l][crate::model::config::module_index(m)];
     // Every forward of the run starts from this one (dropout and adapters set per use).
     let eval_fwd = Fwd {
@@ -268,15 +288,13 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
 
     // EWC is anchored here, before any resume restores trained values: the anchor is the
     // adapter (or weights) the stage started from, which the seed and recipe reproduce.
-    let retain = recipe.retain.clone().unwrap_or_default();
-    let ewc = match (&retain.fisher, retain.ewc_lambda > 0.0) {
-        (Some(path), true) => {
-            let f = crate::retain::load_or_estimate(recipe, path, &dev)?;
+    let ewc = match fisher {
+        Some(f) => {
             let e = Ewc::new(&model, &f, retain.ewc_lambda)?;
             eprintln!("ewc: lambda {} over {} weights", retain.ewc_lambda, e.len());
             Some(e)
         }
-        _ => None,
+        None => None,
     };
 
     let share = recipe.data.domain_share.unwrap_or(1.0);
