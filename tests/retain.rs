@@ -194,12 +194,16 @@ fn ewc_is_zero_at_its_anchor_and_its_gradient_is_right() -> Result<()> {
     let FisherTensor::Full(fd) = &f_one.tensors[&names[0]] else {
         unreachable!()
     };
-    let want = 0.5
-        * 0.7
-        * (fd * delta.sqr()?)?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+    // lambda/2 sum F delta^2 for this module's Fisher, lambda = 0.7.
+    let penalty_of = |delta: &Tensor| -> Result<f64> {
+        Ok(0.5
+            * 0.7
+            * (fd * delta.sqr()?)?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?)
+    };
+    let want = penalty_of(&delta)?;
     let got = ewc_one.penalty(None, 1.0)?;
     assert!(want > 0.0 && (got - want).abs() < 1e-6 * want, "{got} vs {want}");
     // Anchored at the moved adapter, it is zero again; moved once more, it measures from that
@@ -211,12 +215,7 @@ fn ewc_is_zero_at_its_anchor_and_its_gradient_is_right() -> Result<()> {
         l.b.set(&l.b.as_tensor().rand_like(-0.5, 0.5)?)?;
     }
     let delta = ((l.b.as_tensor().matmul(l.a.as_tensor())? - anchor)? * l.scale)?;
-    let want = 0.5
-        * 0.7
-        * (fd * delta.sqr()?)?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+    let want = penalty_of(&delta)?;
     let got = ewc_moved.penalty(None, 1.0)?;
     assert!(want > 0.0 && (got - want).abs() < 1e-6 * want, "{got} vs {want}");
     check_ewc_gradient(&model, &ewc_moved)?;

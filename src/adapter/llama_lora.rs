@@ -25,11 +25,17 @@ pub const LORA_TYPES: [(&str, GgmlDType); 3] = [
     ("bf16", GgmlDType::BF16),
 ];
 
+/// The storage type `dtype` names, or an error saying which there are.
+pub fn lora_type(dtype: &str) -> Result<GgmlDType> {
+    match LORA_TYPES.iter().find(|t| t.0 == dtype) {
+        Some(&(_, ty)) => Ok(ty),
+        None => anyhow::bail!("a llama.cpp LoRA is stored as f32, f16 or bf16, not `{dtype}`"),
+    }
+}
+
 /// Writes the model's adapters to `out` as a llama.cpp LoRA GGUF whose tensors are `dtype`.
 pub fn write(model: &Model, out: &Path, dtype: &str) -> Result<()> {
-    let Some(&(_, ty)) = LORA_TYPES.iter().find(|t| t.0 == dtype) else {
-        anyhow::bail!("a llama.cpp LoRA is stored as f32, f16 or bf16, not `{dtype}`");
-    };
+    let ty = lora_type(dtype)?;
     let cfg = &model.cfg;
     let mut tensors = Vec::new();
     for (module, l) in model.loras() {

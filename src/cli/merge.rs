@@ -6,7 +6,7 @@
 //! `--dtype`. Folding it into the original 16-bit weights instead would add a correction made
 //! for NF4's rounding to weights that never had it.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::adapter::merge::Store;
 use std::path::PathBuf;
@@ -86,9 +86,7 @@ fn adapter_only(a: &Args) -> Result<()> {
     if a.out.extension().and_then(|e| e.to_str()) != Some("gguf") || a.out.is_dir() {
         anyhow::bail!("--adapter-only writes one GGUF file: give --out a path ending in .gguf");
     }
-    if !crate::adapter::llama_lora::LORA_TYPES.iter().any(|t| t.0 == a.dtype) {
-        anyhow::bail!("--dtype {}: a llama.cpp LoRA is stored as f32, f16 or bf16", a.dtype);
-    }
+    crate::adapter::llama_lora::lora_type(&a.dtype).context("--dtype")?;
     // Checked before the model loads (its header gives the layer count).
     let plan = crate::adapter::peft::read_plan(dir, crate::model::open(&a.model.model)?.config.num_layers)?;
     if !plan.modules_to_save.is_empty() {
