@@ -8,12 +8,14 @@
 pub mod adapter;
 pub mod cli;
 pub mod data;
+pub mod engine;
 pub mod eval;
 pub mod model;
 pub mod ops;
 pub mod quant;
 pub mod retain;
 pub mod rng;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod train;
 pub mod util;

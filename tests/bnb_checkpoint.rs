@@ -58,7 +58,7 @@ fn bnb_4bit_checkpoints_load_as_stored_and_save_in_their_own_layout() -> Result<
         let src = SafetensorsSource::open(&[dir.join("model.safetensors")])?;
         let model = Model::load(&cfg, &src, BaseDtype::AsStored, false, &Device::Cpu)?;
         for b in &model.blocks {
-            for p in &b.proj {
+            for p in b.proj.values() {
                 assert!(matches!(p.w, LinearWeight::Nf4(_)), "{variant}: codes used as stored");
             }
         }

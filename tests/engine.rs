@@ -4,11 +4,12 @@ use anyhow::Result;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, Var};
 use strata::adapter::{merge, peft, LoraPlan};
-use strata::model::config::{Arch, MODULES};
+use strata::engine::{forward_backward, Batch, GradAcc, Recompute};
+use strata::model::config::Arch;
+use strata::model::MODULES;
 use strata::model::{open, BaseDtype, Fwd, LinearWeight, Model, Param};
 use strata::ops::lm_head::IGNORE;
 use strata::testing::{random_weights, tiny_config, write_tiny_gguf};
-use strata::train::{forward_backward, Batch, GradAcc, Recompute};
 
 fn tmp(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("strata-test-{name}-{}", std::process::id()));
@@ -36,7 +37,7 @@ fn lora_model(arch: Arch, tied: bool, rank: usize) -> Result<Model> {
     let cfg = tiny_config(arch, 300, tied);
     let src = random_weights(&cfg, 1);
     let mut m = Model::load(&cfg, &src, BaseDtype::F32, false, &Device::Cpu)?;
-    m.add_lora(&LoraPlan::uniform(rank, 2.0 * rank as f64, &MODULES), 3)?;
+    LoraPlan::uniform(rank, 2.0 * rank as f64, &MODULES).attach(&mut m, 3)?;
     // B starts at zero (so A would get no gradient): give it values to test the whole path.
     for (i, (_, l)) in m.loras().into_iter().enumerate() {
         let b = Tensor::randn(0f32, 0.1, l.b.as_tensor().shape(), &Device::Cpu)?;
@@ -87,7 +88,7 @@ fn selective_recompute_matches_blocks_on_bf16_and_nf4_bases() -> Result<()> {
     let mut models = Vec::new();
     for base in [BaseDtype::F32, BaseDtype::Bf16, BaseDtype::Nf4Dq] {
         let mut m = Model::load(&cfg, &src, base, false, &Device::Cpu)?;
-        m.add_lora(&plan, 3)?;
+        plan.attach(&mut m, 3)?;
         models.push(m);
     }
     // Seeded B values, so every run sees the same model (seeds 1-6 give 0.8-1.2x bf16's noise
@@ -130,7 +131,7 @@ fn selective_recompute_matches_blocks_on_bf16_and_nf4_bases() -> Result<()> {
         let (l_blocks, g_blocks) = run(m, Recompute::Blocks)?;
         let (l_sel, g_sel) = run(m, Recompute::Selective)?;
         let (l_again, g_again) = run(m, Recompute::Selective)?;
-        let base = m.blocks[0].proj[0].w.precision();
+        let base = m.blocks[0].proj[strata::model::Proj::Q].w.precision();
         assert!(
             (l_blocks - l_sel).abs() < 1e-2 * l_blocks.abs(),
             "{base:?}: loss {l_blocks} vs {l_sel}"
@@ -204,14 +205,14 @@ fn loss_falls_on_a_tiny_corpus() -> Result<()> {
     let cfg = tiny_config(Arch::Llama, 40, false);
     let src = random_weights(&cfg, 4);
     let mut m = Model::load(&cfg, &src, BaseDtype::F32, false, &Device::Cpu)?;
-    m.add_lora(&LoraPlan::uniform(8, 16.0, &MODULES), 0)?;
+    LoraPlan::uniform(8, 16.0, &MODULES).attach(&mut m, 0)?;
     let params = m.trainable();
     let seq: Vec<u32> = (0..17).map(|i| (i * 7 % 40) as u32).collect();
     let b = Batch {
         ids: Tensor::from_vec(seq[..16].to_vec(), (1, 16), &Device::Cpu)?,
         targets: seq[1..].to_vec(),
     };
-    let mut opt = strata::train::optim::AdamW::new(0.0);
+    let mut opt = strata::engine::optim::AdamW::new(0.0);
     let mut first = None;
     let mut last = 0.0;
     for _ in 0..30 {
@@ -306,7 +307,7 @@ fn adapter_save_load_and_merge_preserve_logits() -> Result<()> {
         }],
         2,
     )?;
-    m.add_lora(&plan, 11)?;
+    plan.attach(&mut m, 11)?;
     for (_, l) in m.loras() {
         l.b.set(&Tensor::randn(0f32, 0.1, l.b.as_tensor().shape(), &Device::Cpu)?)?;
     }
@@ -444,7 +445,9 @@ fn frozen_base_in_bf16_tracks_f32() -> Result<()> {
     let lb = b.logits(&ids, Fwd::eval(), None)?;
     let scale = la.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     assert!(max_diff(&la, &lb)? < 0.05 * scale);
-    assert!(matches!(b.blocks[0].proj[0].w, LinearWeight::Dense(Param::Frozen(ref t)) if t.dtype() == DType::BF16));
+    assert!(
+        matches!(b.blocks[0].proj[strata::model::Proj::Q].w, LinearWeight::Dense(Param::Frozen(ref t)) if t.dtype() == DType::BF16)
+    );
     let _ = Var::from_tensor(&la)?;
     Ok(())
 }
@@ -457,7 +460,10 @@ fn gguf_quantized_base_kept_as_stored() -> Result<()> {
     let s = open(&gguf)?;
     let dense = Model::load(&s.config, s.weights.as_ref(), BaseDtype::F32, false, &Device::Cpu)?;
     let mut quant = Model::load(&s.config, s.weights.as_ref(), BaseDtype::AsStored, false, &Device::Cpu)?;
-    assert!(matches!(quant.blocks[1].proj[1].w, LinearWeight::Quant(_)));
+    assert!(matches!(
+        quant.blocks[1].proj[strata::model::Proj::K].w,
+        LinearWeight::Quant(_)
+    ));
     let bytes: std::collections::BTreeMap<String, usize> = quant.weight_bytes().into_iter().collect();
     assert!(bytes.contains_key("q8_0"), "{bytes:?}");
     // Same file, dequantized on load or inside the op: the same model up to the 8-bit
@@ -472,7 +478,7 @@ fn gguf_quantized_base_kept_as_stored() -> Result<()> {
         max_diff(&a, &b)?
     );
     // Adapters on a quantized base train: every adapter gets a gradient.
-    quant.add_lora(&LoraPlan::uniform(2, 4.0, &MODULES), 1)?;
+    LoraPlan::uniform(2, 4.0, &MODULES).attach(&mut quant, 1)?;
     for (_, l) in quant.loras() {
         l.b.set(&Tensor::randn(0f32, 0.1, l.b.as_tensor().shape(), &Device::Cpu)?)?;
     }
@@ -570,8 +576,8 @@ fn device_path_matches_the_fused_cpu_path_on_qlora() -> Result<()> {
             Ok(m)
         };
         let (cpu, dev) = (load(false)?, load(true)?);
-        assert!(dev.blocks[0].proj.iter().all(|p| p.nf4_dev.is_some()));
-        assert!(cpu.blocks[0].proj.iter().all(|p| p.nf4_dev.is_none()));
+        assert!(dev.blocks[0].proj.values().all(|p| p.nf4_dev.is_some()));
+        assert!(cpu.blocks[0].proj.values().all(|p| p.nf4_dev.is_none()));
         // Same B values in both: copy them over.
         for ((_, a), (_, b)) in cpu.loras().into_iter().zip(dev.loras()) {
             b.b.set(a.b.as_tensor())?;
@@ -583,7 +589,7 @@ fn device_path_matches_the_fused_cpu_path_on_qlora() -> Result<()> {
         let s_cpu = forward_backward(&cpu, &b, 0.1, Recompute::Blocks, Fwd::eval(), &mut g_cpu)?;
         let mut g_dev = GradAcc::default();
         let naive = Fwd {
-            naive: true,
+            composed: true,
             ..Fwd::eval()
         };
         let s_dev = forward_backward(&dev, &b, 0.1, Recompute::Blocks, naive, &mut g_dev)?;

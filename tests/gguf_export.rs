@@ -8,8 +8,9 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use strata::adapter::{merge, LoraPlan};
-use strata::model::config::{Arch, MODULES};
+use strata::model::config::Arch;
 use strata::model::gguf::{read_checked, write_tensors};
+use strata::model::MODULES;
 use strata::model::{open, BaseDtype, Fwd, Model};
 use strata::testing::write_tiny_gguf;
 
@@ -52,7 +53,7 @@ fn merged_gguf_reads_back_with_the_merged_logits() -> Result<()> {
         write_tensors(&source, &cfg, meta, &mut each, &extra, &|_, _| GgmlDType::F32)?;
 
         let mut model = load(&source)?;
-        model.add_lora(&LoraPlan::uniform(4, 8.0, &MODULES), 5)?;
+        LoraPlan::uniform(4, 8.0, &MODULES).attach(&mut model, 5)?;
         for (_, l) in model.loras() {
             l.b.set(&Tensor::randn(0f32, 0.1, l.b.as_tensor().shape(), &Device::Cpu)?)?;
         }
@@ -138,7 +139,7 @@ fn llama_lora_gguf_adds_up_to_the_merged_gguf() -> Result<()> {
             }],
             2,
         )?;
-        model.add_lora(&plan, 9)?;
+        plan.attach(&mut model, 9)?;
         for (_, l) in model.loras() {
             l.b.set(&Tensor::randn(0f32, 0.1, l.b.as_tensor().shape(), &Device::Cpu)?)?;
         }

@@ -39,7 +39,7 @@ fn brute_force(model: &Model, seqs: &Sequences, name: &str, est: Estimator) -> R
         let labels = fisher::labels(model, &ids, &seqs.targets[r], est, strata::rng::mix(&[3, r as u64]))?;
         let fwd = Fwd {
             graph: true,
-            naive: true,
+            composed: true,
             ..Fwd::eval()
         };
         let logp = candle_nn_free_log_softmax(&model.logits(&ids, fwd, None)?)?;
@@ -113,7 +113,7 @@ fn random_fisher(model: &Model, names: &[String]) -> Result<Fisher> {
         if !tensors.contains_key(n) {
             let cfg = &model.cfg;
             let m = n.rsplit('.').nth(1).unwrap();
-            let (o, i) = cfg.linear_shape(m).unwrap();
+            let (o, i) = cfg.linear_shape(strata::model::Proj::from_name(m).unwrap());
             tensors.insert(
                 n.clone(),
                 FisherTensor::Full(Tensor::rand(0.1f32, 1.0, (o, i), &Device::Cpu)?),
@@ -136,7 +136,7 @@ fn random_fisher(model: &Model, names: &[String]) -> Result<Fisher> {
 }
 
 fn check_ewc_gradient(model: &Model, ewc: &Ewc) -> Result<()> {
-    let mut acc = strata::train::step::GradAcc::default();
+    let mut acc = strata::engine::step::GradAcc::default();
     let p0 = ewc.penalty(Some(&mut acc), 1.0)?;
     assert!(p0 > 0.0);
     for (name, v) in model.trainable() {
@@ -173,7 +173,7 @@ fn ewc_is_zero_at_its_anchor_and_its_gradient_is_right() -> Result<()> {
     let src = random_weights(&cfg, 4);
     // LoRA: delta = s (B A - B* A*), anchored at a fresh adapter (B* = 0).
     let mut model = Model::load(&cfg, &src, BaseDtype::F32, false, &Device::Cpu)?;
-    model.add_lora(&LoraPlan::uniform(4, 8.0, &["q_proj", "down_proj"]), 1)?;
+    LoraPlan::uniform(4, 8.0, &["q_proj", "down_proj"]).attach(&mut model, 1)?;
     let names = vec![
         "model.layers.0.self_attn.q_proj.weight".to_string(),
         "model.layers.1.mlp.down_proj.weight".to_string(),

@@ -94,8 +94,8 @@ fn training_learns_and_is_reproducible() -> Result<()> {
         &candle_core::Device::Cpu,
     )?;
     let plan = strata::adapter::peft::load(&mut m, &dir.join("run1/adapter"))?;
-    assert_eq!(plan.resolve(0, "q_proj")?.unwrap().r, 8);
-    assert_eq!(plan.resolve(1, "q_proj")?.unwrap().r, 4);
+    assert_eq!(plan.resolve(0, strata::model::Proj::Q)?.unwrap().r, 8);
+    assert_eq!(plan.resolve(1, strata::model::Proj::Q)?.unwrap().r, 4);
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -8,9 +8,9 @@ use candle_core::{DType, Tensor};
 use serde_json::json;
 use std::path::Path;
 
-use crate::model::config::MODULES;
 use crate::model::hf::{save_deferred, save_safetensors, Deferred};
 use crate::model::tokenizer::Tok;
+use crate::model::BaseTensor;
 use crate::model::{LinearWeight, Model};
 use crate::quant::nf4::{dynamic_map, Nf4Tensor, Scales, NESTED_BLOCK, NF4_CODE};
 
@@ -113,22 +113,15 @@ pub fn hf_weights(model: &Model, merge: bool) -> Vec<HfWeight<'_>> {
             make: Box::new(move || Ok(t.to_dtype(DType::F32)?)),
         }
     }
-    let mut out = vec![plain("model.embed_tokens.weight".into(), model.embed.t())];
+    let mut out = vec![plain(BaseTensor::Embed.hf(0), model.embed.t())];
     for b in &model.blocks {
         let i = b.index;
-        out.push(plain(
-            format!("model.layers.{i}.input_layernorm.weight"),
-            b.attn_norm.t(),
-        ));
-        out.push(plain(
-            format!("model.layers.{i}.post_attention_layernorm.weight"),
-            b.mlp_norm.t(),
-        ));
-        for (mi, m) in MODULES.iter().enumerate() {
-            let name = crate::adapter::plan::module_name(i, m);
-            let p = &b.proj[mi];
+        out.push(plain(BaseTensor::AttnNorm.hf(i), b.attn_norm.t()));
+        out.push(plain(BaseTensor::MlpNorm.hf(i), b.mlp_norm.t()));
+        for (m, p) in b.proj.iter() {
+            let name = m.path(i);
             let lora = p.lora.as_ref().filter(|_| merge);
-            let (o, inp) = model.cfg.linear_shape(m).expect("a known module");
+            let (o, inp) = model.cfg.linear_shape(m);
             out.push(HfWeight {
                 name: format!("{name}.weight"),
                 shape: vec![o, inp],
@@ -150,9 +143,9 @@ pub fn hf_weights(model: &Model, merge: bool) -> Vec<HfWeight<'_>> {
             }
         }
     }
-    out.push(plain("model.norm.weight".into(), model.norm.t()));
+    out.push(plain(BaseTensor::Norm.hf(0), model.norm.t()));
     if let Some(h) = &model.head {
-        out.push(plain("lm_head.weight".into(), h.t()));
+        out.push(plain(BaseTensor::Head.hf(0), h.t()));
     }
     out
 }

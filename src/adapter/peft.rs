@@ -6,11 +6,10 @@ use candle_core::{DType, Var};
 use serde_json::{json, Value};
 use std::path::Path;
 
-use super::plan::{module_name, pattern_match, peft_save_name, LoraPlan, SAVABLE};
-use super::Lora;
-use crate::model::config::MODULES;
+use super::plan::{pattern_match, peft_save_name, LoraPlan, SAVABLE};
 use crate::model::hf::{save_safetensors, SafetensorsSource};
 use crate::model::{BaseDtype, Model};
+use crate::model::{Lora, Proj, MODULES};
 
 /// Tensor name PEFT uses for an adapter matrix (`ab` is `A` or `B`).
 pub fn peft_key(module: &str, ab: &str) -> String {
@@ -80,8 +79,8 @@ pub const BASE_RECORD: &str = "strata_base.json";
 fn base_record(model: &Model) -> Value {
     let mut modules = serde_json::Map::new();
     for b in &model.blocks {
-        for (m, p) in MODULES.iter().zip(&b.proj) {
-            modules.insert(module_name(b.index, m), json!(p.w.precision().name()));
+        for (m, p) in b.proj.iter() {
+            modules.insert(m.path(b.index), json!(p.w.precision().name()));
         }
     }
     json!({"base_dtype": model.base.name(), "modules": modules})
@@ -169,10 +168,10 @@ pub fn read_plan(dir: &Path, num_layers: usize) -> Result<LoraPlan> {
         Some(Value::String(s)) => {
             let re =
                 regex::Regex::new(&format!("^(?:{s})$")).with_context(|| format!("{p}: target_modules regex `{s}`"))?;
-            MODULES
-                .iter()
-                .filter(|m| (0..num_layers).any(|l| re.is_match(&module_name(l, m))))
-                .map(|s| s.to_string())
+            Proj::ALL
+                .into_iter()
+                .filter(|m| (0..num_layers).any(|l| re.is_match(&m.path(l))))
+                .map(|m| m.name().to_string())
                 .collect()
         }
         _ => bail!("{p}: missing `target_modules`"),
@@ -227,13 +226,13 @@ pub fn load(model: &mut Model, dir: &Path) -> Result<LoraPlan> {
     let cfg = model.cfg.clone();
     let dev = model.device.clone();
     for block in &mut model.blocks {
-        for (mi, m) in MODULES.iter().enumerate() {
-            block.proj[mi].lora = None;
+        for m in Proj::ALL {
+            block.proj[m].lora = None;
             let Some(ml) = plan.resolve(block.index, m)? else {
                 continue;
             };
-            let name = module_name(block.index, m);
-            let (o, i) = cfg.linear_shape(m).expect("known module");
+            let name = m.path(block.index);
+            let (o, i) = cfg.linear_shape(m);
             let mut get = |ab: &str, shape: [usize; 2]| -> Result<Var> {
                 let key = peft_key(&name, ab);
                 if !unused.remove(&key) {
@@ -253,7 +252,7 @@ pub fn load(model: &mut Model, dir: &Path) -> Result<LoraPlan> {
             };
             let a = get("A", [ml.r, i])?;
             let b = get("B", [o, ml.r])?;
-            block.proj[mi].lora = Some(Lora {
+            block.proj[m].lora = Some(Lora {
                 a,
                 b,
                 r: ml.r,

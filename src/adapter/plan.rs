@@ -10,8 +10,9 @@ use anyhow::{bail, Context, Result};
 use regex::Regex;
 use serde::Deserialize;
 
-use crate::model::config::{module_parent, MODULES};
 use crate::model::BaseDtype;
+use crate::model::{Lora, Model, PerProj, Proj, MODULES};
+use crate::rng::{mix, Rng};
 
 /// A recipe rule: a rank and alpha for a range of layers (and optionally some modules).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -60,15 +61,7 @@ pub struct LoraPlan {
     pub modules_to_save: Vec<String>,
 }
 
-/// Modules that can be trained in full beside adapters: the embeddings, the (untied) LM head,
-/// the final norm and the per-layer norms.
-pub const SAVABLE: [&str; 5] = [
-    "embed_tokens",
-    "lm_head",
-    "norm",
-    "input_layernorm",
-    "post_attention_layernorm",
-];
+pub use crate::model::names::SAVABLE;
 
 /// The name PEFT's `modules_to_save` gets (matched against module paths by suffix, so the final
 /// norm is `model.norm`, which no layer norm ends with).
@@ -80,21 +73,7 @@ pub fn peft_save_name(m: &str) -> &str {
     }
 }
 
-/// Rank, alpha and scale for one module.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ModuleLora {
-    /// Rank.
-    pub r: usize,
-    /// Alpha.
-    pub alpha: f64,
-    /// `alpha / r` or `alpha / sqrt(r)`.
-    pub scale: f64,
-}
-
-/// The PEFT module name of projection `module` in layer `layer`.
-pub fn module_name(layer: usize, module: &str) -> String {
-    format!("model.layers.{layer}.{}.{module}", module_parent(module))
-}
+pub use crate::model::ModuleLora;
 
 /// PEFT's `get_pattern_key`: the first key whose `(.*\.)?(KEY)$` matches the whole name from its start.
 pub fn pattern_match<'a, T>(patterns: &'a [(String, T)], name: &str) -> Result<Option<&'a T>> {
@@ -171,7 +150,10 @@ impl LoraPlan {
             }
             let layer_alt = layers.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("|");
             let mod_alt = mods.join("|");
-            let key = format!(r"model\.layers\.({layer_alt})\.(self_attn|mlp)\.({mod_alt})");
+            let key = format!(
+                r"{}\.({layer_alt})\.(self_attn|mlp)\.({mod_alt})",
+                crate::model::names::LAYERS.replace('.', r"\.")
+            );
             if let Some(b) = &rule.base {
                 let b = BaseDtype::parse(b).with_context(|| format!("layer rule `{}`", rule.layers))?;
                 self.base_pattern.push((key.clone(), b));
@@ -183,15 +165,15 @@ impl LoraPlan {
         Ok(self)
     }
 
-    /// Base precision of every projection, `[layer][MODULES index]`: the first rule naming it,
+    /// Base precision of every projection, ``[layer][projection]``: the first rule naming it,
     /// else `default`.
-    pub fn base_table(&self, num_layers: usize, default: BaseDtype) -> Result<Vec<[BaseDtype; 7]>> {
+    pub fn base_table(&self, num_layers: usize, default: BaseDtype) -> Result<Vec<PerProj<BaseDtype>>> {
         (0..num_layers)
             .map(|l| {
-                let mut row = [default; 7];
-                for (slot, m) in row.iter_mut().zip(MODULES) {
-                    if let Some(b) = pattern_match(&self.base_pattern, &module_name(l, m))? {
-                        *slot = *b;
+                let mut row = PerProj([default; Proj::COUNT]);
+                for p in Proj::ALL {
+                    if let Some(b) = pattern_match(&self.base_pattern, &p.path(l))? {
+                        row[p] = *b;
                     }
                 }
                 Ok(row)
@@ -199,9 +181,25 @@ impl LoraPlan {
             .collect()
     }
 
-    /// The adapter of `module` in `layer`, or `None` when the plan leaves it untouched.
-    pub fn resolve(&self, layer: usize, module: &str) -> Result<Option<ModuleLora>> {
-        if !self.targets.iter().any(|t| t == module) {
+    /// Attaches fresh adapters (PEFT init) to every projection of `model` this plan targets;
+    /// each adapter's initial values are a function of `seed` and where it sits.
+    pub fn attach(&self, model: &mut Model, seed: u64) -> Result<()> {
+        let dev = model.device.clone();
+        for block in &mut model.blocks {
+            for p in Proj::ALL {
+                if let Some(ml) = self.resolve(block.index, p)? {
+                    let (o, inp) = model.cfg.linear_shape(p);
+                    let mut rng = Rng::new(mix(&[seed, block.index as u64, p.index() as u64]));
+                    block.proj[p].lora = Some(Lora::init(o, inp, ml, self.dropout, &mut rng, &dev)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The adapter of projection `p` in `layer`, or `None` when the plan leaves it untouched.
+    pub fn resolve(&self, layer: usize, p: Proj) -> Result<Option<ModuleLora>> {
+        if !self.targets.iter().any(|t| t == p.name()) {
             return Ok(None);
         }
         if let Some(ls) = &self.layers {
@@ -209,7 +207,7 @@ impl LoraPlan {
                 return Ok(None);
             }
         }
-        let name = module_name(layer, module);
+        let name = p.path(layer);
         let r = *pattern_match(&self.rank_pattern, &name)?.unwrap_or(&self.r);
         let alpha = *pattern_match(&self.alpha_pattern, &name)?.unwrap_or(&self.alpha);
         if r == 0 {
@@ -247,22 +245,25 @@ mod tests {
             },
         ];
         let plan = LoraPlan::uniform(16, 32.0, &MODULES).with_rules(&rules, 30)?;
-        assert_eq!(plan.resolve(0, "q_proj")?.unwrap().r, 64);
-        assert_eq!(plan.resolve(10, "down_proj")?.unwrap().scale, 2.0);
+        assert_eq!(plan.resolve(0, crate::model::Proj::Q)?.unwrap().r, 64);
+        assert_eq!(plan.resolve(10, crate::model::Proj::Down)?.unwrap().scale, 2.0);
         // Layer 1 must not match layer 10..19 patterns and vice versa: the pattern ends at the dot.
-        assert_eq!(plan.resolve(1, "q_proj")?.unwrap().r, 64);
-        assert_eq!(plan.resolve(11, "k_proj")?.unwrap().r, 16);
-        let q = plan.resolve(29, "q_proj")?.unwrap();
+        assert_eq!(plan.resolve(1, crate::model::Proj::Q)?.unwrap().r, 64);
+        assert_eq!(plan.resolve(11, crate::model::Proj::K)?.unwrap().r, 16);
+        let q = plan.resolve(29, crate::model::Proj::Q)?.unwrap();
         assert_eq!((q.r, q.alpha), (8, 16.0));
         let mut rs = plan.clone();
         rs.use_rslora = true;
-        assert_eq!(rs.resolve(29, "q_proj")?.unwrap().scale, 16.0 / 8f64.sqrt());
+        assert_eq!(
+            rs.resolve(29, crate::model::Proj::Q)?.unwrap().scale,
+            16.0 / 8f64.sqrt()
+        );
         let table = plan.base_table(30, BaseDtype::F32)?;
-        assert_eq!(table[10], [BaseDtype::Bf16; 7]);
-        assert_eq!(table[11][0], BaseDtype::Nf4);
-        assert_eq!(table[11][1], BaseDtype::F32);
+        assert_eq!(table[10], PerProj([BaseDtype::Bf16; Proj::COUNT]));
+        assert_eq!(table[11][Proj::Q], BaseDtype::Nf4);
+        assert_eq!(table[11][Proj::K], BaseDtype::F32);
         let partial = LoraPlan::uniform(4, 8.0, &["q_proj"]);
-        assert!(partial.resolve(0, "v_proj")?.is_none());
+        assert!(partial.resolve(0, crate::model::Proj::V)?.is_none());
         Ok(())
     }
 

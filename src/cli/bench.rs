@@ -10,10 +10,11 @@ use candle_core::{Device, Tensor, D};
 use std::time::Instant;
 
 use crate::adapter::LoraPlan;
-use crate::model::config::{Arch, ModelConfig, MODULES};
+use crate::engine::optim::AdamW;
+use crate::engine::{forward_backward, Batch, GradAcc, Recompute};
+use crate::model::config::{Arch, ModelConfig};
+use crate::model::MODULES;
 use crate::model::{BaseDtype, Fwd, Model};
-use crate::train::optim::AdamW;
-use crate::train::{forward_backward, Batch, GradAcc, Recompute};
 use crate::util::{human_bytes, peak_rss};
 
 /// Arguments of `strata bench`.
@@ -107,7 +108,7 @@ fn naive_step(model: &Model, batch: &Batch, acc: &mut GradAcc) -> Result<f64> {
             b,
             t,
             Fwd {
-                naive: true,
+                composed: true,
                 ..Fwd::eval()
             },
             crate::model::BlockState::None,
@@ -222,7 +223,7 @@ pub fn run(mut a: Args) -> Result<()> {
         "smollm2" => smollm2_shape(),
         "qwen2-7b" => qwen2_7b_shape(),
         "qwen2-0.5b" => qwen2_05b_shape(),
-        "tiny" => crate::testing::tiny_config(Arch::Llama, 1000, true),
+        "tiny" => crate::cli::synthetic::tiny_config(Arch::Llama, 1000, true),
         o => bail!("unknown shape `{o}`; choose smollm2, qwen2-0.5b, qwen2-7b or tiny"),
     };
     match a.what.as_str() {
@@ -316,10 +317,10 @@ pub fn run(mut a: Args) -> Result<()> {
 
 /// One variant in this process: a warm-up step, then `steps` timed steps; prints a JSON line.
 fn run_variant(a: &Args, cfg: &ModelConfig, variant: &str) -> Result<()> {
-    let src = crate::testing::random_weights(cfg, 0);
+    let src = crate::cli::synthetic::random_weights(cfg, 0);
     let mut model = Model::load(cfg, &src, BaseDtype::parse(&a.base_dtype)?, false, &Device::Cpu)?;
     drop(src);
-    model.add_lora(&LoraPlan::uniform(16, 32.0, &MODULES), 0)?;
+    LoraPlan::uniform(16, 32.0, &MODULES).attach(&mut model, 0)?;
     let (batch, seq_len) = (a.batch.unwrap_or(4), a.seq_len.unwrap_or(256));
     let secs = timed_steps(&model, variant, batch, seq_len, a.steps)?;
     let n = batch * seq_len;
@@ -429,11 +430,11 @@ mod tests {
     /// naive baseline once broke when embeddings became bf16 under bf16 bases).
     #[test]
     fn every_variant_steps_on_f32_and_bf16_bases() -> Result<()> {
-        let cfg = crate::testing::tiny_config(Arch::Llama, 300, true);
-        let src = crate::testing::random_weights(&cfg, 1);
+        let cfg = crate::cli::synthetic::tiny_config(Arch::Llama, 300, true);
+        let src = crate::cli::synthetic::random_weights(&cfg, 1);
         for base in [BaseDtype::F32, BaseDtype::Bf16] {
             let mut model = Model::load(&cfg, &src, base, false, &Device::Cpu)?;
-            model.add_lora(&LoraPlan::uniform(4, 8.0, &MODULES), 0)?;
+            LoraPlan::uniform(4, 8.0, &MODULES).attach(&mut model, 0)?;
             for v in VARIANTS {
                 let secs = timed_steps(&model, v, 2, 8, 1)?;
                 assert!(secs > 0.0, "{v} on {base:?}");

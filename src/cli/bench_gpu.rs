@@ -14,14 +14,15 @@ use std::time::Instant;
 
 use super::bench::{timed_steps, Args};
 use super::bench_memory::synthetic_model;
-use crate::model::config::{ModelConfig, MODULES};
+use crate::cli::policies::policies;
+use crate::model::config::ModelConfig;
+use crate::model::Proj;
 use crate::ops::dequant_device::{default_slab, nf4_device_linear, nf4_device_linear_slab, DeviceNf4, DeviceNf4Linear};
 use crate::ops::dequant_linear::{Compact, DequantLinear};
 use crate::ops::frozen_matmul;
 use crate::ops::lora_linear::{LoraBase, LoraLinear};
 use crate::ops::quant_linear::quant_linear;
 use crate::quant::nf4::Nf4Tensor;
-use crate::train::memory::policies;
 use crate::util::{device_peak, human_bytes, reset_device_peak};
 
 /// One comparison of a device result with the CPU's.
@@ -184,9 +185,9 @@ fn trainer_gaps(dev: &Device) -> Result<Vec<(String, f64, f64)>> {
     let dir = std::env::temp_dir().join(format!("strata-device-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let vocab = crate::model::tokenizer::tiny_vocab().tokens.len();
-    let cfg = crate::testing::tiny_nf4_config(Arch::Qwen2, vocab, false);
-    crate::testing::write_gguf_of(&dir.join("tiny.gguf"), &cfg, 4, GgmlDType::F32)?;
-    crate::testing::write_tiny_corpus(&dir)?;
+    let cfg = crate::cli::synthetic::tiny_nf4_config(Arch::Qwen2, vocab, false);
+    crate::cli::synthetic::write_gguf_of(&dir.join("tiny.gguf"), &cfg, 4, GgmlDType::F32)?;
+    crate::cli::synthetic::write_tiny_corpus(&dir)?;
     // 14-token rows one at a time and no bf16 weights: the CPU's products stay on its f32
     // GEMM, so the two runs differ only by summation order.
     let recipe = |device: &str, out: &str| {
@@ -261,14 +262,14 @@ out = "{0}/{out}"
 /// One QLoRA micro-batch (NF4-DQ base, LoRA r=4 on every projection, recomputation) on `dev`
 /// against the CPU's fused path: the loss and every adapter gradient.
 fn qlora_step_gaps(dev: &Device) -> Result<Vec<(String, f64, f64)>> {
+    use crate::engine::{forward_backward, Batch, GradAcc, Recompute};
     use crate::model::config::Arch;
     use crate::model::Fwd;
-    use crate::train::{forward_backward, Batch, GradAcc, Recompute};
     let cpu = Device::Cpu;
-    let cfg = crate::testing::tiny_nf4_config(Arch::Qwen2, 300, false);
-    let src = crate::testing::random_weights(&cfg, 1);
-    let host = crate::testing::tiny_qlora_model(&cfg, &src, &cpu, false)?;
-    let on_dev = crate::testing::tiny_qlora_model(&cfg, &src, dev, true)?;
+    let cfg = crate::cli::synthetic::tiny_nf4_config(Arch::Qwen2, 300, false);
+    let src = crate::cli::synthetic::random_weights(&cfg, 1);
+    let host = crate::cli::synthetic::tiny_qlora_model(&cfg, &src, &cpu, false)?;
+    let on_dev = crate::cli::synthetic::tiny_qlora_model(&cfg, &src, dev, true)?;
     // B starts at zero (A would get no gradient): the same random B on both sides.
     for ((_, a), (_, b)) in host.loras().into_iter().zip(on_dev.loras()) {
         let v = Tensor::randn(0f32, 0.1, a.b.as_tensor().shape(), &cpu)?;
@@ -292,7 +293,7 @@ fn qlora_step_gaps(dev: &Device) -> Result<Vec<(String, f64, f64)>> {
     let mut g_dev = GradAcc::default();
     // Composed ops everywhere, as any device but the CPU runs them.
     let fwd = Fwd {
-        naive: true,
+        composed: true,
         ..Fwd::eval()
     };
     let s_dev = forward_backward(&on_dev, &batch(dev)?, 0.1, Recompute::Blocks, fwd, &mut g_dev)?;
@@ -363,8 +364,8 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
     let mut per: Vec<(String, f64, usize)> = Vec::new();
     for kind in ["nf4", "nf4-dq", "bf16", "f32"] {
         let (mut secs, mut bytes) = (0f64, 0usize);
-        for m in MODULES {
-            let (n, k) = cfg.linear_shape(m).expect("known module");
+        for m in Proj::ALL {
+            let (n, k) = cfg.linear_shape(m);
             if kind == "nf4" {
                 flops += 4.0 * (tokens * n * k) as f64;
             }

@@ -8,11 +8,11 @@ use candle_core::Device;
 use std::time::Instant;
 
 use super::bench::{recompute_variant, timed_steps, Args};
+use crate::cli::policies::{policies, Policy};
+use crate::cli::synthetic::SyntheticSource;
+use crate::engine::Recompute;
 use crate::model::config::ModelConfig;
-use crate::model::{BaseDtype, LoadSpec, Model};
-use crate::testing::SyntheticSource;
-use crate::train::memory::{policies, Policy};
-use crate::train::Recompute;
+use crate::model::{BaseDtype, LoadSpec, Model, Proj};
 use crate::util::{current_rss, human_bytes, peak_rss};
 
 /// Runs `strata bench memory` (the parent, or one policy with `--variant`).
@@ -130,13 +130,12 @@ fn run_policy(a: &Args, cfg: &ModelConfig, name: &str, rows: usize, seq: usize) 
 /// directly from random codes (never in f32), the rest from seeded random weights.
 pub(crate) fn synthetic_model(cfg: &ModelConfig, p: &Policy, dev: &Device) -> Result<Model> {
     let bases = p.bases(cfg)?;
-    let index = crate::model::config::module_index;
-    let src = SyntheticSource::new(cfg, 0, &|l, m| match bases[l][index(m)] {
+    let src = SyntheticSource::new(cfg, 0, &|l, m| match bases[l][m] {
         BaseDtype::Nf4 => Some(false),
         BaseDtype::Nf4Dq => Some(true),
         _ => None,
     });
-    let per = |l: usize, m: &str| bases[l][index(m)];
+    let per = |l: usize, m: Proj| bases[l][m];
     let mut model = Model::load_with(
         cfg,
         &src,
@@ -149,11 +148,9 @@ pub(crate) fn synthetic_model(cfg: &ModelConfig, p: &Policy, dev: &Device) -> Re
         },
         dev,
     )?;
-    model.add_lora(
-        p.plan
-            .as_ref()
-            .context("full fine-tuning has no synthetic adapter model")?,
-        0,
-    )?;
+    p.plan
+        .as_ref()
+        .context("full fine-tuning has no synthetic adapter model")?
+        .attach(&mut model, 0)?;
     Ok(model)
 }

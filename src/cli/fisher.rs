@@ -5,7 +5,8 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use std::path::PathBuf;
 
-use crate::retain::{fisher_for, Estimator, Fisher};
+use crate::retain::{Estimator, Fisher};
+use crate::train::fisher::fisher_for;
 use crate::train::recipe::Recipe;
 
 /// Arguments of `strata fisher`.

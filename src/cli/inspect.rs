@@ -7,8 +7,8 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::cli::policies::policies;
 use crate::model::{open, Fwd};
-use crate::train::memory::policies;
 use crate::util::human_bytes;
 
 /// Arguments of `strata inspect`.
@@ -88,7 +88,7 @@ pub fn run(a: Args) -> Result<()> {
         "policy", "weights", "trained+opt", "activations", "total"
     );
     for p in policies(c)? {
-        let pred = p.predict(c, a.batch, a.seq_len, true, crate::train::Recompute::Blocks, runtime)?;
+        let pred = p.predict(c, a.batch, a.seq_len, true, crate::engine::Recompute::Blocks, runtime)?;
         let label = p.label(c);
         println!(
             "{label:<44} {:>10} {:>12} {:>12} {:>10}",

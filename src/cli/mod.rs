@@ -10,6 +10,8 @@ pub mod fisher;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
+pub mod policies;
+pub mod synthetic;
 pub mod train;
 
 use clap::{Parser, Subcommand};
@@ -122,12 +124,7 @@ pub fn load_model(
         ("auto", None) => (BaseDtype::F32, Default::default()),
         (b, _) => (BaseDtype::parse(b)?, Default::default()),
     };
-    let per = |l: usize, m: &str| {
-        per_module
-            .get(&crate::adapter::plan::module_name(l, m))
-            .copied()
-            .unwrap_or(base)
-    };
+    let per = |l: usize, m: crate::model::Proj| per_module.get(&m.path(l)).copied().unwrap_or(base);
     let spec = crate::model::LoadSpec {
         base,
         per: &per,

@@ -2,6 +2,7 @@
 
 pub mod chat;
 pub mod corpus;
+pub mod mc;
 pub mod mix;
 pub mod text;
 pub mod wordnet;

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
-use crate::eval::mc::McItem;
+use super::mc::McItem;
 use crate::rng::Rng;
 
 /// WordNet's noun lexicographer files by number (from WordNet's `lexnames`).

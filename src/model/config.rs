@@ -1,5 +1,6 @@
 //! Model hyper-parameters, read from a Hugging Face `config.json` or GGUF metadata.
 
+use super::names::Proj;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -174,24 +175,26 @@ impl ModelConfig {
         self.num_kv_heads * self.head_dim
     }
 
-    /// `[out, in]` of a projection by its module name (`q_proj` ... `down_proj`).
-    pub fn linear_shape(&self, module: &str) -> Option<(usize, usize)> {
+    /// `[out, in]` of a projection.
+    pub fn linear_shape(&self, p: Proj) -> (usize, usize) {
         let (h, i) = (self.hidden_size, self.intermediate_size);
-        Some(match module {
-            "q_proj" => (self.q_dim(), h),
-            "k_proj" | "v_proj" => (self.kv_dim(), h),
-            "o_proj" => (h, self.q_dim()),
-            "gate_proj" | "up_proj" => (i, h),
-            "down_proj" => (h, i),
-            _ => return None,
-        })
+        match p {
+            Proj::Q => (self.q_dim(), h),
+            Proj::K | Proj::V => (self.kv_dim(), h),
+            Proj::O => (h, self.q_dim()),
+            Proj::Gate | Proj::Up => (i, h),
+            Proj::Down => (h, i),
+        }
     }
 
     /// Parameters of the whole model.
     pub fn num_params(&self) -> usize {
-        let per_layer: usize = MODULES
-            .iter()
-            .map(|m| self.linear_shape(m).map(|(o, i)| o * i).unwrap_or(0))
+        let per_layer: usize = Proj::ALL
+            .into_iter()
+            .map(|p| {
+                let (o, i) = self.linear_shape(p);
+                o * i
+            })
             .sum::<usize>()
             + 2 * self.hidden_size
             + if self.arch.qkv_bias() {
@@ -234,34 +237,6 @@ impl ModelConfig {
             v["eos_token_id"] = json!(e);
         }
         v
-    }
-}
-
-/// The seven projection modules of a block, in PEFT's naming.
-pub const MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
-/// Position of a projection in [`MODULES`] (the column of a per-module table such as
-/// `LoraPlan::base_table`'s). Only ever called with a projection name.
-pub fn module_index(module: &str) -> usize {
-    MODULES
-        .iter()
-        .position(|m| *m == module)
-        .unwrap_or_else(|| panic!("`{module}` is not one of the projections {MODULES:?}"))
-}
-
-/// Whether a module sits under `self_attn` (else `mlp`).
-pub fn module_parent(module: &str) -> &'static str {
-    match module {
-        "q_proj" | "k_proj" | "v_proj" | "o_proj" => "self_attn",
-        _ => "mlp",
     }
 }
 

@@ -5,9 +5,10 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::config::{ModelConfig, MODULES};
+use super::config::ModelConfig;
+use super::lora::Lora;
+use super::names::{BaseTensor, PerProj, Proj, SAVABLE};
 use super::source::WeightSource;
-use crate::adapter::{Lora, LoraPlan};
 use crate::ops::attention::{causal_attention, repeat_kv};
 use crate::ops::dequant_device::{nf4_device_linear, DeviceNf4};
 use crate::ops::dequant_linear::{dequant_linear, gguf_decodable, Compact};
@@ -18,7 +19,7 @@ use crate::ops::quant_linear::quant_linear;
 use crate::ops::rope::Rope;
 use crate::ops::swiglu::swiglu;
 use crate::ops::{frozen_linear, lm_head};
-use crate::rng::{mix, Rng};
+use crate::rng::mix;
 use candle_core::quantized::QTensor;
 use std::sync::Arc;
 
@@ -28,7 +29,7 @@ pub struct LoadSpec<'a> {
     /// it: bf16 under bf16 and NF4 bases).
     pub base: BaseDtype,
     /// Base precision of projection `(layer, module)`.
-    pub per: &'a dyn Fn(usize, &str) -> BaseDtype,
+    pub per: &'a dyn Fn(usize, Proj) -> BaseDtype,
     /// Every weight trainable in f32 (full fine-tuning).
     pub full: bool,
     /// Pack frozen bf16 weights for the AVX512-BF16 kernel: faster, but two packed copies sit
@@ -105,6 +106,22 @@ impl BaseDtype {
             Self::AsStored | Self::Nf4 | Self::Nf4Dq => DType::F32,
         }
     }
+}
+
+/// How a layer ranks for keeping its frozen products under selective recomputation, from the
+/// bases of its adapted projections: 0 for quantized bases (a re-run decodes them before the
+/// GEMM), 1 for 16-bit, 2 for f32 (kept at twice the bytes), the best of them; 3 with no
+/// adapted projection (nothing to keep).
+pub fn keep_rank(adapted_bases: impl IntoIterator<Item = BaseDtype>) -> u8 {
+    adapted_bases
+        .into_iter()
+        .map(|b| match b {
+            BaseDtype::F32 => 2,
+            BaseDtype::Bf16 => 1,
+            _ => 0,
+        })
+        .min()
+        .unwrap_or(3)
 }
 
 /// The weight of a projection: a dense parameter, or a frozen quantized tensor.
@@ -185,8 +202,11 @@ pub struct Fwd {
     pub first_token: u64,
     /// Whether adapters contribute (off gives the base model without a second copy).
     pub adapters: bool,
-    /// Run frozen weights through candle's own matmul (the naive baseline of `strata bench`).
-    pub naive: bool,
+    /// Run the composed candle ops a GPU runs (candle's matmul for frozen weights, composed
+    /// norms, attention and SwiGLU), even on the CPU: how the GPU path is held to the fused CPU
+    /// path without a GPU (`RunOptions::device_ops`), and the naive baseline `strata bench`
+    /// measures.
+    pub composed: bool,
     /// Keep the autograd graph across blocks in [`Model::hidden`]. Off for evaluation and
     /// generation: adapters are `Var`s, so candle would otherwise keep every activation alive
     /// until the output is dropped.
@@ -200,7 +220,7 @@ impl Fwd {
             dropout_seed: None,
             first_token: 0,
             adapters: true,
-            naive: false,
+            composed: false,
             graph: false,
         }
     }
@@ -223,7 +243,7 @@ impl Linear {
         if let (Some(l), true, false, DType::F32, true, None) = (
             &self.lora,
             fwd.adapters,
-            fwd.naive,
+            fwd.composed,
             x.dtype(),
             x.device().is_cpu(),
             &self.nf4_dev,
@@ -257,7 +277,7 @@ impl Linear {
             }
         }
         let mut y = match &self.w {
-            LinearWeight::Dense(Param::Frozen(w)) if fwd.naive => {
+            LinearWeight::Dense(Param::Frozen(w)) if fwd.composed => {
                 x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)?
             }
             // Unpacked bf16 (memory before speed): decoded a slab at a time (ops::dequant_linear).
@@ -324,8 +344,8 @@ pub struct Block {
     pub index: usize,
     /// Pre-attention RMSNorm weight.
     pub attn_norm: Param,
-    /// Projections in [`MODULES`] order: q, k, v, o, gate, up, down.
-    pub proj: Vec<Linear>,
+    /// The seven projections, by [`Proj`].
+    pub proj: PerProj<Linear>,
     /// Pre-MLP RMSNorm weight.
     pub mlp_norm: Param,
 }
@@ -407,17 +427,17 @@ impl Model {
             _ => DType::F32,
         };
         let embed = param(
-            load(src, "model.embed_tokens.weight", &[cfg.vocab_size, h])?,
+            load(src, &BaseTensor::Embed.hf(0), &[cfg.vocab_size, h])?,
             full,
             pd,
             dev,
         )?;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let mut proj = Vec::with_capacity(7);
-            for m in MODULES {
-                let (o, inp) = cfg.linear_shape(m).expect("known module");
-                let name = crate::adapter::plan::module_name(i, m);
+            let mut proj = Vec::with_capacity(Proj::COUNT);
+            for m in Proj::ALL {
+                let (o, inp) = cfg.linear_shape(m);
+                let name = m.path(i);
                 let wname = format!("{name}.weight");
                 let prec = (spec.per)(i, m);
                 let quant = match (prec, full) {
@@ -472,7 +492,7 @@ impl Model {
                     }
                     None => LinearWeight::Dense(param(load(src, &wname, &[o, inp])?, full, prec.dtype(), dev)?),
                 };
-                let b = if cfg.arch.qkv_bias() && matches!(m, "q_proj" | "k_proj" | "v_proj") {
+                let b = if cfg.arch.qkv_bias() && m.has_qkv_bias() {
                     Some(param(load(src, &format!("{name}.bias"), &[o])?, full, DType::F32, dev)?)
                 } else {
                     None
@@ -497,27 +517,17 @@ impl Model {
             }
             blocks.push(Block {
                 index: i,
-                attn_norm: param(
-                    load(src, &format!("model.layers.{i}.input_layernorm.weight"), &[h])?,
-                    full,
-                    DType::F32,
-                    dev,
-                )?,
-                proj,
-                mlp_norm: param(
-                    load(src, &format!("model.layers.{i}.post_attention_layernorm.weight"), &[h])?,
-                    full,
-                    DType::F32,
-                    dev,
-                )?,
+                attn_norm: param(load(src, &BaseTensor::AttnNorm.hf(i), &[h])?, full, DType::F32, dev)?,
+                proj: PerProj(proj.try_into().expect("one Linear per projection")),
+                mlp_norm: param(load(src, &BaseTensor::MlpNorm.hf(i), &[h])?, full, DType::F32, dev)?,
             });
         }
-        let norm = param(load(src, "model.norm.weight", &[h])?, full, DType::F32, dev)?;
+        let norm = param(load(src, &BaseTensor::Norm.hf(0), &[h])?, full, DType::F32, dev)?;
         let head = if cfg.tie_word_embeddings {
             None
         } else {
             Some(param(
-                load(src, "lm_head.weight", &[cfg.vocab_size, h])?,
+                load(src, &BaseTensor::Head.hf(0), &[cfg.vocab_size, h])?,
                 full,
                 pd,
                 dev,
@@ -547,56 +557,65 @@ impl Model {
         Ok(model)
     }
 
-    /// The base parameters of `modules` (names from `adapter::plan::SAVABLE`) with their Hugging
-    /// Face names, in a fixed order.
+    /// The base parameters of `modules` (names from [`SAVABLE`]) with their Hugging Face names,
+    /// in a fixed order.
     pub fn savable(&self, modules: &[String]) -> Result<Vec<(String, &Tensor)>> {
         let mut out = Vec::new();
         for m in modules {
-            match m.as_str() {
-                "embed_tokens" => out.push(("model.embed_tokens.weight".to_string(), self.embed.t())),
-                "lm_head" => match &self.head {
-                    Some(h) => out.push(("lm_head.weight".to_string(), h.t())),
-                    None => bail!("lm_head is tied to embed_tokens in this model: list embed_tokens instead"),
-                },
-                "norm" => out.push(("model.norm.weight".to_string(), self.norm.t())),
-                "input_layernorm" | "post_attention_layernorm" => {
+            let Some(kind) = BaseTensor::from_module(m) else {
+                bail!("`{m}` cannot be trained beside adapters; choose from {SAVABLE:?}");
+            };
+            match kind {
+                BaseTensor::Head if self.head.is_none() => {
+                    bail!("lm_head is tied to embed_tokens in this model: list embed_tokens instead")
+                }
+                BaseTensor::AttnNorm | BaseTensor::MlpNorm => {
                     for b in &self.blocks {
-                        let p = if m == "input_layernorm" {
+                        let p = if kind == BaseTensor::AttnNorm {
                             &b.attn_norm
                         } else {
                             &b.mlp_norm
                         };
-                        out.push((format!("model.layers.{}.{m}.weight", b.index), p.t()));
+                        out.push((kind.hf(b.index), p.t()));
                     }
                 }
-                o => bail!(
-                    "`{o}` cannot be trained beside adapters; choose from {:?}",
-                    crate::adapter::plan::SAVABLE
-                ),
+                BaseTensor::Embed => out.push((kind.hf(0), self.embed.t())),
+                BaseTensor::Norm => out.push((kind.hf(0), self.norm.t())),
+                BaseTensor::Head => out.push((kind.hf(0), self.head.as_ref().expect("checked above").t())),
             }
         }
         Ok(out)
     }
 
     fn base_param_mut(&mut self, name: &str) -> Result<&mut Param> {
-        if name == "model.embed_tokens.weight" {
-            return Ok(&mut self.embed);
+        for kind in [BaseTensor::Embed, BaseTensor::Norm, BaseTensor::Head] {
+            if name == kind.hf(0) {
+                return match kind {
+                    BaseTensor::Embed => Ok(&mut self.embed),
+                    BaseTensor::Norm => Ok(&mut self.norm),
+                    _ => self.head.as_mut().context("the model has no separate lm_head"),
+                };
+            }
         }
-        if name == "model.norm.weight" {
-            return Ok(&mut self.norm);
-        }
-        if name == "lm_head.weight" {
-            return self.head.as_mut().context("the model has no separate lm_head");
-        }
-        let rest = name.strip_prefix("model.layers.").context("unknown base parameter")?;
-        let (i, tail) = rest.split_once('.').context("unknown base parameter")?;
+        let rest = name
+            .strip_prefix(super::names::LAYERS)
+            .and_then(|r| r.strip_prefix('.'))
+            .context("unknown base parameter")?;
+        let (i, _) = rest.split_once('.').context("unknown base parameter")?;
         let i: usize = i.parse().context("unknown base parameter")?;
         let b = self.blocks.get_mut(i).context("layer index out of range")?;
-        match tail {
-            "input_layernorm.weight" => Ok(&mut b.attn_norm),
-            "post_attention_layernorm.weight" => Ok(&mut b.mlp_norm),
-            _ => bail!("unknown base parameter `{name}`"),
+        if name == BaseTensor::AttnNorm.hf(i) {
+            Ok(&mut b.attn_norm)
+        } else if name == BaseTensor::MlpNorm.hf(i) {
+            Ok(&mut b.mlp_norm)
+        } else {
+            bail!("unknown base parameter `{name}`")
         }
+    }
+
+    /// Whether `name` is the embedding or the head, whose packed copy a change makes stale.
+    fn is_head_or_embed(name: &str) -> bool {
+        name == BaseTensor::Embed.hf(0) || name == BaseTensor::Head.hf(0)
     }
 
     /// Replaces a base parameter's value (shape checked), keeping it trainable or frozen.
@@ -609,7 +628,7 @@ impl Model {
             Param::Train(v) => v.set(&t.to_dtype(v.dtype())?)?,
             Param::Frozen(old) => *old = t.to_dtype(old.dtype())?,
         }
-        if matches!(name, "model.embed_tokens.weight" | "lm_head.weight") {
+        if Self::is_head_or_embed(name) {
             self.head_pack = None;
         }
         Ok(())
@@ -623,23 +642,9 @@ impl Model {
             if let Param::Frozen(t) = p {
                 *p = Param::Train(Var::from_tensor(&t.to_dtype(DType::F32)?)?);
             }
-            if matches!(name.as_str(), "model.embed_tokens.weight" | "lm_head.weight") {
+            if Self::is_head_or_embed(&name) {
                 // The packed head is a frozen copy; a trained head must be read live.
                 self.head_pack = None;
-            }
-        }
-        Ok(())
-    }
-
-    /// Attaches fresh adapters (PEFT init) to every module the plan targets.
-    pub fn add_lora(&mut self, plan: &LoraPlan, seed: u64) -> Result<()> {
-        for block in &mut self.blocks {
-            for (mi, m) in MODULES.iter().enumerate() {
-                if let Some(ml) = plan.resolve(block.index, m)? {
-                    let (o, inp) = self.cfg.linear_shape(m).expect("known module");
-                    let mut rng = Rng::new(mix(&[seed, block.index as u64, mi as u64]));
-                    block.proj[mi].lora = Some(Lora::init(o, inp, ml, plan.dropout, &mut rng, &self.device)?);
-                }
             }
         }
         Ok(())
@@ -649,21 +654,46 @@ impl Model {
     pub fn loras(&self) -> Vec<(String, &Lora)> {
         let mut v = Vec::new();
         for b in &self.blocks {
-            for (mi, m) in MODULES.iter().enumerate() {
-                if let Some(l) = &b.proj[mi].lora {
-                    v.push((crate::adapter::plan::module_name(b.index, m), l));
+            for (p, lin) in b.proj.iter() {
+                if let Some(l) = &lin.lora {
+                    v.push((p.path(b.index), l));
                 }
             }
         }
         v
     }
 
-    /// Each layer's rank for keeping its frozen products (`train::step::keep_rank`).
+    /// Each layer's rank for keeping its frozen products ([`keep_rank`]).
     pub fn keep_ranks(&self) -> Vec<u8> {
         self.blocks
             .iter()
-            .map(|b| crate::train::step::keep_rank(b.proj.iter().filter(|p| p.lora.is_some()).map(|p| p.w.precision())))
+            .map(|b| keep_rank(b.proj.values().filter(|p| p.lora.is_some()).map(|p| p.w.precision())))
             .collect()
+    }
+
+    /// Every base weight with its Hugging Face name, in a fixed order (embeddings, then each
+    /// block's norms, projection weights and biases, then the final norm and head).
+    fn base_params_mut(&mut self) -> Vec<(String, &mut Param)> {
+        let mut v: Vec<(String, &mut Param)> = vec![(BaseTensor::Embed.hf(0), &mut self.embed)];
+        for b in &mut self.blocks {
+            let i = b.index;
+            v.push((BaseTensor::AttnNorm.hf(i), &mut b.attn_norm));
+            v.push((BaseTensor::MlpNorm.hf(i), &mut b.mlp_norm));
+            for (p, lin) in Proj::ALL.into_iter().zip(b.proj.values_mut()) {
+                let name = p.path(i);
+                if let LinearWeight::Dense(w) = &mut lin.w {
+                    v.push((format!("{name}.weight"), w));
+                }
+                if let Some(bias) = &mut lin.b {
+                    v.push((format!("{name}.bias"), bias));
+                }
+            }
+        }
+        v.push((BaseTensor::Norm.hf(0), &mut self.norm));
+        if let Some(h) = &mut self.head {
+            v.push((BaseTensor::Head.hf(0), h));
+        }
+        v
     }
 
     /// Every trainable tensor with its name (adapters as `<module>.lora_A.weight`).
@@ -674,26 +704,23 @@ impl Model {
                 v.push((name, var.clone()));
             }
         };
-        push("model.embed_tokens.weight".into(), &self.embed);
+        push(BaseTensor::Embed.hf(0), &self.embed);
         for b in &self.blocks {
-            push(format!("model.layers.{}.input_layernorm.weight", b.index), &b.attn_norm);
-            push(
-                format!("model.layers.{}.post_attention_layernorm.weight", b.index),
-                &b.mlp_norm,
-            );
-            for (mi, m) in MODULES.iter().enumerate() {
-                let name = crate::adapter::plan::module_name(b.index, m);
-                if let LinearWeight::Dense(p) = &b.proj[mi].w {
-                    push(format!("{name}.weight"), p);
+            push(BaseTensor::AttnNorm.hf(b.index), &b.attn_norm);
+            push(BaseTensor::MlpNorm.hf(b.index), &b.mlp_norm);
+            for (p, lin) in b.proj.iter() {
+                let name = p.path(b.index);
+                if let LinearWeight::Dense(w) = &lin.w {
+                    push(format!("{name}.weight"), w);
                 }
-                if let Some(bias) = &b.proj[mi].b {
+                if let Some(bias) = &lin.b {
                     push(format!("{name}.bias"), bias);
                 }
             }
         }
-        push("model.norm.weight".into(), &self.norm);
+        push(BaseTensor::Norm.hf(0), &self.norm);
         if let Some(h) = &self.head {
-            push("lm_head.weight".into(), h);
+            push(BaseTensor::Head.hf(0), h);
         }
         for (name, l) in self.loras() {
             v.push((format!("{name}.lora_A.weight"), l.a.clone()));
@@ -705,36 +732,12 @@ impl Model {
     /// Freezes every trained base weight whose name (as [`Model::trainable`] gives it) is not
     /// in `keep`, so gradients are computed for those alone; adapters are left as they are.
     pub fn freeze_except(&mut self, keep: &[String]) {
-        let freeze = |name: String, p: &mut Param| {
+        for (name, p) in self.base_params_mut() {
             if let Param::Train(v) = p {
                 if !keep.contains(&name) {
                     *p = Param::Frozen(v.as_tensor().detach());
                 }
             }
-        };
-        freeze("model.embed_tokens.weight".into(), &mut self.embed);
-        for b in &mut self.blocks {
-            freeze(
-                format!("model.layers.{}.input_layernorm.weight", b.index),
-                &mut b.attn_norm,
-            );
-            freeze(
-                format!("model.layers.{}.post_attention_layernorm.weight", b.index),
-                &mut b.mlp_norm,
-            );
-            for (mi, m) in MODULES.iter().enumerate() {
-                let name = crate::adapter::plan::module_name(b.index, m);
-                if let LinearWeight::Dense(p) = &mut b.proj[mi].w {
-                    freeze(format!("{name}.weight"), p);
-                }
-                if let Some(bias) = &mut b.proj[mi].b {
-                    freeze(format!("{name}.bias"), bias);
-                }
-            }
-        }
-        freeze("model.norm.weight".into(), &mut self.norm);
-        if let Some(h) = &mut self.head {
-            freeze("lm_head.weight".into(), h);
         }
     }
 
@@ -768,21 +771,21 @@ impl Model {
         let cfg = &self.cfg;
         let blk = &self.blocks[i];
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let site = |m: usize| ((i as u64) << 8) | m as u64;
+        // Each projection's dropout stream: a function of where it sits, not of the call order.
+        let site = |m: Proj| ((i as u64) << 8) | m.index() as u64;
         let norm = |x: &Tensor, w: &Param| {
-            if fwd.naive {
+            if fwd.composed {
                 rms_norm_composed(x, w.t(), cfg.rms_norm_eps)
             } else {
                 rms_norm(x, w.t(), cfg.rms_norm_eps)
             }
         };
         let h = norm(x, &blk.attn_norm)?;
-        let q = blk.proj[0].forward_kept(&h, fwd, site(0), kept)?;
-        let k = blk.proj[1].forward_kept(&h, fwd, site(1), kept)?;
-        let v = blk.proj[2].forward_kept(&h, fwd, site(2), kept)?;
+        let p = |m: Proj, x: &Tensor| blk.proj[m].forward_kept(x, fwd, site(m), kept);
+        let (q, k, v) = (p(Proj::Q, &h)?, p(Proj::K, &h)?, p(Proj::V, &h)?);
         let att = match cache {
             // Whole sequences on the CPU (training, evaluation): the fused op.
-            None if self.device.is_cpu() && !fwd.naive => {
+            None if self.device.is_cpu() && !fwd.composed => {
                 let op = FusedAttention {
                     b,
                     t,
@@ -817,12 +820,15 @@ impl Model {
                     .reshape((b * t, nh * d))?
             }
         };
-        let x = (x + blk.proj[3].forward_kept(&att, fwd, site(3), kept)?)?;
+        let x = (x + p(Proj::O, &att)?)?;
         let h = norm(&x, &blk.mlp_norm)?;
-        let g = blk.proj[4].forward_kept(&h, fwd, site(4), kept)?;
-        let u = blk.proj[5].forward_kept(&h, fwd, site(5), kept)?;
-        let act = if fwd.naive { (g.silu()? * u)? } else { swiglu(&g, &u)? };
-        Ok((&x + blk.proj[6].forward_kept(&act, fwd, site(6), kept)?)?)
+        let (g, u) = (p(Proj::Gate, &h)?, p(Proj::Up, &h)?);
+        let act = if fwd.composed {
+            (g.silu()? * u)?
+        } else {
+            swiglu(&g, &u)?
+        };
+        Ok((&x + p(Proj::Down, &act)?)?)
     }
 
     /// The final RMSNorm.
@@ -893,7 +899,7 @@ impl Model {
         for b in &self.blocks {
             parts.push(dense(&b.attn_norm));
             parts.push(dense(&b.mlp_norm));
-            for p in &b.proj {
+            for p in b.proj.values() {
                 parts.push(p.w.storage());
                 if let Some(bb) = &p.b {
                     parts.push(dense(bb));

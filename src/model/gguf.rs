@@ -13,6 +13,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::config::{Arch, ModelConfig};
+use super::names::{gguf_to_hf, hf_to_gguf, Proj};
 use super::source::{ModelSource, WeightSource};
 use super::tokenizer::{tokenizer_json_from_gguf, GgufVocab, Tok};
 
@@ -101,64 +102,6 @@ pub fn read_checked(path: &Path) -> Result<Content> {
         }
     }
     Ok(content)
-}
-
-/// The GGUF name of a Hugging Face tensor name (`None`: not a tensor of the supported families).
-pub fn hf_to_gguf(name: &str) -> Option<String> {
-    let fixed = match name {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = name.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let g = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{kind}"))
-}
-
-fn gguf_to_hf(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let h = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{h}.{kind}"))
 }
 
 /// Whether strata's decoder holds the GGUF tensor `name` (the rest, e.g. `rope_freqs`, are
@@ -324,10 +267,10 @@ impl WeightSource for GgufSource {
         }
         let t = self.qtensor(&g)?.dequantize(&Device::Cpu)?;
         if self.arch == Arch::Llama {
-            if g.contains(".attn_q.") {
+            if g.contains(&format!(".{}.", Proj::Q.gguf())) {
                 return permute_rows(&t, self.heads, false);
             }
-            if g.contains(".attn_k.") {
+            if g.contains(&format!(".{}.", Proj::K.gguf())) {
                 return permute_rows(&t, self.kv_heads, false);
             }
         }
@@ -344,7 +287,11 @@ impl WeightSource for GgufSource {
             return Ok(None);
         }
         let q = self.qtensor(&g)?;
-        let n_head = match (self.arch, g.contains(".attn_q."), g.contains(".attn_k.")) {
+        let n_head = match (
+            self.arch,
+            g.contains(&format!(".{}.", Proj::Q.gguf())),
+            g.contains(&format!(".{}.", Proj::K.gguf())),
+        ) {
             (Arch::Llama, true, _) => self.heads,
             (Arch::Llama, _, true) => self.kv_heads,
             _ => return Ok(Some(q)),
@@ -524,9 +471,9 @@ pub fn write_tensors(
     each(&mut |name, t| {
         let g = hf_to_gguf(&name).with_context(|| format!("no GGUF name for tensor `{name}`"))?;
         let mut t = t.to_dtype(candle_core::DType::F32)?;
-        if cfg.arch == Arch::Llama && g.contains(".attn_q.") {
+        if cfg.arch == Arch::Llama && g.contains(&format!(".{}.", Proj::Q.gguf())) {
             t = permute_rows(&t, cfg.num_heads, true)?;
-        } else if cfg.arch == Arch::Llama && g.contains(".attn_k.") {
+        } else if cfg.arch == Arch::Llama && g.contains(&format!(".{}.", Proj::K.gguf())) {
             t = permute_rows(&t, cfg.num_kv_heads, true)?;
         }
         let to = ty(&g, &t);

@@ -4,9 +4,13 @@ pub mod config;
 pub mod decoder;
 pub mod gguf;
 pub mod hf;
+pub mod lora;
+pub mod names;
 pub mod source;
 pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig};
 pub use decoder::{BaseDtype, Block, BlockState, Fwd, KvCache, Linear, LinearWeight, LoadSpec, Model, Param};
+pub use lora::{Lora, ModuleLora};
+pub use names::{BaseTensor, PerProj, Proj, MODULES, SAVABLE};
 pub use source::{open, ModelSource, WeightSource};

@@ -324,8 +324,8 @@ impl CustomOp3 for LoraLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapter::plan::ModuleLora;
-    use crate::adapter::Lora;
+    use crate::model::Lora;
+    use crate::model::ModuleLora;
     use crate::ops::dequant_linear::dequant_linear;
     use crate::ops::frozen_linear::{frozen_linear, pack_weight};
     use candle_core::{DType, Device, Var};

@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 
 use super::fisher::{Fisher, FisherTensor};
+use crate::engine::step::GradAcc;
 use crate::model::Model;
-use crate::train::step::GradAcc;
 
 enum Target {
     /// The anchor is kept as its factors `(B* [out, r], A* [r, in])` (the adapter's size), not

@@ -26,11 +26,11 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use crate::data::Sequences;
+use crate::engine::step::{forward_backward, Batch, GradAcc, Recompute};
 use crate::model::hf::save_safetensors;
 use crate::model::{Fwd, Model};
 use crate::ops::lm_head::IGNORE;
 use crate::rng::{mix, Rng};
-use crate::train::step::{forward_backward, Batch, GradAcc, Recompute};
 
 /// Which labels the squared gradients are taken with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

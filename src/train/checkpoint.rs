@@ -19,8 +19,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use super::callback::Control;
-use super::optim::AdamW;
 use crate::data::mix::Mixer;
+use crate::engine::optim::AdamW;
 use crate::eval::TextMetrics;
 use crate::model::hf::save_safetensors;
 

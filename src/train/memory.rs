@@ -8,9 +8,10 @@
 //! and its gradients; every block's graph without), the LM head's logits chunk, and the
 //! process's own footprint measured when the prediction is made.
 
-use crate::model::config::{ModelConfig, MODULES};
-use crate::model::BaseDtype;
-use crate::train::Recompute;
+use crate::engine::Recompute;
+use crate::model::config::ModelConfig;
+use crate::model::decoder::keep_rank;
+use crate::model::{BaseDtype, BaseTensor, PerProj, Proj};
 use crate::util::human_bytes;
 
 /// One part of the prediction.
@@ -89,8 +90,8 @@ pub struct RunShape<'a> {
     pub cfg: &'a ModelConfig,
     /// Precision of the embeddings, head and anything without a per-module choice.
     pub base: BaseDtype,
-    /// Base precision of every projection, `[layer][MODULES index]`.
-    pub bases: &'a [[BaseDtype; 7]],
+    /// Base precision of every projection, by layer.
+    pub bases: &'a [PerProj<BaseDtype>],
     /// Full fine-tuning (every weight trained in f32).
     pub full: bool,
     /// Frozen bf16 weights packed for the bf16 kernel (when the CPU has it).
@@ -103,9 +104,9 @@ pub struct RunShape<'a> {
     pub seq_len: usize,
     /// What the backward recomputes.
     pub recompute: Recompute,
-    /// Adapter rank of every projection, `[layer][MODULES index]`, 0 where none (the adapter
+    /// Adapter rank of every projection, by layer, 0 where none (the adapter
     /// parameters follow, and selective recomputation keeps the adapted ones' frozen products).
-    pub ranks: &'a [[usize; 7]],
+    pub ranks: &'a [PerProj<usize>],
     /// Bytes of a projection kept `as-stored` (a GGUF quant type), by Hugging Face weight name.
     pub stored_bytes: &'a dyn Fn(&str) -> Option<u64>,
     /// Bytes of a memory-mapped checkpoint that stay resident once read.
@@ -130,46 +131,82 @@ pub fn nf4_bytes(n: u64, double_quant: bool) -> u64 {
         }
 }
 
-/// Elements of the base modules a `modules_to_save` name covers.
-fn saved_elems(cfg: &ModelConfig, m: &str) -> u64 {
+/// Elements of the base tensors a `modules_to_save` entry covers.
+fn saved_elems(cfg: &ModelConfig, m: BaseTensor) -> u64 {
     let (h, v, l) = (cfg.hidden_size as u64, cfg.vocab_size as u64, cfg.num_layers as u64);
     match m {
-        "embed_tokens" | "lm_head" => v * h,
-        "norm" => h,
-        "input_layernorm" | "post_attention_layernorm" => l * h,
-        _ => 0,
+        BaseTensor::Embed | BaseTensor::Head => v * h,
+        BaseTensor::Norm => h,
+        BaseTensor::AttnNorm | BaseTensor::MlpNorm => l * h,
     }
 }
 
 /// Predicts the peak resident memory of a training run.
 pub fn predict(s: &RunShape<'_>) -> Prediction {
-    let c = s.cfg;
-    let (h, i, l, v) = (
-        c.hidden_size as u64,
-        c.intermediate_size as u64,
-        c.num_layers as u64,
-        c.vocab_size as u64,
-    );
-    let (q, kv) = (c.q_dim() as u64, c.kv_dim() as u64);
-    let kernel = s.pack && crate::ops::bf16_gemm::available();
     let mut p = Prediction::default();
     p.add("process before the model (measured)", s.runtime);
     p.add("checkpoint pages (memory-mapped)", s.mapped);
+    let trained = add_weights(s, &mut p);
+    add_training_state(s, trained, &mut p);
+    add_activations(s, &mut p);
+    add_retain(s, &mut p);
+    // The head's logits chunk and the final hidden states with their gradient.
+    let (c, n) = (s.cfg, s.tokens());
+    let rows = (crate::ops::lm_head::chunk_rows(c.vocab_size) as u64).min(n);
+    p.add(
+        "logits chunk",
+        rows * c.vocab_size as u64 * 4 + 2 * n * c.hidden_size as u64 * 4,
+    );
+    p
+}
 
-    // Weights in their stored precision; trained ones are counted with the training state.
+impl RunShape<'_> {
+    /// Tokens a micro-batch.
+    fn tokens(&self) -> u64 {
+        (self.rows * self.seq_len) as u64
+    }
+
+    fn saved(&self, m: &str) -> bool {
+        self.saved.iter().any(|x| x == m)
+    }
+
+    /// The CPU's bf16 kernel packs frozen bf16 weights.
+    fn kernel_packs(&self) -> bool {
+        self.pack && crate::ops::bf16_gemm::available()
+    }
+
+    /// `[out, in]` elements of every adapted projection.
+    fn adapted_sizes(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.ranks
+            .iter()
+            .flat_map(|row| row.iter())
+            .filter(|(_, &r)| r > 0)
+            .map(|(m, _)| self.cfg.linear_shape(m))
+    }
+}
+
+/// Weights in their stored precision; returns the elements trained, which are counted with the
+/// training state instead.
+fn add_weights(s: &RunShape<'_>, p: &mut Prediction) -> u64 {
+    let c = s.cfg;
+    let (h, l, v) = (c.hidden_size as u64, c.num_layers as u64, c.vocab_size as u64);
+    let (q, kv) = (c.q_dim() as u64, c.kv_dim() as u64);
+    let kernel = s.kernel_packs();
     let mut trained: u64 = s
         .ranks
         .iter()
-        .flat_map(|row| MODULES.iter().zip(row))
-        .map(|(m, &r)| c.linear_shape(m).map(|(o, i)| (r * (o + i)) as u64).unwrap_or(0))
+        .flat_map(|row| row.iter())
+        .map(|(m, &r)| {
+            let (o, i) = c.linear_shape(m);
+            (r * (o + i)) as u64
+        })
         .sum();
     let sixteen = matches!(s.base, BaseDtype::Bf16 | BaseDtype::Nf4 | BaseDtype::Nf4Dq);
-    let saved = |m: &str| s.saved.iter().any(|x| x == m);
-    for (name, elems) in [
-        ("embed_tokens", v * h),
-        ("lm_head", if c.tie_word_embeddings { 0 } else { v * h }),
+    for (kind, elems) in [
+        (BaseTensor::Embed, v * h),
+        (BaseTensor::Head, if c.tie_word_embeddings { 0 } else { v * h }),
     ] {
-        if s.full || saved(name) {
+        if s.full || s.saved(kind.module()) {
             trained += elems;
         } else if sixteen {
             p.add("weights bf16 (embeddings, head)", 2 * elems);
@@ -177,7 +214,8 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
             p.add("weights f32 (embeddings, head)", 4 * elems);
         }
     }
-    if sixteen && kernel && !s.full && !saved("embed_tokens") && !saved("lm_head") {
+    let head_frozen = !s.saved(BaseTensor::Embed.module()) && !s.saved(BaseTensor::Head.module());
+    if sixteen && kernel && !s.full && head_frozen {
         // The frozen head packed twice (forward and backward layouts).
         p.add("bf16 kernel packs", 4 * v * h);
     }
@@ -186,17 +224,17 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
     if s.full {
         trained += norms + bias;
     } else {
-        let saved_norms: u64 = ["norm", "input_layernorm", "post_attention_layernorm"]
+        let saved_norms: u64 = [BaseTensor::Norm, BaseTensor::AttnNorm, BaseTensor::MlpNorm]
             .iter()
-            .filter(|m| saved(m))
-            .map(|m| saved_elems(c, m))
+            .filter(|m| s.saved(m.module()))
+            .map(|m| saved_elems(c, *m))
             .sum();
         trained += saved_norms;
         p.add("weights f32 (norms, biases, rope)", 4 * (norms - saved_norms + bias));
     }
     for (layer, row) in s.bases.iter().enumerate() {
-        for (m, prec) in MODULES.iter().zip(row) {
-            let (o, inp) = c.linear_shape(m).expect("known module");
+        for (m, prec) in row.iter() {
+            let (o, inp) = c.linear_shape(m);
             let n = (o * inp) as u64;
             if s.full {
                 trained += n;
@@ -212,13 +250,10 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
                 }
                 BaseDtype::Nf4 => p.add("weights nf4", nf4_bytes(n, false)),
                 BaseDtype::Nf4Dq => p.add("weights nf4-dq", nf4_bytes(n, true)),
-                BaseDtype::AsStored => {
-                    let name = format!("{}.weight", crate::adapter::plan::module_name(layer, m));
-                    match (s.stored_bytes)(&name) {
-                        Some(b) => p.add("weights as stored", b),
-                        None => p.add("weights f32", 4 * n),
-                    }
-                }
+                BaseDtype::AsStored => match (s.stored_bytes)(&format!("{}.weight", m.path(layer))) {
+                    Some(b) => p.add("weights as stored", b),
+                    None => p.add("weights f32", 4 * n),
+                },
             }
         }
     }
@@ -227,12 +262,19 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
         "weights f32 (norms, biases, rope)",
         (c.max_position_embeddings * c.head_dim * 4) as u64,
     );
-    // Value, accumulated gradient and two AdamW moments, all f32.
+    trained
+}
+
+/// Value, accumulated gradient and two AdamW moments of the `trained` elements (all f32), the
+/// dense gradients of a trained embedding or head, and AdamW's working set.
+fn add_training_state(s: &RunShape<'_>, trained: u64, p: &mut Prediction) {
+    let c = s.cfg;
+    let (h, i, v) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64);
     p.add("trained parameters + AdamW state", 16 * trained);
     // A trained embedding gets dense gradients: from the lookup and, tied, from the head; an
     // untied trained head gets its own.
-    let embed_trained = s.full || saved("embed_tokens");
-    let head_trained = !c.tie_word_embeddings && (s.full || saved("lm_head"));
+    let embed_trained = s.full || s.saved(BaseTensor::Embed.module());
+    let head_trained = !c.tie_word_embeddings && (s.full || s.saved(BaseTensor::Head.module()));
     let dense_grads = (embed_trained as u64 * if c.tie_word_embeddings { 2 } else { 1 } + head_trained as u64) * v * h;
     p.add("trained parameters + AdamW state", 4 * dense_grads);
     // AdamW's update of the largest trained tensor: new moments and the update alongside.
@@ -244,9 +286,15 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
         0
     };
     p.add("trained parameters + AdamW state", 3 * 4 * largest);
+}
 
-    // Activations, f32, for n tokens a micro-batch.
-    let n = (s.rows * s.seq_len) as u64;
+/// Activations, f32, for a micro-batch: what the recomputation keeps, one block's graph and
+/// gradients, and the frozen products selective recomputation keeps.
+fn add_activations(s: &RunShape<'_>, p: &mut Prediction) {
+    let c = s.cfg;
+    let (h, i, l) = (c.hidden_size as u64, c.intermediate_size as u64, c.num_layers as u64);
+    let (q, kv) = (c.q_dim() as u64, c.kv_dim() as u64);
+    let n = s.tokens();
     let t = s.seq_len as u64;
     // One block's graph: norms, q/k/v, attention out, o, two residuals, gate/up and their
     // product, down; LoRA's low-rank intermediates are small beside these and left out.
@@ -266,10 +314,10 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
         // under an f32 base), all alive when the forward reaches the head.
         let mut kept = 0;
         for (layer, row) in s.ranks.iter().enumerate().filter(|(l, _)| keep[*l]) {
-            for (mi, m) in MODULES.iter().enumerate() {
-                if row[mi] > 0 {
-                    let out = c.linear_shape(m).map(|(o, _)| o as u64).unwrap_or(0);
-                    let bytes = if s.bases[layer][mi] == BaseDtype::F32 { 4 } else { 2 };
+            for (m, &r) in row.iter() {
+                if r > 0 {
+                    let out = c.linear_shape(m).0 as u64;
+                    let bytes = if s.bases[layer][m] == BaseDtype::F32 { 4 } else { 2 };
                     kept += n * out * bytes;
                 }
             }
@@ -278,39 +326,35 @@ pub fn predict(s: &RunShape<'_>) -> Prediction {
     }
     if s.full {
         // One block's weight gradients before they reach the accumulator.
-        let per_block: u64 = MODULES
-            .iter()
-            .map(|m| c.linear_shape(m).map(|(o, i)| (o * i) as u64).unwrap_or(0))
+        let per_block: u64 = Proj::ALL
+            .into_iter()
+            .map(|m| {
+                let (o, i) = c.linear_shape(m);
+                (o * i) as u64
+            })
             .sum();
         p.add("activations (one block + grads)", 4 * per_block);
     }
+}
+
+/// The Fisher EWC holds and the penalty's working set.
+fn add_retain(s: &RunShape<'_>, p: &mut Prediction) {
     if s.ewc_fisher > 0 {
         p.add("retain: Fisher (EWC)", s.ewc_fisher);
         // The penalty works one weight at a time: its Fisher widened to f32, B A, the anchor's
         // B* A*, delta, F delta and F delta^2, for the largest adapted weight.
-        let largest = s
-            .ranks
-            .iter()
-            .flat_map(|row| MODULES.iter().zip(row))
-            .filter(|(_, &r)| r > 0)
-            .map(|(m, _)| c.linear_shape(m).map(|(o, i)| (o * i) as u64).unwrap_or(0))
-            .max()
-            .unwrap_or(0);
+        let largest = s.adapted_sizes().map(|(o, i)| (o * i) as u64).max().unwrap_or(0);
         p.add("retain: EWC penalty (one weight)", 6 * 4 * largest);
     }
-    // The head's logits chunk and the final hidden states with their gradient.
-    let rows = (crate::ops::lm_head::chunk_rows(c.vocab_size) as u64).min(n);
-    p.add("logits chunk", rows * v * 4 + 2 * n * h * 4);
-    p
 }
 
-/// Each layer's rank for keeping its frozen products (`train::step::keep_rank`), from the
-/// adapter ranks and bases tables: what `Model::keep_ranks` reads off a built model.
-pub fn keep_ranks(ranks: &[[usize; 7]], bases: &[[BaseDtype; 7]]) -> Vec<u8> {
+/// Each layer's rank for keeping its frozen products ([`crate::model::decoder::keep_rank`]),
+/// from the adapter ranks and bases tables: what `Model::keep_ranks` reads off a built model.
+pub fn keep_ranks(ranks: &[PerProj<usize>], bases: &[PerProj<BaseDtype>]) -> Vec<u8> {
     ranks
         .iter()
         .zip(bases)
-        .map(|(r, b)| crate::train::step::keep_rank((0..7).filter(|&m| r[m] > 0).map(|m| b[m])))
+        .map(|(r, b)| keep_rank(r.iter().filter(|(_, &rank)| rank > 0).map(|(m, _)| b[m])))
         .collect()
 }
 
@@ -339,14 +383,14 @@ pub fn choose_recompute(
     Ok((Recompute::Blocks, predict(Recompute::Blocks)?))
 }
 
-/// Adapter rank of every projection under `plan`, `[layer][MODULES index]`, 0 where it puts
-/// none (everywhere without a plan).
-pub fn ranks(cfg: &ModelConfig, plan: Option<&crate::adapter::LoraPlan>) -> anyhow::Result<Vec<[usize; 7]>> {
-    let mut t = vec![[0; 7]; cfg.num_layers];
+/// Adapter rank of every projection under `plan`, by layer, 0 where it puts none (everywhere
+/// without a plan).
+pub fn ranks(cfg: &ModelConfig, plan: Option<&crate::adapter::LoraPlan>) -> anyhow::Result<Vec<PerProj<usize>>> {
+    let mut t = vec![PerProj::default(); cfg.num_layers];
     if let Some(plan) = plan {
         for (layer, row) in t.iter_mut().enumerate() {
-            for (mi, m) in MODULES.iter().enumerate() {
-                row[mi] = plan.resolve(layer, m)?.map(|ml| ml.r).unwrap_or(0);
+            for m in Proj::ALL {
+                row[m] = plan.resolve(layer, m)?.map(|ml| ml.r).unwrap_or(0);
             }
         }
     }
@@ -419,7 +463,7 @@ pub fn for_recipe_with(
 /// Bytes of the Fisher a recipe's EWC holds: its file's size when it exists (tensors held as
 /// stored), else what `strata train` will write (bf16 entries of every adapted weight, or f32
 /// row and column sums when factored); 0 without EWC.
-fn ewc_fisher_bytes(recipe: &super::recipe::Recipe, cfg: &ModelConfig, ranks: &[[usize; 7]]) -> u64 {
+fn ewc_fisher_bytes(recipe: &super::recipe::Recipe, cfg: &ModelConfig, ranks: &[PerProj<usize>]) -> u64 {
     let Some(r) = recipe.retain.as_ref().filter(|r| r.ewc_lambda > 0.0) else {
         return 0;
     };
@@ -433,129 +477,16 @@ fn ewc_fisher_bytes(recipe: &super::recipe::Recipe, cfg: &ModelConfig, ranks: &[
     }
     ranks
         .iter()
-        .flat_map(|row| MODULES.iter().zip(row))
+        .flat_map(|row| row.iter())
         .filter(|(_, &rank)| rank > 0)
         .map(|(m, _)| {
-            let (o, i) = cfg.linear_shape(m).unwrap_or((0, 0));
+            let (o, i) = cfg.linear_shape(m);
             match r.fisher_format.as_str() {
                 "factored" => 4 * (o + i) as u64,
                 _ => 2 * (o * i) as u64,
             }
         })
         .sum()
-}
-
-/// A named way of fine-tuning, for side-by-side planning (`strata inspect`) and the memory
-/// benchmark.
-pub struct Policy {
-    /// `full`, `lora`, `qlora` or `layered`.
-    pub name: &'static str,
-    /// Base precision outside the plan's per-layer choices.
-    pub base: BaseDtype,
-    /// Adapters and per-layer bases (`None` for full fine-tuning).
-    pub plan: Option<crate::adapter::LoraPlan>,
-}
-
-/// The policies strata compares: full fine-tuning (f32), LoRA r=16 on a bf16 base, QLoRA r=16
-/// on NF4 with double quantization, and the brief's layered policy (lower third of the layers
-/// bf16 with r=64, the rest NF4 with r=16). Adapters on all seven projections.
-pub fn policies(cfg: &ModelConfig) -> anyhow::Result<Vec<Policy>> {
-    use crate::adapter::{LoraPlan, PlanRule};
-    let lower = (cfg.num_layers / 3).max(1);
-    let layered = LoraPlan::uniform(16, 32.0, &MODULES).with_rules(
-        &[
-            PlanRule {
-                layers: format!("0-{}", lower - 1),
-                modules: None,
-                r: 64,
-                alpha: Some(128.0),
-                base: Some("bf16".into()),
-            },
-            PlanRule {
-                layers: format!("{lower}-"),
-                modules: None,
-                r: 16,
-                alpha: Some(32.0),
-                base: Some("nf4-dq".into()),
-            },
-        ],
-        cfg.num_layers,
-    )?;
-    Ok(vec![
-        Policy {
-            name: "full",
-            base: BaseDtype::F32,
-            plan: None,
-        },
-        Policy {
-            name: "lora",
-            base: BaseDtype::Bf16,
-            plan: Some(LoraPlan::uniform(16, 32.0, &MODULES)),
-        },
-        Policy {
-            name: "qlora",
-            base: BaseDtype::Nf4Dq,
-            plan: Some(LoraPlan::uniform(16, 32.0, &MODULES)),
-        },
-        Policy {
-            name: "layered",
-            base: BaseDtype::Nf4Dq,
-            plan: Some(layered),
-        },
-    ])
-}
-
-impl Policy {
-    /// A one-line description for tables.
-    pub fn label(&self, cfg: &ModelConfig) -> String {
-        match self.name {
-            "full" => "full fine-tuning (f32, AdamW)".into(),
-            "lora" => "LoRA r=16, bf16 base".into(),
-            "qlora" => "QLoRA r=16, NF4 + double quant".into(),
-            _ => format!(
-                "layered: layers 0-{} bf16 r=64, rest NF4 r=16",
-                (cfg.num_layers / 3).max(1) - 1
-            ),
-        }
-    }
-
-    /// Base precision of every projection.
-    pub fn bases(&self, cfg: &ModelConfig) -> anyhow::Result<Vec<[BaseDtype; 7]>> {
-        match &self.plan {
-            Some(p) => p.base_table(cfg.num_layers, self.base),
-            None => Ok(vec![[self.base; 7]; cfg.num_layers]),
-        }
-    }
-
-    /// The prediction for this policy at `rows x seq_len` tokens a micro-batch under
-    /// `recompute`.
-    pub fn predict(
-        &self,
-        cfg: &ModelConfig,
-        rows: usize,
-        seq_len: usize,
-        pack: bool,
-        recompute: Recompute,
-        runtime: u64,
-    ) -> anyhow::Result<Prediction> {
-        let bases = self.bases(cfg)?;
-        Ok(predict(&RunShape {
-            cfg,
-            base: self.base,
-            bases: &bases,
-            full: self.plan.is_none(),
-            pack,
-            saved: &[],
-            rows,
-            seq_len,
-            recompute,
-            ranks: &ranks(cfg, self.plan.as_ref())?,
-            stored_bytes: &|_| None,
-            mapped: 0,
-            runtime,
-            ewc_fisher: 0,
-        }))
-    }
 }
 
 #[cfg(test)]
@@ -571,73 +502,5 @@ mod tests {
                 assert_eq!(nf4_bytes((rows * cols) as u64, dq), t.bytes() as u64);
             }
         }
-    }
-
-    /// `auto` takes the fastest mode whose prediction fits: no recomputation, selective in
-    /// every layer, in fewer layers (the NF4 ones first under the layered policy), per block.
-    #[test]
-    fn auto_recompute_picks_the_fastest_mode_that_fits() -> anyhow::Result<()> {
-        let cfg = crate::cli::bench::smollm2_shape();
-        let all = policies(&cfg)?;
-        let layered = all.iter().find(|p| p.name == "layered").expect("layered policy");
-        // The plan's tables once (resolving PEFT patterns is the slow part of a prediction).
-        let (bases, rank_table) = (layered.bases(&cfg)?, ranks(&cfg, layered.plan.as_ref())?);
-        let at = |recompute| -> anyhow::Result<Prediction> {
-            Ok(predict(&RunShape {
-                cfg: &cfg,
-                base: layered.base,
-                bases: &bases,
-                full: false,
-                pack: false,
-                saved: &[],
-                rows: 4,
-                seq_len: 256,
-                recompute,
-                ranks: &rank_table,
-                stored_bytes: &|_| None,
-                mapped: 0,
-                runtime: 0,
-                ewc_fisher: 0,
-            }))
-        };
-        let total = |r| at(r).map(|p| p.total());
-        let (off, sel, blocks) = (
-            total(Recompute::Off)?,
-            total(Recompute::Selective)?,
-            total(Recompute::Blocks)?,
-        );
-        assert!(off > sel && sel > blocks, "off {off}, selective {sel}, blocks {blocks}");
-        let mut last = blocks;
-        for k in 1..cfg.num_layers {
-            let t = total(Recompute::Partial(k))?;
-            assert!(t > last && t < sel, "selective:{k} predicts {t}");
-            last = t;
-        }
-        let l = cfg.num_layers;
-        for (budget, want) in [
-            (off, Recompute::Off),
-            (off - 1, Recompute::Selective),
-            (total(Recompute::Partial(7))?, Recompute::Partial(7)),
-            (total(Recompute::Partial(7))? + 1, Recompute::Partial(7)),
-            (total(Recompute::Partial(1))? - 1, Recompute::Blocks),
-            (0, Recompute::Blocks),
-        ] {
-            let (got, p) = choose_recompute(l, false, budget, at)?;
-            assert_eq!(got, want, "budget {budget}");
-            assert_eq!(p.total(), total(want)?);
-        }
-        // Full fine-tuning keeps no products: off or blocks.
-        let full = all.iter().find(|p| p.name == "full").expect("full policy");
-        let f = |r| full.predict(&cfg, 4, 256, false, r, 0);
-        let f_off = f(Recompute::Off)?.total();
-        assert_eq!(choose_recompute(l, true, f_off - 1, f)?.0, Recompute::Blocks);
-        // The layered policy's NF4 layers (10-29) keep their products before the bf16 ones.
-        let ranks = keep_ranks(&rank_table, &bases);
-        let kept = Recompute::Partial(7).kept(&ranks);
-        let want: Vec<bool> = (0..l).map(|i| (10..17).contains(&i)).collect();
-        assert_eq!(kept, want);
-        assert_eq!(Recompute::Partial(25).kept(&ranks).iter().filter(|&&k| k).count(), 25);
-        assert!(Recompute::Partial(25).kept(&ranks)[..5].iter().all(|&k| k));
-        Ok(())
     }
 }

@@ -1,12 +1,11 @@
-//! Training: the explicit forward/backward step, AdamW, schedules, the trainer loop, recipes.
+//! Training runs: recipes and the typed plan they resolve to, the run itself in named phases,
+//! learning-rate schedules, callbacks (data mix, memory monitor), checkpoints and the memory
+//! predictor. One optimizer step's mathematics is the [`crate::engine`]'s.
 
 pub mod callback;
 pub mod checkpoint;
+pub mod fisher;
 pub mod memory;
-pub mod optim;
 pub mod recipe;
 pub mod schedule;
-pub mod step;
 pub mod trainer;
-
-pub use step::{forward_backward, Batch, GradAcc, Recompute, StepStats};

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 use crate::adapter::{LoraPlan, PlanRule};
-use crate::model::config::MODULES;
+use crate::model::{PerProj, Proj, MODULES, SAVABLE};
 
 /// A whole run.
 #[derive(Clone, Debug, Deserialize)]
@@ -263,7 +263,7 @@ pub struct TrainSection {
     /// What the backward recomputes: `blocks` (gradient checkpointing, the default), `selective`
     /// (blocks, keeping the frozen products), `selective:K` (in K layers), `off`, or `auto` (the
     /// fastest whose predicted peak fits `memory_budget_gb`); `true` / `false` mean blocks / off.
-    pub recompute: crate::train::Recompute,
+    pub recompute: crate::engine::Recompute,
     /// Evaluate every this many steps (0: only at the start and end).
     pub eval_every: usize,
     /// At most this many held-out rows per evaluation (0: all).
@@ -304,7 +304,7 @@ impl Default for TrainSection {
             clip: 1.0,
             seed: 0,
             device: "cpu".into(),
-            recompute: crate::train::Recompute::Blocks,
+            recompute: crate::engine::Recompute::Blocks,
             eval_every: 0,
             eval_rows: 0,
             out: PathBuf::from("runs/latest"),
@@ -443,7 +443,7 @@ impl Recipe {
         if t.mode == "full"
             && matches!(
                 t.recompute,
-                crate::train::Recompute::Selective | crate::train::Recompute::Partial(_)
+                crate::engine::Recompute::Selective | crate::engine::Recompute::Partial(_)
             )
         {
             bail!("train.recompute = \"selective\" keeps the frozen products under adapters, and full fine-tuning has none: use \"blocks\" or \"off\"");
@@ -479,11 +479,11 @@ impl Recipe {
 
     /// Base precision of every projection, `[layer][MODULES index]`: `model.base_dtype`, then
     /// whatever `[[lora.layers]]` rules say.
-    pub fn base_table(&self, num_layers: usize) -> Result<Vec<[crate::model::BaseDtype; 7]>> {
+    pub fn base_table(&self, num_layers: usize) -> Result<Vec<PerProj<crate::model::BaseDtype>>> {
         let base = crate::model::BaseDtype::parse(&self.model.base_dtype)?;
         match self.plan(num_layers)? {
             Some(p) => p.base_table(num_layers, base),
-            None => Ok(vec![[base; 7]; num_layers]),
+            None => Ok(vec![PerProj([base; Proj::COUNT]); num_layers]),
         }
     }
 
@@ -496,10 +496,10 @@ impl Recipe {
         plan.use_rslora = l.rslora;
         plan.dropout = l.dropout;
         for m in &l.modules_to_save {
-            if !crate::adapter::plan::SAVABLE.contains(&m.as_str()) {
+            if !SAVABLE.contains(&m.as_str()) {
                 bail!(
                     "lora.modules_to_save: `{m}` is not a base module strata trains beside adapters; choose from {:?}",
-                    crate::adapter::plan::SAVABLE
+                    SAVABLE
                 );
             }
         }
@@ -550,7 +550,7 @@ mod tests {
         let r = Recipe::parse(&layered, "r.toml", &["model.base_dtype=\"nf4-dq\"".into()])?;
         let t = r.base_table(4)?;
         use crate::model::BaseDtype;
-        assert_eq!((t[1][0], t[2][6]), (BaseDtype::Bf16, BaseDtype::Nf4Dq));
+        assert_eq!((t[1][Proj::Q], t[2][Proj::Down]), (BaseDtype::Bf16, BaseDtype::Nf4Dq));
         let bad = layered.replace("base = \"bf16\"", "base = \"int3\"");
         let e = Recipe::parse(&bad, "r.toml", &[]).unwrap_err();
         assert!(format!("{e:#}").contains("int3"), "{e:#}");
@@ -559,7 +559,7 @@ mod tests {
 
     #[test]
     fn recompute_reads_names_and_the_older_booleans() -> Result<()> {
-        use crate::train::Recompute;
+        use crate::engine::Recompute;
         for (v, want) in [
             ("true", Recompute::Blocks),
             ("false", Recompute::Off),
@@ -607,7 +607,7 @@ mod tests {
         assert_eq!(r.train.lr, 1e-3);
         assert_eq!(r.train.out, PathBuf::from("runs/x"));
         let plan = r.plan(4)?.unwrap();
-        assert_eq!(plan.resolve(0, "q_proj")?.unwrap().scale, 0.5);
+        assert_eq!(plan.resolve(0, crate::model::Proj::Q)?.unwrap().scale, 0.5);
         Ok(())
     }
 }

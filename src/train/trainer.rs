@@ -13,13 +13,13 @@ use std::time::Instant;
 use super::callback::{probe_for, Callback, Control, MemoryMonitor, MixSchedule, MixShape, StepReport};
 use super::checkpoint::{self, RunState};
 use super::memory;
-use super::optim::AdamW;
 use super::recipe::group_of;
 use super::recipe::Recipe;
-use super::step::{forward_backward_with, Batch, ExtraTerm, GradAcc, Recompute};
 use crate::adapter::{merge, peft};
 use crate::data::mix::{self, Mixer};
 use crate::data::{self, Sequences};
+use crate::engine::optim::AdamW;
+use crate::engine::step::{forward_backward_with, Batch, ExtraTerm, GradAcc, Recompute};
 use crate::eval::{eval_sequences, TextMetrics};
 use crate::model::{self, BaseDtype, Fwd, LoadSpec, Model};
 use crate::ops::lm_head::IGNORE;
@@ -240,7 +240,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
     let (fisher, estimated) = match (&retain.fisher, retain.ewc_lambda > 0.0) {
         (Some(path), true) => {
             let estimated = !path.exists();
-            (Some(crate::retain::load_or_estimate(recipe, path, &dev)?), estimated)
+            (Some(super::fisher::load_or_estimate(recipe, path, &dev)?), estimated)
         }
         _ => (None, false),
     };
@@ -251,10 +251,10 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
              `strata fisher` beforehand keeps it out of the run)"
         );
     }
-    let per = |l: usize, m: &str| bases[l][crate::model::config::module_index(m)];
+    let per = |l: usize, m: crate::model::Proj| bases[l][m];
     // Every forward of the run starts from this one (dropout and adapters set per use).
     let eval_fwd = Fwd {
-        naive: opts.device_ops,
+        composed: opts.device_ops,
         ..Fwd::eval()
     };
     let mut model = Model::load_with(
@@ -272,7 +272,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
     let plan = match (&recipe.model.adapter, recipe_plan) {
         (Some(dir), _) => Some(peft::load(&mut model, dir)?),
         (None, Some(plan)) => {
-            model.add_lora(&plan, t.seed)?;
+            plan.attach(&mut model, t.seed)?;
             Some(plan)
         }
         (None, None) => None,

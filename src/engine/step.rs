@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, TensorId, Var};
 use std::collections::HashMap;
 
-use crate::model::{BaseDtype, BlockState, Fwd, Model, Param};
+use crate::model::{BlockState, Fwd, Model, Param};
 use crate::ops::lm_head::{lm_head_loss, HeadOptions};
 use crate::ops::lora_linear::KeptProducts;
 use std::sync::Arc;
@@ -75,24 +75,8 @@ impl Recompute {
     }
 }
 
-/// How a layer ranks for keeping its frozen products, from the bases of its adapted
-/// projections: 0 for quantized bases (a re-run decodes them before the GEMM), 1 for 16-bit,
-/// 2 for f32 (kept at twice the bytes), the best of them; 3 with no adapted projection
-/// (nothing to keep).
-pub fn keep_rank(adapted_bases: impl IntoIterator<Item = BaseDtype>) -> u8 {
-    adapted_bases
-        .into_iter()
-        .map(|b| match b {
-            BaseDtype::F32 => 2,
-            BaseDtype::Bf16 => 1,
-            _ => 0,
-        })
-        .min()
-        .unwrap_or(3)
-}
-
 /// The `k` layers that keep their products under [`Recompute::Partial`]: lowest
-/// [`keep_rank`] first, then from the bottom up.
+/// [`crate::model::decoder::keep_rank`] first, then from the bottom up.
 pub fn selective_layers(costs: &[u8], k: usize) -> Vec<bool> {
     let mut order: Vec<usize> = (0..costs.len()).collect();
     order.sort_by_key(|&i| (costs[i], i));

@@ -2,8 +2,18 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use super::plan::ModuleLora;
 use crate::rng::Rng;
+
+/// Rank, alpha and scale of one module's adapter (what a plan resolves to).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModuleLora {
+    /// Rank.
+    pub r: usize,
+    /// Alpha.
+    pub alpha: f64,
+    /// `alpha / r` or `alpha / sqrt(r)`.
+    pub scale: f64,
+}
 
 /// One adapter pair on a projection.
 #[derive(Debug)]

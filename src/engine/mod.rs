@@ -1,0 +1,9 @@
+//! The engine: one optimizer step's mathematics, knowing nothing of recipes or runs. A
+//! micro-batch's explicit forward and backward with recomputation ([`step`]), gradients
+//! accumulated across micro-batches, and AdamW ([`optim`]).
+
+pub mod optim;
+pub mod step;
+
+pub use optim::AdamW;
+pub use step::{forward_backward, forward_backward_with, Batch, ExtraTerm, GradAcc, Recompute, StepStats};
