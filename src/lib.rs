@@ -1,9 +1,24 @@
 //! strata: layered LoRA / QLoRA fine-tuning and continual pretraining of decoder-only LLMs on
 //! candle, built so that a model learns a new domain without forgetting what it knew.
 //!
-//! The crate is laid out as DESIGN.md describes: `model` (config, decoder, loaders, tokenizer),
-//! `ops` (differentiable kernels), `adapter` (LoRA, plans, PEFT files, merging), `train` (the
-//! loop and its parts), `data` (corpora and packing), `eval` (metrics), `cli` (subcommands).
+//! # Layers
+//!
+//! Modules import only downward (`tests/layers.rs` holds the code to it):
+//!
+//! | layer | modules | what they are |
+//! |---|---|---|
+//! | 7 | [`cli`] | one file per subcommand; the benchmarks' synthetic models and policies |
+//! | 6 | [`train`] | recipes and their typed plan, the run in phases, schedules, callbacks, checkpoints, the memory plan |
+//! | 5 | [`retain`] | Fisher information, EWC, the contrastive loss |
+//! | 4 | [`engine`], [`eval`] | one step's forward, backward and AdamW; perplexity, multiple choice, comparisons, reports |
+//! | 3 | [`adapter`], [`data`] | LoRA plans, PEFT files, merging; corpora, packing, chat templates, the mixer |
+//! | 2 | [`model`] | config, the tensor-name table, the decoder, GGUF and Hugging Face loaders, tokenizers |
+//! | 1 | [`ops`] | differentiable kernels with hand-written backwards |
+//! | 0 | [`quant`], [`rng`], [`util`] | NF4, the seeded RNG, files and memory readings |
+//!
+//! Where to look first: a training step is [`engine::step`]; the base precisions are
+//! [`model::BaseDtype`]; every Hugging Face and GGUF tensor name is in [`model::names`]; a whole
+//! run, phase by phase, is [`train::trainer`].
 
 pub mod adapter;
 pub mod cli;

@@ -1,4 +1,4 @@
-//! A small seeded RNG (xoshiro256**), because candle's CPU RNG cannot be seeded (DESIGN pitfall 7).
+//! A small seeded RNG (xoshiro256**), because candle's CPU RNG cannot be seeded (docs/design.md, pitfall 7).
 //!
 //! Every random choice in strata (LoRA init, dropout masks, data order) draws from this generator,
 //! so the same seed gives the same run.

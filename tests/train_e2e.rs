@@ -482,7 +482,7 @@ fn qlora_layered_trains_and_merges_into_the_base_it_saw() -> Result<()> {
     let gguf = dir.join("tiny.gguf");
     let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 3, 7, 2, 8, 4]], &candle_core::Device::Cpu)?;
     let logits = |m: &strata::model::Model| m.logits(&ids, strata::model::Fwd::eval(), None);
-    let (src, seen) = strata::cli::load_model(&gguf, Some(&adapter), "auto", &candle_core::Device::Cpu, true)?;
+    let (src, seen) = strata::adapter::open_adapted(&gguf, Some(&adapter), None, &candle_core::Device::Cpu, true)?;
     let seen_logits = logits(&seen)?;
     strata::adapter::merge::write_hf_dir(
         &seen,
@@ -491,8 +491,20 @@ fn qlora_layered_trains_and_merges_into_the_base_it_saw() -> Result<()> {
         true,
         strata::adapter::merge::Store::Float(candle_core::DType::F32),
     )?;
-    let (_, merged) = strata::cli::load_model(&dir.join("merged"), None, "f32", &candle_core::Device::Cpu, true)?;
-    let (_, naive) = strata::cli::load_model(&gguf, Some(&adapter), "f32", &candle_core::Device::Cpu, true)?;
+    let (_, merged) = strata::adapter::open_adapted(
+        &dir.join("merged"),
+        None,
+        Some(strata::model::BaseDtype::F32),
+        &candle_core::Device::Cpu,
+        true,
+    )?;
+    let (_, naive) = strata::adapter::open_adapted(
+        &gguf,
+        Some(&adapter),
+        Some(strata::model::BaseDtype::F32),
+        &candle_core::Device::Cpu,
+        true,
+    )?;
     let gap =
         |a: &candle_core::Tensor| -> Result<f32> { Ok((a - &seen_logits)?.abs()?.max_all()?.to_scalar::<f32>()?) };
     let (faithful, onto_original) = (gap(&logits(&merged)?)?, gap(&logits(&naive)?)?);

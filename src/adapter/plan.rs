@@ -31,7 +31,7 @@ pub struct PlanRule {
     /// Storage of these modules' frozen base weights: f32, bf16, nf4, nf4-dq or as-stored
     /// (defaults to `model.base_dtype`).
     #[serde(default)]
-    pub base: Option<String>,
+    pub base: Option<BaseDtype>,
 }
 
 /// A resolved-by-pattern LoRA plan, in PEFT's terms.
@@ -154,8 +154,7 @@ impl LoraPlan {
                 r"{}\.({layer_alt})\.(self_attn|mlp)\.({mod_alt})",
                 crate::model::names::LAYERS.replace('.', r"\.")
             );
-            if let Some(b) = &rule.base {
-                let b = BaseDtype::parse(b).with_context(|| format!("layer rule `{}`", rule.layers))?;
+            if let Some(b) = rule.base {
                 self.base_pattern.push((key.clone(), b));
             }
             self.rank_pattern.push((key.clone(), rule.r));
@@ -234,14 +233,14 @@ mod tests {
                 modules: None,
                 r: 64,
                 alpha: Some(128.0),
-                base: Some("bf16".into()),
+                base: Some(crate::model::BaseDtype::Bf16),
             },
             PlanRule {
                 layers: "11-".into(),
                 modules: Some(vec!["q_proj".into()]),
                 r: 8,
                 alpha: None,
-                base: Some("nf4".into()),
+                base: Some(crate::model::BaseDtype::Nf4),
             },
         ];
         let plan = LoraPlan::uniform(16, 32.0, &MODULES).with_rules(&rules, 30)?;

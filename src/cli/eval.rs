@@ -74,10 +74,10 @@ pub fn run(a: Args) -> Result<()> {
     if a.text.is_empty() && a.general_mc.is_empty() && a.domain_mc.is_empty() {
         bail!("nothing to evaluate: give --text, --general-mc or --domain-mc files");
     }
-    let (src, model) = super::load_model(
+    let (src, model) = crate::adapter::open_adapted(
         path,
         a.model.adapter.as_deref(),
-        &a.base_dtype,
+        super::base_choice(&a.base_dtype)?,
         &crate::util::device(&a.device)?,
         true,
     )?;

@@ -289,7 +289,7 @@ pub fn run(a: Args) -> Result<()> {
             let summary = read_json(&dir.join("summary.json"))?;
             let after_json = dir.join("eval.json");
             let mut args = vec!["eval".to_string(), "--out".into(), after_json.display().to_string()];
-            if recipe.train.mode == "full" {
+            if recipe.full() {
                 args.extend(["--model".into(), dir.join("model").display().to_string()]);
             } else {
                 args.extend([

@@ -54,7 +54,13 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let recipe = Recipe::load(&a.recipe, &a.sets)?;
     if let (Some(adapter), Some(fisher)) = (&a.penalty_of, &a.fisher) {
-        let (_, model) = super::load_model(&recipe.model.path, Some(adapter), "f32", &Device::Cpu, false)?;
+        let (_, model) = crate::adapter::open_adapted(
+            &recipe.model.path,
+            Some(adapter),
+            Some(crate::model::BaseDtype::F32),
+            &Device::Cpu,
+            false,
+        )?;
         let f = Fisher::load(fisher, &Device::Cpu)?;
         let p = crate::retain::Ewc::from_base(&model, &f, 1.0)?.penalty(None, 1.0)?;
         println!(
@@ -80,7 +86,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(old) = &a.accumulate {
         f.accumulate(&Fisher::load(old, &Device::Cpu)?, a.decay)?;
     }
-    f.save(&out, &a.format, dtype)?;
+    f.save(&out, crate::retain::FisherFormat::parse(&a.format)?, dtype)?;
     let bytes = std::fs::metadata(&out)?.len();
     println!(
         "wrote {} ({} weights, {} format, {}, {} stage(s)) in {:.0} s",

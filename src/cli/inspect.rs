@@ -132,7 +132,13 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     if let (Some(text), Some(out)) = (&a.logits, &a.json) {
-        let (_, model) = super::load_model(&path, a.adapter.as_deref(), "f32", &candle_core::Device::Cpu, false)?;
+        let (_, model) = crate::adapter::open_adapted(
+            &path,
+            a.adapter.as_deref(),
+            Some(crate::model::BaseDtype::F32),
+            &candle_core::Device::Cpu,
+            false,
+        )?;
         let ids = src.tokenizer.encode(text)?;
         let t = Tensor::from_vec(ids.clone(), (1, ids.len()), &model.device)?;
         let logits = model.logits(&t, Fwd::eval(), None)?.to_vec2::<f32>()?;

@@ -55,7 +55,7 @@ impl Cli {
     pub fn trains_every_weight(&self) -> bool {
         match &self.command {
             Command::Train(a) => crate::train::recipe::Recipe::load(&a.recipe, &a.sets)
-                .map(|r| r.train.mode == "full")
+                .map(|r| r.full())
                 .unwrap_or(false),
             _ => false,
         }
@@ -89,52 +89,28 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// Opens the model frozen in `base_dtype` on `dev` with the adapter applied (`pack`: see
-    /// [`load_model`]).
+    /// Opens the model frozen in `base_dtype` (`auto` or a precision) on `dev` with the adapter
+    /// applied (`pack`: see [`crate::adapter::open_adapted`]).
     pub fn load(
         &self,
         base_dtype: &str,
         dev: &candle_core::Device,
         pack: bool,
     ) -> anyhow::Result<(crate::model::ModelSource, crate::model::Model)> {
-        load_model(&self.model, self.adapter.as_deref(), base_dtype, dev, pack)
+        crate::adapter::open_adapted(
+            &self.model,
+            self.adapter.as_deref(),
+            base_choice(base_dtype)?,
+            dev,
+            pack,
+        )
     }
 }
 
-/// Opens a model and builds it frozen, with an optional PEFT adapter. `base_dtype` `auto` rebuilds
-/// the base the adapter was trained against (its `strata_base.json`: NF4 where training had NF4)
-/// and is f32 without a record; anything else is a precision for every projection. `pack`
-/// packs bf16 weights for the bf16 kernel (faster forwards, a second copy of each): for
-/// running the model, not for writing it out.
-pub fn load_model(
-    path: &std::path::Path,
-    adapter: Option<&std::path::Path>,
-    base_dtype: &str,
-    dev: &candle_core::Device,
-    pack: bool,
-) -> anyhow::Result<(crate::model::ModelSource, crate::model::Model)> {
-    use crate::model::BaseDtype;
-    let src = crate::model::open(path)?;
-    let recorded = match (adapter, base_dtype) {
-        (Some(a), "auto") => crate::adapter::peft::recorded_bases(a)?,
-        _ => None,
-    };
-    let (base, per_module) = match (base_dtype, recorded) {
-        ("auto", Some((b, m))) => (b, m),
-        ("auto", None) => (BaseDtype::F32, Default::default()),
-        (b, _) => (BaseDtype::parse(b)?, Default::default()),
-    };
-    let per = |l: usize, m: crate::model::Proj| per_module.get(&m.path(l)).copied().unwrap_or(base);
-    let spec = crate::model::LoadSpec {
-        base,
-        per: &per,
-        full: false,
-        pack,
-        device_nf4: false,
-    };
-    let mut m = crate::model::Model::load_with(&src.config, src.weights.as_ref(), &spec, dev)?;
-    if let Some(a) = adapter {
-        crate::adapter::peft::load(&mut m, a)?;
+/// A `--base-dtype` value: `auto` (the adapter's recorded bases, `None`) or a precision.
+pub fn base_choice(s: &str) -> anyhow::Result<Option<crate::model::BaseDtype>> {
+    match s {
+        "auto" => Ok(None),
+        b => Ok(Some(crate::model::BaseDtype::parse(b)?)),
     }
-    Ok((src, m))
 }

@@ -1,4 +1,4 @@
-//! The embedded default's training corpora, built from the asset cache (DESIGN, "Assets"):
+//! The embedded default's training corpora, built from the asset cache (docs/design.md, "Assets"):
 //!
 //! - finance: the economics passages of the State of the Union addresses, the GnuCash guide and
 //!   help (DocBook), and GCIDE entries labelled (Com.), (Finance), (Stock Exchange), (Banking),

@@ -37,12 +37,12 @@ impl AdamW {
         }
     }
 
-    /// One update of every parameter in `params` that has a gradient, each at `lr(name)`.
-    pub fn step(&mut self, params: &[(String, Var)], grads: &GradAcc, lr: impl Fn(&str) -> f64) -> Result<()> {
+    /// One update of every parameter in `params` that has a gradient, the `i`th at `lr(i)`.
+    pub fn step(&mut self, params: &[(String, Var)], grads: &GradAcc, lr: impl Fn(usize) -> f64) -> Result<()> {
         self.t += 1;
-        for (name, p) in params {
+        for (i, (name, p)) in params.iter().enumerate() {
             let Some(g) = grads.get(p) else { continue };
-            let lr = lr(name);
+            let lr = lr(i);
             let (m, v) = match self.moments.remove(name) {
                 Some(mv) => mv,
                 None => (g.zeros_like()?, g.zeros_like()?),

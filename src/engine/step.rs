@@ -4,7 +4,7 @@
 //! and the graph below is seeded with `sum(h * dL/dh)`. With recomputation (the default) only
 //! each block's input is kept during the forward; the backward walks the blocks from the top,
 //! re-running each one with its input as a `Var` and seeding it with the gradient from above, so
-//! a single block's graph is alive at any time (DESIGN pitfall 4). Selective recomputation
+//! a single block's graph is alive at any time (docs/design.md, pitfall 4). Selective recomputation
 //! also keeps every adapted projection's frozen product from the forward
 //! (`ops::lora_linear::KeptProducts`), so re-running a block skips its base GEMMs.
 

@@ -1,4 +1,4 @@
-//! Before/after comparisons with the metrics DESIGN.md defines, and paired bootstrap intervals.
+//! Before/after comparisons with the metrics docs/design.md defines, and paired bootstrap intervals.
 //!
 //! Forgetting rate = (general accuracy before - after) / general accuracy before. Domain gain =
 //! domain accuracy after - before. Both come with a 95% interval from a paired bootstrap: the same

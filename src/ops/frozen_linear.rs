@@ -1,6 +1,6 @@
 //! `y = x W^T` for a frozen `W` whose backward returns dL/dx only.
 //!
-//! candle's own matmul backward also computes and stores dL/dW for constant weights (DESIGN
+//! candle's own matmul backward also computes and stores dL/dW for constant weights (docs/design.md,
 //! pitfall 1). Holding the weight inside a `CustomOp1` hides it from the graph: the op has a
 //! single input (the activations), so backprop produces exactly one gradient.
 

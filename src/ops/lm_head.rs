@@ -1,7 +1,7 @@
 //! The LM head and cross-entropy, fused and chunked, with an explicit backward.
 //!
 //! Logits over a large vocabulary are the biggest tensor of a step (`tokens x vocab`, 200 MB for
-//! 1,024 tokens of SmolLM2) and a third of its time (DESIGN pitfall 5). Here logits exist one
+//! 1,024 tokens of SmolLM2) and a third of its time (docs/design.md, pitfall 5). Here logits exist one
 //! chunk of rows at a time, and the gradient is produced in the same pass as the loss: for each
 //! chunk, `dlogits = softmax - onehot`, then `dh = dlogits W` (and `dW += dlogits^T h` when the
 //! head is trained). The caller feeds `dh` back into the graph below.

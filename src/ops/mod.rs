@@ -1,7 +1,7 @@
 //! Differentiable building blocks of the decoder.
 //!
 //! candle's fused ops (`candle_nn::ops::rms_norm`, `softmax_last_dim`, `rotary_emb`) have no
-//! backward and silently cut the gradient (DESIGN pitfall 2), and its matmul backward computes a
+//! backward and silently cut the gradient (docs/design.md, pitfall 2), and its matmul backward computes a
 //! gradient for frozen weights (pitfall 1). Everything here either has its own backward or is a
 //! composition of candle primitives whose backward is correct.
 

@@ -1,7 +1,7 @@
 //! A frozen projection stored in its GGUF quantization type (Q4_0, Q4_1, Q8_0, K-quants ...),
 //! dequantized inside the op.
 //!
-//! candle's `QMatMul` has no backward and silently cuts the gradient (DESIGN pitfall 3). Here
+//! candle's `QMatMul` has no backward and silently cuts the gradient (docs/design.md, pitfall 3). Here
 //! the forward runs candle's quantized matmul (activations quantized to 8 bits, as llama.cpp
 //! does) and the backward is `dx = g dequant(W)`, the dequantized copy living only for that
 //! product. On CUDA (`cuda` feature) the forward is candle's CUDA quantized matmul and the

@@ -1,4 +1,4 @@
-//! NF4 (4-bit NormalFloat) quantization, bit for bit as bitsandbytes does it (FORMATS.md), with
+//! NF4 (4-bit NormalFloat) quantization, bit for bit as bitsandbytes does it (docs/formats.md), with
 //! double quantization of the block scales. Proven against vectors bitsandbytes produced itself
 //! (`scripts/nf4_fixture.py` -> `tests/fixtures/nf4_bnb.json`).
 

@@ -42,6 +42,35 @@ pub enum Estimator {
     Sampled,
 }
 
+/// How a Fisher file stores each weight's diagonal (`retain.fisher_format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FisherFormat {
+    /// Every entry.
+    Full,
+    /// Row and column sums (and the total), a rank-one approximation.
+    Factored,
+}
+
+impl FisherFormat {
+    /// Parses `full` or `factored`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "full" => Ok(Self::Full),
+            "factored" => Ok(Self::Factored),
+            o => bail!("fisher format `{o}`: expected full or factored"),
+        }
+    }
+
+    /// The name [`FisherFormat::parse`] reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Factored => "factored",
+        }
+    }
+}
+
 impl Estimator {
     /// Parses `empirical` or `sampled`.
     pub fn parse(s: &str) -> Result<Self> {
@@ -249,14 +278,14 @@ impl Fisher {
         Ok(())
     }
 
-    /// Writes `path` (safetensors) and `path.json` (provenance). `format`: `full` (entries in
-    /// `dtype`) or `factored` (row and column sums, f32).
-    pub fn save(&self, path: &Path, format: &str, dtype: DType) -> Result<()> {
+    /// Writes `path` (safetensors) and `path.json` (provenance): every entry in `dtype`, or
+    /// row and column sums in f32 when `factored`.
+    pub fn save(&self, path: &Path, format: FisherFormat, dtype: DType) -> Result<()> {
         let mut out = Vec::new();
         for (name, t) in &self.tensors {
             match format {
-                "full" => out.push((format!("{name}.fisher"), t.dense()?.to_dtype(dtype)?)),
-                "factored" => {
+                FisherFormat::Full => out.push((format!("{name}.fisher"), t.dense()?.to_dtype(dtype)?)),
+                FisherFormat::Factored => {
                     let FisherTensor::Factored { rows, cols, total } = t.factored()? else {
                         unreachable!()
                     };
@@ -267,12 +296,11 @@ impl Fisher {
                         Tensor::new(&[total as f32], &Device::Cpu)?,
                     ));
                 }
-                o => bail!("fisher format `{o}`: expected full or factored"),
             }
         }
         save_safetensors(path, &out)?;
         let meta = FisherMeta {
-            format: format.into(),
+            format: format.name().into(),
             ..self.meta.clone()
         };
         crate::util::write_atomic(&meta_path(path), serde_json::to_string_pretty(&meta)?.as_bytes())

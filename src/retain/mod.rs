@@ -6,4 +6,4 @@ pub mod ewc;
 pub mod fisher;
 
 pub use ewc::Ewc;
-pub use fisher::{Estimator, Fisher, FisherMeta, FisherTensor};
+pub use fisher::{Estimator, Fisher, FisherFormat, FisherMeta, FisherTensor};

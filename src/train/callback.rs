@@ -24,7 +24,7 @@ pub struct Control {
     pub effective_batch: usize,
     /// Learning rate per parameter group for the step about to run (set from the schedules
     /// just before `on_step_begin`; a callback may scale or replace them).
-    pub lr: BTreeMap<String, f64>,
+    pub lr: BTreeMap<crate::train::recipe::Group, f64>,
     /// Set to end the run after this step (a checkpoint and the outputs are still written).
     pub stop: bool,
 }
@@ -105,6 +105,14 @@ pub enum MixShape {
     /// `start` for the first half of the run, `end` after.
     Step,
 }
+
+impl std::str::FromStr for MixShape {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::parse(s)
+    }
+}
+crate::deserialize_from_str!(MixShape);
 
 impl MixShape {
     /// Parses `linear`, `cosine` or `step`.

@@ -18,7 +18,7 @@ pub fn protected_names(recipe: &Recipe, model: &Model) -> Result<Vec<String>> {
         .map(|(n, _)| n)
         .filter(|n| !n.contains(".lora_"))
         .collect();
-    if recipe.train.mode == "full" {
+    if recipe.full() {
         return Ok(all);
     }
     let Some(plan) = recipe.plan(model.cfg.num_layers)? else {
@@ -107,10 +107,10 @@ pub fn load_or_estimate(recipe: &Recipe, path: &Path, dev: &Device) -> Result<Fi
         recipe,
         &r.fisher_data,
         r.fisher_rows,
-        Estimator::parse(&r.fisher_estimator)?,
+        r.fisher_estimator,
         recipe.train.seed,
     )?;
-    f.save(path, &r.fisher_format, candle_core::DType::BF16)?;
+    f.save(path, r.fisher_format, candle_core::DType::BF16)?;
     eprintln!("fisher: wrote {}", path.display());
     // Read back, so this run uses exactly what later runs will.
     Fisher::load(path, dev)

@@ -12,6 +12,7 @@ use crate::engine::Recompute;
 use crate::model::config::ModelConfig;
 use crate::model::decoder::keep_rank;
 use crate::model::{BaseDtype, BaseTensor, PerProj, Proj};
+use crate::retain::FisherFormat;
 use crate::util::human_bytes;
 
 /// One part of the prediction.
@@ -423,7 +424,7 @@ pub fn resolve_recompute(
         true => (t.memory_budget_gb * 1e9) as u64,
         false => ((crate::util::current_rss() + crate::util::mem_available()) as f64 * 0.85) as u64,
     };
-    let (r, p) = choose_recompute(src.config.num_layers, t.mode == "full", budget, |r| {
+    let (r, p) = choose_recompute(src.config.num_layers, recipe.full(), budget, |r| {
         for_recipe_with(recipe, src, runtime, r)
     })?;
     Ok((r, p, Some(budget)))
@@ -444,9 +445,9 @@ pub fn for_recipe_with(
     let rank_table = ranks(cfg, plan.as_ref())?;
     Ok(predict(&RunShape {
         cfg,
-        base: BaseDtype::parse(&recipe.model.base_dtype)?,
+        base: recipe.model.base_dtype,
         bases: &bases,
-        full: recipe.train.mode == "full",
+        full: recipe.full(),
         pack: recipe.model.pack_bf16,
         saved: &saved,
         rows: recipe.train.batch,
@@ -481,9 +482,9 @@ fn ewc_fisher_bytes(recipe: &super::recipe::Recipe, cfg: &ModelConfig, ranks: &[
         .filter(|(_, &rank)| rank > 0)
         .map(|(m, _)| {
             let (o, i) = cfg.linear_shape(m);
-            match r.fisher_format.as_str() {
-                "factored" => 4 * (o + i) as u64,
-                _ => 2 * (o * i) as u64,
+            match r.fisher_format {
+                FisherFormat::Factored => 4 * (o + i) as u64,
+                FisherFormat::Full => 2 * (o * i) as u64,
             }
         })
         .sum()

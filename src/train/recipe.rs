@@ -1,12 +1,89 @@
 //! Recipes: the TOML file that says what a run does. Every field is documented in
 //! `recipes/README.md`; unknown keys are errors, so a typo never silently falls back to a default.
+//! A recipe is typed as it is read: every choice (mode, data format, base precision, schedule,
+//! mix shape, Fisher estimator and format, recompute, parameter group) is an enum, checked once
+//! here, so nothing downstream compares recipe strings.
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 use crate::adapter::{LoraPlan, PlanRule};
-use crate::model::{PerProj, Proj, MODULES, SAVABLE};
+use crate::engine::Recompute;
+use crate::model::{BaseDtype, PerProj, Proj, MODULES, SAVABLE};
+use crate::retain::{Estimator, FisherFormat};
+use crate::train::callback::MixShape;
+use crate::train::schedule::{Decay, Schedule};
+
+/// `train.mode`: what is trained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Adapters on a frozen base (the `[lora]` section), with any `modules_to_save`.
+    Lora,
+    /// Every weight, in f32.
+    Full,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "lora" => Ok(Mode::Lora),
+            "full" => Ok(Mode::Full),
+            o => bail!("train.mode `{o}` must be `lora` or `full`"),
+        }
+    }
+}
+
+/// `data.format`: how training files are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataFormat {
+    /// Raw text, tokenized, EOS-separated and packed.
+    Text,
+    /// `messages` jsonl rendered with the chat template, loss on assistant turns.
+    Chat,
+}
+
+impl std::str::FromStr for DataFormat {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "text" => Ok(DataFormat::Text),
+            "chat" => Ok(DataFormat::Chat),
+            o => bail!("data.format `{o}` must be `text` or `chat`"),
+        }
+    }
+}
+
+crate::deserialize_from_str!(Mode, DataFormat);
+
+/// A parameter group: its own learning rate and schedule (`[[train.groups]]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Group {
+    /// Every trainable non-adapter weight (full fine-tuning, `modules_to_save`).
+    Base,
+    /// The adapters' A matrices.
+    LoraA,
+    /// The adapters' B matrices (LoRA+ scales their rate).
+    LoraB,
+}
+
+impl Group {
+    /// Every group.
+    pub const ALL: [Group; 3] = [Group::Base, Group::LoraA, Group::LoraB];
+
+    /// The group a trainable parameter belongs to, by its name.
+    pub fn of(name: &str) -> Group {
+        if name.ends_with("lora_A.weight") {
+            Group::LoraA
+        } else if name.ends_with("lora_B.weight") {
+            Group::LoraB
+        } else {
+            Group::Base
+        }
+    }
+}
 
 /// A whole run.
 #[derive(Clone, Debug, Deserialize)]
@@ -42,10 +119,10 @@ pub struct RetainSection {
     pub fisher_rows: usize,
     /// `empirical` (the data's labels) or `sampled` (the model's own predictions).
     #[serde(default = "default_estimator")]
-    pub fisher_estimator: String,
+    pub fisher_estimator: Estimator,
     /// `full` (bf16 entries) or `factored` (row and column sums).
     #[serde(default = "default_fisher_format")]
-    pub fisher_format: String,
+    pub fisher_format: FisherFormat,
     /// EWC strength (0: off).
     #[serde(default)]
     pub ewc_lambda: f64,
@@ -70,11 +147,11 @@ impl Default for RetainSection {
 fn default_fisher_rows() -> usize {
     64
 }
-fn default_estimator() -> String {
-    "empirical".into()
+fn default_estimator() -> Estimator {
+    Estimator::Empirical
 }
-fn default_fisher_format() -> String {
-    "full".into()
+fn default_fisher_format() -> FisherFormat {
+    FisherFormat::Full
 }
 fn default_tau() -> f64 {
     0.07
@@ -91,7 +168,7 @@ pub struct ModelSection {
     pub path: PathBuf,
     /// Storage of the frozen projections: `f32`, `bf16`, `nf4`, `nf4-dq` or `as-stored`.
     #[serde(default = "default_base")]
-    pub base_dtype: String,
+    pub base_dtype: BaseDtype,
     /// An existing PEFT adapter directory to start from.
     #[serde(default)]
     pub adapter: Option<PathBuf>,
@@ -105,8 +182,8 @@ fn yes() -> bool {
     true
 }
 
-fn default_base() -> String {
-    "f32".into()
+fn default_base() -> BaseDtype {
+    BaseDtype::F32
 }
 
 /// `[lora]`.
@@ -153,7 +230,7 @@ pub struct DataSection {
     pub train: Vec<PathBuf>,
     /// `text` (raw text, packed) or `chat` (messages jsonl, loss on assistant turns).
     #[serde(default = "default_format")]
-    pub format: String,
+    pub format: DataFormat,
     /// Held-out files; when absent, `eval_fraction` of the packed training rows is held out.
     #[serde(default)]
     pub eval: Vec<PathBuf>,
@@ -177,11 +254,11 @@ pub struct DataSection {
     pub domain_share_end: Option<f64>,
     /// Path of the share from `domain_share` to `domain_share_end`: linear, cosine or step.
     #[serde(default = "default_mix_schedule")]
-    pub mix_schedule: String,
+    pub mix_schedule: MixShape,
 }
 
-fn default_mix_schedule() -> String {
-    "linear".into()
+fn default_mix_schedule() -> MixShape {
+    MixShape::Linear
 }
 
 /// `[[train.groups]]`: a parameter group's own learning rate and schedule (fields left out
@@ -190,7 +267,7 @@ fn default_mix_schedule() -> String {
 #[serde(deny_unknown_fields)]
 pub struct GroupSection {
     /// `lora_a`, `lora_b` or `base` (every trainable non-adapter weight).
-    pub name: String,
+    pub name: Group,
     /// Peak learning rate.
     #[serde(default)]
     pub lr: Option<f64>,
@@ -199,28 +276,14 @@ pub struct GroupSection {
     pub warmup: Option<usize>,
     /// `cosine`, `linear` or `constant`.
     #[serde(default)]
-    pub schedule: Option<String>,
+    pub schedule: Option<Decay>,
     /// Final learning rate as a fraction of the peak.
     #[serde(default)]
     pub min_lr_ratio: Option<f64>,
 }
 
-/// The parameter groups.
-pub const GROUPS: [&str; 3] = ["lora_a", "lora_b", "base"];
-
-/// The group a trainable parameter belongs to, by its name.
-pub fn group_of(name: &str) -> &'static str {
-    if name.ends_with("lora_A.weight") {
-        "lora_a"
-    } else if name.ends_with("lora_B.weight") {
-        "lora_b"
-    } else {
-        "base"
-    }
-}
-
-fn default_format() -> String {
-    "text".into()
+fn default_format() -> DataFormat {
+    DataFormat::Text
 }
 fn default_eval_fraction() -> f64 {
     0.05
@@ -234,7 +297,7 @@ fn default_seq() -> usize {
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSection {
     /// `lora` or `full`.
-    pub mode: String,
+    pub mode: Mode,
     /// Rows per micro-batch.
     pub batch: usize,
     /// Micro-batches per optimizer step.
@@ -250,7 +313,7 @@ pub struct TrainSection {
     /// Warmup steps.
     pub warmup: usize,
     /// `cosine`, `linear` or `constant`.
-    pub schedule: String,
+    pub schedule: Decay,
     /// Final learning rate as a fraction of the peak.
     pub min_lr_ratio: f64,
     /// Global gradient-norm clip (0 disables).
@@ -263,7 +326,7 @@ pub struct TrainSection {
     /// What the backward recomputes: `blocks` (gradient checkpointing, the default), `selective`
     /// (blocks, keeping the frozen products), `selective:K` (in K layers), `off`, or `auto` (the
     /// fastest whose predicted peak fits `memory_budget_gb`); `true` / `false` mean blocks / off.
-    pub recompute: crate::engine::Recompute,
+    pub recompute: Recompute,
     /// Evaluate every this many steps (0: only at the start and end).
     pub eval_every: usize,
     /// At most this many held-out rows per evaluation (0: all).
@@ -291,7 +354,7 @@ pub struct TrainSection {
 impl Default for TrainSection {
     fn default() -> Self {
         Self {
-            mode: "lora".into(),
+            mode: Mode::Lora,
             batch: 4,
             grad_accum: 1,
             steps: 0,
@@ -299,12 +362,12 @@ impl Default for TrainSection {
             lr: 2e-4,
             weight_decay: 0.0,
             warmup: 0,
-            schedule: "cosine".into(),
+            schedule: Decay::Cosine,
             min_lr_ratio: 0.1,
             clip: 1.0,
             seed: 0,
             device: "cpu".into(),
-            recompute: crate::engine::Recompute::Blocks,
+            recompute: Recompute::Blocks,
             eval_every: 0,
             eval_rows: 0,
             out: PathBuf::from("runs/latest"),
@@ -363,11 +426,17 @@ impl Recipe {
     }
 
     fn check(&self) -> Result<()> {
-        let t = &self.train;
-        if !matches!(t.mode.as_str(), "lora" | "full") {
-            bail!("train.mode `{}` must be `lora` or `full`", t.mode);
+        self.check_train()?;
+        self.check_data()?;
+        if let Some(r) = &self.retain {
+            self.check_retain(r)?;
         }
-        if t.mode == "lora" && self.lora.is_none() {
+        self.check_bases()
+    }
+
+    fn check_train(&self) -> Result<()> {
+        let t = &self.train;
+        if t.mode == Mode::Lora && self.lora.is_none() {
             bail!("train.mode = \"lora\" needs a [lora] section");
         }
         if t.batch == 0 || t.grad_accum == 0 {
@@ -376,13 +445,25 @@ impl Recipe {
         if !(t.lr > 0.0 && t.lr < 1.0) {
             bail!("train.lr {} is outside (0, 1)", t.lr);
         }
-        if !matches!(self.data.format.as_str(), "text" | "chat") {
-            bail!("data.format `{}` must be `text` or `chat`", self.data.format);
+        if t.loraplus_ratio <= 0.0 {
+            bail!("train.loraplus_ratio must be positive");
         }
-        if self.data.train.is_empty() {
+        crate::util::device_ordinal(&t.device).context("train.device")?;
+        if t.keep_checkpoints == 0 || t.max_bad_steps == 0 {
+            bail!("train.keep_checkpoints and train.max_bad_steps must be at least 1");
+        }
+        if t.mode == Mode::Full && matches!(t.recompute, Recompute::Selective | Recompute::Partial(_)) {
+            bail!("train.recompute = \"selective\" keeps the frozen products under adapters, and full fine-tuning has none: use \"blocks\" or \"off\"");
+        }
+        Ok(())
+    }
+
+    fn check_data(&self) -> Result<()> {
+        let d = &self.data;
+        if d.train.is_empty() {
             bail!("data.train lists no files");
         }
-        match (self.data.general.is_empty(), self.data.domain_share) {
+        match (d.general.is_empty(), d.domain_share) {
             (false, None) => bail!(
                 "data.general is given: set data.domain_share (e.g. 0.8) to say how much of each batch is domain data"
             ),
@@ -390,97 +471,67 @@ impl Recipe {
             (_, Some(s)) if !(0.0..=1.0).contains(&s) => bail!("data.domain_share {s} is outside [0, 1]"),
             _ => {}
         }
-        crate::train::schedule::Decay::parse(&t.schedule)?;
-        crate::train::callback::MixShape::parse(&self.data.mix_schedule)?;
-        if let Some(e) = self.data.domain_share_end {
-            if self.data.general.is_empty() || !(0.0..=1.0).contains(&e) {
+        if let Some(e) = d.domain_share_end {
+            if d.general.is_empty() || !(0.0..=1.0).contains(&e) {
                 bail!("data.domain_share_end needs data.general and must lie in [0, 1] (got {e})");
             }
-        }
-        if t.loraplus_ratio <= 0.0 {
-            bail!("train.loraplus_ratio must be positive");
-        }
-        for g in &t.groups {
-            if !GROUPS.contains(&g.name.as_str()) {
-                bail!(
-                    "train.groups: unknown group `{}`; choose lora_a, lora_b or base",
-                    g.name
-                );
-            }
-            if let Some(s) = &g.schedule {
-                crate::train::schedule::Decay::parse(s)?;
-            }
-        }
-        if let Some(r) = &self.retain {
-            crate::retain::Estimator::parse(&r.fisher_estimator)?;
-            if !matches!(r.fisher_format.as_str(), "full" | "factored") {
-                bail!("retain.fisher_format `{}`: expected full or factored", r.fisher_format);
-            }
-            if r.ewc_lambda < 0.0 || r.contrastive_lambda < 0.0 || r.temperature <= 0.0 {
-                bail!("retain: ewc_lambda and contrastive_lambda must be >= 0 and temperature > 0");
-            }
-            if r.ewc_lambda > 0.0 && r.fisher.is_none() {
-                bail!("retain.ewc_lambda needs retain.fisher (a Fisher file, estimated from retain.fisher_data when absent)");
-            }
-            if r.contrastive_lambda > 0.0 && self.data.general.is_empty() {
-                bail!("retain.contrastive_lambda needs data.general: it is computed on the general rows of each batch");
-            }
-        }
-        crate::util::device_ordinal(&t.device).context("train.device")?;
-        if t.keep_checkpoints == 0 || t.max_bad_steps == 0 {
-            bail!("train.keep_checkpoints and train.max_bad_steps must be at least 1");
-        }
-        let base = crate::model::BaseDtype::parse(&self.model.base_dtype)?;
-        for rule in self.lora.iter().flat_map(|l| &l.layers) {
-            if let Some(b) = &rule.base {
-                crate::model::BaseDtype::parse(b).with_context(|| format!("lora.layers `{}`", rule.layers))?;
-            }
-        }
-        let layer_bases = self.lora.iter().flat_map(|l| &l.layers).any(|r| r.base.is_some());
-        if t.mode == "full" && (base != crate::model::BaseDtype::F32 || layer_bases) {
-            bail!("train.mode = \"full\" trains every weight in f32: leave model.base_dtype at f32 and drop per-layer `base` (quantized and 16-bit bases are for frozen weights under LoRA)");
-        }
-        if t.mode == "full"
-            && matches!(
-                t.recompute,
-                crate::engine::Recompute::Selective | crate::engine::Recompute::Partial(_)
-            )
-        {
-            bail!("train.recompute = \"selective\" keeps the frozen products under adapters, and full fine-tuning has none: use \"blocks\" or \"off\"");
         }
         Ok(())
     }
 
+    fn check_retain(&self, r: &RetainSection) -> Result<()> {
+        if r.ewc_lambda < 0.0 || r.contrastive_lambda < 0.0 || r.temperature <= 0.0 {
+            bail!("retain: ewc_lambda and contrastive_lambda must be >= 0 and temperature > 0");
+        }
+        if r.ewc_lambda > 0.0 && r.fisher.is_none() {
+            bail!(
+                "retain.ewc_lambda needs retain.fisher (a Fisher file, estimated from retain.fisher_data when absent)"
+            );
+        }
+        if r.contrastive_lambda > 0.0 && self.data.general.is_empty() {
+            bail!("retain.contrastive_lambda needs data.general: it is computed on the general rows of each batch");
+        }
+        Ok(())
+    }
+
+    fn check_bases(&self) -> Result<()> {
+        let layer_bases = self.lora.iter().flat_map(|l| &l.layers).any(|r| r.base.is_some());
+        if self.train.mode == Mode::Full && (self.model.base_dtype != BaseDtype::F32 || layer_bases) {
+            bail!("train.mode = \"full\" trains every weight in f32: leave model.base_dtype at f32 and drop per-layer `base` (quantized and 16-bit bases are for frozen weights under LoRA)");
+        }
+        Ok(())
+    }
+
+    /// Whether every weight is trained (`train.mode = "full"`).
+    pub fn full(&self) -> bool {
+        self.train.mode == Mode::Full
+    }
+
     /// Each parameter group's schedule over `total` steps: `[train]`'s, with LoRA+ for `lora_b`,
     /// then whatever `[[train.groups]]` sets.
-    pub fn schedules(
-        &self,
-        total: usize,
-    ) -> Result<std::collections::BTreeMap<String, crate::train::schedule::Schedule>> {
-        use crate::train::schedule::{Decay, Schedule};
+    pub fn schedules(&self, total: usize) -> std::collections::BTreeMap<Group, Schedule> {
         let t = &self.train;
-        let mut out = std::collections::BTreeMap::new();
-        for name in GROUPS {
-            let g = t.groups.iter().find(|g| g.name == name);
-            let ratio = if name == "lora_b" { t.loraplus_ratio } else { 1.0 };
-            out.insert(
-                name.to_string(),
-                Schedule {
+        Group::ALL
+            .into_iter()
+            .map(|name| {
+                let g = t.groups.iter().find(|g| g.name == name);
+                let ratio = if name == Group::LoraB { t.loraplus_ratio } else { 1.0 };
+                let schedule = Schedule {
                     peak: g.and_then(|g| g.lr).unwrap_or(t.lr * ratio),
                     warmup: g.and_then(|g| g.warmup).unwrap_or(t.warmup),
                     total,
-                    decay: Decay::parse(g.and_then(|g| g.schedule.as_deref()).unwrap_or(&t.schedule))?,
+                    decay: g.and_then(|g| g.schedule).unwrap_or(t.schedule),
                     floor: g.and_then(|g| g.min_lr_ratio).unwrap_or(t.min_lr_ratio),
-                },
-            );
-        }
-        Ok(out)
+                };
+                (name, schedule)
+            })
+            .collect()
     }
 
-    /// Base precision of every projection, `[layer][MODULES index]`: `model.base_dtype`, then
-    /// whatever `[[lora.layers]]` rules say.
-    pub fn base_table(&self, num_layers: usize) -> Result<Vec<PerProj<crate::model::BaseDtype>>> {
-        let base = crate::model::BaseDtype::parse(&self.model.base_dtype)?;
+    /// Base precision of every projection, by layer: `model.base_dtype`, then whatever
+    /// `[[lora.layers]]` rules say.
+    pub fn base_table(&self, num_layers: usize) -> Result<Vec<PerProj<BaseDtype>>> {
+        let base = self.model.base_dtype;
         match self.plan(num_layers)? {
             Some(p) => p.base_table(num_layers, base),
             None => Ok(vec![PerProj([base; Proj::COUNT]); num_layers]),
@@ -534,8 +585,8 @@ mod tests {
         assert_eq!((d.ewc_lambda, d.contrastive_lambda, d.temperature), (0.0, 0.0, 0.07));
         assert_eq!((d.fisher_rows, d.segment), (64, 64));
         assert_eq!(
-            (d.fisher_estimator.as_str(), d.fisher_format.as_str()),
-            ("empirical", "full")
+            (d.fisher_estimator, d.fisher_format),
+            (Estimator::Empirical, FisherFormat::Full)
         );
     }
 

@@ -13,6 +13,14 @@ pub enum Decay {
     Constant,
 }
 
+impl std::str::FromStr for Decay {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::parse(s)
+    }
+}
+crate::deserialize_from_str!(Decay);
+
 impl Decay {
     /// Parses `cosine` / `linear` / `constant`.
     pub fn parse(s: &str) -> Result<Self> {

@@ -1,0 +1,54 @@
+//! Phase three: held-out scoring, before training (in [`super::prepare`]), every
+//! `train.eval_every` steps, and after (in [`super::finish`]).
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::prepare::Run;
+use crate::eval::{eval_sequences, TextMetrics};
+
+impl Run<'_> {
+    /// Scores the held-out rows when `train.eval_every` says so (the last step is scored by
+    /// [`Run::finish`]).
+    pub fn evaluate_due(&mut self) -> Result<()> {
+        let every = self.recipe.train.eval_every;
+        let step = self.st.step;
+        if every == 0 || step % every != 0 || step >= self.steps {
+            return Ok(());
+        }
+        let m = eval_sequences(&self.model, &self.data.held, self.eval_batch(), self.eval_fwd)?;
+        self.emit(json!({"step": step, "eval": m}))?;
+        if self.clock.tty {
+            eprintln!();
+        }
+        eprintln!(
+            "held-out at step {step}: loss {:.4}, perplexity {:.2}",
+            m.loss, m.perplexity
+        );
+        Ok(())
+    }
+
+    /// The held-out and general held-out scores now.
+    pub fn evaluate(&self) -> Result<(TextMetrics, Option<TextMetrics>)> {
+        let m = eval_sequences(&self.model, &self.data.held, self.eval_batch(), self.eval_fwd)?;
+        let g = match &self.data.held_general {
+            Some(h) => Some(eval_sequences(&self.model, h, self.eval_batch(), self.eval_fwd)?),
+            None => None,
+        };
+        Ok((m, g))
+    }
+}
+
+/// The held-out line printed before and after training.
+pub(super) fn report(when: &str, m: &TextMetrics, general: Option<&TextMetrics>) {
+    eprintln!(
+        "held-out {when}: loss {:.4}, perplexity {:.2}, accuracy {:.2}%{}",
+        m.loss,
+        m.perplexity,
+        100.0 * m.accuracy,
+        general.map_or(String::new(), |g| format!(
+            "; general: loss {:.4}, perplexity {:.2}",
+            g.loss, g.perplexity
+        ))
+    );
+}

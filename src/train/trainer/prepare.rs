@@ -1,0 +1,496 @@
+//! Phase one: everything a run holds before its first step, in the order it is built. Data comes
+//! first (the memory plan measures the process with it loaded), then the Fisher (estimating it
+//! loads the model once more, and done first that copy is gone before the training model
+//! arrives), the plan, the model, its adapters, EWC anchored on them, and the starting state.
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use serde_json::json;
+use std::fs::File;
+use std::io::Write;
+use std::time::Instant;
+
+use super::super::callback::{probe_for, Callback, Control, MemoryMonitor, MixSchedule};
+use super::super::checkpoint::{self, RunState};
+use super::super::memory;
+use super::super::recipe::{Group, Recipe, RetainSection};
+use super::super::schedule::Schedule;
+use super::{load_sequences, RunOptions};
+use crate::adapter::{peft, LoraPlan};
+use crate::data::mix::Mixer;
+use crate::data::Sequences;
+use crate::engine::{AdamW, GradAcc, Recompute};
+use crate::eval::eval_sequences;
+use crate::model::{self, Fwd, LoadSpec, Model, ModelSource, Proj};
+use crate::retain::{Ewc, Fisher};
+use crate::util::{current_rss, human_bytes, reset_device_peak};
+
+/// The rows a run reads: training and general (replay) rows, and the held-out sets.
+pub(super) struct RunData {
+    /// Domain training rows.
+    pub train: Sequences,
+    /// General rows mixed into every batch (empty without `data.general`).
+    pub general: Sequences,
+    /// Held-out domain rows.
+    pub held: Sequences,
+    /// Held-out general rows (`data.general_eval`).
+    pub held_general: Option<Sequences>,
+}
+
+/// A run in progress: what [`Run::prepare`] built and the loop changes.
+pub(super) struct Run<'r> {
+    pub recipe: &'r Recipe,
+    pub retain: RetainSection,
+    pub dev: Device,
+    pub src: ModelSource,
+    pub data: RunData,
+    pub model: Model,
+    /// The adapters' plan (`None`: full fine-tuning).
+    pub plan: Option<LoraPlan>,
+    /// Trainable parameters by name, and each one's group, in the same order.
+    pub params: Vec<(String, candle_core::Var)>,
+    pub groups: Vec<Group>,
+    pub n_params: usize,
+    pub ewc: Option<Ewc>,
+    pub recompute: Recompute,
+    pub predicted: Option<memory::Prediction>,
+    /// Every forward of the run starts from this one (dropout and adapters set per use).
+    pub eval_fwd: Fwd,
+    /// Optimizer steps planned, and rows a step.
+    pub steps: usize,
+    pub per_step: usize,
+    pub scheds: std::collections::BTreeMap<Group, Schedule>,
+    pub callbacks: Vec<Box<dyn Callback>>,
+    pub opt: AdamW,
+    pub acc: GradAcc,
+    /// The checkpointed state, and the control the callbacks steer.
+    pub st: RunState,
+    pub ctl: Control,
+    pub log: File,
+    pub clock: Clock,
+}
+
+/// Where the loop's timing starts (a resumed run continues its predecessor's figures).
+pub(super) struct Clock {
+    pub start: Instant,
+    pub elapsed0: f64,
+    pub tokens0: usize,
+    pub step0: usize,
+    /// The progress line rewrites itself on a terminal, prints every 10 steps elsewhere.
+    pub tty: bool,
+}
+
+impl Clock {
+    /// Starts now.
+    fn now() -> Self {
+        Clock {
+            start: Instant::now(),
+            elapsed0: 0.0,
+            tokens0: 0,
+            step0: 0,
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        }
+    }
+}
+
+impl<'r> Run<'r> {
+    /// Builds the run: outputs directory, data, Fisher, memory plan, model, adapters, EWC,
+    /// schedules, callbacks, and the state it starts from.
+    pub fn prepare(recipe: &'r Recipe, recipe_text: &str, opts: RunOptions) -> Result<Self> {
+        let t = &recipe.train;
+        let dev = crate::util::device(&t.device)?;
+        reset_device_peak(&dev);
+        start_outputs(recipe, recipe_text)?;
+        let src = model::open(&recipe.model.path)?;
+        let data = RunData::load(recipe, &src)?;
+        // The process as the model will find it (the plan counts the Fisher apart).
+        let runtime = current_rss();
+        let retain = recipe.retain.clone().unwrap_or_default();
+        let (fisher, estimated) = fisher_first(recipe, &retain, &dev)?;
+        let (recompute, predicted) = plan_memory(recipe, &src, &dev, runtime, estimated)?;
+        let eval_fwd = Fwd {
+            composed: opts.device_ops,
+            ..Fwd::eval()
+        };
+        let (model, plan) = load_model(recipe, &src, &dev, opts.device_ops)?;
+        let params = model.trainable();
+        let groups = params.iter().map(|(n, _)| Group::of(n)).collect();
+        let n_params: usize = params.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
+        if n_params == 0 {
+            bail!("nothing to train: the plan targets no module");
+        }
+        // EWC is anchored here, before any resume restores trained values: the anchor is the
+        // adapter (or weights) the stage started from, which the seed and recipe reproduce.
+        let ewc = fisher.map(|f| anchor_ewc(&model, &f, retain.ewc_lambda)).transpose()?;
+        let (steps, per_step) = step_count(recipe, &data);
+        announce(recipe, &src, &data, n_params, steps, per_step);
+        let mut callbacks = builtin_callbacks(recipe, &dev);
+        callbacks.extend(opts.callbacks);
+        let mut opt = AdamW::new(t.weight_decay);
+        let mut recompute = recompute;
+        let st = match &opts.resume {
+            Some(path) => {
+                let mut into = Resumed {
+                    params: &params,
+                    opt: &mut opt,
+                    callbacks: &mut callbacks,
+                    recompute: &mut recompute,
+                };
+                into.resume(recipe, path, &dev, steps, per_step)?
+            }
+            None => fresh_state(recipe, &model, &data, eval_fwd, recompute, steps, per_step)?,
+        };
+        let log = File::create(t.out.join("metrics.jsonl")).context("cannot create metrics.jsonl")?;
+        Ok(Run {
+            recipe,
+            retain,
+            dev,
+            src,
+            data,
+            model,
+            plan,
+            params,
+            groups,
+            n_params,
+            ewc,
+            recompute,
+            predicted,
+            eval_fwd,
+            steps,
+            per_step,
+            scheds: recipe.schedules(steps),
+            callbacks,
+            opt,
+            acc: GradAcc::default(),
+            ctl: st.control.clone(),
+            st,
+            log,
+            clock: Clock::now(),
+        })
+    }
+
+    /// Rows a held-out batch scores.
+    pub fn eval_batch(&self) -> usize {
+        self.recipe.train.batch.max(1)
+    }
+
+    /// Writes a metrics line to `metrics.jsonl` and keeps it for the checkpoint.
+    pub fn emit(&mut self, v: serde_json::Value) -> Result<()> {
+        let line = v.to_string();
+        writeln!(self.log, "{line}")?;
+        self.st.metrics.push(line);
+        Ok(())
+    }
+}
+
+impl RunData {
+    /// Reads and packs every data set the recipe names; the held-out rows are `data.eval`, or
+    /// split off the training rows when it is empty.
+    fn load(recipe: &Recipe, src: &ModelSource) -> Result<Self> {
+        let (d, t) = (&recipe.data, &recipe.train);
+        let tok = &src.tokenizer;
+        let mut train = load_sequences(recipe, tok, &d.train)?;
+        let mut held = if d.eval.is_empty() {
+            if train.len() < 2 {
+                bail!(
+                    "the training data packs into {} row(s); give more text or a separate data.eval",
+                    train.len()
+                );
+            }
+            train.split_off(d.eval_fraction)
+        } else {
+            load_sequences(recipe, tok, &d.eval)?
+        };
+        held.subsample(t.eval_rows);
+        let general = match d.general.is_empty() {
+            true => Sequences::default(),
+            false => load_sequences(recipe, tok, &d.general)?,
+        };
+        let mut held_general = match d.general_eval.is_empty() {
+            true => None,
+            false => Some(load_sequences(recipe, tok, &d.general_eval)?),
+        };
+        if let Some(h) = held_general.as_mut() {
+            h.subsample(t.eval_rows);
+        }
+        Ok(Self {
+            train,
+            general,
+            held,
+            held_general,
+        })
+    }
+}
+
+/// The outputs directory, with the recipe as the run read it.
+fn start_outputs(recipe: &Recipe, recipe_text: &str) -> Result<()> {
+    let out = &recipe.train.out;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create output directory {}", out.display()))?;
+    crate::util::write_atomic(&out.join("recipe.toml"), recipe_text.as_bytes())
+}
+
+/// Optimizer steps (`train.steps`, or `train.epochs` passes over the training rows) and rows a
+/// step.
+fn step_count(recipe: &Recipe, data: &RunData) -> (usize, usize) {
+    let t = &recipe.train;
+    let per_step = t.batch * t.grad_accum;
+    let steps = match t.steps > 0 {
+        true => t.steps,
+        false => ((data.train.len() as f64 * t.epochs) / per_step as f64).ceil().max(1.0) as usize,
+    };
+    (steps, per_step)
+}
+
+/// EWC anchored at the model as it is now.
+fn anchor_ewc(model: &Model, fisher: &Fisher, lambda: f64) -> Result<Ewc> {
+    let e = Ewc::new(model, fisher, lambda)?;
+    eprintln!("ewc: lambda {lambda} over {} weights", e.len());
+    Ok(e)
+}
+
+/// The Fisher EWC needs, read or estimated before the model loads; whether it was estimated.
+fn fisher_first(recipe: &Recipe, retain: &RetainSection, dev: &Device) -> Result<(Option<Fisher>, bool)> {
+    match (&retain.fisher, retain.ewc_lambda > 0.0) {
+        (Some(path), true) => {
+            let estimated = !path.exists();
+            Ok((
+                Some(super::super::fisher::load_or_estimate(recipe, path, dev)?),
+                estimated,
+            ))
+        }
+        _ => Ok((None, false)),
+    }
+}
+
+/// The model in the recipe's precisions, with its adapters (fresh, or the recipe's starting
+/// adapter) and any base modules trained beside them; the plan is `None` for full fine-tuning.
+fn load_model(recipe: &Recipe, src: &ModelSource, dev: &Device, device_ops: bool) -> Result<(Model, Option<LoraPlan>)> {
+    let layers = src.config.num_layers;
+    let recipe_plan = recipe.plan(layers)?;
+    let bases = recipe.base_table(layers)?;
+    let per = |l: usize, m: Proj| bases[l][m];
+    let mut model = Model::load_with(
+        &src.config,
+        src.weights.as_ref(),
+        &LoadSpec {
+            base: recipe.model.base_dtype,
+            per: &per,
+            full: recipe.full(),
+            pack: recipe.model.pack_bf16,
+            device_nf4: device_ops,
+        },
+        dev,
+    )?;
+    let plan = match (&recipe.model.adapter, recipe_plan) {
+        (Some(dir), _) => Some(peft::load(&mut model, dir)?),
+        (None, Some(plan)) => {
+            plan.attach(&mut model, recipe.train.seed)?;
+            Some(plan)
+        }
+        (None, None) => None,
+    };
+    if let Some(plan) = &plan {
+        model.train_modules(&plan.modules_to_save)?;
+    }
+    Ok((model, plan))
+}
+
+/// The run's recomputation (`auto` resolved) and its memory plan, printed, for a process of
+/// `runtime` resident bytes before the model loads (and a note when the Fisher was estimated
+/// just before, outside the plan). The plan models the CPU path (its kernel
+/// packs, fused ops and process); on a GPU the run reports the device pool's measured peak
+/// instead of a prediction it cannot back, and `auto` and the selective modes recompute per
+/// block.
+fn plan_memory(
+    recipe: &Recipe,
+    src: &ModelSource,
+    dev: &Device,
+    runtime: u64,
+    fisher_estimated: bool,
+) -> Result<(Recompute, Option<memory::Prediction>)> {
+    let t = &recipe.train;
+    let (recompute, predicted) = match dev.is_cpu() {
+        true => {
+            let (r, p, budget) = memory::resolve_recompute(recipe, src, runtime)?;
+            if let Some(b) = budget {
+                eprintln!(
+                    "recompute = auto: {} (predicted {} against a budget of {}{})",
+                    r.name(),
+                    human_bytes(p.total()),
+                    human_bytes(b),
+                    if p.total() > b {
+                        "; nothing fits it, so the least memory"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            (r, Some(p))
+        }
+        // Kept products are the CPU adapter op's; a device re-runs whole blocks.
+        false if matches!(t.recompute, Recompute::Selective | Recompute::Partial(_)) => {
+            eprintln!(
+                "recompute = {}: frozen products are kept on the CPU path only; on {} blocks are re-run whole",
+                t.recompute.name(),
+                t.device
+            );
+            (Recompute::Blocks, None)
+        }
+        false if t.recompute == Recompute::Auto => (Recompute::Blocks, None),
+        false => (t.recompute, None),
+    };
+    match &predicted {
+        Some(p) => eprintln!(
+            "memory plan (micro-batch {}, recompute = {}):\n{}",
+            t.batch,
+            recompute.name(),
+            p.table()
+        ),
+        None => eprintln!(
+            "training on {} (recompute = {}): the memory plan models the CPU only; the run reports the device's measured peak",
+            t.device,
+            recompute.name()
+        ),
+    }
+    if fisher_estimated {
+        eprintln!(
+            "(the Fisher estimate above ran first, with a peak of its own that this plan leaves out; \
+             `strata fisher` beforehand keeps it out of the run)"
+        );
+    }
+    Ok((recompute, predicted))
+}
+
+/// The line that says what the run will do.
+fn announce(recipe: &Recipe, src: &ModelSource, data: &RunData, n_params: usize, steps: usize, per_step: usize) {
+    let share = recipe.data.domain_share.unwrap_or(1.0);
+    eprintln!(
+        "strata train: {} ({} layers), {} trainable parameters, {} training rows x {} tokens{}, {} held-out rows, {steps} steps of {per_step} rows",
+        recipe.model.path.display(),
+        src.config.num_layers,
+        n_params,
+        data.train.len(),
+        data.train.seq_len,
+        match data.general.is_empty() {
+            true => String::new(),
+            false => format!(" + {} general rows at {:.0}% domain", data.general.len(), 100.0 * share),
+        },
+        data.held.len()
+    );
+}
+
+/// Built-in behaviours are callbacks like the user's: the mix schedule, the memory monitor.
+fn builtin_callbacks(recipe: &Recipe, dev: &Device) -> Vec<Box<dyn Callback>> {
+    let (d, t) = (&recipe.data, &recipe.train);
+    let mut callbacks: Vec<Box<dyn Callback>> = Vec::new();
+    if let Some(end) = d.domain_share_end {
+        callbacks.push(Box::new(MixSchedule {
+            start: d.domain_share.unwrap_or(1.0),
+            end,
+            shape: d.mix_schedule,
+        }));
+    }
+    if t.memory_monitor {
+        callbacks.push(Box::new(MemoryMonitor::new(
+            (t.memory_budget_gb * 1e9) as u64,
+            probe_for(dev),
+        )));
+    }
+    callbacks
+}
+
+/// The state of a run that starts now: the held-out scores before training, a fresh sampler.
+fn fresh_state(
+    recipe: &Recipe,
+    model: &Model,
+    data: &RunData,
+    fwd: Fwd,
+    recompute: Recompute,
+    steps: usize,
+    per_step: usize,
+) -> Result<RunState> {
+    let t = &recipe.train;
+    let batch = t.batch.max(1);
+    let eval_before = eval_sequences(model, &data.held, batch, fwd)?;
+    let general_before = match &data.held_general {
+        Some(h) => Some(eval_sequences(model, h, batch, fwd)?),
+        None => None,
+    };
+    Ok(RunState {
+        step: 0,
+        adam_t: 0,
+        mixer: Mixer::new(data.train.len(), data.general.len(), t.seed)?,
+        control: Control {
+            step: 0,
+            total_steps: steps,
+            domain_share: recipe.data.domain_share.unwrap_or(1.0),
+            micro_batch: t.batch,
+            effective_batch: per_step,
+            lr: Default::default(),
+            stop: false,
+        },
+        callbacks: Default::default(),
+        bad_in_a_row: 0,
+        recompute: Some(recompute.name()),
+        trained_tokens: 0,
+        elapsed_s: 0.0,
+        epoch: 0,
+        eval_before,
+        general_before,
+        metrics: vec![json!({"step": 0, "eval": eval_before, "eval_general": general_before}).to_string()],
+    })
+}
+
+/// What a checkpoint restores into the run being prepared.
+struct Resumed<'a> {
+    params: &'a [(String, candle_core::Var)],
+    opt: &'a mut AdamW,
+    callbacks: &'a mut [Box<dyn Callback>],
+    recompute: &'a mut Recompute,
+}
+
+impl Resumed<'_> {
+    /// The state a checkpoint holds, its parameters, moments and callback states restored,
+    /// checked against this recipe's plan of `steps` steps of `per_step` rows.
+    fn resume(
+        &mut self,
+        recipe: &Recipe,
+        path: &std::path::Path,
+        dev: &Device,
+        steps: usize,
+        per_step: usize,
+    ) -> Result<RunState> {
+        let ck = checkpoint::load(path, dev)?;
+        checkpoint::restore_params(self.params, &ck.params, &ck.dir)?;
+        self.opt.moments = ck.moments;
+        self.opt.t = ck.state.adam_t;
+        if ck.state.control.total_steps != steps || ck.state.control.effective_batch != per_step {
+            bail!(
+                "{}: written by a run of {} steps of {} rows; this recipe plans {steps} steps of {per_step}. Resume with the recipe that wrote it",
+                ck.dir.display(),
+                ck.state.control.total_steps,
+                ck.state.control.effective_batch
+            );
+        }
+        for cb in self.callbacks.iter_mut() {
+            if let Some(v) = ck.state.callbacks.get(cb.name()) {
+                cb.restore(v)?;
+            }
+        }
+        // `auto` chose against the memory free when the run began; the rest of the run keeps
+        // that choice, since keeping products rounds them and so changes the numbers.
+        if let (Recompute::Auto, Some(r)) = (recipe.train.recompute, &ck.state.recompute) {
+            let began = Recompute::parse(r).with_context(|| format!("{}: recompute", ck.dir.display()))?;
+            if began != *self.recompute {
+                eprintln!(
+                    "recompute = auto: {} as the run began (not {})",
+                    began.name(),
+                    self.recompute.name()
+                );
+                *self.recompute = began;
+            }
+        }
+        eprintln!("resuming from {} (step {})", ck.dir.display(), ck.state.step);
+        Ok(ck.state)
+    }
+}

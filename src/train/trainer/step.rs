@@ -1,0 +1,327 @@
+//! Phase two, once per optimizer step: the rows it draws, the objective over its micro-batches
+//! (the mean cross-entropy over every target token of the step, the contrastive term on its
+//! general rows, EWC on the weights), the clipped AdamW update, and what it logs.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use serde_json::json;
+
+use super::super::callback::StepReport;
+use super::prepare::{Clock, Run, RunData};
+use super::with_oom_retry;
+use crate::data::mix;
+use crate::engine::{forward_backward_with, Batch, ExtraTerm, GradAcc, Recompute};
+use crate::model::{Fwd, Model};
+use crate::ops::lm_head::IGNORE;
+use crate::retain::contrastive;
+use crate::rng::mix as mix_seed;
+use crate::train::recipe::{Group, RetainSection};
+use crate::util::{device_peak, human_bytes, peak_rss};
+
+/// What one optimizer step measured.
+pub(super) struct StepOut {
+    /// `ce + ewc + contrastive_lambda * contrastive` (NaN when the step had no target token).
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub ce: f64,
+    pub ewc: f64,
+    pub contrastive: f64,
+    /// The loss or gradient was not finite: no update was made.
+    pub skipped: bool,
+}
+
+/// The step's objective over its rows: everything the micro-batches read.
+struct Objective<'a> {
+    model: &'a Model,
+    data: &'a RunData,
+    retain: &'a RetainSection,
+    fwd: Fwd,
+    recompute: Recompute,
+    /// This step's dropout seed.
+    seed: u64,
+    /// Target tokens of the whole step: the loss is their mean.
+    tokens: usize,
+    /// Contrastive samples of the whole step: each micro-batch's term is weighted by its share.
+    segments: usize,
+}
+
+/// The contrastive term of one micro-batch: its general rows' base-model hidden states.
+struct Contrastive<'a> {
+    base_hidden: Vec<f32>,
+    segments: Vec<(usize, usize)>,
+    weight: f64,
+    retain: &'a RetainSection,
+}
+
+impl<'r> Run<'r> {
+    /// Before the first step: metrics so far, the scores before, the callbacks' start.
+    pub fn begin(&mut self) -> Result<()> {
+        for line in &self.st.metrics {
+            std::io::Write::write_all(&mut self.log, format!("{line}\n").as_bytes())?;
+        }
+        super::evaluate::report("before", &self.st.eval_before, self.st.general_before.as_ref());
+        for cb in self.callbacks.iter_mut() {
+            cb.on_run_begin(&mut self.ctl)?;
+        }
+        self.clock = Clock {
+            start: std::time::Instant::now(),
+            elapsed0: self.st.elapsed_s,
+            tokens0: self.st.trained_tokens,
+            step0: self.st.step,
+            tty: self.clock.tty,
+        };
+        if self.st.step == 0 {
+            for cb in self.callbacks.iter_mut() {
+                cb.on_epoch_begin(&mut self.ctl, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The step's learning rates, the callbacks' say, and its rows: drawn at once, so the
+    /// micro-batch only decides how they are split.
+    pub fn begin_step(&mut self) -> Result<Vec<(usize, usize)>> {
+        let step = self.st.step;
+        self.ctl.step = step;
+        self.ctl.lr = self.scheds.iter().map(|(g, s)| (*g, s.lr(step))).collect();
+        for cb in self.callbacks.iter_mut() {
+            cb.on_step_begin(&mut self.ctl)?;
+        }
+        Ok(self.st.mixer.next_rows(self.per_step, self.ctl.domain_share))
+    }
+
+    /// Forward and backward over the step's rows, then the clipped update.
+    pub fn step(&mut self, rows: &[(usize, usize)]) -> Result<StepOut> {
+        let d = &self.data;
+        let tokens: usize = rows
+            .iter()
+            .map(|&(s, r)| {
+                [&d.train, &d.general][s].targets[r]
+                    .iter()
+                    .filter(|&&x| x != IGNORE)
+                    .count()
+            })
+            .sum();
+        let (mut ce, mut ewc, mut con, mut loss, mut grad_norm) = (f64::NAN, 0.0, 0.0, f64::NAN, f64::NAN);
+        if tokens > 0 {
+            let general: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].0 == 1).collect();
+            let objective = Objective {
+                model: &self.model,
+                data: &self.data,
+                retain: &self.retain,
+                fwd: self.eval_fwd,
+                recompute: self.recompute,
+                seed: mix_seed(&[self.recipe.train.seed, self.st.step as u64]),
+                tokens,
+                segments: contrastive::segments(&general, d.train.seq_len, self.retain.segment).len(),
+            };
+            let acc = &mut self.acc;
+            let (nll, c) = with_oom_retry(&mut self.ctl, |micro| objective.micro_batches(acc, rows, micro))?;
+            ce = nll / tokens as f64;
+            con = c;
+            ewc = match &self.ewc {
+                Some(e) => e.penalty(Some(&mut self.acc), 1.0)?,
+                None => 0.0,
+            };
+            loss = ce + ewc + self.retain.contrastive_lambda * con;
+            grad_norm = self.acc.norm()?;
+        }
+        let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        self.st.step += 1;
+        self.ctl.step = self.st.step;
+        if skipped {
+            self.st.bad_in_a_row += 1;
+        } else {
+            self.st.bad_in_a_row = 0;
+            self.update(grad_norm)?;
+            self.st.trained_tokens += tokens;
+        }
+        Ok(StepOut {
+            loss,
+            grad_norm,
+            ce,
+            ewc,
+            contrastive: con,
+            skipped,
+        })
+    }
+
+    /// Clips the accumulated gradient to `train.clip` and takes AdamW's step, each parameter
+    /// at its group's rate.
+    fn update(&mut self, grad_norm: f64) -> Result<()> {
+        let clip = self.recipe.train.clip;
+        if clip > 0.0 && grad_norm > clip {
+            self.acc.scale(clip / grad_norm)?;
+        }
+        let (lr, groups) = (&self.ctl.lr, &self.groups);
+        self.opt.step(&self.params, &self.acc, |i| lr[&groups[i]])
+    }
+
+    /// After the update: the callbacks, the metrics line, the progress line, epochs.
+    pub fn end_step(&mut self, out: &StepOut) -> Result<()> {
+        let mut rep = StepReport {
+            loss: out.loss,
+            skipped: out.skipped,
+            log: Default::default(),
+        };
+        let micro_used = self.ctl.micro_batch;
+        for cb in self.callbacks.iter_mut() {
+            cb.on_step_end(&mut self.ctl, &mut rep)?;
+        }
+        let (loss, gnorm) = (out.loss, out.grad_norm);
+        let elapsed = self.elapsed();
+        let tps = self.tokens_per_second();
+        let (peak, peak_dev) = (peak_rss(), device_peak(&self.dev));
+        let mut line = json!({
+            "step": self.st.step, "loss": if out.skipped { json!(loss.to_string()) } else { json!(loss) },
+            "grad_norm": if gnorm.is_finite() { json!(gnorm) } else { json!(gnorm.to_string()) },
+            "skipped": out.skipped, "ce": out.ce, "ewc": out.ewc, "contrastive": out.contrastive, "lr": self.ctl.lr,
+            "micro_batch": micro_used, "grad_accum": self.per_step / micro_used,
+            "domain_share": self.ctl.domain_share, "domain_share_realised": self.st.mixer.realised_share(),
+            "tokens": self.st.trained_tokens, "tok_per_s": tps, "peak_rss": peak, "peak_device": peak_dev, "elapsed_s": elapsed,
+        });
+        line.as_object_mut().expect("object").extend(rep.log);
+        self.emit(line)?;
+        if out.skipped {
+            self.note_skipped(loss, gnorm)?;
+        }
+        self.print_progress(loss, tps, peak, peak_dev);
+        let passes = self.st.mixer.domain_passes();
+        if passes > self.st.epoch {
+            for cb in self.callbacks.iter_mut() {
+                cb.on_epoch_end(&mut self.ctl, self.st.epoch)?;
+                cb.on_epoch_begin(&mut self.ctl, passes)?;
+            }
+            self.st.epoch = passes;
+        }
+        Ok(())
+    }
+
+    /// Says a step was skipped, and stops the run after `train.max_bad_steps` in a row.
+    fn note_skipped(&self, loss: f64, gnorm: f64) -> Result<()> {
+        eprintln!(
+            "step {}: loss {loss} / gradient norm {gnorm} not finite; update skipped",
+            self.st.step
+        );
+        if self.st.bad_in_a_row >= self.recipe.train.max_bad_steps {
+            bail!(
+                "loss or gradient was not finite for {} steps in a row (step {}); stopping with the last good checkpoint in {}. Lower train.lr or check the data",
+                self.st.bad_in_a_row,
+                self.st.step,
+                self.recipe.train.out.join("checkpoints").display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The progress line: rewritten in place on a terminal, every 10 steps otherwise.
+    fn print_progress(&self, loss: f64, tps: f64, peak: u64, peak_dev: Option<u64>) {
+        let (t, c, steps) = (&self.recipe.train, &self.clock, self.steps);
+        let lr_main = self.ctl.lr.get(&Group::LoraA).copied().unwrap_or(t.lr);
+        let done = (self.st.step - c.step0) as f64;
+        let status = format!(
+            "step {}/{steps}  loss {loss:.4}  lr {lr_main:.2e}  {tps:.0} tok/s  ETA {}  peak {}",
+            self.st.step,
+            fmt_secs(c.start.elapsed().as_secs_f64() / done * (steps - self.st.step) as f64),
+            match peak_dev {
+                Some(d) => format!("{} on {}", human_bytes(d), t.device),
+                None => human_bytes(peak),
+            }
+        );
+        if c.tty {
+            eprint!("\r{status}\x1b[K");
+        } else if self.st.step % 10 == 0 || self.st.step == steps || self.st.step == 1 {
+            eprintln!("{status}");
+        }
+    }
+
+    /// Seconds in the loop, a resumed run's earlier ones included.
+    pub fn elapsed(&self) -> f64 {
+        self.clock.elapsed0 + self.clock.start.elapsed().as_secs_f64()
+    }
+
+    /// Tokens a second trained since this process began the loop.
+    pub fn tokens_per_second(&self) -> f64 {
+        (self.st.trained_tokens - self.clock.tokens0) as f64 / self.clock.start.elapsed().as_secs_f64().max(1e-9)
+    }
+}
+
+impl Objective<'_> {
+    /// Every micro-batch of `micro` rows, forward and backward into `acc`: the step's summed
+    /// token NLL and contrastive loss. The loss is the mean over every target token of the step,
+    /// so splitting it into micro-batches changes nothing but memory.
+    fn micro_batches(&self, acc: &mut GradAcc, rows: &[(usize, usize)], micro: usize) -> Result<(f64, f64)> {
+        acc.clear();
+        let (mut nll, mut con) = (0.0, 0.0);
+        let seq = self.data.train.seq_len;
+        for (k, chunk) in rows.chunks(micro).enumerate() {
+            let (ids, targets) = mix::gather(&[&self.data.train, &self.data.general], chunk, &self.model.device)?;
+            let fwd = Fwd {
+                dropout_seed: Some(self.seed),
+                first_token: (k * micro * seq) as u64,
+                ..self.fwd
+            };
+            let term = self.contrastive(&ids, chunk)?;
+            let hook = term.as_ref().map(|c| move |h: &Tensor| c.term(h));
+            let extra: Option<ExtraTerm<'_>> = hook.as_ref().map(|f| f as ExtraTerm<'_>);
+            let batch = Batch { ids, targets };
+            let out = forward_backward_with(
+                self.model,
+                &batch,
+                1.0 / self.tokens as f64,
+                self.recompute,
+                fwd,
+                acc,
+                extra,
+            )?;
+            nll += out.nll_sum;
+            con += out.extra;
+        }
+        Ok((nll, con))
+    }
+
+    /// The contrastive term of a micro-batch, when the recipe has one and the micro-batch has
+    /// two or more general samples: their base-model (adapters off) hidden states.
+    fn contrastive(&self, ids: &Tensor, chunk: &[(usize, usize)]) -> Result<Option<Contrastive<'_>>> {
+        let r = self.retain;
+        let general: Vec<usize> = (0..chunk.len()).filter(|&i| chunk[i].0 == 1).collect();
+        let segments = contrastive::segments(&general, self.data.train.seq_len, r.segment);
+        if r.contrastive_lambda <= 0.0 || segments.len() < 2 {
+            return Ok(None);
+        }
+        let base = Fwd {
+            adapters: false,
+            ..self.fwd
+        };
+        let base_hidden: Vec<f32> = self.model.hidden(ids, base, None)?.flatten_all()?.to_vec1()?;
+        let weight = r.contrastive_lambda * segments.len() as f64 / self.segments.max(1) as f64;
+        Ok(Some(Contrastive {
+            base_hidden,
+            segments,
+            weight,
+            retain: r,
+        }))
+    }
+}
+
+impl Contrastive<'_> {
+    /// InfoNCE on the adapted hidden states `h`: the loss (per unit of lambda) and its
+    /// gradient, weighted as it enters the step.
+    fn term(&self, h: &Tensor) -> Result<(f64, Tensor)> {
+        let d = h.dim(1)?;
+        let hv: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let (l, dh) = contrastive::info_nce(&hv, &self.base_hidden, d, &self.segments, self.retain.temperature);
+        let dh = (Tensor::from_vec(dh, h.shape(), h.device())? * self.weight)?;
+        Ok((l * self.weight / self.retain.contrastive_lambda, dh))
+    }
+}
+
+/// `1m05s`, or `1h02m` past an hour.
+fn fmt_secs(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
