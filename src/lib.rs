@@ -17,7 +17,7 @@
 //! | 0 | [`quant`], [`rng`], [`util`] | NF4, the seeded RNG, files and memory readings |
 //!
 //! Where to look first: a training step is [`engine::step`]; the base precisions are
-//! [`model::BaseDtype`]; every Hugging Face and GGUF tensor name is in [`model::names`]; a whole
+//! [`model::precision`]; every Hugging Face and GGUF tensor name is in [`model::names`]; a whole
 //! run, phase by phase, is [`train::trainer`].
 
 pub mod adapter;

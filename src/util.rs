@@ -187,6 +187,21 @@ mod device_pool {
     }
 }
 
+/// Implements `serde::Deserialize` for types written as strings (recipe values such as
+/// `"cosine"` or `"nf4-dq"`) through their `FromStr`, so a recipe is typed as it is read and a
+/// bad value fails with the type's own message.
+#[macro_export]
+macro_rules! deserialize_from_str {
+    ($($t:ty),+) => {$(
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                let s = <String as serde::Deserialize>::deserialize(d)?;
+                s.parse().map_err(|e: anyhow::Error| serde::de::Error::custom(format!("{e:#}")))
+            }
+        }
+    )+};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,19 +225,4 @@ mod tests {
             assert!(device_memory(&candle_core::Device::Cpu).is_none());
         }
     }
-}
-
-/// Implements `serde::Deserialize` for types written as strings (recipe values such as
-/// `"cosine"` or `"nf4-dq"`) through their `FromStr`, so a recipe is typed as it is read and a
-/// bad value fails with the type's own message.
-#[macro_export]
-macro_rules! deserialize_from_str {
-    ($($t:ty),+) => {$(
-        impl<'de> serde::Deserialize<'de> for $t {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-                let s = <String as serde::Deserialize>::deserialize(d)?;
-                s.parse().map_err(|e: anyhow::Error| serde::de::Error::custom(format!("{e:#}")))
-            }
-        }
-    )+};
 }

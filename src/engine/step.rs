@@ -76,7 +76,7 @@ impl Recompute {
 }
 
 /// The `k` layers that keep their products under [`Recompute::Partial`]: lowest
-/// [`crate::model::decoder::keep_rank`] first, then from the bottom up.
+/// [`crate::model::precision::keep_rank`] first, then from the bottom up.
 pub fn selective_layers(costs: &[u8], k: usize) -> Vec<bool> {
     let mut order: Vec<usize> = (0..costs.len()).collect();
     order.sort_by_key(|&i| (costs[i], i));

@@ -6,11 +6,13 @@ pub mod gguf;
 pub mod hf;
 pub mod lora;
 pub mod names;
+pub mod precision;
 pub mod source;
 pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig};
-pub use decoder::{BaseDtype, Block, BlockState, Fwd, KvCache, Linear, LinearWeight, LoadSpec, Model, Param};
+pub use decoder::{Block, BlockState, Fwd, KvCache, Linear, LinearWeight, LoadSpec, Model, Param};
 pub use lora::{Lora, ModuleLora};
 pub use names::{BaseTensor, PerProj, Proj, MODULES, SAVABLE};
+pub use precision::BaseDtype;
 pub use source::{open, ModelSource, WeightSource};

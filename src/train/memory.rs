@@ -10,7 +10,7 @@
 
 use crate::engine::Recompute;
 use crate::model::config::ModelConfig;
-use crate::model::decoder::keep_rank;
+use crate::model::precision::keep_rank;
 use crate::model::{BaseDtype, BaseTensor, PerProj, Proj};
 use crate::retain::FisherFormat;
 use crate::util::human_bytes;
@@ -349,7 +349,7 @@ fn add_retain(s: &RunShape<'_>, p: &mut Prediction) {
     }
 }
 
-/// Each layer's rank for keeping its frozen products ([`crate::model::decoder::keep_rank`]),
+/// Each layer's rank for keeping its frozen products ([`crate::model::precision::keep_rank`]),
 /// from the adapter ranks and bases tables: what `Model::keep_ranks` reads off a built model.
 pub fn keep_ranks(ranks: &[PerProj<usize>], bases: &[PerProj<BaseDtype>]) -> Vec<u8> {
     ranks

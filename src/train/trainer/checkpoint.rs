@@ -12,7 +12,7 @@ impl Run<'_> {
     /// checkpoint stays the last good state.
     pub fn checkpoint_due(&mut self, skipped: bool) -> Result<()> {
         let t = &self.recipe.train;
-        let due = t.checkpoint_every > 0 && self.st.step % t.checkpoint_every == 0;
+        let due = t.checkpoint_every > 0 && self.st.step.is_multiple_of(t.checkpoint_every);
         if !(due || self.st.step == self.steps || self.ctl.stop) || skipped {
             return Ok(());
         }

@@ -13,7 +13,7 @@ impl Run<'_> {
     pub fn evaluate_due(&mut self) -> Result<()> {
         let every = self.recipe.train.eval_every;
         let step = self.st.step;
-        if every == 0 || step % every != 0 || step >= self.steps {
+        if every == 0 || !step.is_multiple_of(every) || step >= self.steps {
             return Ok(());
         }
         let m = eval_sequences(&self.model, &self.data.held, self.eval_batch(), self.eval_fwd)?;

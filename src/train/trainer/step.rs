@@ -230,7 +230,7 @@ impl<'r> Run<'r> {
         );
         if c.tty {
             eprint!("\r{status}\x1b[K");
-        } else if self.st.step % 10 == 0 || self.st.step == steps || self.st.step == 1 {
+        } else if self.st.step.is_multiple_of(10) || self.st.step == steps || self.st.step == 1 {
             eprintln!("{status}");
         }
     }
