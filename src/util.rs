@@ -187,16 +187,22 @@ mod device_pool {
     }
 }
 
-/// Implements `serde::Deserialize` for types written as strings (recipe values such as
-/// `"cosine"` or `"nf4-dq"`) through their `FromStr`, so a recipe is typed as it is read and a
-/// bad value fails with the type's own message.
+/// Implements `FromStr` and `serde::Deserialize` for types written as strings (recipe values
+/// such as `"cosine"` or `"nf4-dq"`) through their own `parse(&str) -> anyhow::Result<Self>`,
+/// so a recipe is typed as it is read and a bad value fails with the type's own message.
 #[macro_export]
-macro_rules! deserialize_from_str {
+macro_rules! parsed_from_str {
     ($($t:ty),+) => {$(
+        impl std::str::FromStr for $t {
+            type Err = anyhow::Error;
+            fn from_str(s: &str) -> anyhow::Result<Self> {
+                Self::parse(s)
+            }
+        }
         impl<'de> serde::Deserialize<'de> for $t {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
                 let s = <String as serde::Deserialize>::deserialize(d)?;
-                s.parse().map_err(|e: anyhow::Error| serde::de::Error::custom(format!("{e:#}")))
+                Self::parse(&s).map_err(|e| serde::de::Error::custom(format!("{e:#}")))
             }
         }
     )+};

@@ -20,13 +20,7 @@ pub enum BaseDtype {
     Nf4Dq,
 }
 
-impl std::str::FromStr for BaseDtype {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Self::parse(s)
-    }
-}
-crate::deserialize_from_str!(BaseDtype);
+crate::parsed_from_str!(BaseDtype);
 
 impl BaseDtype {
     /// Parses `f32`, `bf16`, `nf4`, `nf4-dq` or `as-stored`.

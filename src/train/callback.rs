@@ -106,13 +106,7 @@ pub enum MixShape {
     Step,
 }
 
-impl std::str::FromStr for MixShape {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Self::parse(s)
-    }
-}
-crate::deserialize_from_str!(MixShape);
+crate::parsed_from_str!(MixShape);
 
 impl MixShape {
     /// Parses `linear`, `cosine` or `step`.

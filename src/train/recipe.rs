@@ -24,9 +24,9 @@ pub enum Mode {
     Full,
 }
 
-impl std::str::FromStr for Mode {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
+impl Mode {
+    /// Parses `lora` or `full`.
+    pub fn parse(s: &str) -> Result<Self> {
         match s {
             "lora" => Ok(Mode::Lora),
             "full" => Ok(Mode::Full),
@@ -44,9 +44,9 @@ pub enum DataFormat {
     Chat,
 }
 
-impl std::str::FromStr for DataFormat {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
+impl DataFormat {
+    /// Parses `text` or `chat`.
+    pub fn parse(s: &str) -> Result<Self> {
         match s {
             "text" => Ok(DataFormat::Text),
             "chat" => Ok(DataFormat::Chat),
@@ -55,7 +55,7 @@ impl std::str::FromStr for DataFormat {
     }
 }
 
-crate::deserialize_from_str!(Mode, DataFormat);
+crate::parsed_from_str!(Mode, DataFormat);
 
 /// A parameter group: its own learning rate and schedule (`[[train.groups]]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, Deserialize)]

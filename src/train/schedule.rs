@@ -13,13 +13,7 @@ pub enum Decay {
     Constant,
 }
 
-impl std::str::FromStr for Decay {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Self::parse(s)
-    }
-}
-crate::deserialize_from_str!(Decay);
+crate::parsed_from_str!(Decay);
 
 impl Decay {
     /// Parses `cosine` / `linear` / `constant`.
