@@ -3,7 +3,8 @@
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use strata::eval::mc::{load_items, score_item, score_items, McItem};
+use strata::data::mc::{load_items, McItem};
+use strata::eval::mc::{score_item, score_items};
 use strata::model::config::Arch;
 use strata::model::tokenizer::{tiny_vocab, tokenizer_json_from_gguf, Tok};
 use strata::model::{BaseDtype, Fwd, Model};

@@ -13,9 +13,8 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use std::path::Path;
 
-use crate::model::config::Arch;
-use crate::model::gguf::permute_rows;
-use crate::model::names::{hf_to_gguf, Proj};
+use crate::model::gguf::{permute_rows, permuted_heads};
+use crate::model::names::hf_to_gguf;
 use crate::model::Model;
 
 /// Storage types of the adapter's tensors (its ranks are rarely whole blocks of a quantized
@@ -42,10 +41,8 @@ pub fn write(model: &Model, out: &Path, dtype: &str) -> Result<()> {
     for (module, l) in model.loras() {
         let base = hf_to_gguf(&format!("{module}.weight")).with_context(|| format!("no GGUF name for `{module}`"))?;
         let mut b = (l.b.as_tensor() * l.scale)?;
-        if cfg.arch == Arch::Llama && base.contains(&format!(".{}.", Proj::Q.gguf())) {
-            b = permute_rows(&b, cfg.num_heads, true)?;
-        } else if cfg.arch == Arch::Llama && base.contains(".attn_k.") {
-            b = permute_rows(&b, cfg.num_kv_heads, true)?;
+        if let Some(n) = permuted_heads(cfg.arch, cfg.num_heads, cfg.num_kv_heads, &base) {
+            b = permute_rows(&b, n, true)?;
         }
         tensors.push((format!("{base}.lora_a"), QTensor::quantize(l.a.as_tensor(), ty)?));
         tensors.push((format!("{base}.lora_b"), QTensor::quantize(&b, ty)?));

@@ -6,10 +6,10 @@ use candle_core::{DType, Var};
 use serde_json::{json, Value};
 use std::path::Path;
 
-use super::plan::{pattern_match, peft_save_name, LoraPlan, SAVABLE};
+use super::plan::{pattern_match, peft_save_name, LoraPlan};
 use crate::model::hf::{save_safetensors, SafetensorsSource};
 use crate::model::{BaseDtype, Model};
-use crate::model::{Lora, Proj, MODULES};
+use crate::model::{Lora, Proj, MODULES, SAVABLE};
 
 /// Tensor name PEFT uses for an adapter matrix (`ab` is `A` or `B`).
 pub fn peft_key(module: &str, ab: &str) -> String {

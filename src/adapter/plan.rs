@@ -11,7 +11,7 @@ use regex::Regex;
 use serde::Deserialize;
 
 use crate::model::BaseDtype;
-use crate::model::{Lora, Model, PerProj, Proj, MODULES};
+use crate::model::{Lora, Model, ModuleLora, PerProj, Proj, MODULES};
 use crate::rng::{mix, Rng};
 
 /// A recipe rule: a rank and alpha for a range of layers (and optionally some modules).
@@ -57,11 +57,9 @@ pub struct LoraPlan {
     /// Dropout on the adapter input during training.
     pub dropout: f32,
     /// Base modules trained in full beside the adapters and saved with them (PEFT's
-    /// `modules_to_save`): any of [`SAVABLE`].
+    /// `modules_to_save`): any of [`crate::model::SAVABLE`].
     pub modules_to_save: Vec<String>,
 }
-
-pub use crate::model::names::SAVABLE;
 
 /// The name PEFT's `modules_to_save` gets (matched against module paths by suffix, so the final
 /// norm is `model.norm`, which no layer norm ends with).
@@ -72,8 +70,6 @@ pub fn peft_save_name(m: &str) -> &str {
         m
     }
 }
-
-pub use crate::model::ModuleLora;
 
 /// PEFT's `get_pattern_key`: the first key whose `(.*\.)?(KEY)$` matches the whole name from its start.
 pub fn pattern_match<'a, T>(patterns: &'a [(String, T)], name: &str) -> Result<Option<&'a T>> {
@@ -152,7 +148,7 @@ impl LoraPlan {
             let mod_alt = mods.join("|");
             let key = format!(
                 r"{}\.({layer_alt})\.(self_attn|mlp)\.({mod_alt})",
-                crate::model::names::LAYERS.replace('.', r"\.")
+                regex::escape(crate::model::names::LAYERS)
             );
             if let Some(b) = rule.base {
                 self.base_pattern.push((key.clone(), b));
@@ -164,7 +160,7 @@ impl LoraPlan {
         Ok(self)
     }
 
-    /// Base precision of every projection, ``[layer][projection]``: the first rule naming it,
+    /// Base precision of every projection, by layer: the first rule naming it,
     /// else `default`.
     pub fn base_table(&self, num_layers: usize, default: BaseDtype) -> Result<Vec<PerProj<BaseDtype>>> {
         (0..num_layers)

@@ -6,9 +6,10 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 
 use crate::data;
+use crate::data::mc::load_items;
 use crate::eval::compare::paired;
 use crate::eval::eval_sequences;
-use crate::eval::mc::{load_items, score_items, McResult};
+use crate::eval::mc::{score_items, McResult};
 use crate::model::Fwd;
 
 /// Arguments of `strata eval`.

@@ -14,7 +14,7 @@ use crate::model::tokenizer::Tok;
 use crate::model::{Fwd, Model};
 use crate::ops::lm_head::IGNORE;
 
-pub use crate::data::mc::{load_items, McItem};
+use crate::data::mc::McItem;
 
 /// Per-item outcome.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::config::{Arch, ModelConfig};
-use super::names::{gguf_to_hf, hf_to_gguf, Proj};
+use super::names::{gguf_proj, gguf_to_hf, hf_to_gguf, Proj};
 use super::source::{ModelSource, WeightSource};
 use super::tokenizer::{tokenizer_json_from_gguf, GgufVocab, Tok};
 
@@ -108,6 +108,17 @@ pub fn read_checked(path: &Path) -> Result<Content> {
 /// not read, and an export copies them as stored).
 pub fn is_modelled(name: &str) -> bool {
     gguf_to_hf(name).is_some()
+}
+
+/// The head count llama.cpp interleaved the rows of GGUF tensor `name` over (its Q/K
+/// permutation for Llama's RoPE, undone by [`permute_rows`]), or `None` for a tensor stored as
+/// Hugging Face has it.
+pub fn permuted_heads(arch: Arch, heads: usize, kv_heads: usize, name: &str) -> Option<usize> {
+    match (arch, gguf_proj(name)) {
+        (Arch::Llama, Some(Proj::Q)) => Some(heads),
+        (Arch::Llama, Some(Proj::K)) => Some(kv_heads),
+        _ => None,
+    }
 }
 
 /// llama.cpp's Q/K row permutation (`convert_hf_to_gguf.py::permute`) and its inverse, on the
@@ -266,15 +277,10 @@ impl WeightSource for GgufSource {
             bail!("{}: missing tensor `{g}` (for `{name}`)", self.path.display());
         }
         let t = self.qtensor(&g)?.dequantize(&Device::Cpu)?;
-        if self.arch == Arch::Llama {
-            if g.contains(&format!(".{}.", Proj::Q.gguf())) {
-                return permute_rows(&t, self.heads, false);
-            }
-            if g.contains(&format!(".{}.", Proj::K.gguf())) {
-                return permute_rows(&t, self.kv_heads, false);
-            }
+        match permuted_heads(self.arch, self.heads, self.kv_heads, &g) {
+            Some(n) => permute_rows(&t, n, false),
+            None => Ok(t),
         }
-        Ok(t)
     }
 
     fn get_quant(&self, name: &str) -> Result<Option<QTensor>> {
@@ -287,14 +293,8 @@ impl WeightSource for GgufSource {
             return Ok(None);
         }
         let q = self.qtensor(&g)?;
-        let n_head = match (
-            self.arch,
-            g.contains(&format!(".{}.", Proj::Q.gguf())),
-            g.contains(&format!(".{}.", Proj::K.gguf())),
-        ) {
-            (Arch::Llama, true, _) => self.heads,
-            (Arch::Llama, _, true) => self.kv_heads,
-            _ => return Ok(Some(q)),
+        let Some(n_head) = permuted_heads(self.arch, self.heads, self.kv_heads, &g) else {
+            return Ok(Some(q));
         };
         // Un-permute whole rows: each row is a run of complete quantization blocks.
         let (rows, cols) = q.shape().dims2()?;
@@ -471,10 +471,8 @@ pub fn write_tensors(
     each(&mut |name, t| {
         let g = hf_to_gguf(&name).with_context(|| format!("no GGUF name for tensor `{name}`"))?;
         let mut t = t.to_dtype(candle_core::DType::F32)?;
-        if cfg.arch == Arch::Llama && g.contains(&format!(".{}.", Proj::Q.gguf())) {
-            t = permute_rows(&t, cfg.num_heads, true)?;
-        } else if cfg.arch == Arch::Llama && g.contains(&format!(".{}.", Proj::K.gguf())) {
-            t = permute_rows(&t, cfg.num_kv_heads, true)?;
+        if let Some(n) = permuted_heads(cfg.arch, cfg.num_heads, cfg.num_kv_heads, &g) {
+            t = permute_rows(&t, n, true)?;
         }
         let to = ty(&g, &t);
         let q = QTensor::quantize(&t, to).with_context(|| format!("cannot store `{g}` as {to:?}"))?;

@@ -248,6 +248,12 @@ pub fn hf_to_gguf(name: &str) -> Option<String> {
     Some(format!("blk.{layer}.{g}.{kind}"))
 }
 
+/// The projection a GGUF tensor (`blk.N.attn_q.weight` ...) belongs to, if any.
+pub fn gguf_proj(name: &str) -> Option<Proj> {
+    let module = name.strip_prefix("blk.")?.split('.').nth(1)?;
+    Proj::ALL.into_iter().find(|p| p.gguf() == module)
+}
+
 /// The Hugging Face name of a GGUF tensor name (`None`: a tensor strata does not model).
 pub fn gguf_to_hf(name: &str) -> Option<String> {
     if let Some(r) = BASE_NAMES.iter().find(|r| !r.4 && r.3 == name) {
@@ -289,6 +295,9 @@ mod tests {
             "blk.1.attn_norm.weight"
         );
         assert_eq!(Proj::Down.path(4), "model.layers.4.mlp.down_proj");
+        assert_eq!(gguf_proj("blk.3.attn_k.bias"), Some(Proj::K));
+        assert_eq!(gguf_proj("blk.3.attn_norm.weight"), None);
+        assert_eq!(gguf_proj("token_embd.weight"), None);
         assert_eq!(
             BaseTensor::MlpNorm.hf(2),
             "model.layers.2.post_attention_layernorm.weight"

@@ -4,8 +4,9 @@
 use anyhow::Result;
 use serde_json::json;
 
-use super::prepare::Run;
+use super::prepare::{Run, RunData};
 use crate::eval::{eval_sequences, TextMetrics};
+use crate::model::{Fwd, Model};
 
 impl Run<'_> {
     /// Scores the held-out rows when `train.eval_every` says so (the last step is scored by
@@ -30,13 +31,23 @@ impl Run<'_> {
 
     /// The held-out and general held-out scores now.
     pub fn evaluate(&self) -> Result<(TextMetrics, Option<TextMetrics>)> {
-        let m = eval_sequences(&self.model, &self.data.held, self.eval_batch(), self.eval_fwd)?;
-        let g = match &self.data.held_general {
-            Some(h) => Some(eval_sequences(&self.model, h, self.eval_batch(), self.eval_fwd)?),
-            None => None,
-        };
-        Ok((m, g))
+        score(&self.model, &self.data, self.eval_batch(), self.eval_fwd)
     }
+}
+
+/// The held-out and general held-out scores of `model`, `batch` rows at a time.
+pub(super) fn score(
+    model: &Model,
+    data: &RunData,
+    batch: usize,
+    fwd: Fwd,
+) -> Result<(TextMetrics, Option<TextMetrics>)> {
+    let m = eval_sequences(model, &data.held, batch, fwd)?;
+    let g = match &data.held_general {
+        Some(h) => Some(eval_sequences(model, h, batch, fwd)?),
+        None => None,
+    };
+    Ok((m, g))
 }
 
 /// The held-out line printed before and after training.

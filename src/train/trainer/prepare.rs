@@ -20,7 +20,6 @@ use crate::adapter::{peft, LoraPlan};
 use crate::data::mix::Mixer;
 use crate::data::Sequences;
 use crate::engine::{AdamW, GradAcc, Recompute};
-use crate::eval::eval_sequences;
 use crate::model::{self, Fwd, LoadSpec, Model, ModelSource, Proj};
 use crate::retain::{Ewc, Fisher};
 use crate::util::{current_rss, human_bytes, reset_device_peak};
@@ -107,7 +106,7 @@ impl<'r> Run<'r> {
         let runtime = current_rss();
         let retain = recipe.retain.clone().unwrap_or_default();
         let (fisher, estimated) = fisher_first(recipe, &retain, &dev)?;
-        let (recompute, predicted) = plan_memory(recipe, &src, &dev, runtime, estimated)?;
+        let (mut recompute, predicted) = plan_memory(recipe, &src, &dev, runtime, estimated)?;
         let eval_fwd = Fwd {
             composed: opts.device_ops,
             ..Fwd::eval()
@@ -127,7 +126,6 @@ impl<'r> Run<'r> {
         let mut callbacks = builtin_callbacks(recipe, &dev);
         callbacks.extend(opts.callbacks);
         let mut opt = AdamW::new(t.weight_decay);
-        let mut recompute = recompute;
         let st = match &opts.resume {
             Some(path) => {
                 let mut into = Resumed {
@@ -410,12 +408,7 @@ fn fresh_state(
     per_step: usize,
 ) -> Result<RunState> {
     let t = &recipe.train;
-    let batch = t.batch.max(1);
-    let eval_before = eval_sequences(model, &data.held, batch, fwd)?;
-    let general_before = match &data.held_general {
-        Some(h) => Some(eval_sequences(model, h, batch, fwd)?),
-        None => None,
-    };
+    let (eval_before, general_before) = super::evaluate::score(model, data, t.batch.max(1), fwd)?;
     Ok(RunState {
         step: 0,
         adam_t: 0,

@@ -5,6 +5,7 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use serde_json::json;
+use std::io::Write;
 
 use super::super::callback::StepReport;
 use super::prepare::{Clock, Run, RunData};
@@ -57,7 +58,7 @@ impl<'r> Run<'r> {
     /// Before the first step: metrics so far, the scores before, the callbacks' start.
     pub fn begin(&mut self) -> Result<()> {
         for line in &self.st.metrics {
-            std::io::Write::write_all(&mut self.log, format!("{line}\n").as_bytes())?;
+            writeln!(self.log, "{line}")?;
         }
         super::evaluate::report("before", &self.st.eval_before, self.st.general_before.as_ref());
         for cb in self.callbacks.iter_mut() {
