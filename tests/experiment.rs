@@ -31,6 +31,7 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
         dir.join("data/gmc.jsonl"),
         mc("the cat sat on the", "mat", "rate").repeat(3),
     )?;
+    std::fs::write(dir.join("data/gmc2.jsonl"), mc("the cat sat", "on", "bank").repeat(3))?;
     let d = dir.display();
     let recipe = |extra: &str| {
         format!(
@@ -46,7 +47,7 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
     std::fs::write(
         dir.join("exp.toml"),
         format!(
-            "name = \"tiny\"\nout = \"{d}/full\"\ntokens = 256\n[eval]\ngeneral_mc = \"{d}/data/gmc.jsonl\"\ndomain_mc = \"{d}/data/dmc.jsonl\"\ntext = [\"{d}/data/dom-held.txt\", \"{d}/data/gen-held.txt\"]\nseq_len = 16\n\
+            "name = \"tiny\"\nout = \"{d}/full\"\ntokens = 256\n[eval]\ngeneral_mc = [\"{d}/data/gmc.jsonl\", \"{d}/data/gmc2.jsonl\"]\ndomain_mc = \"{d}/data/dmc.jsonl\"\ntext = [\"{d}/data/dom-held.txt\", \"{d}/data/gen-held.txt\"]\nseq_len = 16\n\
              [quick]\ntokens = 96\nmc_items = 2\ntext_rows = 2\nout = \"{d}/quick\"\n\
              [[run]]\nname = \"plain LoRA\"\nrecipe = \"{d}/lora.toml\"\n[[run]]\nname = \"LoRA + EWC\"\nrecipe = \"{d}/retain.toml\"\n"
         ),
@@ -62,6 +63,10 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
         "{table}"
     );
     assert!(
+        table.contains("data/gmc2 acc") && table.contains("data/dom-held ppl"),
+        "{table}"
+    );
+    assert!(
         table.contains("3 steps"),
         "96 tokens / (2 rows x 16) = 3 steps: {table}"
     );
@@ -70,6 +75,16 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
         assert_eq!(r["steps"], 3);
         assert!(r["peak_rss_bytes"].as_u64().unwrap() > 0);
         assert_eq!(r["general"]["items"], 2);
+        assert_eq!(
+            r["mc"].as_array().unwrap().len(),
+            3,
+            "two general sets and one domain set"
+        );
+        let text = r["text"].as_array().unwrap();
+        assert_eq!(text.len(), 2);
+        let ratio = &text[0]["ratio"];
+        assert!(ratio[1].as_f64().unwrap() <= ratio[0].as_f64().unwrap());
+        assert!(ratio[0].as_f64().unwrap() <= ratio[2].as_f64().unwrap());
     }
     let html = std::fs::read_to_string(q.join("report.html"))?;
     assert!(html.matches("<svg").count() == 2 && html.contains("learning vs forgetting"));

@@ -74,6 +74,18 @@ fn batched_scores_equal_a_full_forward_and_pick_the_likeliest() -> Result<()> {
             assert!((a - b).abs() < 1e-3, "padded {b} vs alone {a}");
         }
     }
+    // The CPU scores each item as one row, its context shared by the choices; the composed path
+    // (what a GPU runs) scores one row per choice. Both give the full forward's numbers.
+    let composed = Fwd {
+        composed: true,
+        ..Fwd::eval()
+    };
+    let flat = score_items(&model, &tok, &[item.clone(), long.clone(), spaced.clone()], composed)?;
+    for (f, sc) in flat.scores.iter().zip(&batch.scores) {
+        for (a, b) in f.logprobs.iter().zip(&sc.logprobs) {
+            assert!((a - b).abs() < 1e-3, "one row per choice {a} vs shared context {b}");
+        }
+    }
     let direct = oracle(&model, &tok, &long.context, "thesis 42")?;
     assert!((batch.scores[1].logprobs[3] - direct).abs() < 1e-3);
     // The answer is right exactly when it has the highest summed log-likelihood.

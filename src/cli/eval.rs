@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use crate::data;
 use crate::data::mc::load_items;
 use crate::eval::compare::paired;
-use crate::eval::eval_sequences;
 use crate::eval::mc::{score_items, McResult};
+use crate::eval::perplexity::eval_rows;
 use crate::model::Fwd;
 
 /// Arguments of `strata eval`.
@@ -21,6 +21,10 @@ pub struct Args {
     /// Text files or directories (`.txt`, `.md`, `.jsonl` with `text`): perplexity and accuracy.
     #[arg(long, num_args = 1..)]
     pub text: Vec<PathBuf>,
+    /// Chat jsonl files (`{"messages"}`): loss on the assistant turns only, in the model's chat
+    /// template (chat retention: the base model's own answers, scored by the adapted model).
+    #[arg(long, num_args = 1..)]
+    pub chat: Vec<PathBuf>,
     /// Multiple-choice jsonl files (`{"context", "choices", "answer"}`) measuring general knowledge.
     #[arg(long = "general-mc", num_args = 1..)]
     pub general_mc: Vec<PathBuf>,
@@ -72,8 +76,8 @@ pub fn run(a: Args) -> Result<()> {
         .model
         .as_ref()
         .context("--model is required (or use --compare BEFORE AFTER)")?;
-    if a.text.is_empty() && a.general_mc.is_empty() && a.domain_mc.is_empty() {
-        bail!("nothing to evaluate: give --text, --general-mc or --domain-mc files");
+    if a.text.is_empty() && a.chat.is_empty() && a.general_mc.is_empty() && a.domain_mc.is_empty() {
+        bail!("nothing to evaluate: give --text, --chat, --general-mc or --domain-mc files");
     }
     let (src, model) = crate::adapter::open_adapted(
         path,
@@ -83,29 +87,43 @@ pub fn run(a: Args) -> Result<()> {
         true,
     )?;
     let mut text_results = Vec::new();
-    if !a.text.is_empty() {
+    let mut chat_results = Vec::new();
+    if !a.text.is_empty() || !a.chat.is_empty() {
         println!(
-            "{:<44} {:>9} {:>9} {:>11} {:>9}",
-            "text", "tokens", "loss", "perplexity", "accuracy"
+            "{:<44} {:>9} {:>9} {:>11} {:>17} {:>9}",
+            "text", "tokens", "loss", "perplexity", "[95%]", "accuracy"
         );
     }
-    for p in &a.text {
-        let mut seqs = data::pack(
-            &src.tokenizer,
-            &data::load_documents(std::slice::from_ref(p))?,
-            a.seq_len,
-        )?;
+    let sets = a
+        .text
+        .iter()
+        .map(|p| (p, false))
+        .chain(a.chat.iter().map(|p| (p, true)));
+    for (p, chat) in sets {
+        let one = std::slice::from_ref(p);
+        let mut seqs = if chat {
+            data::chat::load_chat(one, &src.tokenizer, a.seq_len)?
+        } else {
+            data::pack(&src.tokenizer, &data::load_documents(one)?, a.seq_len)?
+        };
         seqs.subsample(a.max_rows);
-        let m = eval_sequences(&model, &seqs, a.batch, Fwd::eval())?;
+        let (m, rows) = eval_rows(&model, &seqs, a.batch, Fwd::eval())?;
         println!(
-            "{:<44} {:>9} {:>9.4} {:>11.2} {:>8.2}%",
+            "{:<44} {:>9} {:>9.4} {:>11.2} [{:>7.2}, {:>7.2}] {:>8.2}%",
             p.display().to_string(),
             m.tokens,
             m.loss,
             m.perplexity,
+            m.perplexity_ci.0,
+            m.perplexity_ci.1,
             100.0 * m.accuracy
         );
-        text_results.push(json!({"file": p, "metrics": m}));
+        let entry = json!({"file": p, "metrics": m, "rows": rows});
+        if chat {
+            chat_results.push(entry);
+        } else {
+            text_results.push(entry);
+        }
     }
     let mut mc_results = Vec::new();
     let sets = a
@@ -137,7 +155,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(out) = &a.out {
         let doc = json!({
             "model": path, "adapter": a.model.adapter, "seq_len": a.seq_len, "base_dtype": a.base_dtype,
-            "text": text_results, "mc": mc_results,
+            "text": text_results, "chat": chat_results, "mc": mc_results,
             "scoring": "acc: highest summed log-likelihood of the choice tokens given the context; acc_norm: the same divided by the choice's length in bytes",
         });
         crate::util::write_atomic(out, serde_json::to_string_pretty(&doc)?.as_bytes())?;
@@ -205,7 +223,12 @@ fn compare(before: &PathBuf, after: &PathBuf) -> Result<()> {
         );
         any = true;
     }
-    let texts = |v: &Value| v.get("text").and_then(|t| t.as_array()).cloned().unwrap_or_default();
+    let texts = |v: &Value| {
+        let part = |k: &str| v.get(k).and_then(|t| t.as_array()).cloned().unwrap_or_default();
+        let mut all = part("text");
+        all.extend(part("chat"));
+        all
+    };
     for tb in texts(&b) {
         if let Some(ta) = texts(&a).into_iter().find(|t| t["file"] == tb["file"]) {
             println!(

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use crate::eval::compare::{paired, Paired};
+use crate::eval::compare::{paired, paired_ratio, Paired};
 use crate::eval::mc::McResult;
+use crate::eval::perplexity::{RowLoss, RESAMPLES};
 use crate::eval::report::{line_chart, page, scatter_chart, Series};
 use crate::train::recipe::Recipe;
 
@@ -58,14 +59,34 @@ impl Experiment {
     }
 }
 
+/// One file or a list of files.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Files {
+    /// A single file.
+    One(PathBuf),
+    /// Several files.
+    Many(Vec<PathBuf>),
+}
+
+impl Files {
+    /// The files.
+    pub fn list(&self) -> Vec<PathBuf> {
+        match self {
+            Files::One(p) => vec![p.clone()],
+            Files::Many(v) => v.clone(),
+        }
+    }
+}
+
 /// `[eval]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalSection {
-    /// General multiple-choice jsonl (forgetting).
-    pub general_mc: PathBuf,
-    /// Domain multiple-choice jsonl (learning).
-    pub domain_mc: PathBuf,
+    /// General multiple-choice jsonl files (forgetting); the first is the headline one.
+    pub general_mc: Files,
+    /// Domain multiple-choice jsonl files (learning); the first is the headline one.
+    pub domain_mc: Files,
     /// Score the first this many items of each set (0: all).
     #[serde(default)]
     pub mc_items: usize,
@@ -78,6 +99,26 @@ pub struct EvalSection {
     /// Tokens per scored text row.
     #[serde(default = "default_eval_seq")]
     pub seq_len: usize,
+    /// General chat prompts (`{"messages"}` jsonl): the base model answers them greedily once,
+    /// and every run is scored on those answers (chat retention). Needs a chat template.
+    pub chat_prompts: Option<PathBuf>,
+    /// Prompts used (0: all).
+    #[serde(default)]
+    pub chat_items: usize,
+    /// Tokens per base answer at most.
+    #[serde(default = "default_chat_tokens")]
+    pub chat_tokens: usize,
+    /// Prompts whose answers every run also generates, shown side by side in the report.
+    #[serde(default = "default_side_by_side")]
+    pub side_by_side: usize,
+}
+
+fn default_chat_tokens() -> usize {
+    96
+}
+
+fn default_side_by_side() -> usize {
+    4
 }
 
 fn default_eval_seq() -> usize {
@@ -94,6 +135,9 @@ pub struct QuickSection {
     pub mc_items: usize,
     /// Rows per text file.
     pub text_rows: usize,
+    /// Chat prompts used.
+    #[serde(default)]
+    pub chat_items: Option<usize>,
     /// Output directory.
     pub out: PathBuf,
 }
@@ -158,22 +202,52 @@ fn read_json(p: &Path) -> Result<Value> {
         .with_context(|| format!("{} is not JSON", p.display()))
 }
 
-/// acc_norm outcomes of the set evaluated with `role` in a `strata eval --out` file.
-fn mc_outcomes(v: &Value, role: &str) -> Result<Vec<bool>> {
+/// acc_norm outcomes of multiple-choice file `file` in a `strata eval --out` result.
+fn mc_outcomes(v: &Value, file: &Path) -> Result<Vec<bool>> {
     let e = v["mc"]
         .as_array()
-        .and_then(|a| a.iter().find(|e| e["role"] == role))
-        .with_context(|| format!("no {role} multiple-choice result"))?;
+        .and_then(|a| a.iter().find(|e| e["file"] == json!(file)))
+        .with_context(|| format!("no multiple-choice result for {}", file.display()))?;
     let r: McResult = serde_json::from_value(e["result"].clone())?;
     Ok(r.scores.iter().map(|s| s.correct_norm).collect())
 }
 
-fn text_ppl(v: &Value, file: &Path) -> f64 {
-    v["text"]
+/// Perplexity and per-row losses of text or chat file `file` (`part`: "text" or "chat").
+fn text_rows(v: &Value, part: &str, file: &Path) -> Result<(f64, Vec<RowLoss>)> {
+    let e = v[part]
         .as_array()
         .and_then(|a| a.iter().find(|e| e["file"] == json!(file)))
-        .and_then(|e| e["metrics"]["perplexity"].as_f64())
-        .unwrap_or(f64::NAN)
+        .with_context(|| format!("no {part} result for {}", file.display()))?;
+    Ok((
+        e["metrics"]["perplexity"].as_f64().unwrap_or(f64::NAN),
+        serde_json::from_value(e["rows"].clone())?,
+    ))
+}
+
+/// A held-out text's perplexity after a run, and its ratio to the base's with a paired interval.
+#[derive(Clone, Debug, serde::Serialize)]
+struct TextChange {
+    file: PathBuf,
+    perplexity: f64,
+    ratio: (f64, f64, f64),
+}
+
+fn text_change(base: &Value, after: &Value, part: &str, file: &Path) -> Result<TextChange> {
+    let (_, b) = text_rows(base, part, file)?;
+    let (perplexity, a) = text_rows(after, part, file)?;
+    Ok(TextChange {
+        file: file.to_path_buf(),
+        perplexity,
+        ratio: paired_ratio(&b, &a, RESAMPLES, 0)?,
+    })
+}
+
+/// A multiple-choice set's before/after comparison.
+#[derive(Clone, Debug, serde::Serialize)]
+struct McChange {
+    file: PathBuf,
+    role: &'static str,
+    paired: Paired,
 }
 
 fn head_lines(src: &Path, dst: &Path, n: usize) -> Result<()> {
@@ -190,10 +264,226 @@ struct Row {
     tokens: usize,
     peak: u64,
     train_s: f64,
-    general: Paired,
-    domain: Paired,
-    ppl: Vec<f64>,
+    mc: Vec<McChange>,
+    text: Vec<TextChange>,
+    chat: Option<TextChange>,
+    side_by_side: Vec<String>,
     ce: Series,
+}
+
+impl Row {
+    /// The headline general (first general set) and domain (first domain set) comparisons.
+    fn headline(&self, role: &str) -> &Paired {
+        &self
+            .mc
+            .iter()
+            .find(|m| m.role == role)
+            .expect("an experiment has both roles")
+            .paired
+    }
+}
+
+/// The last turn of each conversation of a chat file (a prompt, or the answer
+/// `strata generate --prompts` appended).
+fn last_turns(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: Value = serde_json::from_str(l)?;
+            Ok(v["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or("")
+                .to_string())
+        })
+        .collect()
+}
+
+/// The evaluation sets of an experiment, as cut for this run of it (first `mc_items` items of
+/// each set copied into the output directory).
+struct Sets {
+    mc: Vec<(PathBuf, &'static str)>,
+    text: Vec<PathBuf>,
+    chat: Option<PathBuf>,
+    side_by_side: Option<PathBuf>,
+}
+
+/// Copies the first items of every set into `out`, and has the base model answer the chat
+/// prompts (once; kept for every run).
+fn prepare_sets(ex: &Experiment, out: &Path, model: &Path) -> Result<Sets> {
+    let mut mc = Vec::new();
+    for (files, role) in [(&ex.eval.general_mc, "general"), (&ex.eval.domain_mc, "domain")] {
+        for (k, f) in files.list().iter().enumerate() {
+            let stem = f.file_stem().unwrap_or_default().to_string_lossy();
+            let dst = out.join(format!("mc/{role}-{k}-{stem}.jsonl"));
+            head_lines(f, &dst, ex.eval.mc_items)?;
+            mc.push((dst, role));
+        }
+    }
+    let (mut chat, mut side_by_side) = (None, None);
+    if let Some(prompts) = &ex.eval.chat_prompts {
+        std::fs::create_dir_all(out.join("chat"))?;
+        let (p, answers) = (out.join("chat/prompts.jsonl"), out.join("chat/base_answers.jsonl"));
+        head_lines(prompts, &p, ex.eval.chat_items)?;
+        eprintln!("experiment: the base model answers the chat prompts");
+        strata(
+            &[
+                "generate".into(),
+                "--model".into(),
+                model.display().to_string(),
+                "--prompts".into(),
+                p.display().to_string(),
+                "--out".into(),
+                answers.display().to_string(),
+                "--max-tokens".into(),
+                ex.eval.chat_tokens.to_string(),
+            ],
+            &out.join("chat/base_answers.log"),
+        )?;
+        if ex.eval.side_by_side > 0 {
+            let sbs = out.join("chat/side_by_side.jsonl");
+            head_lines(&p, &sbs, ex.eval.side_by_side)?;
+            side_by_side = Some(sbs);
+        }
+        chat = Some(answers);
+    }
+    Ok(Sets {
+        mc,
+        text: ex.eval.text.clone(),
+        chat,
+        side_by_side,
+    })
+}
+
+impl Sets {
+    /// `strata eval` arguments for every set.
+    fn eval_args(&self, ex: &Experiment) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "--base-dtype".into(),
+            "bf16".into(),
+            "--max-rows".into(),
+            ex.eval.text_rows.to_string(),
+            "--seq-len".into(),
+            ex.eval.seq_len.to_string(),
+        ];
+        for (f, role) in &self.mc {
+            v.extend([format!("--{role}-mc"), f.display().to_string()]);
+        }
+        if !self.text.is_empty() {
+            v.push("--text".into());
+            v.extend(self.text.iter().map(|p| p.display().to_string()));
+        }
+        if let Some(c) = &self.chat {
+            v.extend(["--chat".into(), c.display().to_string()]);
+        }
+        v
+    }
+
+    /// Every comparison of a run's evaluation against the base's.
+    fn compare(&self, base: &Value, after: &Value) -> Result<(Vec<McChange>, Vec<TextChange>, Option<TextChange>)> {
+        let mc = self
+            .mc
+            .iter()
+            .map(|(f, role)| {
+                Ok(McChange {
+                    file: f.clone(),
+                    role,
+                    paired: paired(&mc_outcomes(base, f)?, &mc_outcomes(after, f)?, 2000, 0)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let text = self
+            .text
+            .iter()
+            .map(|f| text_change(base, after, "text", f))
+            .collect::<Result<_>>()?;
+        let chat = self
+            .chat
+            .as_ref()
+            .map(|f| text_change(base, after, "chat", f))
+            .transpose()?;
+        Ok((mc, text, chat))
+    }
+}
+
+/// `strata` arguments naming the model a run produced (its merged model, or base + adapter).
+fn trained_model(recipe: &Recipe, dir: &Path, model: &Path) -> Vec<String> {
+    if recipe.full() {
+        vec!["--model".into(), dir.join("model").display().to_string()]
+    } else {
+        vec![
+            "--model".into(),
+            model.display().to_string(),
+            "--adapter".into(),
+            dir.join("adapter").display().to_string(),
+        ]
+    }
+}
+
+/// Trains one run, evaluates it and compares it with the base.
+fn one_run(ex: &Experiment, sets: &Sets, base: &Value, entry: &RunEntry, recipe: &Recipe, model: &Path) -> Result<Row> {
+    let out = &ex.out;
+    let dir = out.join(slug(&entry.name));
+    let per_step = recipe.train.batch * recipe.train.grad_accum * recipe.data.seq_len;
+    let steps = ex.tokens.div_ceil(per_step).max(1);
+    eprintln!("experiment: {} ({steps} steps)", entry.name);
+    strata(
+        &[
+            "train".into(),
+            entry.recipe.display().to_string(),
+            "--set".into(),
+            format!("train.steps={steps}"),
+            "--set".into(),
+            format!("train.out=\"{}\"", dir.display()),
+            "--set".into(),
+            "train.eval_every=0".into(),
+        ],
+        &out.join(format!("{}.train.log", slug(&entry.name))),
+    )?;
+    let summary = read_json(&dir.join("summary.json"))?;
+    let after_json = dir.join("eval.json");
+    let mut args = vec!["eval".to_string(), "--out".into(), after_json.display().to_string()];
+    args.extend(trained_model(recipe, &dir, model));
+    args.extend(sets.eval_args(ex));
+    strata(&args, &out.join(format!("{}.eval.log", slug(&entry.name))))?;
+    let after = read_json(&after_json)?;
+    let (mc, text, chat) = sets.compare(base, &after)?;
+    let mut side_by_side = Vec::new();
+    if let Some(p) = &sets.side_by_side {
+        let gen = dir.join("side_by_side.jsonl");
+        let mut args = vec!["generate".to_string()];
+        args.extend(trained_model(recipe, &dir, model));
+        args.extend([
+            "--prompts".into(),
+            p.display().to_string(),
+            "--out".into(),
+            gen.display().to_string(),
+            "--max-tokens".into(),
+            ex.eval.chat_tokens.to_string(),
+        ]);
+        strata(&args, &out.join(format!("{}.generate.log", slug(&entry.name))))?;
+        side_by_side = last_turns(&gen)?;
+    }
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl"))?;
+    let ce = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_f64()?, v.get("ce")?.as_f64()?)))
+        .collect();
+    Ok(Row {
+        name: entry.name.clone(),
+        steps,
+        tokens: summary["tokens"].as_u64().unwrap_or(0) as usize,
+        peak: summary["peak_rss_bytes"].as_u64().unwrap_or(0),
+        train_s: summary["train_seconds"].as_f64().unwrap_or(f64::NAN),
+        mc,
+        text,
+        chat,
+        side_by_side,
+        ce: (entry.name.clone(), ce),
+    })
 }
 
 /// Runs `strata experiment`.
@@ -207,6 +497,7 @@ pub fn run(a: Args) -> Result<()> {
         ex.tokens = q.tokens;
         ex.eval.mc_items = q.mc_items;
         ex.eval.text_rows = q.text_rows;
+        ex.eval.chat_items = q.chat_items.unwrap_or(ex.eval.chat_items);
         ex.out = q.out;
     }
     if ex.runs.is_empty() {
@@ -217,41 +508,23 @@ pub fn run(a: Args) -> Result<()> {
         .iter()
         .map(|r| Recipe::load(&r.recipe, &[]))
         .collect::<Result<_>>()?;
-    let model = &recipes[0].model.path;
-    if let Some((r, _)) = ex.runs.iter().zip(&recipes).find(|(_, rc)| &rc.model.path != model) {
+    let model = recipes[0].model.path.clone();
+    if let Some((r, _)) = ex.runs.iter().zip(&recipes).find(|(_, rc)| rc.model.path != model) {
         bail!(
             "run `{}` uses another model than the first run; an experiment compares recipes on one model",
             r.name
         );
     }
-    let out = &ex.out;
+    let out = ex.out.clone();
     std::fs::create_dir_all(out.join("mc")).with_context(|| format!("cannot create {}", out.display()))?;
     let start = Instant::now();
-    let (gmc, dmc) = (out.join("mc/general.jsonl"), out.join("mc/domain.jsonl"));
-    head_lines(&ex.eval.general_mc, &gmc, ex.eval.mc_items)?;
-    head_lines(&ex.eval.domain_mc, &dmc, ex.eval.mc_items)?;
-    let mut eval_args: Vec<String> = vec![
-        "--general-mc".into(),
-        gmc.display().to_string(),
-        "--domain-mc".into(),
-        dmc.display().to_string(),
-        "--base-dtype".into(),
-        "bf16".into(),
-        "--max-rows".into(),
-        ex.eval.text_rows.to_string(),
-        "--seq-len".into(),
-        ex.eval.seq_len.to_string(),
-    ];
-    if !ex.eval.text.is_empty() {
-        eval_args.push("--text".into());
-        eval_args.extend(ex.eval.text.iter().map(|p| p.display().to_string()));
-    }
     eprintln!(
         "experiment: {} runs of {} tokens each, into {}",
         ex.runs.len(),
         ex.tokens,
         out.display()
     );
+    let sets = prepare_sets(&ex, &out, &model)?;
     eprintln!("experiment: evaluating the base model");
     let base_json = out.join("base.json");
     let mut args = vec![
@@ -261,73 +534,14 @@ pub fn run(a: Args) -> Result<()> {
         "--out".into(),
         base_json.display().to_string(),
     ];
-    args.extend(eval_args.iter().cloned());
+    args.extend(sets.eval_args(&ex));
     strata(&args, &out.join("base.log"))?;
     let base = read_json(&base_json)?;
 
     let mut rows = Vec::new();
     let mut failed = Vec::new();
     for (entry, recipe) in ex.runs.iter().zip(&recipes) {
-        let dir = out.join(slug(&entry.name));
-        let per_step = recipe.train.batch * recipe.train.grad_accum * recipe.data.seq_len;
-        let steps = ex.tokens.div_ceil(per_step).max(1);
-        eprintln!("experiment: {} ({steps} steps)", entry.name);
-        let r = (|| -> Result<Row> {
-            strata(
-                &[
-                    "train".into(),
-                    entry.recipe.display().to_string(),
-                    "--set".into(),
-                    format!("train.steps={steps}"),
-                    "--set".into(),
-                    format!("train.out=\"{}\"", dir.display()),
-                    "--set".into(),
-                    "train.eval_every=0".into(),
-                ],
-                &out.join(format!("{}.train.log", slug(&entry.name))),
-            )?;
-            let summary = read_json(&dir.join("summary.json"))?;
-            let after_json = dir.join("eval.json");
-            let mut args = vec!["eval".to_string(), "--out".into(), after_json.display().to_string()];
-            if recipe.full() {
-                args.extend(["--model".into(), dir.join("model").display().to_string()]);
-            } else {
-                args.extend([
-                    "--model".into(),
-                    model.display().to_string(),
-                    "--adapter".into(),
-                    dir.join("adapter").display().to_string(),
-                ]);
-            }
-            args.extend(eval_args.iter().cloned());
-            strata(&args, &out.join(format!("{}.eval.log", slug(&entry.name))))?;
-            let after = read_json(&after_json)?;
-            let general = paired(
-                &mc_outcomes(&base, "general")?,
-                &mc_outcomes(&after, "general")?,
-                2000,
-                0,
-            )?;
-            let domain = paired(&mc_outcomes(&base, "domain")?, &mc_outcomes(&after, "domain")?, 2000, 0)?;
-            let metrics = std::fs::read_to_string(dir.join("metrics.jsonl"))?;
-            let ce = metrics
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .filter_map(|v| Some((v["step"].as_f64()?, v.get("ce")?.as_f64()?)))
-                .collect();
-            Ok(Row {
-                name: entry.name.clone(),
-                steps,
-                tokens: summary["tokens"].as_u64().unwrap_or(0) as usize,
-                peak: summary["peak_rss_bytes"].as_u64().unwrap_or(0),
-                train_s: summary["train_seconds"].as_f64().unwrap_or(f64::NAN),
-                general,
-                domain,
-                ppl: ex.eval.text.iter().map(|f| text_ppl(&after, f)).collect(),
-                ce: (entry.name.clone(), ce),
-            })
-        })();
-        match r {
+        match one_run(&ex, &sets, &base, entry, recipe, &model) {
             Ok(row) => rows.push(row),
             Err(e) => {
                 eprintln!("experiment: run `{}` failed: {e:#}", entry.name);
@@ -335,12 +549,15 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
     }
-    let base_ppl: Vec<f64> = ex.eval.text.iter().map(|f| text_ppl(&base, f)).collect();
+    let base_answers = match &sets.side_by_side {
+        Some(_) => last_turns(sets.chat.as_ref().expect("side by side needs the chat set"))?,
+        None => Vec::new(),
+    };
     let md = table(
         &ex,
+        &sets,
         &rows,
         &base,
-        &base_ppl,
         &failed,
         a.quick,
         start.elapsed().as_secs_f64(),
@@ -349,14 +566,20 @@ pub fn run(a: Args) -> Result<()> {
     let results = json!({
         "experiment": ex.name, "quick": a.quick, "tokens_per_run": ex.tokens, "wall_seconds": start.elapsed().as_secs_f64(),
         "runs": rows.iter().map(|r| json!({"name": r.name, "steps": r.steps, "tokens": r.tokens, "peak_rss_bytes": r.peak,
-            "train_seconds": r.train_s, "general": r.general, "domain": r.domain, "perplexity": r.ppl})).collect::<Vec<_>>(),
+            "train_seconds": r.train_s, "general": r.headline("general"), "domain": r.headline("domain"),
+            "mc": r.mc, "text": r.text, "chat": r.chat, "side_by_side": r.side_by_side})).collect::<Vec<_>>(),
+        "base_side_by_side": base_answers,
         "failed": failed,
     });
     crate::util::write_atomic(
         &out.join("results.json"),
         serde_json::to_string_pretty(&results)?.as_bytes(),
     )?;
-    let html = report_html(&ex, &rows, &md);
+    let prompts = match &sets.side_by_side {
+        Some(p) => last_turns(p)?,
+        None => Vec::new(),
+    };
+    let html = report_html(&ex, &rows, &md, &prompts, &base_answers);
     crate::util::write_atomic(&out.join("report.html"), html.as_bytes())?;
     println!("{md}");
     eprintln!(
@@ -375,106 +598,171 @@ fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
 }
 
+/// A short name for a set file: its directory and stem (`finance/heldout`).
+fn label(p: &Path) -> String {
+    let stem = p.file_stem().unwrap_or_default().to_string_lossy();
+    match p.parent().and_then(|d| d.file_name()) {
+        Some(d) => format!("{}/{stem}", d.to_string_lossy()),
+        None => stem.to_string(),
+    }
+}
+
+fn ratio_cell(c: &TextChange) -> String {
+    format!(
+        " {:.2} ({:+.1}% [{:+.1}, {:+.1}]) |",
+        c.perplexity,
+        100.0 * (c.ratio.0 - 1.0),
+        100.0 * (c.ratio.1 - 1.0),
+        100.0 * (c.ratio.2 - 1.0)
+    )
+}
+
 fn table(
     ex: &Experiment,
+    sets: &Sets,
     rows: &[Row],
     base: &Value,
-    base_ppl: &[f64],
     failed: &[(String, String)],
     quick: bool,
     wall: f64,
 ) -> Result<String> {
-    let g = mc_outcomes(base, "general")?;
-    let d = mc_outcomes(base, "domain")?;
     let acc = |v: &[bool]| v.iter().filter(|&&x| x).count() as f64 / v.len().max(1) as f64;
-    let names: Vec<String> = ex
+    let originals: Vec<PathBuf> = ex
         .eval
-        .text
-        .iter()
-        .map(|p| {
-            format!(
-                "{} ppl",
-                p.parent()
-                    .and_then(|d| d.file_name())
-                    .unwrap_or_default()
-                    .to_string_lossy()
-            )
-        })
+        .general_mc
+        .list()
+        .into_iter()
+        .chain(ex.eval.domain_mc.list())
         .collect();
-    let mut s = format!(
-        "| run | peak memory | train time | domain acc | domain gain [95%] | general acc | forgetting [95%] |{}\n|---|---|---|---|---|---|---|{}\n",
-        names.iter().map(|n| format!(" {n} |")).collect::<String>(),
-        "---|".repeat(names.len())
-    );
+    let mc_names: Vec<String> = originals.iter().map(|p| label(p)).collect();
+    let mut s = String::from("| run | peak memory | train time |");
+    for ((_, role), n) in sets.mc.iter().zip(&mc_names) {
+        let what = if *role == "general" { "forgetting" } else { "gain" };
+        s += &format!(" {n} acc | {what} [95%] |");
+    }
     s += &format!(
-        "| base model | | | {} | | {} | |{}\n",
-        pct(acc(&d)),
-        pct(acc(&g)),
-        base_ppl.iter().map(|p| format!(" {p:.2} |")).collect::<String>()
+        "\n|---|---|---|{}\n| base model | | |",
+        "---|---|".repeat(sets.mc.len())
     );
+    for (f, _) in &sets.mc {
+        s += &format!(" {} | |", pct(acc(&mc_outcomes(base, f)?)));
+    }
+    s += "\n";
     for r in rows {
-        s += &format!(
-            "| {} | {:.2} GB | {:.0} s | {} | {:+.1} pts [{:+.1}, {:+.1}] | {} | {:+.1}% [{:+.1}, {:+.1}] |{}\n",
-            r.name,
-            r.peak as f64 / 1e9,
-            r.train_s,
-            pct(r.domain.after),
-            100.0 * r.domain.gain.0,
-            100.0 * r.domain.gain.1,
-            100.0 * r.domain.gain.2,
-            pct(r.general.after),
-            100.0 * r.general.forgetting.0,
-            100.0 * r.general.forgetting.1,
-            100.0 * r.general.forgetting.2,
-            r.ppl.iter().map(|p| format!(" {p:.2} |")).collect::<String>()
-        );
+        s += &format!("| {} | {:.2} GB | {:.0} s |", r.name, r.peak as f64 / 1e9, r.train_s);
+        for m in &r.mc {
+            let p = &m.paired;
+            let (v, unit) = if m.role == "general" {
+                (p.forgetting, "%")
+            } else {
+                (p.gain, " pts")
+            };
+            s += &format!(
+                " {} | {:+.1}{unit} [{:+.1}, {:+.1}] |",
+                pct(p.after),
+                100.0 * v.0,
+                100.0 * v.1,
+                100.0 * v.2
+            );
+        }
+        s += "\n";
     }
     for (n, e) in failed {
         s += &format!("| {n} | failed: {} |\n", e.lines().next().unwrap_or(""));
     }
+    // Perplexities: held-out domain and general text, and chat retention.
+    let mut t = String::from("\n| run |");
+    for f in &sets.text {
+        t += &format!(" {} ppl (change [95%]) |", label(f));
+    }
+    if sets.chat.is_some() {
+        t += " chat retention ppl (change [95%]) |";
+    }
+    let cols = sets.text.len() + usize::from(sets.chat.is_some());
+    t += &format!("\n|---|{}\n| base model |", "---|".repeat(cols));
+    for f in &sets.text {
+        t += &format!(" {:.2} |", text_rows(base, "text", f)?.0);
+    }
+    if let Some(c) = &sets.chat {
+        t += &format!(" {:.2} |", text_rows(base, "chat", c)?.0);
+    }
+    t += "\n";
+    for r in rows {
+        t += &format!("| {} |", r.name);
+        for c in r.text.iter().chain(&r.chat) {
+            t += &ratio_cell(c);
+        }
+        t += "\n";
+    }
+    let items: Vec<String> = sets
+        .mc
+        .iter()
+        .zip(&mc_names)
+        .map(|((f, _), n)| Ok(format!("{} {n}", mc_outcomes(base, f)?.len())))
+        .collect::<Result<_>>()?;
+    s += &t;
     s += &format!(
-        "\n{}{} runs of {} training tokens each ({} steps of the recipe's batch); {} general and {} domain \
-         multiple-choice items (acc_norm; forgetting = (before - after) / before, gain = after - before, \
-         95% paired-bootstrap intervals); perplexity on {} evenly spaced held-out rows per file; every \
-         training and evaluation in its own process; {:.0} min in all.\n",
+        "\n{}{} runs of {} training tokens each ({} steps of the recipe's batch). Multiple choice: {} items \
+         (acc_norm; forgetting = (before - after) / before on general sets, gain = after - before on domain \
+         sets; 95% paired-bootstrap intervals). Perplexity on {} evenly spaced held-out rows of {} tokens per \
+         file, its change against the base with a 95% paired-bootstrap interval over rows; chat retention = \
+         perplexity of the base model's own greedy answers to held-out general prompts. Every training and \
+         evaluation in its own process; {:.0} min in all.\n",
         if quick { "Quick variant: " } else { "" },
         rows.len(),
         ex.tokens,
         rows.first().map_or(0, |r| r.steps),
-        g.len(),
-        d.len(),
+        items.join(", "),
         ex.eval.text_rows,
+        ex.eval.seq_len,
         wall / 60.0
     );
     Ok(s)
 }
 
-fn report_html(ex: &Experiment, rows: &[Row], md: &str) -> String {
-    let curves: Vec<Series> = rows.iter().map(|r| r.ce.clone()).collect();
-    let pts: Vec<_> = rows
-        .iter()
-        .map(|r| {
-            (
-                r.name.clone(),
-                100.0 * r.general.forgetting.0,
-                (100.0 * r.general.forgetting.1, 100.0 * r.general.forgetting.2),
-                100.0 * r.domain.gain.0,
-                (100.0 * r.domain.gain.1, 100.0 * r.domain.gain.2),
-            )
-        })
-        .collect();
-    let table_html: String = md
-        .lines()
-        .filter(|l| l.starts_with('|') && !l.starts_with("|---"))
-        .enumerate()
-        .map(|(i, l)| {
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// The markdown tables of `md` as HTML tables (the first row of each is its header).
+fn tables_html(md: &str) -> String {
+    let mut out = String::new();
+    for block in md.split("\n\n") {
+        let rows: Vec<&str> = block
+            .lines()
+            .filter(|l| l.starts_with('|') && !l.starts_with("|---"))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        out += "<table>";
+        for (i, l) in rows.iter().enumerate() {
             let tag = if i == 0 { "th" } else { "td" };
             let cells: String = l
                 .trim_matches('|')
                 .split('|')
-                .map(|c| format!("<{tag}>{}</{tag}>", c.trim().replace('<', "&lt;")))
+                .map(|c| format!("<{tag}>{}</{tag}>", esc(c.trim())))
                 .collect();
-            format!("<tr>{cells}</tr>")
+            out += &format!("<tr>{cells}</tr>");
+        }
+        out += "</table>";
+    }
+    out
+}
+
+fn report_html(ex: &Experiment, rows: &[Row], md: &str, prompts: &[String], base_answers: &[String]) -> String {
+    let curves: Vec<Series> = rows.iter().map(|r| r.ce.clone()).collect();
+    let pts: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            let (g, d) = (r.headline("general"), r.headline("domain"));
+            (
+                r.name.clone(),
+                100.0 * g.forgetting.0,
+                (100.0 * g.forgetting.1, 100.0 * g.forgetting.2),
+                100.0 * d.gain.0,
+                (100.0 * d.gain.1, 100.0 * d.gain.2),
+            )
         })
         .collect();
     let note: String = md
@@ -482,26 +770,44 @@ fn report_html(ex: &Experiment, rows: &[Row], md: &str) -> String {
         .filter(|l| !l.starts_with('|') && !l.is_empty())
         .collect::<Vec<_>>()
         .join(" ");
-    page(
-        &ex.name,
-        &[
-            (
-                "Results".into(),
-                format!("<table>{table_html}</table><p>{}</p>", note.replace('<', "&lt;")),
+    let mut sections = vec![
+        (
+            "Results".to_string(),
+            format!("{}<p>{}</p>", tables_html(md), esc(&note)),
+        ),
+        (
+            "Curves".into(),
+            format!(
+                "<div class='plots'>{}{}</div>",
+                line_chart("training cross-entropy per run", "step", &curves),
+                scatter_chart(
+                    "learning vs forgetting (95% intervals)",
+                    "forgetting rate on the first general set (%)",
+                    "gain on the first domain set (points)",
+                    &pts
+                )
             ),
-            (
-                "Curves".into(),
-                format!(
-                    "<div class='plots'>{}{}</div>",
-                    line_chart("training cross-entropy per run", "step", &curves),
-                    scatter_chart(
-                        "learning vs forgetting (95% intervals)",
-                        "forgetting rate on general MC (%)",
-                        "domain gain (points)",
-                        &pts
-                    )
-                ),
-            ),
-        ],
-    )
+        ),
+    ];
+    if !prompts.is_empty() {
+        let mut h = String::from("<table><tr><th>prompt</th><th>base model</th>");
+        for r in rows {
+            h += &format!("<th>{}</th>", esc(&r.name));
+        }
+        h += "</tr>";
+        for (k, p) in prompts.iter().enumerate() {
+            h += &format!("<tr><td>{}</td>", esc(p));
+            let cell = |v: &[String]| format!("<td>{}</td>", esc(v.get(k).map_or("", |s| s.as_str())));
+            h += &cell(base_answers);
+            for r in rows {
+                h += &cell(&r.side_by_side);
+            }
+            h += "</tr>";
+        }
+        sections.push((
+            "Side by side (greedy answers to held-out prompts)".into(),
+            h + "</table>",
+        ));
+    }
+    page(&ex.name, &sections)
 }

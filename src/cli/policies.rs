@@ -116,6 +116,7 @@ impl Policy {
             mapped: 0,
             runtime,
             ewc_fisher: 0,
+            distill: false,
         }))
     }
 }
@@ -150,6 +151,7 @@ mod tests {
                 mapped: 0,
                 runtime: 0,
                 ewc_fisher: 0,
+                distill: false,
             }))
         };
         let total = |r| at(r).map(|p| p.total());

@@ -154,6 +154,49 @@ pub fn build_items(synsets: &[Synset], max: usize, seed: u64, excluded: &HashSet
     items
 }
 
+/// Instructions a chat model answers about a general term, for the chat-retention evaluation.
+const PROMPT_TEMPLATES: [&str; 6] = [
+    "What is {a} {term}? Answer in two sentences.",
+    "Write a short paragraph about {term}.",
+    "Give three facts about {term}.",
+    "Explain to a child what {a} {term} is.",
+    "Describe {a} {term} in one sentence.",
+    "Where would you usually find {a} {term}?",
+];
+
+/// `n` user prompts about head words of `synsets` (one word or two, no capitals), seeded: the
+/// held-out general prompts whose base-model answers the chat-retention evaluation keeps.
+pub fn chat_prompts(synsets: &[&Synset], n: usize, seed: u64) -> Vec<String> {
+    let mut terms: Vec<&str> = synsets
+        .iter()
+        .map(|s| s.words[0].as_str())
+        .filter(|w| {
+            w.split(' ').count() <= 2
+                && w.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == ' ' || c == '-')
+        })
+        .collect();
+    terms.sort_unstable();
+    terms.dedup();
+    let mut rng = Rng::new(seed);
+    rng.shuffle(&mut terms);
+    terms
+        .iter()
+        .take(n)
+        .enumerate()
+        .map(|(k, term)| {
+            let a = if term.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            };
+            PROMPT_TEMPLATES[k % PROMPT_TEMPLATES.len()]
+                .replace("{a}", a)
+                .replace("{term}", term)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +242,13 @@ mod tests {
             build_items(&m[&21], 10, 1, &HashSet::new()),
             build_items(&m[&21], 10, 1, &HashSet::new())
         );
+        let prompts = chat_prompts(&all, 4, 3);
+        assert_eq!(prompts.len(), 4);
+        assert!(
+            prompts.iter().all(|p| p.ends_with(['?', '.']) && !p.contains('{')),
+            "{prompts:?}"
+        );
+        assert_eq!(prompts, chat_prompts(&all, 4, 3));
         std::fs::write(&f, "garbage\n")?;
         assert!(read_data_noun(&f).unwrap_err().to_string().contains("data.noun:1"));
         std::fs::remove_dir_all(&dir)?;

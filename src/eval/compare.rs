@@ -7,6 +7,7 @@
 use anyhow::{bail, Result};
 use serde::Serialize;
 
+use super::perplexity::{totals, RowLoss};
 use crate::rng::Rng;
 
 /// A before/after accuracy pair on the same items.
@@ -33,7 +34,8 @@ fn mean(v: &[bool], idx: impl Iterator<Item = usize>) -> f64 {
     s as f64 / n.max(1) as f64
 }
 
-fn interval(mut v: Vec<f64>) -> (f64, f64) {
+/// The 2.5% and 97.5% quantiles of `v` (finite values only; NaN when none).
+pub fn quantiles95(mut v: Vec<f64>) -> (f64, f64) {
     v.retain(|x| x.is_finite());
     if v.is_empty() {
         return (f64::NAN, f64::NAN);
@@ -41,6 +43,33 @@ fn interval(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
     let at = |q: f64| v[((q * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)];
     (at(0.025), at(0.975))
+}
+
+/// Perplexity after / before on the same rows, with a 95% paired-bootstrap interval (the same
+/// resampled rows on both sides, so that how hard a row is cancels).
+pub fn paired_ratio(before: &[RowLoss], after: &[RowLoss], resamples: usize, seed: u64) -> Result<(f64, f64, f64)> {
+    if before.len() != after.len() || before.is_empty() || before.iter().zip(after).any(|(b, a)| b.1 != a.1) {
+        bail!(
+            "a paired perplexity comparison needs the same rows before and after ({} vs {} rows)",
+            before.len(),
+            after.len()
+        );
+    }
+    let ratio = |idx: &[usize]| {
+        let (b, n) = totals(before, idx.iter().copied());
+        let (a, _) = totals(after, idx.iter().copied());
+        ((a - b) / n.max(1) as f64).exp()
+    };
+    let all: Vec<usize> = (0..before.len()).collect();
+    let mut rng = Rng::new(seed);
+    let draws = (0..resamples)
+        .map(|_| {
+            let idx: Vec<usize> = (0..before.len()).map(|_| rng.below(before.len())).collect();
+            ratio(&idx)
+        })
+        .collect();
+    let (lo, hi) = quantiles95(draws);
+    Ok((ratio(&all), lo, hi))
 }
 
 /// Compares per-item correctness before and after, with `resamples` bootstrap draws.
@@ -63,8 +92,8 @@ pub fn paired(before: &[bool], after: &[bool], resamples: usize, seed: u64) -> R
         gains.push(aa - bb);
         forgets.push((bb - aa) / bb);
     }
-    let (gl, gh) = interval(gains);
-    let (fl, fh) = interval(forgets);
+    let (gl, gh) = quantiles95(gains);
+    let (fl, fh) = quantiles95(forgets);
     Ok(Paired {
         items: n,
         before: b,

@@ -10,9 +10,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use crate::model::decoder::TreeRows;
 use crate::model::tokenizer::Tok;
 use crate::model::{Fwd, Model};
-use crate::ops::lm_head::IGNORE;
+use crate::ops::fused_attention::Tree;
 
 use crate::data::mc::McItem;
 
@@ -36,15 +37,21 @@ fn argmax(v: impl Iterator<Item = f64>) -> usize {
 /// Token positions per scoring batch: rows of similar length are grouped up to this budget.
 const BATCH_TOKENS: usize = 4096;
 
-/// One choice as a scoring row: inputs, and the targets that count (the choice's tokens).
+/// Branch id of padding positions: they see the trunk and themselves, and nothing scores them.
+const PAD_BRANCH: u32 = u32::MAX;
+
+/// One scoring row: its tokens, their branches and RoPE positions, and the predictions that
+/// count: `(position in the row, target token, choice slot)`.
 struct Row {
-    item: usize,
-    inputs: Vec<u32>,
-    targets: Vec<u32>,
+    ids: Vec<u32>,
+    branch: Vec<u32>,
+    positions: Vec<usize>,
+    scored: Vec<(usize, u32, usize)>,
 }
 
-/// Tokenizes an item into one row per choice.
-fn item_rows(tok: &Tok, k: usize, item: &McItem) -> Result<Vec<Row>> {
+/// An item's context and choices as token ids (a trailing space of the context moves to the
+/// choices, as a generation would continue it).
+fn item_tokens(tok: &Tok, item: &McItem) -> Result<(Vec<u32>, Vec<Vec<u32>>)> {
     let (ctx, lead) = match item.context.strip_suffix(' ') {
         Some(c) => (c, " "),
         None => (item.context.as_str(), ""),
@@ -56,24 +63,118 @@ fn item_rows(tok: &Tok, k: usize, item: &McItem) -> Result<Vec<Row>> {
     if ctx_ids.is_empty() {
         bail!("the context encodes to no tokens and the tokenizer has no EOS to stand in");
     }
-    item.choices
+    let choices = item
+        .choices
         .iter()
         .map(|choice| {
             let ids = tok.encode(&format!("{lead}{choice}"))?;
             if ids.is_empty() {
                 bail!("choice `{choice}` encodes to no tokens");
             }
-            let all: Vec<u32> = ctx_ids.iter().chain(&ids).copied().collect();
+            Ok(ids)
+        })
+        .collect::<Result<_>>()?;
+    Ok((ctx_ids, choices))
+}
+
+/// One row per choice, `context + choice` (any device).
+fn flat_rows(ctx: &[u32], choices: &[Vec<u32>], first_slot: usize) -> Vec<Row> {
+    choices
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            let all: Vec<u32> = ctx.iter().chain(c).copied().collect();
             let n = all.len() - 1;
-            let mut targets = vec![IGNORE; n];
-            targets[ctx_ids.len() - 1..].copy_from_slice(&all[ctx_ids.len()..]);
-            Ok(Row {
-                item: k,
-                inputs: all[..n].to_vec(),
-                targets,
-            })
+            Row {
+                ids: all[..n].to_vec(),
+                branch: vec![0; n],
+                positions: (0..n).collect(),
+                scored: (ctx.len() - 1..n).map(|p| (p, all[p + 1], first_slot + k)).collect(),
+            }
         })
         .collect()
+}
+
+/// One row per item: the context once as the trunk, then each choice (less its last token,
+/// which predicts nothing) as a branch that continues the context's positions. The context's
+/// last position predicts every choice's first token.
+fn tree_row(ctx: &[u32], choices: &[Vec<u32>], first_slot: usize) -> Row {
+    let mut r = Row {
+        ids: ctx.to_vec(),
+        branch: vec![0; ctx.len()],
+        positions: (0..ctx.len()).collect(),
+        scored: Vec::new(),
+    };
+    for (k, c) in choices.iter().enumerate() {
+        let mut prev = ctx.len() - 1;
+        for (m, &id) in c.iter().enumerate() {
+            r.scored.push((prev, id, first_slot + k));
+            if m + 1 < c.len() {
+                prev = r.ids.len();
+                r.ids.push(id);
+                r.branch.push(k as u32 + 1);
+                r.positions.push(ctx.len() + m);
+            }
+        }
+    }
+    r
+}
+
+/// Summed log-probability of every row's scored predictions, by slot. Rows are sorted by
+/// length and run in batches (right-padded: padding comes after every real position).
+fn score_rows(model: &Model, rows: &[Row], slots: usize, pad: u32, tree: bool, fwd: Fwd) -> Result<Vec<f64>> {
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&r| rows[r].ids.len());
+    let mut logprob = vec![0f64; slots];
+    let mut at = 0;
+    while at < order.len() {
+        // Sorted ascending, so the last row of a group is its longest.
+        let mut end = at + 1;
+        while end < order.len() && (end + 1 - at) * rows[order[end]].ids.len() <= BATCH_TOKENS {
+            end += 1;
+        }
+        let len = rows[order[end - 1]].ids.len();
+        let (mut ids, mut branch, mut positions) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut keep, mut targets, mut slot_of) = (Vec::new(), Vec::new(), Vec::new());
+        for (b, &r) in order[at..end].iter().enumerate() {
+            let row = &rows[r];
+            let padding = len - row.ids.len();
+            ids.extend(row.ids.iter().copied().chain(std::iter::repeat_n(pad, padding)));
+            branch.extend(
+                row.branch
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(PAD_BRANCH, padding)),
+            );
+            positions.extend(row.positions.iter().copied().chain(std::iter::repeat_n(0, padding)));
+            for &(p, target, slot) in &row.scored {
+                keep.push((b * len + p) as u32);
+                targets.push(target);
+                slot_of.push(slot);
+            }
+        }
+        let ids = Tensor::from_vec(ids, (end - at, len), &model.device)?;
+        let h = if tree {
+            let rows = TreeRows {
+                tree: std::sync::Arc::new(Tree { branch }),
+                positions,
+            };
+            model.hidden_tree(&ids, fwd, &rows)?
+        } else {
+            model.hidden(&ids, fwd, None)?
+        };
+        // Only the scored positions go through the head (a fifth of the model's FLOPs here).
+        let h = h.index_select(&Tensor::new(keep.as_slice(), &model.device)?, 0)?;
+        let per = model
+            .head_loss(&h, &targets, true)?
+            .per_token
+            .context("per-token losses")?;
+        for (&slot, &nll) in slot_of.iter().zip(&per) {
+            logprob[slot] -= nll as f64;
+        }
+        at = end;
+    }
+    Ok(logprob)
 }
 
 /// Scores one item (adapters and switches per `fwd`).
@@ -96,63 +197,27 @@ pub struct McResult {
     pub scores: Vec<McScore>,
 }
 
-/// Scores every item. Each choice is one row `context + choice`; rows are sorted by length and
-/// run in batches (right-padded: causal attention keeps padding from reaching earlier positions),
-/// so a set of thousands of items costs a few hundred forward passes, not one per choice.
+/// Scores every item. On the CPU's fused path each item is one row (its context computed once,
+/// the choices as branches after it, [`tree_row`]); elsewhere each choice is its own row. Rows
+/// run in length-sorted batches, so a set of thousands of items costs a few hundred forwards.
 pub fn score_items(model: &Model, tok: &Tok, items: &[McItem], fwd: Fwd) -> Result<McResult> {
+    let tree = model.device.is_cpu() && !fwd.composed;
     let mut rows = Vec::new();
+    let mut slots = 0;
     for (k, it) in items.iter().enumerate() {
-        rows.extend(item_rows(tok, k, it).with_context(|| format!("item {}", k + 1))?);
+        let (ctx, choices) = item_tokens(tok, it).with_context(|| format!("item {}", k + 1))?;
+        if tree {
+            rows.push(tree_row(&ctx, &choices, slots));
+        } else {
+            rows.extend(flat_rows(&ctx, &choices, slots));
+        }
+        slots += choices.len();
     }
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by_key(|&r| rows[r].inputs.len());
-    let pad = tok.eos.unwrap_or(0);
-    let mut logprob = vec![0f64; rows.len()];
-    let mut at = 0;
-    while at < order.len() {
-        // Sorted ascending, so the last row of a group is its longest.
-        let mut end = at + 1;
-        while end < order.len() && (end + 1 - at) * rows[order[end]].inputs.len() <= BATCH_TOKENS {
-            end += 1;
-        }
-        let len = rows[order[end - 1]].inputs.len();
-        let (mut ids, mut tg) = (Vec::new(), Vec::new());
-        for &r in &order[at..end] {
-            let row = &rows[r];
-            ids.extend(
-                row.inputs
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(pad, len - row.inputs.len())),
-            );
-            tg.extend(
-                row.targets
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(IGNORE, len - row.inputs.len())),
-            );
-        }
-        let ids = Tensor::from_vec(ids, (end - at, len), &model.device)?;
-        // Only the choice positions go through the head (a fifth of the model's FLOPs here).
-        let keep: Vec<u32> = (0..tg.len() as u32).filter(|&i| tg[i as usize] != IGNORE).collect();
-        let h = model
-            .hidden(&ids, fwd, None)?
-            .index_select(&Tensor::new(keep.as_slice(), &model.device)?, 0)?;
-        let kept: Vec<u32> = keep.iter().map(|&i| tg[i as usize]).collect();
-        let per = model
-            .head_loss(&h, &kept, true)?
-            .per_token
-            .context("per-token losses")?;
-        for (&i, &nll) in keep.iter().zip(&per) {
-            logprob[order[at + i as usize / len]] -= nll as f64;
-        }
-        at = end;
-    }
+    let logprob = score_rows(model, &rows, slots, tok.eos.unwrap_or(0), tree, fwd)?;
     let mut scores = Vec::with_capacity(items.len());
     let mut r = 0;
-    for (k, item) in items.iter().enumerate() {
+    for item in items {
         let n = item.choices.len();
-        debug_assert!(rows[r..r + n].iter().all(|row| row.item == k));
         let logprobs = logprob[r..r + n].to_vec();
         r += n;
         let lead = usize::from(item.context.ends_with(' '));

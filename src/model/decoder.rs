@@ -252,6 +252,18 @@ pub enum BlockState<'a> {
     /// first call for a micro-batch and read them back on the second, which then runs none of
     /// their base GEMMs.
     Kept(&'a Arc<KeptProducts>),
+    /// Scoring rows of a shared trunk and branches (whole rows, fused CPU attention only).
+    Tree(&'a TreeRows),
+}
+
+/// Rows of trunk-and-branch positions for scoring (see [`crate::ops::fused_attention::Tree`]):
+/// which positions see which, and each position's RoPE position.
+#[derive(Clone, Debug)]
+pub struct TreeRows {
+    /// Visibility, `[b * t]`.
+    pub tree: Arc<crate::ops::fused_attention::Tree>,
+    /// RoPE position of every position, `[b * t]`.
+    pub positions: Vec<usize>,
 }
 
 /// Keys and values of past positions for one block, `[b, kv_heads, t, head_dim]`.
@@ -699,10 +711,11 @@ impl Model {
         fwd: Fwd,
         state: BlockState<'_>,
     ) -> Result<Tensor> {
-        let (cache, kept) = match state {
-            BlockState::None => (None, None),
-            BlockState::Cache(c) => (Some(c), None),
-            BlockState::Kept(k) => (None, Some(k)),
+        let (cache, kept, tree) = match state {
+            BlockState::None => (None, None, None),
+            BlockState::Cache(c) => (Some(c), None, None),
+            BlockState::Kept(k) => (None, Some(k), None),
+            BlockState::Tree(r) => (None, None, Some(r)),
         };
         let cfg = &self.cfg;
         let blk = &self.blocks[i];
@@ -720,6 +733,23 @@ impl Model {
         let p = |m: Proj, x: &Tensor| blk.proj[m].forward_kept(x, fwd, site(m), kept);
         let (q, k, v) = (p(Proj::Q, &h)?, p(Proj::K, &h)?, p(Proj::V, &h)?);
         let att = match cache {
+            None if tree.is_some() => {
+                let rows = tree.expect("checked");
+                if !self.device.is_cpu() || fwd.composed {
+                    bail!("trunk-and-branch scoring runs on the fused CPU attention only");
+                }
+                let op = FusedAttention {
+                    b,
+                    t,
+                    heads: nh,
+                    kv_heads: nkv,
+                    d,
+                    cos: self.rope.half_table_at(true, &rows.positions)?,
+                    sin: self.rope.half_table_at(false, &rows.positions)?,
+                    tree: Some(rows.tree.clone()),
+                };
+                q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?
+            }
             // Whole sequences on the CPU (training, evaluation): the fused op.
             None if self.device.is_cpu() && !fwd.composed => {
                 let op = FusedAttention {
@@ -730,6 +760,7 @@ impl Model {
                     d,
                     cos: self.rope.half_table(true, t)?,
                     sin: self.rope.half_table(false, t)?,
+                    tree: None,
                 };
                 q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?
             }
@@ -773,13 +804,29 @@ impl Model {
     }
 
     /// Final normed hidden states `[b * t, hidden]` for `ids [b, t]`, extending `caches` if given.
-    pub fn hidden(&self, ids: &Tensor, fwd: Fwd, mut caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+    pub fn hidden(&self, ids: &Tensor, fwd: Fwd, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+        self.hidden_with(ids, fwd, caches, None)
+    }
+
+    /// Final normed hidden states `[b * t, hidden]` of trunk-and-branch rows `ids [b, t]`.
+    pub fn hidden_tree(&self, ids: &Tensor, fwd: Fwd, rows: &TreeRows) -> Result<Tensor> {
+        self.hidden_with(ids, fwd, None, Some(rows))
+    }
+
+    fn hidden_with(
+        &self,
+        ids: &Tensor,
+        fwd: Fwd,
+        mut caches: Option<&mut [KvCache]>,
+        tree: Option<&TreeRows>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let mut x = self.embed(ids)?;
         for i in 0..self.blocks.len() {
-            let state = match caches.as_mut() {
-                Some(cs) => BlockState::Cache(&mut cs[i]),
-                None => BlockState::None,
+            let state = match (caches.as_mut(), tree) {
+                (Some(cs), _) => BlockState::Cache(&mut cs[i]),
+                (None, Some(r)) => BlockState::Tree(r),
+                (None, None) => BlockState::None,
             };
             x = self
                 .block_forward(i, &x, b, t, fwd, state)

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod generate;
 pub mod gguf;
 pub mod hf;
 pub mod lora;

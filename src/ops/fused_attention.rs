@@ -8,6 +8,10 @@
 //! recomputes the probabilities per head (nothing but the inputs is kept) and returns dq, dk, dv
 //! through the inverse rotation. Work is split over (batch, key/value group) so each task owns
 //! its dk and dv.
+//!
+//! With a [`Tree`] (scoring only), a row holds a shared trunk and branches after it: a position
+//! sees the earlier positions of the trunk and of its own branch, at its own RoPE position, so
+//! that one context is computed once for all the choices that continue it.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -27,10 +31,28 @@ pub struct FusedAttention {
     pub kv_heads: usize,
     /// Head size.
     pub d: usize,
-    /// `cos` table `[t, d/2]` for positions 0..t.
+    /// `cos` table `[t, d/2]` for positions 0..t (with a tree: `[b * t, d/2]`, each position's own).
     pub cos: Vec<f32>,
-    /// `sin` table `[t, d/2]`.
+    /// `sin` table, laid out as `cos`.
     pub sin: Vec<f32>,
+    /// Trunk-and-branches visibility; `None`: plain causal rows.
+    pub tree: Option<std::sync::Arc<Tree>>,
+}
+
+/// Branch of every position, `[b * t]`: 0 is the trunk, seen by every later position of its row;
+/// any other value is seen only by later positions of the same branch.
+#[derive(Clone, Debug)]
+pub struct Tree {
+    /// Branch per position.
+    pub branch: Vec<u32>,
+}
+
+impl Tree {
+    /// Whether position `j` is visible from position `i >= j` of row `bi` (`t` positions a row).
+    fn visible(&self, bi: usize, t: usize, i: usize, j: usize) -> bool {
+        let bj = self.branch[bi * t + j];
+        bj == 0 || bj == self.branch[bi * t + i]
+    }
 }
 
 /// Rows per causal block: scores are computed only for keys up to the block's last row.
@@ -64,13 +86,15 @@ impl FusedAttention {
         out
     }
 
-    /// Rotates `[t, d]` in place; `inverse` applies the transpose (for gradients).
-    fn rope(&self, x: &mut [f32], inverse: bool) {
+    /// Rotates row `bi`'s `[t, d]` in place; `inverse` applies the transpose (for gradients).
+    fn rope(&self, x: &mut [f32], bi: usize, inverse: bool) {
         let (d, half) = (self.d, self.d / 2);
+        let first = if self.tree.is_some() { bi * self.t } else { 0 };
         for p in 0..self.t {
             let r = &mut x[p * d..(p + 1) * d];
+            let at = (first + p) * half;
             for i in 0..half {
-                let (c, s) = (self.cos[p * half + i], self.sin[p * half + i]);
+                let (c, s) = (self.cos[at + i], self.sin[at + i]);
                 let s = if inverse { -s } else { s };
                 let (x1, x2) = (r[i], r[i + half]);
                 r[i] = x1 * c - x2 * s;
@@ -79,8 +103,9 @@ impl FusedAttention {
         }
     }
 
-    /// Causal softmax of `q k^T / sqrt(d)` for one head: `[t, t]`, zero above the diagonal.
-    fn probs(&self, q: &[f32], k: &[f32]) -> Vec<f32> {
+    /// Causal softmax of `q k^T / sqrt(d)` for one head of row `bi`: `[t, t]`, zero above the
+    /// diagonal (and, with a tree, wherever a position cannot see another).
+    fn probs(&self, q: &[f32], k: &[f32], bi: usize) -> Vec<f32> {
         let (t, d) = (self.t, self.d);
         let mut s = vec![0f32; t * t];
         for (r0, r1) in blocks(t) {
@@ -97,9 +122,20 @@ impl FusedAttention {
         let scale = 1.0 / (d as f32).sqrt();
         for i in 0..t {
             let row = &mut s[i * t..(i + 1) * t];
+            if let Some(tree) = &self.tree {
+                for (j, x) in row[..i].iter_mut().enumerate() {
+                    if !tree.visible(bi, t, i, j) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
             let mx = row[..=i].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * scale;
             row[..=i].iter_mut().for_each(|x| *x = *x * scale - mx);
             super::fast_exp::exp_in_place(&mut row[..=i]);
+            if self.tree.is_some() {
+                // Hidden positions were -inf; make their weight exactly zero.
+                row[..i].iter_mut().filter(|x| !x.is_finite()).for_each(|x| *x = 0.0);
+            }
             let sum = super::fast_exp::lane_sum(&row[..=i]);
             let inv = 1.0 / sum;
             row[..=i].iter_mut().for_each(|x| *x *= inv);
@@ -113,8 +149,18 @@ impl FusedAttention {
         if q.len() != n * self.heads * self.d || k.len() != n * self.kv_heads * self.d || v.len() != k.len() {
             candle_core::bail!("fused attention: q/k/v sizes do not match the shapes");
         }
-        if !self.heads.is_multiple_of(self.kv_heads) || self.cos.len() < self.t * self.d / 2 {
+        let tables = if self.tree.is_some() { n } else { self.t };
+        if !self.heads.is_multiple_of(self.kv_heads)
+            || self.cos.len() < tables * self.d / 2
+            || self.sin.len() != self.cos.len()
+        {
             candle_core::bail!("fused attention: inconsistent heads or RoPE tables");
+        }
+        if self.tree.as_ref().is_some_and(|tr| tr.branch.len() != n) {
+            candle_core::bail!(
+                "fused attention: the tree has {} positions for {n}",
+                self.tree.as_ref().map_or(0, |tr| tr.branch.len())
+            );
         }
         Ok(())
     }
@@ -129,14 +175,14 @@ impl FusedAttention {
             .flat_map_iter(|task| {
                 let (bi, g) = (task / hkv, task % hkv);
                 let mut kr = self.gather(k, hkv * d, bi, g);
-                self.rope(&mut kr, false);
+                self.rope(&mut kr, bi, false);
                 let vh = self.gather(v, hkv * d, bi, g);
                 (0..rep)
                     .map(|r| {
                         let h = g * rep + r;
                         let mut qr = self.gather(q, hq * d, bi, h);
-                        self.rope(&mut qr, false);
-                        let p = self.probs(&qr, &kr);
+                        self.rope(&mut qr, bi, false);
+                        let p = self.probs(&qr, &kr, bi);
                         let mut o = vec![0f32; t * d];
                         for (r0, r1) in blocks(t) {
                             mm(
@@ -173,6 +219,9 @@ impl FusedAttention {
         go: &[f32],
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         self.check(q, k, v)?;
+        if self.tree.is_some() {
+            candle_core::bail!("fused attention: trunk-and-branch rows are for scoring; no backward");
+        }
         let (t, d, hq, hkv) = (self.t, self.d, self.heads, self.kv_heads);
         let rep = hq / hkv;
         let scale = 1.0 / (d as f32).sqrt();
@@ -182,7 +231,7 @@ impl FusedAttention {
             .map(|task| {
                 let (bi, g) = (task / hkv, task % hkv);
                 let mut kr = self.gather(k, hkv * d, bi, g);
-                self.rope(&mut kr, false);
+                self.rope(&mut kr, bi, false);
                 let vh = self.gather(v, hkv * d, bi, g);
                 let mut dk = vec![0f32; t * d];
                 let mut dv = vec![0f32; t * d];
@@ -190,8 +239,8 @@ impl FusedAttention {
                 for r in 0..rep {
                     let h = g * rep + r;
                     let mut qr = self.gather(q, hq * d, bi, h);
-                    self.rope(&mut qr, false);
-                    let p = self.probs(&qr, &kr);
+                    self.rope(&mut qr, bi, false);
+                    let p = self.probs(&qr, &kr, bi);
                     let gh = self.gather(go, hq * d, bi, h);
                     // dV += P^T dO; dP = dO V^T.
                     let mut dp = vec![0f32; t * t];
@@ -247,10 +296,10 @@ impl FusedAttention {
                             true,
                         );
                     }
-                    self.rope(&mut dq, true);
+                    self.rope(&mut dq, bi, true);
                     dqs.push(dq);
                 }
-                self.rope(&mut dk, true);
+                self.rope(&mut dk, bi, true);
                 (bi, g, dqs, dk, dv)
             })
             .collect();
@@ -346,6 +395,7 @@ mod tests {
             d,
             cos: rope.half_table(true, t)?,
             sin: rope.half_table(false, t)?,
+            tree: None,
         };
         let got = q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), op)?;
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };

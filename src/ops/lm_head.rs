@@ -343,6 +343,119 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
     Ok(out)
 }
 
+/// A frozen head as the two products the distillation term needs: logits `x W^T` and the input
+/// gradient `g W`, through the bf16 kernel's packs when the model has them.
+enum FrozenHead<'a> {
+    Packed(&'a HeadPack),
+    Lean(super::dequant_linear::Compact),
+}
+
+impl FrozenHead<'_> {
+    fn logits(&self, x: &[f32], c: usize, hidden: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            FrozenHead::Packed(p) => bf16_gemm::gemm(&bf16_gemm::pack_a(x, c, hidden), c, &p.fwd, out),
+            FrozenHead::Lean(w) => super::dequant_linear::x_wt(x, c, w, out, self.kernel(c))?,
+        }
+        Ok(())
+    }
+
+    fn back(&self, g: &[f32], c: usize, v: usize, dh: &mut [f32]) -> Result<()> {
+        match self {
+            FrozenHead::Packed(p) => bf16_gemm::gemm(&bf16_gemm::pack_a(g, c, v), c, &p.bwd, dh),
+            FrozenHead::Lean(w) => super::dequant_linear::g_w(g, c, w, dh, self.kernel(c))?,
+        }
+        Ok(())
+    }
+
+    fn kernel(&self, c: usize) -> bool {
+        match self {
+            FrozenHead::Packed(_) => true,
+            FrozenHead::Lean(w) => {
+                super::dequant_linear::use_kernel(c) && !matches!(w, super::dequant_linear::Compact::F32(_))
+            }
+        }
+    }
+}
+
+/// `log softmax` of a row in place; returns nothing (the row then holds log-probabilities).
+fn log_softmax_in_place(row: &mut [f32], tmp: &mut Vec<f32>) {
+    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    tmp.clear();
+    tmp.extend(row.iter().map(|&x| x - mx));
+    exp_in_place(tmp);
+    let lse = sum_f64(tmp).ln() as f32 + mx;
+    row.iter_mut().for_each(|x| *x -= lse);
+}
+
+/// Distillation to a teacher through the same frozen head `w [vocab, hidden]`:
+/// `sum_i KL(softmax(t_i W^T) || softmax(h_i W^T))` over the rows of `h` and `teacher`
+/// (`[n, hidden]` each), and the gradient of `scale` times that sum with respect to `h`, which is
+/// `scale * (softmax(h W^T) - softmax(t W^T)) W`. Under LoRA the teacher's hidden states are the
+/// same model's with its adapters off, so the base's next-token distributions need no second
+/// copy of the model.
+pub fn kl_head(
+    h: &Tensor,
+    teacher: &Tensor,
+    w: &Tensor,
+    pack: Option<&HeadPack>,
+    chunk: usize,
+    scale: f64,
+) -> Result<(f64, Tensor)> {
+    let (n, hidden) = h.dims2()?;
+    let (vocab, wh) = w.dims2()?;
+    if teacher.dims2()? != (n, hidden) || wh != hidden {
+        candle_core::bail!(
+            "distillation: student {:?}, teacher {:?} and head {:?} do not agree",
+            h.dims(),
+            teacher.dims(),
+            w.dims()
+        );
+    }
+    let head = match pack {
+        Some(p) if p.fwd.n == vocab => FrozenHead::Packed(p),
+        _ => {
+            let w = w.detach().contiguous()?;
+            FrozenHead::Lean(match w.dtype() {
+                DType::BF16 => super::dequant_linear::Compact::Bf16(w),
+                _ => super::dequant_linear::Compact::F32(w.to_dtype(DType::F32)?),
+            })
+        }
+    };
+    let hs: Vec<f32> = h.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let ts: Vec<f32> = teacher.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut dh = vec![0f32; n * hidden];
+    let mut kl = 0.0;
+    let chunk = chunk.max(1);
+    let (mut sl, mut tl) = (Vec::new(), Vec::new());
+    for start in (0..n).step_by(chunk) {
+        let c = chunk.min(n - start);
+        let (a, b) = (start * hidden, (start + c) * hidden);
+        let s = logits_buffer(&mut sl, c * vocab);
+        head.logits(&hs[a..b], c, hidden, s)?;
+        let t = logits_buffer(&mut tl, c * vocab);
+        head.logits(&ts[a..b], c, hidden, t)?;
+        let parts: Vec<f64> = s
+            .par_chunks_mut(vocab)
+            .zip(t.par_chunks_mut(vocab))
+            .map_init(Vec::new, |tmp, (sr, tr)| {
+                log_softmax_in_place(sr, tmp);
+                log_softmax_in_place(tr, tmp);
+                let mut k = 0.0f64;
+                // The student row becomes the gradient: scale * (p - q).
+                for (x, &lq) in sr.iter_mut().zip(tr.iter()) {
+                    let (p, q) = ((*x).exp(), lq.exp());
+                    k += q as f64 * (lq - *x) as f64;
+                    *x = scale as f32 * (p - q);
+                }
+                k
+            })
+            .collect();
+        kl += parts.iter().sum::<f64>();
+        head.back(s, c, vocab, &mut dh[a..b])?;
+    }
+    Ok((kl, Tensor::from_vec(dh, (n, hidden), h.device())?.to_dtype(h.dtype())?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,6 +576,44 @@ mod tests {
         let d = (da - db)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-2 * scale, "dh differs by {d} (scale {scale})");
         Ok(())
+    }
+
+    /// The distillation term against candle's autograd of the composed KL, f32 and packed bf16.
+    #[test]
+    fn kl_to_teacher_matches_autograd() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, hidden, vocab) = (7, 16, 40);
+        let h0 = Tensor::randn(0f32, 1., (n, hidden), &dev)?;
+        let t = Tensor::randn(0f32, 1., (n, hidden), &dev)?;
+        let w = Tensor::randn(0f32, 0.5, (vocab, hidden), &dev)?;
+        let hv = Var::from_tensor(&h0)?;
+        let ls = candle_nn_log_softmax(&hv.as_tensor().matmul(&w.t()?)?)?;
+        let lt = candle_nn_log_softmax(&t.matmul(&w.t()?)?)?;
+        let kl = (lt.exp()? * (lt - ls)?)?.sum_all()?;
+        let want = kl.to_scalar::<f32>()? as f64;
+        let g = kl.affine(0.5, 0.)?.backward()?;
+        let gh = g.get(hv.as_tensor()).unwrap();
+        let (got, dh) = kl_head(&h0, &t, &w, None, 3, 0.5)?;
+        assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{got} vs {want}");
+        let err = (dh - gh)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-5, "gradient differs by {err}");
+        // A student equal to its teacher has nothing to learn.
+        let (zero, dz) = kl_head(&t, &t, &w, None, 4, 1.0)?;
+        assert!(zero.abs() < 1e-6 && dz.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        // The bf16 kernel's packs give the same term within bf16's rounding.
+        if let Some(pack) = HeadPack::new(&w.to_dtype(DType::BF16)?)? {
+            let (kp, dp) = kl_head(&h0, &t, &w.to_dtype(DType::BF16)?, Some(&pack), 5, 0.5)?;
+            assert!((kp - want).abs() < 0.03 * want, "{kp} vs {want}");
+            let rel = ((dp - gh)?.sqr()?.sum_all()?.sqrt()? / gh.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()?;
+            assert!(rel < 0.05, "packed gradient off by {rel}");
+        }
+        Ok(())
+    }
+
+    fn candle_nn_log_softmax(x: &Tensor) -> Result<Tensor> {
+        let m = x.max_keepdim(1)?;
+        let z = x.broadcast_sub(&m)?;
+        z.broadcast_sub(&z.exp()?.sum_keepdim(1)?.log()?)
     }
 
     #[test]

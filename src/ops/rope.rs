@@ -62,6 +62,20 @@ impl Rope {
         Ok((if cos { &self.cos_half } else { &self.sin_half })[..t * half].to_vec())
     }
 
+    /// The first half of the cos (`true`) or sin table at each of `positions`, as `[n, d/2]`.
+    pub fn half_table_at(&self, cos: bool, positions: &[usize]) -> Result<Vec<f32>> {
+        let half = self.cos_half.len() / self.positions().max(1);
+        let table = if cos { &self.cos_half } else { &self.sin_half };
+        let mut out = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            if p >= self.positions() {
+                candle_core::bail!("position {p} is beyond the RoPE tables ({})", self.positions());
+            }
+            out.extend_from_slice(&table[p * half..(p + 1) * half]);
+        }
+        Ok(out)
+    }
+
     /// How many positions the tables cover.
     pub fn positions(&self) -> usize {
         self.cos.dim(0).unwrap_or(0)

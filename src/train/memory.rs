@@ -118,6 +118,8 @@ pub struct RunShape<'a> {
     /// Bytes of the Fisher that EWC holds (as stored: bf16 entries, or row and column sums when
     /// factored); 0 without EWC.
     pub ewc_fisher: u64,
+    /// Distillation to the base on the general rows (`retain.distill_lambda > 0`).
+    pub distill: bool,
 }
 
 /// Bytes of an NF4 weight of `n` elements in blocks of 64 (codes, then fp32 scales or 8-bit
@@ -347,6 +349,17 @@ fn add_retain(s: &RunShape<'_>, p: &mut Prediction) {
         let largest = s.adapted_sizes().map(|(o, i)| (o * i) as u64).max().unwrap_or(0);
         p.add("retain: EWC penalty (one weight)", 6 * 4 * largest);
     }
+    if s.distill {
+        // The base's final hidden states of the micro-batch, the student's and teacher's kept
+        // rows and their gradient (f32), and a student and a teacher logits chunk.
+        let (h, v) = (s.cfg.hidden_size as u64, s.cfg.vocab_size as u64);
+        let positions = (s.rows * s.seq_len) as u64;
+        let chunk = crate::ops::lm_head::chunk_rows(s.cfg.vocab_size) as u64;
+        p.add(
+            "retain: distillation (base states, two logits chunks)",
+            4 * (4 * positions * h + 2 * chunk * v),
+        );
+    }
 }
 
 /// Each layer's rank for keeping its frozen products ([`crate::model::precision::keep_rank`]),
@@ -458,6 +471,7 @@ pub fn for_recipe_with(
         mapped: src.weights.mapped_bytes(),
         runtime,
         ewc_fisher: ewc_fisher_bytes(recipe, cfg, &rank_table),
+        distill: recipe.retain.as_ref().is_some_and(|r| r.distill_lambda > 0.0),
     }))
 }
 

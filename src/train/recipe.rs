@@ -135,6 +135,11 @@ pub struct RetainSection {
     /// Tokens per contrastive sample (a segment of a general row).
     #[serde(default = "default_segment")]
     pub segment: usize,
+    /// Distillation to the frozen base: the weight of the mean KL divergence from the base
+    /// model's next-token distribution to the adapted model's on the general (replay) rows'
+    /// target tokens (0: off). Adapters only: the base is the same model with its adapters off.
+    #[serde(default)]
+    pub distill_lambda: f64,
 }
 
 impl Default for RetainSection {
@@ -490,6 +495,27 @@ impl Recipe {
         }
         if r.contrastive_lambda > 0.0 && self.data.general.is_empty() {
             bail!("retain.contrastive_lambda needs data.general: it is computed on the general rows of each batch");
+        }
+        if !(r.distill_lambda >= 0.0 && r.distill_lambda.is_finite()) {
+            bail!(
+                "retain.distill_lambda must be a finite number >= 0 (got {})",
+                r.distill_lambda
+            );
+        }
+        if r.distill_lambda > 0.0 {
+            if self.data.general.is_empty() {
+                bail!("retain.distill_lambda needs data.general: the KL to the base is taken on the general rows of each batch");
+            }
+            if self.full() {
+                bail!("retain.distill_lambda needs adapters: under train.mode = \"full\" no frozen base is kept to distil from (use LoRA, or set distill_lambda = 0)");
+            }
+            let saved = self.lora.iter().flat_map(|l| &l.modules_to_save);
+            if let Some(m) = saved
+                .into_iter()
+                .find(|m| m.as_str() == "lm_head" || m.as_str() == "embed_tokens")
+            {
+                bail!("retain.distill_lambda needs a frozen head, but lora.modules_to_save trains `{m}`: the base's distribution would move with it");
+            }
         }
         Ok(())
     }

@@ -1,10 +1,12 @@
 //! Phase two, once per optimizer step: the rows it draws, the objective over its micro-batches
-//! (the mean cross-entropy over every target token of the step, the contrastive term on its
-//! general rows, EWC on the weights), the clipped AdamW update, and what it logs.
+//! (the mean cross-entropy over every target token of the step, the contrastive term and the
+//! distillation to the base on its general rows, EWC on the weights), the clipped AdamW update,
+//! and what it logs.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use serde_json::json;
+use std::cell::Cell;
 use std::io::Write;
 
 use super::super::callback::StepReport;
@@ -13,7 +15,7 @@ use super::with_oom_retry;
 use crate::data::mix;
 use crate::engine::{forward_backward_with, Batch, ExtraTerm, GradAcc, Recompute};
 use crate::model::{Fwd, Model};
-use crate::ops::lm_head::IGNORE;
+use crate::ops::lm_head::{chunk_rows, kl_head, IGNORE};
 use crate::retain::contrastive;
 use crate::rng::mix as mix_seed;
 use crate::train::recipe::{Group, RetainSection};
@@ -21,12 +23,15 @@ use crate::util::{device_peak, human_bytes, peak_rss};
 
 /// What one optimizer step measured.
 pub(super) struct StepOut {
-    /// `ce + ewc + contrastive_lambda * contrastive` (NaN when the step had no target token).
+    /// `ce + ewc + contrastive_lambda * contrastive + distill_lambda * distill` (NaN when the
+    /// step had no target token).
     pub loss: f64,
     pub grad_norm: f64,
     pub ce: f64,
     pub ewc: f64,
     pub contrastive: f64,
+    /// Mean KL from the base's next-token distribution on the general rows' target tokens.
+    pub distill: f64,
     /// The loss or gradient was not finite: no update was made.
     pub skipped: bool,
 }
@@ -44,6 +49,20 @@ struct Objective<'a> {
     tokens: usize,
     /// Contrastive samples of the whole step: each micro-batch's term is weighted by its share.
     segments: usize,
+    /// Target tokens of the step's general rows: the distillation term is their mean.
+    general_tokens: usize,
+}
+
+/// The distillation term of one micro-batch: the base's final hidden states at its general
+/// rows' target positions.
+struct Distill<'a> {
+    model: &'a Model,
+    keep: Tensor,
+    teacher: Tensor,
+    /// `distill_lambda / general tokens of the step`.
+    scale: f64,
+    /// The micro-batch's summed KL, once the term has run.
+    kl: Cell<f64>,
 }
 
 /// The contrastive term of one micro-batch: its general rows' base-model hidden states.
@@ -103,9 +122,13 @@ impl<'r> Run<'r> {
                     .count()
             })
             .sum();
-        let (mut ce, mut ewc, mut con, mut loss, mut grad_norm) = (f64::NAN, 0.0, 0.0, f64::NAN, f64::NAN);
+        let (mut ce, mut ewc, mut con, mut kl, mut loss, mut grad_norm) = (f64::NAN, 0.0, 0.0, 0.0, f64::NAN, f64::NAN);
         if tokens > 0 {
             let general: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].0 == 1).collect();
+            let general_tokens = general
+                .iter()
+                .map(|&i| d.general.targets[rows[i].1].iter().filter(|&&x| x != IGNORE).count())
+                .sum();
             let objective = Objective {
                 model: &self.model,
                 data: &self.data,
@@ -115,16 +138,22 @@ impl<'r> Run<'r> {
                 seed: mix_seed(&[self.recipe.train.seed, self.st.step as u64]),
                 tokens,
                 segments: contrastive::segments(&general, d.train.seq_len, self.retain.segment).len(),
+                general_tokens,
             };
             let acc = &mut self.acc;
-            let (nll, c) = with_oom_retry(&mut self.ctl, |micro| objective.micro_batches(acc, rows, micro))?;
+            let (nll, c, k) = with_oom_retry(&mut self.ctl, |micro| objective.micro_batches(acc, rows, micro))?;
             ce = nll / tokens as f64;
             con = c;
+            kl = if general_tokens > 0 {
+                k / general_tokens as f64
+            } else {
+                0.0
+            };
             ewc = match &self.ewc {
                 Some(e) => e.penalty(Some(&mut self.acc), 1.0)?,
                 None => 0.0,
             };
-            loss = ce + ewc + self.retain.contrastive_lambda * con;
+            loss = ce + ewc + self.retain.contrastive_lambda * con + self.retain.distill_lambda * kl;
             grad_norm = self.acc.norm()?;
         }
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
@@ -143,6 +172,7 @@ impl<'r> Run<'r> {
             ce,
             ewc,
             contrastive: con,
+            distill: kl,
             skipped,
         })
     }
@@ -176,7 +206,7 @@ impl<'r> Run<'r> {
         let mut line = json!({
             "step": self.st.step, "loss": if out.skipped { json!(loss.to_string()) } else { json!(loss) },
             "grad_norm": if gnorm.is_finite() { json!(gnorm) } else { json!(gnorm.to_string()) },
-            "skipped": out.skipped, "ce": out.ce, "ewc": out.ewc, "contrastive": out.contrastive, "lr": self.ctl.lr,
+            "skipped": out.skipped, "ce": out.ce, "ewc": out.ewc, "contrastive": out.contrastive, "distill": out.distill, "lr": self.ctl.lr,
             "micro_batch": micro_used, "grad_accum": self.per_step / micro_used,
             "domain_share": self.ctl.domain_share, "domain_share_realised": self.st.mixer.realised_share(),
             "tokens": self.st.trained_tokens, "tok_per_s": tps, "peak_rss": peak, "peak_device": peak_dev, "elapsed_s": elapsed,
@@ -249,11 +279,11 @@ impl<'r> Run<'r> {
 
 impl Objective<'_> {
     /// Every micro-batch of `micro` rows, forward and backward into `acc`: the step's summed
-    /// token NLL and contrastive loss. The loss is the mean over every target token of the step,
-    /// so splitting it into micro-batches changes nothing but memory.
-    fn micro_batches(&self, acc: &mut GradAcc, rows: &[(usize, usize)], micro: usize) -> Result<(f64, f64)> {
+    /// token NLL, contrastive loss and distillation KL. The loss is the mean over every target
+    /// token of the step, so splitting it into micro-batches changes nothing but memory.
+    fn micro_batches(&self, acc: &mut GradAcc, rows: &[(usize, usize)], micro: usize) -> Result<(f64, f64, f64)> {
         acc.clear();
-        let (mut nll, mut con) = (0.0, 0.0);
+        let (mut nll, mut con, mut kl) = (0.0, 0.0, 0.0);
         let seq = self.data.train.seq_len;
         for (k, chunk) in rows.chunks(micro).enumerate() {
             let (ids, targets) = mix::gather(&[&self.data.train, &self.data.general], chunk, &self.model.device)?;
@@ -262,9 +292,22 @@ impl Objective<'_> {
                 first_token: (k * micro * seq) as u64,
                 ..self.fwd
             };
-            let term = self.contrastive(&ids, chunk)?;
-            let hook = term.as_ref().map(|c| move |h: &Tensor| c.term(h));
-            let extra: Option<ExtraTerm<'_>> = hook.as_ref().map(|f| f as ExtraTerm<'_>);
+            let base_hidden = self.base_hidden(&ids, chunk)?;
+            let contrastive = self.contrastive(base_hidden.as_ref(), chunk)?;
+            let distill = self.distill(base_hidden.as_ref(), chunk, &targets)?;
+            let hook = |h: &Tensor| -> Result<(f64, Tensor)> {
+                let mut total = (0.0, Tensor::zeros_like(h)?);
+                if let Some(c) = &contrastive {
+                    let (l, d) = c.term(h)?;
+                    total = (l, (total.1 + d)?);
+                }
+                if let Some(d) = &distill {
+                    total.1 = (total.1 + d.term(h)?)?;
+                }
+                Ok(total)
+            };
+            let any = contrastive.is_some() || distill.is_some();
+            let extra: Option<ExtraTerm<'_>> = any.then_some(&hook as ExtraTerm<'_>);
             let batch = Batch { ids, targets };
             let out = forward_backward_with(
                 self.model,
@@ -277,24 +320,62 @@ impl Objective<'_> {
             )?;
             nll += out.nll_sum;
             con += out.extra;
+            kl += distill.map_or(0.0, |d| d.kl.get());
         }
-        Ok((nll, con))
+        Ok((nll, con, kl))
     }
 
-    /// The contrastive term of a micro-batch, when the recipe has one and the micro-batch has
-    /// two or more general samples: their base-model (adapters off) hidden states.
-    fn contrastive(&self, ids: &Tensor, chunk: &[(usize, usize)]) -> Result<Option<Contrastive<'_>>> {
+    /// The base model's (adapters off) final hidden states of a micro-batch, `[rows * seq,
+    /// hidden]`, when a term on its general rows needs them.
+    fn base_hidden(&self, ids: &Tensor, chunk: &[(usize, usize)]) -> Result<Option<Tensor>> {
         let r = self.retain;
-        let general: Vec<usize> = (0..chunk.len()).filter(|&i| chunk[i].0 == 1).collect();
-        let segments = contrastive::segments(&general, self.data.train.seq_len, r.segment);
-        if r.contrastive_lambda <= 0.0 || segments.len() < 2 {
+        let general = chunk.iter().filter(|c| c.0 == 1).count();
+        let wanted = (r.contrastive_lambda > 0.0 && general >= 2) || (r.distill_lambda > 0.0 && general >= 1);
+        if !wanted {
             return Ok(None);
         }
         let base = Fwd {
             adapters: false,
             ..self.fwd
         };
-        let base_hidden: Vec<f32> = self.model.hidden(ids, base, None)?.flatten_all()?.to_vec1()?;
+        Ok(Some(self.model.hidden(ids, base, None)?))
+    }
+
+    /// The distillation term of a micro-batch with general rows, when the recipe has one.
+    fn distill(&self, base: Option<&Tensor>, chunk: &[(usize, usize)], targets: &[u32]) -> Result<Option<Distill<'_>>> {
+        let lambda = self.retain.distill_lambda;
+        let (Some(base), true) = (base, lambda > 0.0) else {
+            return Ok(None);
+        };
+        let seq = self.data.train.seq_len;
+        let keep: Vec<u32> = (0..chunk.len())
+            .filter(|&i| chunk[i].0 == 1)
+            .flat_map(|i| (i * seq..(i + 1) * seq).filter(|&p| targets[p] != IGNORE))
+            .map(|p| p as u32)
+            .collect();
+        if keep.is_empty() {
+            return Ok(None);
+        }
+        let keep = Tensor::new(keep.as_slice(), &self.model.device)?;
+        Ok(Some(Distill {
+            model: self.model,
+            teacher: base.index_select(&keep, 0)?,
+            keep,
+            scale: lambda / self.general_tokens.max(1) as f64,
+            kl: Cell::new(0.0),
+        }))
+    }
+
+    /// The contrastive term of a micro-batch, when the recipe has one and the micro-batch has
+    /// two or more general samples: their base-model (adapters off) hidden states.
+    fn contrastive(&self, base: Option<&Tensor>, chunk: &[(usize, usize)]) -> Result<Option<Contrastive<'_>>> {
+        let r = self.retain;
+        let general: Vec<usize> = (0..chunk.len()).filter(|&i| chunk[i].0 == 1).collect();
+        let segments = contrastive::segments(&general, self.data.train.seq_len, r.segment);
+        let Some(base) = base.filter(|_| r.contrastive_lambda > 0.0 && segments.len() >= 2) else {
+            return Ok(None);
+        };
+        let base_hidden: Vec<f32> = base.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let weight = r.contrastive_lambda * segments.len() as f64 / self.segments.max(1) as f64;
         Ok(Some(Contrastive {
             base_hidden,
@@ -314,6 +395,26 @@ impl Contrastive<'_> {
         let (l, dh) = contrastive::info_nce(&hv, &self.base_hidden, d, &self.segments, self.retain.temperature);
         let dh = (Tensor::from_vec(dh, h.shape(), h.device())? * self.weight)?;
         Ok((l * self.weight / self.retain.contrastive_lambda, dh))
+    }
+}
+
+impl Distill<'_> {
+    /// The KL from the base on the kept positions of the adapted hidden states `h`: its gradient
+    /// with respect to `h`, weighted as it enters the step (the KL itself is kept in `kl`).
+    fn term(&self, h: &Tensor) -> Result<Tensor> {
+        let m = self.model;
+        let student = h.index_select(&self.keep, 0)?;
+        let chunk = chunk_rows(m.cfg.vocab_size);
+        let (kl, d) = kl_head(
+            &student,
+            &self.teacher,
+            m.head_weight(),
+            m.head_pack.as_deref(),
+            chunk,
+            self.scale,
+        )?;
+        self.kl.set(kl);
+        Ok(Tensor::zeros_like(h)?.index_add(&self.keep, &d.to_dtype(h.dtype())?, 0)?)
     }
 }
 
