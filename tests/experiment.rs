@@ -49,6 +49,7 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
         format!(
             "name = \"tiny\"\nout = \"{d}/full\"\ntokens = 256\n[eval]\ngeneral_mc = [\"{d}/data/gmc.jsonl\", \"{d}/data/gmc2.jsonl\"]\ndomain_mc = \"{d}/data/dmc.jsonl\"\ntext = [\"{d}/data/dom-held.txt\", \"{d}/data/gen-held.txt\"]\nseq_len = 16\n\
              [quick]\ntokens = 96\nmc_items = 2\ntext_rows = 2\nout = \"{d}/quick\"\n\
+             [[prepare]]\nname = \"self replay\"\nout = \"{d}/self/replay.jsonl\"\nargs = [\"generate\", \"--samples\", \"3\", \"--max-tokens\", \"6\", \"--temperature\", \"1\"]\n\
              [[run]]\nname = \"plain LoRA\"\nrecipe = \"{d}/lora.toml\"\n[[run]]\nname = \"LoRA + EWC\"\nrecipe = \"{d}/retain.toml\"\n"
         ),
     )?;
@@ -57,6 +58,12 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
         .output()?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let q = dir.join("quick");
+    // The prepared file exists (three sampled documents) and is kept for the next experiment.
+    let replay = std::fs::read_to_string(dir.join("self/replay.jsonl"))?;
+    assert!(
+        replay.lines().count() <= 3 && replay.contains("self-generated"),
+        "{replay}"
+    );
     let table = std::fs::read_to_string(q.join("table.md"))?;
     assert!(
         table.contains("| plain LoRA |") && table.contains("| LoRA + EWC |"),
@@ -95,6 +102,7 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
         .args(["experiment", &dir.join("exp.toml").display().to_string(), "--quick"])
         .output()?;
     assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("self replay present"));
     let table = std::fs::read_to_string(q.join("table.md"))?;
     assert!(
         table.contains("| plain LoRA | failed") && table.contains("| LoRA + EWC |"),

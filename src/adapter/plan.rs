@@ -83,7 +83,8 @@ pub fn pattern_match<'a, T>(patterns: &'a [(String, T)], name: &str) -> Result<O
     Ok(None)
 }
 
-fn parse_range(spec: &str, num_layers: usize) -> Result<Vec<usize>> {
+/// Layers of an inclusive range spec: `"0-10"`, `"11-"` (to the last layer) or `"7"`.
+pub fn parse_range(spec: &str, num_layers: usize) -> Result<Vec<usize>> {
     let bad = || format!("layer range `{spec}`: expected `A-B`, `A-` or `A` with layers below {num_layers}");
     let (a, b) = match spec.split_once('-') {
         Some((a, "")) => (

@@ -41,6 +41,10 @@ pub struct Experiment {
     pub eval: EvalSection,
     /// Overrides for `--quick`.
     pub quick: Option<QuickSection>,
+    /// Files the runs read that the base model makes (self-generated replay text), each made
+    /// once, before the runs, and kept while it exists.
+    #[serde(default, rename = "prepare")]
+    pub prepares: Vec<Prepare>,
     /// The runs.
     #[serde(rename = "run")]
     pub runs: Vec<RunEntry>,
@@ -140,6 +144,41 @@ pub struct QuickSection {
     pub chat_items: Option<usize>,
     /// Output directory.
     pub out: PathBuf,
+}
+
+/// `[[prepare]]`: `strata ARGS --model MODEL --out OUT`, run when `out` does not exist.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prepare {
+    /// What it makes (for the log).
+    pub name: String,
+    /// The file it writes, which the runs' recipes read.
+    pub out: PathBuf,
+    /// The strata subcommand and its arguments (`["generate", "--samples", "160", ...]`).
+    pub args: Vec<String>,
+}
+
+/// Makes every `[[prepare]]` file that is missing, with the experiment's model.
+fn prepare_files(ex: &Experiment, model: &Path) -> Result<()> {
+    for p in &ex.prepares {
+        if p.out.exists() {
+            eprintln!("experiment: {} present: {}", p.name, p.out.display());
+            continue;
+        }
+        if let Some(dir) = p.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        eprintln!("experiment: making {} ({})", p.name, p.out.display());
+        let mut args = p.args.clone();
+        args.extend([
+            "--model".into(),
+            model.display().to_string(),
+            "--out".into(),
+            p.out.display().to_string(),
+        ]);
+        strata(&args, &ex.out.join(format!("prepare-{}.log", slug(&p.name))))?;
+    }
+    Ok(())
 }
 
 /// `[[run]]`.
@@ -524,6 +563,7 @@ pub fn run(a: Args) -> Result<()> {
         ex.tokens,
         out.display()
     );
+    prepare_files(&ex, &model)?;
     let sets = prepare_sets(&ex, &out, &model)?;
     eprintln!("experiment: evaluating the base model");
     let base_json = out.join("base.json");

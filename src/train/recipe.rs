@@ -213,6 +213,10 @@ pub struct LoraSection {
     /// Per-layer-range overrides (the layered plan).
     #[serde(default)]
     pub layers: Vec<PlanRule>,
+    /// Layers left without adapters (frozen), as a range (`"0-9"`): PEFT's
+    /// `layers_to_transform` is every other layer.
+    #[serde(default)]
+    pub frozen_layers: Option<String>,
     /// Base modules trained in full beside the adapters (PEFT `modules_to_save`): embed_tokens,
     /// lm_head, norm, input_layernorm, post_attention_layernorm.
     #[serde(default)]
@@ -572,6 +576,14 @@ impl Recipe {
             LoraPlan::uniform(l.r, l.alpha.unwrap_or(2.0 * l.r as f64), &targets).with_rules(&l.layers, num_layers)?;
         plan.use_rslora = l.rslora;
         plan.dropout = l.dropout;
+        if let Some(f) = &l.frozen_layers {
+            let frozen = crate::adapter::plan::parse_range(f, num_layers).context("lora.frozen_layers")?;
+            let kept: Vec<usize> = (0..num_layers).filter(|i| !frozen.contains(i)).collect();
+            if kept.is_empty() {
+                bail!("lora.frozen_layers = \"{f}\" freezes every layer: no adapter would train");
+            }
+            plan.layers = Some(kept);
+        }
         for m in &l.modules_to_save {
             if !SAVABLE.contains(&m.as_str()) {
                 bail!(
@@ -591,6 +603,25 @@ mod tests {
 
     const BASE: &str =
         "[model]\npath = \"m.gguf\"\n[lora]\nr = 8\n[data]\ntrain = [\"d.txt\"]\n[train]\nmode = \"lora\"\n";
+
+    #[test]
+    fn frozen_layers_leave_those_layers_without_adapters() -> Result<()> {
+        let r = Recipe::parse(
+            &BASE.replace("r = 8\n", "r = 8\nfrozen_layers = \"0-2\"\n"),
+            "r.toml",
+            &[],
+        )?;
+        let plan = r.plan(5)?.expect("a LoRA plan");
+        assert_eq!(plan.layers, Some(vec![3, 4]));
+        assert!(plan.resolve(1, Proj::Q)?.is_none() && plan.resolve(3, Proj::Q)?.is_some());
+        let all = Recipe::parse(
+            &BASE.replace("r = 8\n", "r = 8\nfrozen_layers = \"0-\"\n"),
+            "r.toml",
+            &[],
+        )?;
+        assert!(format!("{:#}", all.plan(5).unwrap_err()).contains("freezes every layer"));
+        Ok(())
+    }
 
     #[test]
     fn unknown_keys_and_bad_values_are_rejected() {
