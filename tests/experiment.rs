@@ -108,6 +108,21 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
         table.contains("| plain LoRA | failed") && table.contains("| LoRA + EWC |"),
         "{table}"
     );
+    // The short variant may run a subset, named; a name no run has is an error before anything runs.
+    let exp = std::fs::read_to_string(dir.join("exp.toml"))?;
+    let exp = exp.replace(
+        &format!("out = \"{d}/quick\""),
+        &format!("runs = [\"no such run\"]\nout = \"{d}/quick\""),
+    );
+    std::fs::write(dir.join("exp2.toml"), exp)?;
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["experiment", &dir.join("exp2.toml").display().to_string(), "--quick"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("`no such run`, which no [[run]] is"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -142,6 +142,9 @@ pub struct QuickSection {
     /// Chat prompts used.
     #[serde(default)]
     pub chat_items: Option<usize>,
+    /// The runs of the short variant, by name (all when absent).
+    #[serde(default)]
+    pub runs: Option<Vec<String>>,
     /// Output directory.
     pub out: PathBuf,
 }
@@ -538,6 +541,15 @@ pub fn run(a: Args) -> Result<()> {
         ex.eval.text_rows = q.text_rows;
         ex.eval.chat_items = q.chat_items.unwrap_or(ex.eval.chat_items);
         ex.out = q.out;
+        if let Some(names) = &q.runs {
+            if let Some(n) = names.iter().find(|n| !ex.runs.iter().any(|r| r.name == **n)) {
+                bail!(
+                    "{}: [quick] runs names `{n}`, which no [[run]] is",
+                    a.experiment.display()
+                );
+            }
+            ex.runs.retain(|r| names.contains(&r.name));
+        }
     }
     if ex.runs.is_empty() {
         bail!("{}: no [[run]] entries", a.experiment.display());
