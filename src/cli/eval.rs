@@ -135,22 +135,25 @@ pub fn run(a: Args) -> Result<()> {
     for (p, role) in sets {
         if !header {
             println!(
-                "{:<44} {:>8} {:>7} {:>9} {:>9}",
-                "multiple choice", "role", "items", "acc", "acc_norm"
+                "{:<44} {:>8} {:>7} {:>9} {:>9} {:>9}",
+                "multiple choice", "role", "items", "acc", "acc_norm", "items/s"
             );
             header = true;
         }
         let items = load_items(p)?;
+        let t0 = std::time::Instant::now();
         let r = score_items(&model, &src.tokenizer, &items, Fwd::eval()).with_context(|| p.display().to_string())?;
+        let secs = t0.elapsed().as_secs_f64();
         println!(
-            "{:<44} {:>8} {:>7} {:>8.2}% {:>8.2}%",
+            "{:<44} {:>8} {:>7} {:>8.2}% {:>8.2}% {:>9.1}",
             p.display().to_string(),
             role,
             r.items,
             100.0 * r.acc,
-            100.0 * r.acc_norm
+            100.0 * r.acc_norm,
+            r.items as f64 / secs.max(1e-9)
         );
-        mc_results.push(json!({"file": p, "role": role, "result": r}));
+        mc_results.push(json!({"file": p, "role": role, "result": r, "seconds": secs}));
     }
     if let Some(out) = &a.out {
         let doc = json!({
