@@ -26,12 +26,15 @@ for name in ("finance", "general"):
 print(f"multiple choice: domain (noun.possession) {c['mc_domain']['items']} items, general {c['mc_general']['items']} items; "
       f"{c['excluded_against']['definitions_found_in_training_text']} definitions found in training text left out")
 PY
-# The demo scores the first 400 items of each set (a seeded shuffle) and 32 evenly spaced rows of
-# each held-out corpus; longer runs use the full sets.
+# The demo scores the first 400 items of each definition set and 200 of each continuation set
+# (seeded shuffles), and 32 evenly spaced rows of each held-out text: the finance and general
+# corpora and the out-of-source Brown and fortune text; longer runs use the full sets.
 mkdir -p data/demo runs
 head -n 400 data/mc/domain.jsonl > data/demo/domain.jsonl
 head -n 400 data/mc/general.jsonl > data/demo/general.jsonl
-EVAL="--general-mc data/demo/general.jsonl --domain-mc data/demo/domain.jsonl --text data/corpus/finance/heldout.jsonl data/corpus/general/heldout.jsonl --max-rows 32 --base-dtype bf16"
+head -n 200 data/mc/domain_continuation.jsonl > data/demo/domain_continuation.jsonl
+head -n 200 data/mc/general_continuation.jsonl > data/demo/general_continuation.jsonl
+EVAL="--general-mc data/demo/general.jsonl data/demo/general_continuation.jsonl --domain-mc data/demo/domain.jsonl data/demo/domain_continuation.jsonl --text data/corpus/finance/heldout.jsonl data/corpus/general/heldout.jsonl data/corpus/outside/brown.jsonl data/corpus/outside/fortunes.jsonl --max-rows 32 --base-dtype bf16"
 echo
 echo "== base model"
 $BIN eval --model "$M" $EVAL --out runs/demo-before.json
