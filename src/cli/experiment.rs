@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use crate::data::chat::Conversation;
 use crate::eval::compare::{paired, paired_ratio, Paired};
 use crate::eval::mc::McResult;
 use crate::eval::perplexity::{RowLoss, RESAMPLES};
@@ -332,13 +333,13 @@ fn last_turns(path: &Path) -> Result<Vec<String>> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
-            let v: Value = serde_json::from_str(l)?;
-            Ok(v["messages"]
-                .as_array()
-                .and_then(|m| m.last())
-                .and_then(|m| m["content"].as_str())
-                .unwrap_or("")
-                .to_string())
+            let c: Conversation = serde_json::from_str(l).with_context(|| {
+                format!(
+                    "{}: a line is not a {{\"messages\": [...]}} conversation",
+                    path.display()
+                )
+            })?;
+            Ok(c.messages.last().map(|m| m.content.clone()).unwrap_or_default())
         })
         .collect()
 }

@@ -7,7 +7,7 @@ use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::data::chat::{render, Message};
+use crate::data::chat::{render, Conversation, Message};
 use crate::model::generate::{generate, sample_many, Sampling};
 use crate::model::tokenizer::Tok;
 use crate::model::{Fwd, Model};
@@ -56,11 +56,6 @@ pub struct Args {
     pub device: String,
 }
 
-#[derive(serde::Deserialize)]
-struct Conversation {
-    messages: Vec<Message>,
-}
-
 fn chat_template(tok: &Tok) -> Result<&str> {
     tok.chat_template.as_deref().context(
         "the model has no chat template (tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`)",
@@ -89,7 +84,7 @@ fn answer_file(a: &Args, model: &Model, tok: &Tok, path: &Path, out: &Path, s: S
             role: "assistant".into(),
             content: tok.decode(&new)?,
         });
-        lines += &(serde_json::to_string(&json!({ "messages": conv.messages }))? + "\n");
+        lines += &(serde_json::to_string(&conv)? + "\n");
         eprint!("\ranswered {}", ln + 1);
     }
     eprintln!();

@@ -22,9 +22,11 @@ pub struct Message {
     pub content: String,
 }
 
-#[derive(Deserialize)]
-struct Conversation {
-    messages: Vec<Message>,
+/// One line of a chat jsonl file.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Conversation {
+    /// The turns, in order.
+    pub messages: Vec<Message>,
 }
 
 /// Renders `messages` with `template` (Hugging Face conventions: `messages`, `add_generation_prompt`,
