@@ -14,7 +14,7 @@
 //! | 3 | [`adapter`], [`data`] | LoRA plans, PEFT files, merging; corpora, packing, chat templates, the mixer |
 //! | 2 | [`model`] | config, the tensor-name table, the decoder, GGUF and Hugging Face loaders, tokenizers |
 //! | 1 | [`ops`] | differentiable kernels with hand-written backwards |
-//! | 0 | [`quant`], [`rng`], [`util`] | NF4, the seeded RNG, files and memory readings |
+//! | 0 | [`quant`], [`rng`], [`util`], [`fsio`] | NF4, the seeded RNG, atomic writes and memory readings, capped reads of untrusted files |
 //!
 //! Where to look first: a training step is [`engine::step`]; the base precisions are
 //! [`model::precision`]; every Hugging Face and GGUF tensor name is in [`model::names`]; a whole
@@ -25,6 +25,7 @@ pub mod cli;
 pub mod data;
 pub mod engine;
 pub mod eval;
+pub mod fsio;
 pub mod model;
 pub mod ops;
 pub mod quant;

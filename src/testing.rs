@@ -52,3 +52,158 @@ pub fn dx_gap(y: &Tensor, y_ref: &Tensor, x: &Var, probe: &Tensor) -> Result<f32
     );
     (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
 }
+
+/// A GGUF file as its parts, to be written back as they are, valid or not: the crafted files of
+/// the hostile-input tests are valid files with one part changed.
+pub struct RawGguf {
+    /// GGUF version (1 to 3).
+    pub version: u32,
+    /// Metadata in file order (duplicates allowed).
+    pub kvs: Vec<(String, candle_core::quantized::gguf_file::Value)>,
+    /// Tensors in file order.
+    pub tensors: Vec<RawTensor>,
+    /// Alignment of the tensor data (what the file's `general.alignment` should say).
+    pub alignment: u64,
+}
+
+/// One tensor of a [`RawGguf`].
+pub struct RawTensor {
+    /// Name.
+    pub name: String,
+    /// Dimensions, outermost first (candle's order; the file stores them reversed).
+    pub dims: Vec<u64>,
+    /// ggml type id.
+    pub ty: u32,
+    /// Stored bytes.
+    pub data: Vec<u8>,
+    /// Offset to write instead of the one the layout gives.
+    pub offset: Option<u64>,
+}
+
+impl RawGguf {
+    /// The parts of a valid GGUF file (keys and tensors sorted by name).
+    pub fn read(path: &std::path::Path) -> anyhow::Result<Self> {
+        use std::io::{Read, Seek};
+        let c = crate::model::gguf::read_checked(path)?;
+        let mut kvs: Vec<_> = c.metadata.into_iter().collect();
+        kvs.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut f = std::fs::File::open(path)?;
+        let mut tensors = Vec::new();
+        let mut infos: Vec<_> = c.tensor_infos.into_iter().collect();
+        infos.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, info) in infos {
+            let n = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let mut data = vec![0u8; n];
+            f.seek(std::io::SeekFrom::Start(c.tensor_data_offset + info.offset))?;
+            f.read_exact(&mut data)?;
+            tensors.push(RawTensor {
+                name,
+                dims: info.shape.dims().iter().map(|&d| d as u64).collect(),
+                ty: crate::model::gguf_read::ggml_type_id(info.ggml_dtype),
+                data,
+                offset: None,
+            });
+        }
+        Ok(Self {
+            version: 3,
+            kvs,
+            tensors,
+            alignment: 32,
+        })
+    }
+
+    /// The metadata entry `key`, to change in place.
+    pub fn kv(&mut self, key: &str) -> &mut candle_core::quantized::gguf_file::Value {
+        &mut self
+            .kvs
+            .iter_mut()
+            .find(|(k, _)| k == key)
+            .unwrap_or_else(|| panic!("no key {key}"))
+            .1
+    }
+
+    /// The tensor `name`, to change in place.
+    pub fn tensor(&mut self, name: &str) -> &mut RawTensor {
+        self.tensors
+            .iter_mut()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("no tensor {name}"))
+    }
+
+    /// The file's bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        use candle_core::quantized::gguf_file::Value;
+        fn s(out: &mut Vec<u8>, x: &str) {
+            out.extend((x.len() as u64).to_le_bytes());
+            out.extend(x.as_bytes());
+        }
+        fn ty(v: &Value) -> u32 {
+            match v {
+                Value::U8(_) => 0,
+                Value::I8(_) => 1,
+                Value::U16(_) => 2,
+                Value::I16(_) => 3,
+                Value::U32(_) => 4,
+                Value::I32(_) => 5,
+                Value::F32(_) => 6,
+                Value::Bool(_) => 7,
+                Value::String(_) => 8,
+                Value::Array(_) => 9,
+                Value::U64(_) => 10,
+                Value::I64(_) => 11,
+                Value::F64(_) => 12,
+            }
+        }
+        fn val(out: &mut Vec<u8>, v: &Value) {
+            match v {
+                Value::U8(x) => out.push(*x),
+                Value::I8(x) => out.push(*x as u8),
+                Value::U16(x) => out.extend(x.to_le_bytes()),
+                Value::I16(x) => out.extend(x.to_le_bytes()),
+                Value::U32(x) => out.extend(x.to_le_bytes()),
+                Value::I32(x) => out.extend(x.to_le_bytes()),
+                Value::F32(x) => out.extend(x.to_le_bytes()),
+                Value::Bool(x) => out.push(*x as u8),
+                Value::String(x) => s(out, x),
+                Value::Array(a) => {
+                    out.extend(a.first().map_or(4, ty).to_le_bytes());
+                    out.extend((a.len() as u64).to_le_bytes());
+                    a.iter().for_each(|x| val(out, x));
+                }
+                Value::U64(x) => out.extend(x.to_le_bytes()),
+                Value::I64(x) => out.extend(x.to_le_bytes()),
+                Value::F64(x) => out.extend(x.to_le_bytes()),
+            }
+        }
+        let mut out = b"GGUF".to_vec();
+        out.extend(self.version.to_le_bytes());
+        out.extend((self.tensors.len() as u64).to_le_bytes());
+        out.extend((self.kvs.len() as u64).to_le_bytes());
+        for (k, v) in &self.kvs {
+            s(&mut out, k);
+            out.extend(ty(v).to_le_bytes());
+            val(&mut out, v);
+        }
+        let a = self.alignment.max(1);
+        let mut offset = 0u64;
+        for t in &self.tensors {
+            s(&mut out, &t.name);
+            out.extend((t.dims.len() as u32).to_le_bytes());
+            t.dims.iter().rev().for_each(|d| out.extend(d.to_le_bytes()));
+            out.extend(t.ty.to_le_bytes());
+            out.extend(t.offset.unwrap_or(offset).to_le_bytes());
+            offset = (offset + t.data.len() as u64).div_ceil(a) * a;
+        }
+        out.resize((out.len() as u64).div_ceil(a) as usize * a as usize, 0);
+        for t in &self.tensors {
+            out.extend(&t.data);
+            out.resize((out.len() as u64).div_ceil(a) as usize * a as usize, 0);
+        }
+        out
+    }
+
+    /// Writes the file to `path`.
+    pub fn write(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        Ok(std::fs::write(path, self.bytes())?)
+    }
+}

@@ -11,9 +11,50 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut f = std::fs::File::create(tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
         f.write_all(bytes)
             .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.sync_all().ok();
-        Ok(())
+        f.sync_all()
+            .with_context(|| format!("cannot flush {} to disk", tmp.display()))
     })
+}
+
+/// Flushes a directory's entries to disk (a rename inside it survives a power loss only then).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot flush directory {} to disk", dir.display()))?;
+    Ok(())
+}
+
+/// Swaps two paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`), so that a
+/// directory replaced by another is never absent; elsewhere, two renames.
+pub fn exchange_paths(a: &Path, b: &Path) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        extern "C" {
+            fn renameat2(olddirfd: i32, oldpath: *const i8, newdirfd: i32, newpath: *const i8, flags: u32) -> i32;
+        }
+        const AT_FDCWD: i32 = -100;
+        const RENAME_EXCHANGE: u32 = 2;
+        let ca = CString::new(a.as_os_str().as_bytes())?;
+        let cb = CString::new(b.as_os_str().as_bytes())?;
+        // SAFETY: two valid NUL-terminated paths; renameat2 only reads them.
+        let r = unsafe { renameat2(AT_FDCWD, ca.as_ptr(), AT_FDCWD, cb.as_ptr(), RENAME_EXCHANGE) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        // Filesystems without the flag (EINVAL) fall back to two renames.
+        if e.raw_os_error() != Some(22) {
+            return Err(e).with_context(|| format!("cannot swap {} and {}", a.display(), b.display()));
+        }
+    }
+    let side = a.with_extension("swap");
+    std::fs::rename(b, &side)?;
+    std::fs::rename(a, b)?;
+    std::fs::rename(&side, a)?;
+    Ok(())
 }
 
 /// [`write_atomic`] for a writer that streams into a file of its own: `write(tmp)` fills a
@@ -32,7 +73,8 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
         std::fs::remove_file(&tmp).ok();
         return Err(e);
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    sync_dir(dir)
 }
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), 0 where unavailable.

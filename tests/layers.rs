@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// Bottom to top; modules on one row may not import each other.
 const LAYERS: &[&[&str]] = &[
-    &["util", "rng", "quant"],
+    &["util", "rng", "quant", "fsio"],
     &["ops"],
     &["model"],
     &["adapter", "data"],

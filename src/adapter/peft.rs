@@ -99,7 +99,9 @@ pub fn recorded_bases(dir: &Path) -> Result<Option<(BaseDtype, std::collections:
             p.display()
         )
     };
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).with_context(bad)?).with_context(bad)?;
+    let v: Value =
+        serde_json::from_str(&crate::fsio::read_text(&p, crate::fsio::CONFIG_CAP, "base record").with_context(bad)?)
+            .with_context(bad)?;
     let base = BaseDtype::parse(v["base_dtype"].as_str().with_context(bad)?).with_context(bad)?;
     let mut modules = std::collections::HashMap::new();
     for (k, d) in v["modules"].as_object().with_context(bad)? {
@@ -119,7 +121,9 @@ fn patterns<T>(v: Option<&Value>, conv: impl Fn(&Value) -> Option<T>, what: &str
             .map(|(k, v)| {
                 Ok((
                     k.clone(),
-                    conv(v).with_context(|| format!("{what}[{k}] must be a number"))?,
+                    conv(v).with_context(|| {
+                        format!("{what}[{k}] is {v}: not a valid value (ranks 1 to 16384, alphas finite and positive)")
+                    })?,
                 ))
             })
             .collect(),
@@ -130,8 +134,10 @@ fn patterns<T>(v: Option<&Value>, conv: impl Fn(&Value) -> Option<T>, what: &str
 /// Reads a PEFT `adapter_config.json` into a plan (PEFT's defaults where keys are absent).
 pub fn read_plan(dir: &Path, num_layers: usize) -> Result<LoraPlan> {
     let path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {} (is this a PEFT adapter directory?)", path.display()))?;
+    if !path.exists() {
+        bail!("{}: missing (is this a PEFT adapter directory?)", path.display());
+    }
+    let text = crate::fsio::read_text(&path, crate::fsio::CONFIG_CAP, "adapter_config.json")?;
     let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
     let p = path.display();
     if v.get("peft_type").and_then(|x| x.as_str()) != Some("LORA") {
@@ -160,8 +166,25 @@ pub fn read_plan(dir: &Path, num_layers: usize) -> Result<LoraPlan> {
     if v.get("bias").and_then(|b| b.as_str()).unwrap_or("none") != "none" {
         bail!("{p}: only bias = \"none\" is supported");
     }
-    let r = v.get("r").and_then(|x| x.as_u64()).unwrap_or(8) as usize;
-    let alpha = v.get("lora_alpha").and_then(|x| x.as_f64()).unwrap_or(8.0);
+    let rank = |x: &Value| x.as_u64().filter(|r| (1..=1 << 14).contains(r)).map(|r| r as usize);
+    let scale = |x: &Value| x.as_f64().filter(|a| a.is_finite() && *a > 0.0);
+    let r = match v.get("r") {
+        None | Some(Value::Null) => 8,
+        Some(x) => rank(x).with_context(|| format!("{p}: `r` is {x}; it must be an integer from 1 to 16384"))?,
+    };
+    let alpha = match v.get("lora_alpha") {
+        None | Some(Value::Null) => 8.0,
+        Some(x) => {
+            scale(x).with_context(|| format!("{p}: `lora_alpha` is {x}; it must be a finite positive number"))?
+        }
+    };
+    let dropout = match v.get("lora_dropout") {
+        None | Some(Value::Null) => 0.0,
+        Some(x) => x
+            .as_f64()
+            .filter(|d| (0.0..1.0).contains(d))
+            .with_context(|| format!("{p}: `lora_dropout` is {x}; it must be a number in [0, 1)"))?,
+    };
     let targets: Vec<String> = match v.get("target_modules") {
         Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
         Some(Value::String(s)) if s == "all-linear" => MODULES.iter().map(|s| s.to_string()).collect(),
@@ -184,10 +207,18 @@ pub fn read_plan(dir: &Path, num_layers: usize) -> Result<LoraPlan> {
             );
         }
     }
+    let layer = |x: &Value| {
+        x.as_u64()
+            .filter(|&l| (l as usize) < num_layers)
+            .map(|l| l as usize)
+            .with_context(|| {
+                format!("{p}: layers_to_transform entry {x} is not a layer of this {num_layers}-layer model")
+            })
+    };
     let layers = match v.get("layers_to_transform") {
         None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => Some(vec![n.as_u64().unwrap_or(0) as usize]),
-        Some(Value::Array(a)) => Some(a.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect()),
+        Some(x @ Value::Number(_)) => Some(vec![layer(x)?]),
+        Some(Value::Array(a)) => Some(a.iter().map(layer).collect::<Result<_>>()?),
         Some(_) => bail!("{p}: layers_to_transform must be an integer or a list"),
     };
     Ok(LoraPlan {
@@ -195,17 +226,26 @@ pub fn read_plan(dir: &Path, num_layers: usize) -> Result<LoraPlan> {
         alpha,
         targets,
         layers,
-        rank_pattern: patterns(
-            v.get("rank_pattern"),
-            |x| x.as_u64().map(|x| x as usize),
-            "rank_pattern",
-        )?,
-        alpha_pattern: patterns(v.get("alpha_pattern"), |x| x.as_f64(), "alpha_pattern")?,
+        rank_pattern: patterns(v.get("rank_pattern"), rank, "rank_pattern").with_context(|| p.to_string())?,
+        alpha_pattern: patterns(v.get("alpha_pattern"), scale, "alpha_pattern").with_context(|| p.to_string())?,
         base_pattern: vec![],
         use_rslora: v.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false),
-        dropout: v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0) as f32,
+        dropout: dropout as f32,
         modules_to_save,
     })
+}
+
+/// Refuses an adapter tensor holding NaN or infinity (a merge would write a non-finite model).
+fn check_finite(t: &candle_core::Tensor, key: &str, file: &Path) -> Result<()> {
+    let v = t.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        bail!(
+            "{}: `{key}` holds a non-finite value ({} at element {i}); the adapter is corrupt",
+            file.display(),
+            v[i]
+        );
+    }
+    Ok(())
 }
 
 /// Loads a PEFT directory onto `model` (replacing any adapters); every expected tensor must be
@@ -238,7 +278,9 @@ pub fn load(model: &mut Model, dir: &Path) -> Result<LoraPlan> {
                 if !unused.remove(&key) {
                     bail!("{}: missing tensor `{key}`", file.display());
                 }
-                let t = st.raw(&key)?.to_dtype(DType::F32)?.to_device(&dev)?;
+                let t = st.raw(&key)?.to_dtype(DType::F32)?;
+                check_finite(&t, &key, &file)?;
+                let t = t.to_device(&dev)?;
                 if t.dims() != shape {
                     bail!(
                         "{}: `{key}` has shape {:?}, expected {:?} (rank {} from the config)",
@@ -272,9 +314,10 @@ pub fn load(model: &mut Model, dir: &Path) -> Result<LoraPlan> {
         if !unused.remove(&key) {
             bail!("{}: missing tensor `{key}` (listed in modules_to_save)", file.display());
         }
-        let t = st.raw(&key)?.to_dtype(DType::F32)?.to_device(&dev)?;
+        let t = st.raw(&key)?.to_dtype(DType::F32)?;
+        check_finite(&t, &key, &file)?;
         model
-            .set_base(&name, t)
+            .set_base(&name, t.to_device(&dev)?)
             .with_context(|| format!("{}: `{key}`", file.display()))?;
     }
     if let Some(extra) = unused.iter().next() {

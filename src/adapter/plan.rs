@@ -72,11 +72,26 @@ pub fn peft_save_name(m: &str) -> &str {
 }
 
 /// PEFT's `get_pattern_key`: the first key whose `(.*\.)?(KEY)$` matches the whole name from its start.
+/// Each pattern is compiled once per thread: plans ask about every (layer, module), and a
+/// layered rule's pattern grows with the layer count, so compiling per call is quadratic.
 pub fn pattern_match<'a, T>(patterns: &'a [(String, T)], name: &str) -> Result<Option<&'a T>> {
+    thread_local! {
+        static COMPILED: std::cell::RefCell<std::collections::HashMap<String, Regex>> = Default::default();
+    }
     for (key, val) in patterns {
-        let re = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
-            .with_context(|| format!("rank/alpha pattern `{key}` is not a valid regular expression"))?;
-        if re.is_match(name) {
+        let hit = COMPILED.with(|c| -> Result<bool> {
+            let mut c = c.borrow_mut();
+            if !c.contains_key(key) {
+                if c.len() >= 4096 {
+                    c.clear();
+                }
+                let re = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+                    .with_context(|| format!("rank/alpha pattern `{key}` is not a valid regular expression"))?;
+                c.insert(key.clone(), re);
+            }
+            Ok(c[key].is_match(name))
+        })?;
+        if hit {
             return Ok(Some(val));
         }
     }

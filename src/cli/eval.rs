@@ -167,13 +167,13 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-fn read(path: &PathBuf) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+fn read(path: &std::path::Path) -> Result<Value> {
+    let text = crate::fsio::read_text(path, crate::fsio::DATA_CAP, "eval result")?;
     serde_json::from_str(&text).with_context(|| format!("{} is not a `strata eval --out` result", path.display()))
 }
 
 /// Prints forgetting rate (general sets) and domain gain (domain sets), paired by file.
-fn compare(before: &PathBuf, after: &PathBuf) -> Result<()> {
+fn compare(before: &std::path::Path, after: &std::path::Path) -> Result<()> {
     let (b, a) = (read(before)?, read(after)?);
     let empty = vec![];
     let mcs = |v: &Value| -> Result<Vec<(String, String, McResult)>> {

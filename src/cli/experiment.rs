@@ -54,7 +54,7 @@ pub struct Experiment {
 impl Experiment {
     /// Reads an experiment file, checking that every run's recipe parses.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = crate::fsio::read_text(path, crate::fsio::CONFIG_CAP, "experiment file")?;
         let ex: Experiment =
             toml::from_str(&text).with_context(|| format!("{}: invalid experiment", path.display()))?;
         for r in &ex.runs {

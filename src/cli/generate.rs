@@ -65,7 +65,7 @@ fn chat_template(tok: &Tok) -> Result<&str> {
 /// Answers every conversation of `path`, writing them with the answers appended.
 fn answer_file(a: &Args, model: &Model, tok: &Tok, path: &Path, out: &Path, s: Sampling) -> Result<()> {
     let tpl = chat_template(tok)?;
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = crate::fsio::read_text(path, crate::fsio::DATA_CAP, "prompts file")?;
     let mut lines = String::new();
     for (ln, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let at = || format!("{}:{}", path.display(), ln + 1);

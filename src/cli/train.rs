@@ -1,6 +1,6 @@
 //! `strata train RECIPE.toml [--set key=value ...] [--resume DIR]`.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::path::PathBuf;
 
 use crate::train::recipe::{apply_sets, Recipe};
@@ -23,7 +23,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let recipe = Recipe::load(&a.recipe, &a.sets)?;
     // Save the recipe as it ran: overrides included.
-    let text = std::fs::read_to_string(&a.recipe).with_context(|| format!("cannot read {}", a.recipe.display()))?;
+    let text = crate::fsio::read_text(&a.recipe, crate::fsio::CONFIG_CAP, "recipe")?;
     let mut doc: toml::Table = text.parse()?;
     apply_sets(&mut doc, &a.sets)?;
     let opts = crate::train::trainer::RunOptions {

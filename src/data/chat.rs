@@ -29,10 +29,42 @@ pub struct Conversation {
     pub messages: Vec<Message>,
 }
 
+/// The most the rendering of one conversation may hold: a template adds a system prompt and
+/// markers around the messages, never more than a few times their size.
+fn render_cap(messages: &[Message]) -> usize {
+    let content: usize = messages.iter().map(|m| m.content.len() + m.role.len()).sum();
+    content.saturating_mul(4).saturating_add(1 << 20)
+}
+
+/// A writer that refuses to grow past its cap (a crafted template could print forever).
+struct Capped {
+    out: Vec<u8>,
+    cap: usize,
+    over: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + b.len() > self.cap {
+            self.over = true;
+            return Err(std::io::Error::other("chat template output over its cap"));
+        }
+        self.out.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Renders `messages` with `template` (Hugging Face conventions: `messages`, `add_generation_prompt`,
-/// `bos_token`, `eos_token`).
+/// `bos_token`, `eos_token`). The template runs on a budget of minijinja fuel (instructions)
+/// and its output is capped (see `render_cap`), so a template with runaway loops or prints
+/// fails with an error instead of hanging or filling memory.
 pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool, tok: &Tok) -> Result<String> {
     let mut env = minijinja::Environment::new();
+    let fuel = 200_000 + 2_000 * messages.len() as u64;
+    env.set_fuel(Some(fuel));
     env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
     });
@@ -45,9 +77,27 @@ pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool,
         bos_token => name(tok.bos),
         eos_token => name(tok.eos),
     };
-    env.get_template("chat")?
-        .render(ctx)
-        .context("rendering the chat template failed")
+    let mut w = Capped {
+        out: Vec::new(),
+        cap: render_cap(messages),
+        over: false,
+    };
+    let t = env.get_template("chat")?;
+    let done = t.render_captured_to(ctx, &mut w).map(drop);
+    if w.over {
+        bail!(
+            "the chat template printed more than {} bytes for {} messages; it is not a chat template strata can use",
+            w.cap,
+            messages.len()
+        );
+    }
+    if let Err(e) = done {
+        if e.kind() == minijinja::ErrorKind::OutOfFuel {
+            bail!("the chat template ran more than {fuel} instructions for {} messages (a loop that does not end?); it is not a chat template strata can use", messages.len());
+        }
+        return Err(anyhow::Error::new(e).context("rendering the chat template failed"));
+    }
+    String::from_utf8(w.out).context("the chat template printed invalid UTF-8")
 }
 
 /// Loads chat jsonl files and turns each conversation into one row of `seq_len` (longer ones are
@@ -63,12 +113,11 @@ pub fn load_chat(paths: &[PathBuf], tok: &Tok, seq_len: usize) -> Result<Sequenc
     };
     for root in paths {
         for f in list_files(root)? {
-            let text = std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
-            for (ln, line) in text.lines().enumerate() {
+            crate::fsio::for_each_line(&f, crate::fsio::DOCUMENT_CAP, |ln, line| {
                 if line.trim().is_empty() {
-                    continue;
+                    return Ok(());
                 }
-                let at = || format!("{}:{}", f.display(), ln + 1);
+                let at = || format!("{}:{ln}", f.display());
                 let conv: Conversation = serde_json::from_str(line)
                     .with_context(|| format!("{}: expected {{\"messages\": [{{\"role\", \"content\"}}]}}", at()))?;
                 if !conv.messages.iter().any(|m| m.role == "assistant") {
@@ -86,9 +135,13 @@ pub fn load_chat(paths: &[PathBuf], tok: &Tok, seq_len: usize) -> Result<Sequenc
                         spans.push((before.len(), upto.len()));
                     }
                 }
+                // Only the first seq_len + 1 tokens are kept: the rest of a long conversation
+                // is cut before encoding, at a place the pre-tokenizer never joins across, far
+                // (256 bytes a token) beyond what is kept.
+                let keep = crate::model::tokenizer::chunk_end(&full, (seq_len + 1).saturating_mul(256));
                 let enc = tok
                     .inner
-                    .encode(full.as_str(), false)
+                    .encode(&full[..keep], false)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
                 let ids = enc.get_ids();
                 let offs = enc.get_offsets();
@@ -108,7 +161,8 @@ pub fn load_chat(paths: &[PathBuf], tok: &Tok, seq_len: usize) -> Result<Sequenc
                 tgt.resize(seq_len, IGNORE);
                 seqs.inputs.push(inp);
                 seqs.targets.push(tgt);
-            }
+                Ok(())
+            })?;
         }
     }
     if seqs.is_empty() {

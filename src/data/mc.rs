@@ -18,7 +18,7 @@ pub struct McItem {
 
 /// Reads a jsonl file of items, checking each.
 pub fn load_items(path: &Path) -> Result<Vec<McItem>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = crate::fsio::read_text(path, crate::fsio::DATA_CAP, "multiple-choice file")?;
     let mut items = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

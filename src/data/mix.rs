@@ -100,6 +100,46 @@ impl Mixer {
             .collect()
     }
 
+    /// Checks a sampler read from a checkpoint against the data it will draw from: one walk per
+    /// source, each order a permutation of that source's rows, each cursor inside its order.
+    pub fn check(&self, domain_rows: usize, general_rows: usize) -> Result<()> {
+        let want = if general_rows > 0 { 2 } else { 1 };
+        if self.walks.len() != want {
+            bail!(
+                "it walks {} sources, this run has {want} (domain{})",
+                self.walks.len(),
+                if want == 2 { " and general" } else { " only" }
+            );
+        }
+        for (w, rows, name) in self
+            .walks
+            .iter()
+            .zip([domain_rows, general_rows])
+            .zip(["domain", "general"])
+            .map(|((w, r), n)| (w, r, n))
+        {
+            if w.order.len() != rows {
+                bail!(
+                    "its {name} order has {} rows, the {name} data packs into {rows}",
+                    w.order.len()
+                );
+            }
+            let mut seen = vec![false; rows];
+            for &r in &w.order {
+                if r >= rows || std::mem::replace(&mut seen[r], true) {
+                    bail!("its {name} order is not a permutation of the {rows} rows (row {r})");
+                }
+            }
+            if w.cursor > rows {
+                bail!("its {name} cursor {} is beyond the {rows} rows", w.cursor);
+            }
+        }
+        if !self.owed.is_finite() || self.owed.abs() > 1e6 {
+            bail!("its owed share {} is not a small finite number", self.owed);
+        }
+        Ok(())
+    }
+
     /// Completed passes over the domain rows (epochs).
     pub fn domain_passes(&self) -> u64 {
         self.walks[0].passes
@@ -158,6 +198,16 @@ mod tests {
         let _ = a.next_rows(3, 0.5);
         let mut b: Mixer = serde_json::from_str(&serde_json::to_string(&a)?)?;
         assert_eq!(a.next_rows(5, 0.7), b.next_rows(5, 0.7));
+        // A state that does not fit the data is refused.
+        assert!(b.check(10, 7).is_ok());
+        assert!(b.check(9, 7).unwrap_err().to_string().contains("packs into 9"));
+        assert!(b.check(10, 0).unwrap_err().to_string().contains("walks 2 sources"));
+        let mut bad = b.clone();
+        bad.walks[0].order[0] = bad.walks[0].order[1];
+        assert!(bad.check(10, 7).unwrap_err().to_string().contains("not a permutation"));
+        bad = b.clone();
+        bad.walks[1].cursor = 8;
+        assert!(bad.check(10, 7).unwrap_err().to_string().contains("cursor 8"));
         // Without a general source every row is a domain row.
         let mut d = Mixer::new(5, 0, 1)?;
         assert!(d.next_rows(8, 0.3).iter().all(|r| r.0 == 0));

@@ -7,27 +7,15 @@ use std::path::{Path, PathBuf};
 use crate::model::tokenizer::Tok;
 use crate::ops::lm_head::IGNORE;
 
-/// Files under `path` (itself if a file), sorted so runs are reproducible.
+/// Files under `path` (itself if a file), sorted so runs are reproducible; a link back into a
+/// directory already walked is walked once, and FIFOs or devices are refused.
 pub fn list_files(path: &Path) -> Result<Vec<PathBuf>> {
     if !path.exists() {
         bail!("data path {} does not exist", path.display());
     }
-    if path.is_file() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let mut out = Vec::new();
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
-            let p = e?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if matches!(p.extension().and_then(|x| x.to_str()), Some("txt" | "md" | "jsonl")) {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
+    let out = crate::fsio::walk_files(path, &|p| {
+        matches!(p.extension().and_then(|x| x.to_str()), Some("txt" | "md" | "jsonl"))
+    })?;
     if out.is_empty() {
         bail!("{}: no .txt, .md or .jsonl files inside", path.display());
     }
@@ -35,31 +23,33 @@ pub fn list_files(path: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Documents of a text source: a `.txt`/`.md` file is one document, a `.jsonl` file one per line
-/// (its `text` field).
+/// (its `text` field). Each document is capped at [`crate::fsio::DOCUMENT_CAP`] bytes.
 pub fn load_documents(paths: &[PathBuf]) -> Result<Vec<String>> {
+    use crate::fsio::{for_each_line, read_text, DOCUMENT_CAP};
     let mut docs = Vec::new();
     for root in paths {
         for f in list_files(root)? {
-            let text =
-                std::fs::read_to_string(&f).with_context(|| format!("cannot read {} as UTF-8 text", f.display()))?;
             if f.extension().and_then(|x| x.to_str()) == Some("jsonl") {
-                for (i, line) in text.lines().enumerate() {
+                for_each_line(&f, DOCUMENT_CAP, |n, line| {
                     if line.trim().is_empty() {
-                        continue;
+                        return Ok(());
                     }
-                    let v: serde_json::Value = serde_json::from_str(line)
-                        .with_context(|| format!("{}:{}: not valid JSON", f.display(), i + 1))?;
+                    let v: serde_json::Value =
+                        serde_json::from_str(line).with_context(|| format!("{}:{n}: not valid JSON", f.display()))?;
                     let t = v.get("text").and_then(|t| t.as_str()).with_context(|| {
                         format!(
-                            "{}:{}: no string field `text` (chat data needs format = \"chat\")",
-                            f.display(),
-                            i + 1
+                            "{}:{n}: no string field `text` (chat data needs format = \"chat\")",
+                            f.display()
                         )
                     })?;
                     docs.push(t.to_string());
+                    Ok(())
+                })?;
+            } else {
+                let text = read_text(&f, DOCUMENT_CAP, "text document")?;
+                if !text.trim().is_empty() {
+                    docs.push(text);
                 }
-            } else if !text.trim().is_empty() {
-                docs.push(text);
             }
         }
     }

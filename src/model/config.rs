@@ -76,18 +76,41 @@ fn req_usize(v: &Value, key: &str, file: &Path) -> Result<usize> {
     }
 }
 
-fn opt_token(v: &Value, key: &str) -> Option<u32> {
+fn opt_token(v: &Value, key: &str, file: &Path) -> Result<Option<u32>> {
+    let id = |x: &Value| {
+        x.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .with_context(|| format!("{}: `{key}` must be a token id, found {x}", file.display()))
+    };
     match v.get(key) {
-        Some(Value::Number(n)) => n.as_u64().map(|x| x as u32),
-        Some(Value::Array(a)) => a.first().and_then(|x| x.as_u64()).map(|x| x as u32),
-        _ => None,
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(a)) if a.is_empty() => Ok(None),
+        Some(Value::Array(a)) => a.iter().map(id).collect::<Result<Vec<_>>>().map(|ids| Some(ids[0])),
+        Some(x) => id(x).map(Some),
     }
+}
+
+fn opt_f64(v: &Value, keys: &[&str], file: &Path) -> Result<Option<f64>> {
+    let Some((key, x)) = keys.iter().find_map(|k| {
+        let (head, tail) = k.split_once('.').map_or((*k, None), |(h, t)| (h, Some(t)));
+        let x = v.get(head)?;
+        let x = match tail {
+            Some(t) => x.get(t)?,
+            None => x,
+        };
+        (!x.is_null()).then_some((k, x))
+    }) else {
+        return Ok(None);
+    };
+    x.as_f64()
+        .map(Some)
+        .with_context(|| format!("{}: `{key}` must be a number, found {x}", file.display()))
 }
 
 impl ModelConfig {
     /// Parses a Hugging Face `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = crate::fsio::read_text(path, crate::fsio::CONFIG_CAP, "config.json")?;
         let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
         Self::from_hf_json(&v, path)
     }
@@ -124,20 +147,16 @@ impl ModelConfig {
             intermediate_size: req_usize(v, "intermediate_size", file)?,
             vocab_size: req_usize(v, "vocab_size", file)?,
             // transformers 5 writes it inside `rope_parameters`.
-            rope_theta: v
-                .get("rope_theta")
-                .or_else(|| v.get("rope_parameters").and_then(|r| r.get("rope_theta")))
-                .and_then(|x| x.as_f64())
-                .unwrap_or(10_000.0),
-            rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
+            rope_theta: opt_f64(v, &["rope_theta", "rope_parameters.rope_theta"], file)?.unwrap_or(10_000.0),
+            rms_norm_eps: opt_f64(v, &["rms_norm_eps"], file)?.unwrap_or(1e-6),
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
             max_position_embeddings: v
                 .get("max_position_embeddings")
                 .and_then(|x| x.as_u64())
                 .map(|x| x as usize)
                 .unwrap_or(4096),
-            bos_token_id: opt_token(v, "bos_token_id"),
-            eos_token_id: opt_token(v, "eos_token_id"),
+            bos_token_id: opt_token(v, "bos_token_id", file)?,
+            eos_token_id: opt_token(v, "eos_token_id", file)?,
         };
         cfg.validate()
             .with_context(|| format!("{}: inconsistent model config", file.display()))?;
@@ -146,6 +165,48 @@ impl ModelConfig {
 
     /// Checks the relations between sizes that the decoder relies on.
     pub fn validate(&self) -> Result<()> {
+        if self.head_dim == 0 || self.num_heads == 0 || self.num_kv_heads == 0 {
+            bail!(
+                "head_dim {}, {} heads and {} key/value heads: each must be at least 1",
+                self.head_dim,
+                self.num_heads,
+                self.num_kv_heads
+            );
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            bail!("rope theta {} must be a finite number above 1", self.rope_theta);
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
+            bail!(
+                "RMSNorm epsilon {} must be a finite number in (0, 1)",
+                self.rms_norm_eps
+            );
+        }
+        for (what, id) in [("bos", self.bos_token_id), ("eos", self.eos_token_id)] {
+            if let Some(id) = id.filter(|&id| id as usize >= self.vocab_size) {
+                bail!("{what} token id {id} is outside the vocabulary of {}", self.vocab_size);
+            }
+        }
+        // Every size the decoder multiplies must fit, with room: 2^40 elements is far beyond
+        // any model that runs on one machine.
+        let fits = |a: usize, b: usize| a.checked_mul(b).filter(|&p| p < 1 << 40);
+        let widest = [
+            fits(self.num_heads, self.head_dim),
+            fits(self.vocab_size, self.hidden_size),
+            fits(self.intermediate_size, self.hidden_size),
+            fits(self.num_heads, self.head_dim).and_then(|q| fits(q, self.hidden_size)),
+        ];
+        if widest.iter().any(Option::is_none) || self.num_layers > 1 << 16 {
+            bail!(
+                "sizes too large to be a real model: hidden {}, {} layers, {} heads of {}, intermediate {}, vocab {}",
+                self.hidden_size,
+                self.num_layers,
+                self.num_heads,
+                self.head_dim,
+                self.intermediate_size,
+                self.vocab_size
+            );
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "{} query heads are not a multiple of {} key/value heads",

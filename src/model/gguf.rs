@@ -50,58 +50,10 @@ fn as_i64(v: &Value) -> Option<i64> {
     }
 }
 
-/// Reads and checks a GGUF header against the file's size before any tensor is touched.
+/// Reads and checks a GGUF header against the file's size before any tensor is touched (see
+/// [`super::gguf_read`]).
 pub fn read_checked(path: &Path) -> Result<Content> {
-    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let file_size = f.metadata()?.len();
-    // candle's reader bounds lengths and counts by the file size, but some crafted fields (an
-    // alignment of 0) still reach arithmetic that panics: turn that into an error too.
-    let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut f)))
-        .map_err(|_| anyhow::anyhow!("{}: malformed GGUF header (invalid alignment or sizes)", path.display()))?
-        .map_err(|e| anyhow::anyhow!("{}: malformed GGUF file: {e}", path.display()))?;
-    if let Some(a) = content.metadata.get("general.alignment") {
-        let a = as_u64(a).with_context(|| format!("{}: general.alignment is not an integer", path.display()))?;
-        if a == 0 || !a.is_power_of_two() || a > 1 << 16 {
-            bail!(
-                "{}: general.alignment {a} is not a power of two up to 65536",
-                path.display()
-            );
-        }
-    }
-    for (name, info) in &content.tensor_infos {
-        let dims = info.shape.dims();
-        let elems = dims
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .with_context(|| {
-                format!(
-                    "{}: tensor `{name}` has dimensions {dims:?} whose product overflows",
-                    path.display()
-                )
-            })?;
-        let bs = info.ggml_dtype.block_size();
-        if elems % bs != 0 {
-            bail!(
-                "{}: tensor `{name}` has {elems} elements, not a multiple of its block size {bs}",
-                path.display()
-            );
-        }
-        let bytes = (elems / bs)
-            .checked_mul(info.ggml_dtype.type_size())
-            .with_context(|| format!("{}: tensor `{name}` size overflows", path.display()))?;
-        let end = content
-            .tensor_data_offset
-            .checked_add(info.offset)
-            .and_then(|s| s.checked_add(bytes as u64))
-            .with_context(|| format!("{}: tensor `{name}` offset overflows", path.display()))?;
-        if end > file_size {
-            bail!(
-                "{}: tensor `{name}` ends at byte {end} but the file has {file_size} bytes (truncated or corrupt file)",
-                path.display()
-            );
-        }
-    }
-    Ok(content)
+    super::gguf_read::read_header(path)
 }
 
 /// Whether strata's decoder holds the GGUF tensor `name` (the rest, e.g. `rope_freqs`, are
@@ -153,12 +105,33 @@ impl GgufSource {
             .with_context(|| format!("{}: metadata `{key}` must be a positive integer", self.path.display()))
     }
 
-    fn meta_f64(&self, key: &str) -> Option<f64> {
-        match self.meta(key)? {
-            Value::F32(x) => Some(*x as f64),
-            Value::F64(x) => Some(*x),
-            v => as_u64(v).map(|x| x as f64),
-        }
+    /// A float setting, when present: a number of another type is an error naming the key.
+    fn meta_float(&self, key: &str) -> Result<Option<f64>> {
+        Ok(match self.meta(key) {
+            None => None,
+            Some(Value::F32(x)) => Some(*x as f64),
+            Some(Value::F64(x)) => Some(*x),
+            Some(v) => Some(as_u64(v).with_context(|| {
+                format!(
+                    "{}: metadata `{key}` must be a number, found {v:?}",
+                    self.path.display()
+                )
+            })? as f64),
+        })
+    }
+
+    /// A token id setting, when present (checked against the vocabulary by the config).
+    fn meta_token(&self, key: &str) -> Result<Option<u32>> {
+        self.meta(key)
+            .map(|v| {
+                as_u64(v).and_then(|x| u32::try_from(x).ok()).with_context(|| {
+                    format!(
+                        "{}: metadata `{key}` must be a token id, found {v:?}",
+                        self.path.display()
+                    )
+                })
+            })
+            .transpose()
     }
 
     fn meta_str(&self, key: &str) -> Option<&str> {
@@ -188,7 +161,20 @@ impl GgufSource {
             .tensor_infos
             .get("token_embd.weight")
             .with_context(|| format!("{}: no token_embd.weight tensor", self.path.display()))?;
-        let vocab = embd.shape.dims()[0];
+        let &[vocab, embd_width] = embd.shape.dims() else {
+            bail!(
+                "{}: token_embd.weight has shape {:?}; it must be a matrix [vocab, embedding_length]",
+                self.path.display(),
+                embd.shape.dims()
+            );
+        };
+        if embd_width != hidden {
+            bail!(
+                "{}: token_embd.weight rows have {embd_width} values but `{}` is {hidden}",
+                self.path.display(),
+                k("embedding_length")
+            );
+        }
         let cfg = ModelConfig {
             arch: self.arch,
             hidden_size: hidden,
@@ -198,18 +184,12 @@ impl GgufSource {
             head_dim,
             intermediate_size: self.meta_usize(&k("feed_forward_length"))?,
             vocab_size: vocab,
-            rope_theta: self.meta_f64(&k("rope.freq_base")).unwrap_or(10_000.0),
-            rms_norm_eps: self.meta_f64(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            rope_theta: self.meta_float(&k("rope.freq_base"))?.unwrap_or(10_000.0),
+            rms_norm_eps: self.meta_float(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             max_position_embeddings: self.meta_usize(&k("context_length")).unwrap_or(4096).min(1 << 20),
-            bos_token_id: self
-                .meta("tokenizer.ggml.bos_token_id")
-                .and_then(as_u64)
-                .map(|x| x as u32),
-            eos_token_id: self
-                .meta("tokenizer.ggml.eos_token_id")
-                .and_then(as_u64)
-                .map(|x| x as u32),
+            bos_token_id: self.meta_token("tokenizer.ggml.bos_token_id")?,
+            eos_token_id: self.meta_token("tokenizer.ggml.eos_token_id")?,
         };
         cfg.validate()
             .with_context(|| format!("{}: inconsistent model metadata", self.path.display()))?;
@@ -333,6 +313,10 @@ impl WeightSource for GgufSource {
         let info = self.content.tensor_infos.get(&hf_to_gguf(name)?)?;
         let ty = info.ggml_dtype;
         Some((info.shape.elem_count() / ty.block_size() * ty.type_size()) as u64)
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        Some(self.content.tensor_infos.get(&hf_to_gguf(name)?)?.shape.dims().to_vec())
     }
 
     fn stored_type(&self, name: &str) -> Option<String> {
@@ -489,7 +473,9 @@ pub fn write_tensors(
             .with_context(|| format!("cannot write {}", tmp.display()))?;
         use std::io::Write;
         w.flush().with_context(|| format!("cannot write {}", tmp.display()))?;
-        w.get_ref().sync_all().ok();
+        w.get_ref()
+            .sync_all()
+            .with_context(|| format!("cannot flush {} to disk", tmp.display()))?;
         Ok(())
     })
 }

@@ -12,10 +12,18 @@ use super::config::ModelConfig;
 use super::source::{ModelSource, WeightSource};
 use super::tokenizer::Tok;
 
-/// Memory-mapped safetensors files with a name -> file index.
+/// Memory-mapped safetensors files with a name -> tensor index (each header parsed once).
 pub struct SafetensorsSource {
     files: Vec<(PathBuf, Mmap)>,
-    index: HashMap<String, usize>,
+    index: HashMap<String, Entry>,
+}
+
+/// Where one tensor lies: its file, type, shape and byte range in the mapping.
+struct Entry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    bytes: std::ops::Range<usize>,
 }
 
 fn st_dtype(d: safetensors::Dtype) -> Option<DType> {
@@ -32,21 +40,36 @@ fn st_dtype(d: safetensors::Dtype) -> Option<DType> {
 }
 
 impl SafetensorsSource {
-    /// Maps `files` and indexes their tensors; malformed headers are reported with the file name.
+    /// Maps `files` and indexes their tensors; malformed headers are reported with the file
+    /// name, and a tensor named in two shards is refused.
     pub fn open(files: &[PathBuf]) -> Result<Self> {
+        if files.is_empty() {
+            bail!("no safetensors files to open");
+        }
         let mut out = Self {
             files: Vec::new(),
             index: HashMap::new(),
         };
         for f in files {
+            crate::fsio::check_regular_file(f)?;
             let file = std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
             // SAFETY: the file is opened read-only; strata never writes to a file it has mapped.
             let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", f.display()))?;
-            let st = SafeTensors::deserialize(&mmap)
+            let (header, meta) = SafeTensors::read_metadata(&mmap)
                 .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", f.display()))?;
             let id = out.files.len();
-            for name in st.names() {
-                out.index.insert(name.to_string(), id);
+            let data = 8 + header;
+            for (name, info) in meta.tensors() {
+                let (s, e) = info.data_offsets;
+                let entry = Entry {
+                    file: id,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    bytes: data + s..data + e,
+                };
+                if out.index.insert(name.clone(), entry).is_some() {
+                    bail!("{}: tensor `{name}` is also in another shard", f.display());
+                }
             }
             out.files.push((f.clone(), mmap));
         }
@@ -55,23 +78,24 @@ impl SafetensorsSource {
 
     /// Reads tensor `name` without conversion.
     pub fn raw(&self, name: &str) -> Result<Tensor> {
-        let &id = self
+        let e = self
             .index
             .get(name)
             .with_context(|| format!("{}: no tensor named `{name}`", self.describe()))?;
-        let (path, mmap) = &self.files[id];
-        let st = SafeTensors::deserialize(mmap).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let view = st
-            .tensor(name)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let dtype = st_dtype(view.dtype()).with_context(|| {
+        let (path, mmap) = &self.files[e.file];
+        let dtype = st_dtype(e.dtype).with_context(|| {
             format!(
                 "{}: tensor `{name}` has unsupported dtype {:?}",
                 path.display(),
-                view.dtype()
+                e.dtype
             )
         })?;
-        Ok(Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?)
+        Ok(Tensor::from_raw_buffer(
+            &mmap[e.bytes.clone()],
+            dtype,
+            &e.shape,
+            &Device::Cpu,
+        )?)
     }
 }
 
@@ -178,9 +202,7 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn stored_bytes(&self, name: &str) -> Option<u64> {
-        let &id = self.index.get(name)?;
-        let st = SafeTensors::deserialize(&self.files[id].1).ok()?;
-        let mut bytes = st.tensor(name).ok()?.data().len() as u64;
+        let mut bytes = self.index.get(name)?.bytes.len() as u64;
         if self.index.contains_key(&format!("{name}{BNB_NF4_STATE}")) {
             bytes += self.stored_bytes(&format!("{name}.absmax")).unwrap_or(0)
                 + self.stored_bytes(&format!("{name}.nested_absmax")).unwrap_or(0);
@@ -195,9 +217,15 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn stored_type(&self, name: &str) -> Option<String> {
-        let &id = self.index.get(name)?;
-        let st = SafeTensors::deserialize(&self.files[id].1).ok()?;
-        Some(format!("{:?}", st.tensor(name).ok()?.dtype()).to_lowercase())
+        Some(format!("{:?}", self.index.get(name)?.dtype).to_lowercase())
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        // A bitsandbytes 4-bit weight is stored packed; its shape is in its JSON state.
+        if self.index.contains_key(&format!("{name}{BNB_NF4_STATE}")) {
+            return None;
+        }
+        Some(self.index.get(name)?.shape.clone())
     }
 
     fn describe(&self) -> String {
@@ -220,7 +248,7 @@ pub fn open_dir(dir: &Path) -> Result<ModelSource> {
     let files = if single.exists() {
         vec![single]
     } else if index.exists() {
-        let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+        let text = crate::fsio::read_text(&index, crate::fsio::TOKENIZER_CAP, "safetensors index")?;
         let v: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
         let map = v
@@ -230,6 +258,12 @@ pub fn open_dir(dir: &Path) -> Result<ModelSource> {
         let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
         shards.sort();
         shards.dedup();
+        if shards.is_empty() {
+            bail!(
+                "{}: `weight_map` names no shard files; it must map each tensor name to the safetensors file holding it",
+                index.display()
+            );
+        }
         for s in &shards {
             if s.contains('/') || s.contains('\\') || s.starts_with('.') {
                 bail!("{}: shard name `{s}` must be a plain file name", index.display());
@@ -364,7 +398,9 @@ pub fn save_deferred(path: &Path, items: Vec<Deferred<'_>>) -> Result<()> {
         if let Some(e) = failed.borrow_mut().take() {
             return Err(e.context(format!("cannot write {}", path.display())));
         }
-        std::fs::File::open(tmp).and_then(|f| f.sync_all()).ok();
+        std::fs::File::open(tmp)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("cannot flush {} to disk", tmp.display()))?;
         Ok(())
     })
 }

@@ -4,6 +4,7 @@ pub mod config;
 pub mod decoder;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_read;
 pub mod hf;
 pub mod lora;
 pub mod names;

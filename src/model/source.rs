@@ -5,6 +5,7 @@ use candle_core::Tensor;
 use std::path::{Path, PathBuf};
 
 use super::config::ModelConfig;
+use super::names::{BaseTensor, Proj, LAYERS};
 use super::tokenizer::Tok;
 
 /// Named tensors in Hugging Face naming (`model.layers.0.self_attn.q_proj.weight` ...).
@@ -13,6 +14,11 @@ pub trait WeightSource {
     fn get(&self, name: &str) -> Result<Tensor>;
     /// Names of every tensor available.
     fn names(&self) -> Vec<String>;
+    /// The logical shape of `name` as the file declares it, without reading it (`None` when
+    /// absent, or when only decoding tells, as for packed 4-bit weights).
+    fn shape(&self, _name: &str) -> Option<Vec<usize>> {
+        None
+    }
     /// Storage type of `name` as stored in the file (for `inspect`).
     fn stored_type(&self, name: &str) -> Option<String>;
     /// A short description of the file for error messages.
@@ -51,8 +57,89 @@ pub struct ModelSource {
     pub tokenizer: Tok,
 }
 
-/// Opens a `.gguf` file or a Hugging Face model directory.
+/// Opens a `.gguf` file or a Hugging Face model directory, its configuration checked against
+/// the tensors the file declares (see [`check_inventory`]).
 pub fn open(path: &Path) -> Result<ModelSource> {
+    let src = open_unchecked(path)?;
+    check_inventory(&src.config, src.weights.as_ref())?;
+    Ok(src)
+}
+
+/// Every tensor the decoder reads for `cfg`, with its shape.
+pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let h = cfg.hidden_size;
+    let mut out = vec![
+        (BaseTensor::Embed.hf(0), vec![cfg.vocab_size, h]),
+        (BaseTensor::Norm.hf(0), vec![h]),
+    ];
+    if !cfg.tie_word_embeddings {
+        out.push((BaseTensor::Head.hf(0), vec![cfg.vocab_size, h]));
+    }
+    for i in 0..cfg.num_layers {
+        out.push((BaseTensor::AttnNorm.hf(i), vec![h]));
+        out.push((BaseTensor::MlpNorm.hf(i), vec![h]));
+        for p in Proj::ALL {
+            let (o, inp) = cfg.linear_shape(p);
+            out.push((format!("{}.weight", p.path(i)), vec![o, inp]));
+            if cfg.arch.qkv_bias() && p.has_qkv_bias() {
+                out.push((format!("{}.bias", p.path(i)), vec![o]));
+            }
+        }
+    }
+    out
+}
+
+/// Checks a configuration against the tensors a file declares before anything is allocated:
+/// the layer count against the `model.layers.N` tensors present (a crafted count of 2^31 would
+/// otherwise reserve memory for layers that are not there), then every tensor the decoder
+/// reads for presence and, where the file states it, shape.
+pub fn check_inventory(cfg: &ModelConfig, w: &dyn WeightSource) -> Result<()> {
+    let names = w.names();
+    let layers: std::collections::BTreeSet<usize> = names
+        .iter()
+        .filter_map(|n| {
+            n.strip_prefix(LAYERS)?
+                .strip_prefix('.')?
+                .split('.')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let contiguous = layers.iter().enumerate().all(|(i, &l)| i == l);
+    if layers.len() != cfg.num_layers || !contiguous {
+        bail!(
+            "{}: the configuration declares {} layers but the file holds tensors for {} ({}); \
+             the layer count must match the layers stored",
+            w.describe(),
+            cfg.num_layers,
+            layers.len(),
+            match (layers.first(), layers.last()) {
+                (Some(a), Some(b)) if contiguous => format!("layers {a} to {b}"),
+                (Some(_), Some(_)) => "with gaps in their numbering".to_string(),
+                _ => "none".to_string(),
+            }
+        );
+    }
+    let have: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+    for (name, shape) in expected_tensors(cfg) {
+        if !have.contains(name.as_str()) {
+            bail!(
+                "{}: missing tensor `{name}` (shape {shape:?} for this configuration)",
+                w.describe()
+            );
+        }
+        if let Some(got) = w.shape(&name).filter(|got| *got != shape) {
+            bail!(
+                "{}: tensor `{name}` has shape {got:?} but the configuration implies {shape:?}",
+                w.describe()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn open_unchecked(path: &Path) -> Result<ModelSource> {
     if !path.exists() {
         bail!("model path {} does not exist (run `strata fetch` for the default model, or pass a .gguf file or a Hugging Face directory)", path.display());
     }

@@ -40,15 +40,19 @@ impl Tok {
 
     /// Reads `tokenizer.json` and, when present, `tokenizer_config.json` (special tokens, chat template).
     pub fn from_file(path: &Path, config: &Path) -> Result<Self> {
-        let json = std::fs::read_to_string(path).with_context(|| {
-            format!(
-                "cannot read {} (a Hugging Face model directory needs its tokenizer.json)",
+        if !path.exists() {
+            bail!(
+                "{}: missing (a Hugging Face model directory needs its tokenizer.json)",
                 path.display()
-            )
-        })?;
-        let cfg: Value = match std::fs::read_to_string(config) {
-            Ok(t) => serde_json::from_str(&t).with_context(|| format!("{} is not valid JSON", config.display()))?,
-            Err(_) => Value::Null,
+            );
+        }
+        let json = crate::fsio::read_text(path, crate::fsio::TOKENIZER_CAP, "tokenizer.json")?;
+        let cfg: Value = match config.exists() {
+            true => {
+                let t = crate::fsio::read_text(config, crate::fsio::TOKENIZER_CAP, "tokenizer_config.json")?;
+                serde_json::from_str(&t).with_context(|| format!("{} is not valid JSON", config.display()))?
+            }
+            false => Value::Null,
         };
         let mut tok = Self::from_json(
             json,
@@ -67,14 +71,23 @@ impl Tok {
         Ok(tok)
     }
 
-    /// Token ids of `text` (no special tokens added).
+    /// Token ids of `text` (no special tokens added). A long text is encoded in pieces of about
+    /// [`ENCODE_CHUNK`] bytes, cut before a single space between two non-space characters, where
+    /// the pre-tokenizers of byte-level BPE never join across: the ids are those of the whole
+    /// text, and the tokenizer's working memory (tens of bytes per character) stays bounded.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .inner
-            .encode(text, false)
-            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?
-            .get_ids()
-            .to_vec())
+        let mut ids = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let cut = chunk_end(rest, ENCODE_CHUNK);
+            let enc = self
+                .inner
+                .encode(&rest[..cut], false)
+                .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+            ids.extend_from_slice(enc.get_ids());
+            rest = &rest[cut..];
+        }
+        Ok(ids)
     }
 
     /// Text of `ids`, keeping special tokens.
@@ -88,6 +101,32 @@ impl Tok {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+}
+
+/// About how many bytes of text [`Tok::encode`] hands the tokenizer at once.
+pub const ENCODE_CHUNK: usize = 64 << 10;
+
+/// Where the first piece of `text` ends: all of it when short, else the last single space
+/// between non-space characters in the second half of the first `max` bytes (any character
+/// boundary when there is none, as in text without spaces).
+pub fn chunk_end(text: &str, max: usize) -> usize {
+    if text.len() <= max {
+        return text.len();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let bytes = text.as_bytes();
+    for p in (max / 2..end).rev() {
+        if bytes[p] == b' '
+            && text[..p].chars().next_back().is_some_and(|c| !c.is_whitespace())
+            && text[p + 1..].chars().next().is_some_and(|c| !c.is_whitespace())
+        {
+            return p;
+        }
+    }
+    end
 }
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -235,6 +274,34 @@ mod tests {
         let pieces: Vec<String> = ids.iter().map(|&i| v.tokens[i as usize].clone()).collect();
         assert_eq!(pieces, vec!["the", "Ġthe", "Ġ", "4", "2", "<|im_end|>"]);
         assert_eq!(tok.decode(&ids)?, "the the 42<|im_end|>");
+        Ok(())
+    }
+
+    /// A long text encoded in pieces gives the ids of the whole text at once, for text with
+    /// spaces, runs of whitespace, digits, punctuation and none of them.
+    #[test]
+    fn long_texts_encode_in_pieces_exactly() -> Result<()> {
+        let tok = Tok::from_json(tokenizer_json_from_gguf(&tiny_vocab(), "test")?, Some(0), None, None)?;
+        let mut text = String::new();
+        for i in 0..30_000 {
+            text.push_str(
+                [
+                    "the",
+                    " cat",
+                    "  sat",
+                    "\n\n",
+                    " 1234",
+                    "!?",
+                    " \u{e9}t\u{e9}",
+                    "\t on",
+                    "mat",
+                ][i % 9],
+            );
+        }
+        text.push_str(&"x".repeat(3 * ENCODE_CHUNK));
+        assert!(text.len() > 4 * ENCODE_CHUNK);
+        let whole = tok.inner.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+        assert_eq!(tok.encode(&text)?, whole);
         Ok(())
     }
 

@@ -308,12 +308,13 @@ impl Fisher {
 
     /// Reads a file written by [`Fisher::save`].
     pub fn load(path: &Path, dev: &Device) -> Result<Self> {
-        let text = std::fs::read_to_string(meta_path(path)).with_context(|| {
-            format!(
-                "cannot read {} (written beside every Fisher file)",
-                meta_path(path).display()
-            )
-        })?;
+        let text = crate::fsio::read_text(&meta_path(path), crate::fsio::CONFIG_CAP, "Fisher provenance file")
+            .with_context(|| {
+                format!(
+                    "cannot read {} (written beside every Fisher file)",
+                    meta_path(path).display()
+                )
+            })?;
         let meta: FisherMeta = serde_json::from_str(&text)
             .with_context(|| format!("{}: not Fisher provenance", meta_path(path).display()))?;
         let mut raw =
@@ -340,7 +341,14 @@ impl Fisher {
                 };
                 let rows = raw.remove(&k).expect("listed");
                 let cols = get(&mut raw, "fisher_cols")?;
-                let total = get(&mut raw, "fisher_total")?.to_vec1::<f32>()?[0] as f64;
+                let total = get(&mut raw, "fisher_total")?.flatten_all()?.to_vec1::<f32>()?;
+                let total = match total[..] {
+                    [t] if t.is_finite() && t > 0.0 => t as f64,
+                    _ => bail!(
+                        "{}: `{n}.fisher_total` must hold one finite positive number, found {total:?}",
+                        path.display()
+                    ),
+                };
                 tensors.insert(n.to_string(), FisherTensor::Factored { rows, cols, total });
             }
         }

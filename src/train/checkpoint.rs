@@ -8,9 +8,14 @@
 //!   owed share), the run control (mix share, micro-batch), the callbacks' states, counters and
 //!   the metrics lines so far.
 //!
-//! A checkpoint is written into a hidden temporary directory and renamed into place, so a crash
-//! mid-write leaves the previous checkpoints as they were; the oldest beyond `keep` are removed
-//! after the new one is in place.
+//! A checkpoint is written into a hidden temporary directory, every file and the directory
+//! fsynced, and renamed into place (a step written again is swapped in with one atomic
+//! exchange), then the parent directory is fsynced: a crash or power loss at any moment leaves
+//! every visible checkpoint whole. The oldest beyond `keep` are renamed out of sight before
+//! they are deleted, and the hidden debris a killed run leaves (temporary, replaced and pruned
+//! directories) is removed when the next run starts. A checkpoint is checked against the run
+//! that resumes it (data sizes, sampler cursors, micro-batch, optimizer state) before any of it
+//! is used.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
@@ -58,6 +63,7 @@ pub struct RunState {
 
 /// Writes a checkpoint under `root` and prunes to the newest `keep`; returns its directory.
 pub fn save(root: &Path, state: &RunState, params: &[(String, Var)], opt: &AdamW, keep: usize) -> Result<PathBuf> {
+    use crate::util::{exchange_paths, sync_dir};
     std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
     let name = format!("step-{:06}", state.step);
     let dir = root.join(&name);
@@ -75,20 +81,52 @@ pub fn save(root: &Path, state: &RunState, params: &[(String, Var)], opt: &AdamW
         save_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
     }
     crate::util::write_atomic(&tmp.join("state.json"), serde_json::to_string(state)?.as_bytes())?;
+    sync_dir(&tmp)?;
     if dir.exists() {
-        // Same step written again (a resumed run reaching it): replace it whole.
-        let old = root.join(format!(".{name}.old{}", std::process::id()));
-        std::fs::rename(&dir, &old)?;
-        std::fs::rename(&tmp, &dir)?;
-        std::fs::remove_dir_all(&old).ok();
+        // Same step written again (a resumed run reaching it): swapped in whole, so some
+        // complete step-N is visible at every moment.
+        exchange_paths(&tmp, &dir).with_context(|| format!("cannot replace checkpoint {}", dir.display()))?;
+        sync_dir(root)?;
+        std::fs::remove_dir_all(&tmp).ok();
     } else {
         std::fs::rename(&tmp, &dir).with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
     }
+    sync_dir(root)?;
     let all = list(root)?;
     for old in all.iter().take(all.len().saturating_sub(keep)) {
-        std::fs::remove_dir_all(old).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+        // Out of sight first: a half-deleted directory must never look like a checkpoint.
+        let name = old
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let gone = root.join(format!(".{name}.prune{}", std::process::id()));
+        std::fs::rename(old, &gone).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+        sync_dir(root)?;
+        std::fs::remove_dir_all(&gone).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
     }
     Ok(dir)
+}
+
+/// Removes what an interrupted run left under `root`: hidden temporary, replaced and pruned
+/// checkpoint directories (`.step-*`). Visible checkpoints are never touched.
+pub fn clean_debris(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(removed);
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let n = e.file_name().to_string_lossy().into_owned();
+        let debris = n.starts_with(".step-") && [".tmp", ".old", ".prune"].iter().any(|k| n.contains(k));
+        if debris && p.is_dir() {
+            std::fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+            removed.push(p);
+        }
+    }
+    if !removed.is_empty() {
+        crate::util::sync_dir(root)?;
+    }
+    Ok(removed)
 }
 
 /// Checkpoint directories under `root`, oldest first.
@@ -142,14 +180,20 @@ pub struct Loaded {
 /// Reads the checkpoint `path` resolves to.
 pub fn load(path: &Path, dev: &Device) -> Result<Loaded> {
     let dir = resolve(path)?;
-    let text = std::fs::read_to_string(dir.join("state.json"))
-        .with_context(|| format!("cannot read {}", dir.join("state.json").display()))?;
+    let text = crate::fsio::read_text(&dir.join("state.json"), crate::fsio::TOKENIZER_CAP, "checkpoint state")?;
     let state: RunState =
         serde_json::from_str(&text).with_context(|| format!("{}: not a strata checkpoint state", dir.display()))?;
     let params = candle_core::safetensors::load(dir.join("trainable.safetensors"), dev)
         .with_context(|| format!("cannot read {}", dir.join("trainable.safetensors").display()))?;
     let mut moments = BTreeMap::new();
     let opt_file = dir.join("optimizer.safetensors");
+    if state.adam_t > 0 && !opt_file.is_file() {
+        bail!(
+            "{}: optimizer.safetensors is missing, but the run had taken {} optimizer steps; the checkpoint is incomplete (resume from another one)",
+            dir.display(),
+            state.adam_t
+        );
+    }
     if opt_file.is_file() {
         let mut raw = candle_core::safetensors::load(&opt_file, dev)
             .with_context(|| format!("cannot read {}", opt_file.display()))?;
@@ -171,6 +215,108 @@ pub fn load(path: &Path, dev: &Device) -> Result<Loaded> {
         params,
         moments,
     })
+}
+
+impl RunState {
+    /// Checks the state against the run resuming it: `domain_rows` and `general_rows` packed
+    /// rows, `steps` planned steps of `per_step` rows. A sampler whose orders, cursors or walks
+    /// do not fit the data (the data changed since, or the file was edited) is refused.
+    pub fn check(
+        &self,
+        domain_rows: usize,
+        general_rows: usize,
+        steps: usize,
+        per_step: usize,
+        dir: &Path,
+    ) -> Result<()> {
+        let at = || dir.join("state.json").display().to_string();
+        let c = &self.control;
+        if c.total_steps != steps || c.effective_batch != per_step {
+            bail!(
+                "{}: written by a run of {} steps of {} rows; this recipe plans {steps} steps of {per_step}. Resume with the recipe that wrote it",
+                dir.display(),
+                c.total_steps,
+                c.effective_batch
+            );
+        }
+        if self.step > steps || c.step != self.step {
+            bail!(
+                "{}: step {} (control step {}) does not fit a run of {steps} steps",
+                at(),
+                self.step,
+                c.step
+            );
+        }
+        if c.micro_batch == 0 || c.micro_batch > per_step || !per_step.is_multiple_of(c.micro_batch) {
+            bail!(
+                "{}: micro-batch {} does not divide the {per_step} rows of a step",
+                at(),
+                c.micro_batch
+            );
+        }
+        if !(c.domain_share.is_finite() && (0.0..=1.0).contains(&c.domain_share)) {
+            bail!("{}: domain share {} is outside [0, 1]", at(), c.domain_share);
+        }
+        if let Some((g, lr)) = c.lr.iter().find(|(_, lr)| !(lr.is_finite() && **lr >= 0.0)) {
+            bail!(
+                "{}: learning rate {lr} of group {g:?} is not a finite number >= 0",
+                at()
+            );
+        }
+        if !self.elapsed_s.is_finite() || self.elapsed_s < 0.0 {
+            bail!("{}: elapsed_s {} is not a finite number >= 0", at(), self.elapsed_s);
+        }
+        self.mixer
+            .check(domain_rows, general_rows)
+            .with_context(|| format!("{}: the data sampler does not fit this run's data (was the training data changed since the checkpoint?)", at()))
+    }
+}
+
+/// Checks optimizer moments read from a checkpoint: after `adam_t` steps, each trainable
+/// tensor has both moments, of its shape, finite; and no moment belongs to a tensor this run
+/// does not train.
+pub fn check_moments(
+    params: &[(String, Var)],
+    moments: &BTreeMap<String, (Tensor, Tensor)>,
+    adam_t: u64,
+    dir: &Path,
+) -> Result<()> {
+    if adam_t == 0 {
+        return Ok(());
+    }
+    let at = || dir.join("optimizer.safetensors").display().to_string();
+    if moments.len() != params.len() {
+        bail!(
+            "{}: moments for {} tensors, this run trains {}; resume with the recipe that wrote it",
+            at(),
+            moments.len(),
+            params.len()
+        );
+    }
+    for (name, var) in params {
+        let (m, v) = moments
+            .get(name)
+            .with_context(|| format!("{}: no moments for `{name}`", at()))?;
+        for (which, t) in [("m", m), ("v", v)] {
+            if t.dims() != var.dims() {
+                bail!(
+                    "{}: {which}.{name} has shape {:?}, the tensor has {:?}",
+                    at(),
+                    t.dims(),
+                    var.dims()
+                );
+            }
+            let bad = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            if bad.iter().any(|x| !x.is_finite()) || (which == "v" && bad.iter().any(|&x| x < 0.0)) {
+                bail!(
+                    "{}: {which}.{name} holds values no optimizer writes (non-finite{})",
+                    at(),
+                    if which == "v" { " or negative" } else { "" }
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Puts checkpointed values into the model's trainable tensors, checking names and shapes.

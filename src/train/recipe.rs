@@ -430,17 +430,103 @@ impl Recipe {
 
     /// Reads a recipe file.
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
+        let text = crate::fsio::read_text(path, crate::fsio::CONFIG_CAP, "recipe")
+            .with_context(|| format!("cannot read recipe {}", path.display()))?;
         Self::parse(&text, &path.display().to_string(), sets)
     }
 
     fn check(&self) -> Result<()> {
+        self.check_ranges()?;
         self.check_train()?;
         self.check_data()?;
         if let Some(r) = &self.retain {
             self.check_retain(r)?;
         }
         self.check_bases()
+    }
+
+    /// Every number a recipe holds, finite and in its range: a NaN, an infinity or a value no
+    /// run can use (a sequence of 10^11 tokens, a dropout of 2) is refused naming the field.
+    fn check_ranges(&self) -> Result<()> {
+        let t = &self.train;
+        let d = &self.data;
+        let mut reals: Vec<(String, f64, std::ops::RangeInclusive<f64>, bool)> = vec![
+            // (field, value, range, whether the lower bound itself is excluded)
+            ("train.lr".into(), t.lr, 0.0..=1.0, true),
+            ("train.epochs".into(), t.epochs, 0.0..=1e6, true),
+            ("train.weight_decay".into(), t.weight_decay, 0.0..=10.0, false),
+            ("train.min_lr_ratio".into(), t.min_lr_ratio, 0.0..=1.0, false),
+            ("train.clip".into(), t.clip, 0.0..=1e12, false),
+            ("train.loraplus_ratio".into(), t.loraplus_ratio, 0.0..=1e6, true),
+            ("train.memory_budget_gb".into(), t.memory_budget_gb, 0.0..=1e9, false),
+            ("data.eval_fraction".into(), d.eval_fraction, 0.0..=0.99, false),
+        ];
+        for (i, g) in t.groups.iter().enumerate() {
+            if let Some(lr) = g.lr {
+                reals.push((format!("train.groups[{i}].lr"), lr, 0.0..=1.0, true));
+            }
+            if let Some(m) = g.min_lr_ratio {
+                reals.push((format!("train.groups[{i}].min_lr_ratio"), m, 0.0..=1.0, false));
+            }
+        }
+        if let Some(l) = &self.lora {
+            reals.push(("lora.dropout".into(), l.dropout as f64, 0.0..=0.99, false));
+            if let Some(a) = l.alpha {
+                reals.push(("lora.alpha".into(), a, 0.0..=1e9, true));
+            }
+            for (i, rule) in l.layers.iter().enumerate() {
+                if let Some(a) = rule.alpha {
+                    reals.push((format!("lora.layers[{i}].alpha"), a, 0.0..=1e9, true));
+                }
+            }
+        }
+        if let Some(r) = &self.retain {
+            reals.push(("retain.ewc_lambda".into(), r.ewc_lambda, 0.0..=1e30, false));
+            reals.push((
+                "retain.contrastive_lambda".into(),
+                r.contrastive_lambda,
+                0.0..=1e6,
+                false,
+            ));
+            reals.push(("retain.temperature".into(), r.temperature, 0.0..=1e3, true));
+            reals.push(("retain.distill_lambda".into(), r.distill_lambda, 0.0..=1e6, false));
+        }
+        for (field, v, range, open_low) in reals {
+            if !v.is_finite() || !range.contains(&v) || (open_low && v == *range.start()) {
+                let (lo, hi) = (range.start(), range.end());
+                let low = if open_low { "(" } else { "[" };
+                bail!("{field} = {v} is out of range: it must be a finite number in {low}{lo}, {hi}]");
+            }
+        }
+        let mut ints: Vec<(String, usize, std::ops::RangeInclusive<usize>)> = vec![
+            ("train.batch".into(), t.batch, 1..=1 << 16),
+            ("train.grad_accum".into(), t.grad_accum, 1..=1 << 20),
+            ("train.steps".into(), t.steps, 0..=1 << 30),
+            ("train.warmup".into(), t.warmup, 0..=1 << 30),
+            ("train.keep_checkpoints".into(), t.keep_checkpoints, 1..=1 << 16),
+            ("train.max_bad_steps".into(), t.max_bad_steps, 1..=1 << 20),
+            ("data.seq_len".into(), d.seq_len, 2..=1 << 20),
+        ];
+        if let Some(l) = &self.lora {
+            ints.push(("lora.r".into(), l.r, 1..=1 << 14));
+            for (i, rule) in l.layers.iter().enumerate() {
+                ints.push((format!("lora.layers[{i}].r"), rule.r, 1..=1 << 14));
+            }
+        }
+        if let Some(r) = &self.retain {
+            ints.push(("retain.fisher_rows".into(), r.fisher_rows, 1..=1 << 24));
+            ints.push(("retain.segment".into(), r.segment, 1..=1 << 20));
+        }
+        for (field, v, range) in ints {
+            if !range.contains(&v) {
+                bail!(
+                    "{field} = {v} is out of range: it must be an integer from {} to {}",
+                    range.start(),
+                    range.end()
+                );
+            }
+        }
+        Ok(())
     }
 
     fn check_train(&self) -> Result<()> {
@@ -634,6 +720,33 @@ mod tests {
         let e = Recipe::parse(BASE, "r.toml", &["train.device=\"gpu\"".into()]).unwrap_err();
         assert!(format!("{e:#}").contains("train.device: unknown device `gpu`"), "{e:#}");
         Recipe::parse(BASE, "r.toml", &["train.device=\"cuda:1\"".into()]).unwrap();
+    }
+
+    /// Numbers no run can use are refused naming the field, NaN and infinities included.
+    #[test]
+    fn numbers_out_of_range_are_refused_naming_the_field() {
+        for (set, field) in [
+            ("data.seq_len=100000000000", "data.seq_len"),
+            ("lora.dropout=2", "lora.dropout"),
+            ("lora.r=1000000000", "lora.r"),
+            ("train.epochs=inf", "train.epochs"),
+            ("train.epochs=nan", "train.epochs"),
+            ("train.clip=-1", "train.clip"),
+            ("train.min_lr_ratio=7", "train.min_lr_ratio"),
+            ("train.lr=nan", "train.lr"),
+            ("retain.fisher_rows=0", "retain.fisher_rows"),
+            ("retain.temperature=-0.1", "retain.temperature"),
+            ("retain.ewc_lambda=nan", "retain.ewc_lambda"),
+            ("data.eval_fraction=1", "data.eval_fraction"),
+            ("train.batch=0", "train.batch"),
+        ] {
+            let e = Recipe::parse(BASE, "r.toml", &[set.into()]).unwrap_err();
+            let e = format!("{e:#}");
+            assert!(
+                e.contains(&format!("{field} = ")) && e.contains("out of range"),
+                "{set}: {e}"
+            );
+        }
     }
 
     #[test]

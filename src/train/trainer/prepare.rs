@@ -100,6 +100,9 @@ impl<'r> Run<'r> {
         let dev = crate::util::device(&t.device)?;
         reset_device_peak(&dev);
         start_outputs(recipe, recipe_text)?;
+        for p in checkpoint::clean_debris(&t.out.join("checkpoints"))? {
+            eprintln!("removed {} (left by an interrupted run)", p.display());
+        }
         let src = model::open(&recipe.model.path)?;
         let data = RunData::load(recipe, &src)?;
         // The process as the model will find it (the plan counts the Fisher apart).
@@ -134,7 +137,7 @@ impl<'r> Run<'r> {
                     callbacks: &mut callbacks,
                     recompute: &mut recompute,
                 };
-                into.resume(recipe, path, &dev, steps, per_step)?
+                into.resume(recipe, path, &dev, &data, (steps, per_step))?
             }
             None => fresh_state(recipe, &model, &data, eval_fwd, recompute, steps, per_step)?,
         };
@@ -450,21 +453,16 @@ impl Resumed<'_> {
         recipe: &Recipe,
         path: &std::path::Path,
         dev: &Device,
-        steps: usize,
-        per_step: usize,
+        data: &RunData,
+        (steps, per_step): (usize, usize),
     ) -> Result<RunState> {
         let ck = checkpoint::load(path, dev)?;
+        ck.state
+            .check(data.train.len(), data.general.len(), steps, per_step, &ck.dir)?;
         checkpoint::restore_params(self.params, &ck.params, &ck.dir)?;
+        checkpoint::check_moments(self.params, &ck.moments, ck.state.adam_t, &ck.dir)?;
         self.opt.moments = ck.moments;
         self.opt.t = ck.state.adam_t;
-        if ck.state.control.total_steps != steps || ck.state.control.effective_batch != per_step {
-            bail!(
-                "{}: written by a run of {} steps of {} rows; this recipe plans {steps} steps of {per_step}. Resume with the recipe that wrote it",
-                ck.dir.display(),
-                ck.state.control.total_steps,
-                ck.state.control.effective_batch
-            );
-        }
         for cb in self.callbacks.iter_mut() {
             if let Some(v) = ck.state.callbacks.get(cb.name()) {
                 cb.restore(v)?;
