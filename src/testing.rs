@@ -4,6 +4,8 @@
 
 pub use crate::cli::synthetic::*;
 
+pub mod fuzz;
+
 use candle_core::{Result, Tensor, Var};
 
 /// Checks the autograd gradient of the scalar `f(x)` against central finite differences on

@@ -331,6 +331,21 @@ impl WeightSource for GgufSource {
 
 /// Opens and validates a GGUF model file.
 pub fn open_gguf(path: &Path) -> Result<ModelSource> {
+    let (src, config, vocab) = read_gguf(path)?;
+    let json = tokenizer_json_from_gguf(&vocab, &path.display().to_string())?;
+    let template = src.meta_str("tokenizer.chat_template").map(String::from);
+    let tokenizer = Tok::from_json(json, config.eos_token_id, config.bos_token_id, template)?;
+    Ok(ModelSource {
+        path: path.to_path_buf(),
+        config,
+        weights: Box::new(src),
+        tokenizer,
+    })
+}
+
+/// A GGUF file's tensors, configuration and vocabulary, each checked, before the tokenizer is
+/// built from the vocabulary (the part [`open_gguf`] adds).
+pub fn read_gguf(path: &Path) -> Result<(GgufSource, ModelConfig, GgufVocab)> {
     let content = read_checked(path)?;
     let arch = match content.metadata.get("general.architecture") {
         Some(Value::String(s)) if s == "llama" => Arch::Llama,
@@ -357,15 +372,7 @@ pub fn open_gguf(path: &Path) -> Result<ModelSource> {
             config.vocab_size
         );
     }
-    let json = tokenizer_json_from_gguf(&vocab, &path.display().to_string())?;
-    let template = src.meta_str("tokenizer.chat_template").map(String::from);
-    let tokenizer = Tok::from_json(json, config.eos_token_id, config.bos_token_id, template)?;
-    Ok(ModelSource {
-        path: path.to_path_buf(),
-        config,
-        weights: Box::new(src),
-        tokenizer,
-    })
+    Ok((src, config, vocab))
 }
 
 /// Writes a GGUF file for `cfg` from Hugging Face-named tensors (Llama Q/K permuted as

@@ -5,48 +5,70 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-/// Precomputed cos/sin tables, `[max_positions, head_dim]` each (the half table repeated twice).
+/// How many positions the tables are precomputed for; positions beyond (up to the model's
+/// context) are computed when asked, by the same formula. A model's declared context (up to
+/// 2^20) would otherwise size tables of gigabytes before anything runs.
+pub const TABLE_POSITIONS: usize = 4096;
+
+/// Cos/sin tables, `[n, head_dim]` each (the half table repeated twice), for the first
+/// [`TABLE_POSITIONS`] positions of the context, and the frequencies for the rest.
 #[derive(Clone, Debug)]
 pub struct Rope {
+    inv: Vec<f64>,
+    head_dim: usize,
+    context: usize,
     cos: Tensor,
     sin: Tensor,
-    /// First halves of the tables as `[positions, head_dim / 2]` f32, for the fused op.
+    /// First halves of the tables as `[n, head_dim / 2]` f32, for the fused op.
     cos_half: Vec<f32>,
     sin_half: Vec<f32>,
 }
 
 impl Rope {
-    /// Tables for `positions` positions of a head of size `head_dim` with base `theta`.
+    /// Tables for a context of `positions` positions of a head of size `head_dim` with base
+    /// `theta`.
     pub fn new(head_dim: usize, theta: f64, positions: usize, dtype: DType, dev: &Device) -> Result<Self> {
         let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(positions * head_dim);
-        let mut sin = Vec::with_capacity(positions * head_dim);
         let inv: Vec<f64> = (0..half)
             .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
             .collect();
-        for p in 0..positions {
-            for _rep in 0..2 {
-                for f in &inv {
-                    let a = p as f64 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
-            }
-        }
+        let built = positions.min(TABLE_POSITIONS);
+        let (cos, sin) = rows(&inv, 0, built);
         let halves = |v: &[f64]| -> Vec<f32> {
             v.chunks(head_dim)
                 .flat_map(|r| r[..half].iter().map(|&x| x as f32))
                 .collect()
         };
         let (cos_half, sin_half) = (halves(&cos), halves(&sin));
-        let cos = Tensor::from_vec(cos, (positions, head_dim), dev)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (positions, head_dim), dev)?.to_dtype(dtype)?;
+        let cos = Tensor::from_vec(cos, (built, head_dim), dev)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (built, head_dim), dev)?.to_dtype(dtype)?;
         Ok(Self {
+            inv,
+            head_dim,
+            context: positions,
             cos,
             sin,
             cos_half,
             sin_half,
         })
+    }
+
+    fn built(&self) -> usize {
+        self.cos_half.len() / (self.head_dim / 2).max(1)
+    }
+
+    /// The first half of the cos (`true`) or sin table at `p`, `[d/2]`.
+    fn half_row(&self, cos: bool, p: usize, out: &mut Vec<f32>) {
+        let half = self.head_dim / 2;
+        if p < self.built() {
+            let table = if cos { &self.cos_half } else { &self.sin_half };
+            out.extend_from_slice(&table[p * half..(p + 1) * half]);
+        } else {
+            out.extend(self.inv.iter().map(|f| {
+                let a = p as f64 * f;
+                (if cos { a.cos() } else { a.sin() }) as f32
+            }));
+        }
     }
 
     /// The first half of the cos (`true`) or sin table for positions `0..t`, as `[t, d/2]`
@@ -58,27 +80,31 @@ impl Rope {
                 self.positions()
             );
         }
-        let half = self.cos_half.len() / self.positions().max(1);
-        Ok((if cos { &self.cos_half } else { &self.sin_half })[..t * half].to_vec())
-    }
-
-    /// The first half of the cos (`true`) or sin table at each of `positions`, as `[n, d/2]`.
-    pub fn half_table_at(&self, cos: bool, positions: &[usize]) -> Result<Vec<f32>> {
-        let half = self.cos_half.len() / self.positions().max(1);
-        let table = if cos { &self.cos_half } else { &self.sin_half };
-        let mut out = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            if p >= self.positions() {
-                candle_core::bail!("position {p} is beyond the RoPE tables ({})", self.positions());
-            }
-            out.extend_from_slice(&table[p * half..(p + 1) * half]);
+        let half = self.head_dim / 2;
+        let mut out = Vec::with_capacity(t * half);
+        if t <= self.built() {
+            out.extend_from_slice(&(if cos { &self.cos_half } else { &self.sin_half })[..t * half]);
+        } else {
+            (0..t).for_each(|p| self.half_row(cos, p, &mut out));
         }
         Ok(out)
     }
 
-    /// How many positions the tables cover.
+    /// The first half of the cos (`true`) or sin table at each of `positions`, as `[n, d/2]`.
+    pub fn half_table_at(&self, cos: bool, positions: &[usize]) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(positions.len() * self.head_dim / 2);
+        for &p in positions {
+            if p >= self.positions() {
+                candle_core::bail!("position {p} is beyond the RoPE tables ({})", self.positions());
+            }
+            self.half_row(cos, p, &mut out);
+        }
+        Ok(out)
+    }
+
+    /// How many positions the model's context covers.
     pub fn positions(&self) -> usize {
-        self.cos.dim(0).unwrap_or(0)
+        self.context
     }
 
     /// Rotates `x [b, heads, t, head_dim]` for positions `offset .. offset + t`.
@@ -91,13 +117,39 @@ impl Rope {
                 self.positions()
             );
         }
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin.narrow(0, offset, t)?;
+        let (cos, sin) = if offset + t <= self.built() {
+            (self.cos.narrow(0, offset, t)?, self.sin.narrow(0, offset, t)?)
+        } else {
+            let (c, s) = rows(&self.inv, offset, t);
+            let dt = self.cos.dtype();
+            let dev = x.device();
+            (
+                Tensor::from_vec(c, (t, d), dev)?.to_dtype(dt)?,
+                Tensor::from_vec(s, (t, d), dev)?.to_dtype(dt)?,
+            )
+        };
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
         let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
         let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
         x.broadcast_mul(&cos)?.add(&rot.broadcast_mul(&sin)?)
     }
+}
+
+/// Cos and sin rows, `[n, head_dim]` each (the half row repeated), for positions
+/// `start .. start + n`.
+fn rows(inv: &[f64], start: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut cos = Vec::with_capacity(n * inv.len() * 2);
+    let mut sin = Vec::with_capacity(n * inv.len() * 2);
+    for p in start..start + n {
+        for _rep in 0..2 {
+            for f in inv {
+                let a = p as f64 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    (cos, sin)
 }
 
 #[cfg(test)]
@@ -121,6 +173,36 @@ mod tests {
         let probe = Tensor::randn(0f64, 1., (1, 2, 5, 8), &dev)?;
         check_grad(&x, |x| rope.apply(x, 3)?.mul(&probe)?.sum_all(), 1e-6)?;
         assert!(rope.apply(&x, 12).is_err());
+        Ok(())
+    }
+
+    /// Positions past the precomputed tables give what the tables would hold: the same
+    /// rotation, the same half rows; a long context costs no table memory up front.
+    #[test]
+    fn positions_past_the_tables_match_them() -> Result<()> {
+        let dev = Device::Cpu;
+        let n = TABLE_POSITIONS + 8;
+        let long = Rope::new(8, 10_000.0, 1 << 20, DType::F64, &dev)?;
+        assert_eq!(long.built(), TABLE_POSITIONS);
+        let x = Tensor::randn(0f64, 1., (1, 2, 8, 8), &dev)?;
+        let at = TABLE_POSITIONS - 4;
+        // A fresh table covering every position as the reference.
+        let full = Rope {
+            cos_half: long.half_table(true, n)?,
+            sin_half: long.half_table(false, n)?,
+            cos: Tensor::from_vec(rows(&long.inv, 0, n).0, (n, 8), &dev)?,
+            sin: Tensor::from_vec(rows(&long.inv, 0, n).1, (n, 8), &dev)?,
+            ..long.clone()
+        };
+        assert_eq!(full.built(), n);
+        let d = (long.apply(&x, at)? - full.apply(&x, at)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert_eq!(d, 0.0);
+        let ps = [3, TABLE_POSITIONS - 1, TABLE_POSITIONS, TABLE_POSITIONS + 5];
+        assert_eq!(long.half_table_at(false, &ps)?, full.half_table_at(false, &ps)?);
+        assert_eq!(long.half_table(true, 16)?, full.half_table(true, 16)?);
         Ok(())
     }
 }
