@@ -16,6 +16,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Removes the temporary files [`write_atomic`] leaves in `dir` when its process is killed
+/// mid-write (`.NAME.tmpPID`); gives what it removed. Only files of that pattern are touched.
+pub fn remove_stale_temps(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(removed);
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let stale = n.starts_with('.')
+            && n.rsplit_once(".tmp")
+                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        if stale && e.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::remove_file(e.path()).with_context(|| format!("cannot remove {}", e.path().display()))?;
+            removed.push(e.path());
+        }
+    }
+    Ok(removed)
+}
+
 /// Flushes a directory's entries to disk (a rename inside it survives a power loss only then).
 pub fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]

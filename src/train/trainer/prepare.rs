@@ -100,7 +100,11 @@ impl<'r> Run<'r> {
         let dev = crate::util::device(&t.device)?;
         reset_device_peak(&dev);
         start_outputs(recipe, recipe_text)?;
-        for p in checkpoint::clean_debris(&t.out.join("checkpoints"))? {
+        let mut left = checkpoint::clean_debris(&t.out.join("checkpoints"))?;
+        for d in [t.out.clone(), t.out.join("adapter"), t.out.join("model")] {
+            left.extend(crate::util::remove_stale_temps(&d)?);
+        }
+        for p in left {
             eprintln!("removed {} (left by an interrupted run)", p.display());
         }
         let src = model::open(&recipe.model.path)?;
