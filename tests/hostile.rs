@@ -324,3 +324,144 @@ fn hostile_data_and_templates_fail_cleanly() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// A checkpoint that does not fit the run resuming it, an adapter holding NaN or a bad alpha,
+/// and a Fisher file with an empty total: each refused, naming the file and the field.
+#[test]
+fn tampered_checkpoints_adapters_and_fishers_are_refused() -> Result<()> {
+    use strata::train::recipe::Recipe;
+    use strata::train::trainer::{run_with, RunOptions};
+    let dir = tmp("ck");
+    write_tiny_gguf(&dir.join("tiny.gguf"), Arch::Llama, true, 3, GgmlDType::F32)?;
+    strata::testing::write_tiny_corpus(&dir)?;
+    let text = |out: &str| {
+        format!(
+            "[model]\npath = \"{0}/tiny.gguf\"\n[lora]\nr = 4\n[data]\ntrain = [\"{0}/data\"]\nseq_len = 16\n\
+             [train]\nbatch = 2\ngrad_accum = 2\nsteps = 4\nlr = 1e-2\ncheckpoint_every = 2\nout = \"{0}/{out}\"\n",
+            dir.display()
+        )
+    };
+    let run = |t: &str, resume: Option<PathBuf>| {
+        run_with(
+            &Recipe::parse(t, "r.toml", &[]).unwrap(),
+            t,
+            RunOptions {
+                resume,
+                ..Default::default()
+            },
+        )
+    };
+    run(&text("a"), None)?;
+    let ck = dir.join("a/checkpoints/step-000004");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ck.join("state.json"))?)?;
+    let resume_with = |edit: &dyn Fn(&mut serde_json::Value), tag: &str| -> String {
+        let copy = dir.join(format!("ck-{tag}"));
+        let _ = std::fs::remove_dir_all(&copy);
+        std::fs::create_dir_all(&copy).unwrap();
+        for f in ["trainable.safetensors", "optimizer.safetensors"] {
+            std::fs::copy(ck.join(f), copy.join(f)).unwrap();
+        }
+        let mut s = state.clone();
+        edit(&mut s);
+        std::fs::write(copy.join("state.json"), s.to_string()).unwrap();
+        format!(
+            "{:#}",
+            run(&text(tag), Some(copy))
+                .err()
+                .expect("a tampered checkpoint resumed")
+        )
+    };
+    let e = resume_with(&|s| s["control"]["micro_batch"] = 3.into(), "micro");
+    assert!(e.contains("state.json") && e.contains("micro-batch 3"), "{e}");
+    let e = resume_with(&|s| s["mixer"]["walks"][0]["cursor"] = 10_000.into(), "cursor");
+    assert!(e.contains("cursor 10000"), "{e}");
+    let e = resume_with(&|s| s["mixer"]["walks"][0]["order"][0] = 99_999.into(), "order");
+    assert!(e.contains("not a permutation"), "{e}");
+    let e = resume_with(
+        &|s| {
+            let w = s["mixer"]["walks"][0].clone();
+            s["mixer"]["walks"].as_array_mut().unwrap().push(w);
+        },
+        "walks",
+    );
+    assert!(e.contains("walks 2 sources"), "{e}");
+    let e = resume_with(&|s| s["step"] = 99.into(), "step");
+    assert!(e.contains("step 99"), "{e}");
+    // The training data shrank since the checkpoint.
+    std::fs::remove_file(dir.join("data/doc5.txt"))?;
+    let e = format!("{:#}", run(&text("shrunk"), Some(ck.clone())).unwrap_err());
+    assert!(e.contains("data packs into") || e.contains("plans"), "{e}");
+    strata::testing::write_tiny_corpus(&dir)?;
+    // A checkpoint without its optimizer state.
+    std::fs::remove_file(ck.join("optimizer.safetensors"))?;
+    let e = format!("{:#}", run(&text("noopt"), Some(ck.clone())).unwrap_err());
+    assert!(e.contains("optimizer.safetensors is missing"), "{e}");
+
+    // The run's adapter, with a NaN in one tensor, then with an infinite alpha.
+    let adapter = dir.join("a/adapter");
+    let src = open(&dir.join("tiny.gguf"))?;
+    let load = || -> String {
+        let mut m = strata::model::Model::load(
+            &src.config,
+            src.weights.as_ref(),
+            strata::model::BaseDtype::F32,
+            false,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        format!(
+            "{:#}",
+            strata::adapter::peft::load(&mut m, &adapter)
+                .err()
+                .expect("a corrupt adapter loaded")
+        )
+    };
+    let st = adapter.join("adapter_model.safetensors");
+    let good = std::fs::read(&st)?;
+    let mut tensors = candle_core::safetensors::load(&st, &candle_core::Device::Cpu)?;
+    let key = tensors.keys().find(|k| k.contains("lora_A")).unwrap().clone();
+    let t = &tensors[&key];
+    let mut v = t.flatten_all()?.to_vec1::<f32>()?;
+    v[3] = f32::NAN;
+    let bad = candle_core::Tensor::from_vec(v, t.shape(), &candle_core::Device::Cpu)?;
+    tensors.insert(key.clone(), bad);
+    let mut named: Vec<(String, candle_core::Tensor)> = tensors.into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    strata::model::hf::save_safetensors(&st, &named)?;
+    let e = load();
+    assert!(e.contains(&key) && e.contains("non-finite"), "{e}");
+    std::fs::write(&st, &good)?;
+    let cfg_path = adapter.join("adapter_config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)?;
+    cfg["lora_alpha"] = serde_json::json!(-4.0);
+    std::fs::write(&cfg_path, cfg.to_string())?;
+    let e = load();
+    assert!(e.contains("lora_alpha") && e.contains("finite positive"), "{e}");
+
+    // A factored Fisher whose total holds nothing.
+    let fisher = dir.join("f.safetensors");
+    let z = candle_core::Tensor::zeros(4, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let empty = candle_core::Tensor::zeros(0, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    strata::model::hf::save_safetensors(
+        &fisher,
+        &[
+            ("w.fisher_rows".into(), z.clone()),
+            ("w.fisher_cols".into(), z),
+            ("w.fisher_total".into(), empty),
+        ],
+    )?;
+    std::fs::write(
+        dir.join("f.safetensors.json"),
+        r#"{"model": "m", "estimator": "empirical", "rows": 1, "seq_len": 16, "stages": 1, "decay": 1.0, "format": "factored", "data": []}"#,
+    )?;
+    let e = strata::retain::fisher::Fisher::load(&fisher, &candle_core::Device::Cpu)
+        .err()
+        .map(|e| format!("{e:#}"));
+    let e = e.expect("an empty Fisher total loaded");
+    assert!(
+        e.contains("f.safetensors") && e.contains("w.fisher_total") && e.contains("one finite positive"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
