@@ -364,12 +364,10 @@ fn tampered_checkpoints_adapters_and_fishers_are_refused() -> Result<()> {
         let mut s = state.clone();
         edit(&mut s);
         std::fs::write(copy.join("state.json"), s.to_string()).unwrap();
-        format!(
-            "{:#}",
-            run(&text(tag), Some(copy))
-                .err()
-                .expect("a tampered checkpoint resumed")
-        )
+        match run(&text(tag), Some(copy)) {
+            Ok(_) => panic!("a tampered checkpoint ({tag}) resumed"),
+            Err(e) => format!("{e:#}"),
+        }
     };
     let e = resume_with(&|s| s["control"]["micro_batch"] = 3.into(), "micro");
     assert!(e.contains("state.json") && e.contains("micro-batch 3"), "{e}");
@@ -409,12 +407,10 @@ fn tampered_checkpoints_adapters_and_fishers_are_refused() -> Result<()> {
             &candle_core::Device::Cpu,
         )
         .unwrap();
-        format!(
-            "{:#}",
-            strata::adapter::peft::load(&mut m, &adapter)
-                .err()
-                .expect("a corrupt adapter loaded")
-        )
+        match strata::adapter::peft::load(&mut m, &adapter) {
+            Ok(_) => panic!("a corrupt adapter loaded"),
+            Err(e) => format!("{e:#}"),
+        }
     };
     let st = adapter.join("adapter_model.safetensors");
     let good = std::fs::read(&st)?;
