@@ -458,6 +458,47 @@ fn tampered_checkpoints_adapters_and_fishers_are_refused() -> Result<()> {
         e.contains("f.safetensors") && e.contains("w.fisher_total") && e.contains("one finite positive"),
         "{e}"
     );
+    // Entries no estimator writes, and a Fisher estimated for another shape.
+    let dev = candle_core::Device::Cpu;
+    let nan = candle_core::Tensor::new(&[1f32, f32::NAN, 0.5, 2.0], &dev)?;
+    let one = candle_core::Tensor::new(&[1f32], &dev)?;
+    let ones = candle_core::Tensor::ones(4, candle_core::DType::F32, &dev)?;
+    strata::model::hf::save_safetensors(
+        &fisher,
+        &[
+            ("w.fisher_rows".into(), nan),
+            ("w.fisher_cols".into(), ones.clone()),
+            ("w.fisher_total".into(), one.clone()),
+        ],
+    )?;
+    let e = match strata::retain::fisher::Fisher::load(&fisher, &dev) {
+        Ok(_) => panic!("a NaN Fisher loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains("`w`") && e.contains("finite and >= 0"), "{e}");
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    strata::model::hf::save_safetensors(
+        &fisher,
+        &[
+            (format!("{name}.fisher_rows"), ones.clone()),
+            (format!("{name}.fisher_cols"), ones),
+            (format!("{name}.fisher_total"), one),
+        ],
+    )?;
+    let f = strata::retain::fisher::Fisher::load(&fisher, &dev)?;
+    let mut m = strata::model::Model::load(
+        &src.config,
+        src.weights.as_ref(),
+        strata::model::BaseDtype::F32,
+        false,
+        &dev,
+    )?;
+    strata::adapter::LoraPlan::uniform(4, 8.0, &strata::model::MODULES).attach(&mut m, 1)?;
+    let e = match strata::retain::Ewc::new(&m, &f, 1.0) {
+        Ok(_) => panic!("a Fisher of the wrong shape was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains(name) && e.contains("shape [4, 4]"), "{e}");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -137,7 +137,10 @@ impl SafetensorsSource {
         if blocksize == 0 {
             bail!(bad("blocksize 0"));
         }
-        let n = rows * cols;
+        let n = rows
+            .checked_mul(cols)
+            .filter(|&n| n as u64 <= self.stored_bytes(name).unwrap_or(0).saturating_mul(2))
+            .ok_or_else(|| bad(&format!("shape [{rows}, {cols}] does not fit the packed bytes stored")))?;
         let packed = self.raw(name)?.flatten_all()?.to_vec1::<u8>()?;
         if packed.len() != n.div_ceil(2) {
             bail!(bad(&format!("{} packed bytes for {n} values", packed.len())));

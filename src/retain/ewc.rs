@@ -52,9 +52,20 @@ impl Ewc {
 
     fn build(model: &Model, fisher: &Fisher, lambda: f64, from_base: bool) -> Result<Self> {
         let mut terms = Vec::new();
+        let fits = |name: &str, f: &crate::retain::FisherTensor, want: &[usize]| -> Result<()> {
+            if f.shape() != want {
+                anyhow::bail!(
+                    "the Fisher of `{name}` has shape {:?} but the weight has {want:?}; the Fisher file was estimated for another model",
+                    f.shape()
+                );
+            }
+            Ok(())
+        };
         for (module, l) in model.loras() {
             let name = format!("{module}.weight");
             if let Some(f) = fisher.tensors.get(&name) {
+                let (o, i) = (l.b.as_tensor().dim(0)?, l.a.as_tensor().dim(1)?);
+                fits(&name, f, &[o, i])?;
                 let zero = from_base || l.b.as_tensor().abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
                 // Copies: the variables' storage is updated in place as training runs.
                 let anchor = match zero {
@@ -78,6 +89,7 @@ impl Ewc {
                 continue;
             }
             if let Some(f) = fisher.tensors.get(&name) {
+                fits(&name, f, w.dims())?;
                 let w0 = w.as_tensor().copy()?.detach();
                 terms.push((name, f.clone(), Target::Full { w, w0 }));
             }

@@ -112,6 +112,32 @@ impl FisherTensor {
         })
     }
 
+    /// The `[out, in]` shape of the weight this estimate is for.
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Self::Full(t) => t.dims().to_vec(),
+            Self::Factored { rows, cols, .. } => vec![rows.elem_count(), cols.elem_count()],
+        }
+    }
+
+    /// Refuses entries no estimator writes (a Fisher is a mean of squares: finite, >= 0).
+    fn check(&self, name: &str, path: &Path) -> Result<()> {
+        let parts: Vec<&Tensor> = match self {
+            Self::Full(t) => vec![t],
+            Self::Factored { rows, cols, .. } => vec![rows, cols],
+        };
+        for t in parts {
+            let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(x) = v.iter().find(|x| !(x.is_finite() && **x >= 0.0)) {
+                bail!(
+                    "{}: the Fisher of `{name}` holds {x}; a Fisher's entries are finite and >= 0 (the file is corrupt)",
+                    path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The factored form of this tensor.
     pub fn factored(&self) -> Result<Self> {
         let f = self.dense()?;
@@ -354,6 +380,9 @@ impl Fisher {
         }
         if tensors.is_empty() {
             bail!("{}: no Fisher tensors inside", path.display());
+        }
+        for (name, t) in &tensors {
+            t.check(name, path)?;
         }
         Ok(Self { tensors, meta })
     }
