@@ -502,3 +502,27 @@ fn tampered_checkpoints_adapters_and_fishers_are_refused() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// A real model of many layers (1,000 tiny ones) opens and inspects in time linear in its
+/// size: nothing is compiled or scanned once per layer per layer.
+#[test]
+fn a_thousand_layer_model_inspects_quickly() -> Result<()> {
+    let dir = tmp("deep");
+    let v = strata::model::tokenizer::tiny_vocab();
+    let cfg = strata::model::ModelConfig {
+        num_layers: 1000,
+        ..strata::testing::tiny_config(Arch::Llama, v.tokens.len(), true)
+    };
+    let p = dir.join("deep.gguf");
+    strata::testing::write_gguf_of(&p, &cfg, 1, GgmlDType::Q8_0)?;
+    let t = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("inspect")
+        .arg(&p)
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1000 layers"));
+    assert!(t.elapsed() < Duration::from_secs(20), "inspect took {:?}", t.elapsed());
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
