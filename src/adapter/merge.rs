@@ -201,6 +201,12 @@ pub fn write_hf_dir(model: &Model, tok: &Tok, dir: &Path, merge: bool, store: St
         // The 4-bit checkpoint is a quarter of the f32 model: made whole, then written.
         Store::Nf4(_) => save_safetensors(&weights, &hf_tensors(model, merge, store)?)?,
     }
+    // A scaling a Hugging Face config cannot state (a GGUF's rope_freqs) stops the export here.
+    model
+        .cfg
+        .rope_scaling
+        .to_hf()
+        .with_context(|| format!("cannot write {}", dir.display()))?;
     let mut cfg = model.cfg.to_hf_json(torch_dtype);
     cfg["transformers_version"] = json!("4.46.0");
     if let Store::Nf4(dq) = store {

@@ -64,8 +64,24 @@ pub fn run(a: Args) -> Result<()> {
         c.vocab_size,
         if c.tie_word_embeddings { "tied" } else { "untied" }
     );
+    use crate::model::config::RopeScaling;
+    let scaling = match &c.rope_scaling {
+        RopeScaling::None => "no scaling".to_string(),
+        RopeScaling::Linear { factor } => format!("linear scaling x{factor}"),
+        RopeScaling::Llama3 {
+            factor,
+            original_max_position_embeddings: o,
+            ..
+        } => format!("llama3 scaling x{factor} from {o}"),
+        RopeScaling::Factors(k) => format!(
+            "rope_freqs scaling ({} factors, {:.3} to {:.3})",
+            k.len(),
+            k.iter().cloned().fold(f64::INFINITY, f64::min),
+            k.iter().cloned().fold(0.0, f64::max)
+        ),
+    };
     println!(
-        "rope theta   {}, rms eps {:e}, context {}",
+        "rope theta   {} ({scaling}), rms eps {:e}, context {}",
         c.rope_theta, c.rms_norm_eps, c.max_position_embeddings
     );
     let mut by_type: BTreeMap<String, (usize, usize)> = BTreeMap::new();

@@ -44,6 +44,7 @@ pub fn tiny_config(arch: Arch, vocab: usize, tied: bool) -> ModelConfig {
         intermediate_size: 64,
         vocab_size: vocab,
         rope_theta: 10_000.0,
+        rope_scaling: crate::model::config::RopeScaling::None,
         // Exactly representable in f32, as GGUF stores it.
         rms_norm_eps: 1e-5f32 as f64,
         tie_word_embeddings: tied,

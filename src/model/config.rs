@@ -29,6 +29,144 @@ impl Arch {
     }
 }
 
+/// How RoPE's frequencies are scaled for a context longer than the model was pretrained on
+/// (transformers' `rope_scaling` / `rope_parameters`, llama.cpp's `rope_freqs` tensor). Only the
+/// kinds strata computes exactly are here; any other is refused where the config is read.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// The default: `1 / theta^(2i/d)`.
+    None,
+    /// transformers' `linear`: every frequency divided by `factor`.
+    Linear {
+        /// The scaling factor.
+        factor: f64,
+    },
+    /// transformers' `llama3` (Llama 3.1+): low frequencies divided by `factor`, high ones kept,
+    /// a smooth blend between.
+    Llama3 {
+        /// Divisor of the low frequencies (8 for Llama 3.1).
+        factor: f64,
+        /// Wavelengths above `original / low_freq_factor` are scaled.
+        low_freq_factor: f64,
+        /// Wavelengths below `original / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// The pretraining context.
+        original_max_position_embeddings: usize,
+    },
+    /// llama.cpp's `rope_freqs.weight`: frequency `i` divided by `factors[i]` (how a Llama 3.1
+    /// GGUF stores its scaling).
+    Factors(Vec<f64>),
+}
+
+impl RopeScaling {
+    /// The inverse frequencies of a head of size `head_dim` with base `theta`, scaled.
+    pub fn inv_freqs(&self, head_dim: usize, theta: f64) -> Vec<f64> {
+        let base: Vec<f64> = (0..head_dim / 2)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
+            .collect();
+        match self {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Factors(k) => base.iter().zip(k).map(|(f, k)| f / k).collect(),
+            &RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: old,
+            } => base
+                .iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    let (low_wavelen, high_wavelen) = (old as f64 / low, old as f64 / high);
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old as f64 / wavelen - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Reads transformers' `rope_scaling` (or `rope_parameters`) object; `None`, `default` and
+    /// an absent one are the default. Types strata does not compute exactly (`dynamic`,
+    /// `yarn`, `longrope`, ...) and fields that change the math are refused by name.
+    pub fn from_hf(v: Option<&Value>, file: &Path) -> Result<Self> {
+        let f = file.display();
+        let Some(v) = v.filter(|v| !v.is_null()) else {
+            return Ok(RopeScaling::None);
+        };
+        let obj = v
+            .as_object()
+            .with_context(|| format!("{f}: `rope_scaling` must be an object, found {v}"))?;
+        let ty = obj
+            .get("rope_type")
+            .or_else(|| obj.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        let num = |k: &str| -> Result<f64> {
+            obj.get(k)
+                .and_then(|x| x.as_f64())
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .with_context(|| {
+                    format!("{f}: `rope_scaling.{k}` must be a finite positive number for rope_type `{ty}`")
+                })
+        };
+        let known: &[&str] = match ty {
+            "default" => &[],
+            "linear" => &["factor"],
+            "llama3" => &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
+            other => bail!(
+                "{f}: rope_scaling type `{other}` is not supported (strata computes default, linear and llama3 exactly); \
+                 refusing rather than running the model with the wrong positions"
+            ),
+        };
+        for k in obj.keys() {
+            if !known.contains(&k.as_str()) && !matches!(k.as_str(), "rope_type" | "type" | "rope_theta") {
+                bail!("{f}: `rope_scaling.{k}` is not a field strata reads for rope_type `{ty}`; refusing rather than ignoring it");
+            }
+        }
+        Ok(match ty {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear { factor: num("factor")? },
+            _ => {
+                let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high <= low {
+                    bail!("{f}: `rope_scaling.high_freq_factor` ({high}) must exceed `low_freq_factor` ({low})");
+                }
+                RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+                }
+            }
+        })
+    }
+
+    /// transformers' `rope_scaling` object for this scaling (`None` for the default); a GGUF's
+    /// per-frequency factors have no such form.
+    pub fn to_hf(&self) -> Result<Option<Value>> {
+        Ok(match self {
+            RopeScaling::None => None,
+            RopeScaling::Linear { factor } => Some(json!({"rope_type": "linear", "factor": factor})),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => Some(json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings})),
+            RopeScaling::Factors(_) => bail!(
+                "this model's RoPE frequencies come from its GGUF `rope_freqs` tensor, which a Hugging Face config cannot state; export it as GGUF"
+            ),
+        })
+    }
+}
+
 /// Everything the decoder needs to know about a model's shape.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
@@ -50,6 +188,8 @@ pub struct ModelConfig {
     pub vocab_size: usize,
     /// RoPE base.
     pub rope_theta: f64,
+    /// RoPE frequency scaling for long contexts.
+    pub rope_scaling: RopeScaling,
     /// RMSNorm epsilon.
     pub rms_norm_eps: f64,
     /// Whether the LM head shares the embedding matrix.
@@ -148,6 +288,8 @@ impl ModelConfig {
             vocab_size: req_usize(v, "vocab_size", file)?,
             // transformers 5 writes it inside `rope_parameters`.
             rope_theta: opt_f64(v, &["rope_theta", "rope_parameters.rope_theta"], file)?.unwrap_or(10_000.0),
+            // transformers 5 puts the scaling in `rope_parameters` beside the theta.
+            rope_scaling: RopeScaling::from_hf(v.get("rope_scaling").or_else(|| v.get("rope_parameters")), file)?,
             rms_norm_eps: opt_f64(v, &["rms_norm_eps"], file)?.unwrap_or(1e-6),
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
             max_position_embeddings: v
@@ -175,6 +317,16 @@ impl ModelConfig {
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             bail!("rope theta {} must be a finite number above 1", self.rope_theta);
+        }
+        if let RopeScaling::Factors(k) = &self.rope_scaling {
+            if k.len() != self.head_dim / 2 || k.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+                bail!(
+                    "rope_freqs holds {} factors for a head of {} (it needs {}, each finite and positive)",
+                    k.len(),
+                    self.head_dim,
+                    self.head_dim / 2
+                );
+            }
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
             bail!(
@@ -297,6 +449,9 @@ impl ModelConfig {
         if let Some(e) = self.eos_token_id {
             v["eos_token_id"] = json!(e);
         }
+        if let Ok(Some(s)) = self.rope_scaling.to_hf() {
+            v["rope_scaling"] = s;
+        }
         v
     }
 }
@@ -316,6 +471,94 @@ mod tests {
             "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100});
         let e = ModelConfig::from_hf_json(&v, p).unwrap_err();
         assert!(format!("{e:#}").contains("not a multiple"), "{e:#}");
+    }
+
+    /// Llama 3.1's scaling against values computed apart from this code (transformers'
+    /// `_compute_llama3_parameters`, written out in Python in float64): high frequencies kept,
+    /// low ones divided by 8, the band between blended.
+    #[test]
+    fn llama3_frequencies_match_transformers() {
+        let s = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        let inv = s.inv_freqs(128, 500_000.0);
+        for (i, want) in [
+            (0, 1.0),
+            (20, 0.016560440080994446),
+            (29, 0.002166570763503359),
+            (32, 0.0005248461609929547),
+            (34, 0.00017850781276799638),
+            (40, 3.428102195952591e-05),
+            (63, 3.068925988914511e-07),
+        ] {
+            assert!((inv[i] / want - 1.0).abs() < 1e-12, "{i}: {} vs {want}", inv[i]);
+        }
+        let lin = RopeScaling::Linear { factor: 4.0 }.inv_freqs(8, 10_000.0);
+        assert_eq!(lin[1], 1.0 / 10_000f64.powf(0.25) / 4.0);
+    }
+
+    /// `rope_scaling` is read (both spellings of its type, transformers 5's `rope_parameters`),
+    /// written back, and anything strata does not compute exactly is refused by name.
+    #[test]
+    fn rope_scaling_is_read_or_refused() {
+        let p = Path::new("config.json");
+        let base = json!({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100, "rope_theta": 500000.0});
+        let with = |k: &str, v: Value| {
+            let mut c = base.clone();
+            c[k] = v;
+            ModelConfig::from_hf_json(&c, p)
+        };
+        let l3 = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192});
+        let c = with("rope_scaling", l3.clone()).unwrap();
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::Llama3 {
+                original_max_position_embeddings: 8192,
+                ..
+            }
+        ));
+        assert_eq!(ModelConfig::from_hf_json(&c.to_hf_json("float32"), p).unwrap(), c);
+        let mut v5 = l3.clone();
+        v5["rope_theta"] = json!(500000.0);
+        assert_eq!(with("rope_parameters", v5).unwrap().rope_scaling, c.rope_scaling);
+        let c = with("rope_scaling", json!({"type": "linear", "factor": 2.0})).unwrap();
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        assert_eq!(
+            with("rope_scaling", Value::Null).unwrap().rope_scaling,
+            RopeScaling::None
+        );
+        for (v, want) in [
+            (
+                json!({"rope_type": "yarn", "factor": 4.0}),
+                "type `yarn` is not supported",
+            ),
+            (
+                json!({"rope_type": "dynamic", "factor": 2.0}),
+                "type `dynamic` is not supported",
+            ),
+            (
+                json!({"rope_type": "linear", "factor": 2.0, "beta": 3}),
+                "`rope_scaling.beta`",
+            ),
+            (json!({"rope_type": "linear"}), "`rope_scaling.factor` must be"),
+            (
+                json!({"rope_type": "llama3", "factor": 8.0}),
+                "`rope_scaling.low_freq_factor`",
+            ),
+        ] {
+            let e = format!("{:#}", with("rope_scaling", v).unwrap_err());
+            assert!(e.contains(want) && e.contains("config.json"), "{want}: {e}");
+        }
+        let f = ModelConfig {
+            rope_scaling: RopeScaling::Factors(vec![1.0; 8]),
+            ..ModelConfig::from_hf_json(&base, p).unwrap()
+        };
+        assert!(f.rope_scaling.to_hf().unwrap_err().to_string().contains("rope_freqs"));
     }
 
     #[test]

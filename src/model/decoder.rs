@@ -483,7 +483,7 @@ impl Model {
         };
         let rope = Rope::new(
             cfg.head_dim,
-            cfg.rope_theta,
+            &cfg.rope_scaling.inv_freqs(cfg.head_dim, cfg.rope_theta),
             cfg.max_position_embeddings,
             DType::F32,
             dev,

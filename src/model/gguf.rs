@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use super::config::{Arch, ModelConfig};
+use super::config::{Arch, ModelConfig, RopeScaling};
 use super::names::{gguf_proj, gguf_to_hf, hf_to_gguf, Proj};
 use super::source::{ModelSource, WeightSource};
 use super::tokenizer::{tokenizer_json_from_gguf, GgufVocab, Tok};
@@ -185,6 +185,7 @@ impl GgufSource {
             intermediate_size: self.meta_usize(&k("feed_forward_length"))?,
             vocab_size: vocab,
             rope_theta: self.meta_float(&k("rope.freq_base"))?.unwrap_or(10_000.0),
+            rope_scaling: self.rope_scaling()?,
             rms_norm_eps: self.meta_float(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             max_position_embeddings: self.meta_usize(&k("context_length")).unwrap_or(4096).min(1 << 20),
@@ -194,6 +195,48 @@ impl GgufSource {
         cfg.validate()
             .with_context(|| format!("{}: inconsistent model metadata", self.path.display()))?;
         Ok(cfg)
+    }
+
+    /// RoPE scaling as llama.cpp stores it: the `rope_freqs.weight` factors (Llama 3.1+), or
+    /// `rope.scaling.type = linear` with its factor. Any other type is refused by name.
+    fn rope_scaling(&self) -> Result<RopeScaling> {
+        let p = self.path.display();
+        let a = self.arch.model_type();
+        let ty = match self.meta(&format!("{a}.rope.scaling.type")) {
+            None => "none".to_string(),
+            Some(Value::String(t)) => t.clone(),
+            Some(v) => bail!("{p}: metadata `{a}.rope.scaling.type` must be a string, found {v:?}"),
+        };
+        let factor = match self.meta_float(&format!("{a}.rope.scaling.factor"))? {
+            Some(f) => Some(f),
+            None => self.meta_float(&format!("{a}.rope.scale_linear"))?,
+        };
+        let linear = match (ty.as_str(), factor) {
+            ("none", None) => None,
+            ("none" | "linear", Some(1.0)) => None,
+            ("none" | "linear", Some(f)) if f.is_finite() && f > 0.0 => Some(f),
+            ("linear", None) => bail!("{p}: `{a}.rope.scaling.type` is linear but no `{a}.rope.scaling.factor` is given"),
+            ("none" | "linear", Some(f)) => bail!("{p}: metadata `{a}.rope.scaling.factor` is {f}; it must be finite and positive"),
+            (other, _) => bail!(
+                "{p}: metadata `{a}.rope.scaling.type` is `{other}`, which strata does not compute exactly (none, linear, or Llama 3's rope_freqs); refusing rather than running the model with the wrong positions"
+            ),
+        };
+        let freqs = match self.content.tensor_infos.get("rope_freqs.weight") {
+            None => None,
+            Some(_) => {
+                let t = self.qtensor("rope_freqs.weight")?.dequantize(&Device::Cpu)?;
+                let v = t.flatten_all()?.to_vec1::<f32>()?;
+                Some(v.into_iter().map(f64::from).collect::<Vec<_>>())
+            }
+        };
+        Ok(match (linear, freqs) {
+            (None, None) => RopeScaling::None,
+            (Some(factor), None) => RopeScaling::Linear { factor },
+            (None, Some(k)) => RopeScaling::Factors(k),
+            (Some(_), Some(_)) => bail!(
+                "{p}: both a `rope_freqs` tensor and a linear `{a}.rope.scaling.factor`: strata does not combine them"
+            ),
+        })
     }
 
     fn vocab(&self) -> Result<GgufVocab> {
@@ -437,6 +480,10 @@ fn metadata(cfg: &ModelConfig, vocab: &GgufVocab) -> Vec<(String, Value)> {
     ];
     if let Some(e) = cfg.eos_token_id {
         meta.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+    }
+    if let RopeScaling::Linear { factor } = cfg.rope_scaling {
+        meta.push((format!("{a}.rope.scaling.type"), Value::String("linear".into())));
+        meta.push((format!("{a}.rope.scaling.factor"), Value::F32(factor as f32)));
     }
     if let Some(b) = cfg.bos_token_id {
         meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));

@@ -375,7 +375,10 @@ mod tests {
     fn matches_the_composed_ops() -> Result<()> {
         let dev = Device::Cpu;
         let (b, t, hq, hkv, d) = (2, 70, 4, 2, 8);
-        let rope = Rope::new(d, 10_000.0, 128, DType::F32, &dev)?;
+        let inv: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / d as f64))
+            .collect();
+        let rope = Rope::new(d, &inv, 128, DType::F32, &dev)?;
         let q = Var::from_tensor(&Tensor::randn(0f32, 1., (b * t, hq * d), &dev)?)?;
         let k = Var::from_tensor(&Tensor::randn(0f32, 1., (b * t, hkv * d), &dev)?)?;
         let v = Var::from_tensor(&Tensor::randn(0f32, 1., (b * t, hkv * d), &dev)?)?;

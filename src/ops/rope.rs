@@ -25,13 +25,15 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Tables for a context of `positions` positions of a head of size `head_dim` with base
-    /// `theta`.
-    pub fn new(head_dim: usize, theta: f64, positions: usize, dtype: DType, dev: &Device) -> Result<Self> {
+    /// Tables for a context of `positions` positions of a head of size `head_dim` with
+    /// inverse frequencies `inv` (`head_dim / 2` of them: `model::config::RopeScaling` gives
+    /// them, scaled or not).
+    pub fn new(head_dim: usize, inv: &[f64], positions: usize, dtype: DType, dev: &Device) -> Result<Self> {
         let half = head_dim / 2;
-        let inv: Vec<f64> = (0..half)
-            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
-            .collect();
+        if inv.len() != half {
+            candle_core::bail!("{} RoPE frequencies for a head of {head_dim}", inv.len());
+        }
+        let inv = inv.to_vec();
         let built = positions.min(TABLE_POSITIONS);
         let (cos, sin) = rows(&inv, 0, built);
         let halves = |v: &[f64]| -> Vec<f32> {
@@ -157,10 +159,16 @@ mod tests {
     use super::*;
     use crate::testing::check_grad;
 
+    fn default_inv(d: usize) -> Vec<f64> {
+        (0..d / 2)
+            .map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / d as f64))
+            .collect()
+    }
+
     #[test]
     fn rotation_preserves_norm_and_gradient_is_right() -> Result<()> {
         let dev = Device::Cpu;
-        let rope = Rope::new(8, 10_000.0, 16, DType::F64, &dev)?;
+        let rope = Rope::new(8, &default_inv(8), 16, DType::F64, &dev)?;
         let x = Tensor::randn(0f64, 1., (1, 2, 5, 8), &dev)?;
         let y = rope.apply(&x, 3)?;
         let n0 = x.sqr()?.sum_all()?.to_scalar::<f64>()?;
@@ -182,7 +190,7 @@ mod tests {
     fn positions_past_the_tables_match_them() -> Result<()> {
         let dev = Device::Cpu;
         let n = TABLE_POSITIONS + 8;
-        let long = Rope::new(8, 10_000.0, 1 << 20, DType::F64, &dev)?;
+        let long = Rope::new(8, &default_inv(8), 1 << 20, DType::F64, &dev)?;
         assert_eq!(long.built(), TABLE_POSITIONS);
         let x = Tensor::randn(0f64, 1., (1, 2, 8, 8), &dev)?;
         let at = TABLE_POSITIONS - 4;
