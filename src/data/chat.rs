@@ -9,7 +9,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-use super::text::{list_files, Sequences};
+use super::formats::{for_each_row, ChatFormat};
+use super::text::Sequences;
 use crate::model::tokenizer::Tok;
 use crate::ops::lm_head::IGNORE;
 
@@ -100,9 +101,10 @@ pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool,
     String::from_utf8(w.out).context("the chat template printed invalid UTF-8")
 }
 
-/// Loads chat jsonl files and turns each conversation into one row of `seq_len` (longer ones are
-/// truncated, shorter ones padded with ignored targets).
-pub fn load_chat(paths: &[PathBuf], tok: &Tok, seq_len: usize) -> Result<Sequences> {
+/// Loads chat-like files (`.jsonl` or `.json` arrays, rows laid out as `format` says) and turns
+/// each conversation into one row of `seq_len` (longer ones are truncated, shorter ones padded
+/// with ignored targets).
+pub fn load_chat(paths: &[PathBuf], tok: &Tok, seq_len: usize, format: ChatFormat) -> Result<Sequences> {
     let template = tok.chat_template.as_deref().context(
         "the model has no chat template (tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`)",
     )?;
@@ -112,14 +114,13 @@ pub fn load_chat(paths: &[PathBuf], tok: &Tok, seq_len: usize) -> Result<Sequenc
         ..Default::default()
     };
     for root in paths {
-        for f in list_files(root)? {
-            crate::fsio::for_each_line(&f, crate::fsio::DOCUMENT_CAP, |ln, line| {
-                if line.trim().is_empty() {
-                    return Ok(());
-                }
-                let at = || format!("{}:{ln}", f.display());
-                let conv: Conversation = serde_json::from_str(line)
-                    .with_context(|| format!("{}: expected {{\"messages\": [{{\"role\", \"content\"}}]}}", at()))?;
+        let files = crate::fsio::walk_files(root, &|p| p.extension().is_some_and(|x| x == "jsonl" || x == "json"))?;
+        if files.is_empty() {
+            bail!("{}: no .jsonl or .json files inside", root.display());
+        }
+        for f in files {
+            for_each_row(&f, |at, row| {
+                let conv = format.conversation(row).with_context(at)?;
                 if !conv.messages.iter().any(|m| m.role == "assistant") {
                     bail!("{}: the conversation has no assistant message to learn from", at());
                 }
@@ -193,10 +194,26 @@ mod tests {
             &f,
             r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "the"}]}"#,
         )?;
-        let s = load_chat(&[f], &tok, 64)?;
+        let s = load_chat(&[f], &tok, 64, ChatFormat::Messages)?;
         let tgt: Vec<u32> = s.targets[0].iter().copied().filter(|&t| t != IGNORE).collect();
         let text = tok.decode(&tgt)?;
         assert_eq!(text, "the<|im_end|>\n");
+        // The same conversation as alpaca rows in a JSON array and as sharegpt lines: the
+        // same rows, the same targets; a bad row names its file, row and field.
+        let a = dir.join("a.json");
+        std::fs::write(&a, r#"[{"instruction": "a", "output": "the"}]"#)?;
+        let g = dir.join("g.jsonl");
+        std::fs::write(
+            &g,
+            "{\"conversations\": [{\"from\": \"human\", \"value\": \"a\"}, {\"from\": \"gpt\", \"value\": \"the\"}]}\n",
+        )?;
+        for (p, f) in [(&a, ChatFormat::Alpaca), (&g, ChatFormat::ShareGpt)] {
+            let t = load_chat(std::slice::from_ref(p), &tok, 64, f)?;
+            assert_eq!((&t.inputs, &t.targets), (&s.inputs, &s.targets), "{f:?}");
+        }
+        std::fs::write(&a, r#"[{"instruction": "a", "output": "the"}, {"instruction": "b"}]"#)?;
+        let e = format!("{:#}", load_chat(&[a], &tok, 64, ChatFormat::Alpaca).unwrap_err());
+        assert!(e.contains("a.json[1]") && e.contains("`output`"), "{e}");
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod cloze;
 pub mod corpus;
+pub mod formats;
 pub mod mc;
 pub mod mix;
 pub mod outside;

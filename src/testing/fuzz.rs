@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+use crate::data::formats::ChatFormat;
 use crate::model::tokenizer::{tokenizer_json_from_gguf, GgufVocab, Tok};
 use crate::model::{BaseDtype, Model};
 use crate::train::checkpoint;
@@ -195,7 +196,14 @@ pub fn data(data: &[u8]) {
     write_files(&dir, &[("chat/c.jsonl", p[1]), ("text/t.jsonl", p[2])]);
     let mut tok = tiny_tok().clone();
     tok.chat_template = Some(String::from_utf8_lossy(p[0]).into_owned());
-    let _ = crate::data::chat::load_chat(&[dir.join("chat")], &tok, 24);
+    let formats = [
+        ChatFormat::Messages,
+        ChatFormat::Alpaca,
+        ChatFormat::ShareGpt,
+        ChatFormat::PromptCompletion,
+    ];
+    let format = formats[p[0].len() % formats.len()];
+    let _ = crate::data::chat::load_chat(&[dir.join("chat")], &tok, 24, format);
     if let Ok(docs) = crate::data::text::load_documents(&[dir.join("text")]) {
         let _ = crate::data::text::pack(&tok, &docs, 16);
     }

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 use crate::adapter::{LoraPlan, PlanRule};
+use crate::data::formats::ChatFormat;
 use crate::engine::Recompute;
 use crate::model::{BaseDtype, PerProj, Proj, MODULES, SAVABLE};
 use crate::retain::{Estimator, FisherFormat};
@@ -40,17 +41,22 @@ impl Mode {
 pub enum DataFormat {
     /// Raw text, tokenized, EOS-separated and packed.
     Text,
-    /// `messages` jsonl rendered with the chat template, loss on assistant turns.
-    Chat,
+    /// Conversations (`chat` = `messages`, `alpaca`, `sharegpt` or `prompt_completion` rows)
+    /// rendered with the chat template, loss on assistant turns.
+    Chat(ChatFormat),
 }
 
 impl DataFormat {
-    /// Parses `text` or `chat`.
+    /// Parses `text`, `chat` (or `messages`), `alpaca`, `sharegpt` or `prompt_completion`.
     pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "text" => Ok(DataFormat::Text),
-            "chat" => Ok(DataFormat::Chat),
-            o => bail!("data.format `{o}` must be `text` or `chat`"),
+        if s == "text" {
+            return Ok(DataFormat::Text);
+        }
+        match ChatFormat::parse(s) {
+            Some(f) => Ok(DataFormat::Chat(f)),
+            None => bail!(
+                "data.format `{s}` must be `text`, `chat` (messages), `alpaca`, `sharegpt` or `prompt_completion`"
+            ),
         }
     }
 }
@@ -720,6 +726,10 @@ mod tests {
         let e = Recipe::parse(BASE, "r.toml", &["train.device=\"gpu\"".into()]).unwrap_err();
         assert!(format!("{e:#}").contains("train.device: unknown device `gpu`"), "{e:#}");
         Recipe::parse(BASE, "r.toml", &["train.device=\"cuda:1\"".into()]).unwrap();
+        let r = Recipe::parse(BASE, "r.toml", &["data.format=\"sharegpt\"".into()]).unwrap();
+        assert_eq!(r.data.format, DataFormat::Chat(ChatFormat::ShareGpt));
+        let e = Recipe::parse(BASE, "r.toml", &["data.format=\"parquet\"".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("`alpaca`, `sharegpt`"), "{e:#}");
     }
 
     /// Numbers no run can use are refused naming the field, NaN and infinities included.
