@@ -102,7 +102,13 @@ pub fn run(a: Args) -> Result<()> {
     for (p, chat) in sets {
         let one = std::slice::from_ref(p);
         let mut seqs = if chat {
-            data::chat::load_chat(one, &src.tokenizer, a.seq_len, data::formats::ChatFormat::Messages)?
+            data::chat::load_chat(
+                one,
+                &src.tokenizer,
+                a.seq_len,
+                data::formats::ChatFormat::Messages,
+                &Default::default(),
+            )?
         } else {
             data::pack(&src.tokenizer, &data::load_documents(one)?, a.seq_len)?
         };

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-use super::formats::{for_each_row, ChatFormat};
+use super::formats::{for_each_row, ChatFormat, Columns};
 use super::text::Sequences;
 use crate::model::tokenizer::Tok;
 use crate::ops::lm_head::IGNORE;
@@ -104,7 +104,13 @@ pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool,
 /// Loads chat-like files (`.jsonl` or `.json` arrays, rows laid out as `format` says) and turns
 /// each conversation into one row of `seq_len` (longer ones are truncated, shorter ones padded
 /// with ignored targets).
-pub fn load_chat(paths: &[PathBuf], tok: &Tok, seq_len: usize, format: ChatFormat) -> Result<Sequences> {
+pub fn load_chat(
+    paths: &[PathBuf],
+    tok: &Tok,
+    seq_len: usize,
+    format: ChatFormat,
+    columns: &Columns,
+) -> Result<Sequences> {
     let template = tok.chat_template.as_deref().context(
         "the model has no chat template (tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`)",
     )?;
@@ -114,12 +120,14 @@ pub fn load_chat(paths: &[PathBuf], tok: &Tok, seq_len: usize, format: ChatForma
         ..Default::default()
     };
     for root in paths {
-        let files = crate::fsio::walk_files(root, &|p| p.extension().is_some_and(|x| x == "jsonl" || x == "json"))?;
+        let files = crate::fsio::walk_files(root, &|p| {
+            p.extension().is_some_and(|x| x == "jsonl" || x == "json" || x == "csv")
+        })?;
         if files.is_empty() {
-            bail!("{}: no .jsonl or .json files inside", root.display());
+            bail!("{}: no .jsonl, .json or .csv files inside", root.display());
         }
         for f in files {
-            for_each_row(&f, |at, row| {
+            for_each_row(&f, columns, |at, row| {
                 let conv = format.conversation(row).with_context(at)?;
                 if !conv.messages.iter().any(|m| m.role == "assistant") {
                     bail!("{}: the conversation has no assistant message to learn from", at());
@@ -194,7 +202,7 @@ mod tests {
             &f,
             r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "the"}]}"#,
         )?;
-        let s = load_chat(&[f], &tok, 64, ChatFormat::Messages)?;
+        let s = load_chat(&[f], &tok, 64, ChatFormat::Messages, &Columns::default())?;
         let tgt: Vec<u32> = s.targets[0].iter().copied().filter(|&t| t != IGNORE).collect();
         let text = tok.decode(&tgt)?;
         assert_eq!(text, "the<|im_end|>\n");
@@ -208,11 +216,14 @@ mod tests {
             "{\"conversations\": [{\"from\": \"human\", \"value\": \"a\"}, {\"from\": \"gpt\", \"value\": \"the\"}]}\n",
         )?;
         for (p, f) in [(&a, ChatFormat::Alpaca), (&g, ChatFormat::ShareGpt)] {
-            let t = load_chat(std::slice::from_ref(p), &tok, 64, f)?;
+            let t = load_chat(std::slice::from_ref(p), &tok, 64, f, &Columns::default())?;
             assert_eq!((&t.inputs, &t.targets), (&s.inputs, &s.targets), "{f:?}");
         }
         std::fs::write(&a, r#"[{"instruction": "a", "output": "the"}, {"instruction": "b"}]"#)?;
-        let e = format!("{:#}", load_chat(&[a], &tok, 64, ChatFormat::Alpaca).unwrap_err());
+        let e = format!(
+            "{:#}",
+            load_chat(&[a], &tok, 64, ChatFormat::Alpaca, &Columns::default()).unwrap_err()
+        );
         assert!(e.contains("a.json[1]") && e.contains("`output`"), "{e}");
         std::fs::remove_dir_all(&dir)?;
         Ok(())

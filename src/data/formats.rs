@@ -8,13 +8,36 @@
 //! | `sharegpt` | `{"conversations": [{"from", "value"}, ...], "system"?}` | ShareGPT, axolotl, LLaMA-Factory |
 //! | `prompt_completion` | `{"prompt", "completion"}`: strings, or lists of messages | TRL |
 //!
-//! Rows are read from JSON lines (`.jsonl`) or a JSON array (`.json`).
+//! Rows are read from JSON lines (`.jsonl`), a JSON array (`.json`) or CSV with a header row
+//! (`.csv`; a cell holding a JSON list, as `datasets` exports nested columns, is read as one).
+//! A recipe's `data.columns` renames a file's columns to these field names first.
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
 
 use super::chat::{Conversation, Message};
+
+/// A recipe's column mapping (`data.columns`): the field name strata reads -> the file's own
+/// column name, e.g. `instruction = "question"`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Columns(pub std::collections::BTreeMap<String, String>);
+
+impl Columns {
+    /// Renames the file's columns of `row` to strata's field names.
+    pub fn apply(&self, row: &mut Value) {
+        let Some(obj) = row.as_object_mut() else { return };
+        for (field, column) in &self.0 {
+            if let Some(v) = obj.remove(column) {
+                obj.insert(field.clone(), v);
+            }
+        }
+    }
+}
+
+/// Fields that hold lists; in a CSV cell they arrive as JSON text.
+const LIST_FIELDS: [&str; 5] = ["messages", "conversations", "history", "prompt", "completion"];
 
 /// How each row of a chat-like file is laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,10 +174,50 @@ impl ChatFormat {
     }
 }
 
-/// Calls `row(where, value)` for each row of `path`: a JSON array (`.json`) or one JSON value a
-/// line; `where` is `file:line` or `file[index]` for errors.
-pub fn for_each_row(path: &Path, mut row: impl FnMut(&dyn Fn() -> String, &Value) -> Result<()>) -> Result<()> {
+/// Calls `row(where, value)` for each row of `path` (columns renamed by `columns`): a JSON array
+/// (`.json`), CSV with a header (`.csv`) or one JSON value a line; `where` is `file:line` or
+/// `file[index]` for errors.
+pub fn for_each_row(
+    path: &Path,
+    columns: &Columns,
+    mut row: impl FnMut(&dyn Fn() -> String, &Value) -> Result<()>,
+) -> Result<()> {
+    let mut row = |at: &dyn Fn() -> String, v: &Value| {
+        let mut v = v.clone();
+        columns.apply(&mut v);
+        row(at, &v)
+    };
     let p = path.display();
+    if path.extension().is_some_and(|x| x == "csv") {
+        let size = crate::fsio::check_regular_file(path)?;
+        if size > crate::fsio::DATA_CAP {
+            bail!(
+                "{p}: {size} bytes is more than a CSV data file may hold ({} MB)",
+                crate::fsio::DATA_CAP >> 20
+            );
+        }
+        let f = std::fs::File::open(path).with_context(|| format!("cannot open {p}"))?;
+        let mut r = csv::ReaderBuilder::new().from_reader(std::io::BufReader::new(f));
+        let header = r.headers().with_context(|| format!("{p}: no CSV header row"))?.clone();
+        for rec in r.records() {
+            let rec = rec.with_context(|| format!("{p}: malformed CSV"))?;
+            let line = rec.position().map_or(0, |q| q.line());
+            let obj: serde_json::Map<String, Value> = header
+                .iter()
+                .zip(rec.iter())
+                .map(|(h, cell)| {
+                    let list = LIST_FIELDS.contains(&h) && cell.trim_start().starts_with('[');
+                    let v = match list {
+                        true => serde_json::from_str(cell).unwrap_or_else(|_| Value::String(cell.into())),
+                        false => Value::String(cell.into()),
+                    };
+                    (h.to_string(), v)
+                })
+                .collect();
+            row(&|| format!("{p}:{line}"), &Value::Object(obj))?;
+        }
+        return Ok(());
+    }
     if path.extension().is_some_and(|x| x == "json") {
         let text = crate::fsio::read_text(path, crate::fsio::DATA_CAP, "JSON data file")?;
         let v: Value = serde_json::from_str(&text).with_context(|| format!("{p}: not valid JSON"))?;
@@ -233,6 +296,39 @@ mod tests {
             let e = format!("{:#}", f.conversation(&v).unwrap_err());
             assert!(e.contains(want), "{want}: {e}");
         }
+        Ok(())
+    }
+
+    /// CSV rows with renamed columns and a JSON list in a cell read like JSON rows.
+    #[test]
+    fn csv_rows_and_column_maps_read_like_json() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("strata-formats-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let f = dir.join("d.csv");
+        std::fs::write(
+            &f,
+            "question,answer,conversations\n\"Add, please\",5,\"[{\"\"from\"\": \"\"human\"\", \"\"value\"\": \"\"q\"\"}]\"\n",
+        )?;
+        let cols = Columns(
+            [
+                ("instruction".to_string(), "question".to_string()),
+                ("output".into(), "answer".into()),
+            ]
+            .into(),
+        );
+        let mut rows = Vec::new();
+        for_each_row(&f, &cols, |at, v| {
+            rows.push((at(), v.clone()));
+            Ok(())
+        })?;
+        assert_eq!(rows.len(), 1);
+        assert!(rows[0].0.ends_with("d.csv:2"), "{}", rows[0].0);
+        let c = ChatFormat::Alpaca.conversation(&rows[0].1)?;
+        assert_eq!(c.messages[0].content, "Add, please");
+        assert_eq!(c.messages[1].content, "5");
+        let s = ChatFormat::ShareGpt.conversation(&rows[0].1)?;
+        assert_eq!(s.messages[0].content, "q");
+        std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
 }

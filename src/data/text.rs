@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
+use super::formats::Columns;
 use crate::model::tokenizer::Tok;
 use crate::ops::lm_head::IGNORE;
 
@@ -14,35 +15,41 @@ pub fn list_files(path: &Path) -> Result<Vec<PathBuf>> {
         bail!("data path {} does not exist", path.display());
     }
     let out = crate::fsio::walk_files(path, &|p| {
-        matches!(p.extension().and_then(|x| x.to_str()), Some("txt" | "md" | "jsonl"))
+        matches!(
+            p.extension().and_then(|x| x.to_str()),
+            Some("txt" | "md" | "jsonl" | "json" | "csv")
+        )
     })?;
     if out.is_empty() {
-        bail!("{}: no .txt, .md or .jsonl files inside", path.display());
+        bail!("{}: no .txt, .md, .jsonl, .json or .csv files inside", path.display());
     }
     Ok(out)
 }
 
-/// Documents of a text source: a `.txt`/`.md` file is one document, a `.jsonl` file one per line
-/// (its `text` field). Each document is capped at [`crate::fsio::DOCUMENT_CAP`] bytes.
+/// Documents of a text source: a `.txt`/`.md` file is one document; `.jsonl`, `.json` (an
+/// array) and `.csv` files one a row (its `text` field). Each document is capped at
+/// [`crate::fsio::DOCUMENT_CAP`] bytes.
 pub fn load_documents(paths: &[PathBuf]) -> Result<Vec<String>> {
-    use crate::fsio::{for_each_line, read_text, DOCUMENT_CAP};
+    load_documents_mapped(paths, &Columns::default())
+}
+
+/// [`load_documents`] with a recipe's column mapping (`data.columns`, e.g. `text = "content"`).
+pub fn load_documents_mapped(paths: &[PathBuf], columns: &Columns) -> Result<Vec<String>> {
+    use crate::fsio::{read_text, DOCUMENT_CAP};
     let mut docs = Vec::new();
     for root in paths {
         for f in list_files(root)? {
-            if f.extension().and_then(|x| x.to_str()) == Some("jsonl") {
-                for_each_line(&f, DOCUMENT_CAP, |n, line| {
-                    if line.trim().is_empty() {
-                        return Ok(());
-                    }
-                    let v: serde_json::Value =
-                        serde_json::from_str(line).with_context(|| format!("{}:{n}: not valid JSON", f.display()))?;
+            if matches!(f.extension().and_then(|x| x.to_str()), Some("jsonl" | "json" | "csv")) {
+                super::formats::for_each_row(&f, columns, |at, v| {
                     let t = v.get("text").and_then(|t| t.as_str()).with_context(|| {
                         format!(
-                            "{}:{n}: no string field `text` (chat data needs format = \"chat\")",
-                            f.display()
+                            "{}: no string field `text` (chat-like data needs data.format = \"chat\", \"alpaca\", ...; another column name needs data.columns)",
+                            at()
                         )
                     })?;
-                    docs.push(t.to_string());
+                    if !t.trim().is_empty() {
+                        docs.push(t.to_string());
+                    }
                     Ok(())
                 })?;
             } else {

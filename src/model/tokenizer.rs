@@ -28,6 +28,11 @@ pub struct Tok {
 impl Tok {
     /// Parses a `tokenizer.json` document.
     pub fn from_json(json: String, eos: Option<u32>, bos: Option<u32>, chat_template: Option<String>) -> Result<Self> {
+        // The tokenizers crate panics (`expect("Helper")`) on a syntax error inside a
+        // `decoder` value (found by fuzzing, tests/fixtures/fuzz/hf_dir/): the document's
+        // syntax is checked first, so it can only return errors.
+        serde_json::from_str::<serde::de::IgnoredAny>(&json)
+            .map_err(|e| anyhow::anyhow!("invalid tokenizer.json: {e}"))?;
         let inner = Tokenizer::from_str(&json).map_err(|e| anyhow::anyhow!("invalid tokenizer.json: {e}"))?;
         Ok(Self {
             inner,

@@ -270,6 +270,10 @@ pub struct DataSection {
     /// Path of the share from `domain_share` to `domain_share_end`: linear, cosine or step.
     #[serde(default = "default_mix_schedule")]
     pub mix_schedule: MixShape,
+    /// The files' column names for the fields strata reads (`instruction = "question"`,
+    /// `text = "content"` ...), for every data file of the recipe.
+    #[serde(default)]
+    pub columns: crate::data::formats::Columns,
 }
 
 fn default_mix_schedule() -> MixShape {

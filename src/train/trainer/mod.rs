@@ -59,8 +59,12 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
 /// Loads the recipe's sequences (`paths` in the recipe's format).
 pub fn load_sequences(recipe: &Recipe, tok: &crate::model::tokenizer::Tok, paths: &[PathBuf]) -> Result<Sequences> {
     match recipe.data.format {
-        DataFormat::Chat(f) => data::chat::load_chat(paths, tok, recipe.data.seq_len, f),
-        DataFormat::Text => data::pack(tok, &data::load_documents(paths)?, recipe.data.seq_len),
+        DataFormat::Chat(f) => data::chat::load_chat(paths, tok, recipe.data.seq_len, f, &recipe.data.columns),
+        DataFormat::Text => data::pack(
+            tok,
+            &data::text::load_documents_mapped(paths, &recipe.data.columns)?,
+            recipe.data.seq_len,
+        ),
     }
 }
 
