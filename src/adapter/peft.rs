@@ -189,8 +189,13 @@ pub fn read_plan(dir: &Path, num_layers: usize) -> Result<LoraPlan> {
         Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
         Some(Value::String(s)) if s == "all-linear" => MODULES.iter().map(|s| s.to_string()).collect(),
         Some(Value::String(s)) => {
-            let re =
-                regex::Regex::new(&format!("^(?:{s})$")).with_context(|| format!("{p}: target_modules regex `{s}`"))?;
+            let re = regex::RegexBuilder::new(&format!("^(?:{s})$"))
+                .size_limit(1 << 20)
+                .dfa_size_limit(1 << 20)
+                .build()
+                .with_context(|| {
+                    format!("{p}: target_modules regex `{s}` is not valid (or compiles to more than 1 MB)")
+                })?;
             Proj::ALL
                 .into_iter()
                 .filter(|m| (0..num_layers).any(|l| re.is_match(&m.path(l))))

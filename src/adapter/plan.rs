@@ -82,11 +82,16 @@ pub fn pattern_match<'a, T>(patterns: &'a [(String, T)], name: &str) -> Result<O
         let hit = COMPILED.with(|c| -> Result<bool> {
             let mut c = c.borrow_mut();
             if !c.contains_key(key) {
-                if c.len() >= 4096 {
+                // Bounded both ways: a plan has a handful of patterns, and an adapter file's
+                // patterns are a stranger's (fuzzing found a cache of large ones reaching 1.4 GB).
+                if c.len() >= 64 {
                     c.clear();
                 }
-                let re = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
-                    .with_context(|| format!("rank/alpha pattern `{key}` is not a valid regular expression"))?;
+                let re = regex::RegexBuilder::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+                    .size_limit(1 << 20)
+                    .dfa_size_limit(1 << 20)
+                    .build()
+                    .with_context(|| format!("rank/alpha pattern `{key}` is not a valid regular expression (or compiles to more than 1 MB)"))?;
                 c.insert(key.clone(), re);
             }
             Ok(c[key].is_match(name))
