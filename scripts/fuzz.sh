@@ -63,7 +63,7 @@ for t in "${TARGETS[@]}"; do
 done
 wait
 
-echo "| target | executions (all sittings) | seconds | findings | peak RSS of an execution |"
+echo "| target | executions (all sittings) | seconds | findings | peak RSS of a sitting |"
 echo "|---|---|---|---|---|"
 awk -F'\t' 'NR > 1 { n[$3] += $5; s[$3] += $4; f[$3] += $6; if ($7 > r[$3]) r[$3] = $7 }
     END { for (t in n) printf "| %s | %d | %d | %d | %d MB |\n", t, n[t], s[t], f[t], r[t] }' results.tsv | sort
