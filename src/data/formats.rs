@@ -182,8 +182,8 @@ pub fn for_each_row(
     columns: &Columns,
     mut row: impl FnMut(&dyn Fn() -> String, &Value) -> Result<()>,
 ) -> Result<()> {
-    let mut row = |at: &dyn Fn() -> String, v: &Value| {
-        let mut v = v.clone();
+    // Rows arrive owned, so renaming their columns copies nothing.
+    let mut row = |at: &dyn Fn() -> String, mut v: Value| {
         columns.apply(&mut v);
         row(at, &v)
     };
@@ -214,17 +214,17 @@ pub fn for_each_row(
                     (h.to_string(), v)
                 })
                 .collect();
-            row(&|| format!("{p}:{line}"), &Value::Object(obj))?;
+            row(&|| format!("{p}:{line}"), Value::Object(obj))?;
         }
         return Ok(());
     }
     if path.extension().is_some_and(|x| x == "json") {
         let text = crate::fsio::read_text(path, crate::fsio::DATA_CAP, "JSON data file")?;
         let v: Value = serde_json::from_str(&text).with_context(|| format!("{p}: not valid JSON"))?;
-        let rows = v
-            .as_array()
-            .with_context(|| format!("{p}: a .json data file must hold an array of rows"))?;
-        for (i, r) in rows.iter().enumerate() {
+        let Value::Array(rows) = v else {
+            bail!("{p}: a .json data file must hold an array of rows");
+        };
+        for (i, r) in rows.into_iter().enumerate() {
             row(&|| format!("{p}[{i}]"), r)?;
         }
         return Ok(());
@@ -234,7 +234,7 @@ pub fn for_each_row(
             return Ok(());
         }
         let v: Value = serde_json::from_str(line).with_context(|| format!("{p}:{n}: not valid JSON"))?;
-        row(&|| format!("{p}:{n}"), &v)
+        row(&|| format!("{p}:{n}"), v)
     })
 }
 

@@ -86,7 +86,6 @@ pub fn save(root: &Path, state: &RunState, params: &[(String, Var)], opt: &AdamW
         // Same step written again (a resumed run reaching it): swapped in whole, so some
         // complete step-N is visible at every moment.
         exchange_paths(&tmp, &dir).with_context(|| format!("cannot replace checkpoint {}", dir.display()))?;
-        sync_dir(root)?;
         std::fs::remove_dir_all(&tmp).ok();
     } else {
         std::fs::rename(&tmp, &dir).with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
