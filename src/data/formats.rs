@@ -8,8 +8,10 @@
 //! | `sharegpt` | `{"conversations": [{"from", "value"}, ...], "system"?}` | ShareGPT, axolotl, LLaMA-Factory |
 //! | `prompt_completion` | `{"prompt", "completion"}`: strings, or lists of messages | TRL |
 //!
-//! Rows are read from JSON lines (`.jsonl`), a JSON array (`.json`) or CSV with a header row
-//! (`.csv`; a cell holding a JSON list, as `datasets` exports nested columns, is read as one).
+//! Rows are read from JSON lines (`.jsonl`), a JSON array (`.json`), CSV with a header row
+//! (`.csv`; a cell holding a JSON list, as `datasets` exports nested columns, is read as one) or
+//! Parquet (`.parquet`, the files Hugging Face `datasets` publish: nested lists and structs read
+//! as JSON lists and objects; snappy, zstd, gzip and lz4 pages).
 //! A recipe's `data.columns` renames a file's columns to these field names first.
 
 use anyhow::{bail, Context, Result};
@@ -175,8 +177,8 @@ impl ChatFormat {
 }
 
 /// Calls `row(where, value)` for each row of `path` (columns renamed by `columns`): a JSON array
-/// (`.json`), CSV with a header (`.csv`) or one JSON value a line; `where` is `file:line` or
-/// `file[index]` for errors.
+/// (`.json`), CSV with a header (`.csv`), Parquet (`.parquet`) or one JSON value a line; `where`
+/// is `file:line`, `file[index]` or `file row N` for errors.
 pub fn for_each_row(
     path: &Path,
     columns: &Columns,
@@ -218,6 +220,9 @@ pub fn for_each_row(
         }
         return Ok(());
     }
+    if path.extension().is_some_and(|x| x == "parquet") {
+        return for_each_parquet_row(path, &mut row);
+    }
     if path.extension().is_some_and(|x| x == "json") {
         let text = crate::fsio::read_text(path, crate::fsio::DATA_CAP, "JSON data file")?;
         let v: Value = serde_json::from_str(&text).with_context(|| format!("{p}: not valid JSON"))?;
@@ -236,6 +241,51 @@ pub fn for_each_row(
         let v: Value = serde_json::from_str(line).with_context(|| format!("{p}:{n}: not valid JSON"))?;
         row(&|| format!("{p}:{n}"), v)
     })
+}
+
+/// The rows of a Parquet file as JSON objects, in file order.
+fn for_each_parquet_row(path: &Path, row: &mut dyn FnMut(&dyn Fn() -> String, Value) -> Result<()>) -> Result<()> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let p = path.display();
+    let size = crate::fsio::check_regular_file(path)?;
+    if size > crate::fsio::DATA_CAP {
+        bail!(
+            "{p}: {size} bytes is more than a Parquet data file may hold ({} MB)",
+            crate::fsio::DATA_CAP >> 20
+        );
+    }
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {p}"))?;
+    // The parquet crate is not hardened against crafted files everywhere; a panic inside it is
+    // this file's error, not strata's crash.
+    let guarded = |what: &str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+            bail!("{p}: the Parquet reader failed on this file ({what}); is it a whole Parquet file?")
+        })
+    };
+    let mut reader = None;
+    guarded("footer", &mut || {
+        let r =
+            SerializedFileReader::new(f.try_clone()?).with_context(|| format!("{p}: not a readable Parquet file"))?;
+        reader = Some(r);
+        Ok(())
+    })?;
+    let reader = reader.expect("set by the guarded read");
+    let rows = reader.metadata().file_metadata().num_rows();
+    let mut iter = reader.into_iter();
+    let mut i = 0i64;
+    guarded("rows", &mut || {
+        for r in iter.by_ref() {
+            let r = r.with_context(|| format!("{p} row {}: cannot decode", i + 1))?;
+            i += 1;
+            let n = i;
+            row(&|| format!("{p} row {n}"), r.to_json_value())?;
+        }
+        Ok(())
+    })?;
+    if i != rows {
+        bail!("{p}: the footer declares {rows} rows, the pages held {i}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -329,6 +379,40 @@ mod tests {
         let s = ChatFormat::ShareGpt.conversation(&rows[0].1)?;
         assert_eq!(s.messages[0].content, "q");
         std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    /// Parquet files as pyarrow writes them (`scripts/parquet_fixture.py`: nested list<struct>
+    /// columns, four page compressions) read as the same rows as their JSON twins.
+    #[test]
+    fn parquet_rows_read_as_their_json_twins() -> Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parquet");
+        for name in ["alpaca", "sharegpt", "text", "prompt_completion"] {
+            let mut got = Vec::new();
+            for_each_row(&dir.join(format!("{name}.parquet")), &Columns::default(), |at, v| {
+                got.push((at(), v.clone()));
+                Ok(())
+            })?;
+            let want: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json")))?)?;
+            assert_eq!(got.len(), want.len(), "{name}");
+            for (i, ((at, g), w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g, w, "{name} row {i}");
+                assert!(at.ends_with(&format!("{name}.parquet row {}", i + 1)), "{at}");
+            }
+        }
+        let a = ChatFormat::Alpaca.conversation(
+            &serde_json::from_str::<Vec<Value>>(&std::fs::read_to_string(dir.join("alpaca.json"))?)?[0],
+        )?;
+        assert_eq!(a.messages.len(), 5);
+        // A file cut short is an error naming it, not a panic.
+        let tmp = std::env::temp_dir().join(format!("strata-parquet-{}.parquet", std::process::id()));
+        let bytes = std::fs::read(dir.join("sharegpt.parquet"))?;
+        for cut in [0, 4, bytes.len() / 2, bytes.len() - 9] {
+            std::fs::write(&tmp, &bytes[..cut])?;
+            let e = for_each_row(&tmp, &Columns::default(), |_, _| Ok(())).unwrap_err();
+            assert!(format!("{e:#}").contains("strata-parquet"), "{e:#}");
+        }
+        std::fs::remove_file(&tmp)?;
         Ok(())
     }
 }
