@@ -14,7 +14,7 @@
 //! | 3 | [`adapter`], [`data`] | LoRA plans, PEFT files, merging; corpora, packing, chat templates, the mixer |
 //! | 2 | [`model`] | config, the tensor-name table, the decoder, GGUF and Hugging Face loaders, tokenizers |
 //! | 1 | [`ops`] | differentiable kernels with hand-written backwards |
-//! | 0 | [`quant`], [`rng`], [`util`], [`fsio`] | NF4, the seeded RNG, atomic writes and memory readings, capped reads of untrusted files |
+//! | 0 | [`quant`], [`rng`], [`util`], [`fsio`], [`progress`] | NF4, the seeded RNG, atomic writes and memory readings, capped reads of untrusted files, progress bars |
 //!
 //! Where to look first: a training step is [`engine::step`]; the base precisions are
 //! [`model::precision`]; every Hugging Face and GGUF tensor name is in [`model::names`]; a whole
@@ -28,6 +28,7 @@ pub mod eval;
 pub mod fsio;
 pub mod model;
 pub mod ops;
+pub mod progress;
 pub mod quant;
 pub mod retain;
 pub mod rng;

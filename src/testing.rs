@@ -209,3 +209,33 @@ impl RawGguf {
         Ok(std::fs::write(path, self.bytes())?)
     }
 }
+
+/// A tiny LoRA recipe over [`crate::cli::synthetic::write_tiny_corpus`]'s text in `dir/data` and
+/// a tiny GGUF at `dir/tiny.gguf`: `steps` steps of 2 x 2 rows of 16 tokens, output in
+/// `dir/out`, `extra` appended to `[train]`. The integration tests' common run.
+pub fn tiny_lora_recipe(dir: &std::path::Path, out: &str, steps: usize, seed: u64, extra: &str) -> String {
+    format!(
+        r#"
+[model]
+path = "{0}/tiny.gguf"
+[lora]
+r = 4
+alpha = 8
+dropout = 0.1
+[data]
+train = ["{0}/data"]
+seq_len = 16
+eval_fraction = 0.2
+[train]
+batch = 2
+grad_accum = 2
+steps = {steps}
+lr = 1e-2
+warmup = 2
+seed = {seed}
+out = "{0}/{out}"
+{extra}
+"#,
+        dir.display()
+    )
+}

@@ -11,32 +11,7 @@ use std::time::{Duration, Instant};
 use strata::model::config::Arch;
 
 fn recipe(dir: &Path, out: &str) -> PathBuf {
-    let text = format!(
-        r#"
-[model]
-path = "{0}/tiny.gguf"
-[lora]
-r = 4
-alpha = 8
-dropout = 0.1
-[data]
-train = ["{0}/data"]
-seq_len = 16
-eval_fraction = 0.2
-[train]
-batch = 2
-grad_accum = 2
-steps = 40
-lr = 1e-2
-warmup = 2
-seed = 11
-checkpoint_every = 1
-keep_checkpoints = 2
-out = "{0}/{1}"
-"#,
-        dir.display(),
-        out
-    );
+    let text = strata::testing::tiny_lora_recipe(dir, out, 40, 11, "checkpoint_every = 1\nkeep_checkpoints = 2");
     let p = dir.join(format!("{out}.toml"));
     std::fs::write(&p, text).unwrap();
     p

@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// Bottom to top; modules on one row may not import each other.
 const LAYERS: &[&[&str]] = &[
-    &["util", "rng", "quant", "fsio"],
+    &["util", "rng", "quant", "fsio", "progress"],
     &["ops"],
     &["model"],
     &["adapter", "data"],

@@ -573,3 +573,64 @@ fn distillation_holds_the_general_rows_to_the_base() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// Whether a test may skip for want of an outside tool: not under `scripts/test.sh`, which
+/// installs them and sets `STRATA_REQUIRE_TOOLS=1`.
+fn tool_missing(what: &str) -> bool {
+    if std::env::var_os("STRATA_REQUIRE_TOOLS").is_some() {
+        panic!("{what} is missing; scripts/test-deps.sh installs it");
+    }
+    eprintln!("skipped: {what} is missing (scripts/test-deps.sh installs it)");
+    true
+}
+
+/// `train.log = ["tensorboard"]` writes event files whose scalars are the metrics lines'
+/// numbers, read back by strata's decoder (every CRC checked) and by TensorBoard's own reader.
+#[test]
+fn tensorboard_event_files_hold_the_metrics() -> Result<()> {
+    let dir = fresh_dir("tb")?;
+    let text = recipe(&dir, "tb") + "eval_every = 4\nlog = [\"jsonl\", \"tensorboard\"]\n";
+    train_with(&text, Default::default())?;
+    let run = dir.join("tb");
+    let mut want: std::collections::BTreeMap<String, Vec<(i64, f32)>> = Default::default();
+    for line in std::fs::read_to_string(run.join("metrics.jsonl"))?.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let step = v["step"].as_i64().unwrap_or(0);
+        for (tag, x) in strata::train::tensorboard::scalars_of(&v) {
+            want.entry(tag).or_default().push((step, x));
+        }
+    }
+    assert!(want["loss"].len() == 12 && want.contains_key("lr/lora_a") && want.contains_key("eval/loss"));
+    let files: Vec<_> = std::fs::read_dir(&run)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
+        .collect();
+    assert_eq!(files.len(), 1);
+    let mut got: std::collections::BTreeMap<String, Vec<(i64, f32)>> = Default::default();
+    for ev in strata::train::tensorboard::read_events(&files[0])? {
+        for (tag, x) in ev.values {
+            got.entry(tag).or_default().push((ev.step, x));
+        }
+    }
+    assert_eq!(got, want);
+    let have_tb = std::process::Command::new("python3")
+        .args(["-c", "import tensorboard"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_tb && tool_missing("the tensorboard Python package") {
+        return Ok(());
+    }
+    let out = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/tensorboard_check.py"))
+        .arg(&run)
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let theirs: std::collections::BTreeMap<String, Vec<(i64, f32)>> = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(theirs, want, "TensorBoard reads the same series");
+    Ok(())
+}

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_gpu;
 pub mod bench_memory;
+pub mod board;
 pub mod data;
 pub mod eval;
 pub mod experiment;
@@ -46,6 +47,8 @@ pub enum Command {
     Inspect(inspect::Args),
     /// Benchmarks measured against a baseline in the same process.
     Bench(bench::Args),
+    /// Serve a local page of the runs and experiments under a directory, live while they train.
+    Board(board::Args),
 }
 
 impl Cli {
@@ -74,6 +77,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(a) => merge::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Board(a) => board::run(a),
     }
 }
 

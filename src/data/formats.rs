@@ -243,8 +243,11 @@ pub fn for_each_row(
     })
 }
 
+/// A row's consumer: where the row is (for errors), and the row.
+type RowSink<'a> = dyn FnMut(&dyn Fn() -> String, Value) -> Result<()> + 'a;
+
 /// The rows of a Parquet file as JSON objects, in file order.
-fn for_each_parquet_row(path: &Path, row: &mut dyn FnMut(&dyn Fn() -> String, Value) -> Result<()>) -> Result<()> {
+fn for_each_parquet_row(path: &Path, row: &mut RowSink) -> Result<()> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let p = path.display();
     let size = crate::fsio::check_regular_file(path)?;

@@ -126,6 +126,8 @@ fn score_rows(model: &Model, rows: &[Row], slots: usize, pad: u32, tree: bool, f
     let mut order: Vec<usize> = (0..rows.len()).collect();
     order.sort_by_key(|&r| rows[r].ids.len());
     let mut logprob = vec![0f64; slots];
+    let unit = if tree { "items" } else { "choices" };
+    let mut progress = crate::progress::Progress::new("multiple choice", rows.len() as u64, unit);
     let mut at = 0;
     while at < order.len() {
         // Sorted ascending, so the last row of a group is its longest.
@@ -172,8 +174,10 @@ fn score_rows(model: &Model, rows: &[Row], slots: usize, pad: u32, tree: bool, f
         for (&slot, &nll) in slot_of.iter().zip(&per) {
             logprob[slot] -= nll as f64;
         }
+        progress.set(end as u64, "");
         at = end;
     }
+    progress.finish();
     Ok(logprob)
 }
 

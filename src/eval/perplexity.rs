@@ -36,6 +36,7 @@ pub const RESAMPLES: usize = 1000;
 pub fn eval_rows(model: &Model, seqs: &Sequences, batch: usize, fwd: Fwd) -> Result<(TextMetrics, Vec<RowLoss>)> {
     let mut rows_out = Vec::with_capacity(seqs.len());
     let mut correct = 0usize;
+    let mut progress = crate::progress::Progress::new("perplexity", seqs.len() as u64, "rows");
     for start in (0..seqs.len()).step_by(batch.max(1)) {
         let end = (start + batch.max(1)).min(seqs.len());
         let rows: Vec<RowRef> = (start..end).map(|r| (0, r)).collect();
@@ -52,7 +53,9 @@ pub fn eval_rows(model: &Model, seqs: &Sequences, batch: usize, fwd: Fwd) -> Res
                 .count();
             rows_out.push((nll, count));
         }
+        progress.set(end as u64, "");
     }
+    progress.finish();
     let (nll, count) = totals(&rows_out, 0..rows_out.len());
     let loss = if count > 0 { nll / count as f64 } else { f64::NAN };
     let m = TextMetrics {

@@ -22,7 +22,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use crate::data::Sequences;
@@ -236,7 +235,7 @@ pub fn estimate(
         })
         .collect::<Result<_>>()?;
     let mut sums: Vec<Option<Tensor>> = vec![None; names.len()];
-    let tty = std::io::stderr().is_terminal();
+    let mut progress = crate::progress::Progress::new("fisher", seqs.len() as u64, "rows");
     let mut acc = GradAcc::default();
     let mut used = 0usize;
     for r in 0..seqs.len() {
@@ -267,14 +266,9 @@ pub fn estimate(
             });
         }
         used += 1;
-        if tty {
-            eprint!("\rfisher: row {}/{}\x1b[K", r + 1, seqs.len());
-            std::io::stderr().flush().ok();
-        }
+        progress.set(r as u64 + 1, "");
     }
-    if tty {
-        eprintln!();
-    }
+    progress.finish();
     if used == 0 {
         bail!("no row with a target token to estimate the Fisher information on");
     }

@@ -8,4 +8,5 @@ pub mod fisher;
 pub mod memory;
 pub mod recipe;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;

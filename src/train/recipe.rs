@@ -61,7 +61,28 @@ impl DataFormat {
     }
 }
 
-crate::parsed_from_str!(Mode, DataFormat);
+/// `train.log`: where metrics go besides `metrics.jsonl`, which is always written (strata's
+/// reports, `strata board` and experiments read it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogSink {
+    /// `metrics.jsonl` (always on; naming it changes nothing).
+    Jsonl,
+    /// TensorBoard event files in the run directory.
+    TensorBoard,
+}
+
+impl LogSink {
+    /// Parses `jsonl` or `tensorboard`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "jsonl" => Ok(LogSink::Jsonl),
+            "tensorboard" => Ok(LogSink::TensorBoard),
+            o => bail!("train.log `{o}` must be `jsonl` or `tensorboard`"),
+        }
+    }
+}
+
+crate::parsed_from_str!(Mode, DataFormat, LogSink);
 
 /// A parameter group: its own learning rate and schedule (`[[train.groups]]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, Deserialize)]
@@ -368,6 +389,8 @@ pub struct TrainSection {
     pub keep_checkpoints: usize,
     /// Non-finite steps in a row (each skipped) after which the run stops.
     pub max_bad_steps: usize,
+    /// Metrics outputs: `jsonl` (always written) and `tensorboard` (event files beside it).
+    pub log: Vec<LogSink>,
 }
 
 impl Default for TrainSection {
@@ -397,6 +420,7 @@ impl Default for TrainSection {
             checkpoint_every: 0,
             keep_checkpoints: 2,
             max_bad_steps: 3,
+            log: vec![LogSink::Jsonl],
         }
     }
 }

@@ -17,15 +17,14 @@ impl Run<'_> {
         if every == 0 || !step.is_multiple_of(every) || step >= self.steps {
             return Ok(());
         }
-        let m = eval_sequences(&self.model, &self.data.held, self.eval_batch(), self.eval_fwd)?;
+        let m = self
+            .progress
+            .suspend(|| eval_sequences(&self.model, &self.data.held, self.eval_batch(), self.eval_fwd))?;
         self.emit(json!({"step": step, "eval": m}))?;
-        if self.clock.tty {
-            eprintln!();
-        }
-        eprintln!(
+        self.progress.println(&format!(
             "held-out at step {step}: loss {:.4}, perplexity {:.2}",
             m.loss, m.perplexity
-        );
+        ));
         Ok(())
     }
 

@@ -57,9 +57,7 @@ impl Run<'_> {
         for cb in self.callbacks.iter_mut() {
             cb.on_run_end(&mut self.ctl)?;
         }
-        if self.clock.tty {
-            eprintln!();
-        }
+        self.progress.finish();
         let train_seconds = self.clock.start.elapsed().as_secs_f64();
         let (eval_after, general_after) = self.evaluate()?;
         self.emit(json!({"step": self.st.step, "eval": eval_after, "eval_general": general_after}))?;

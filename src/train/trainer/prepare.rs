@@ -8,12 +8,13 @@ use candle_core::Device;
 use serde_json::json;
 use std::fs::File;
 use std::io::Write;
+use std::path::Path;
 use std::time::Instant;
 
 use super::super::callback::{probe_for, Callback, Control, MemoryMonitor, MixSchedule};
 use super::super::checkpoint::{self, RunState};
 use super::super::memory;
-use super::super::recipe::{Group, Recipe, RetainSection};
+use super::super::recipe::{Group, LogSink, Recipe, RetainSection};
 use super::super::schedule::Schedule;
 use super::{load_sequences, RunOptions};
 use crate::adapter::{peft, LoraPlan};
@@ -65,8 +66,10 @@ pub(super) struct Run<'r> {
     /// The checkpointed state, and the control the callbacks steer.
     pub st: RunState,
     pub ctl: Control,
-    pub log: File,
+    pub log: MetricsLog,
     pub clock: Clock,
+    /// The training bar (or its plain lines), started by `begin`.
+    pub progress: crate::progress::Progress,
 }
 
 /// Where the loop's timing starts (a resumed run continues its predecessor's figures).
@@ -74,9 +77,6 @@ pub(super) struct Clock {
     pub start: Instant,
     pub elapsed0: f64,
     pub tokens0: usize,
-    pub step0: usize,
-    /// The progress line rewrites itself on a terminal, prints every 10 steps elsewhere.
-    pub tty: bool,
 }
 
 impl Clock {
@@ -86,8 +86,6 @@ impl Clock {
             start: Instant::now(),
             elapsed0: 0.0,
             tokens0: 0,
-            step0: 0,
-            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         }
     }
 }
@@ -145,7 +143,12 @@ impl<'r> Run<'r> {
             }
             None => fresh_state(recipe, &model, &data, eval_fwd, recompute, steps, per_step)?,
         };
-        let log = File::create(t.out.join("metrics.jsonl")).context("cannot create metrics.jsonl")?;
+        let log = MetricsLog::create(&t.out, &t.log)?;
+        // What the run will be, for whoever watches it (`strata board`) before summary.json.
+        let plan_json = json!({"steps": steps, "rows_per_step": per_step, "seq_len": recipe.data.seq_len,
+            "trainable_parameters": n_params, "recompute": format!("{recompute:?}"),
+            "predicted_memory": predicted.as_ref().map(|p| p.to_json())});
+        crate::util::write_atomic(&t.out.join("plan.json"), plan_json.to_string().as_bytes())?;
         Ok(Run {
             recipe,
             retain,
@@ -171,6 +174,7 @@ impl<'r> Run<'r> {
             st,
             log,
             clock: Clock::now(),
+            progress: crate::progress::Progress::hidden(),
         })
     }
 
@@ -179,11 +183,38 @@ impl<'r> Run<'r> {
         self.recipe.train.batch.max(1)
     }
 
-    /// Writes a metrics line to `metrics.jsonl` and keeps it for the checkpoint.
+    /// Writes a metrics line to `metrics.jsonl` (and TensorBoard) and keeps it for the
+    /// checkpoint.
     pub fn emit(&mut self, v: serde_json::Value) -> Result<()> {
-        let line = v.to_string();
-        writeln!(self.log, "{line}")?;
-        self.st.metrics.push(line);
+        self.log.write(&v)?;
+        self.st.metrics.push(v.to_string());
+        Ok(())
+    }
+}
+
+/// Where a run's metrics lines go: `metrics.jsonl`, and event files when `train.log` asks.
+pub struct MetricsLog {
+    jsonl: File,
+    tensorboard: Option<crate::train::tensorboard::EventWriter>,
+}
+
+impl MetricsLog {
+    fn create(out: &Path, sinks: &[LogSink]) -> Result<Self> {
+        Ok(Self {
+            jsonl: File::create(out.join("metrics.jsonl")).context("cannot create metrics.jsonl")?,
+            tensorboard: match sinks.contains(&LogSink::TensorBoard) {
+                true => Some(crate::train::tensorboard::EventWriter::create(out)?),
+                false => None,
+            },
+        })
+    }
+
+    /// Appends one line to every output.
+    pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+        writeln!(self.jsonl, "{v}").context("cannot write metrics.jsonl")?;
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.write_line(v)?;
+        }
         Ok(())
     }
 }

@@ -3,11 +3,10 @@
 //! distillation to the base on its general rows, EWC on the weights), the clipped AdamW update,
 //! and what it logs.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use serde_json::json;
 use std::cell::Cell;
-use std::io::Write;
 
 use super::super::callback::StepReport;
 use super::prepare::{Clock, Run, RunData};
@@ -77,7 +76,8 @@ impl<'r> Run<'r> {
     /// Before the first step: metrics so far, the scores before, the callbacks' start.
     pub fn begin(&mut self) -> Result<()> {
         for line in &self.st.metrics {
-            writeln!(self.log, "{line}")?;
+            let v: serde_json::Value = serde_json::from_str(line).context("a checkpoint's metrics line is not JSON")?;
+            self.log.write(&v)?;
         }
         super::evaluate::report("before", &self.st.eval_before, self.st.general_before.as_ref());
         for cb in self.callbacks.iter_mut() {
@@ -87,9 +87,9 @@ impl<'r> Run<'r> {
             start: std::time::Instant::now(),
             elapsed0: self.st.elapsed_s,
             tokens0: self.st.trained_tokens,
-            step0: self.st.step,
-            tty: self.clock.tty,
         };
+        self.progress = crate::progress::Progress::new("training", self.steps as u64, "steps").eager();
+        self.progress.resume_at(self.st.step as u64);
         if self.st.step == 0 {
             for cb in self.callbacks.iter_mut() {
                 cb.on_epoch_begin(&mut self.ctl, 0)?;
@@ -230,10 +230,10 @@ impl<'r> Run<'r> {
 
     /// Says a step was skipped, and stops the run after `train.max_bad_steps` in a row.
     fn note_skipped(&self, loss: f64, gnorm: f64) -> Result<()> {
-        eprintln!(
+        self.progress.println(&format!(
             "step {}: loss {loss} / gradient norm {gnorm} not finite; update skipped",
             self.st.step
-        );
+        ));
         if self.st.bad_in_a_row >= self.recipe.train.max_bad_steps {
             bail!(
                 "loss or gradient was not finite for {} steps in a row (step {}); stopping with the last good checkpoint in {}. Lower train.lr or check the data",
@@ -245,25 +245,18 @@ impl<'r> Run<'r> {
         Ok(())
     }
 
-    /// The progress line: rewritten in place on a terminal, every 10 steps otherwise.
-    fn print_progress(&self, loss: f64, tps: f64, peak: u64, peak_dev: Option<u64>) {
-        let (t, c, steps) = (&self.recipe.train, &self.clock, self.steps);
+    /// The progress bar on a terminal; plain lines now and then otherwise.
+    fn print_progress(&mut self, loss: f64, tps: f64, peak: u64, peak_dev: Option<u64>) {
+        let t = &self.recipe.train;
         let lr_main = self.ctl.lr.get(&Group::LoraA).copied().unwrap_or(t.lr);
-        let done = (self.st.step - c.step0) as f64;
-        let status = format!(
-            "step {}/{steps}  loss {loss:.4}  lr {lr_main:.2e}  {tps:.0} tok/s  ETA {}  peak {}",
-            self.st.step,
-            fmt_secs(c.start.elapsed().as_secs_f64() / done * (steps - self.st.step) as f64),
+        let msg = format!(
+            "loss {loss:.4}  lr {lr_main:.2e}  {tps:.0} tok/s  peak {}",
             match peak_dev {
                 Some(d) => format!("{} on {}", human_bytes(d), t.device),
                 None => human_bytes(peak),
             }
         );
-        if c.tty {
-            eprint!("\r{status}\x1b[K");
-        } else if self.st.step.is_multiple_of(10) || self.st.step == steps || self.st.step == 1 {
-            eprintln!("{status}");
-        }
+        self.progress.set(self.st.step as u64, &msg);
     }
 
     /// Seconds in the loop, a resumed run's earlier ones included.
@@ -415,15 +408,5 @@ impl Distill<'_> {
         )?;
         self.kl.set(kl);
         Ok(Tensor::zeros_like(h)?.index_add(&self.keep, &d.to_dtype(h.dtype())?, 0)?)
-    }
-}
-
-/// `1m05s`, or `1h02m` past an hour.
-fn fmt_secs(s: f64) -> String {
-    let s = s.max(0.0) as u64;
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
-    } else {
-        format!("{}m{:02}s", s / 60, s % 60)
     }
 }
