@@ -634,3 +634,58 @@ fn tensorboard_event_files_hold_the_metrics() -> Result<()> {
     assert_eq!(theirs, want, "TensorBoard reads the same series");
     Ok(())
 }
+
+/// A user's Parquet data sets train as they are: alpaca and sharegpt rows (pyarrow-written
+/// fixtures, nested columns), a tiny GGUF with a ChatML template; the loss falls. A JSONL file
+/// with bad rows beside them trains with `data.bad_rows = "skip"` and stops without it.
+#[test]
+fn parquet_alpaca_and_sharegpt_sets_train_as_they_are() -> Result<()> {
+    let dir = fresh_dir("parquet")?;
+    let gguf = dir.join("tiny.gguf");
+    let mut raw = strata::testing::RawGguf::read(&gguf)?;
+    raw.kvs.push((
+        "tokenizer.chat_template".into(),
+        candle_core::quantized::gguf_file::Value::String(
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into(),
+        ),
+    ));
+    raw.write(&gguf)?;
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/parquet");
+    for format in ["alpaca", "sharegpt"] {
+        let text = recipe(&dir, format)
+            .replace(
+                &format!("train = [\"{}/data\"]", dir.display()),
+                &format!("train = [\"{fixtures}/{format}.parquet\"]\neval = [\"{fixtures}/{format}.json\"]\nformat = \"{format}\""),
+            )
+            .replace("seq_len = 16", "seq_len = 128")
+            .replace("grad_accum = 2", "grad_accum = 1");
+        let s = train_with(&text, Default::default())?;
+        let l = losses(&dir.join(format).join("metrics.jsonl"))?;
+        assert!(l.len() >= 12 && l[l.len() - 1] < l[0], "{format}: {l:?}");
+        assert!(s.steps == 12, "{format}");
+    }
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"instruction\": \"a\", \"output\": \"the\"}\n{\"instruction\": 3}\n{\"instruction\": \"b\", \"output\": \"the the\"}\n",
+    )?;
+    let text = |skip: bool| {
+        recipe(&dir, "bad")
+            .replace(
+                &format!("train = [\"{}/data\"]", dir.display()),
+                &format!(
+                    "train = [\"{}\"]\nformat = \"alpaca\"\neval_fraction = 0.4\n{}",
+                    bad.display(),
+                    if skip { "bad_rows = \"skip\"" } else { "" }
+                ),
+            )
+            .replace("seq_len = 16", "seq_len = 48")
+    };
+    let e = format!(
+        "{:#}",
+        train_with(&text(false).replace("eval_fraction = 0.2\n", ""), Default::default()).unwrap_err()
+    );
+    assert!(e.contains("bad.jsonl:2") && e.contains("`instruction`"), "{e}");
+    train_with(&text(true).replace("eval_fraction = 0.2\n", ""), Default::default())?;
+    Ok(())
+}

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-use super::formats::{for_each_row, ChatFormat, Columns};
+use super::formats::{for_each_row, ChatFormat, RowOptions};
 use super::text::Sequences;
 use crate::model::tokenizer::Tok;
 use crate::ops::lm_head::IGNORE;
@@ -101,7 +101,7 @@ pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool,
     String::from_utf8(w.out).context("the chat template printed invalid UTF-8")
 }
 
-/// Loads chat-like files (`.jsonl` or `.json` arrays, rows laid out as `format` says) and turns
+/// Loads chat-like files (`.jsonl`, `.json` arrays, `.csv`, `.parquet`; rows laid out as `format` says) and turns
 /// each conversation into one row of `seq_len` (longer ones are truncated, shorter ones padded
 /// with ignored targets).
 pub fn load_chat(
@@ -109,7 +109,7 @@ pub fn load_chat(
     tok: &Tok,
     seq_len: usize,
     format: ChatFormat,
-    columns: &Columns,
+    rows: &RowOptions,
 ) -> Result<Sequences> {
     let template = tok.chat_template.as_deref().context(
         "the model has no chat template (tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`)",
@@ -121,13 +121,16 @@ pub fn load_chat(
     };
     for root in paths {
         let files = crate::fsio::walk_files(root, &|p| {
-            p.extension().is_some_and(|x| x == "jsonl" || x == "json" || x == "csv")
+            matches!(
+                p.extension().and_then(|x| x.to_str()),
+                Some("jsonl" | "json" | "csv" | "parquet")
+            )
         })?;
         if files.is_empty() {
-            bail!("{}: no .jsonl, .json or .csv files inside", root.display());
+            bail!("{}: no .jsonl, .json, .csv or .parquet files inside", root.display());
         }
         for f in files {
-            for_each_row(&f, columns, |at, row| {
+            for_each_row(&f, rows, |at, row| {
                 let conv = format.conversation(row).with_context(at)?;
                 if !conv.messages.iter().any(|m| m.role == "assistant") {
                     bail!("{}: the conversation has no assistant message to learn from", at());
@@ -166,6 +169,12 @@ pub fn load_chat(
                         }
                     })
                     .collect();
+                if tgt.iter().all(|&t| t == IGNORE) {
+                    bail!(
+                        "{}: no assistant token falls within data.seq_len = {seq_len} tokens (what comes before the answer is longer); raise seq_len, shorten the row, or set data.bad_rows = \"skip\"",
+                        at()
+                    );
+                }
                 inp.resize(seq_len, pad);
                 tgt.resize(seq_len, IGNORE);
                 seqs.inputs.push(inp);
@@ -202,7 +211,7 @@ mod tests {
             &f,
             r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "the"}]}"#,
         )?;
-        let s = load_chat(&[f], &tok, 64, ChatFormat::Messages, &Columns::default())?;
+        let s = load_chat(&[f], &tok, 64, ChatFormat::Messages, &RowOptions::default())?;
         let tgt: Vec<u32> = s.targets[0].iter().copied().filter(|&t| t != IGNORE).collect();
         let text = tok.decode(&tgt)?;
         assert_eq!(text, "the<|im_end|>\n");
@@ -216,13 +225,13 @@ mod tests {
             "{\"conversations\": [{\"from\": \"human\", \"value\": \"a\"}, {\"from\": \"gpt\", \"value\": \"the\"}]}\n",
         )?;
         for (p, f) in [(&a, ChatFormat::Alpaca), (&g, ChatFormat::ShareGpt)] {
-            let t = load_chat(std::slice::from_ref(p), &tok, 64, f, &Columns::default())?;
+            let t = load_chat(std::slice::from_ref(p), &tok, 64, f, &RowOptions::default())?;
             assert_eq!((&t.inputs, &t.targets), (&s.inputs, &s.targets), "{f:?}");
         }
         std::fs::write(&a, r#"[{"instruction": "a", "output": "the"}, {"instruction": "b"}]"#)?;
         let e = format!(
             "{:#}",
-            load_chat(&[a], &tok, 64, ChatFormat::Alpaca, &Columns::default()).unwrap_err()
+            load_chat(&[a], &tok, 64, ChatFormat::Alpaca, &RowOptions::default()).unwrap_err()
         );
         assert!(e.contains("a.json[1]") && e.contains("`output`"), "{e}");
         std::fs::remove_dir_all(&dir)?;

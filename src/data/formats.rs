@@ -176,19 +176,56 @@ impl ChatFormat {
     }
 }
 
-/// Calls `row(where, value)` for each row of `path` (columns renamed by `columns`): a JSON array
-/// (`.json`), CSV with a header (`.csv`), Parquet (`.parquet`) or one JSON value a line; `where`
-/// is `file:line`, `file[index]` or `file row N` for errors.
+/// How rows are read: the recipe's column mapping, and what a bad row does (`data.bad_rows`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RowOptions {
+    /// File column -> strata field renames.
+    pub columns: Columns,
+    /// Skip and count rows that cannot be read (bad JSON, a missing or mistyped field, a
+    /// conversation the template cannot render) instead of stopping at the first.
+    pub skip_bad: bool,
+}
+
+/// Calls `row(where, value)` for each row of `path` (columns renamed as `opts` says): a JSON
+/// array (`.json`), CSV with a header (`.csv`), Parquet (`.parquet`) or one JSON value a line;
+/// `where` is `file:line`, `file[index]` or `file row N` for errors. A row that fails (its JSON,
+/// or `row` itself) stops the read with that error, or with `opts.skip_bad` is counted and
+/// left out; the count is returned and said once per file with the first such error.
 pub fn for_each_row(
     path: &Path,
-    columns: &Columns,
+    opts: &RowOptions,
     mut row: impl FnMut(&dyn Fn() -> String, &Value) -> Result<()>,
-) -> Result<()> {
+) -> Result<usize> {
+    let (mut skipped, mut first) = (0usize, None::<String>);
     // Rows arrive owned, so renaming their columns copies nothing.
-    let mut row = |at: &dyn Fn() -> String, mut v: Value| {
-        columns.apply(&mut v);
-        row(at, &v)
+    let mut row = |at: &dyn Fn() -> String, v: Result<Value>| -> Result<()> {
+        let r = v.and_then(|mut v| {
+            opts.columns.apply(&mut v);
+            row(at, &v)
+        });
+        match r {
+            Err(e) if opts.skip_bad => {
+                skipped += 1;
+                first.get_or_insert_with(|| format!("{e:#}"));
+                Ok(())
+            }
+            r => r,
+        }
     };
+    read_rows(path, &mut row)?;
+    if skipped > 0 {
+        eprintln!(
+            "{}: skipped {skipped} bad row(s) (data.bad_rows = \"skip\"); the first: {}",
+            path.display(),
+            first.unwrap_or_default()
+        );
+    }
+    Ok(skipped)
+}
+
+/// Every row of `path` in its format, each handed to `row` (a row that does not parse arrives
+/// as its error).
+fn read_rows(path: &Path, row: &mut RowSink) -> Result<()> {
     let p = path.display();
     if path.extension().is_some_and(|x| x == "csv") {
         let size = crate::fsio::check_regular_file(path)?;
@@ -202,7 +239,17 @@ pub fn for_each_row(
         let mut r = csv::ReaderBuilder::new().from_reader(std::io::BufReader::new(f));
         let header = r.headers().with_context(|| format!("{p}: no CSV header row"))?.clone();
         for rec in r.records() {
-            let rec = rec.with_context(|| format!("{p}: malformed CSV"))?;
+            let rec = match rec {
+                Ok(rec) => rec,
+                Err(e) => {
+                    let line = e.position().map_or(0, |q| q.line());
+                    row(
+                        &|| format!("{p}:{line}"),
+                        Err(anyhow::Error::new(e).context(format!("{p}:{line}: malformed CSV"))),
+                    )?;
+                    continue;
+                }
+            };
             let line = rec.position().map_or(0, |q| q.line());
             let obj: serde_json::Map<String, Value> = header
                 .iter()
@@ -216,12 +263,12 @@ pub fn for_each_row(
                     (h.to_string(), v)
                 })
                 .collect();
-            row(&|| format!("{p}:{line}"), Value::Object(obj))?;
+            row(&|| format!("{p}:{line}"), Ok(Value::Object(obj)))?;
         }
         return Ok(());
     }
     if path.extension().is_some_and(|x| x == "parquet") {
-        return for_each_parquet_row(path, &mut row);
+        return for_each_parquet_row(path, row);
     }
     if path.extension().is_some_and(|x| x == "json") {
         let text = crate::fsio::read_text(path, crate::fsio::DATA_CAP, "JSON data file")?;
@@ -230,7 +277,7 @@ pub fn for_each_row(
             bail!("{p}: a .json data file must hold an array of rows");
         };
         for (i, r) in rows.into_iter().enumerate() {
-            row(&|| format!("{p}[{i}]"), r)?;
+            row(&|| format!("{p}[{i}]"), Ok(r))?;
         }
         return Ok(());
     }
@@ -238,13 +285,13 @@ pub fn for_each_row(
         if line.trim().is_empty() {
             return Ok(());
         }
-        let v: Value = serde_json::from_str(line).with_context(|| format!("{p}:{n}: not valid JSON"))?;
+        let v = serde_json::from_str(line).with_context(|| format!("{p}:{n}: not valid JSON"));
         row(&|| format!("{p}:{n}"), v)
     })
 }
 
 /// A row's consumer: where the row is (for errors), and the row.
-type RowSink<'a> = dyn FnMut(&dyn Fn() -> String, Value) -> Result<()> + 'a;
+type RowSink<'a> = dyn FnMut(&dyn Fn() -> String, Result<Value>) -> Result<()> + 'a;
 
 /// The rows of a Parquet file as JSON objects, in file order.
 fn for_each_parquet_row(path: &Path, row: &mut RowSink) -> Result<()> {
@@ -281,7 +328,7 @@ fn for_each_parquet_row(path: &Path, row: &mut RowSink) -> Result<()> {
             let r = r.with_context(|| format!("{p} row {}: cannot decode", i + 1))?;
             i += 1;
             let n = i;
-            row(&|| format!("{p} row {n}"), r.to_json_value())?;
+            row(&|| format!("{p} row {n}"), Ok(r.to_json_value()))?;
         }
         Ok(())
     })?;
@@ -370,10 +417,17 @@ mod tests {
             .into(),
         );
         let mut rows = Vec::new();
-        for_each_row(&f, &cols, |at, v| {
-            rows.push((at(), v.clone()));
-            Ok(())
-        })?;
+        for_each_row(
+            &f,
+            &RowOptions {
+                columns: cols,
+                skip_bad: false,
+            },
+            |at, v| {
+                rows.push((at(), v.clone()));
+                Ok(())
+            },
+        )?;
         assert_eq!(rows.len(), 1);
         assert!(rows[0].0.ends_with("d.csv:2"), "{}", rows[0].0);
         let c = ChatFormat::Alpaca.conversation(&rows[0].1)?;
@@ -392,7 +446,7 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parquet");
         for name in ["alpaca", "sharegpt", "text", "prompt_completion"] {
             let mut got = Vec::new();
-            for_each_row(&dir.join(format!("{name}.parquet")), &Columns::default(), |at, v| {
+            for_each_row(&dir.join(format!("{name}.parquet")), &RowOptions::default(), |at, v| {
                 got.push((at(), v.clone()));
                 Ok(())
             })?;
@@ -412,10 +466,37 @@ mod tests {
         let bytes = std::fs::read(dir.join("sharegpt.parquet"))?;
         for cut in [0, 4, bytes.len() / 2, bytes.len() - 9] {
             std::fs::write(&tmp, &bytes[..cut])?;
-            let e = for_each_row(&tmp, &Columns::default(), |_, _| Ok(())).unwrap_err();
+            let e = for_each_row(&tmp, &RowOptions::default(), |_, _| Ok(())).unwrap_err();
             assert!(format!("{e:#}").contains("strata-parquet"), "{e:#}");
         }
         std::fs::remove_file(&tmp)?;
+        Ok(())
+    }
+
+    /// `data.bad_rows = "skip"` leaves out and counts what `error` stops at, naming the row.
+    #[test]
+    fn bad_rows_stop_the_read_or_are_skipped_and_counted() -> Result<()> {
+        let f = std::env::temp_dir().join(format!("strata-badrows-{}.jsonl", std::process::id()));
+        std::fs::write(
+            &f,
+            "{\"instruction\": \"a\", \"output\": \"b\"}\n{not json\n{\"instruction\": \"c\"}\n{\"instruction\": \"d\", \"output\": \"e\"}\n",
+        )?;
+        let read = |skip_bad| {
+            let mut got = Vec::new();
+            let opts = RowOptions {
+                skip_bad,
+                ..Default::default()
+            };
+            let n = for_each_row(&f, &opts, |at, v| {
+                got.push(ChatFormat::Alpaca.conversation(v).with_context(at)?);
+                Ok(())
+            });
+            n.map(|n| (n, got.len()))
+        };
+        let e = format!("{:#}", read(false).unwrap_err());
+        assert!(e.contains(".jsonl:2: not valid JSON"), "{e}");
+        assert_eq!(read(true)?, (2, 2), "two skipped, two read");
+        std::fs::remove_file(&f)?;
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-use super::formats::Columns;
+use super::formats::RowOptions;
 use crate::model::tokenizer::Tok;
 use crate::ops::lm_head::IGNORE;
 
@@ -17,30 +17,37 @@ pub fn list_files(path: &Path) -> Result<Vec<PathBuf>> {
     let out = crate::fsio::walk_files(path, &|p| {
         matches!(
             p.extension().and_then(|x| x.to_str()),
-            Some("txt" | "md" | "jsonl" | "json" | "csv")
+            Some("txt" | "md" | "jsonl" | "json" | "csv" | "parquet")
         )
     })?;
     if out.is_empty() {
-        bail!("{}: no .txt, .md, .jsonl, .json or .csv files inside", path.display());
+        bail!(
+            "{}: no .txt, .md, .jsonl, .json, .csv or .parquet files inside",
+            path.display()
+        );
     }
     Ok(out)
 }
 
 /// Documents of a text source: a `.txt`/`.md` file is one document; `.jsonl`, `.json` (an
-/// array) and `.csv` files one a row (its `text` field). Each document is capped at
+/// array), `.csv` and `.parquet` files one a row (its `text` field). Each document is capped at
 /// [`crate::fsio::DOCUMENT_CAP`] bytes.
 pub fn load_documents(paths: &[PathBuf]) -> Result<Vec<String>> {
-    load_documents_mapped(paths, &Columns::default())
+    load_documents_mapped(paths, &RowOptions::default())
 }
 
-/// [`load_documents`] with a recipe's column mapping (`data.columns`, e.g. `text = "content"`).
-pub fn load_documents_mapped(paths: &[PathBuf], columns: &Columns) -> Result<Vec<String>> {
+/// [`load_documents`] with a recipe's column mapping (`data.columns`, e.g. `text = "content"`)
+/// and bad-row policy (`data.bad_rows`).
+pub fn load_documents_mapped(paths: &[PathBuf], rows: &RowOptions) -> Result<Vec<String>> {
     use crate::fsio::{read_text, DOCUMENT_CAP};
     let mut docs = Vec::new();
     for root in paths {
         for f in list_files(root)? {
-            if matches!(f.extension().and_then(|x| x.to_str()), Some("jsonl" | "json" | "csv")) {
-                super::formats::for_each_row(&f, columns, |at, v| {
+            if matches!(
+                f.extension().and_then(|x| x.to_str()),
+                Some("jsonl" | "json" | "csv" | "parquet")
+            ) {
+                super::formats::for_each_row(&f, rows, |at, v| {
                     let t = v.get("text").and_then(|t| t.as_str()).with_context(|| {
                         format!(
                             "{}: no string field `text` (chat-like data needs data.format = \"chat\", \"alpaca\", ...; another column name needs data.columns)",

@@ -295,6 +295,43 @@ pub struct DataSection {
     /// `text = "content"` ...), for every data file of the recipe.
     #[serde(default)]
     pub columns: crate::data::formats::Columns,
+    /// A row that cannot be read: `error` (stop, naming the file, row and field: the default)
+    /// or `skip` (leave it out, count it, say the first per file).
+    #[serde(default)]
+    pub bad_rows: BadRows,
+}
+
+/// `data.bad_rows`: what a row that cannot be read does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BadRows {
+    /// Stop with the row's error.
+    #[default]
+    Error,
+    /// Skip and count it.
+    Skip,
+}
+
+impl BadRows {
+    /// Parses `error` or `skip`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "error" => Ok(BadRows::Error),
+            "skip" => Ok(BadRows::Skip),
+            o => bail!("data.bad_rows `{o}` must be `error` or `skip`"),
+        }
+    }
+}
+
+crate::parsed_from_str!(BadRows);
+
+impl DataSection {
+    /// How the data files' rows are read.
+    pub fn row_options(&self) -> crate::data::formats::RowOptions {
+        crate::data::formats::RowOptions {
+            columns: self.columns.clone(),
+            skip_bad: self.bad_rows == BadRows::Skip,
+        }
+    }
 }
 
 fn default_mix_schedule() -> MixShape {

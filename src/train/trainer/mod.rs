@@ -59,10 +59,10 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
 /// Loads the recipe's sequences (`paths` in the recipe's format).
 pub fn load_sequences(recipe: &Recipe, tok: &crate::model::tokenizer::Tok, paths: &[PathBuf]) -> Result<Sequences> {
     match recipe.data.format {
-        DataFormat::Chat(f) => data::chat::load_chat(paths, tok, recipe.data.seq_len, f, &recipe.data.columns),
+        DataFormat::Chat(f) => data::chat::load_chat(paths, tok, recipe.data.seq_len, f, &recipe.data.row_options()),
         DataFormat::Text => data::pack(
             tok,
-            &data::text::load_documents_mapped(paths, &recipe.data.columns)?,
+            &data::text::load_documents_mapped(paths, &recipe.data.row_options())?,
             recipe.data.seq_len,
         ),
     }

@@ -106,6 +106,13 @@ impl<'r> Run<'r> {
             eprintln!("removed {} (left by an interrupted run)", p.display());
         }
         let src = model::open(&recipe.model.path)?;
+        let context = src.config.max_position_embeddings;
+        if recipe.data.seq_len > context {
+            bail!(
+                "data.seq_len = {} is longer than the model's context ({context} positions, max_position_embeddings); lower data.seq_len",
+                recipe.data.seq_len
+            );
+        }
         let data = RunData::load(recipe, &src)?;
         // The process as the model will find it (the plan counts the Fisher apart).
         let runtime = current_rss();
