@@ -157,10 +157,10 @@ impl Progress {
         if !msg.is_empty() {
             s += &format!("  {msg}");
         }
-        s += &format!("  {}", crate::util::fmt_secs(el));
+        s += &format!("  {}", fmt_secs(el));
         if self.total > 0 && self.pos > self.base && self.pos < self.total {
             let eta = el / (self.pos - self.base) as f64 * (self.total - self.pos) as f64;
-            s += &format!(", ETA {}", crate::util::fmt_secs(eta));
+            s += &format!(", ETA {}", fmt_secs(eta));
         }
         s
     }
@@ -184,6 +184,16 @@ impl Drop for Progress {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
         }
+    }
+}
+
+/// `1m05s`, or `1h02m` past an hour.
+pub fn fmt_secs(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
     }
 }
 

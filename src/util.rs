@@ -249,16 +249,6 @@ mod device_pool {
     }
 }
 
-/// `1m05s`, or `1h02m` past an hour.
-pub fn fmt_secs(s: f64) -> String {
-    let s = s.max(0.0) as u64;
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
-    } else {
-        format!("{}m{:02}s", s / 60, s % 60)
-    }
-}
-
 /// Implements `FromStr` and `serde::Deserialize` for types written as strings (recipe values
 /// such as `"cosine"` or `"nf4-dq"`) through their own `parse(&str) -> anyhow::Result<Self>`,
 /// so a recipe is typed as it is read and a bad value fails with the type's own message.
