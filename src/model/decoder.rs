@@ -381,7 +381,10 @@ impl Model {
             dev,
         )?;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
+        // Decoding a large quantized model's blocks takes a while: a bar on a terminal.
+        let mut progress = crate::progress::Progress::new("loading", cfg.num_layers as u64, "layers");
         for i in 0..cfg.num_layers {
+            progress.set(i as u64, "");
             let mut proj = Vec::with_capacity(Proj::COUNT);
             for m in Proj::ALL {
                 let (o, inp) = cfg.linear_shape(m);
@@ -470,6 +473,8 @@ impl Model {
                 mlp_norm: param(load(src, &BaseTensor::MlpNorm.hf(i), &[h])?, full, DType::F32, dev)?,
             });
         }
+        progress.set(cfg.num_layers as u64, "");
+        progress.finish();
         let norm = param(load(src, &BaseTensor::Norm.hf(0), &[h])?, full, DType::F32, dev)?;
         let head = if cfg.tie_word_embeddings {
             None

@@ -218,7 +218,14 @@ impl MetricsLog {
 
     /// Appends one line to every output.
     pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
-        writeln!(self.jsonl, "{v}").context("cannot write metrics.jsonl")?;
+        self.write_text(&v.to_string(), v)
+    }
+
+    /// Appends a line kept as text (a checkpoint's): `metrics.jsonl` gets the text unchanged, so
+    /// a resumed run's file is byte for byte the uninterrupted one's (a float printed, parsed and
+    /// printed again can move in its last digit); TensorBoard gets the parsed value.
+    pub fn write_text(&mut self, line: &str, v: &serde_json::Value) -> Result<()> {
+        writeln!(self.jsonl, "{line}").context("cannot write metrics.jsonl")?;
         if let Some(tb) = self.tensorboard.as_mut() {
             tb.write_line(v)?;
         }

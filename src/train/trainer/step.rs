@@ -77,7 +77,7 @@ impl<'r> Run<'r> {
     pub fn begin(&mut self) -> Result<()> {
         for line in &self.st.metrics {
             let v: serde_json::Value = serde_json::from_str(line).context("a checkpoint's metrics line is not JSON")?;
-            self.log.write(&v)?;
+            self.log.write_text(line, &v)?;
         }
         super::evaluate::report("before", &self.st.eval_before, self.st.general_before.as_ref());
         for cb in self.callbacks.iter_mut() {
