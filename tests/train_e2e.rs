@@ -13,32 +13,10 @@ fn setup(dir: &std::path::Path) -> Result<()> {
 }
 
 fn recipe(dir: &std::path::Path, out: &str) -> String {
-    format!(
-        r#"
-[model]
-path = "{0}/tiny.gguf"
-[lora]
-r = 4
-alpha = 8
-dropout = 0.1
-[[lora.layers]]
-layers = "0"
-r = 8
-[data]
-train = ["{0}/data"]
-seq_len = 16
-eval_fraction = 0.2
-[train]
-batch = 2
-grad_accum = 2
-steps = 12
-lr = 1e-2
-warmup = 2
-seed = 7
-out = "{0}/{1}"
-"#,
-        dir.display(),
-        out
+    // The common tiny run, with a layer of its own rank.
+    strata::testing::tiny_lora_recipe(dir, out, 12, 7, "").replace(
+        "dropout = 0.1\n",
+        "dropout = 0.1\n[[lora.layers]]\nlayers = \"0\"\nr = 8\n",
     )
 }
 

@@ -120,12 +120,7 @@ pub fn load_chat(
         ..Default::default()
     };
     for root in paths {
-        let files = crate::fsio::walk_files(root, &|p| {
-            matches!(
-                p.extension().and_then(|x| x.to_str()),
-                Some("jsonl" | "json" | "csv" | "parquet")
-            )
-        })?;
+        let files = crate::fsio::walk_files(root, &|p| super::formats::is_row_file(p))?;
         if files.is_empty() {
             bail!("{}: no .jsonl, .json, .csv or .parquet files inside", root.display());
         }

@@ -176,6 +176,29 @@ impl ChatFormat {
     }
 }
 
+/// Whether `path` is a file of rows [`for_each_row`] reads (`.jsonl`, `.json`, `.csv`,
+/// `.parquet`), as against a text document.
+pub fn is_row_file(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|x| x.to_str()),
+        Some("jsonl" | "json" | "csv" | "parquet")
+    )
+}
+
+/// A data file opened after checking it is a plain file within [`crate::fsio::DATA_CAP`]
+/// (`what` names the format in the error).
+fn open_data_file(path: &Path, what: &str) -> Result<std::fs::File> {
+    let size = crate::fsio::check_regular_file(path)?;
+    if size > crate::fsio::DATA_CAP {
+        bail!(
+            "{}: {size} bytes is more than a {what} data file may hold ({} MB)",
+            path.display(),
+            crate::fsio::DATA_CAP >> 20
+        );
+    }
+    std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))
+}
+
 /// How rows are read: the recipe's column mapping, and what a bad row does (`data.bad_rows`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RowOptions {
@@ -228,14 +251,7 @@ pub fn for_each_row(
 fn read_rows(path: &Path, row: &mut RowSink) -> Result<()> {
     let p = path.display();
     if path.extension().is_some_and(|x| x == "csv") {
-        let size = crate::fsio::check_regular_file(path)?;
-        if size > crate::fsio::DATA_CAP {
-            bail!(
-                "{p}: {size} bytes is more than a CSV data file may hold ({} MB)",
-                crate::fsio::DATA_CAP >> 20
-            );
-        }
-        let f = std::fs::File::open(path).with_context(|| format!("cannot open {p}"))?;
+        let f = open_data_file(path, "CSV")?;
         let mut r = csv::ReaderBuilder::new().from_reader(std::io::BufReader::new(f));
         let header = r.headers().with_context(|| format!("{p}: no CSV header row"))?.clone();
         for rec in r.records() {
@@ -297,34 +313,21 @@ type RowSink<'a> = dyn FnMut(&dyn Fn() -> String, Result<Value>) -> Result<()> +
 fn for_each_parquet_row(path: &Path, row: &mut RowSink) -> Result<()> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let p = path.display();
-    let size = crate::fsio::check_regular_file(path)?;
-    if size > crate::fsio::DATA_CAP {
-        bail!(
-            "{p}: {size} bytes is more than a Parquet data file may hold ({} MB)",
-            crate::fsio::DATA_CAP >> 20
-        );
-    }
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open {p}"))?;
+    let f = open_data_file(path, "Parquet")?;
     // The parquet crate is not hardened against crafted files everywhere; a panic inside it is
     // this file's error, not strata's crash.
-    let guarded = |what: &str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+    fn guarded<T>(p: &dyn std::fmt::Display, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
             bail!("{p}: the Parquet reader failed on this file ({what}); is it a whole Parquet file?")
         })
-    };
-    let mut reader = None;
-    guarded("footer", &mut || {
-        let r =
-            SerializedFileReader::new(f.try_clone()?).with_context(|| format!("{p}: not a readable Parquet file"))?;
-        reader = Some(r);
-        Ok(())
+    }
+    let reader = guarded(&p, "footer", || {
+        SerializedFileReader::new(f).with_context(|| format!("{p}: not a readable Parquet file"))
     })?;
-    let reader = reader.expect("set by the guarded read");
     let rows = reader.metadata().file_metadata().num_rows();
-    let mut iter = reader.into_iter();
     let mut i = 0i64;
-    guarded("rows", &mut || {
-        for r in iter.by_ref() {
+    guarded(&p, "rows", || {
+        for r in reader {
             let r = r.with_context(|| format!("{p} row {}: cannot decode", i + 1))?;
             i += 1;
             let n = i;

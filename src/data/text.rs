@@ -15,10 +15,7 @@ pub fn list_files(path: &Path) -> Result<Vec<PathBuf>> {
         bail!("data path {} does not exist", path.display());
     }
     let out = crate::fsio::walk_files(path, &|p| {
-        matches!(
-            p.extension().and_then(|x| x.to_str()),
-            Some("txt" | "md" | "jsonl" | "json" | "csv" | "parquet")
-        )
+        super::formats::is_row_file(p) || matches!(p.extension().and_then(|x| x.to_str()), Some("txt" | "md"))
     })?;
     if out.is_empty() {
         bail!(
@@ -43,10 +40,7 @@ pub fn load_documents_mapped(paths: &[PathBuf], rows: &RowOptions) -> Result<Vec
     let mut docs = Vec::new();
     for root in paths {
         for f in list_files(root)? {
-            if matches!(
-                f.extension().and_then(|x| x.to_str()),
-                Some("jsonl" | "json" | "csv" | "parquet")
-            ) {
+            if super::formats::is_row_file(&f) {
                 super::formats::for_each_row(&f, rows, |at, v| {
                     let t = v.get("text").and_then(|t| t.as_str()).with_context(|| {
                         format!(

@@ -153,7 +153,7 @@ impl<'r> Run<'r> {
         let log = MetricsLog::create(&t.out, &t.log)?;
         // What the run will be, for whoever watches it (`strata board`) before summary.json.
         let plan_json = json!({"steps": steps, "rows_per_step": per_step, "seq_len": recipe.data.seq_len,
-            "trainable_parameters": n_params, "recompute": format!("{recompute:?}"),
+            "trainable_parameters": n_params, "recompute": recompute.name(),
             "predicted_memory": predicted.as_ref().map(|p| p.to_json())});
         crate::util::write_atomic(&t.out.join("plan.json"), plan_json.to_string().as_bytes())?;
         Ok(Run {
@@ -193,8 +193,9 @@ impl<'r> Run<'r> {
     /// Writes a metrics line to `metrics.jsonl` (and TensorBoard) and keeps it for the
     /// checkpoint.
     pub fn emit(&mut self, v: serde_json::Value) -> Result<()> {
-        self.log.write(&v)?;
-        self.st.metrics.push(v.to_string());
+        let line = v.to_string();
+        self.log.write(&line, &v)?;
+        self.st.metrics.push(line);
         Ok(())
     }
 }
@@ -216,18 +217,23 @@ impl MetricsLog {
         })
     }
 
-    /// Appends one line to every output.
-    pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
-        self.write_text(&v.to_string(), v)
-    }
-
-    /// Appends a line kept as text (a checkpoint's): `metrics.jsonl` gets the text unchanged, so
-    /// a resumed run's file is byte for byte the uninterrupted one's (a float printed, parsed and
-    /// printed again can move in its last digit); TensorBoard gets the parsed value.
-    pub fn write_text(&mut self, line: &str, v: &serde_json::Value) -> Result<()> {
+    /// Appends one line, `v` printed as `line`, to every output.
+    pub fn write(&mut self, line: &str, v: &serde_json::Value) -> Result<()> {
         writeln!(self.jsonl, "{line}").context("cannot write metrics.jsonl")?;
         if let Some(tb) = self.tensorboard.as_mut() {
             tb.write_line(v)?;
+        }
+        Ok(())
+    }
+
+    /// Appends a line a checkpoint kept as text: `metrics.jsonl` gets the text unchanged, so a
+    /// resumed run's file is byte for byte the uninterrupted one's (a float printed, parsed and
+    /// printed again can move in its last digit); only TensorBoard needs it parsed.
+    pub fn replay(&mut self, line: &str) -> Result<()> {
+        writeln!(self.jsonl, "{line}").context("cannot write metrics.jsonl")?;
+        if let Some(tb) = self.tensorboard.as_mut() {
+            let v: serde_json::Value = serde_json::from_str(line).context("a checkpoint's metrics line is not JSON")?;
+            tb.write_line(&v)?;
         }
         Ok(())
     }

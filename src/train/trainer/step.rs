@@ -3,7 +3,7 @@
 //! distillation to the base on its general rows, EWC on the weights), the clipped AdamW update,
 //! and what it logs.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use serde_json::json;
 use std::cell::Cell;
@@ -76,8 +76,7 @@ impl<'r> Run<'r> {
     /// Before the first step: metrics so far, the scores before, the callbacks' start.
     pub fn begin(&mut self) -> Result<()> {
         for line in &self.st.metrics {
-            let v: serde_json::Value = serde_json::from_str(line).context("a checkpoint's metrics line is not JSON")?;
-            self.log.write_text(line, &v)?;
+            self.log.replay(line)?;
         }
         super::evaluate::report("before", &self.st.eval_before, self.st.general_before.as_ref());
         for cb in self.callbacks.iter_mut() {
