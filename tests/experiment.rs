@@ -6,6 +6,7 @@ use candle_core::quantized::GgmlDType;
 use std::process::Command;
 use strata::model::config::Arch;
 use strata::testing::write_tiny_gguf;
+use strata::train::recipe::Recipe;
 
 #[test]
 fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> {
@@ -50,7 +51,8 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
             "name = \"tiny\"\nout = \"{d}/full\"\ntokens = 256\n[eval]\ngeneral_mc = [\"{d}/data/gmc.jsonl\", \"{d}/data/gmc2.jsonl\"]\ndomain_mc = \"{d}/data/dmc.jsonl\"\ntext = [\"{d}/data/dom-held.txt\", \"{d}/data/gen-held.txt\"]\nseq_len = 16\n\
              [quick]\ntokens = 96\nmc_items = 2\ntext_rows = 2\nout = \"{d}/quick\"\n\
              [[prepare]]\nname = \"self replay\"\nout = \"{d}/self/replay.jsonl\"\nargs = [\"generate\", \"--samples\", \"3\", \"--max-tokens\", \"6\", \"--temperature\", \"1\"]\n\
-             [[run]]\nname = \"plain LoRA\"\nrecipe = \"{d}/lora.toml\"\n[[run]]\nname = \"LoRA + EWC\"\nrecipe = \"{d}/retain.toml\"\n"
+             [[run]]\nname = \"plain LoRA\"\nrecipe = \"{d}/lora.toml\"\nmethod = \"LoRA\"\n\
+             [[run]]\nname = \"LoRA, lr 3e-2\"\nrecipe = \"{d}/lora.toml\"\nset = [\"train.lr=3e-2\"]\nmethod = \"LoRA\"\n[[run]]\nname = \"LoRA + EWC\"\nrecipe = \"{d}/retain.toml\"\n"
         ),
     )?;
     let out = Command::new(env!("CARGO_BIN_EXE_strata"))
@@ -95,7 +97,52 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
     }
     let html = std::fs::read_to_string(q.join("report.html"))?;
     assert!(html.matches("<svg").count() == 2 && html.contains("learning vs forgetting"));
+    assert_eq!(
+        html.matches("<polyline points=").count(),
+        1,
+        "the LoRA sweep is one frontier line"
+    );
     assert!(dir.join("fisher.safetensors").exists());
+    // A run's `set` reaches its recipe, and the experiment's budget still wins.
+    let lr = |run: &str| -> Result<f64> { Ok(Recipe::load(&q.join(run).join("recipe.toml"), &[])?.train.lr) };
+    assert_eq!((lr("plain-lora")?, lr("lora-lr-3e-2")?), (1e-2, 3e-2));
+    assert_eq!(results["runs"][1]["steps"], 3);
+
+    // --reuse keeps every finished step whose inputs are unchanged: the same table, nothing rerun.
+    let reuse = || -> Result<String> {
+        let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args([
+                "experiment",
+                &dir.join("exp.toml").display().to_string(),
+                "--quick",
+                "--reuse",
+            ])
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        Ok(err)
+    };
+    let err = reuse()?;
+    assert_eq!(
+        err.matches("kept from an earlier sitting").count(),
+        4,
+        "base and three runs: {err}"
+    );
+    assert_eq!(std::fs::read_to_string(q.join("table.md"))?, table);
+    // An edited recipe reruns the runs that read it, and only those.
+    let lora = std::fs::read_to_string(dir.join("lora.toml"))?;
+    std::fs::write(dir.join("lora.toml"), lora.replace("lr = 1e-2", "lr = 2e-2"))?;
+    let err = reuse()?;
+    assert!(
+        err.contains("LoRA + EWC (3 steps): kept") && err.contains("the base model: kept"),
+        "{err}"
+    );
+    assert!(
+        err.contains("plain LoRA (3 steps)\n") && err.contains("LoRA, lr 3e-2 (3 steps)\n"),
+        "{err}"
+    );
+    assert_eq!((lr("plain-lora")?, lr("lora-lr-3e-2")?), (2e-2, 3e-2));
+    std::fs::write(dir.join("lora.toml"), lora)?;
     // A broken run is reported, not hidden, and the others still finish.
     std::fs::write(dir.join("lora.toml"), recipe("").replace("dom.txt", "nothing.txt"))?;
     let out = Command::new(env!("CARGO_BIN_EXE_strata"))

@@ -6,12 +6,14 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Tensor};
 use serde_json::json;
+use std::cell::RefCell;
 use std::path::Path;
 
 use crate::model::hf::{save_deferred, save_safetensors, Deferred};
 use crate::model::tokenizer::Tok;
 use crate::model::BaseTensor;
 use crate::model::{LinearWeight, Model};
+use crate::progress::Progress;
 use crate::quant::nf4::{dynamic_map, Nf4Tensor, Scales, NESTED_BLOCK, NF4_CODE};
 
 /// How `write_hf_dir` stores the weights.
@@ -186,18 +188,27 @@ pub fn write_hf_dir(model: &Model, tok: &Tok, dir: &Path, merge: bool, store: St
     let weights = dir.join("model.safetensors");
     match store {
         // Each weight made, converted and written in turn.
-        Store::Float(dtype) => save_deferred(
-            &weights,
-            hf_weights(model, merge)
-                .into_iter()
-                .map(|w| Deferred {
-                    name: w.name.clone(),
-                    dtype,
-                    shape: w.shape.clone(),
-                    make: Box::new(move || w.make()),
-                })
-                .collect(),
-        )?,
+        Store::Float(dtype) => {
+            let weights_of = hf_weights(model, merge);
+            let progress = RefCell::new(Progress::new("writing", weights_of.len() as u64, "tensors"));
+            let progress = &progress;
+            save_deferred(
+                &weights,
+                weights_of
+                    .into_iter()
+                    .map(|w| Deferred {
+                        name: w.name.clone(),
+                        dtype,
+                        shape: w.shape.clone(),
+                        make: Box::new(move || {
+                            progress.borrow_mut().inc(1, &w.name);
+                            w.make()
+                        }),
+                    })
+                    .collect(),
+            )?;
+            progress.borrow_mut().finish();
+        }
         // The 4-bit checkpoint is a quarter of the f32 model: made whole, then written.
         Store::Nf4(_) => save_safetensors(&weights, &hf_tensors(model, merge, store)?)?,
     }
@@ -329,7 +340,7 @@ pub fn write_gguf_file(model: &Model, source: &Path, out: &Path, merge: bool, dt
     {
         extra.push((name.clone(), content.tensor(&mut f, name, &candle_core::Device::Cpu)?));
     }
-    let notes = std::cell::RefCell::new(Vec::new());
+    let notes = RefCell::new(Vec::new());
     let ty = |name: &str, t: &Tensor| {
         if t.rank() < 2 {
             return GgmlDType::F32;
@@ -343,11 +354,15 @@ pub fn write_gguf_file(model: &Model, source: &Path, out: &Path, merge: bool, dt
         }
         got
     };
+    let weights = hf_weights(model, merge);
+    let mut progress = Progress::new("writing", weights.len() as u64, "tensors");
     let mut each = |f: &mut dyn FnMut(String, Tensor) -> Result<()>| {
-        hf_weights(model, merge)
-            .into_iter()
-            .try_for_each(|w| f(w.name.clone(), w.make()?))
+        weights.iter().try_for_each(|w| {
+            progress.inc(1, &w.name);
+            f(w.name.clone(), w.make()?)
+        })
     };
     crate::model::gguf::write_tensors(out, &model.cfg, meta, &mut each, &extra, &ty)?;
+    progress.finish();
     Ok(notes.into_inner())
 }

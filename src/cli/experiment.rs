@@ -26,6 +26,11 @@ pub struct Args {
     /// The short variant: the `[quick]` budget and sample sizes.
     #[arg(long)]
     pub quick: bool,
+    /// Keep what an earlier sitting finished (the base's answers and evaluation, each run's
+    /// training and evaluation) when its recipe, budget, arguments and evaluation sets are
+    /// unchanged, and do only the rest. The training data files are trusted to be unchanged.
+    #[arg(long)]
+    pub reuse: bool,
 }
 
 /// An experiment file.
@@ -58,7 +63,7 @@ impl Experiment {
         let ex: Experiment =
             toml::from_str(&text).with_context(|| format!("{}: invalid experiment", path.display()))?;
         for r in &ex.runs {
-            Recipe::load(&r.recipe, &[]).with_context(|| format!("{}: run `{}`", path.display(), r.name))?;
+            Recipe::load(&r.recipe, &r.set).with_context(|| format!("{}: run `{}`", path.display(), r.name))?;
         }
         Ok(ex)
     }
@@ -193,6 +198,13 @@ pub struct RunEntry {
     pub name: String,
     /// Its recipe.
     pub recipe: PathBuf,
+    /// Recipe overrides, as `strata train --set` takes them (`"retain.distill_lambda=0.3"`):
+    /// a sweep is one recipe with several `set`s.
+    #[serde(default)]
+    pub set: Vec<String>,
+    /// The method this run is a point of: runs sharing one are drawn joined in the report's
+    /// learning-vs-forgetting chart (a sweep's frontier).
+    pub method: Option<String>,
 }
 
 fn slug(s: &str) -> String {
@@ -246,6 +258,58 @@ fn read_json(p: &Path) -> Result<Value> {
 }
 
 /// acc_norm outcomes of multiple-choice file `file` in a `strata eval --out` result.
+/// What one step of the experiment was made from: the strata version, the step's arguments,
+/// and the contents (CRC-32C) of every input file among them (a run's recipe, the model, the
+/// sets); the step's `outputs` are left out, since an earlier sitting has written them.
+fn stamp(args: &[String], outputs: &[&Path]) -> Value {
+    let files: Vec<Value> = args
+        .iter()
+        .map(Path::new)
+        .filter(|p| p.is_file() && !outputs.contains(p))
+        .map(|p| {
+            let crc = std::fs::read(p).map(|b| crc32c::crc32c(&b)).unwrap_or(0);
+            json!([p.display().to_string(), crc])
+        })
+        .collect();
+    json!({"strata": env!("CARGO_PKG_VERSION"), "args": args, "files": files})
+}
+
+/// The seconds an earlier sitting took over a step, when `--reuse` may keep it: its stamp
+/// file holds `stamp` and its outputs exist.
+fn reusable(reuse: bool, stamp_file: &Path, stamp: &Value, outputs: &[&Path]) -> Option<f64> {
+    if !reuse || !outputs.iter().all(|p| p.exists()) {
+        return None;
+    }
+    let kept: Value = serde_json::from_str(&std::fs::read_to_string(stamp_file).ok()?).ok()?;
+    (kept["stamp"] == *stamp).then(|| kept["seconds"].as_f64()).flatten()
+}
+
+/// Runs `strata ARGS` for a step unless `--reuse` keeps it, returning the seconds the step
+/// took (in this sitting or the one that made it).
+fn step(
+    reuse: bool,
+    what: &str,
+    stamp_file: &Path,
+    args: &[Vec<String>],
+    logs: &[PathBuf],
+    outputs: &[&Path],
+) -> Result<f64> {
+    let st = stamp(&args.concat(), outputs);
+    if let Some(secs) = reusable(reuse, stamp_file, &st, outputs) {
+        eprintln!("experiment: {what}: kept from an earlier sitting");
+        return Ok(secs);
+    }
+    eprintln!("experiment: {what}");
+    let _ = std::fs::remove_file(stamp_file);
+    let t = Instant::now();
+    for (a, log) in args.iter().zip(logs) {
+        strata(a, log)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    crate::util::write_atomic(stamp_file, json!({"stamp": st, "seconds": secs}).to_string().as_bytes())?;
+    Ok(secs)
+}
+
 fn mc_outcomes(v: &Value, file: &Path) -> Result<Vec<bool>> {
     let e = v["mc"]
         .as_array()
@@ -303,6 +367,7 @@ fn head_lines(src: &Path, dst: &Path, n: usize) -> Result<()> {
 
 struct Row {
     name: String,
+    method: Option<String>,
     steps: usize,
     tokens: usize,
     peak: u64,
@@ -312,6 +377,8 @@ struct Row {
     chat: Option<TextChange>,
     side_by_side: Vec<String>,
     ce: Series,
+    /// Seconds its training, evaluation and generation took.
+    seconds: f64,
 }
 
 impl Row {
@@ -351,11 +418,13 @@ struct Sets {
     text: Vec<PathBuf>,
     chat: Option<PathBuf>,
     side_by_side: Option<PathBuf>,
+    /// Seconds the base model took over the chat answers.
+    seconds: f64,
 }
 
 /// Copies the first items of every set into `out`, and has the base model answer the chat
 /// prompts (once; kept for every run).
-fn prepare_sets(ex: &Experiment, out: &Path, model: &Path) -> Result<Sets> {
+fn prepare_sets(ex: &Experiment, out: &Path, model: &Path, reuse: bool) -> Result<Sets> {
     let mut mc = Vec::new();
     for (files, role) in [(&ex.eval.general_mc, "general"), (&ex.eval.domain_mc, "domain")] {
         for (k, f) in files.list().iter().enumerate() {
@@ -365,25 +434,29 @@ fn prepare_sets(ex: &Experiment, out: &Path, model: &Path) -> Result<Sets> {
             mc.push((dst, role));
         }
     }
-    let (mut chat, mut side_by_side) = (None, None);
+    let (mut chat, mut side_by_side, mut seconds) = (None, None, 0.0);
     if let Some(prompts) = &ex.eval.chat_prompts {
         std::fs::create_dir_all(out.join("chat"))?;
         let (p, answers) = (out.join("chat/prompts.jsonl"), out.join("chat/base_answers.jsonl"));
         head_lines(prompts, &p, ex.eval.chat_items)?;
-        eprintln!("experiment: the base model answers the chat prompts");
-        strata(
-            &[
-                "generate".into(),
-                "--model".into(),
-                model.display().to_string(),
-                "--prompts".into(),
-                p.display().to_string(),
-                "--out".into(),
-                answers.display().to_string(),
-                "--max-tokens".into(),
-                ex.eval.chat_tokens.to_string(),
-            ],
-            &out.join("chat/base_answers.log"),
+        let args: Vec<String> = vec![
+            "generate".into(),
+            "--model".into(),
+            model.display().to_string(),
+            "--prompts".into(),
+            p.display().to_string(),
+            "--out".into(),
+            answers.display().to_string(),
+            "--max-tokens".into(),
+            ex.eval.chat_tokens.to_string(),
+        ];
+        seconds += step(
+            reuse,
+            "the base model answers the chat prompts",
+            &out.join("chat/base_answers.stamp.json"),
+            &[args],
+            &[out.join("chat/base_answers.log")],
+            &[&answers],
         )?;
         if ex.eval.side_by_side > 0 {
             let sbs = out.join("chat/side_by_side.jsonl");
@@ -393,6 +466,7 @@ fn prepare_sets(ex: &Experiment, out: &Path, model: &Path) -> Result<Sets> {
         chat = Some(answers);
     }
     Ok(Sets {
+        seconds,
         mc,
         text: ex.eval.text.clone(),
         chat,
@@ -466,36 +540,38 @@ fn trained_model(recipe: &Recipe, dir: &Path, model: &Path) -> Vec<String> {
 }
 
 /// Trains one run, evaluates it and compares it with the base.
-fn one_run(ex: &Experiment, sets: &Sets, base: &Value, entry: &RunEntry, recipe: &Recipe, model: &Path) -> Result<Row> {
+fn one_run(
+    ex: &Experiment,
+    sets: &Sets,
+    base: &Value,
+    entry: &RunEntry,
+    recipe: &Recipe,
+    model: &Path,
+    reuse: bool,
+) -> Result<Row> {
     let out = &ex.out;
     let dir = out.join(slug(&entry.name));
     let per_step = recipe.train.batch * recipe.train.grad_accum * recipe.data.seq_len;
     let steps = ex.tokens.div_ceil(per_step).max(1);
-    eprintln!("experiment: {} ({steps} steps)", entry.name);
-    strata(
-        &[
-            "train".into(),
-            entry.recipe.display().to_string(),
-            "--set".into(),
-            format!("train.steps={steps}"),
-            "--set".into(),
-            format!("train.out=\"{}\"", dir.display()),
-            "--set".into(),
-            "train.eval_every=0".into(),
-        ],
-        &out.join(format!("{}.train.log", slug(&entry.name))),
-    )?;
-    let summary = read_json(&dir.join("summary.json"))?;
+    let mut train_args: Vec<String> = vec!["train".into(), entry.recipe.display().to_string()];
+    for s in &entry.set {
+        train_args.extend(["--set".into(), s.clone()]);
+    }
+    // The experiment's own settings come last: they win over the run's.
+    train_args.extend([
+        "--set".into(),
+        format!("train.steps={steps}"),
+        "--set".into(),
+        format!("train.out=\"{}\"", dir.display()),
+        "--set".into(),
+        "train.eval_every=0".into(),
+    ]);
     let after_json = dir.join("eval.json");
-    let mut args = vec!["eval".to_string(), "--out".into(), after_json.display().to_string()];
-    args.extend(trained_model(recipe, &dir, model));
-    args.extend(sets.eval_args(ex));
-    strata(&args, &out.join(format!("{}.eval.log", slug(&entry.name))))?;
-    let after = read_json(&after_json)?;
-    let (mc, text, chat) = sets.compare(base, &after)?;
-    let mut side_by_side = Vec::new();
-    if let Some(p) = &sets.side_by_side {
-        let gen = dir.join("side_by_side.jsonl");
+    let mut eval_args = vec!["eval".to_string(), "--out".into(), after_json.display().to_string()];
+    eval_args.extend(trained_model(recipe, &dir, model));
+    eval_args.extend(sets.eval_args(ex));
+    let gen = dir.join("side_by_side.jsonl");
+    let gen_args = sets.side_by_side.as_ref().map(|p| {
         let mut args = vec!["generate".to_string()];
         args.extend(trained_model(recipe, &dir, model));
         args.extend([
@@ -506,9 +582,33 @@ fn one_run(ex: &Experiment, sets: &Sets, base: &Value, entry: &RunEntry, recipe:
             "--max-tokens".into(),
             ex.eval.chat_tokens.to_string(),
         ]);
-        strata(&args, &out.join(format!("{}.generate.log", slug(&entry.name))))?;
-        side_by_side = last_turns(&gen)?;
-    }
+        args
+    });
+    let outputs = [dir.join("summary.json"), after_json.clone(), dir.join("metrics.jsonl")];
+    let outputs: Vec<&Path> = outputs
+        .iter()
+        .map(PathBuf::as_path)
+        .chain(gen_args.as_ref().map(|_| gen.as_path()))
+        .collect();
+    let log = |what: &str| out.join(format!("{}.{what}.log", slug(&entry.name)));
+    let seconds = step(
+        reuse,
+        &format!("{} ({steps} steps)", entry.name),
+        &dir.join("experiment-stamp.json"),
+        &[Some(train_args), Some(eval_args), gen_args.clone()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
+        &[log("train"), log("eval"), log("generate")],
+        &outputs,
+    )?;
+    let summary = read_json(&dir.join("summary.json"))?;
+    let after = read_json(&after_json)?;
+    let (mc, text, chat) = sets.compare(base, &after)?;
+    let side_by_side = match gen_args {
+        Some(_) => last_turns(&gen)?,
+        None => Vec::new(),
+    };
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl"))?;
     let ce = metrics
         .lines()
@@ -517,6 +617,7 @@ fn one_run(ex: &Experiment, sets: &Sets, base: &Value, entry: &RunEntry, recipe:
         .collect();
     Ok(Row {
         name: entry.name.clone(),
+        method: entry.method.clone(),
         steps,
         tokens: summary["tokens"].as_u64().unwrap_or(0) as usize,
         peak: summary["peak_rss_bytes"].as_u64().unwrap_or(0),
@@ -526,6 +627,7 @@ fn one_run(ex: &Experiment, sets: &Sets, base: &Value, entry: &RunEntry, recipe:
         chat,
         side_by_side,
         ce: (entry.name.clone(), ce),
+        seconds,
     })
 }
 
@@ -558,7 +660,7 @@ pub fn run(a: Args) -> Result<()> {
     let recipes: Vec<Recipe> = ex
         .runs
         .iter()
-        .map(|r| Recipe::load(&r.recipe, &[]))
+        .map(|r| Recipe::load(&r.recipe, &r.set))
         .collect::<Result<_>>()?;
     let model = recipes[0].model.path.clone();
     if let Some((r, _)) = ex.runs.iter().zip(&recipes).find(|(_, rc)| rc.model.path != model) {
@@ -577,8 +679,10 @@ pub fn run(a: Args) -> Result<()> {
         out.display()
     );
     prepare_files(&ex, &model)?;
-    let sets = prepare_sets(&ex, &out, &model)?;
-    eprintln!("experiment: evaluating the base model");
+    // Steps an earlier sitting made count with the time they took then, so the total is the
+    // experiment's, however many sittings it took.
+    let prepare_secs = start.elapsed().as_secs_f64();
+    let sets = prepare_sets(&ex, &out, &model, a.reuse)?;
     let base_json = out.join("base.json");
     let mut args = vec![
         "eval".into(),
@@ -588,13 +692,20 @@ pub fn run(a: Args) -> Result<()> {
         base_json.display().to_string(),
     ];
     args.extend(sets.eval_args(&ex));
-    strata(&args, &out.join("base.log"))?;
+    let base_secs = step(
+        a.reuse,
+        "evaluating the base model",
+        &out.join("base.stamp.json"),
+        &[args],
+        &[out.join("base.log")],
+        &[&base_json],
+    )?;
     let base = read_json(&base_json)?;
 
     let mut rows = Vec::new();
     let mut failed = Vec::new();
     for (entry, recipe) in ex.runs.iter().zip(&recipes) {
-        match one_run(&ex, &sets, &base, entry, recipe, &model) {
+        match one_run(&ex, &sets, &base, entry, recipe, &model, a.reuse) {
             Ok(row) => rows.push(row),
             Err(e) => {
                 eprintln!("experiment: run `{}` failed: {e:#}", entry.name);
@@ -606,20 +717,13 @@ pub fn run(a: Args) -> Result<()> {
         Some(_) => last_turns(sets.chat.as_ref().expect("side by side needs the chat set"))?,
         None => Vec::new(),
     };
-    let md = table(
-        &ex,
-        &sets,
-        &rows,
-        &base,
-        &failed,
-        a.quick,
-        start.elapsed().as_secs_f64(),
-    )?;
+    let total = prepare_secs + sets.seconds + base_secs + rows.iter().map(|r| r.seconds).sum::<f64>();
+    let md = table(&ex, &sets, &rows, &base, &failed, a.quick, total)?;
     crate::util::write_atomic(&out.join("table.md"), md.as_bytes())?;
     let results = json!({
-        "experiment": ex.name, "quick": a.quick, "tokens_per_run": ex.tokens, "wall_seconds": start.elapsed().as_secs_f64(),
+        "experiment": ex.name, "quick": a.quick, "tokens_per_run": ex.tokens, "seconds": total, "this_sitting_seconds": start.elapsed().as_secs_f64(),
         "runs": rows.iter().map(|r| json!({"name": r.name, "steps": r.steps, "tokens": r.tokens, "peak_rss_bytes": r.peak,
-            "train_seconds": r.train_s, "general": r.headline("general"), "domain": r.headline("domain"),
+            "train_seconds": r.train_s, "seconds": r.seconds, "general": r.headline("general"), "domain": r.headline("domain"),
             "mc": r.mc, "text": r.text, "chat": r.chat, "side_by_side": r.side_by_side})).collect::<Vec<_>>(),
         "base_side_by_side": base_answers,
         "failed": failed,
@@ -803,12 +907,58 @@ fn tables_html(md: &str) -> String {
     out
 }
 
+/// The set the learning-vs-forgetting chart plots for `role`: the first of that role whose
+/// figure (forgetting for general sets, gain for domain sets) is defined for every run (a
+/// forgetting rate is undefined where the base scored 0), else the first of that role. Every
+/// row lists the same sets in the same order, so one index serves them all.
+fn chart_set(rows: &[Row], role: &str) -> Option<usize> {
+    let first = rows.first()?;
+    let of_role: Vec<usize> = (0..first.mc.len()).filter(|&k| first.mc[k].role == role).collect();
+    let value = |p: &Paired| if role == "general" { p.forgetting.0 } else { p.gain.0 };
+    of_role
+        .iter()
+        .copied()
+        .find(|&k| rows.iter().all(|r| value(&r.mc[k].paired).is_finite()))
+        .or(of_role.first().copied())
+}
+
+/// The runs of each method with more than one run, by index, in order of forgetting on the
+/// general set `k`.
+fn frontiers(rows: &[Row], k: usize) -> Vec<Vec<usize>> {
+    let mut methods: Vec<&str> = rows.iter().filter_map(|r| r.method.as_deref()).collect();
+    methods.sort_unstable();
+    methods.dedup();
+    methods
+        .into_iter()
+        .map(|m| {
+            let mut ix: Vec<usize> = (0..rows.len())
+                .filter(|&i| rows[i].method.as_deref() == Some(m))
+                .collect();
+            ix.sort_by(|&a, &b| {
+                let f = |i: usize| rows[i].mc[k].paired.forgetting.0;
+                f(a).total_cmp(&f(b))
+            });
+            ix
+        })
+        .filter(|ix| ix.len() > 1)
+        .collect()
+}
+
 fn report_html(ex: &Experiment, rows: &[Row], md: &str, prompts: &[String], base_answers: &[String]) -> String {
     let curves: Vec<Series> = rows.iter().map(|r| r.ce.clone()).collect();
+    let (gk, dk) = (
+        chart_set(rows, "general").unwrap_or(0),
+        chart_set(rows, "domain").unwrap_or(0),
+    );
+    let set_name = |k: usize| {
+        rows.first()
+            .map(|r| r.mc[k].file.display().to_string())
+            .unwrap_or_default()
+    };
     let pts: Vec<_> = rows
         .iter()
         .map(|r| {
-            let (g, d) = (r.headline("general"), r.headline("domain"));
+            let (g, d) = (&r.mc[gk].paired, &r.mc[dk].paired);
             (
                 r.name.clone(),
                 100.0 * g.forgetting.0,
@@ -834,10 +984,11 @@ fn report_html(ex: &Experiment, rows: &[Row], md: &str, prompts: &[String], base
                 "<div class='plots'>{}{}</div>",
                 line_chart("training cross-entropy per run", "step", &curves),
                 scatter_chart(
-                    "learning vs forgetting (95% intervals)",
-                    "forgetting rate on the first general set (%)",
-                    "gain on the first domain set (points)",
-                    &pts
+                    "learning vs forgetting (95% intervals; a method's sweep joined)",
+                    &format!("forgetting rate on {} (%)", set_name(gk)),
+                    &format!("gain on {} (points)", set_name(dk)),
+                    &pts,
+                    &frontiers(rows, gk)
                 )
             ),
         ),

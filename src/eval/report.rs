@@ -153,8 +153,9 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series]) -> String {
     svg + "</svg>"
 }
 
-/// A scatter of labelled points with error bars `(label, x, (x_lo, x_hi), y, (y_lo, y_hi))`.
-pub fn scatter_chart(title: &str, x_label: &str, y_label: &str, pts: &[Point]) -> String {
+/// A scatter of labelled points with error bars `(label, x, (x_lo, x_hi), y, (y_lo, y_hi))`;
+/// each of `lines` joins the points it lists, in its order (a sweep's frontier).
+pub fn scatter_chart(title: &str, x_label: &str, y_label: &str, pts: &[Point], lines: &[Vec<usize>]) -> String {
     let (w, h, l, r, t, b) = (560.0, 340.0, 64.0, 16.0, 28.0, 40.0);
     let fin: Vec<_> = pts.iter().filter(|p| p.1.is_finite() && p.3.is_finite()).collect();
     let mut svg = format!(
@@ -201,6 +202,19 @@ pub fn scatter_chart(title: &str, x_label: &str, y_label: &str, pts: &[Point]) -
         ys(0.0)
     );
     f.draw(&mut svg, x_label, Some(y_label));
+    for line in lines {
+        let at: Vec<String> = line
+            .iter()
+            .filter_map(|&i| pts.get(i))
+            .filter(|p| p.1.is_finite() && p.3.is_finite())
+            .map(|p| format!("{:.1},{:.1}", xs(p.1), ys(p.3)))
+            .collect();
+        let _ = write!(
+            svg,
+            "<polyline points='{}' fill='none' stroke='#888' stroke-dasharray='4 3'/>",
+            at.join(" ")
+        );
+    }
     for (i, p) in fin.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         let (cx, cy) = (xs(p.1), ys(p.3));
