@@ -4,14 +4,26 @@
 # rounds, medians printed as the README's table. This VM's speed drifts by up to 2x within
 # minutes, so only rows measured in the same rounds are compared.
 #
-#   scripts/bench_vs_peft.sh [ROUNDS] [PYTHON]
+#   scripts/bench_vs_peft.sh [ROUNDS] [PYTHON] [WHICH]
 #
+# WHICH: `adapters` (LoRA and QLoRA rows), `full` (full fine-tuning rows: PyTorch f32 and
+# bf16 against strata's f32 and bf16 mixed precision) or `all` (the default).
 # PYTHON is the interpreter of the peer environment (../shared/peer; default
 # ~/.cache/strata-peer-venv/bin/python). Raw results go to runs/bench-vs-peft.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 py=${2:-$HOME/.cache/strata-peer-venv/bin/python}
+which=${3:-all}
+case $which in adapters|full|all) ;; *) echo "WHICH must be adapters, full or all" >&2; exit 1 ;; esac
+peer_specs=(); strata_dtypes=()
+if [ "$which" != full ]; then
+  peer_specs+=("lora bfloat16 no" "lora bfloat16 yes" "qlora bfloat16 no" "qlora bfloat16 yes" "lora float32 no")
+  strata_dtypes+=(bf16 nf4-dq f32)
+fi
+if [ "$which" != adapters ]; then
+  peer_specs+=("full bfloat16 no" "full bfloat16 yes" "full float32 no" "full float32 yes")
+fi
 peer=../shared/peer/peft_bench.py
 [ -x "$py" ] || { echo "no peer python at $py (see ../shared/peer/README)" >&2; exit 1; }
 [ -f "$peer" ] || { echo "no peer benchmark at $peer" >&2; exit 1; }
@@ -26,21 +38,30 @@ log=runs/bench-vs-peft.jsonl
 : >"$log"
 
 for round in $(seq 1 "$rounds"); do
-  for spec in "lora bfloat16 no" "lora bfloat16 yes" "qlora bfloat16 no" "qlora bfloat16 yes" "lora float32 no"; do
+  for spec in "${peer_specs[@]}"; do
     set -- $spec
     ckpt=(); [ "$3" = yes ] && ckpt=(--grad-ckpt)
     line=$("$py" "$peer" --preset smollm2 --mode "$1" --dtype "$2" "${ckpt[@]}" -b 4 -s 256 -w 1 -n 3 2>/dev/null | tail -1)
     echo "{\"round\": $round, \"who\": \"peft\", \"mode\": \"$1\", \"dtype\": \"$2\", \"ckpt\": \"$3\", \"r\": $line}" >>"$log"
     echo "round $round: peft $spec done" >&2
   done
-  for dtype in bf16 nf4-dq f32; do
+  for dtype in "${strata_dtypes[@]}"; do
     # One variant per process (the hidden --variant is what `bench train` runs per variant).
     for v in strata-no-recompute strata strata-selective; do
       line=$("$exe" bench train --variant "$v" --base-dtype "$dtype" --steps 3 2>/dev/null | tail -1)
-      echo "{\"round\": $round, \"who\": \"strata\", \"dtype\": \"$dtype\", \"variant\": \"$v\", \"r\": $line}" >>"$log"
+      echo "{\"round\": $round, \"who\": \"strata\", \"mode\": \"lora\", \"dtype\": \"$dtype\", \"variant\": \"$v\", \"r\": $line}" >>"$log"
       echo "round $round: strata $dtype $v done" >&2
     done
   done
+  if [ "$which" != adapters ]; then
+    for prec in bf16 f32; do
+      for v in strata-no-recompute strata; do
+        line=$("$exe" bench train --mode full --precision "$prec" --variant "$v" --steps 3 2>/dev/null | tail -1)
+        echo "{\"round\": $round, \"who\": \"strata\", \"mode\": \"full\", \"dtype\": \"$prec\", \"variant\": \"$v\", \"r\": $line}" >>"$log"
+        echo "round $round: strata full $prec $v done" >&2
+      done
+    done
+  fi
 done
 
 python3 - "$log" <<'EOF'
@@ -52,10 +73,26 @@ def med(sel, key):
 def peft(mode, dtype, ckpt):
     s = lambda r: r["who"] == "peft" and (r["mode"], r["dtype"], r["ckpt"]) == (mode, dtype, ckpt)
     return med(s, "tokens_per_s"), med(s, "peak_rss_mb") * 1e6
-def strata(dtype, v):
-    s = lambda r: r["who"] == "strata" and (r["dtype"], r["variant"]) == (dtype, v)
+def strata(dtype, v, mode="lora"):
+    s = lambda r: r["who"] == "strata" and (r.get("mode", "lora"), r["dtype"], r["variant"]) == (mode, dtype, v)
     return med(s, "tok_per_s"), med(s, "peak_rss")
+rc_name = {"strata-no-recompute": "no", "strata": "per block (default)", "strata-selective": "selective"}
 print(f"medians of {max(r['round'] for r in rows)} interleaved rounds\n")
+if any(r["who"] == "peft" and r["mode"] == "full" for r in rows):
+    print("Full fine-tuning (every weight, AdamW):\n")
+    print("| trainer | precision | recomputation | tok/s | peak RSS | speed vs PyTorch | memory vs PyTorch |")
+    print("|---|---|---|---|---|---|---|")
+    for prec, pdt, plabel in (("bf16", "bfloat16", "bf16 weights, grads, AdamW state"), ("f32", "float32", "f32")):
+        for ckpt, v in (("no", "strata-no-recompute"), ("yes", "strata")):
+            ref = peft("full", pdt, ckpt)
+            label = "gradient checkpointing" if ckpt == "yes" else "no"
+            print(f"| PyTorch | {plabel} | {label} | {ref[0]:.0f} | {ref[1] / 1e9:.2f} GB | 1.00x | 1.00x |")
+            t, m = strata(prec, v, "full")
+            slabel = "bf16 mixed (f32 masters and AdamW state)" if prec == "bf16" else "f32"
+            print(f"| **strata** | {slabel} | {rc_name[v]} | {t:.0f} | {m / 1e9:.2f} GB | {t / ref[0]:.2f}x | {m / ref[1]:.2f}x |")
+    print()
+if not any(r["who"] == "peft" and r["mode"] != "full" for r in rows):
+    sys.exit(0)
 print("| trainer | frozen base | recomputation | tok/s | peak RSS | speed vs PyTorch | memory vs PyTorch |")
 print("|---|---|---|---|---|---|---|")
 groups = [
@@ -75,7 +112,7 @@ for dtype, mode, pdt, who, base in groups:
             print(f"| {who} | {base} | {label} | {ref[0]:.0f} | {ref[1] / 1e9:.2f} GB | 1.00x | 1.00x |")
         for v in variants:
             t, m = strata(dtype, v)
-            rc = {"strata-no-recompute": "no", "strata": "per block (default)", "strata-selective": "selective"}[v]
+            rc = rc_name[v]
             print(f"| **strata** | {base if dtype != 'nf4-dq' else 'NF4 + double quant'} | {rc} | {t:.0f} | {m / 1e9:.2f} GB "
                   f"| {t / ref[0]:.2f}x{tag} | {m / ref[1]:.2f}x{tag} |")
 EOF

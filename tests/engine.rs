@@ -67,7 +67,7 @@ fn every_trainable_parameter_gets_a_gradient_and_recompute_matches() -> Result<(
                 let a = g1.get(v).unwrap_or_else(|| panic!("{name}: no gradient"));
                 let n = a.abs()?.sum_all()?.to_scalar::<f32>()?;
                 assert!(n > 0.0, "{name}: zero gradient");
-                let d = max_diff(a, g2.get(v).unwrap())?;
+                let d = max_diff(&a, &g2.get(v).unwrap())?;
                 assert!(d < 1e-5 * (1.0 + n), "{name}: {r:?} recompute differs by {d}");
             }
         }
@@ -190,12 +190,100 @@ fn full_finetune_gradients_match_naive_autograd() -> Result<()> {
             let want = grads.get(v.as_tensor()).unwrap();
             let got = acc.get(v).unwrap_or_else(|| panic!("{name}: no gradient"));
             let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            let d = max_diff(got, want)?;
+            let d = max_diff(&got, want)?;
             assert!(
                 d <= 1e-4 * (1.0 + scale),
                 "{name} (tied {tied}): differs by {d} (scale {scale})"
             );
         }
+    }
+    Ok(())
+}
+
+/// bf16 mixed precision (f32 masters, bf16 kernel copies for every GEMM of a trained weight,
+/// the head's included) gives the f32 path's gradients within bf16's own rounding, with and
+/// without recomputation, tied and untied; after an AdamW update the refreshed copies give the
+/// updated weights' loss.
+#[test]
+fn bf16_mixed_precision_gradients_match_the_f32_path() -> Result<()> {
+    if !strata::ops::bf16_gemm::available() {
+        eprintln!("skipping: this CPU has no AVX512-BF16");
+        return Ok(());
+    }
+    let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64) };
+    for tied in [false, true] {
+        let cfg = tiny_config(Arch::Qwen2, 300, tied);
+        let src = random_weights(&cfg, 2);
+        let f32m = Model::load(&cfg, &src, BaseDtype::F32, true, &Device::Cpu)?;
+        let mut mixed = Model::load(&cfg, &src, BaseDtype::F32, true, &Device::Cpu)?;
+        let bytes = mixed.mixed_precision()?;
+        // Every projection's and the head's copy, both layouts, 2 bytes a value each.
+        let linear: usize = cfg.num_layers
+            * strata::model::Proj::ALL
+                .iter()
+                .map(|&m| {
+                    let (o, i) = cfg.linear_shape(m);
+                    o * i
+                })
+                .sum::<usize>();
+        assert!(
+            bytes >= 4 * (linear + cfg.vocab_size * cfg.hidden_size),
+            "{bytes} bytes of copies"
+        );
+        let b = batch(300, 2, 9, 5)?;
+        for recompute in [Recompute::Blocks, Recompute::Off] {
+            let (mut want, mut got) = (GradAcc::default(), GradAcc::default());
+            let s32 = forward_backward(&f32m, &b, 0.05, recompute, Fwd::eval(), &mut want)?;
+            let s16 = forward_backward(&mixed, &b, 0.05, recompute, Fwd::eval(), &mut got)?;
+            assert!(
+                (s32.nll_sum - s16.nll_sum).abs() < 1e-2 * s32.nll_sum,
+                "loss {} vs {}",
+                s32.nll_sum,
+                s16.nll_sum
+            );
+            for ((name, v32), (_, v16)) in f32m.trainable().iter().zip(mixed.trainable()) {
+                let (w, g) = (want.get(v32).unwrap(), got.get(&v16).unwrap());
+                let rel = norm(&(&g - &w)?)? / norm(&w)?.max(1e-12);
+                // bf16 keeps 8 significant bits (0.4% per rounding); a few roundings compound.
+                assert!(rel < 3e-2, "{name} (tied {tied}, {recompute:?}): relative error {rel}");
+            }
+        }
+        // One update, then the copies follow the masters.
+        let mut acc = GradAcc::default();
+        forward_backward(&mixed, &b, 0.05, Recompute::Blocks, Fwd::eval(), &mut acc)?;
+        let params = mixed.trainable();
+        strata::engine::AdamW::new(0.0).step(&params, &acc, |_| 1e-2)?;
+        let stale = forward_backward(
+            &mixed,
+            &b,
+            0.05,
+            Recompute::Blocks,
+            Fwd::eval(),
+            &mut GradAcc::default(),
+        )?;
+        mixed.refresh_packs()?;
+        let fresh = forward_backward(
+            &mixed,
+            &b,
+            0.05,
+            Recompute::Blocks,
+            Fwd::eval(),
+            &mut GradAcc::default(),
+        )?;
+        let updated = Model::load(&cfg, &src, BaseDtype::F32, true, &Device::Cpu)?;
+        for ((_, v), (_, u)) in params.iter().zip(updated.trainable()) {
+            u.set(v.as_tensor())?;
+        }
+        let exact = forward_backward(
+            &updated,
+            &b,
+            0.05,
+            Recompute::Blocks,
+            Fwd::eval(),
+            &mut GradAcc::default(),
+        )?;
+        assert!((fresh.nll_sum - exact.nll_sum).abs() < 1e-2 * exact.nll_sum);
+        assert!((fresh.nll_sum - exact.nll_sum).abs() < (stale.nll_sum - exact.nll_sum).abs());
     }
     Ok(())
 }
@@ -605,7 +693,7 @@ fn device_path_matches_the_fused_cpu_path_on_qlora() -> Result<()> {
             let a = g_cpu.get(vc).unwrap_or_else(|| panic!("{name}: no gradient"));
             let n = a.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(n > 0.0, "{name}: zero gradient");
-            let d = max_diff(a, g_dev.get(vd).unwrap())?;
+            let d = max_diff(&a, &g_dev.get(vd).unwrap())?;
             assert!(d < 1e-4 * n, "{arch:?} {name}: device path differs by {d} (scale {n})");
         }
     }

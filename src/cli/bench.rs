@@ -58,6 +58,14 @@ pub struct Args {
     /// CPU backend).
     #[arg(long, default_value = "cuda")]
     pub device: String,
+    /// What `bench train` trains: `lora` (r=16 on all seven projections of a frozen base) or
+    /// `full` (every weight; `--base-dtype` is then ignored).
+    #[arg(long, default_value = "lora")]
+    pub mode: crate::train::recipe::Mode,
+    /// Trained dense weights under `--mode full`: `auto`, `bf16` (mixed precision through the
+    /// bf16 kernel) or `f32`, as `train.precision` says.
+    #[arg(long, default_value = "auto")]
+    pub precision: crate::train::recipe::Precision,
     /// Run one variant in this process (used by the parent process; prints JSON).
     #[arg(long, hide = true)]
     pub variant: Option<String>,
@@ -240,16 +248,24 @@ pub fn run(mut a: Args) -> Result<()> {
     if let Some(v) = &a.variant {
         return run_variant(&a, &cfg, v);
     }
+    let what = match a.mode {
+        crate::train::recipe::Mode::Full => format!("full fine-tuning, precision {}", a.precision.name()),
+        crate::train::recipe::Mode::Lora => {
+            format!("LoRA r=16 alpha=32 on all 7 projections, {} frozen base", a.base_dtype)
+        }
+    };
     println!(
-        "bench train: {} shape ({} layers, hidden {}, vocab {}), LoRA r=16 alpha=32 on all 7 projections, {} frozen base, \
+        "bench train: {} shape ({} layers, hidden {}, vocab {}), {what}, \
          batch {} x {}; each variant in its own process (clean peak RSS), {} interleaved rounds of 1 warm-up + {} timed steps",
-        a.shape, cfg.num_layers, cfg.hidden_size, cfg.vocab_size, a.base_dtype, batch, seq_len, a.rounds, a.steps
+        a.shape, cfg.num_layers, cfg.hidden_size, cfg.vocab_size, batch, seq_len, a.rounds, a.steps
     );
     let exe = std::env::current_exe()?;
     let variants: Vec<&str> = VARIANTS
         .iter()
         .copied()
         .filter(|v| !(a.no_baseline && *v == "naive-candle"))
+        // Selective recomputation keeps adapted products; full fine-tuning has none.
+        .filter(|v| !(a.mode == crate::train::recipe::Mode::Full && *v == "strata-selective"))
         .collect();
     let mut results: Vec<(Vec<f64>, u64)> = vec![(Vec::new(), 0); variants.len()];
     for round in 0..a.rounds {
@@ -269,6 +285,14 @@ pub fn run(mut a: Args) -> Result<()> {
                     &a.shape,
                     "--base-dtype",
                     &a.base_dtype,
+                    "--mode",
+                    if a.mode == crate::train::recipe::Mode::Full {
+                        "full"
+                    } else {
+                        "lora"
+                    },
+                    "--precision",
+                    a.precision.name(),
                     "--variant",
                     v,
                 ])
@@ -321,9 +345,21 @@ pub fn run(mut a: Args) -> Result<()> {
 /// One variant in this process: a warm-up step, then `steps` timed steps; prints a JSON line.
 fn run_variant(a: &Args, cfg: &ModelConfig, variant: &str) -> Result<()> {
     let src = crate::cli::synthetic::random_weights(cfg, 0);
-    let mut model = Model::load(cfg, &src, BaseDtype::parse(&a.base_dtype)?, false, &Device::Cpu)?;
+    let full = a.mode == crate::train::recipe::Mode::Full;
+    let base = if full {
+        BaseDtype::F32
+    } else {
+        BaseDtype::parse(&a.base_dtype)?
+    };
+    let mut model = Model::load(cfg, &src, base, full, &Device::Cpu)?;
     drop(src);
-    LoraPlan::uniform(16, 32.0, &MODULES).attach(&mut model, 0)?;
+    if full {
+        if a.precision.bf16_on(&Device::Cpu)? {
+            model.mixed_precision()?;
+        }
+    } else {
+        LoraPlan::uniform(16, 32.0, &MODULES).attach(&mut model, 0)?;
+    }
     let (batch, seq_len) = (a.batch.unwrap_or(4), a.seq_len.unwrap_or(256));
     let secs = timed_steps(&model, variant, batch, seq_len, a.steps)?;
     let n = batch * seq_len;
@@ -363,6 +399,7 @@ pub(crate) fn timed_steps(model: &Model, variant: &str, rows: usize, seq_len: us
             acc.scale(1.0 / norm)?;
         }
         opt.step(&params, &acc, |_| 1e-4)?;
+        model.refresh_packs()?;
         Ok(loss)
     };
     step()?;

@@ -307,7 +307,7 @@ fn qlora_step_gaps(dev: &Device) -> Result<Vec<(String, f64, f64)>> {
         let (Some(a), Some(b)) = (g_host.get(vh), g_dev.get(vd)) else {
             bail!("{n}: no gradient in the QLoRA step");
         };
-        let g = gap(b, a)?;
+        let g = gap(&b, &a)?;
         if g >= worst {
             (worst, name) = (g, n.clone());
         }

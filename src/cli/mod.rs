@@ -60,6 +60,7 @@ impl Cli {
             Command::Train(a) => crate::train::recipe::Recipe::load(&a.recipe, &a.sets)
                 .map(|r| r.full())
                 .unwrap_or(false),
+            Command::Bench(a) => a.mode == crate::train::recipe::Mode::Full,
             _ => false,
         }
     }

@@ -41,23 +41,26 @@ impl AdamW {
     pub fn step(&mut self, params: &[(String, Var)], grads: &GradAcc, lr: impl Fn(usize) -> f64) -> Result<()> {
         self.t += 1;
         for (i, (name, p)) in params.iter().enumerate() {
-            let Some(g) = grads.get(p) else { continue };
+            let Some(g) = grads.unscaled(p) else { continue };
             let lr = lr(i);
             let (m, v) = match self.moments.remove(name) {
                 Some(mv) => mv,
                 None => (g.zeros_like()?, g.zeros_like()?),
             };
-            let h = self.hyper(lr, p.as_tensor().rank() >= 2);
+            let mut h = self.hyper(lr, p.as_tensor().rank() >= 2);
+            h.gscale = grads.factor();
             let w = p.as_tensor();
             let fused = [w, g, &m, &v]
                 .iter()
                 .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.shape() == w.shape());
-            let (w, m, v) = if fused {
-                fused_update(w, g, &m, &v, &h)?
+            if fused && [w, &m, &v].iter().all(|t| t.is_contiguous()) {
+                update_in_place(w, g, &m, &v, &h)?;
             } else {
-                composed_update(w, g, &m, &v, &h)?
-            };
-            p.set(&w)?;
+                let (w, m, v) = composed_update(w, g, &m, &v, &h)?;
+                p.set(&w)?;
+                self.moments.insert(name.clone(), (m, v));
+                continue;
+            }
             self.moments.insert(name.clone(), (m, v));
         }
         Ok(())
@@ -77,6 +80,7 @@ impl AdamW {
             } else {
                 1.0
             },
+            gscale: 1.0,
         }
     }
 
@@ -97,6 +101,35 @@ struct Hyper {
     lr: f64,
     /// `1 - lr * weight_decay` for matrices, 1 otherwise.
     decay: f64,
+    /// The gradients' pending factor (clipping), applied as they are read.
+    gscale: f64,
+}
+
+/// Values of a parameter updated at once by [`update_in_place`]: its working set (the new
+/// values of a slice of `w`, `m` and `v`) is 12 bytes each, 12 MiB, whatever the parameter's size.
+pub const UPDATE_SLICE: usize = 1 << 20;
+
+/// [`fused_update`] written back into `w`, `m` and `v` themselves, a slice of
+/// [`UPDATE_SLICE`] values at a time, so that a large parameter (a trained embedding) does not
+/// need a second copy of itself and its moments during the update. The three must be
+/// contiguous f32 CPU tensors that nothing else reads during the step (the parameter's `Var`
+/// and the optimizer's own moments).
+fn update_in_place(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: &Hyper) -> Result<()> {
+    let n = w.elem_count();
+    let (wf, gf, mf, vf) = (w.flatten_all()?, g.flatten_all()?, m.flatten_all()?, v.flatten_all()?);
+    let mut at = 0;
+    while at < n {
+        let len = UPDATE_SLICE.min(n - at);
+        let part = |t: &Tensor| t.narrow(0, at, len);
+        // The new values are computed from borrowed views, which are released before the
+        // writes (a write takes the storage's lock).
+        let (nw, nm, nv) = fused_update(&part(&wf)?, &part(&gf)?, &part(&mf)?, &part(&vf)?, h)?;
+        wf.slice_set(&nw, 0, at)?;
+        mf.slice_set(&nm, 0, at)?;
+        vf.slice_set(&nv, 0, at)?;
+        at += len;
+    }
+    Ok(())
 }
 
 /// The update in one parallel pass over f32 CPU values: reads `w`, `g`, `m`, `v` once and
@@ -110,7 +143,7 @@ fn fused_update(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: &Hyper) -> Re
     let (mut nw, mut nm, mut nv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
     let (b1, b2, eps) = (h.beta1 as f32, h.beta2 as f32, h.eps as f32);
     let (ib1, ib2) = ((1.0 / h.bc1) as f32, (1.0 / h.bc2) as f32);
-    let (lr, decay) = (h.lr as f32, h.decay as f32);
+    let (lr, decay, gscale) = (h.lr as f32, h.decay as f32, h.gscale as f32);
     const CHUNK: usize = 1 << 14;
     nw.par_chunks_mut(CHUNK)
         .zip(nm.par_chunks_mut(CHUNK))
@@ -119,7 +152,7 @@ fn fused_update(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: &Hyper) -> Re
         .for_each(|(c, ((wo, mo), vo))| {
             let o = c * CHUNK;
             for i in 0..wo.len() {
-                let gi = gs[o + i];
+                let gi = gs[o + i] * gscale;
                 let mi = b1 * ms[o + i] + (1.0 - b1) * gi;
                 let vi = b2 * vs[o + i] + (1.0 - b2) * gi * gi;
                 let upd = (mi * ib1) / ((vi * ib2).sqrt() + eps);
@@ -138,6 +171,7 @@ fn fused_update(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: &Hyper) -> Re
 
 /// The same update in tensor ops, for parameters off the CPU or not in f32.
 fn composed_update(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: &Hyper) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = &(g * h.gscale)?;
     let m = ((m * h.beta1)? + (g * (1.0 - h.beta1))?)?;
     let v = ((v * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
     let upd = ((&m / h.bc1)? / ((&v / h.bc2)?.sqrt()? + h.eps)?)?;
@@ -149,6 +183,30 @@ fn composed_update(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: &Hyper) ->
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The in-place update, a slice at a time over several slices, writes what the fused pass
+    /// returns, into the parameter and moments themselves.
+    #[test]
+    fn in_place_update_matches_the_fused_pass() -> Result<()> {
+        let dev = Device::Cpu;
+        let n = 2 * UPDATE_SLICE + 123;
+        let w0 = Tensor::randn(0f32, 1.0, (n,), &dev)?;
+        let (mut wf, mut mf, mut vf) = (w0.copy()?, w0.zeros_like()?, w0.zeros_like()?);
+        let (wi, mi, vi) = (w0.copy()?, w0.zeros_like()?, w0.zeros_like()?);
+        let mut opt = AdamW::new(0.1);
+        for t in 1..=3 {
+            opt.t = t;
+            let g = Tensor::randn(0f32, 0.5, (n,), &dev)?;
+            let h = opt.hyper(1e-2, true);
+            (wf, mf, vf) = fused_update(&wf, &g, &mf, &vf, &h)?;
+            update_in_place(&wi, &g, &mi, &vi, &h)?;
+        }
+        for (a, b) in [(&wi, &wf), (&mi, &mf), (&vi, &vf)] {
+            assert_eq!(a.to_vec1::<f32>()?, b.to_vec1::<f32>()?);
+        }
+        assert!((&wi - &w0)?.abs()?.max_all()?.to_scalar::<f32>()? > 1e-3);
+        Ok(())
+    }
 
     /// The fused pass and the tensor-op update agree over several steps, for a matrix (decayed)
     /// and a vector (not decayed).

@@ -132,15 +132,27 @@ pub struct StepStats {
 /// and its gradient `dL/dhn`, already scaled as it should enter the step.
 pub type ExtraTerm<'a> = &'a dyn Fn(&Tensor) -> Result<(f64, Tensor)>;
 
-/// Gradients accumulated across micro-batches, keyed by parameter.
-#[derive(Default)]
+/// Gradients accumulated across micro-batches, keyed by parameter, with a pending factor
+/// (clipping) that the optimizer applies as it reads them instead of a pass over every gradient.
 pub struct GradAcc {
     grads: HashMap<TensorId, Tensor>,
+    factor: f64,
+}
+
+impl Default for GradAcc {
+    fn default() -> Self {
+        Self {
+            grads: HashMap::new(),
+            factor: 1.0,
+        }
+    }
 }
 
 impl GradAcc {
     /// Adds `g` to the gradient of `v`.
     pub fn add(&mut self, v: &Var, g: &Tensor) -> Result<()> {
+        // A pending factor belongs to what was summed before it: settle it first.
+        self.settle()?;
         let id = v.as_tensor().id();
         // Stored detached: a gradient must never keep a graph alive across steps.
         let g = g.to_dtype(DType::F32)?.detach();
@@ -152,31 +164,67 @@ impl GradAcc {
         Ok(())
     }
 
-    /// The gradient of `v`, if any reached it.
-    pub fn get(&self, v: &Var) -> Option<&Tensor> {
+    /// The gradient of `v`, if any reached it (the pending factor applied).
+    pub fn get(&self, v: &Var) -> Option<Tensor> {
+        let g = self.grads.get(&v.as_tensor().id())?;
+        if self.factor == 1.0 {
+            Some(g.clone())
+        } else {
+            (g * self.factor).ok()
+        }
+    }
+
+    /// The gradient of `v` as summed, before the pending [`GradAcc::factor`] (what the
+    /// optimizer reads, applying the factor in its own pass).
+    pub fn unscaled(&self, v: &Var) -> Option<&Tensor> {
         self.grads.get(&v.as_tensor().id())
     }
 
-    /// Multiplies every gradient by `s` (clipping).
+    /// The factor every gradient is still to be multiplied by.
+    pub fn factor(&self) -> f64 {
+        self.factor
+    }
+
+    /// Multiplies every gradient by `s` (clipping), lazily.
     pub fn scale(&mut self, s: f64) -> Result<()> {
-        for g in self.grads.values_mut() {
-            *g = (&*g * s)?;
+        self.factor *= s;
+        Ok(())
+    }
+
+    fn settle(&mut self) -> Result<()> {
+        if self.factor != 1.0 {
+            for g in self.grads.values_mut() {
+                *g = (&*g * self.factor)?;
+            }
+            self.factor = 1.0;
         }
         Ok(())
     }
 
-    /// Global L2 norm of all gradients.
+    /// Global L2 norm of all gradients: sums of squares in f64 over borrowed f32 values, no
+    /// copy of any gradient.
     pub fn norm(&self) -> Result<f64> {
+        use rayon::prelude::*;
         let mut s = 0.0;
         for g in self.grads.values() {
-            s += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if g.device().is_cpu() {
+                let v = crate::ops::f32_view(g)?;
+                s += v
+                    .get()
+                    .par_chunks(1 << 14)
+                    .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                    .sum::<f64>();
+            } else {
+                s += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            }
         }
-        Ok(s.sqrt())
+        Ok(s.sqrt() * self.factor.abs())
     }
 
     /// Drops every gradient.
     pub fn clear(&mut self) {
         self.grads.clear();
+        self.factor = 1.0;
     }
 }
 
@@ -218,11 +266,17 @@ pub fn forward_backward_with(
         Param::Train(v) => Some(v.clone()),
         Param::Frozen(_) => None,
     };
+    // A trained head under mixed precision runs on its bf16 working copy (weight gradient
+    // included); a frozen one on its packed copy when it has one.
+    let train_head = match (&head_var, &model.train_head) {
+        (Some(_), Some(p)) => Some(p.read()?),
+        _ => None,
+    };
     let opts = HeadOptions {
         chunk: crate::ops::lm_head::chunk_rows(model.cfg.vocab_size),
         grad_scale: Some(grad_scale),
         want_dw: head_var.is_some(),
-        pack: model.head_pack.as_deref(),
+        pack: train_head.as_deref().or(model.head_pack.as_deref()),
         ..Default::default()
     };
     let x0 = model.embed(&batch.ids)?;

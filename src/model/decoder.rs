@@ -19,6 +19,7 @@ use crate::ops::norm::{rms_norm, rms_norm_composed};
 use crate::ops::quant_linear::quant_linear;
 use crate::ops::rope::Rope;
 use crate::ops::swiglu::swiglu;
+use crate::ops::trained_linear::{trained_linear, TrainPack};
 use crate::ops::{frozen_linear, lm_head};
 use crate::rng::mix;
 use candle_core::quantized::QTensor;
@@ -126,6 +127,8 @@ pub struct Linear {
     /// An NF4 `w` held on the model's device (any device but the CPU, or the CPU on request):
     /// the forward decodes this copy with `ops::dequant_device`.
     pub nf4_dev: Option<std::sync::Arc<DeviceNf4>>,
+    /// A trained `w`'s bf16 working copy under mixed precision ([`Model::mixed_precision`]).
+    pub train_pack: Option<Arc<TrainPack>>,
 }
 
 /// Per-forward switches.
@@ -223,7 +226,10 @@ impl Linear {
                 dequant_linear(x, Compact::Bf16(w.clone()))?
             }
             LinearWeight::Dense(Param::Frozen(w)) => frozen_linear(x, w, self.pack.as_ref())?,
-            LinearWeight::Dense(Param::Train(w)) => x.matmul(&w.as_tensor().t()?)?,
+            LinearWeight::Dense(Param::Train(w)) => match &self.train_pack {
+                Some(p) if !fwd.composed && x.dtype() == DType::F32 => trained_linear(x, w.as_tensor(), p)?,
+                _ => x.matmul(&w.as_tensor().t()?)?,
+            },
             // GGUF block types decode by slabs like NF4; anything else through candle's QMatMul.
             LinearWeight::Quant(q) if gguf_decodable(q) => dequant_linear(x, Compact::Gguf(q.clone()))?,
             LinearWeight::Quant(q) => quant_linear(x, q)?,
@@ -314,6 +320,8 @@ pub struct Model {
     rope: Rope,
     /// The frozen head packed for the bf16 kernel (bf16 bases on AVX512-BF16 CPUs).
     pub head_pack: Option<std::sync::Arc<lm_head::HeadPack>>,
+    /// A trained head's (or tied embedding's) bf16 working copy under mixed precision.
+    pub train_head: Option<Arc<TrainPack>>,
     /// Device of every tensor.
     pub device: Device,
     /// The precision the base was loaded in (per-module choices aside).
@@ -464,6 +472,7 @@ impl Model {
                     lora: None,
                     pack,
                     nf4_dev,
+                    train_pack: None,
                 });
             }
             blocks.push(Block {
@@ -501,11 +510,12 @@ impl Model {
             head,
             rope,
             head_pack: None,
+            train_head: None,
             device: dev.clone(),
             base,
         };
         if pd == DType::BF16 && !full && spec.pack {
-            model.head_pack = lm_head::HeadPack::new(model.head_weight())?.map(std::sync::Arc::new);
+            model.head_pack = lm_head::HeadPack::of_head(model.head_weight())?.map(std::sync::Arc::new);
         }
         Ok(model)
     }
@@ -584,7 +594,8 @@ impl Model {
         if Self::is_head_or_embed(name) {
             self.head_pack = None;
         }
-        Ok(())
+        // A trained weight's bf16 working copy follows its new value.
+        self.refresh_packs()
     }
 
     /// Makes the base parameters of `modules` trainable (f32), beside the adapters.
@@ -599,6 +610,44 @@ impl Model {
                 // The packed head is a frozen copy; a trained head must be read live.
                 self.head_pack = None;
             }
+        }
+        Ok(())
+    }
+
+    /// bf16 mixed precision for every trained dense weight (full fine-tuning, a trained head or
+    /// embedding): the f32 weight stays the master the optimizer updates, and the GEMMs read a
+    /// bf16 copy packed for the AVX512-BF16 kernel (forward, input and weight gradients), which
+    /// [`Model::refresh_packs`] brings up to date after each update. Returns the bytes the
+    /// copies hold; 0 where the kernel cannot run them (the f32 path stays).
+    pub fn mixed_precision(&mut self) -> Result<usize> {
+        let mut bytes = 0;
+        for b in &mut self.blocks {
+            for lin in b.proj.values_mut() {
+                if let LinearWeight::Dense(Param::Train(w)) = &lin.w {
+                    lin.train_pack = TrainPack::new(w.as_tensor())?;
+                    bytes += lin.train_pack.as_ref().map_or(0, |p| p.bytes());
+                }
+            }
+        }
+        if let Param::Train(w) = self.head.as_ref().unwrap_or(&self.embed) {
+            self.train_head = TrainPack::new(w.as_tensor())?;
+            bytes += self.train_head.as_ref().map_or(0, |p| p.bytes());
+        }
+        Ok(bytes)
+    }
+
+    /// Repacks every bf16 working copy from its f32 master ([`Model::mixed_precision`]): after
+    /// each optimizer update and whenever trained values are restored.
+    pub fn refresh_packs(&self) -> Result<()> {
+        for b in &self.blocks {
+            for lin in b.proj.values() {
+                if let (LinearWeight::Dense(Param::Train(w)), Some(p)) = (&lin.w, &lin.train_pack) {
+                    p.refresh(w.as_tensor())?;
+                }
+            }
+        }
+        if let (Param::Train(w), Some(p)) = (self.head.as_ref().unwrap_or(&self.embed), &self.train_head) {
+            p.refresh(w.as_tensor())?;
         }
         Ok(())
     }

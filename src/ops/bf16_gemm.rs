@@ -53,10 +53,38 @@ impl LinearPack {
         }
     }
 
+    /// Packs a row-major f32 `w [n, k]`, each value rounded to bf16 (a trained weight's
+    /// working copy under mixed precision).
+    pub fn from_f32(w: &[f32], n: usize, k: usize) -> Self {
+        Self::new(&to_bf16(w), n, k)
+    }
+
+    /// Repacks both layouts in place from an updated f32 `w [n, k]` (no allocation: the
+    /// optimizer's refresh of the bf16 copies).
+    pub fn refresh_f32(&mut self, w: &[f32]) {
+        let (n, k) = (self.fwd.n, self.bwd.n);
+        assert_eq!(w.len(), n * k, "refresh: weight size changed");
+        let wb = to_bf16(w);
+        self.fwd.fill_transposed(&wb, n, k);
+        self.bwd.fill_rows(&wb, n, k);
+    }
+
     /// Bytes held by both packings.
     pub fn bytes(&self) -> usize {
         self.fwd.bytes() + self.bwd.bytes()
     }
+}
+
+/// `x` rounded to bf16 (nearest even), in parallel, 16 values an instruction where the CPU
+/// has AVX512-BF16.
+pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; x.len()];
+    // SAFETY: `half::bf16` is `repr(transparent)` over `u16`, so the buffer is `len` u16s.
+    let bits = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u16, out.len()) };
+    bits.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(d, s)| f32_to_bf16_bits(s, d));
+    out
 }
 
 /// B packed into 48-column panels of bf16 pairs along k.
@@ -86,8 +114,13 @@ impl PackedB {
     /// `B = W^T` for a row-major `w [n, k]` (the forward of a linear layer, `x W^T`).
     pub fn from_transposed(w: &[bf16], n: usize, k: usize) -> Self {
         let mut out = Self::alloc(n, k);
-        let kp = out.kp;
-        out.data.par_chunks_mut(kp * NR).enumerate().for_each(|(pb, panel)| {
+        out.fill_transposed(w, n, k);
+        out
+    }
+
+    fn fill_transposed(&mut self, w: &[bf16], n: usize, k: usize) {
+        let kp = self.kp;
+        self.data.par_chunks_mut(kp * NR).enumerate().for_each(|(pb, panel)| {
             for jj in 0..NR.min(n - pb * NR) {
                 let row = &w[(pb * NR + jj) * k..(pb * NR + jj + 1) * k];
                 for p in 0..kp {
@@ -96,14 +129,18 @@ impl PackedB {
                 }
             }
         });
-        out
     }
 
     /// `B = W` for a row-major `w [k, n]` (the input gradient of a linear layer, `g W`).
     pub fn from_rows(w: &[bf16], k: usize, n: usize) -> Self {
         let mut out = Self::alloc(n, k);
-        let kp = out.kp;
-        out.data.par_chunks_mut(kp * NR).enumerate().for_each(|(pb, panel)| {
+        out.fill_rows(w, k, n);
+        out
+    }
+
+    fn fill_rows(&mut self, w: &[bf16], k: usize, n: usize) {
+        let kp = self.kp;
+        self.data.par_chunks_mut(kp * NR).enumerate().for_each(|(pb, panel)| {
             let j0 = pb * NR;
             let cols = NR.min(n - j0);
             for p in 0..kp {
@@ -121,13 +158,51 @@ impl PackedB {
                 }
             }
         });
-        out
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.data.len() * 4
     }
+}
+
+/// The weight gradient of a linear layer, `dw [n, k] = g^T x` for `g [m, n]` and `x [m, k]`
+/// (m = tokens): both operands rounded to bf16, products summed in f32, through [`gemm`]
+/// (A = g^T as pairs along m, B = x packed by rows). Overwrites `dw`, or adds into it when
+/// `accumulate`.
+pub fn weight_grad(g: &[f32], x: &[f32], m: usize, n: usize, k: usize, dw: &mut [f32], accumulate: bool) {
+    assert!(
+        g.len() >= m * n && x.len() >= m * k && dw.len() >= n * k,
+        "weight_grad: operand sizes do not match"
+    );
+    let mp = m.div_ceil(2);
+    // g rounded to bf16 once (vectorized), then transposed into pairs along m.
+    let mut gb = vec![0u16; m * n];
+    gb.par_chunks_mut(n)
+        .zip(g.par_chunks(n))
+        .for_each(|(d, s)| f32_to_bf16_bits(s, d));
+    let mut a = vec![0u32; n * mp];
+    const IB: usize = 64;
+    a.par_chunks_mut(IB * mp).enumerate().for_each(|(blk, dst)| {
+        let i0 = blk * IB;
+        let rows = dst.len() / mp;
+        for p in 0..mp {
+            let r0 = &gb[2 * p * n + i0..2 * p * n + i0 + rows];
+            if 2 * p + 1 < m {
+                let r1 = &gb[(2 * p + 1) * n + i0..(2 * p + 1) * n + i0 + rows];
+                for ii in 0..rows {
+                    dst[ii * mp + p] = r0[ii] as u32 | (r1[ii] as u32) << 16;
+                }
+            } else {
+                for ii in 0..rows {
+                    dst[ii * mp + p] = r0[ii] as u32;
+                }
+            }
+        }
+    });
+    drop(gb);
+    let b = PackedB::from_rows(&to_bf16(&x[..m * k]), m, k);
+    gemm_into(&a, n, &b, dw, accumulate);
 }
 
 /// Converts f32 rows `[m, k]` to bf16 pair rows `[m, ceil(k/2)]` (round to nearest even). A
@@ -181,6 +256,11 @@ unsafe fn cvt_bf16_avx512(src: *const f32, dst: *mut u16, n: usize) -> usize {
 /// `c [m, b.n] = a [m, kp pairs] x b`, overwriting `c`. Panics if the CPU lacks AVX512-BF16
 /// (callers check [`available`]) or if the slices are too short.
 pub fn gemm(a: &[u32], m: usize, b: &PackedB, c: &mut [f32]) {
+    gemm_into(a, m, b, c, false)
+}
+
+/// [`gemm`], adding into `c` when `accumulate` (a weight gradient summed over chunks of rows).
+pub fn gemm_into(a: &[u32], m: usize, b: &PackedB, c: &mut [f32], accumulate: bool) {
     assert!(available(), "bf16 gemm called on a CPU without AVX512-BF16");
     let (n, kp) = (b.n, b.kp);
     assert!(
@@ -204,15 +284,26 @@ pub fn gemm(a: &[u32], m: usize, b: &PackedB, c: &mut [f32]) {
                 // panel (B) and mr rows of `cols` columns at stride n (C), as asserted above.
                 unsafe {
                     #[cfg(target_arch = "x86_64")]
-                    match mr {
-                        8 => kernel::<8>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
-                        7 => kernel::<7>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
-                        6 => kernel::<6>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
-                        5 => kernel::<5>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
-                        4 => kernel::<4>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
-                        3 => kernel::<3>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
-                        2 => kernel::<2>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
-                        _ => kernel::<1>(kp, ap.as_ptr(), kp, bp.as_ptr(), cp.as_mut_ptr(), n, cols),
+                    {
+                        let (ap, bp, cp) = (ap.as_ptr(), bp.as_ptr(), cp.as_mut_ptr());
+                        match (mr, accumulate) {
+                            (8, false) => kernel::<8, false>(kp, ap, kp, bp, cp, n, cols),
+                            (7, false) => kernel::<7, false>(kp, ap, kp, bp, cp, n, cols),
+                            (6, false) => kernel::<6, false>(kp, ap, kp, bp, cp, n, cols),
+                            (5, false) => kernel::<5, false>(kp, ap, kp, bp, cp, n, cols),
+                            (4, false) => kernel::<4, false>(kp, ap, kp, bp, cp, n, cols),
+                            (3, false) => kernel::<3, false>(kp, ap, kp, bp, cp, n, cols),
+                            (2, false) => kernel::<2, false>(kp, ap, kp, bp, cp, n, cols),
+                            (_, false) => kernel::<1, false>(kp, ap, kp, bp, cp, n, cols),
+                            (8, true) => kernel::<8, true>(kp, ap, kp, bp, cp, n, cols),
+                            (7, true) => kernel::<7, true>(kp, ap, kp, bp, cp, n, cols),
+                            (6, true) => kernel::<6, true>(kp, ap, kp, bp, cp, n, cols),
+                            (5, true) => kernel::<5, true>(kp, ap, kp, bp, cp, n, cols),
+                            (4, true) => kernel::<4, true>(kp, ap, kp, bp, cp, n, cols),
+                            (3, true) => kernel::<3, true>(kp, ap, kp, bp, cp, n, cols),
+                            (2, true) => kernel::<2, true>(kp, ap, kp, bp, cp, n, cols),
+                            (_, true) => kernel::<1, true>(kp, ap, kp, bp, cp, n, cols),
+                        }
                     }
                 }
                 i += mr;
@@ -223,7 +314,7 @@ pub fn gemm(a: &[u32], m: usize, b: &PackedB, c: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn kernel<const R: usize>(
+unsafe fn kernel<const R: usize, const ACC: bool>(
     kp: usize,
     a: *const u32,
     lda: usize,
@@ -251,9 +342,20 @@ unsafe fn kernel<const R: usize>(
         for (t, v) in row.iter().enumerate() {
             let left = cols.saturating_sub(t * 16);
             if left >= 16 {
-                _mm512_storeu_ps(dst.add(t * 16), *v);
+                let v = if ACC {
+                    _mm512_add_ps(_mm512_loadu_ps(dst.add(t * 16)), *v)
+                } else {
+                    *v
+                };
+                _mm512_storeu_ps(dst.add(t * 16), v);
             } else if left > 0 {
-                _mm512_mask_storeu_ps(dst.add(t * 16), ((1u32 << left) - 1) as u16, *v);
+                let mask = ((1u32 << left) - 1) as u16;
+                let v = if ACC {
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst.add(t * 16)), *v)
+                } else {
+                    *v
+                };
+                _mm512_mask_storeu_ps(dst.add(t * 16), mask, v);
             }
         }
     }
@@ -287,6 +389,46 @@ mod tests {
         assert_eq!(a.len(), 8);
         assert_eq!(a[3] >> 16, 0);
         assert_eq!(a[4] & 0xffff, want[7] as u32);
+    }
+
+    /// The weight gradient `g^T x` and the f32 repack against float64 references, on ragged
+    /// shapes (odd token counts leave a half pair).
+    #[test]
+    fn weight_gradient_and_f32_repack_match_references() {
+        if !available() {
+            eprintln!("skipping: this CPU has no AVX512-BF16");
+            return;
+        }
+        let mut rng = Rng::new(5);
+        for &(m, n, k) in &[(1, 1, 2), (7, 50, 9), (33, 96, 17), (64, 130, 31)] {
+            let g: Vec<f32> = rand_bf16(m * n, &mut rng).iter().map(|v| v.to_f32()).collect();
+            let x: Vec<f32> = rand_bf16(m * k, &mut rng).iter().map(|v| v.to_f32()).collect();
+            let mut dw = vec![f32::NAN; n * k];
+            weight_grad(&g, &x, m, n, k, &mut dw, false);
+            // Accumulating adds a second product on top: twice the first.
+            let mut twice = dw.clone();
+            weight_grad(&g, &x, m, n, k, &mut twice, true);
+            assert!(dw
+                .iter()
+                .zip(&twice)
+                .all(|(a, b)| (2.0 * a - b).abs() <= 1e-6 * (1.0 + b.abs())));
+            for j in 0..n {
+                for t in 0..k {
+                    let r: f64 = (0..m).map(|i| g[i * n + j] as f64 * x[i * k + t] as f64).sum();
+                    assert!(
+                        (dw[j * k + t] as f64 - r).abs() < 1e-4 * (1.0 + r.abs()),
+                        "dw {m}x{n}x{k} at {j},{t}"
+                    );
+                }
+            }
+            // Packing an f32 weight equals packing its bf16 rounding, and a refresh repacks.
+            let w: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let mut p = LinearPack::from_f32(&vec![0.0; n * k], n, k);
+            p.refresh_f32(&w);
+            let want = LinearPack::new(&wb, n, k);
+            assert_eq!((&p.fwd.data, &p.bwd.data), (&want.fwd.data, &want.bwd.data));
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use candle_core::{DType, Result, Tensor, D};
 use rayon::prelude::*;
 
-use super::bf16_gemm::{self, PackedB};
+use super::bf16_gemm::{self, LinearPack};
 use super::fast_exp::{exp_in_place, lane_sum};
 
 /// Marks a target position that contributes no loss (prompt tokens, padding).
@@ -32,30 +32,19 @@ pub struct HeadOutput {
     pub dw: Option<Tensor>,
 }
 
-/// The head weight packed for the bf16 kernel, both ways (logits and input gradient), built once.
-#[derive(Debug)]
-pub struct HeadPack {
-    fwd: PackedB,
-    bwd: PackedB,
-}
+/// The head weight packed for the bf16 kernel, both ways (logits and input gradient): a frozen
+/// head's, built once, or a trained head's working copy (`ops::trained_linear::TrainPack`).
+pub type HeadPack = LinearPack;
 
-impl HeadPack {
-    /// Packs `w [vocab, hidden]` (rounded to bf16); `None` when the CPU lacks AVX512-BF16.
-    pub fn new(w: &Tensor) -> Result<Option<Self>> {
+impl LinearPack {
+    /// Packs a head `w [vocab, hidden]` (rounded to bf16); `None` when the CPU lacks AVX512-BF16.
+    pub fn of_head(w: &Tensor) -> Result<Option<Self>> {
         if !bf16_gemm::available() || !w.device().is_cpu() {
             return Ok(None);
         }
         let (v, h) = w.dims2()?;
         let wb: Vec<half::bf16> = w.to_dtype(DType::BF16)?.flatten_all()?.to_vec1()?;
-        Ok(Some(Self {
-            fwd: PackedB::from_transposed(&wb, v, h),
-            bwd: PackedB::from_rows(&wb, v, h),
-        }))
-    }
-
-    /// Bytes held by both packings.
-    pub fn bytes(&self) -> usize {
-        self.fwd.bytes() + self.bwd.bytes()
+        Ok(Some(Self::new(&wb, v, h)))
     }
 }
 
@@ -76,7 +65,8 @@ pub struct HeadOptions<'a> {
     pub want_dw: bool,
     /// Keep per-position NLLs.
     pub per_token: bool,
-    /// Run the head through the bf16 kernel with this packing (frozen heads only).
+    /// Run the head through the bf16 kernel with this packing (a frozen head's, or a trained
+    /// head's working copy: then `want_dw` sums the weight gradient through the kernel too).
     pub pack: Option<&'a HeadPack>,
 }
 
@@ -153,12 +143,14 @@ fn logits_buffer(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 }
 
 /// One chunk through the bf16 kernel: NLLs, arg-maxes and (when asked) `dh [c, hidden]`.
+/// With `dw` (a trained head), also adds this chunk's `dlogits^T h` into it.
 fn chunk_bf16(
     hc: &Tensor,
     pack: &HeadPack,
     idx: &[u32],
     scales: Option<&[f32]>,
     buf: &mut Vec<f32>,
+    dw: Option<(&mut [f32], bool)>,
 ) -> Result<(Vec<RowStat>, Option<Tensor>)> {
     let (c, hidden) = hc.dims2()?;
     let v = pack.fwd.n;
@@ -170,6 +162,9 @@ fn chunk_bf16(
         Some(_) => {
             let mut dh = vec![0f32; c * hidden];
             bf16_gemm::gemm(&bf16_gemm::pack_a(logits, c, v), c, &pack.bwd, &mut dh);
+            if let Some((dw, accumulate)) = dw {
+                bf16_gemm::weight_grad(logits, &x, c, v, hidden, dw, accumulate);
+            }
             Some(Tensor::from_vec(dh, (c, hidden), hc.device())?)
         }
         None => None,
@@ -241,6 +236,8 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
     };
     let mut dh_parts = Vec::new();
     let mut dw: Option<Tensor> = None;
+    // A packed trained head sums its weight gradient here, chunk by chunk, in f32.
+    let mut dw_packed: Option<Vec<f32>> = None;
     let mut buf = Vec::new();
     let mut start = 0;
     while start < n {
@@ -261,14 +258,19 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
             && matches!(w.dtype(), DType::BF16 | DType::F32)
             && w.device().is_cpu()
             && h.dtype() != DType::F64;
-        if (opt.pack.is_some() || lean) && !opt.want_dw {
+        if opt.pack.is_some() || (lean && !opt.want_dw) {
             let scales: Option<Vec<f32>> = opt.grad_scale.map(|s| mask.iter().map(|m| m * s as f32).collect());
             let (rows, dh) = match opt.pack {
                 Some(pack) => {
                     if pack.fwd.n != vocab {
                         candle_core::bail!("lm head: packed head has {} rows, weight has {vocab}", pack.fwd.n);
                     }
-                    chunk_bf16(&hc, pack, &idx, scales.as_deref(), &mut buf)?
+                    let dw = match (opt.want_dw && scales.is_some(), &mut dw_packed) {
+                        (false, _) => None,
+                        (true, Some(acc)) => Some((acc.as_mut_slice(), true)),
+                        (true, slot) => Some((slot.insert(vec![0f32; vocab * hidden]).as_mut_slice(), false)),
+                    };
+                    chunk_bf16(&hc, pack, &idx, scales.as_deref(), &mut buf, dw)?
                 }
                 None => {
                     use super::dequant_linear::Compact;
@@ -335,6 +337,9 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
             }
         }
         start += c;
+    }
+    if let Some(v) = dw_packed {
+        dw = Some(Tensor::from_vec(v, (vocab, hidden), dev)?);
     }
     if opt.grad_scale.is_some() {
         out.dh = Some(Tensor::cat(&dh_parts, 0)?);
@@ -551,7 +556,7 @@ mod tests {
         let h = round(Tensor::randn(0f32, 1., (9, 16), &dev)?)?;
         let w = round(Tensor::randn(0f32, 1., (70, 16), &dev)?)?;
         let targets = [3, IGNORE, 0, 69, 4, 5, 6, 7, 8];
-        let pack = HeadPack::new(&w)?.unwrap();
+        let pack = HeadPack::of_head(&w)?.unwrap();
         let base = HeadOptions {
             chunk: 4,
             grad_scale: Some(0.25),
@@ -575,6 +580,22 @@ mod tests {
         let scale = da.abs()?.max_all()?.to_scalar::<f32>()?;
         let d = (da - db)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-2 * scale, "dh differs by {d} (scale {scale})");
+        // A trained head's weight gradient through the kernel, summed over the chunks.
+        let with_dw = HeadOptions { want_dw: true, ..base };
+        let a = lm_head_loss(&h, &w, &targets, with_dw)?;
+        let b = lm_head_loss(
+            &h,
+            &w,
+            &targets,
+            HeadOptions {
+                pack: Some(&pack),
+                ..with_dw
+            },
+        )?;
+        let (da, db) = (a.dw.unwrap(), b.dw.unwrap());
+        let scale = da.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = (da - db)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(scale > 0.0 && d < 1e-2 * scale, "dw differs by {d} (scale {scale})");
         Ok(())
     }
 
@@ -601,7 +622,7 @@ mod tests {
         let (zero, dz) = kl_head(&t, &t, &w, None, 4, 1.0)?;
         assert!(zero.abs() < 1e-6 && dz.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
         // The bf16 kernel's packs give the same term within bf16's rounding.
-        if let Some(pack) = HeadPack::new(&w.to_dtype(DType::BF16)?)? {
+        if let Some(pack) = HeadPack::of_head(&w.to_dtype(DType::BF16)?)? {
             let (kp, dp) = kl_head(&h0, &t, &w.to_dtype(DType::BF16)?, Some(&pack), 5, 0.5)?;
             assert!((kp - want).abs() < 0.03 * want, "{kp} vs {want}");
             let rel = ((dp - gh)?.sqr()?.sum_all()?.sqrt()? / gh.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()?;

@@ -18,6 +18,7 @@ pub mod norm;
 pub mod quant_linear;
 pub mod rope;
 pub mod swiglu;
+pub mod trained_linear;
 
 pub use frozen_linear::{frozen_linear, frozen_matmul};
 

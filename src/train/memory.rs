@@ -97,6 +97,9 @@ pub struct RunShape<'a> {
     pub full: bool,
     /// Frozen bf16 weights packed for the bf16 kernel (when the CPU has it).
     pub pack: bool,
+    /// Trained dense weights under bf16 mixed precision: each holds a bf16 kernel copy (both
+    /// layouts) beside its f32 master.
+    pub mixed: bool,
     /// Base modules trained beside the adapters (`modules_to_save`, SAVABLE names).
     pub saved: &'a [String],
     /// Rows per micro-batch.
@@ -218,6 +221,14 @@ fn add_weights(s: &RunShape<'_>, p: &mut Prediction) -> u64 {
         }
     }
     let head_frozen = !s.saved(BaseTensor::Embed.module()) && !s.saved(BaseTensor::Head.module());
+    let head_trained = if c.tie_word_embeddings {
+        s.full || s.saved(BaseTensor::Embed.module())
+    } else {
+        s.full || s.saved(BaseTensor::Head.module())
+    };
+    if s.mixed && head_trained {
+        p.add("bf16 copies of trained weights", 4 * v * h);
+    }
     if sixteen && kernel && !s.full && head_frozen {
         // The frozen head packed twice (forward and backward layouts).
         p.add("bf16 kernel packs", 4 * v * h);
@@ -241,6 +252,9 @@ fn add_weights(s: &RunShape<'_>, p: &mut Prediction) -> u64 {
             let n = (o * inp) as u64;
             if s.full {
                 trained += n;
+                if s.mixed {
+                    p.add("bf16 copies of trained weights", 4 * n);
+                }
                 continue;
             }
             match prec {
@@ -280,7 +294,7 @@ fn add_training_state(s: &RunShape<'_>, trained: u64, p: &mut Prediction) {
     let head_trained = !c.tie_word_embeddings && (s.full || s.saved(BaseTensor::Head.module()));
     let dense_grads = (embed_trained as u64 * if c.tie_word_embeddings { 2 } else { 1 } + head_trained as u64) * v * h;
     p.add("trained parameters + AdamW state", 4 * dense_grads);
-    // AdamW's update of the largest trained tensor: new moments and the update alongside.
+    // AdamW updates in place, a slice at a time: new values of a slice of the largest tensor.
     let largest = if embed_trained || head_trained {
         v * h
     } else if s.full {
@@ -288,7 +302,10 @@ fn add_training_state(s: &RunShape<'_>, trained: u64, p: &mut Prediction) {
     } else {
         0
     };
-    p.add("trained parameters + AdamW state", 3 * 4 * largest);
+    p.add(
+        "trained parameters + AdamW state",
+        3 * 4 * largest.min(crate::engine::optim::UPDATE_SLICE as u64),
+    );
 }
 
 /// Activations, f32, for a micro-batch: what the recomputation keeps, one block's graph and
@@ -462,6 +479,11 @@ pub fn for_recipe_with(
         bases: &bases,
         full: recipe.full(),
         pack: recipe.model.pack_bf16,
+        mixed: recipe
+            .train
+            .precision
+            .bf16_on(&candle_core::Device::Cpu)
+            .unwrap_or(false),
         saved: &saved,
         rows: recipe.train.batch,
         seq_len: recipe.data.seq_len,

@@ -21,7 +21,7 @@ use crate::train::schedule::{Decay, Schedule};
 pub enum Mode {
     /// Adapters on a frozen base (the `[lora]` section), with any `modules_to_save`.
     Lora,
-    /// Every weight, in f32.
+    /// Every weight (f32 masters; GEMMs in bf16 or f32 as `train.precision` says).
     Full,
 }
 
@@ -82,7 +82,54 @@ impl LogSink {
     }
 }
 
-crate::parsed_from_str!(Mode, DataFormat, LogSink);
+/// `train.precision`: how trained dense weights (full fine-tuning, `modules_to_save`) compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// bf16 where the CPU has AVX512-BF16, f32 elsewhere (the default).
+    Auto,
+    /// Mixed precision: f32 master weights and AdamW state, bf16 copies for the GEMMs (forward,
+    /// input and weight gradients, f32 accumulation), refreshed after each update.
+    Bf16,
+    /// Every GEMM in f32.
+    F32,
+}
+
+impl Precision {
+    /// Parses `auto`, `bf16` or `f32`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Precision::Auto),
+            "bf16" => Ok(Precision::Bf16),
+            "f32" => Ok(Precision::F32),
+            o => bail!("train.precision `{o}` must be `auto`, `bf16` or `f32`"),
+        }
+    }
+
+    /// Whether this run computes its trained weights' GEMMs in bf16 on `dev`: `auto` where the
+    /// kernel runs, and `bf16` must (a CPU without AVX512-BF16, or a GPU, is refused by name).
+    pub fn bf16_on(self, dev: &candle_core::Device) -> Result<bool> {
+        let kernel = dev.is_cpu() && crate::ops::bf16_gemm::available();
+        match self {
+            Precision::Auto => Ok(kernel),
+            Precision::F32 => Ok(false),
+            Precision::Bf16 if kernel => Ok(true),
+            Precision::Bf16 => bail!(
+                "train.precision = \"bf16\" runs trained weights through the CPU's AVX512-BF16 kernel, which this device lacks; use \"auto\" or \"f32\""
+            ),
+        }
+    }
+
+    /// The name [`Precision::parse`] reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Auto => "auto",
+            Precision::Bf16 => "bf16",
+            Precision::F32 => "f32",
+        }
+    }
+}
+
+crate::parsed_from_str!(Mode, DataFormat, LogSink, Precision);
 
 /// A parameter group: its own learning rate and schedule (`[[train.groups]]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, Deserialize)]
@@ -428,6 +475,9 @@ pub struct TrainSection {
     pub max_bad_steps: usize,
     /// Metrics outputs: `jsonl` (always written) and `tensorboard` (event files beside it).
     pub log: Vec<LogSink>,
+    /// Trained dense weights (full fine-tuning, `modules_to_save`): `auto` (bf16 mixed
+    /// precision where the CPU has AVX512-BF16), `bf16` or `f32`.
+    pub precision: Precision,
 }
 
 impl Default for TrainSection {
@@ -458,6 +508,7 @@ impl Default for TrainSection {
             keep_checkpoints: 2,
             max_bad_steps: 3,
             log: vec![LogSink::Jsonl],
+            precision: Precision::Auto,
         }
     }
 }

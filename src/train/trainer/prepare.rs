@@ -123,7 +123,7 @@ impl<'r> Run<'r> {
             composed: opts.device_ops,
             ..Fwd::eval()
         };
-        let (model, plan) = load_model(recipe, &src, &dev, opts.device_ops)?;
+        let (mut model, plan) = load_model(recipe, &src, &dev, opts.device_ops)?;
         let params = model.trainable();
         let groups = params.iter().map(|(n, _)| Group::of(n)).collect();
         let n_params: usize = params.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
@@ -150,6 +150,17 @@ impl<'r> Run<'r> {
             }
             None => fresh_state(recipe, &model, &data, eval_fwd, recompute, steps, per_step)?,
         };
+        // The bf16 working copies are made from the weights as the run starts them: after any
+        // resume has restored its values.
+        if t.precision.bf16_on(&dev)? && !opts.device_ops {
+            let bytes = model.mixed_precision()?;
+            if bytes > 0 {
+                eprintln!(
+                    "precision: bf16 mixed (f32 masters, bf16 kernel copies {})",
+                    human_bytes(bytes as u64)
+                );
+            }
+        }
         let log = MetricsLog::create(&t.out, &t.log)?;
         // What the run will be, for whoever watches it (`strata board`) before summary.json.
         let plan_json = json!({"steps": steps, "rows_per_step": per_step, "seq_len": recipe.data.seq_len,

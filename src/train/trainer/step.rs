@@ -184,7 +184,8 @@ impl<'r> Run<'r> {
             self.acc.scale(clip / grad_norm)?;
         }
         let (lr, groups) = (&self.ctl.lr, &self.groups);
-        self.opt.step(&self.params, &self.acc, |i| lr[&groups[i]])
+        self.opt.step(&self.params, &self.acc, |i| lr[&groups[i]])?;
+        self.model.refresh_packs()
     }
 
     /// After the update: the callbacks, the metrics line, the progress line, epochs.

@@ -1,0 +1,257 @@
+//! `y = x W^T` for a trained f32 weight under bf16 mixed precision.
+//!
+//! The weight stays an f32 `Var` (the master copy AdamW updates); the GEMMs read a bf16 copy
+//! packed for the AVX512-BF16 kernel ([`TrainPack`]), which the optimizer refreshes after each
+//! update. Forward `x W^T`, input gradient `g W` and weight gradient `g^T x` all run through
+//! [`bf16_gemm`] with f32 accumulation: operands rounded to bf16, sums in f32, as PyTorch's bf16
+//! autocast does on CPUs with AMX/AVX512-BF16. Norms, softmax, the loss and every reduction
+//! outside the GEMMs stay f32.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use std::sync::{Arc, RwLock};
+
+use super::bf16_gemm::{self, LinearPack};
+
+/// A trained weight's bf16 working copy, both kernel layouts, refreshed in place from the f32
+/// master by [`TrainPack::refresh`].
+#[derive(Debug)]
+pub struct TrainPack {
+    pack: RwLock<LinearPack>,
+}
+
+impl TrainPack {
+    /// Packs the current value of `w [n, k]` (f32, CPU); `None` where the kernel cannot run it.
+    pub fn new(w: &Tensor) -> Result<Option<Arc<Self>>> {
+        if !(bf16_gemm::available() && w.device().is_cpu() && w.rank() == 2) {
+            return Ok(None);
+        }
+        let (n, k) = w.dims2()?;
+        let v = super::f32_view(w)?;
+        Ok(Some(Arc::new(Self {
+            pack: RwLock::new(LinearPack::from_f32(v.get(), n, k)),
+        })))
+    }
+
+    /// Repacks from the master weight's current value (after an optimizer step or a restore).
+    pub fn refresh(&self, w: &Tensor) -> Result<()> {
+        let v = super::f32_view(w)?;
+        let mut p = self
+            .pack
+            .write()
+            .map_err(|_| candle_core::Error::Msg("train pack poisoned".into()))?;
+        if v.get().len() != p.fwd.n * p.bwd.n {
+            candle_core::bail!(
+                "train pack: the weight has {} values, the pack {}",
+                v.get().len(),
+                p.fwd.n * p.bwd.n
+            );
+        }
+        p.refresh_f32(v.get());
+        Ok(())
+    }
+
+    /// Bytes held by both layouts.
+    pub fn bytes(&self) -> usize {
+        self.pack.read().map(|p| p.bytes()).unwrap_or(0)
+    }
+
+    /// The packed copy, for reading (the trained head's logits and gradients).
+    pub fn read(&self) -> Result<std::sync::RwLockReadGuard<'_, LinearPack>> {
+        self.pack
+            .read()
+            .map_err(|_| candle_core::Error::Msg("train pack poisoned".into()))
+    }
+}
+
+/// `x [m, k] @ w [n, k]^T` for a trained f32 `w` through its bf16 pack; the backward gives
+/// both `dx` and `dw` (f32), so the weight's gradient reaches its `Var` as candle's own matmul
+/// would give it.
+pub fn trained_linear(x: &Tensor, w: &Tensor, pack: &Arc<TrainPack>) -> Result<Tensor> {
+    let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+    x.apply_op2(w, TrainedMatmul { pack: pack.clone() })
+}
+
+struct TrainedMatmul {
+    pack: Arc<TrainPack>,
+}
+
+impl CustomOp2 for TrainedMatmul {
+    fn name(&self) -> &'static str {
+        "trained-bf16-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, _w: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let p = self.pack.read()?;
+        if wl.shape().dims2()? != (p.fwd.n, k) || k.div_ceil(2) != p.fwd.kp {
+            candle_core::bail!(
+                "trained linear: input has {k} features, the weight is {:?} and its pack [{}, {}]",
+                wl.shape().dims(),
+                p.fwd.n,
+                2 * p.fwd.kp
+            );
+        }
+        let x = super::cpu_f32(s, l, "trained linear")?;
+        let mut y = vec![0f32; m * p.fwd.n];
+        bf16_gemm::gemm(&bf16_gemm::pack_a(x, m, k), m, &p.fwd, &mut y);
+        Ok((CpuStorage::F32(y), Shape::from((m, p.fwd.n))))
+    }
+
+    fn bwd(&self, x: &Tensor, _w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = if g.is_contiguous() { g.clone() } else { g.contiguous()? };
+        let dx = g.apply_op1_no_bwd(&InputGrad {
+            pack: self.pack.clone(),
+        })?;
+        let dw = g.apply_op2_no_bwd(x, &WeightGrad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `g [m, n] @ W [n, k]` through the pack's backward layout.
+struct InputGrad {
+    pack: Arc<TrainPack>,
+}
+
+impl CustomOp1 for InputGrad {
+    fn name(&self) -> &'static str {
+        "trained-bf16-linear-dx"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, n) = l.shape().dims2()?;
+        let p = self.pack.read()?;
+        if n.div_ceil(2) != p.bwd.kp {
+            candle_core::bail!("trained linear: gradient has {n} columns, the weight {}", 2 * p.bwd.kp);
+        }
+        let g = super::cpu_f32(s, l, "trained linear backward")?;
+        let mut dx = vec![0f32; m * p.bwd.n];
+        bf16_gemm::gemm(&bf16_gemm::pack_a(g, m, n), m, &p.bwd, &mut dx);
+        Ok((CpuStorage::F32(dx), Shape::from((m, p.bwd.n))))
+    }
+}
+
+/// `g [m, n]^T @ x [m, k] -> [n, k]`.
+struct WeightGrad;
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "trained-bf16-linear-dw"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, n) = gl.shape().dims2()?;
+        let (m2, k) = xl.shape().dims2()?;
+        if m != m2 {
+            candle_core::bail!("trained linear: gradient has {m} rows, input {m2}");
+        }
+        let g = super::cpu_f32(gs, gl, "trained linear weight gradient")?;
+        let x = super::cpu_f32(xs, xl, "trained linear weight gradient")?;
+        let mut dw = vec![0f32; n * k];
+        bf16_gemm::weight_grad(g, x, m, n, k, &mut dw, false);
+        Ok((CpuStorage::F32(dw), Shape::from((n, k))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        Ok(d / b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-12))
+    }
+
+    /// Forward, `dx` and `dw` against candle's f32 matmul and its autograd on the same values
+    /// (bf16-exact inputs, so the only difference is the order of f32 sums), then against the
+    /// f32 path on arbitrary values within bf16's rounding; and a refresh is seen by the next
+    /// forward.
+    #[test]
+    fn forward_and_both_gradients_match_the_f32_autograd() -> Result<()> {
+        if !bf16_gemm::available() {
+            eprintln!("skipping: this CPU has no AVX512-BF16");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let round = |t: Tensor| -> Result<Tensor> { t.to_dtype(DType::BF16)?.to_dtype(DType::F32) };
+        for exact in [true, false] {
+            let (m, k, n) = (37, 29, 50);
+            let mk = |s: (usize, usize)| -> Result<Tensor> {
+                let t = Tensor::randn(0f32, 1., s, &dev)?;
+                if exact {
+                    round(t)
+                } else {
+                    Ok(t)
+                }
+            };
+            let x = Var::from_tensor(&mk((m, k))?)?;
+            let w = Var::from_tensor(&mk((n, k))?)?;
+            let probe = mk((m, n))?;
+            let pack = TrainPack::new(w.as_tensor())?.expect("kernel available");
+            let y = trained_linear(x.as_tensor(), w.as_tensor(), &pack)?;
+            let y_ref = x.as_tensor().matmul(&w.as_tensor().t()?)?;
+            let g = (&y * &probe)?.sum_all()?.backward()?;
+            let g_ref = (&y_ref * &probe)?.sum_all()?.backward()?;
+            let tol = if exact { 1e-5 } else { 2e-2 };
+            assert!(max_rel(&y, &y_ref)? < tol, "forward (exact {exact})");
+            for v in [&x, &w] {
+                let (a, b) = (g.get(v.as_tensor()).unwrap(), g_ref.get(v.as_tensor()).unwrap());
+                assert!(max_rel(a, b)? < tol, "gradient (exact {exact}): {}", max_rel(a, b)?);
+            }
+        }
+        // A refreshed pack is what the next forward reads.
+        let x = Tensor::randn(0f32, 1., (4, 6), &dev)?;
+        let w = Var::from_tensor(&Tensor::zeros((3, 6), DType::F32, &dev)?)?;
+        let pack = TrainPack::new(w.as_tensor())?.unwrap();
+        w.set(&round(Tensor::randn(0f32, 1., (3, 6), &dev)?)?)?;
+        pack.refresh(w.as_tensor())?;
+        let y = trained_linear(&round(x)?, w.as_tensor(), &pack)?;
+        assert!(y.abs()?.max_all()?.to_scalar::<f32>()? > 0.0);
+        Ok(())
+    }
+
+    /// The weight gradient against central finite differences of the op's own forward, in a
+    /// direction the bf16 rounding cannot hide (f64 sums of bf16-exact values).
+    #[test]
+    fn weight_gradient_matches_finite_differences() -> Result<()> {
+        if !bf16_gemm::available() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let r = |s: (usize, usize)| -> Result<Tensor> {
+            Tensor::randn(0f32, 1., s, &dev)?
+                .to_dtype(DType::BF16)?
+                .to_dtype(DType::F32)
+        };
+        let (x, w0, probe) = (r((9, 8))?, r((5, 8))?, r((9, 5))?);
+        let w = Var::from_tensor(&w0)?;
+        let pack = TrainPack::new(w.as_tensor())?.unwrap();
+        let g = (trained_linear(&x, w.as_tensor(), &pack)? * &probe)?
+            .sum_all()?
+            .backward()?;
+        let dw: Vec<f32> = g.get(w.as_tensor()).unwrap().flatten_all()?.to_vec1()?;
+        let loss = |wv: &Tensor| -> Result<f64> {
+            let p = TrainPack::new(wv)?.unwrap();
+            (trained_linear(&x, wv, &p)? * &probe)?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()
+        };
+        // The loss is linear in each entry: setting it to +1 and -1 (both bf16-exact) gives
+        // the derivative exactly, up to f32 sums.
+        for idx in [0usize, 7, 13, 39] {
+            let mut v: Vec<f32> = w0.flatten_all()?.to_vec1()?;
+            v[idx] = 1.0;
+            let up = loss(&Tensor::from_vec(v.clone(), (5, 8), &dev)?)?;
+            v[idx] = -1.0;
+            let down = loss(&Tensor::from_vec(v, (5, 8), &dev)?)?;
+            let fd = (up - down) / 2.0;
+            assert!(
+                (fd - dw[idx] as f64).abs() < 1e-3 * (1.0 + fd.abs()),
+                "entry {idx}: {fd} vs {}",
+                dw[idx]
+            );
+        }
+        Ok(())
+    }
+}
