@@ -22,7 +22,9 @@ if [ "$which" != full ]; then
   strata_dtypes+=(bf16 nf4-dq f32)
 fi
 if [ "$which" != adapters ]; then
-  peer_specs+=("full bfloat16 no" "full bfloat16 yes" "full float32 no" "full float32 yes")
+  # `autocast`: PyTorch's mixed precision (f32 weights and AdamW state, bf16 compute), what
+  # strata's bf16 rows do; `bfloat16` keeps weights, gradients and AdamW state in bf16.
+  peer_specs+=("full autocast no" "full autocast yes" "full bfloat16 no" "full bfloat16 yes" "full float32 no" "full float32 yes")
 fi
 peer=../shared/peer/peft_bench.py
 [ -x "$py" ] || { echo "no peer python at $py (see ../shared/peer/README)" >&2; exit 1; }
@@ -41,7 +43,11 @@ for round in $(seq 1 "$rounds"); do
   for spec in "${peer_specs[@]}"; do
     set -- $spec
     ckpt=(); [ "$3" = yes ] && ckpt=(--grad-ckpt)
-    line=$("$py" "$peer" --preset smollm2 --mode "$1" --dtype "$2" "${ckpt[@]}" -b 4 -s 256 -w 1 -n 3 2>/dev/null | tail -1)
+    if [ "$2" = autocast ]; then
+      line=$("$py" scripts/peer_autocast.py --preset smollm2 --mode "$1" "${ckpt[@]}" -b 4 -s 256 -w 1 -n 3 2>/dev/null | tail -1)
+    else
+      line=$("$py" "$peer" --preset smollm2 --mode "$1" --dtype "$2" "${ckpt[@]}" -b 4 -s 256 -w 1 -n 3 2>/dev/null | tail -1)
+    fi
     echo "{\"round\": $round, \"who\": \"peft\", \"mode\": \"$1\", \"dtype\": \"$2\", \"ckpt\": \"$3\", \"r\": $line}" >>"$log"
     echo "round $round: peft $spec done" >&2
   done
@@ -55,7 +61,8 @@ for round in $(seq 1 "$rounds"); do
   done
   if [ "$which" != adapters ]; then
     for prec in bf16 f32; do
-      for v in strata-no-recompute strata; do
+      variants=(strata-no-recompute strata); [ "$prec" = bf16 ] && variants+=(strata-selective)
+      for v in "${variants[@]}"; do
         line=$("$exe" bench train --mode full --precision "$prec" --variant "$v" --steps 3 2>/dev/null | tail -1)
         echo "{\"round\": $round, \"who\": \"strata\", \"mode\": \"full\", \"dtype\": \"$prec\", \"variant\": \"$v\", \"r\": $line}" >>"$log"
         echo "round $round: strata full $prec $v done" >&2
@@ -79,16 +86,20 @@ def strata(dtype, v, mode="lora"):
 rc_name = {"strata-no-recompute": "no", "strata": "per block (default)", "strata-selective": "selective"}
 print(f"medians of {max(r['round'] for r in rows)} interleaved rounds\n")
 if any(r["who"] == "peft" and r["mode"] == "full" for r in rows):
-    print("Full fine-tuning (every weight, AdamW):\n")
-    print("| trainer | precision | recomputation | tok/s | peak RSS | speed vs PyTorch | memory vs PyTorch |")
+    print("Full fine-tuning (every weight, AdamW); ratios against PyTorch's mixed precision (autocast) at the same recomputation:\n")
+    print("| trainer | precision | recomputation | tok/s | peak RSS | speed vs PyTorch autocast | memory vs PyTorch autocast |")
     print("|---|---|---|---|---|---|---|")
-    for prec, pdt, plabel in (("bf16", "bfloat16", "bf16 weights, grads, AdamW state"), ("f32", "float32", "f32")):
-        for ckpt, v in (("no", "strata-no-recompute"), ("yes", "strata")):
-            ref = peft("full", pdt, ckpt)
-            label = "gradient checkpointing" if ckpt == "yes" else "no"
-            print(f"| PyTorch | {plabel} | {label} | {ref[0]:.0f} | {ref[1] / 1e9:.2f} GB | 1.00x | 1.00x |")
+    peer_rows = (("autocast", "bf16 autocast (f32 weights and AdamW state)"), ("bfloat16", "bf16 weights, grads and AdamW state"), ("float32", "f32"))
+    strata_rows = {"no": [("bf16", "strata-no-recompute")], "yes": [("bf16", "strata"), ("bf16", "strata-selective")]}
+    for ckpt in ("no", "yes"):
+        ref = peft("full", "autocast", ckpt)
+        label = "gradient checkpointing" if ckpt == "yes" else "no"
+        for pdt, plabel in peer_rows:
+            t, m = peft("full", pdt, ckpt)
+            print(f"| PyTorch | {plabel} | {label} | {t:.0f} | {m / 1e9:.2f} GB | {t / ref[0]:.2f}x | {m / ref[1]:.2f}x |")
+        for prec, v in strata_rows[ckpt] + [("f32", "strata-no-recompute" if ckpt == "no" else "strata")]:
             t, m = strata(prec, v, "full")
-            slabel = "bf16 mixed (f32 masters and AdamW state)" if prec == "bf16" else "f32"
+            slabel = "bf16 mixed (f32 weights and AdamW state)" if prec == "bf16" else "f32"
             print(f"| **strata** | {slabel} | {rc_name[v]} | {t:.0f} | {m / 1e9:.2f} GB | {t / ref[0]:.2f}x | {m / ref[1]:.2f}x |")
     print()
 if not any(r["who"] == "peft" and r["mode"] != "full" for r in rows):

@@ -231,7 +231,7 @@ fn bf16_mixed_precision_gradients_match_the_f32_path() -> Result<()> {
             "{bytes} bytes of copies"
         );
         let b = batch(300, 2, 9, 5)?;
-        for recompute in [Recompute::Blocks, Recompute::Off] {
+        for recompute in [Recompute::Blocks, Recompute::Selective, Recompute::Off] {
             let (mut want, mut got) = (GradAcc::default(), GradAcc::default());
             let s32 = forward_backward(&f32m, &b, 0.05, recompute, Fwd::eval(), &mut want)?;
             let s16 = forward_backward(&mixed, &b, 0.05, recompute, Fwd::eval(), &mut got)?;
@@ -245,7 +245,10 @@ fn bf16_mixed_precision_gradients_match_the_f32_path() -> Result<()> {
                 let (w, g) = (want.get(v32).unwrap(), got.get(&v16).unwrap());
                 let rel = norm(&(&g - &w)?)? / norm(&w)?.max(1e-12);
                 // bf16 keeps 8 significant bits (0.4% per rounding); a few roundings compound.
-                assert!(rel < 3e-2, "{name} (tied {tied}, {recompute:?}): relative error {rel}");
+                // Selective recomputation also rounds each kept product to bf16 (so that both
+                // forwards agree bit for bit): one more rounding on every projection's output.
+                let tol = if recompute == Recompute::Selective { 6e-2 } else { 3e-2 };
+                assert!(rel < tol, "{name} (tied {tied}, {recompute:?}): relative error {rel}");
             }
         }
         // One update, then the copies follow the masters.

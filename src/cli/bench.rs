@@ -264,8 +264,6 @@ pub fn run(mut a: Args) -> Result<()> {
         .iter()
         .copied()
         .filter(|v| !(a.no_baseline && *v == "naive-candle"))
-        // Selective recomputation keeps adapted products; full fine-tuning has none.
-        .filter(|v| !(a.mode == crate::train::recipe::Mode::Full && *v == "strata-selective"))
         .collect();
     let mut results: Vec<(Vec<f64>, u64)> = vec![(Vec::new(), 0); variants.len()];
     for round in 0..a.rounds {

@@ -52,15 +52,19 @@ pub enum Command {
 }
 
 impl Cli {
-    /// Whether this invocation fine-tunes every weight (`strata train` of a `mode = "full"`
-    /// recipe): the one job whose optimizer and gradient sums lean on candle's own elementwise
-    /// pool (see `main`). A recipe that does not parse says no; the run itself reports why.
+    /// Whether this invocation fine-tunes every weight with f32 GEMMs (`strata train` of a
+    /// `mode = "full"` recipe at `train.precision = "f32"`, or where the bf16 kernel cannot
+    /// run): the one job whose matmuls and gradient sums lean on candle's own pool (see
+    /// `main`). Under bf16 mixed precision the GEMMs are strata's, on rayon's pool, and
+    /// candle's spinning workers only compete with them (176 against 142 tok/s on SmolLM2's
+    /// shape, 2 cores). A recipe that does not parse says no; the run itself reports why.
     pub fn trains_every_weight(&self) -> bool {
+        let f32_gemms = |p: crate::train::recipe::Precision| !p.bf16_on(&candle_core::Device::Cpu).unwrap_or(false);
         match &self.command {
             Command::Train(a) => crate::train::recipe::Recipe::load(&a.recipe, &a.sets)
-                .map(|r| r.full())
+                .map(|r| r.full() && f32_gemms(r.train.precision))
                 .unwrap_or(false),
-            Command::Bench(a) => a.mode == crate::train::recipe::Mode::Full,
+            Command::Bench(a) => a.mode == crate::train::recipe::Mode::Full && f32_gemms(a.precision),
             _ => false,
         }
     }

@@ -227,7 +227,9 @@ impl Linear {
             }
             LinearWeight::Dense(Param::Frozen(w)) => frozen_linear(x, w, self.pack.as_ref())?,
             LinearWeight::Dense(Param::Train(w)) => match &self.train_pack {
-                Some(p) if !fwd.composed && x.dtype() == DType::F32 => trained_linear(x, w.as_tensor(), p)?,
+                Some(p) if !fwd.composed && x.dtype() == DType::F32 => {
+                    trained_linear(x, w.as_tensor(), p, kept.map(|k| (k.clone(), site)))?
+                }
                 _ => x.matmul(&w.as_tensor().t()?)?,
             },
             // GGUF block types decode by slabs like NF4; anything else through candle's QMatMul.

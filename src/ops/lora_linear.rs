@@ -80,7 +80,7 @@ impl KeptProducts {
     }
 
     /// Keeps `y` for `site`, rounding it to bf16 in place first when `round`.
-    fn keep(&self, site: u64, y: &mut [f32], round: bool) {
+    pub(crate) fn keep(&self, site: u64, y: &mut [f32], round: bool) {
         let kept = if round {
             let mut bits = vec![0u16; y.len()];
             bf16_gemm::f32_to_bf16_bits(y, &mut bits);
@@ -93,7 +93,7 @@ impl KeptProducts {
     }
 
     /// Writes the product kept for `site` into `y` and forgets it; false when none is kept.
-    fn take(&self, site: u64, y: &mut [f32]) -> Result<bool> {
+    pub(crate) fn take(&self, site: u64, y: &mut [f32]) -> Result<bool> {
         let Some(kept) = self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&site) else {
             return Ok(false);
         };
@@ -103,7 +103,7 @@ impl KeptProducts {
         };
         if len != y.len() {
             candle_core::bail!(
-                "lora linear: the product kept for site {site:#x} has {len} values, this forward needs {}; \
+                "kept products: the product kept for site {site:#x} has {len} values, this forward needs {}; \
                  a store of kept products serves one micro-batch",
                 y.len()
             );

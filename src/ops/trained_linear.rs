@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use std::sync::{Arc, RwLock};
 
 use super::bf16_gemm::{self, LinearPack};
+use super::lora_linear::KeptProducts;
 
 /// A trained weight's bf16 working copy, both kernel layouts, refreshed in place from the f32
 /// master by [`TrainPack::refresh`].
@@ -65,14 +66,28 @@ impl TrainPack {
 
 /// `x [m, k] @ w [n, k]^T` for a trained f32 `w` through its bf16 pack; the backward gives
 /// both `dx` and `dw` (f32), so the weight's gradient reaches its `Var` as candle's own matmul
-/// would give it.
-pub fn trained_linear(x: &Tensor, w: &Tensor, pack: &Arc<TrainPack>) -> Result<Tensor> {
+/// would give it. With `keep` (selective recomputation), the first forward of a micro-batch
+/// keeps its product (rounded to bf16, in its own output too, so both forwards agree bit for
+/// bit) and the recomputed forward reads it back instead of running the GEMM again.
+pub fn trained_linear(
+    x: &Tensor,
+    w: &Tensor,
+    pack: &Arc<TrainPack>,
+    keep: Option<(Arc<KeptProducts>, u64)>,
+) -> Result<Tensor> {
     let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
-    x.apply_op2(w, TrainedMatmul { pack: pack.clone() })
+    x.apply_op2(
+        w,
+        TrainedMatmul {
+            pack: pack.clone(),
+            keep,
+        },
+    )
 }
 
 struct TrainedMatmul {
     pack: Arc<TrainPack>,
+    keep: Option<(Arc<KeptProducts>, u64)>,
 }
 
 impl CustomOp2 for TrainedMatmul {
@@ -93,7 +108,15 @@ impl CustomOp2 for TrainedMatmul {
         }
         let x = super::cpu_f32(s, l, "trained linear")?;
         let mut y = vec![0f32; m * p.fwd.n];
-        bf16_gemm::gemm(&bf16_gemm::pack_a(x, m, k), m, &p.fwd, &mut y);
+        match &self.keep {
+            Some((kept, site)) => {
+                if !kept.take(*site, &mut y)? {
+                    bf16_gemm::gemm(&bf16_gemm::pack_a(x, m, k), m, &p.fwd, &mut y);
+                    kept.keep(*site, &mut y, true);
+                }
+            }
+            None => bf16_gemm::gemm(&bf16_gemm::pack_a(x, m, k), m, &p.fwd, &mut y),
+        }
         Ok((CpuStorage::F32(y), Shape::from((m, p.fwd.n))))
     }
 
@@ -188,7 +211,7 @@ mod tests {
             let w = Var::from_tensor(&mk((n, k))?)?;
             let probe = mk((m, n))?;
             let pack = TrainPack::new(w.as_tensor())?.expect("kernel available");
-            let y = trained_linear(x.as_tensor(), w.as_tensor(), &pack)?;
+            let y = trained_linear(x.as_tensor(), w.as_tensor(), &pack, None)?;
             let y_ref = x.as_tensor().matmul(&w.as_tensor().t()?)?;
             let g = (&y * &probe)?.sum_all()?.backward()?;
             let g_ref = (&y_ref * &probe)?.sum_all()?.backward()?;
@@ -205,7 +228,7 @@ mod tests {
         let pack = TrainPack::new(w.as_tensor())?.unwrap();
         w.set(&round(Tensor::randn(0f32, 1., (3, 6), &dev)?)?)?;
         pack.refresh(w.as_tensor())?;
-        let y = trained_linear(&round(x)?, w.as_tensor(), &pack)?;
+        let y = trained_linear(&round(x)?, w.as_tensor(), &pack, None)?;
         assert!(y.abs()?.max_all()?.to_scalar::<f32>()? > 0.0);
         Ok(())
     }
@@ -226,13 +249,13 @@ mod tests {
         let (x, w0, probe) = (r((9, 8))?, r((5, 8))?, r((9, 5))?);
         let w = Var::from_tensor(&w0)?;
         let pack = TrainPack::new(w.as_tensor())?.unwrap();
-        let g = (trained_linear(&x, w.as_tensor(), &pack)? * &probe)?
+        let g = (trained_linear(&x, w.as_tensor(), &pack, None)? * &probe)?
             .sum_all()?
             .backward()?;
         let dw: Vec<f32> = g.get(w.as_tensor()).unwrap().flatten_all()?.to_vec1()?;
         let loss = |wv: &Tensor| -> Result<f64> {
             let p = TrainPack::new(wv)?.unwrap();
-            (trained_linear(&x, wv, &p)? * &probe)?
+            (trained_linear(&x, wv, &p, None)? * &probe)?
                 .sum_all()?
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()

@@ -344,6 +344,12 @@ fn add_activations(s: &RunShape<'_>, p: &mut Prediction) {
         }
         p.add("activations (kept frozen products)", kept);
     }
+    if keep.iter().any(|&k| k) && s.full && s.mixed {
+        // Mixed precision keeps every trained projection's product (bf16) in those layers.
+        let per_layer: u64 = Proj::ALL.into_iter().map(|m| c.linear_shape(m).0 as u64).sum();
+        let layers = keep.iter().filter(|&&k| k).count() as u64;
+        p.add("activations (kept products)", n * per_layer * 2 * layers);
+    }
     if s.full {
         // One block's weight gradients before they reach the accumulator.
         let per_block: u64 = Proj::ALL

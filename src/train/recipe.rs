@@ -661,8 +661,11 @@ impl Recipe {
             bail!("train.lr {} is outside (0, 1)", t.lr);
         }
         crate::util::device_ordinal(&t.device).context("train.device")?;
-        if t.mode == Mode::Full && matches!(t.recompute, Recompute::Selective | Recompute::Partial(_)) {
-            bail!("train.recompute = \"selective\" keeps the frozen products under adapters, and full fine-tuning has none: use \"blocks\" or \"off\"");
+        if t.mode == Mode::Full
+            && matches!(t.recompute, Recompute::Selective | Recompute::Partial(_))
+            && !t.precision.bf16_on(&candle_core::Device::Cpu).unwrap_or(false)
+        {
+            bail!("train.recompute = \"selective\" under full fine-tuning keeps the bf16 products of mixed precision, and this run computes in f32 (train.precision, or a CPU without AVX512-BF16): use \"blocks\" or \"off\"");
         }
         Ok(())
     }
@@ -909,10 +912,18 @@ mod tests {
         );
         let e = Recipe::parse(BASE, "r.toml", &["train.recompute=3".into()]).unwrap_err();
         assert!(format!("{e:#}").contains("\"auto\" (or true / false)"), "{e:#}");
-        let full = ["train.mode=\"full\"".into(), "train.recompute=\"selective\"".into()];
+        let full = [
+            "train.mode=\"full\"".into(),
+            "train.recompute=\"selective\"".into(),
+            "train.precision=\"f32\"".into(),
+        ];
         let e = Recipe::parse(BASE, "r.toml", &full).unwrap_err();
-        assert!(format!("{e:#}").contains("full fine-tuning has none"), "{e:#}");
-        let full = ["train.mode=\"full\"".into(), "train.recompute=\"selective:3\"".into()];
+        assert!(format!("{e:#}").contains("computes in f32"), "{e:#}");
+        let full = [
+            "train.mode=\"full\"".into(),
+            "train.recompute=\"selective:3\"".into(),
+            "train.precision=\"f32\"".into(),
+        ];
         assert!(Recipe::parse(BASE, "r.toml", &full).is_err());
         Ok(())
     }
