@@ -68,6 +68,9 @@ for round in $(seq 1 "$rounds"); do
         echo "round $round: strata full $prec $v done" >&2
       done
     done
+    line=$("$exe" bench train --mode full --precision bf16 --optimizer adamw8bit --variant strata --steps 3 2>/dev/null | tail -1)
+    echo "{\"round\": $round, \"who\": \"strata\", \"mode\": \"full\", \"dtype\": \"bf16-adam8\", \"variant\": \"strata\", \"r\": $line}" >>"$log"
+    echo "round $round: strata full bf16 adamw8bit done" >&2
   fi
 done
 
@@ -90,7 +93,7 @@ if any(r["who"] == "peft" and r["mode"] == "full" for r in rows):
     print("| trainer | precision | recomputation | tok/s | peak RSS | speed vs PyTorch autocast | memory vs PyTorch autocast |")
     print("|---|---|---|---|---|---|---|")
     peer_rows = (("autocast", "bf16 autocast (f32 weights and AdamW state)"), ("bfloat16", "bf16 weights, grads and AdamW state"), ("float32", "f32"))
-    strata_rows = {"no": [("bf16", "strata-no-recompute")], "yes": [("bf16", "strata"), ("bf16", "strata-selective")]}
+    strata_rows = {"no": [("bf16", "strata-no-recompute")], "yes": [("bf16", "strata"), ("bf16", "strata-selective"), ("bf16-adam8", "strata")]}
     for ckpt in ("no", "yes"):
         ref = peft("full", "autocast", ckpt)
         label = "gradient checkpointing" if ckpt == "yes" else "no"
@@ -99,7 +102,7 @@ if any(r["who"] == "peft" and r["mode"] == "full" for r in rows):
             print(f"| PyTorch | {plabel} | {label} | {t:.0f} | {m / 1e9:.2f} GB | {t / ref[0]:.2f}x | {m / ref[1]:.2f}x |")
         for prec, v in strata_rows[ckpt] + [("f32", "strata-no-recompute" if ckpt == "no" else "strata")]:
             t, m = strata(prec, v, "full")
-            slabel = "bf16 mixed (f32 weights and AdamW state)" if prec == "bf16" else "f32"
+            slabel = {"bf16": "bf16 mixed (f32 weights and AdamW state)", "bf16-adam8": "bf16 mixed, 8-bit AdamW state", "f32": "f32"}[prec]
             print(f"| **strata** | {slabel} | {rc_name[v]} | {t:.0f} | {m / 1e9:.2f} GB | {t / ref[0]:.2f}x | {m / ref[1]:.2f}x |")
     print()
 if not any(r["who"] == "peft" and r["mode"] != "full" for r in rows):

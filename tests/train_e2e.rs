@@ -667,3 +667,51 @@ fn parquet_alpaca_and_sharegpt_sets_train_as_they_are() -> Result<()> {
     train_with(&text(true).replace("eval_fraction = 0.2\n", ""), Default::default())?;
     Ok(())
 }
+
+/// Full fine-tuning in bf16 mixed precision with 8-bit AdamW moments: the optimizer file holds
+/// the block-quantized moments, and a run resumed from a checkpoint ends on the same weights,
+/// byte for byte, as the run that was never stopped. A resume with the other optimizer is
+/// refused, naming it.
+#[test]
+fn full_finetuning_with_8bit_adamw_resumes_bit_exactly() -> Result<()> {
+    let dir = fresh_dir("adam8")?;
+    let full = |out: &str, optimizer: &str| {
+        strata::testing::tiny_lora_recipe(&dir, out, 12, 3, "")
+            .replace("[lora]\nr = 4\nalpha = 8\ndropout = 0.1\n", "")
+            .replace("lr = 1e-2", "lr = 1e-3")
+            .replace(
+                "[train]\n",
+                &format!("[train]\nmode = \"full\"\noptimizer = \"{optimizer}\"\ncheckpoint_every = 6\nkeep_checkpoints = 3\n"),
+            )
+    };
+    let whole = train_with(&full("whole", "adamw8bit"), Default::default())?;
+    assert_eq!(whole.steps, 12);
+    let ck = dir.join("whole/checkpoints");
+    let opt = candle_core::safetensors::load(ck.join("step-000012/optimizer.safetensors"), &candle_core::Device::Cpu)?;
+    assert!(
+        opt.keys().any(|k| k.starts_with("m8.")) && opt.keys().any(|k| k.starts_with("m.")),
+        "8-bit moments for the large tensors, f32 for the small: {:?}",
+        opt.keys().collect::<Vec<_>>()
+    );
+    let resume = |out: &str, optimizer: &str| {
+        train_with(
+            &full(out, optimizer),
+            strata::train::trainer::RunOptions {
+                resume: Some(ck.join("step-000006")),
+                ..Default::default()
+            },
+        )
+    };
+    resume("resumed", "adamw8bit")?;
+    let (la, lb) = (
+        losses(&dir.join("whole/metrics.jsonl"))?,
+        losses(&dir.join("resumed/metrics.jsonl"))?,
+    );
+    assert_eq!(la, lb, "resumed loss curve differs");
+    let bytes = |run: &str| std::fs::read(dir.join(run).join("checkpoints/step-000012/trainable.safetensors"));
+    assert_eq!(bytes("whole")?, bytes("resumed")?, "resumed weights differ");
+    let e = resume("other", "adamw").unwrap_err();
+    assert!(format!("{e:#}").contains("adamw8bit"), "{e:#}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

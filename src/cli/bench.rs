@@ -10,7 +10,6 @@ use candle_core::{Device, Tensor, D};
 use std::time::Instant;
 
 use crate::adapter::LoraPlan;
-use crate::engine::optim::AdamW;
 use crate::engine::{forward_backward, Batch, GradAcc, Recompute};
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::MODULES;
@@ -66,6 +65,9 @@ pub struct Args {
     /// bf16 kernel) or `f32`, as `train.precision` says.
     #[arg(long, default_value = "auto")]
     pub precision: crate::train::recipe::Precision,
+    /// AdamW's moments in `bench train`: `adamw` (f32) or `adamw8bit` (block-quantized 8-bit).
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: crate::train::recipe::Optimizer,
     /// Run one variant in this process (used by the parent process; prints JSON).
     #[arg(long, hide = true)]
     pub variant: Option<String>,
@@ -291,6 +293,8 @@ pub fn run(mut a: Args) -> Result<()> {
                     },
                     "--precision",
                     a.precision.name(),
+                    "--optimizer",
+                    a.optimizer.name(),
                     "--variant",
                     v,
                 ])
@@ -359,7 +363,7 @@ fn run_variant(a: &Args, cfg: &ModelConfig, variant: &str) -> Result<()> {
         LoraPlan::uniform(16, 32.0, &MODULES).attach(&mut model, 0)?;
     }
     let (batch, seq_len) = (a.batch.unwrap_or(4), a.seq_len.unwrap_or(256));
-    let secs = timed_steps(&model, variant, batch, seq_len, a.steps)?;
+    let secs = timed_steps(&model, variant, batch, seq_len, a.steps, a.optimizer)?;
     let n = batch * seq_len;
     println!(
         "{}",
@@ -371,7 +375,14 @@ fn run_variant(a: &Args, cfg: &ModelConfig, variant: &str) -> Result<()> {
 /// Seconds a whole optimizer step takes on random tokens (`rows x seq_len`), as the peer
 /// benchmark times it: forward, backward, global-norm clipping at 1.0, AdamW. One warm-up step,
 /// then the mean of `steps`.
-pub(crate) fn timed_steps(model: &Model, variant: &str, rows: usize, seq_len: usize, steps: usize) -> Result<f64> {
+pub(crate) fn timed_steps(
+    model: &Model,
+    variant: &str,
+    rows: usize,
+    seq_len: usize,
+    steps: usize,
+    optimizer: crate::train::recipe::Optimizer,
+) -> Result<f64> {
     let n = rows * seq_len;
     let vocab = model.cfg.vocab_size;
     let mut rng = crate::rng::Rng::new(1);
@@ -382,7 +393,7 @@ pub(crate) fn timed_steps(model: &Model, variant: &str, rows: usize, seq_len: us
         targets,
     };
     let params = model.trainable();
-    let mut opt = AdamW::new(0.0);
+    let mut opt = optimizer.build(0.0);
     let mut step = || -> Result<f64> {
         let mut acc = GradAcc::default();
         let loss = match (variant, variant_recompute(variant)) {
@@ -474,7 +485,7 @@ mod tests {
             let mut model = Model::load(&cfg, &src, base, false, &Device::Cpu)?;
             LoraPlan::uniform(4, 8.0, &MODULES).attach(&mut model, 0)?;
             for v in VARIANTS {
-                let secs = timed_steps(&model, v, 2, 8, 1)?;
+                let secs = timed_steps(&model, v, 2, 8, 1, crate::train::recipe::Optimizer::AdamW)?;
                 assert!(secs > 0.0, "{v} on {base:?}");
             }
         }

@@ -442,7 +442,7 @@ fn train_steps(a: &Args, cfg: &ModelConfig, dev: &Device, rows: usize, seq: usiz
         let model = synthetic_model(cfg, p, dev)?;
         dev.synchronize()?;
         let build = t0.elapsed().as_secs_f64();
-        let secs = timed_steps(&model, "strata", rows, seq, a.steps)?;
+        let secs = timed_steps(&model, "strata", rows, seq, a.steps, a.optimizer)?;
         let speed = (rows * seq) as f64 / secs;
         let peak = device_peak(dev);
         eprintln!(

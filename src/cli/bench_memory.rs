@@ -115,7 +115,7 @@ fn run_policy(a: &Args, cfg: &ModelConfig, name: &str, rows: usize, seq: usize) 
     let t0 = Instant::now();
     let model = synthetic_model(cfg, &p, &Device::Cpu)?;
     let build_s = t0.elapsed().as_secs_f64();
-    let secs = timed_steps(&model, recompute_variant(recompute)?, rows, seq, a.steps)?;
+    let secs = timed_steps(&model, recompute_variant(recompute)?, rows, seq, a.steps, a.optimizer)?;
     println!(
         "{}",
         serde_json::json!({

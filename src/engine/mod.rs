@@ -2,6 +2,7 @@
 //! micro-batch's explicit forward and backward with recomputation ([`step`]), gradients
 //! accumulated across micro-batches, and AdamW ([`optim`]).
 
+pub mod adam8;
 pub mod optim;
 pub mod step;
 

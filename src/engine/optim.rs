@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
+use super::adam8::{self, Q8Moments};
 use super::step::GradAcc;
 
 /// AdamW (Loshchilov & Hutter): `p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)`. Weight decay
@@ -22,6 +23,11 @@ pub struct AdamW {
     pub t: u64,
     /// First and second moments by parameter name (names make them checkpointable).
     pub moments: BTreeMap<String, (Tensor, Tensor)>,
+    /// Keep the moments of tensors of [`adam8::MIN_8BIT`] values or more in 8 bits
+    /// (`train.optimizer = "adamw8bit"`).
+    pub eight_bit: bool,
+    /// The 8-bit moments by parameter name (the others stay in `moments`).
+    pub q8: BTreeMap<String, Q8Moments>,
 }
 
 impl AdamW {
@@ -34,7 +40,37 @@ impl AdamW {
             weight_decay,
             t: 0,
             moments: BTreeMap::new(),
+            eight_bit: false,
+            q8: BTreeMap::new(),
         }
+    }
+
+    /// A fresh optimizer with 8-bit moments (bitsandbytes' `AdamW8bit`).
+    pub fn eight_bit(weight_decay: f64) -> Self {
+        Self {
+            eight_bit: true,
+            ..Self::new(weight_decay)
+        }
+    }
+
+    /// Whether the moments of `p` are kept in 8 bits.
+    fn quantizes(&self, p: &Var) -> bool {
+        let t = p.as_tensor();
+        self.eight_bit
+            && t.elem_count() >= adam8::MIN_8BIT
+            && t.device().is_cpu()
+            && t.dtype() == DType::F32
+            && t.is_contiguous()
+    }
+
+    /// Bytes the moments hold.
+    pub fn state_bytes(&self) -> usize {
+        let f: usize = self
+            .moments
+            .values()
+            .map(|(m, v)| 4 * (m.elem_count() + v.elem_count()))
+            .sum();
+        f + self.q8.values().map(Q8Moments::bytes).sum::<usize>()
     }
 
     /// One update of every parameter in `params` that has a gradient, the `i`th at `lr(i)`.
@@ -43,6 +79,16 @@ impl AdamW {
         for (i, (name, p)) in params.iter().enumerate() {
             let Some(g) = grads.unscaled(p) else { continue };
             let lr = lr(i);
+            if self.quantizes(p) {
+                let mut h = self.hyper(lr, p.as_tensor().rank() >= 2);
+                h.gscale = grads.factor();
+                let q = self
+                    .q8
+                    .entry(name.clone())
+                    .or_insert_with(|| Q8Moments::zeros(p.as_tensor().elem_count()));
+                update_8bit_in_place(p.as_tensor(), g, q, &h)?;
+                continue;
+            }
             let (m, v) = match self.moments.remove(name) {
                 Some(mv) => mv,
                 None => (g.zeros_like()?, g.zeros_like()?),
@@ -107,7 +153,9 @@ struct Hyper {
 
 /// Values of a parameter updated at once by [`update_in_place`]: its working set (the new
 /// values of a slice of `w`, `m` and `v`) is 12 bytes each, 12 MiB, whatever the parameter's size.
+/// A multiple of the 8-bit moments' block.
 pub const UPDATE_SLICE: usize = 1 << 20;
+const _: () = assert!(UPDATE_SLICE.is_multiple_of(adam8::BLOCK));
 
 /// [`fused_update`] written back into `w`, `m` and `v` themselves, a slice of
 /// [`UPDATE_SLICE`] values at a time, so that a large parameter (a trained embedding) does not
@@ -127,6 +175,35 @@ fn update_in_place(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: &Hyper) ->
         wf.slice_set(&nw, 0, at)?;
         mf.slice_set(&nm, 0, at)?;
         vf.slice_set(&nv, 0, at)?;
+        at += len;
+    }
+    Ok(())
+}
+
+/// [`update_in_place`] with 8-bit moments: the new values of a slice of `w` computed (the
+/// slice's blocks of codes updated in place), then written back.
+fn update_8bit_in_place(w: &Tensor, g: &Tensor, q: &mut Q8Moments, h: &Hyper) -> Result<()> {
+    use crate::ops::f32_view;
+    let n = w.elem_count();
+    if q.len() != n || g.elem_count() != n {
+        anyhow::bail!("8-bit AdamW: moments for {} values, the parameter has {n}", q.len());
+    }
+    let (wf, gf) = (w.flatten_all()?, g.flatten_all()?);
+    let consts = (
+        (h.beta1 as f32, h.beta2 as f32, h.eps as f32),
+        ((1.0 / h.bc1) as f32, (1.0 / h.bc2) as f32),
+        (h.lr as f32, h.decay as f32, h.gscale as f32),
+    );
+    let mut out = vec![0f32; UPDATE_SLICE.min(n)];
+    let mut at = 0;
+    while at < n {
+        let len = UPDATE_SLICE.min(n - at);
+        {
+            let (wp, gp) = (wf.narrow(0, at, len)?, gf.narrow(0, at, len)?);
+            let (wv, gv) = (f32_view(&wp)?, f32_view(&gp)?);
+            adam8::update_slice(wv.get(), gv.get(), q, at, &mut out[..len], consts.0, consts.1, consts.2);
+        }
+        wf.slice_set(&Tensor::from_slice(&out[..len], len, w.device())?, 0, at)?;
         at += len;
     }
     Ok(())

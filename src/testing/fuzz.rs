@@ -261,6 +261,6 @@ pub fn checkpoint(data: &[u8]) {
     }
     let params = checkpoint_params();
     if checkpoint::restore_params(&params, &ck.params, &ck.dir).is_ok() {
-        let _ = checkpoint::check_moments(&params, &ck.moments, ck.state.adam_t, &ck.dir);
+        let _ = checkpoint::check_moments(&params, &ck.moments, &ck.q8, ck.state.adam_t, &ck.dir);
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! - `trainable.safetensors`: every trainable tensor by name (adapters, or all weights under
 //!   full fine-tuning), in its training dtype;
-//! - `optimizer.safetensors`: AdamW's moments, `m.NAME` and `v.NAME`;
+//! - `optimizer.safetensors`: AdamW's moments, `m.NAME` and `v.NAME` (f32), or, under
+//!   `train.optimizer = "adamw8bit"`, `m8.NAME` / `v8.NAME` (u8 codes) with `ms.NAME` / `vs.NAME`
+//!   (f32 block maxima);
 //! - `state.json`: step, optimizer step count, the data sampler (orders, cursors, RNG states,
 //!   owed share), the run control (mix share, micro-batch), the callbacks' states, counters and
 //!   the metrics lines so far.
@@ -25,6 +27,7 @@ use std::path::{Path, PathBuf};
 
 use super::callback::Control;
 use crate::data::mix::Mixer;
+use crate::engine::adam8::Q8Moments;
 use crate::engine::optim::AdamW;
 use crate::eval::TextMetrics;
 use crate::model::hf::save_safetensors;
@@ -76,6 +79,19 @@ pub fn save(root: &Path, state: &RunState, params: &[(String, Var)], opt: &AdamW
     for (n, (m, v)) in &opt.moments {
         moments.push((format!("m.{n}"), m.clone()));
         moments.push((format!("v.{n}"), v.clone()));
+    }
+    let cpu = candle_core::Device::Cpu;
+    for (n, q) in &opt.q8 {
+        moments.push((format!("m8.{n}"), Tensor::from_slice(&q.m, q.m.len(), &cpu)?));
+        moments.push((
+            format!("ms.{n}"),
+            Tensor::from_slice(&q.m_absmax, q.m_absmax.len(), &cpu)?,
+        ));
+        moments.push((format!("v8.{n}"), Tensor::from_slice(&q.v, q.v.len(), &cpu)?));
+        moments.push((
+            format!("vs.{n}"),
+            Tensor::from_slice(&q.v_absmax, q.v_absmax.len(), &cpu)?,
+        ));
     }
     if !moments.is_empty() {
         save_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
@@ -174,6 +190,8 @@ pub struct Loaded {
     pub params: HashMap<String, Tensor>,
     /// Optimizer moments by parameter name.
     pub moments: BTreeMap<String, (Tensor, Tensor)>,
+    /// 8-bit optimizer moments by parameter name (`train.optimizer = "adamw8bit"`).
+    pub q8: BTreeMap<String, Q8Moments>,
 }
 
 /// Reads the checkpoint `path` resolves to.
@@ -185,6 +203,7 @@ pub fn load(path: &Path, dev: &Device) -> Result<Loaded> {
     let params = candle_core::safetensors::load(dir.join("trainable.safetensors"), dev)
         .with_context(|| format!("cannot read {}", dir.join("trainable.safetensors").display()))?;
     let mut moments = BTreeMap::new();
+    let mut q8 = BTreeMap::new();
     let opt_file = dir.join("optimizer.safetensors");
     if state.adam_t > 0 && !opt_file.is_file() {
         bail!(
@@ -207,12 +226,41 @@ pub fn load(path: &Path, dev: &Device) -> Result<Loaded> {
                 .with_context(|| format!("{}: moment v.{n} is missing", opt_file.display()))?;
             moments.insert(n, (m, v));
         }
+        let names: Vec<String> = raw
+            .keys()
+            .filter_map(|k| k.strip_prefix("m8.").map(String::from))
+            .collect();
+        for n in names {
+            let mut take = |prefix: &str| {
+                raw.remove(&format!("{prefix}.{n}"))
+                    .with_context(|| format!("{}: 8-bit moment {prefix}.{n} is missing", opt_file.display()))
+            };
+            let (m, ms, v, vs) = (take("m8")?, take("ms")?, take("v8")?, take("vs")?);
+            let bytes = |t: Tensor, what: &str| -> Result<Vec<u8>> {
+                t.flatten_all()?
+                    .to_vec1::<u8>()
+                    .with_context(|| format!("{}: {what}.{n} must hold u8 codes", opt_file.display()))
+            };
+            let floats = |t: Tensor, what: &str| -> Result<Vec<f32>> {
+                t.flatten_all()?
+                    .to_vec1::<f32>()
+                    .with_context(|| format!("{}: {what}.{n} must hold f32 maxima", opt_file.display()))
+            };
+            let q = Q8Moments {
+                m: bytes(m, "m8")?,
+                m_absmax: floats(ms, "ms")?,
+                v: bytes(v, "v8")?,
+                v_absmax: floats(vs, "vs")?,
+            };
+            q8.insert(n, q);
+        }
     }
     Ok(Loaded {
         dir,
         state,
         params,
         moments,
+        q8,
     })
 }
 
@@ -277,6 +325,7 @@ impl RunState {
 pub fn check_moments(
     params: &[(String, Var)],
     moments: &BTreeMap<String, (Tensor, Tensor)>,
+    q8: &BTreeMap<String, Q8Moments>,
     adam_t: u64,
     dir: &Path,
 ) -> Result<()> {
@@ -284,15 +333,20 @@ pub fn check_moments(
         return Ok(());
     }
     let at = || dir.join("optimizer.safetensors").display().to_string();
-    if moments.len() != params.len() {
+    if moments.len() + q8.len() != params.len() {
         bail!(
             "{}: moments for {} tensors, this run trains {}; resume with the recipe that wrote it",
             at(),
-            moments.len(),
+            moments.len() + q8.len(),
             params.len()
         );
     }
     for (name, var) in params {
+        if let Some(q) = q8.get(name) {
+            q.check(var.as_tensor().elem_count())
+                .map_err(|e| anyhow::anyhow!("{}: 8-bit moments of `{name}`: {e}", at()))?;
+            continue;
+        }
         let (m, v) = moments
             .get(name)
             .with_context(|| format!("{}: no moments for `{name}`", at()))?;

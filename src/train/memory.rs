@@ -100,6 +100,8 @@ pub struct RunShape<'a> {
     /// Trained dense weights under bf16 mixed precision: each holds a bf16 kernel copy (both
     /// layouts) beside its f32 master.
     pub mixed: bool,
+    /// AdamW's moments in 8 bits (`train.optimizer = "adamw8bit"`).
+    pub adam8: bool,
     /// Base modules trained beside the adapters (`modules_to_save`, SAVABLE names).
     pub saved: &'a [String],
     /// Rows per micro-batch.
@@ -287,7 +289,14 @@ fn add_weights(s: &RunShape<'_>, p: &mut Prediction) -> u64 {
 fn add_training_state(s: &RunShape<'_>, trained: u64, p: &mut Prediction) {
     let c = s.cfg;
     let (h, i, v) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64);
-    p.add("trained parameters + AdamW state", 16 * trained);
+    // Value and accumulated gradient (f32), and the two moments: f32, or one byte each with
+    // an f32 maximum per block (the few tensors under 8-bit's minimum size are counted so too).
+    let moments = if s.adam8 {
+        2 * trained + 8 * trained.div_ceil(crate::engine::adam8::BLOCK as u64)
+    } else {
+        8 * trained
+    };
+    p.add("trained parameters + AdamW state", 8 * trained + moments);
     // A trained embedding gets dense gradients: from the lookup and, tied, from the head; an
     // untied trained head gets its own.
     let embed_trained = s.full || s.saved(BaseTensor::Embed.module());
@@ -490,6 +499,7 @@ pub fn for_recipe_with(
             .precision
             .bf16_on(&candle_core::Device::Cpu)
             .unwrap_or(false),
+        adam8: recipe.train.optimizer == super::recipe::Optimizer::AdamW8bit,
         saved: &saved,
         rows: recipe.train.batch,
         seq_len: recipe.data.seq_len,

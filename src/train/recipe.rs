@@ -129,7 +129,44 @@ impl Precision {
     }
 }
 
-crate::parsed_from_str!(Mode, DataFormat, LogSink, Precision);
+/// `train.optimizer`: how AdamW keeps its moments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Optimizer {
+    /// f32 moments (8 bytes a trained value).
+    AdamW,
+    /// Block-quantized 8-bit moments, as bitsandbytes' `AdamW8bit` (2 bytes a value, plus an
+    /// f32 maximum per block of 2048; tensors under 4096 values keep f32 moments).
+    AdamW8bit,
+}
+
+impl Optimizer {
+    /// Parses `adamw` or `adamw8bit`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "adamw" => Ok(Optimizer::AdamW),
+            "adamw8bit" | "adamw_8bit" => Ok(Optimizer::AdamW8bit),
+            o => bail!("train.optimizer `{o}` must be `adamw` or `adamw8bit`"),
+        }
+    }
+
+    /// The name [`Optimizer::parse`] reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Optimizer::AdamW => "adamw",
+            Optimizer::AdamW8bit => "adamw8bit",
+        }
+    }
+
+    /// A fresh optimizer of this kind.
+    pub fn build(self, weight_decay: f64) -> crate::engine::AdamW {
+        match self {
+            Optimizer::AdamW => crate::engine::AdamW::new(weight_decay),
+            Optimizer::AdamW8bit => crate::engine::AdamW::eight_bit(weight_decay),
+        }
+    }
+}
+
+crate::parsed_from_str!(Mode, DataFormat, LogSink, Precision, Optimizer);
 
 /// A parameter group: its own learning rate and schedule (`[[train.groups]]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, Deserialize)]
@@ -478,6 +515,8 @@ pub struct TrainSection {
     /// Trained dense weights (full fine-tuning, `modules_to_save`): `auto` (bf16 mixed
     /// precision where the CPU has AVX512-BF16), `bf16` or `f32`.
     pub precision: Precision,
+    /// `adamw` (f32 moments) or `adamw8bit` (block-quantized 8-bit moments).
+    pub optimizer: Optimizer,
 }
 
 impl Default for TrainSection {
@@ -509,6 +548,7 @@ impl Default for TrainSection {
             max_bad_steps: 3,
             log: vec![LogSink::Jsonl],
             precision: Precision::Auto,
+            optimizer: Optimizer::AdamW,
         }
     }
 }

@@ -137,7 +137,7 @@ impl<'r> Run<'r> {
         announce(recipe, &src, &data, n_params, steps, per_step);
         let mut callbacks = builtin_callbacks(recipe, &dev);
         callbacks.extend(opts.callbacks);
-        let mut opt = AdamW::new(t.weight_decay);
+        let mut opt = t.optimizer.build(t.weight_decay);
         let st = match &opts.resume {
             Some(path) => {
                 let mut into = Resumed {
@@ -526,8 +526,27 @@ impl Resumed<'_> {
         ck.state
             .check(data.train.len(), data.general.len(), steps, per_step, &ck.dir)?;
         checkpoint::restore_params(self.params, &ck.params, &ck.dir)?;
-        checkpoint::check_moments(self.params, &ck.moments, ck.state.adam_t, &ck.dir)?;
+        checkpoint::check_moments(self.params, &ck.moments, &ck.q8, ck.state.adam_t, &ck.dir)?;
+        if !self.opt.eight_bit && !ck.q8.is_empty() {
+            bail!(
+                "{}: the checkpoint's AdamW moments are 8-bit; resume with train.optimizer = \"adamw8bit\"",
+                ck.dir.display()
+            );
+        }
+        if self.opt.eight_bit
+            && ck.q8.is_empty()
+            && ck
+                .moments
+                .values()
+                .any(|(m, _)| m.elem_count() >= crate::engine::adam8::MIN_8BIT)
+        {
+            bail!(
+                "{}: the checkpoint's AdamW moments are f32; resume with train.optimizer = \"adamw\"",
+                ck.dir.display()
+            );
+        }
         self.opt.moments = ck.moments;
+        self.opt.q8 = ck.q8;
         self.opt.t = ck.state.adam_t;
         for cb in self.callbacks.iter_mut() {
             if let Some(v) = ck.state.callbacks.get(cb.name()) {
