@@ -24,7 +24,7 @@ fi
 if [ "$which" != adapters ]; then
   # `autocast`: PyTorch's mixed precision (f32 weights and AdamW state, bf16 compute), what
   # strata's bf16 rows do; `bfloat16` keeps weights, gradients and AdamW state in bf16.
-  peer_specs+=("full autocast no" "full autocast yes" "full bfloat16 no" "full bfloat16 yes" "full float32 no" "full float32 yes")
+  peer_specs+=("full autocast no" "full autocast yes" "full bfloat16 no" "full float32 no" "full float32 yes")
 fi
 peer=../shared/peer/peft_bench.py
 [ -x "$py" ] || { echo "no peer python at $py (see ../shared/peer/README)" >&2; exit 1; }
@@ -98,6 +98,8 @@ if any(r["who"] == "peft" and r["mode"] == "full" for r in rows):
         ref = peft("full", "autocast", ckpt)
         label = "gradient checkpointing" if ckpt == "yes" else "no"
         for pdt, plabel in peer_rows:
+            if not any(r["who"] == "peft" and (r["mode"], r["dtype"], r["ckpt"]) == ("full", pdt, ckpt) for r in rows):
+                continue
             t, m = peft("full", pdt, ckpt)
             print(f"| PyTorch | {plabel} | {label} | {t:.0f} | {m / 1e9:.2f} GB | {t / ref[0]:.2f}x | {m / ref[1]:.2f}x |")
         for prec, v in strata_rows[ckpt] + [("f32", "strata-no-recompute" if ckpt == "no" else "strata")]:
