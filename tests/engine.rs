@@ -256,35 +256,16 @@ fn bf16_mixed_precision_gradients_match_the_f32_path() -> Result<()> {
         forward_backward(&mixed, &b, 0.05, Recompute::Blocks, Fwd::eval(), &mut acc)?;
         let params = mixed.trainable();
         strata::engine::AdamW::new(0.0).step(&params, &acc, |_| 1e-2)?;
-        let stale = forward_backward(
-            &mixed,
-            &b,
-            0.05,
-            Recompute::Blocks,
-            Fwd::eval(),
-            &mut GradAcc::default(),
-        )?;
+        // The loss of a model on the batch (its gradient thrown away).
+        let loss = |m: &Model| forward_backward(m, &b, 0.05, Recompute::Blocks, Fwd::eval(), &mut GradAcc::default());
+        let stale = loss(&mixed)?;
         mixed.refresh_packs()?;
-        let fresh = forward_backward(
-            &mixed,
-            &b,
-            0.05,
-            Recompute::Blocks,
-            Fwd::eval(),
-            &mut GradAcc::default(),
-        )?;
+        let fresh = loss(&mixed)?;
         let updated = Model::load(&cfg, &src, BaseDtype::F32, true, &Device::Cpu)?;
         for ((_, v), (_, u)) in params.iter().zip(updated.trainable()) {
             u.set(v.as_tensor())?;
         }
-        let exact = forward_backward(
-            &updated,
-            &b,
-            0.05,
-            Recompute::Blocks,
-            Fwd::eval(),
-            &mut GradAcc::default(),
-        )?;
+        let exact = loss(&updated)?;
         assert!((fresh.nll_sum - exact.nll_sum).abs() < 1e-2 * exact.nll_sum);
         assert!((fresh.nll_sum - exact.nll_sum).abs() < (stale.nll_sum - exact.nll_sum).abs());
     }

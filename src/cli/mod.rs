@@ -59,7 +59,7 @@ impl Cli {
     /// candle's spinning workers only compete with them (176 against 142 tok/s on SmolLM2's
     /// shape, 2 cores). A recipe that does not parse says no; the run itself reports why.
     pub fn trains_every_weight(&self) -> bool {
-        let f32_gemms = |p: crate::train::recipe::Precision| !p.bf16_on(&candle_core::Device::Cpu).unwrap_or(false);
+        let f32_gemms = |p: crate::train::recipe::Precision| !p.bf16_on_cpu();
         match &self.command {
             Command::Train(a) => crate::train::recipe::Recipe::load(&a.recipe, &a.sets)
                 .map(|r| r.full() && f32_gemms(r.train.precision))

@@ -563,16 +563,14 @@ mod tests {
             per_token: true,
             ..Default::default()
         };
-        let a = lm_head_loss(&h, &w, &targets, base)?;
-        let b = lm_head_loss(
-            &h,
-            &w,
-            &targets,
-            HeadOptions {
-                pack: Some(&pack),
-                ..base
-            },
-        )?;
+        // The head as given (f32), and through the kernel's packs.
+        let both = |o: HeadOptions| -> Result<(HeadOutput, HeadOutput)> {
+            Ok((
+                lm_head_loss(&h, &w, &targets, o)?,
+                lm_head_loss(&h, &w, &targets, HeadOptions { pack: Some(&pack), ..o })?,
+            ))
+        };
+        let (a, b) = both(base)?;
         assert_eq!((a.count, a.correct), (b.count, b.correct));
         assert!((a.nll_sum - b.nll_sum).abs() < 1e-3 * a.nll_sum.abs());
         let (da, db) = (a.dh.unwrap(), b.dh.unwrap());
@@ -581,17 +579,7 @@ mod tests {
         let d = (da - db)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-2 * scale, "dh differs by {d} (scale {scale})");
         // A trained head's weight gradient through the kernel, summed over the chunks.
-        let with_dw = HeadOptions { want_dw: true, ..base };
-        let a = lm_head_loss(&h, &w, &targets, with_dw)?;
-        let b = lm_head_loss(
-            &h,
-            &w,
-            &targets,
-            HeadOptions {
-                pack: Some(&pack),
-                ..with_dw
-            },
-        )?;
+        let (a, b) = both(HeadOptions { want_dw: true, ..base })?;
         let (da, db) = (a.dw.unwrap(), b.dw.unwrap());
         let scale = da.abs()?.max_all()?.to_scalar::<f32>()?;
         let d = (da - db)?.abs()?.max_all()?.to_scalar::<f32>()?;

@@ -494,11 +494,7 @@ pub fn for_recipe_with(
         bases: &bases,
         full: recipe.full(),
         pack: recipe.model.pack_bf16,
-        mixed: recipe
-            .train
-            .precision
-            .bf16_on(&candle_core::Device::Cpu)
-            .unwrap_or(false),
+        mixed: recipe.train.precision.bf16_on_cpu(),
         adam8: recipe.train.optimizer == super::recipe::Optimizer::AdamW8bit,
         saved: &saved,
         rows: recipe.train.batch,

@@ -119,6 +119,12 @@ impl Precision {
         }
     }
 
+    /// [`Precision::bf16_on`] the CPU, `false` where `bf16` would be refused (the run then
+    /// says why): what the memory plan and the thread choice assume before a run starts.
+    pub fn bf16_on_cpu(self) -> bool {
+        self.bf16_on(&candle_core::Device::Cpu).unwrap_or(false)
+    }
+
     /// The name [`Precision::parse`] reads.
     pub fn name(self) -> &'static str {
         match self {
@@ -703,7 +709,7 @@ impl Recipe {
         crate::util::device_ordinal(&t.device).context("train.device")?;
         if t.mode == Mode::Full
             && matches!(t.recompute, Recompute::Selective | Recompute::Partial(_))
-            && !t.precision.bf16_on(&candle_core::Device::Cpu).unwrap_or(false)
+            && !t.precision.bf16_on_cpu()
         {
             bail!("train.recompute = \"selective\" under full fine-tuning keeps the bf16 products of mixed precision, and this run computes in f32 (train.precision, or a CPU without AVX512-BF16): use \"blocks\" or \"off\"");
         }
