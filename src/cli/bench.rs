@@ -286,11 +286,7 @@ pub fn run(mut a: Args) -> Result<()> {
                     "--base-dtype",
                     &a.base_dtype,
                     "--mode",
-                    if a.mode == crate::train::recipe::Mode::Full {
-                        "full"
-                    } else {
-                        "lora"
-                    },
+                    a.mode.name(),
                     "--precision",
                     a.precision.name(),
                     "--optimizer",

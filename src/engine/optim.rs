@@ -63,25 +63,14 @@ impl AdamW {
             && t.is_contiguous()
     }
 
-    /// Bytes the moments hold.
-    pub fn state_bytes(&self) -> usize {
-        let f: usize = self
-            .moments
-            .values()
-            .map(|(m, v)| 4 * (m.elem_count() + v.elem_count()))
-            .sum();
-        f + self.q8.values().map(Q8Moments::bytes).sum::<usize>()
-    }
-
     /// One update of every parameter in `params` that has a gradient, the `i`th at `lr(i)`.
     pub fn step(&mut self, params: &[(String, Var)], grads: &GradAcc, lr: impl Fn(usize) -> f64) -> Result<()> {
         self.t += 1;
         for (i, (name, p)) in params.iter().enumerate() {
             let Some(g) = grads.unscaled(p) else { continue };
-            let lr = lr(i);
+            let mut h = self.hyper(lr(i), p.as_tensor().rank() >= 2);
+            h.gscale = grads.factor();
             if self.quantizes(p) {
-                let mut h = self.hyper(lr, p.as_tensor().rank() >= 2);
-                h.gscale = grads.factor();
                 let q = self
                     .q8
                     .entry(name.clone())
@@ -93,20 +82,19 @@ impl AdamW {
                 Some(mv) => mv,
                 None => (g.zeros_like()?, g.zeros_like()?),
             };
-            let mut h = self.hyper(lr, p.as_tensor().rank() >= 2);
-            h.gscale = grads.factor();
             let w = p.as_tensor();
-            let fused = [w, g, &m, &v]
+            let in_place = [w, g, &m, &v]
                 .iter()
-                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.shape() == w.shape());
-            if fused && [w, &m, &v].iter().all(|t| t.is_contiguous()) {
+                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.shape() == w.shape())
+                && [w, &m, &v].iter().all(|t| t.is_contiguous());
+            let (m, v) = if in_place {
                 update_in_place(w, g, &m, &v, &h)?;
+                (m, v)
             } else {
                 let (w, m, v) = composed_update(w, g, &m, &v, &h)?;
                 p.set(&w)?;
-                self.moments.insert(name.clone(), (m, v));
-                continue;
-            }
+                (m, v)
+            };
             self.moments.insert(name.clone(), (m, v));
         }
         Ok(())

@@ -59,8 +59,9 @@ impl LinearPack {
         Self::new(&to_bf16(w), n, k)
     }
 
-    /// Repacks both layouts in place from an updated f32 `w [n, k]` (no allocation: the
-    /// optimizer's refresh of the bf16 copies).
+    /// Repacks both layouts in place from an updated f32 `w [n, k]` (the refresh of a trained
+    /// weight's bf16 copy after each update; the packs are reused, the rounded weight is a
+    /// temporary).
     pub fn refresh_f32(&mut self, w: &[f32]) {
         let (n, k) = (self.fwd.n, self.bwd.n);
         assert_eq!(w.len(), n * k, "refresh: weight size changed");
@@ -177,10 +178,7 @@ pub fn weight_grad(g: &[f32], x: &[f32], m: usize, n: usize, k: usize, dw: &mut 
     );
     let mp = m.div_ceil(2);
     // g rounded to bf16 once (vectorized), then transposed into pairs along m.
-    let mut gb = vec![0u16; m * n];
-    gb.par_chunks_mut(n)
-        .zip(g.par_chunks(n))
-        .for_each(|(d, s)| f32_to_bf16_bits(s, d));
+    let gb = to_bf16(&g[..m * n]);
     let mut a = vec![0u32; n * mp];
     const IB: usize = 64;
     a.par_chunks_mut(IB * mp).enumerate().for_each(|(blk, dst)| {
@@ -191,11 +189,11 @@ pub fn weight_grad(g: &[f32], x: &[f32], m: usize, n: usize, k: usize, dw: &mut 
             if 2 * p + 1 < m {
                 let r1 = &gb[(2 * p + 1) * n + i0..(2 * p + 1) * n + i0 + rows];
                 for ii in 0..rows {
-                    dst[ii * mp + p] = r0[ii] as u32 | (r1[ii] as u32) << 16;
+                    dst[ii * mp + p] = pair(r0[ii], r1[ii]);
                 }
             } else {
                 for ii in 0..rows {
-                    dst[ii * mp + p] = r0[ii] as u32;
+                    dst[ii * mp + p] = pair(r0[ii], bf16::ZERO);
                 }
             }
         }

@@ -7,7 +7,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::bf16_gemm::{self, LinearPack};
+use super::bf16_gemm::{self, LinearPack, PackedB};
 use std::sync::Arc;
 
 struct FrozenMatmul {
@@ -90,6 +90,19 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, pack: Option<&Arc<LinearPack>>) -> 
     frozen_matmul(&x.to_dtype(w.dtype())?, w)?.to_dtype(DType::F32)
 }
 
+/// A custom op's f32 CPU input `x [m, k]` times `b` (one layout of a packed weight) through
+/// the bf16 kernel, `[m, b.n]`: the products of the frozen and trained linear ops.
+pub(crate) fn packed_product(s: &CpuStorage, l: &Layout, b: &PackedB, op: &str) -> Result<(CpuStorage, Shape)> {
+    let (m, k) = l.shape().dims2()?;
+    if k.div_ceil(2) != b.kp {
+        candle_core::bail!("{op}: input has {k} features, the weight expects {}", 2 * b.kp);
+    }
+    let x = super::cpu_f32(s, l, op)?;
+    let mut y = vec![0f32; m * b.n];
+    bf16_gemm::gemm(&bf16_gemm::pack_a(x, m, k), m, b, &mut y);
+    Ok((CpuStorage::F32(y), Shape::from((m, b.n))))
+}
+
 /// `x W^T` (forward) or `g W` (input gradient) through [`bf16_gemm`] with a packed `W`.
 struct Bf16Linear {
     pack: Arc<LinearPack>,
@@ -102,15 +115,8 @@ impl CustomOp1 for Bf16Linear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l.shape().dims2()?;
         let b = if self.forward { &self.pack.fwd } else { &self.pack.bwd };
-        if k.div_ceil(2) != b.kp {
-            candle_core::bail!("frozen linear: input has {k} features, the weight expects {}", 2 * b.kp);
-        }
-        let x = super::cpu_f32(s, l, "bf16 linear")?;
-        let mut y = vec![0f32; m * b.n];
-        bf16_gemm::gemm(&bf16_gemm::pack_a(x, m, k), m, b, &mut y);
-        Ok((CpuStorage::F32(y), Shape::from((m, b.n))))
+        packed_product(s, l, b, "frozen linear")
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {

@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use std::sync::{Arc, RwLock};
 
 use super::bf16_gemm::{self, LinearPack};
+use super::frozen_linear::packed_product;
 use super::lora_linear::KeptProducts;
 
 /// A trained weight's bf16 working copy, both kernel layouts, refreshed in place from the f32
@@ -108,14 +109,15 @@ impl CustomOp2 for TrainedMatmul {
         }
         let x = super::cpu_f32(s, l, "trained linear")?;
         let mut y = vec![0f32; m * p.fwd.n];
-        match &self.keep {
-            Some((kept, site)) => {
-                if !kept.take(*site, &mut y)? {
-                    bf16_gemm::gemm(&bf16_gemm::pack_a(x, m, k), m, &p.fwd, &mut y);
-                    kept.keep(*site, &mut y, true);
-                }
+        let kept = match &self.keep {
+            Some((kept, site)) => kept.take(*site, &mut y)?,
+            None => false,
+        };
+        if !kept {
+            bf16_gemm::gemm(&bf16_gemm::pack_a(x, m, k), m, &p.fwd, &mut y);
+            if let Some((kept, site)) = &self.keep {
+                kept.keep(*site, &mut y, true);
             }
-            None => bf16_gemm::gemm(&bf16_gemm::pack_a(x, m, k), m, &p.fwd, &mut y),
         }
         Ok((CpuStorage::F32(y), Shape::from((m, p.fwd.n))))
     }
@@ -141,15 +143,7 @@ impl CustomOp1 for InputGrad {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (m, n) = l.shape().dims2()?;
-        let p = self.pack.read()?;
-        if n.div_ceil(2) != p.bwd.kp {
-            candle_core::bail!("trained linear: gradient has {n} columns, the weight {}", 2 * p.bwd.kp);
-        }
-        let g = super::cpu_f32(s, l, "trained linear backward")?;
-        let mut dx = vec![0f32; m * p.bwd.n];
-        bf16_gemm::gemm(&bf16_gemm::pack_a(g, m, n), m, &p.bwd, &mut dx);
-        Ok((CpuStorage::F32(dx), Shape::from((m, p.bwd.n))))
+        packed_product(s, l, &self.pack.read()?.bwd, "trained linear backward")
     }
 }
 

@@ -34,6 +34,14 @@ impl Mode {
             o => bail!("train.mode `{o}` must be `lora` or `full`"),
         }
     }
+
+    /// The name [`Mode::parse`] reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Lora => "lora",
+            Mode::Full => "full",
+        }
+    }
 }
 
 /// `data.format`: how training files are read.
