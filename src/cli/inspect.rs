@@ -73,6 +73,13 @@ pub fn run(a: Args) -> Result<()> {
             original_max_position_embeddings: o,
             ..
         } => format!("llama3 scaling x{factor} from {o}"),
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings: o,
+            attention_factor,
+            ..
+        } => format!("yarn scaling x{factor} from {o}, attention factor {attention_factor:.4}"),
+        RopeScaling::Dynamic { factor } => format!("dynamic NTK scaling x{factor} past {}", c.max_position_embeddings),
         RopeScaling::Factors(k) => format!(
             "rope_freqs scaling ({} factors, {:.3} to {:.3})",
             k.len(),
@@ -82,7 +89,9 @@ pub fn run(a: Args) -> Result<()> {
     };
     println!(
         "rope theta   {} ({scaling}), rms eps {:e}, context {}",
-        c.rope_theta, c.rms_norm_eps, c.max_position_embeddings
+        c.rope_theta,
+        c.rms_norm_eps,
+        c.context()
     );
     let mut by_type: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for name in src.weights.names() {

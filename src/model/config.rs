@@ -56,6 +56,29 @@ pub enum RopeScaling {
     /// llama.cpp's `rope_freqs.weight`: frequency `i` divided by `factors[i]` (how a Llama 3.1
     /// GGUF stores its scaling).
     Factors(Vec<f64>),
+    /// transformers' `yarn` (Qwen2.5, DeepSeek; llama.cpp's `yarn`): each frequency blended
+    /// between divided by `factor` and kept, by how many turns it makes within the original
+    /// context, and cos/sin multiplied by `attention_factor`.
+    Yarn {
+        /// Ratio of the extended context to the original one.
+        factor: f64,
+        /// The pretraining context.
+        original_max_position_embeddings: usize,
+        /// Amplitude of cos and sin (so attention logits scale by its square).
+        attention_factor: f64,
+        /// Frequencies turning more than this often within the original context are kept.
+        beta_fast: f64,
+        /// Frequencies turning less than this often are divided by `factor`.
+        beta_slow: f64,
+        /// Whether the blend's bounds are rounded outward to whole frequencies.
+        truncate: bool,
+    },
+    /// transformers' `dynamic` (NTK-aware): the default frequencies up to the context, and for
+    /// a forward reaching further, a larger base computed from that forward's length.
+    Dynamic {
+        /// How far past the context the base grows (transformers' `factor`).
+        factor: f64,
+    },
 }
 
 impl RopeScaling {
@@ -88,13 +111,70 @@ impl RopeScaling {
                     }
                 })
                 .collect(),
+            &RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: old,
+                beta_fast,
+                beta_slow,
+                truncate,
+                ..
+            } => {
+                // transformers' `_compute_yarn_parameters` (and llama.cpp's corr_dims): the
+                // frequency index at which a frequency makes `turns` rotations in `old` positions.
+                let d = head_dim as f64;
+                let index =
+                    |turns: f64| d * (old as f64 / (turns * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+                let (mut low, mut high) = (index(beta_fast), index(beta_slow));
+                if truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                base.iter()
+                    .enumerate()
+                    .map(|(i, &f)| {
+                        let keep = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        f / factor * (1.0 - keep) + f * keep
+                    })
+                    .collect()
+            }
+            // The forward's own length decides (`Rope`); within the context it is the default.
+            RopeScaling::Dynamic { .. } => base,
         }
     }
 
+    /// The amplitude RoPE's cos and sin carry (YaRN's attention factor; 1 otherwise).
+    pub fn amplitude(&self) -> f64 {
+        match self {
+            RopeScaling::Yarn { attention_factor, .. } => *attention_factor,
+            _ => 1.0,
+        }
+    }
+
+    /// How many positions a model with this scaling and `max_position_embeddings` may use:
+    /// YaRN and dynamic NTK extend the context by their factor (transformers itself sets no
+    /// limit; strata runs what the scaling was made for, and refuses past it).
+    pub fn context(&self, max_position_embeddings: usize) -> usize {
+        let extended = match self {
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: old,
+                ..
+            } => (*old as f64 * factor).round() as usize,
+            RopeScaling::Dynamic { factor } => (max_position_embeddings as f64 * factor).round() as usize,
+            _ => 0,
+        };
+        max_position_embeddings.max(extended).min(1 << 20)
+    }
+
     /// Reads transformers' `rope_scaling` (or `rope_parameters`) object; `None`, `default` and
-    /// an absent one are the default. Types strata does not compute exactly (`dynamic`,
-    /// `yarn`, `longrope`, ...) and fields that change the math are refused by name.
-    pub fn from_hf(v: Option<&Value>, file: &Path) -> Result<Self> {
+    /// an absent one are the default. `max_position_embeddings` stands in for an absent
+    /// `original_max_position_embeddings`, as transformers' `standardize_rope_params` does.
+    /// Types strata does not compute exactly (`longrope`, ...) and fields that change the math
+    /// are refused by name.
+    pub fn from_hf(v: Option<&Value>, max_position_embeddings: usize, file: &Path) -> Result<Self> {
         let f = file.display();
         let Some(v) = v.filter(|v| !v.is_null()) else {
             return Ok(RopeScaling::None);
@@ -107,32 +187,60 @@ impl RopeScaling {
             .or_else(|| obj.get("type"))
             .and_then(|t| t.as_str())
             .unwrap_or("default");
+        // An absent or null field is `None`; a present one must be a finite positive number.
+        let opt =
+            |k: &str| -> Result<Option<f64>> {
+                match obj.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x.as_f64().filter(|x| x.is_finite() && *x > 0.0).map(Some).with_context(|| {
+                    format!("{f}: `rope_scaling.{k}` must be a finite positive number for rope_type `{ty}`, found {x}")
+                }),
+            }
+            };
         let num = |k: &str| -> Result<f64> {
-            obj.get(k)
-                .and_then(|x| x.as_f64())
-                .filter(|x| x.is_finite() && *x > 0.0)
-                .with_context(|| {
-                    format!("{f}: `rope_scaling.{k}` must be a finite positive number for rope_type `{ty}`")
-                })
+            opt(k)?.with_context(|| {
+                format!("{f}: `rope_scaling.{k}` must be a finite positive number for rope_type `{ty}`")
+            })
+        };
+        let original = || -> Result<usize> {
+            Ok(opt("original_max_position_embeddings")?.map_or(max_position_embeddings, |x| x as usize))
         };
         let known: &[&str] = match ty {
             "default" => &[],
             "linear" => &["factor"],
+            "dynamic" => &["factor"],
             "llama3" => &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
+            "yarn" => &[
+                "factor",
+                "original_max_position_embeddings",
+                "attention_factor",
+                "beta_fast",
+                "beta_slow",
+                "mscale",
+                "mscale_all_dim",
+                "truncate",
+            ],
             other => bail!(
-                "{f}: rope_scaling type `{other}` is not supported (strata computes default, linear and llama3 exactly); \
+                "{f}: rope_scaling type `{other}` is not supported (strata computes default, linear, dynamic, llama3 and yarn exactly); \
                  refusing rather than running the model with the wrong positions"
             ),
         };
         for k in obj.keys() {
-            if !known.contains(&k.as_str()) && !matches!(k.as_str(), "rope_type" | "type" | "rope_theta") {
+            if !known.contains(&k.as_str())
+                && !matches!(
+                    k.as_str(),
+                    "rope_type" | "type" | "rope_theta" | "partial_rotary_factor"
+                )
+            {
                 bail!("{f}: `rope_scaling.{k}` is not a field strata reads for rope_type `{ty}`; refusing rather than ignoring it");
             }
         }
+        check_full_rotary(obj.get("partial_rotary_factor"), file)?;
         Ok(match ty {
             "default" => RopeScaling::None,
             "linear" => RopeScaling::Linear { factor: num("factor")? },
-            _ => {
+            "dynamic" => RopeScaling::Dynamic { factor: num("factor")? },
+            "llama3" => {
                 let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
                 if high <= low {
                     bail!("{f}: `rope_scaling.high_freq_factor` ({high}) must exceed `low_freq_factor` ({low})");
@@ -141,7 +249,36 @@ impl RopeScaling {
                     factor: num("factor")?,
                     low_freq_factor: low,
                     high_freq_factor: high,
-                    original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+                    original_max_position_embeddings: original()?,
+                }
+            }
+            _ => {
+                let old = original()?;
+                // transformers: without a factor, the ratio of the two contexts.
+                let factor = opt("factor")?.unwrap_or(max_position_embeddings as f64 / old as f64);
+                if factor < 1.0 {
+                    bail!("{f}: `rope_scaling.factor` is {factor}; YaRN needs a factor of at least 1");
+                }
+                let mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+                let attention_factor = match (opt("attention_factor")?, opt("mscale")?, opt("mscale_all_dim")?) {
+                    (Some(a), _, _) => a,
+                    // transformers uses the two only together; `mscale` alone changes nothing.
+                    (None, Some(m), Some(all)) => mscale(factor, m) / mscale(factor, all),
+                    _ => mscale(factor, 1.0),
+                };
+                let truncate = match obj.get("truncate") {
+                    None | Some(Value::Null) => true,
+                    Some(Value::Bool(b)) => *b,
+                    Some(x) => bail!("{f}: `rope_scaling.truncate` must be true or false, found {x}"),
+                };
+                let (beta_fast, beta_slow) = (opt("beta_fast")?.unwrap_or(32.0), opt("beta_slow")?.unwrap_or(1.0));
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: old,
+                    attention_factor,
+                    beta_fast,
+                    beta_slow,
+                    truncate,
                 }
             }
         })
@@ -163,7 +300,30 @@ impl RopeScaling {
             RopeScaling::Factors(_) => bail!(
                 "this model's RoPE frequencies come from its GGUF `rope_freqs` tensor, which a Hugging Face config cannot state; export it as GGUF"
             ),
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                attention_factor,
+                beta_fast,
+                beta_slow,
+                truncate,
+            } => Some(json!({"rope_type": "yarn", "factor": factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+                "attention_factor": attention_factor, "beta_fast": beta_fast, "beta_slow": beta_slow, "truncate": truncate})),
+            RopeScaling::Dynamic { factor } => Some(json!({"rope_type": "dynamic", "factor": factor})),
         })
+    }
+}
+
+/// Refuses a `partial_rotary_factor` other than 1: strata rotates every dimension of a head.
+fn check_full_rotary(v: Option<&Value>, file: &Path) -> Result<()> {
+    match v {
+        None | Some(Value::Null) => Ok(()),
+        Some(x) if x.as_f64() == Some(1.0) => Ok(()),
+        Some(x) => bail!(
+            "{}: `partial_rotary_factor` is {x}; strata rotates the whole head and does not run models that rotate part of it",
+            file.display()
+        ),
     }
 }
 
@@ -277,6 +437,12 @@ impl ModelConfig {
             Some(x) if x.is_u64() => req_usize(v, "head_dim", file)?,
             _ => hidden / heads,
         };
+        let max_position = v
+            .get("max_position_embeddings")
+            .and_then(|x| x.as_u64())
+            .map(|x| x as usize)
+            .unwrap_or(4096);
+        check_full_rotary(v.get("partial_rotary_factor"), file)?;
         let cfg = Self {
             arch,
             hidden_size: hidden,
@@ -289,14 +455,14 @@ impl ModelConfig {
             // transformers 5 writes it inside `rope_parameters`.
             rope_theta: opt_f64(v, &["rope_theta", "rope_parameters.rope_theta"], file)?.unwrap_or(10_000.0),
             // transformers 5 puts the scaling in `rope_parameters` beside the theta.
-            rope_scaling: RopeScaling::from_hf(v.get("rope_scaling").or_else(|| v.get("rope_parameters")), file)?,
+            rope_scaling: RopeScaling::from_hf(
+                v.get("rope_scaling").or_else(|| v.get("rope_parameters")),
+                max_position,
+                file,
+            )?,
             rms_norm_eps: opt_f64(v, &["rms_norm_eps"], file)?.unwrap_or(1e-6),
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
-            max_position_embeddings: v
-                .get("max_position_embeddings")
-                .and_then(|x| x.as_u64())
-                .map(|x| x as usize)
-                .unwrap_or(4096),
+            max_position_embeddings: max_position,
             bos_token_id: opt_token(v, "bos_token_id", file)?,
             eos_token_id: opt_token(v, "eos_token_id", file)?,
         };
@@ -369,6 +535,20 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             bail!("head_dim {} must be even for RoPE", self.head_dim);
         }
+        if let RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings: old,
+            attention_factor,
+            ..
+        } = self.rope_scaling
+        {
+            if old == 0
+                || !(factor.is_finite() && factor >= 1.0)
+                || !(attention_factor.is_finite() && attention_factor > 0.0)
+            {
+                bail!("YaRN scaling needs an original context of at least 1, a finite factor of at least 1 and a finite positive attention factor (found {old}, {factor}, {attention_factor})");
+            }
+        }
         if self.max_position_embeddings > 1 << 20 {
             bail!(
                 "max_position_embeddings {} is implausibly large",
@@ -376,6 +556,27 @@ impl ModelConfig {
             );
         }
         Ok(())
+    }
+
+    /// How many positions the model runs (its RoPE scaling may extend the configured context).
+    pub fn context(&self) -> usize {
+        self.rope_scaling.context(self.max_position_embeddings)
+    }
+
+    /// The RoPE tables this model's attention uses, scaled as its config says.
+    pub fn rope(&self, dtype: candle_core::DType, dev: &candle_core::Device) -> Result<crate::ops::rope::Rope> {
+        let mut rope = crate::ops::rope::Rope::new(
+            self.head_dim,
+            &self.rope_scaling.inv_freqs(self.head_dim, self.rope_theta),
+            self.context(),
+            dtype,
+            dev,
+        )?
+        .with_amplitude(self.rope_scaling.amplitude())?;
+        if let RopeScaling::Dynamic { factor } = self.rope_scaling {
+            rope = rope.with_dynamic_ntk(self.rope_theta, factor, self.max_position_embeddings);
+        }
+        Ok(rope)
     }
 
     /// Output width of the query projection.
@@ -534,13 +735,23 @@ mod tests {
         );
         for (v, want) in [
             (
-                json!({"rope_type": "yarn", "factor": 4.0}),
-                "type `yarn` is not supported",
+                json!({"rope_type": "longrope", "factor": 4.0}),
+                "type `longrope` is not supported",
             ),
             (
-                json!({"rope_type": "dynamic", "factor": 2.0}),
-                "type `dynamic` is not supported",
+                json!({"rope_type": "yarn", "factor": 4.0, "beta_fast": 0}),
+                "`rope_scaling.beta_fast`",
             ),
+            (json!({"rope_type": "yarn", "factor": 0.5}), "at least 1"),
+            (
+                json!({"rope_type": "yarn", "factor": 2.0, "truncate": "no"}),
+                "`rope_scaling.truncate`",
+            ),
+            (
+                json!({"rope_type": "dynamic", "factor": 2.0, "partial_rotary_factor": 0.5}),
+                "partial_rotary_factor",
+            ),
+            (json!({"rope_type": "dynamic"}), "`rope_scaling.factor` must be"),
             (
                 json!({"rope_type": "linear", "factor": 2.0, "beta": 3}),
                 "`rope_scaling.beta`",
@@ -554,6 +765,21 @@ mod tests {
             let e = format!("{:#}", with("rope_scaling", v).unwrap_err());
             assert!(e.contains(want) && e.contains("config.json"), "{want}: {e}");
         }
+        // transformers: YaRN's original context defaults to max_position_embeddings, and its
+        // attention factor to 1 + 0.1 ln(factor).
+        let mut y = base.clone();
+        y["max_position_embeddings"] = json!(4096);
+        y["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0});
+        let c = ModelConfig::from_hf_json(&y, p).unwrap();
+        assert_eq!(c.context(), 16384);
+        assert!(
+            matches!(c.rope_scaling, RopeScaling::Yarn { original_max_position_embeddings: 4096, attention_factor, .. }
+            if (attention_factor - (1.0 + 0.1 * 4f64.ln())).abs() < 1e-15)
+        );
+        y["partial_rotary_factor"] = json!(0.25);
+        y["rope_scaling"] = Value::Null;
+        let e = format!("{:#}", ModelConfig::from_hf_json(&y, p).unwrap_err());
+        assert!(e.contains("partial_rotary_factor"), "{e}");
         let f = ModelConfig {
             rope_scaling: RopeScaling::Factors(vec![1.0; 8]),
             ..ModelConfig::from_hf_json(&base, p).unwrap()

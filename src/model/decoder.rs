@@ -497,13 +497,7 @@ impl Model {
                 dev,
             )?)
         };
-        let rope = Rope::new(
-            cfg.head_dim,
-            &cfg.rope_scaling.inv_freqs(cfg.head_dim, cfg.rope_theta),
-            cfg.max_position_embeddings,
-            DType::F32,
-            dev,
-        )?;
+        let rope = cfg.rope(DType::F32, dev)?;
         let mut model = Self {
             cfg: cfg.clone(),
             embed,

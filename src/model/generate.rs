@@ -74,7 +74,7 @@ pub fn generate(
     let mut input = prompt.to_vec();
     let mut out = Vec::new();
     for _ in 0..s.max_tokens {
-        if caches[0].len() + input.len() > model.cfg.max_position_embeddings {
+        if caches[0].len() + input.len() > model.cfg.context() {
             break;
         }
         let t = Tensor::from_vec(input.clone(), (1, input.len()), &model.device)?;
@@ -112,7 +112,7 @@ pub fn sample_many(
     let mut out = vec![Vec::new(); n];
     let mut done = vec![false; n];
     for _ in 0..s.max_tokens {
-        if done.iter().all(|&d| d) || caches[0].len() + width > model.cfg.max_position_embeddings {
+        if done.iter().all(|&d| d) || caches[0].len() + width > model.cfg.context() {
             break;
         }
         let t = Tensor::from_vec(input.clone(), (n, width), &model.device)?;

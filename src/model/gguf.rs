@@ -197,28 +197,73 @@ impl GgufSource {
         Ok(cfg)
     }
 
-    /// RoPE scaling as llama.cpp stores it: the `rope_freqs.weight` factors (Llama 3.1+), or
-    /// `rope.scaling.type = linear` with its factor. Any other type is refused by name.
+    /// RoPE scaling as llama.cpp stores it: the `rope_freqs.weight` factors (Llama 3.1+),
+    /// `rope.scaling.type = linear` with its factor, or `yarn` with its factor, original
+    /// context and betas. Any other type, and any `rope.scaling.*` key strata does not read,
+    /// is refused by name.
     fn rope_scaling(&self) -> Result<RopeScaling> {
         let p = self.path.display();
         let a = self.arch.model_type();
-        let ty = match self.meta(&format!("{a}.rope.scaling.type")) {
+        let prefix = format!("{a}.rope.scaling.");
+        const READ: [&str; 6] = [
+            "type",
+            "factor",
+            "original_context_length",
+            "yarn_beta_fast",
+            "yarn_beta_slow",
+            "finetuned",
+        ];
+        for key in self.content.metadata.keys() {
+            if let Some(rest) = key.strip_prefix(&prefix) {
+                let neutral = rest == "attn_factor" && self.meta_float(key)? == Some(1.0);
+                if !READ.contains(&rest) && !neutral {
+                    bail!("{p}: metadata `{key}` is not one strata reads; refusing rather than running the model with positions it may not match");
+                }
+            }
+        }
+        let ty = match self.meta(&format!("{prefix}type")) {
             None => "none".to_string(),
             Some(Value::String(t)) => t.clone(),
-            Some(v) => bail!("{p}: metadata `{a}.rope.scaling.type` must be a string, found {v:?}"),
+            Some(v) => bail!("{p}: metadata `{prefix}type` must be a string, found {v:?}"),
         };
-        let factor = match self.meta_float(&format!("{a}.rope.scaling.factor"))? {
+        let factor = match self.meta_float(&format!("{prefix}factor"))? {
             Some(f) => Some(f),
             None => self.meta_float(&format!("{a}.rope.scale_linear"))?,
         };
-        let linear = match (ty.as_str(), factor) {
+        let positive = |key: &str, default: f64| -> Result<f64> {
+            match self.meta_float(&format!("{prefix}{key}"))? {
+                None => Ok(default),
+                Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+                Some(x) => bail!("{p}: metadata `{prefix}{key}` is {x}; it must be finite and positive"),
+            }
+        };
+        let scaled = match (ty.as_str(), factor) {
             ("none", None) => None,
             ("none" | "linear", Some(1.0)) => None,
-            ("none" | "linear", Some(f)) if f.is_finite() && f > 0.0 => Some(f),
-            ("linear", None) => bail!("{p}: `{a}.rope.scaling.type` is linear but no `{a}.rope.scaling.factor` is given"),
-            ("none" | "linear", Some(f)) => bail!("{p}: metadata `{a}.rope.scaling.factor` is {f}; it must be finite and positive"),
+            ("none" | "linear", Some(f)) if f.is_finite() && f > 0.0 => Some(RopeScaling::Linear { factor: f }),
+            ("linear" | "yarn", None) => bail!("{p}: `{prefix}type` is {ty} but no `{prefix}factor` is given"),
+            ("yarn", Some(f)) if f.is_finite() && f >= 1.0 => {
+                let context = self.meta_usize(&format!("{a}.context_length")).unwrap_or(4096);
+                let old = match self.meta(&format!("{prefix}original_context_length")) {
+                    None => context,
+                    Some(_) => self.meta_usize(&format!("{prefix}original_context_length"))?,
+                };
+                // llama.cpp multiplies cos and sin by attn_factor (1 here) times
+                // 1 + 0.1 ln(factor): transformers' default attention factor.
+                Some(RopeScaling::Yarn {
+                    factor: f,
+                    original_max_position_embeddings: old,
+                    attention_factor: 1.0 + 0.1 * f.ln(),
+                    beta_fast: positive("yarn_beta_fast", 32.0)?,
+                    beta_slow: positive("yarn_beta_slow", 1.0)?,
+                    truncate: true,
+                })
+            }
+            (_, Some(f)) if matches!(ty.as_str(), "none" | "linear" | "yarn") => {
+                bail!("{p}: metadata `{prefix}factor` is {f}; it must be finite and positive (at least 1 for yarn)")
+            }
             (other, _) => bail!(
-                "{p}: metadata `{a}.rope.scaling.type` is `{other}`, which strata does not compute exactly (none, linear, or Llama 3's rope_freqs); refusing rather than running the model with the wrong positions"
+                "{p}: metadata `{prefix}type` is `{other}`, which strata does not compute exactly (none, linear, yarn, or Llama 3's rope_freqs); refusing rather than running the model with the wrong positions"
             ),
         };
         let freqs = match self.content.tensor_infos.get("rope_freqs.weight") {
@@ -229,13 +274,13 @@ impl GgufSource {
                 Some(v.into_iter().map(f64::from).collect::<Vec<_>>())
             }
         };
-        Ok(match (linear, freqs) {
+        Ok(match (scaled, freqs) {
             (None, None) => RopeScaling::None,
-            (Some(factor), None) => RopeScaling::Linear { factor },
+            (Some(s), None) => s,
             (None, Some(k)) => RopeScaling::Factors(k),
-            (Some(_), Some(_)) => bail!(
-                "{p}: both a `rope_freqs` tensor and a linear `{a}.rope.scaling.factor`: strata does not combine them"
-            ),
+            (Some(_), Some(_)) => {
+                bail!("{p}: both a `rope_freqs` tensor and `{prefix}type` {ty}: strata does not combine them")
+            }
         })
     }
 
@@ -431,14 +476,14 @@ pub fn write_gguf(
     let ty = |_: &str, t: &Tensor| if t.rank() == 1 { GgmlDType::F32 } else { dtype };
     let mut each =
         |f: &mut dyn FnMut(String, Tensor) -> Result<()>| tensors.iter().try_for_each(|(n, t)| f(n.clone(), t.clone()));
-    write_tensors(path, cfg, metadata(cfg, vocab), &mut each, &[], &ty)
+    write_tensors(path, cfg, metadata(cfg, vocab)?, &mut each, &[], &ty)
 }
 
 /// A source of Hugging Face-named tensors handed over one at a time (see [`write_tensors`]).
 pub type EachTensor<'a> = dyn FnMut(&mut dyn FnMut(String, Tensor) -> Result<()>) -> Result<()> + 'a;
 
 /// A GGUF's metadata for `cfg` with `vocab`: architecture, shapes and tokenizer.
-fn metadata(cfg: &ModelConfig, vocab: &GgufVocab) -> Vec<(String, Value)> {
+fn metadata(cfg: &ModelConfig, vocab: &GgufVocab) -> Result<Vec<(String, Value)>> {
     let a = cfg.arch.model_type();
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),
@@ -481,14 +526,45 @@ fn metadata(cfg: &ModelConfig, vocab: &GgufVocab) -> Vec<(String, Value)> {
     if let Some(e) = cfg.eos_token_id {
         meta.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
     }
-    if let RopeScaling::Linear { factor } = cfg.rope_scaling {
-        meta.push((format!("{a}.rope.scaling.type"), Value::String("linear".into())));
-        meta.push((format!("{a}.rope.scaling.factor"), Value::F32(factor as f32)));
+    match cfg.rope_scaling {
+        RopeScaling::Linear { factor } => {
+            meta.push((format!("{a}.rope.scaling.type"), Value::String("linear".into())));
+            meta.push((format!("{a}.rope.scaling.factor"), Value::F32(factor as f32)));
+        }
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate,
+        } => {
+            // llama.cpp's YaRN always rounds the blend's bounds and derives the amplitude.
+            if !truncate || (attention_factor / (1.0 + 0.1 * factor.ln()) - 1.0).abs() > 1e-6 {
+                bail!("this model's YaRN scaling (attention_factor {attention_factor}, truncate {truncate}) has no GGUF form: llama.cpp derives the attention factor from the factor and always truncates");
+            }
+            meta.push((format!("{a}.rope.scaling.type"), Value::String("yarn".into())));
+            meta.push((format!("{a}.rope.scaling.factor"), Value::F32(factor as f32)));
+            meta.push((
+                format!("{a}.rope.scaling.original_context_length"),
+                Value::U32(original_max_position_embeddings as u32),
+            ));
+            meta.push((format!("{a}.rope.scaling.yarn_beta_fast"), Value::F32(beta_fast as f32)));
+            meta.push((format!("{a}.rope.scaling.yarn_beta_slow"), Value::F32(beta_slow as f32)));
+        }
+        RopeScaling::Dynamic { .. } => {
+            bail!("dynamic NTK RoPE scaling has no GGUF form (llama.cpp does not implement it); write a Hugging Face directory")
+        }
+        // llama.cpp states these as a `rope_freqs` tensor, which this writer does not make.
+        RopeScaling::Llama3 { .. } | RopeScaling::Factors(_) => {
+            bail!("this writer does not make the `rope_freqs` tensor a Llama 3 scaling needs in GGUF")
+        }
+        RopeScaling::None => {}
     }
     if let Some(b) = cfg.bos_token_id {
         meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
     }
-    meta
+    Ok(meta)
 }
 
 /// Writes `meta` and the Hugging Face-named tensors `each` hands over as a GGUF file at

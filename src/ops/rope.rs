@@ -15,6 +15,10 @@ pub const TABLE_POSITIONS: usize = 4096;
 #[derive(Clone, Debug)]
 pub struct Rope {
     inv: Vec<f64>,
+    /// What cos and sin are multiplied by (YaRN's attention factor; 1 otherwise).
+    amplitude: f64,
+    /// Dynamic NTK scaling: frequencies for forwards that reach past `original`.
+    dynamic: Option<DynamicNtk>,
     head_dim: usize,
     context: usize,
     cos: Tensor,
@@ -22,6 +26,15 @@ pub struct Rope {
     /// First halves of the tables as `[n, head_dim / 2]` f32, for the fused op.
     cos_half: Vec<f32>,
     sin_half: Vec<f32>,
+}
+
+/// transformers' dynamic NTK scaling: a forward whose last position is `len - 1 >= original`
+/// rotates with base `theta * (factor * len / original - (factor - 1))^(d / (d - 2))`.
+#[derive(Clone, Copy, Debug)]
+struct DynamicNtk {
+    theta: f64,
+    factor: f64,
+    original: usize,
 }
 
 impl Rope {
@@ -35,7 +48,7 @@ impl Rope {
         }
         let inv = inv.to_vec();
         let built = positions.min(TABLE_POSITIONS);
-        let (cos, sin) = rows(&inv, 0, built);
+        let (cos, sin) = rows(&inv, 1.0, 0, built);
         let halves = |v: &[f64]| -> Vec<f32> {
             v.chunks(head_dim)
                 .flat_map(|r| r[..half].iter().map(|&x| x as f32))
@@ -46,6 +59,8 @@ impl Rope {
         let sin = Tensor::from_vec(sin, (built, head_dim), dev)?.to_dtype(dtype)?;
         Ok(Self {
             inv,
+            amplitude: 1.0,
+            dynamic: None,
             head_dim,
             context: positions,
             cos,
@@ -55,21 +70,62 @@ impl Rope {
         })
     }
 
+    /// The same tables with cos and sin multiplied by `a` (YaRN's attention factor: q and k
+    /// both carry it, so attention logits scale by `a^2`).
+    pub fn with_amplitude(mut self, a: f64) -> Result<Self> {
+        if a != 1.0 {
+            self.cos = self.cos.affine(a, 0.0)?;
+            self.sin = self.sin.affine(a, 0.0)?;
+            for x in self.cos_half.iter_mut().chain(self.sin_half.iter_mut()) {
+                *x = (*x as f64 * a) as f32;
+            }
+            self.amplitude *= a;
+        }
+        Ok(self)
+    }
+
+    /// Dynamic NTK scaling (transformers' `dynamic`): the tables as built up to `original`
+    /// positions; a forward reaching further rotates with a base grown from `theta` for its
+    /// own length, as transformers computes it for a forward of that length.
+    pub fn with_dynamic_ntk(mut self, theta: f64, factor: f64, original: usize) -> Self {
+        self.dynamic = Some(DynamicNtk {
+            theta,
+            factor,
+            original,
+        });
+        self
+    }
+
+    /// The frequencies of a forward whose positions run below `len`, when they are not the
+    /// tables' (dynamic NTK past the original context).
+    fn frequencies_for(&self, len: usize) -> Option<Vec<f64>> {
+        let dy = self.dynamic.filter(|dy| len > dy.original)?;
+        let d = self.head_dim as f64;
+        let base = dy.theta * (dy.factor * len as f64 / dy.original as f64 - (dy.factor - 1.0)).powf(d / (d - 2.0));
+        Some(
+            (0..self.head_dim / 2)
+                .map(|i| 1.0 / base.powf(2.0 * i as f64 / d))
+                .collect(),
+        )
+    }
+
     fn built(&self) -> usize {
         self.cos_half.len() / (self.head_dim / 2).max(1)
     }
 
-    /// The first half of the cos (`true`) or sin table at `p`, `[d/2]`.
-    fn half_row(&self, cos: bool, p: usize, out: &mut Vec<f32>) {
+    /// The first half of the cos (`true`) or sin table at `p`, `[d/2]`, with frequencies
+    /// `freqs` where they are not the tables'.
+    fn half_row(&self, cos: bool, p: usize, freqs: Option<&[f64]>, out: &mut Vec<f32>) {
         let half = self.head_dim / 2;
-        if p < self.built() {
-            let table = if cos { &self.cos_half } else { &self.sin_half };
-            out.extend_from_slice(&table[p * half..(p + 1) * half]);
-        } else {
-            out.extend(self.inv.iter().map(|f| {
+        match freqs {
+            None if p < self.built() => {
+                let table = if cos { &self.cos_half } else { &self.sin_half };
+                out.extend_from_slice(&table[p * half..(p + 1) * half]);
+            }
+            _ => out.extend(freqs.unwrap_or(&self.inv).iter().map(|f| {
                 let a = p as f64 * f;
-                (if cos { a.cos() } else { a.sin() }) as f32
-            }));
+                ((if cos { a.cos() } else { a.sin() }) * self.amplitude) as f32
+            })),
         }
     }
 
@@ -84,10 +140,11 @@ impl Rope {
         }
         let half = self.head_dim / 2;
         let mut out = Vec::with_capacity(t * half);
-        if t <= self.built() {
+        let freqs = self.frequencies_for(t);
+        if t <= self.built() && freqs.is_none() {
             out.extend_from_slice(&(if cos { &self.cos_half } else { &self.sin_half })[..t * half]);
         } else {
-            (0..t).for_each(|p| self.half_row(cos, p, &mut out));
+            (0..t).for_each(|p| self.half_row(cos, p, freqs.as_deref(), &mut out));
         }
         Ok(out)
     }
@@ -95,11 +152,13 @@ impl Rope {
     /// The first half of the cos (`true`) or sin table at each of `positions`, as `[n, d/2]`.
     pub fn half_table_at(&self, cos: bool, positions: &[usize]) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(positions.len() * self.head_dim / 2);
+        // As transformers: the forward's length is its furthest position plus one.
+        let freqs = self.frequencies_for(positions.iter().max().map_or(0, |p| p + 1));
         for &p in positions {
             if p >= self.positions() {
                 candle_core::bail!("position {p} is beyond the RoPE tables ({})", self.positions());
             }
-            self.half_row(cos, p, &mut out);
+            self.half_row(cos, p, freqs.as_deref(), &mut out);
         }
         Ok(out)
     }
@@ -119,10 +178,11 @@ impl Rope {
                 self.positions()
             );
         }
-        let (cos, sin) = if offset + t <= self.built() {
+        let freqs = self.frequencies_for(offset + t);
+        let (cos, sin) = if offset + t <= self.built() && freqs.is_none() {
             (self.cos.narrow(0, offset, t)?, self.sin.narrow(0, offset, t)?)
         } else {
-            let (c, s) = rows(&self.inv, offset, t);
+            let (c, s) = rows(freqs.as_deref().unwrap_or(&self.inv), self.amplitude, offset, t);
             let dt = self.cos.dtype();
             let dev = x.device();
             (
@@ -137,17 +197,17 @@ impl Rope {
     }
 }
 
-/// Cos and sin rows, `[n, head_dim]` each (the half row repeated), for positions
-/// `start .. start + n`.
-fn rows(inv: &[f64], start: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
+/// Cos and sin rows times `amplitude`, `[n, head_dim]` each (the half row repeated), for
+/// positions `start .. start + n`.
+fn rows(inv: &[f64], amplitude: f64, start: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
     let mut cos = Vec::with_capacity(n * inv.len() * 2);
     let mut sin = Vec::with_capacity(n * inv.len() * 2);
     for p in start..start + n {
         for _rep in 0..2 {
             for f in inv {
                 let a = p as f64 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                cos.push(a.cos() * amplitude);
+                sin.push(a.sin() * amplitude);
             }
         }
     }
@@ -198,8 +258,8 @@ mod tests {
         let full = Rope {
             cos_half: long.half_table(true, n)?,
             sin_half: long.half_table(false, n)?,
-            cos: Tensor::from_vec(rows(&long.inv, 0, n).0, (n, 8), &dev)?,
-            sin: Tensor::from_vec(rows(&long.inv, 0, n).1, (n, 8), &dev)?,
+            cos: Tensor::from_vec(rows(&long.inv, 1.0, 0, n).0, (n, 8), &dev)?,
+            sin: Tensor::from_vec(rows(&long.inv, 1.0, 0, n).1, (n, 8), &dev)?,
             ..long.clone()
         };
         assert_eq!(full.built(), n);

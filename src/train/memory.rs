@@ -276,10 +276,11 @@ fn add_weights(s: &RunShape<'_>, p: &mut Prediction) -> u64 {
             }
         }
     }
-    // RoPE's cos and sin tables over the context, f32.
+    // RoPE's cos and sin tables, f32: full rows and the fused op's half rows, for the first
+    // positions of the context (later ones are computed when asked).
     p.add(
         "weights f32 (norms, biases, rope)",
-        (c.max_position_embeddings * c.head_dim * 4) as u64,
+        (c.context().min(crate::ops::rope::TABLE_POSITIONS) * c.head_dim * 3 * 4) as u64,
     );
     trained
 }

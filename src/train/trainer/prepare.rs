@@ -106,10 +106,10 @@ impl<'r> Run<'r> {
             eprintln!("removed {} (left by an interrupted run)", p.display());
         }
         let src = model::open(&recipe.model.path)?;
-        let context = src.config.max_position_embeddings;
+        let context = src.config.context();
         if recipe.data.seq_len > context {
             bail!(
-                "data.seq_len = {} is longer than the model's context ({context} positions, max_position_embeddings); lower data.seq_len",
+                "data.seq_len = {} is longer than the model's context ({context} positions: max_position_embeddings and its RoPE scaling); lower data.seq_len",
                 recipe.data.seq_len
             );
         }
