@@ -118,8 +118,9 @@ pub fn hf_weights(model: &Model, merge: bool) -> Vec<HfWeight<'_>> {
     let mut out = vec![plain(BaseTensor::Embed.hf(0), model.embed.t())];
     for b in &model.blocks {
         let i = b.index;
-        out.push(plain(BaseTensor::AttnNorm.hf(i), b.attn_norm.t()));
-        out.push(plain(BaseTensor::MlpNorm.hf(i), b.mlp_norm.t()));
+        for (kind, p) in b.norms() {
+            out.push(plain(kind.hf(i), p.t()));
+        }
         for (m, p) in b.proj.iter() {
             let name = m.path(i);
             let lora = p.lora.as_ref().filter(|_| merge);

@@ -45,6 +45,7 @@ pub fn tiny_config(arch: Arch, vocab: usize, tied: bool) -> ModelConfig {
         vocab_size: vocab,
         rope_theta: 10_000.0,
         rope_scaling: crate::model::config::RopeScaling::None,
+        sliding_window: None,
         // Exactly representable in f32, as GGUF stores it.
         rms_norm_eps: 1e-5f32 as f64,
         tie_word_embeddings: tied,
@@ -104,8 +105,9 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> MemSource {
     let h = cfg.hidden_size;
     m.insert(BaseTensor::Embed.hf(0), rand(&[cfg.vocab_size, h], 0.0, 0.5));
     for i in 0..cfg.num_layers {
-        m.insert(BaseTensor::AttnNorm.hf(i), rand(&[h], 1.0, 0.1));
-        m.insert(BaseTensor::MlpNorm.hf(i), rand(&[h], 1.0, 0.1));
+        for (kind, width) in cfg.arch.layer_norms(cfg.head_dim, h) {
+            m.insert(kind.hf(i), rand(&[width], 1.0, 0.1));
+        }
         for md in Proj::ALL {
             let (o, inp) = cfg.linear_shape(md);
             let name = md.path(i);
@@ -185,8 +187,9 @@ impl SyntheticSource {
             shapes.insert(BaseTensor::Head.hf(0), vec![v, h]);
         }
         for i in 0..cfg.num_layers {
-            shapes.insert(BaseTensor::AttnNorm.hf(i), vec![h]);
-            shapes.insert(BaseTensor::MlpNorm.hf(i), vec![h]);
+            for (kind, width) in cfg.arch.layer_norms(cfg.head_dim, h) {
+                shapes.insert(kind.hf(i), vec![width]);
+            }
             for m in Proj::ALL {
                 let (o, inp) = cfg.linear_shape(m);
                 let name = format!("{}.weight", m.path(i));

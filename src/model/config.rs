@@ -1,31 +1,58 @@
 //! Model hyper-parameters, read from a Hugging Face `config.json` or GGUF metadata.
 
-use super::names::Proj;
+use super::names::{BaseTensor, Proj};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
 
-/// The decoder families strata implements (one decoder; Qwen2 adds q/k/v biases).
+/// The decoder families strata implements (one decoder; Qwen2 adds q/k/v biases, Qwen3
+/// per-head RMSNorms of queries and keys).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
     /// Llama 2/3, Mistral, SmolLM2.
     Llama,
     /// Qwen2 / Qwen2.5.
     Qwen2,
+    /// Qwen3 (dense).
+    Qwen3,
 }
 
 impl Arch {
-    /// The `model_type` used in Hugging Face configs.
+    /// The `model_type` used in Hugging Face configs (and GGUF's `general.architecture`).
     pub fn model_type(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The Hugging Face model class.
+    pub fn hf_class(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 
     /// Whether q/k/v projections carry a bias.
     pub fn qkv_bias(self) -> bool {
         self == Arch::Qwen2
+    }
+
+    /// Whether queries and keys pass a per-head RMSNorm before RoPE.
+    pub fn qk_norm(self) -> bool {
+        self == Arch::Qwen3
+    }
+
+    /// The per-layer norms of this family, each with its width given the head and hidden sizes.
+    pub fn layer_norms(self, head_dim: usize, hidden: usize) -> Vec<(BaseTensor, usize)> {
+        let mut v = vec![(BaseTensor::AttnNorm, hidden), (BaseTensor::MlpNorm, hidden)];
+        if self.qk_norm() {
+            v.extend([(BaseTensor::QNorm, head_dim), (BaseTensor::KNorm, head_dim)]);
+        }
+        v
     }
 }
 
@@ -315,6 +342,56 @@ impl RopeScaling {
     }
 }
 
+/// Refuses config fields that would change the decoder's math away from what strata computes:
+/// another activation, biases the family does not have, an attention sliding window in use.
+fn check_math_fields(v: &Value, arch: Arch, file: &Path) -> Result<()> {
+    let f = file.display();
+    let field = |k: &str| v.get(k).filter(|x| !x.is_null());
+    for k in ["hidden_act", "hidden_activation"] {
+        if let Some(a) = field(k) {
+            if a.as_str() != Some("silu") {
+                bail!("{f}: `{k}` is {a}; strata's MLP is SwiGLU (silu) and does not run other activations");
+            }
+        }
+    }
+    // Qwen2's q/k/v biases are fixed by the family (its config has no switch).
+    if arch != Arch::Qwen2 {
+        if let Some(b) = field("attention_bias") {
+            if b.as_bool() != Some(false) {
+                bail!(
+                    "{f}: `attention_bias` is {b}; strata runs {} without attention biases",
+                    arch.model_type()
+                );
+            }
+        }
+    }
+    if let Some(b) = field("mlp_bias") {
+        if b.as_bool() != Some(false) {
+            bail!("{f}: `mlp_bias` is {b}; strata's MLP has no biases");
+        }
+    }
+    Ok(())
+}
+
+/// The attention window a config puts in force: Qwen's configs carry a window that only
+/// `use_sliding_window` switches on; Mistral's applies whenever it is set.
+fn sliding_window(v: &Value, arch: Arch, file: &Path) -> Result<Option<usize>> {
+    let on = match arch {
+        Arch::Qwen2 | Arch::Qwen3 => v.get("use_sliding_window").and_then(|x| x.as_bool()).unwrap_or(false),
+        Arch::Llama => true,
+    };
+    match v.get("sliding_window").filter(|x| !x.is_null() && on) {
+        None => Ok(None),
+        Some(w) => match w.as_u64().filter(|&w| w > 0) {
+            Some(w) => Ok(Some(w as usize)),
+            None => bail!(
+                "{}: `sliding_window` must be a positive integer, found {w}",
+                file.display()
+            ),
+        },
+    }
+}
+
 /// Refuses a `partial_rotary_factor` other than 1: strata rotates every dimension of a head.
 fn check_full_rotary(v: Option<&Value>, file: &Path) -> Result<()> {
     match v {
@@ -356,6 +433,10 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// Longest sequence the position tables cover.
     pub max_position_embeddings: usize,
+    /// Mistral-style attention window: each position sees at most this many (itself included).
+    /// strata attends to every earlier position, which is the same thing for sequences no
+    /// longer than the window, so [`ModelConfig::context`] stops there.
+    pub sliding_window: Option<usize>,
     /// Beginning-of-sequence token, if the model has one.
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token, if the model has one.
@@ -421,12 +502,14 @@ impl ModelConfig {
         let arch = match mt {
             "llama" | "mistral" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
             "" => bail!("{}: missing field `model_type`", file.display()),
             other => bail!(
-                "{}: model_type `{other}` is not supported; strata runs llama, mistral and qwen2",
+                "{}: model_type `{other}` is not supported; strata runs llama, mistral, qwen2 and qwen3",
                 file.display()
             ),
         };
+        check_math_fields(v, arch, file)?;
         let hidden = req_usize(v, "hidden_size", file)?;
         let heads = req_usize(v, "num_attention_heads", file)?;
         let kv = match v.get("num_key_value_heads") {
@@ -463,6 +546,7 @@ impl ModelConfig {
             rms_norm_eps: opt_f64(v, &["rms_norm_eps"], file)?.unwrap_or(1e-6),
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
             max_position_embeddings: max_position,
+            sliding_window: sliding_window(v, arch, file)?,
             bos_token_id: opt_token(v, "bos_token_id", file)?,
             eos_token_id: opt_token(v, "eos_token_id", file)?,
         };
@@ -558,9 +642,11 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// How many positions the model runs (its RoPE scaling may extend the configured context).
+    /// How many positions the model runs: the configured context, extended by its RoPE
+    /// scaling, and bounded by an attention window (past it strata's full attention would differ).
     pub fn context(&self) -> usize {
-        self.rope_scaling.context(self.max_position_embeddings)
+        let c = self.rope_scaling.context(self.max_position_embeddings);
+        self.sliding_window.map_or(c, |w| c.min(w))
     }
 
     /// The RoPE tables this model's attention uses, scaled as its config says.
@@ -622,12 +708,8 @@ impl ModelConfig {
 
     /// The Hugging Face `config.json` for this model.
     pub fn to_hf_json(&self, torch_dtype: &str) -> Value {
-        let archs = match self.arch {
-            Arch::Llama => "LlamaForCausalLM",
-            Arch::Qwen2 => "Qwen2ForCausalLM",
-        };
         let mut v = json!({
-            "architectures": [archs],
+            "architectures": [self.arch.hf_class()],
             "model_type": self.arch.model_type(),
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_layers,
@@ -652,6 +734,12 @@ impl ModelConfig {
         }
         if let Ok(Some(s)) = self.rope_scaling.to_hf() {
             v["rope_scaling"] = s;
+        }
+        if let Some(w) = self.sliding_window {
+            v["sliding_window"] = json!(w);
+            if self.arch != Arch::Llama {
+                v["use_sliding_window"] = json!(true);
+            }
         }
         v
     }

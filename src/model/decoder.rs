@@ -1,4 +1,4 @@
-//! The decoder shared by the Llama family and Qwen2: RMSNorm, GQA attention with RoPE, SwiGLU,
+//! The decoder shared by the Llama family, Qwen2 and Qwen3: RMSNorm, GQA attention with RoPE, SwiGLU,
 //! tied or untied embeddings. Activations between blocks are `[tokens, hidden]` in f32; frozen
 //! projections may be stored in bf16 and run through the frozen-linear op.
 
@@ -304,6 +304,42 @@ pub struct Block {
     pub proj: PerProj<Linear>,
     /// Pre-MLP RMSNorm weight.
     pub mlp_norm: Param,
+    /// Qwen3's per-head RMSNorms of the queries and the keys (`[head_dim]` each), applied
+    /// before RoPE.
+    pub qk_norm: Option<(Param, Param)>,
+}
+
+impl Block {
+    /// The block's norms with their kinds, in [`Arch::layer_norms`]'s order.
+    pub fn norms(&self) -> Vec<(BaseTensor, &Param)> {
+        let mut v = vec![
+            (BaseTensor::AttnNorm, &self.attn_norm),
+            (BaseTensor::MlpNorm, &self.mlp_norm),
+        ];
+        if let Some((q, k)) = &self.qk_norm {
+            v.extend([(BaseTensor::QNorm, q), (BaseTensor::KNorm, k)]);
+        }
+        v
+    }
+
+    /// [`Block::norms`], mutably.
+    fn norms_mut(&mut self) -> Vec<(BaseTensor, &mut Param)> {
+        norm_fields(&mut self.attn_norm, &mut self.mlp_norm, &mut self.qk_norm)
+    }
+}
+
+/// A block's norm fields with their kinds, in [`Block::norms`]'s order (taking the fields, so
+/// that a caller can hold the projections at the same time).
+fn norm_fields<'a>(
+    attn: &'a mut Param,
+    mlp: &'a mut Param,
+    qk: &'a mut Option<(Param, Param)>,
+) -> Vec<(BaseTensor, &'a mut Param)> {
+    let mut v = vec![(BaseTensor::AttnNorm, attn), (BaseTensor::MlpNorm, mlp)];
+    if let Some((q, k)) = qk {
+        v.extend([(BaseTensor::QNorm, q), (BaseTensor::KNorm, k)]);
+    }
+    v
 }
 
 /// The whole decoder.
@@ -477,11 +513,21 @@ impl Model {
                     train_pack: None,
                 });
             }
+            let d = cfg.head_dim;
+            let qk_norm = if cfg.arch.qk_norm() {
+                Some((
+                    param(load(src, &BaseTensor::QNorm.hf(i), &[d])?, full, DType::F32, dev)?,
+                    param(load(src, &BaseTensor::KNorm.hf(i), &[d])?, full, DType::F32, dev)?,
+                ))
+            } else {
+                None
+            };
             blocks.push(Block {
                 index: i,
                 attn_norm: param(load(src, &BaseTensor::AttnNorm.hf(i), &[h])?, full, DType::F32, dev)?,
                 proj: PerProj(proj.try_into().expect("one Linear per projection")),
                 mlp_norm: param(load(src, &BaseTensor::MlpNorm.hf(i), &[h])?, full, DType::F32, dev)?,
+                qk_norm,
             });
         }
         progress.set(cfg.num_layers as u64, "");
@@ -528,14 +574,16 @@ impl Model {
                 BaseTensor::Head if self.head.is_none() => {
                     bail!("lm_head is tied to embed_tokens in this model: list embed_tokens instead")
                 }
-                BaseTensor::AttnNorm | BaseTensor::MlpNorm => {
+                BaseTensor::AttnNorm | BaseTensor::MlpNorm | BaseTensor::QNorm | BaseTensor::KNorm => {
+                    if !self.cfg.arch.qk_norm() && matches!(kind, BaseTensor::QNorm | BaseTensor::KNorm) {
+                        bail!("`{m}`: {} has no per-head query/key norms", self.cfg.arch.model_type());
+                    }
                     for b in &self.blocks {
-                        let p = if kind == BaseTensor::AttnNorm {
-                            &b.attn_norm
-                        } else {
-                            &b.mlp_norm
-                        };
-                        out.push((kind.hf(b.index), p.t()));
+                        for (k, p) in b.norms() {
+                            if k == kind {
+                                out.push((kind.hf(b.index), p.t()));
+                            }
+                        }
                     }
                 }
                 BaseTensor::Embed => out.push((kind.hf(0), self.embed.t())),
@@ -563,12 +611,9 @@ impl Model {
         let (i, _) = rest.split_once('.').context("unknown base parameter")?;
         let i: usize = i.parse().context("unknown base parameter")?;
         let b = self.blocks.get_mut(i).context("layer index out of range")?;
-        if name == BaseTensor::AttnNorm.hf(i) {
-            Ok(&mut b.attn_norm)
-        } else if name == BaseTensor::MlpNorm.hf(i) {
-            Ok(&mut b.mlp_norm)
-        } else {
-            bail!("unknown base parameter `{name}`")
+        match b.norms_mut().into_iter().find(|(k, _)| name == k.hf(i)) {
+            Some((_, p)) => Ok(p),
+            None => bail!("unknown base parameter `{name}`"),
         }
     }
 
@@ -675,9 +720,17 @@ impl Model {
         let mut v: Vec<(String, &mut Param)> = vec![(BaseTensor::Embed.hf(0), &mut self.embed)];
         for b in &mut self.blocks {
             let i = b.index;
-            v.push((BaseTensor::AttnNorm.hf(i), &mut b.attn_norm));
-            v.push((BaseTensor::MlpNorm.hf(i), &mut b.mlp_norm));
-            for (p, lin) in Proj::ALL.into_iter().zip(b.proj.values_mut()) {
+            let Block {
+                attn_norm,
+                mlp_norm,
+                qk_norm,
+                proj,
+                ..
+            } = b;
+            for (k, p) in norm_fields(attn_norm, mlp_norm, qk_norm) {
+                v.push((k.hf(i), p));
+            }
+            for (p, lin) in Proj::ALL.into_iter().zip(proj.values_mut()) {
                 let name = p.path(i);
                 if let LinearWeight::Dense(w) = &mut lin.w {
                     v.push((format!("{name}.weight"), w));
@@ -704,8 +757,9 @@ impl Model {
         };
         push(BaseTensor::Embed.hf(0), &self.embed);
         for b in &self.blocks {
-            push(BaseTensor::AttnNorm.hf(b.index), &b.attn_norm);
-            push(BaseTensor::MlpNorm.hf(b.index), &b.mlp_norm);
+            for (k, p) in b.norms() {
+                push(k.hf(b.index), p);
+            }
             for (p, lin) in b.proj.iter() {
                 let name = p.path(b.index);
                 if let LinearWeight::Dense(w) = &lin.w {
@@ -781,7 +835,15 @@ impl Model {
         };
         let h = norm(x, &blk.attn_norm)?;
         let p = |m: Proj, x: &Tensor| blk.proj[m].forward_kept(x, fwd, site(m), kept);
-        let (q, k, v) = (p(Proj::Q, &h)?, p(Proj::K, &h)?, p(Proj::V, &h)?);
+        let (mut q, mut k, v) = (p(Proj::Q, &h)?, p(Proj::K, &h)?, p(Proj::V, &h)?);
+        if let Some((qn, kn)) = &blk.qk_norm {
+            // Qwen3: each head's query and key normalised over its own d values, before RoPE.
+            let per_head = |y: &Tensor, w: &Param| -> Result<Tensor> {
+                let (rows, width) = y.dims2()?;
+                Ok(norm(&y.contiguous()?.reshape((rows * width / d, d))?, w)?.reshape((rows, width))?)
+            };
+            (q, k) = (per_head(&q, qn)?, per_head(&k, kn)?);
+        }
         let att = match cache {
             None if tree.is_some() => {
                 let rows = tree.expect("checked");

@@ -189,6 +189,10 @@ impl GgufSource {
             rms_norm_eps: self.meta_float(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             max_position_embeddings: self.meta_usize(&k("context_length")).unwrap_or(4096).min(1 << 20),
+            sliding_window: match self.meta(&k("attention.sliding_window")) {
+                None => None,
+                Some(_) => Some(self.meta_usize(&k("attention.sliding_window"))?),
+            },
             bos_token_id: self.meta_token("tokenizer.ggml.bos_token_id")?,
             eos_token_id: self.meta_token("tokenizer.ggml.eos_token_id")?,
         };
@@ -438,7 +442,11 @@ pub fn read_gguf(path: &Path) -> Result<(GgufSource, ModelConfig, GgufVocab)> {
     let arch = match content.metadata.get("general.architecture") {
         Some(Value::String(s)) if s == "llama" => Arch::Llama,
         Some(Value::String(s)) if s == "qwen2" => Arch::Qwen2,
-        Some(Value::String(s)) => bail!("{}: architecture `{s}` is not supported (llama, qwen2)", path.display()),
+        Some(Value::String(s)) if s == "qwen3" => Arch::Qwen3,
+        Some(Value::String(s)) => bail!(
+            "{}: architecture `{s}` is not supported (llama, qwen2, qwen3)",
+            path.display()
+        ),
         _ => bail!("{}: missing metadata `general.architecture`", path.display()),
     };
     let mut src = GgufSource {
@@ -563,6 +571,9 @@ fn metadata(cfg: &ModelConfig, vocab: &GgufVocab) -> Result<Vec<(String, Value)>
     }
     if let Some(b) = cfg.bos_token_id {
         meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+    }
+    if let Some(w) = cfg.sliding_window {
+        meta.push((format!("{a}.attention.sliding_window"), Value::U32(w as u32)));
     }
     Ok(meta)
 }

@@ -145,11 +145,15 @@ pub enum BaseTensor {
     AttnNorm,
     /// A block's pre-MLP RMSNorm.
     MlpNorm,
+    /// Qwen3's per-head RMSNorm of the queries, `[head_dim]`.
+    QNorm,
+    /// Qwen3's per-head RMSNorm of the keys, `[head_dim]`.
+    KNorm,
 }
 
 /// (module name as PEFT's `modules_to_save` says it, HF tensor name or per-layer suffix, GGUF
 /// name or per-layer suffix, per layer).
-const BASE_NAMES: [(BaseTensor, &str, &str, &str, bool); 5] = [
+const BASE_NAMES: [(BaseTensor, &str, &str, &str, bool); 7] = [
     (
         BaseTensor::Embed,
         "embed_tokens",
@@ -179,26 +183,32 @@ const BASE_NAMES: [(BaseTensor, &str, &str, &str, bool); 5] = [
         "ffn_norm",
         true,
     ),
+    (BaseTensor::QNorm, "q_norm", "self_attn.q_norm", "attn_q_norm", true),
+    (BaseTensor::KNorm, "k_norm", "self_attn.k_norm", "attn_k_norm", true),
 ];
 
 /// The base modules that can be trained in full beside adapters (PEFT's `modules_to_save`
 /// vocabulary), in [`BaseTensor`] order.
-pub const SAVABLE: [&str; 5] = [
+pub const SAVABLE: [&str; 7] = [
     BASE_NAMES[0].1,
     BASE_NAMES[1].1,
     BASE_NAMES[2].1,
     BASE_NAMES[3].1,
     BASE_NAMES[4].1,
+    BASE_NAMES[5].1,
+    BASE_NAMES[6].1,
 ];
 
 impl BaseTensor {
     /// Every base tensor kind (also the order of PEFT's `modules_to_save` vocabulary).
-    pub const ALL: [BaseTensor; 5] = [
+    pub const ALL: [BaseTensor; 7] = [
         BaseTensor::Embed,
         BaseTensor::Head,
         BaseTensor::Norm,
         BaseTensor::AttnNorm,
         BaseTensor::MlpNorm,
+        BaseTensor::QNorm,
+        BaseTensor::KNorm,
     ];
 
     fn row(self) -> &'static (BaseTensor, &'static str, &'static str, &'static str, bool) {
@@ -215,7 +225,7 @@ impl BaseTensor {
         BaseTensor::ALL.into_iter().find(|b| b.module() == m)
     }
 
-    /// Whether each block has its own (the two norms).
+    /// Whether each block has its own (the norms inside blocks).
     pub fn per_layer(self) -> bool {
         self.row().4
     }
@@ -286,6 +296,8 @@ mod tests {
             "model.norm.weight",
             "model.layers.2.self_attn.k_proj.bias",
             "model.layers.7.post_attention_layernorm.weight",
+            "model.layers.5.self_attn.q_norm.weight",
+            "model.layers.0.self_attn.k_norm.weight",
         ] {
             assert_eq!(gguf_to_hf(&hf_to_gguf(n).unwrap()).unwrap(), n);
         }
@@ -297,6 +309,11 @@ mod tests {
         assert_eq!(Proj::Down.path(4), "model.layers.4.mlp.down_proj");
         assert_eq!(gguf_proj("blk.3.attn_k.bias"), Some(Proj::K));
         assert_eq!(gguf_proj("blk.3.attn_norm.weight"), None);
+        assert_eq!(gguf_proj("blk.3.attn_q_norm.weight"), None);
+        assert_eq!(
+            hf_to_gguf("model.layers.1.self_attn.k_norm.weight").unwrap(),
+            "blk.1.attn_k_norm.weight"
+        );
         assert_eq!(gguf_proj("token_embd.weight"), None);
         assert_eq!(
             BaseTensor::MlpNorm.hf(2),

@@ -76,8 +76,9 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         out.push((BaseTensor::Head.hf(0), vec![cfg.vocab_size, h]));
     }
     for i in 0..cfg.num_layers {
-        out.push((BaseTensor::AttnNorm.hf(i), vec![h]));
-        out.push((BaseTensor::MlpNorm.hf(i), vec![h]));
+        for (kind, width) in cfg.arch.layer_norms(cfg.head_dim, h) {
+            out.push((kind.hf(i), vec![width]));
+        }
         for p in Proj::ALL {
             let (o, inp) = cfg.linear_shape(p);
             out.push((format!("{}.weight", p.path(i)), vec![o, inp]));

@@ -146,6 +146,8 @@ fn saved_elems(cfg: &ModelConfig, m: BaseTensor) -> u64 {
         BaseTensor::Embed | BaseTensor::Head => v * h,
         BaseTensor::Norm => h,
         BaseTensor::AttnNorm | BaseTensor::MlpNorm => l * h,
+        BaseTensor::QNorm | BaseTensor::KNorm if cfg.arch.qk_norm() => l * cfg.head_dim as u64,
+        BaseTensor::QNorm | BaseTensor::KNorm => 0,
     }
 }
 
@@ -235,16 +237,27 @@ fn add_weights(s: &RunShape<'_>, p: &mut Prediction) -> u64 {
         // The frozen head packed twice (forward and backward layouts).
         p.add("bf16 kernel packs", 4 * v * h);
     }
-    let norms = (2 * l + 1) * h;
+    let norms = h + l * c
+        .arch
+        .layer_norms(c.head_dim, c.hidden_size)
+        .iter()
+        .map(|n| n.1 as u64)
+        .sum::<u64>();
     let bias = if c.arch.qkv_bias() { l * (q + 2 * kv) } else { 0 };
     if s.full {
         trained += norms + bias;
     } else {
-        let saved_norms: u64 = [BaseTensor::Norm, BaseTensor::AttnNorm, BaseTensor::MlpNorm]
-            .iter()
-            .filter(|m| s.saved(m.module()))
-            .map(|m| saved_elems(c, *m))
-            .sum();
+        let saved_norms: u64 = [
+            BaseTensor::Norm,
+            BaseTensor::AttnNorm,
+            BaseTensor::MlpNorm,
+            BaseTensor::QNorm,
+            BaseTensor::KNorm,
+        ]
+        .iter()
+        .filter(|m| s.saved(m.module()))
+        .map(|m| saved_elems(c, *m))
+        .sum();
         trained += saved_norms;
         p.add("weights f32 (norms, biases, rope)", 4 * (norms - saved_norms + bias));
     }
