@@ -70,6 +70,8 @@ fn configs_that_change_the_math_are_refused() -> Result<()> {
     assert_eq!(ModelConfig::from_hf_json(&cfg.to_hf_json("float32"), p)?, cfg);
     c["use_sliding_window"] = serde_json::json!(false);
     assert_eq!(ModelConfig::from_hf_json(&c, p)?.context(), 128);
+    c["layer_types"] = serde_json::json!(["sliding_attention", "full_attention"]);
+    assert_eq!(ModelConfig::from_hf_json(&c, p)?.context(), 32);
     Ok(())
 }
 

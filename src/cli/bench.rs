@@ -24,7 +24,7 @@ pub struct Args {
     /// `gemm`, or `gpu` (device checks against the CPU ops, then NF4 against dense projections
     /// on the device).
     pub what: String,
-    /// Model shape: `smollm2` (SmolLM2-135M), `qwen2-0.5b`, `qwen2-7b` or `tiny`.
+    /// Model shape: `smollm2` (SmolLM2-135M), `qwen2-0.5b`, `qwen2-7b`, `qwen3-8b`, `llama3.1-8b` or `tiny`.
     #[arg(long, default_value = "smollm2")]
     pub shape: String,
     /// Rows per batch (train: 4, memory: 1).
@@ -207,6 +207,55 @@ pub fn qwen2_7b_shape() -> ModelConfig {
     }
 }
 
+/// Qwen3-8B's shape (per-head q/k norms, untied head).
+pub fn qwen3_8b_shape() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Qwen3,
+        hidden_size: 4096,
+        num_layers: 36,
+        num_heads: 32,
+        num_kv_heads: 8,
+        head_dim: 128,
+        intermediate_size: 12_288,
+        vocab_size: 151_936,
+        rope_theta: 1_000_000.0,
+        rope_scaling: crate::model::config::RopeScaling::None,
+        sliding_window: None,
+        rms_norm_eps: 1e-6,
+        tie_word_embeddings: false,
+        max_position_embeddings: 40_960,
+        bos_token_id: None,
+        eos_token_id: Some(151_645),
+    }
+}
+
+/// Llama 3.1-8B's shape (its `llama3` RoPE scaling, 128k context).
+pub fn llama31_8b_shape() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Llama,
+        hidden_size: 4096,
+        num_layers: 32,
+        num_heads: 32,
+        num_kv_heads: 8,
+        head_dim: 128,
+        intermediate_size: 14_336,
+        vocab_size: 128_256,
+        rope_theta: 500_000.0,
+        rope_scaling: crate::model::config::RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        },
+        sliding_window: None,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: false,
+        max_position_embeddings: 131_072,
+        bos_token_id: Some(128_000),
+        eos_token_id: Some(128_001),
+    }
+}
+
 /// Qwen2-0.5B's shape.
 pub fn qwen2_05b_shape() -> ModelConfig {
     ModelConfig {
@@ -239,8 +288,10 @@ pub fn run(mut a: Args) -> Result<()> {
         "smollm2" => smollm2_shape(),
         "qwen2-7b" => qwen2_7b_shape(),
         "qwen2-0.5b" => qwen2_05b_shape(),
+        "qwen3-8b" => qwen3_8b_shape(),
+        "llama3.1-8b" => llama31_8b_shape(),
         "tiny" => crate::cli::synthetic::tiny_config(Arch::Llama, 1000, true),
-        o => bail!("unknown shape `{o}`; choose smollm2, qwen2-0.5b, qwen2-7b or tiny"),
+        o => bail!("unknown shape `{o}`; choose smollm2, qwen2-0.5b, qwen2-7b, qwen3-8b, llama3.1-8b or tiny"),
     };
     match a.what.as_str() {
         "train" => {}

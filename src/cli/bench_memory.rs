@@ -24,7 +24,7 @@ pub fn run(a: &Args, cfg: &ModelConfig) -> Result<()> {
     let recompute = Recompute::parse(&a.recompute).context("--recompute")?;
     recompute_variant(recompute).context("--recompute")?;
     let measured = match a.shape.as_str() {
-        "qwen2-7b" => a.policy_list(&["qlora", "layered"]),
+        "qwen2-7b" | "qwen3-8b" | "llama3.1-8b" => a.policy_list(&["qlora", "layered"]),
         _ => a.policy_list(&["lora", "qlora", "layered"]),
     };
     let all = policies(cfg)?;

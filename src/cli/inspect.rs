@@ -93,6 +93,14 @@ pub fn run(a: Args) -> Result<()> {
         c.rms_norm_eps,
         c.context()
     );
+    let qk = if c.arch.qk_norm() { ", per-head q/k RMSNorm" } else { "" };
+    let bias = if c.arch.qkv_bias() { ", q/k/v biases" } else { "" };
+    match c.sliding_window {
+        None => println!("attention    causal over the whole context{qk}{bias}"),
+        Some(w) => println!(
+            "attention    sliding window of {w} (sequences up to the window, where it equals full attention){qk}{bias}"
+        ),
+    }
     let mut by_type: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for name in src.weights.names() {
         let ty = src.weights.stored_type(&name).unwrap_or_else(|| "?".into());

@@ -376,10 +376,16 @@ fn check_math_fields(v: &Value, arch: Arch, file: &Path) -> Result<()> {
 /// The attention window a config puts in force: Qwen's configs carry a window that only
 /// `use_sliding_window` switches on; Mistral's applies whenever it is set.
 fn sliding_window(v: &Value, arch: Arch, file: &Path) -> Result<Option<usize>> {
-    let on = match arch {
-        Arch::Qwen2 | Arch::Qwen3 => v.get("use_sliding_window").and_then(|x| x.as_bool()).unwrap_or(false),
-        Arch::Llama => true,
-    };
+    // transformers 5 also lists each layer's kind; any windowed layer puts the window in force.
+    let listed = v
+        .get("layer_types")
+        .and_then(|l| l.as_array())
+        .is_some_and(|l| l.iter().any(|t| t.as_str() == Some("sliding_attention")));
+    let on = listed
+        || match arch {
+            Arch::Qwen2 | Arch::Qwen3 => v.get("use_sliding_window").and_then(|x| x.as_bool()).unwrap_or(false),
+            Arch::Llama => true,
+        };
     match v.get("sliding_window").filter(|x| !x.is_null() && on) {
         None => Ok(None),
         Some(w) => match w.as_u64().filter(|&w| w > 0) {
