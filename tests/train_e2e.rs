@@ -261,7 +261,8 @@ fn out_of_memory_halves_the_micro_batch_and_retries() -> Result<()> {
     let mut c = strata::train::callback::Control {
         step: 0,
         total_steps: 1,
-        domain_share: 1.0,
+        weights: vec![1.0],
+        legacy_domain_share: None,
         micro_batch: 8,
         effective_batch: 8,
         lr: Default::default(),
@@ -713,5 +714,84 @@ fn full_finetuning_with_8bit_adamw_resumes_bit_exactly() -> Result<()> {
     let e = resume("other", "adamw").unwrap_err();
     assert!(format!("{e:#}").contains("adamw8bit"), "{e:#}");
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Named sources: the domain/general pair and the same two sources as `[[data.sources]]` at
+/// the same weights train identically (same rows, same losses); three sources at 5:3:2, one in
+/// its own format (alpaca rows beside raw text), get exactly their shares of the run's rows.
+#[test]
+fn named_sources_mix_by_weight_and_the_pair_is_their_two_source_case() -> Result<()> {
+    let dir = fresh_dir("sources")?;
+    std::fs::create_dir_all(dir.join("general"))?;
+    for i in 0..4 {
+        let text = format!("a bird {i} flew over the hill and the river. ").repeat(8);
+        std::fs::write(dir.join(format!("general/g{i}.txt")), text)?;
+    }
+    let rows: String = (0..12)
+        .map(|i| format!("{{\"instruction\": \"the cat {i}\", \"output\": \"sat on the mat\"}}\n"))
+        .collect();
+    std::fs::write(dir.join("alpaca.jsonl"), rows)?;
+    let d = dir.display();
+    let base = |out: &str| strata::testing::tiny_lora_recipe(&dir, out, 10, 5, "");
+    let pair = base("pair").replace(
+        &format!("train = [\"{d}/data\"]"),
+        &format!("train = [\"{d}/data\"]\ngeneral = [\"{d}/general\"]\ndomain_share = 0.75"),
+    );
+    // The sources replace `train`; their tables go at the end (TOML allows them after [train]).
+    let with_sources = |out: &str, tables: &str| {
+        base(out).replace(
+            &format!("train = [\"{d}/data\"]"),
+            &format!("eval = [\"{d}/data/doc0.txt\"]"),
+        ) + tables
+    };
+    let named = with_sources(
+        "named",
+        &format!(
+            "[[data.sources]]\nname = \"cats\"\ntrain = [\"{d}/data\"]\nweight = 0.75\n\
+             [[data.sources]]\nname = \"birds\"\ntrain = [\"{d}/general\"]\nweight = 0.25\ngeneral = true\n"
+        ),
+    );
+    // The pair with the same held-out file.
+    let pair = pair.replace(
+        &format!("train = [\"{d}/data\"]"),
+        &format!("train = [\"{d}/data\"]\neval = [\"{d}/data/doc0.txt\"]"),
+    );
+    train_with(&pair, Default::default())?;
+    train_with(&named, Default::default())?;
+    assert_eq!(
+        losses(&dir.join("pair/metrics.jsonl"))?,
+        losses(&dir.join("named/metrics.jsonl"))?
+    );
+
+    let three = with_sources(
+        "three",
+        &format!(
+            "[[data.sources]]\nname = \"cats\"\ntrain = [\"{d}/data\"]\nweight = 5\n\
+             [[data.sources]]\nname = \"birds\"\ntrain = [\"{d}/general\"]\nweight = 3\n\
+             [[data.sources]]\nname = \"qa\"\ntrain = [\"{d}/alpaca.jsonl\"]\nweight = 2\nformat = \"alpaca\"\n"
+        ),
+    );
+    let gguf = dir.join("tiny.gguf");
+    let mut raw = strata::testing::RawGguf::read(&gguf)?;
+    raw.kvs.push((
+        "tokenizer.chat_template".into(),
+        candle_core::quantized::gguf_file::Value::String(
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}".into(),
+        ),
+    ));
+    raw.write(&gguf)?;
+    train_with(&three, Default::default())?;
+    let text = std::fs::read_to_string(dir.join("three/metrics.jsonl"))?;
+    let last = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .rfind(|v| v.get("shares_realised").is_some())
+        .expect("a step line with shares");
+    // 10 steps of 4 rows: 20, 12 and 8 rows.
+    for (name, want) in [("cats", 0.5), ("birds", 0.3), ("qa", 0.2)] {
+        let got = last["shares_realised"][name].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-12, "{name}: {got}");
+    }
     Ok(())
 }

@@ -253,10 +253,10 @@ pub fn checkpoint(data: &[u8]) {
             (&format!("{step}/optimizer.safetensors"), p[2]),
         ],
     );
-    let Ok(ck) = checkpoint::load(&dir, &candle_core::Device::Cpu) else {
+    let Ok(mut ck) = checkpoint::load(&dir, &candle_core::Device::Cpu) else {
         return;
     };
-    if ck.state.check(10, 4, 5, 4, &ck.dir).is_err() {
+    if ck.state.check(&[10, 4], 5, 4, &ck.dir).is_err() {
         return;
     }
     let params = checkpoint_params();

@@ -16,8 +16,13 @@ pub struct Control {
     pub step: usize,
     /// Optimizer steps planned.
     pub total_steps: usize,
-    /// Share of the next step's rows drawn from the domain data.
-    pub domain_share: f64,
+    /// Relative weight of each data source for the next step's rows (`[share, 1 - share]`
+    /// for the domain/general pair; one entry for a single source).
+    #[serde(default)]
+    pub weights: Vec<f64>,
+    /// Earlier versions' checkpoints kept the pair's domain share here; read into `weights`.
+    #[serde(default, rename = "domain_share", skip_serializing)]
+    pub legacy_domain_share: Option<f64>,
     /// Rows per forward/backward; always divides `effective_batch`.
     pub micro_batch: usize,
     /// Rows per optimizer step (fixed for the run: the loss curve depends on it).
@@ -95,7 +100,7 @@ pub trait Callback {
     }
 }
 
-/// How the domain share moves from `start` to `end` over the run.
+/// How the mix's weights move from their start to their end over the run.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum MixShape {
     /// Straight line.
@@ -120,26 +125,27 @@ impl MixShape {
     }
 }
 
-/// The data-mix schedule: the domain share as a function of progress (the brief's 0.9 -> 0.7).
+/// The data-mix schedule: each source's weight as a function of progress (the brief's domain
+/// share 0.9 -> 0.7 is the pair's weights [0.9, 0.1] -> [0.7, 0.3]).
 pub struct MixSchedule {
-    /// Share at the start.
-    pub start: f64,
-    /// Share at the end.
-    pub end: f64,
+    /// Weights at the start.
+    pub start: Vec<f64>,
+    /// Weights at the end.
+    pub end: Vec<f64>,
     /// Path between them.
     pub shape: MixShape,
 }
 
 impl MixSchedule {
-    /// The share at progress `p` in [0, 1].
-    pub fn share(&self, p: f64) -> f64 {
+    /// The weights at progress `p` in [0, 1].
+    pub fn weights(&self, p: f64) -> Vec<f64> {
         let p = p.clamp(0.0, 1.0);
         let f = match self.shape {
             MixShape::Linear => p,
             MixShape::Cosine => 0.5 * (1.0 - (std::f64::consts::PI * p).cos()),
             MixShape::Step => f64::from(u8::from(p >= 0.5)),
         };
-        self.start + (self.end - self.start) * f
+        self.start.iter().zip(&self.end).map(|(s, e)| s + (e - s) * f).collect()
     }
 }
 
@@ -148,7 +154,7 @@ impl Callback for MixSchedule {
         "mix_schedule"
     }
     fn on_step_begin(&mut self, c: &mut Control) -> Result<()> {
-        c.domain_share = self.share(c.progress());
+        c.weights = self.weights(c.progress());
         Ok(())
     }
 }
@@ -279,7 +285,8 @@ mod tests {
         Control {
             step: 0,
             total_steps: 10,
-            domain_share: 1.0,
+            weights: vec![1.0],
+            legacy_domain_share: None,
             micro_batch: 8,
             effective_batch: 8,
             lr: BTreeMap::new(),
@@ -291,19 +298,20 @@ mod tests {
     fn mix_shapes_run_from_start_to_end() -> Result<()> {
         for shape in ["linear", "cosine", "step"] {
             let m = MixSchedule {
-                start: 0.9,
-                end: 0.7,
+                start: vec![0.9, 0.1, 2.0],
+                end: vec![0.7, 0.3, 2.0],
                 shape: MixShape::parse(shape)?,
             };
-            assert!((m.share(0.0) - 0.9).abs() < 1e-12 && (m.share(1.0) - 0.7).abs() < 1e-12);
-            assert!(m.share(0.3) <= 0.9 && m.share(0.3) >= 0.7);
+            let (a, b, mid) = (m.weights(0.0), m.weights(1.0), m.weights(0.3));
+            assert!((a[0] - 0.9).abs() < 1e-12 && (b[0] - 0.7).abs() < 1e-12 && (b[1] - 0.3).abs() < 1e-12);
+            assert!(mid[0] <= 0.9 && mid[0] >= 0.7 && mid[2] == 2.0);
         }
         let lin = MixSchedule {
-            start: 0.9,
-            end: 0.7,
+            start: vec![0.9, 0.1],
+            end: vec![0.7, 0.3],
             shape: MixShape::Linear,
         };
-        assert!((lin.share(0.5) - 0.8).abs() < 1e-12);
+        assert!((lin.weights(0.5)[0] - 0.8).abs() < 1e-12);
         assert!(MixShape::parse("wavy").is_err());
         Ok(())
     }

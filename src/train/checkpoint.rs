@@ -265,18 +265,22 @@ pub fn load(path: &Path, dev: &Device) -> Result<Loaded> {
 }
 
 impl RunState {
-    /// Checks the state against the run resuming it: `domain_rows` and `general_rows` packed
-    /// rows, `steps` planned steps of `per_step` rows. A sampler whose orders, cursors or walks
-    /// do not fit the data (the data changed since, or the file was edited) is refused.
-    pub fn check(
-        &self,
-        domain_rows: usize,
-        general_rows: usize,
-        steps: usize,
-        per_step: usize,
-        dir: &Path,
-    ) -> Result<()> {
+    /// Checks the state against the run resuming it: `rows` packed rows per data source,
+    /// `steps` planned steps of `per_step` rows. A sampler whose orders, cursors or walks do not
+    /// fit the data (the data changed since, or the file was edited) is refused. A state of an
+    /// earlier version (the pair's domain share, one owed share) is read into this one's form.
+    pub fn check(&mut self, rows: &[usize], steps: usize, per_step: usize, dir: &Path) -> Result<()> {
         let at = || dir.join("state.json").display().to_string();
+        self.mixer.upgrade();
+        if let Some(share) = self.control.legacy_domain_share.take() {
+            if self.control.weights.is_empty() {
+                self.control.weights = if rows.len() == 1 {
+                    vec![1.0]
+                } else {
+                    vec![share, 1.0 - share]
+                };
+            }
+        }
         let c = &self.control;
         if c.total_steps != steps || c.effective_batch != per_step {
             bail!(
@@ -301,8 +305,13 @@ impl RunState {
                 c.micro_batch
             );
         }
-        if !(c.domain_share.is_finite() && (0.0..=1.0).contains(&c.domain_share)) {
-            bail!("{}: domain share {} is outside [0, 1]", at(), c.domain_share);
+        if c.weights.len() != rows.len() || c.weights.iter().any(|w| !(w.is_finite() && *w >= 0.0)) {
+            bail!(
+                "{}: source weights {:?} do not fit this run's {} data source(s) (each finite, at least 0)",
+                at(),
+                c.weights,
+                rows.len()
+            );
         }
         if let Some((g, lr)) = c.lr.iter().find(|(_, lr)| !(lr.is_finite() && **lr >= 0.0)) {
             bail!(
@@ -314,7 +323,7 @@ impl RunState {
             bail!("{}: elapsed_s {} is not a finite number >= 0", at(), self.elapsed_s);
         }
         self.mixer
-            .check(domain_rows, general_rows)
+            .check(rows)
             .with_context(|| format!("{}: the data sampler does not fit this run's data (was the training data changed since the checkpoint?)", at()))
     }
 }

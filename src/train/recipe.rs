@@ -360,8 +360,12 @@ fn all_modules() -> Vec<String> {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// Training files or directories.
+    /// Training files or directories (or name several sources in `[[data.sources]]`).
+    #[serde(default)]
     pub train: Vec<PathBuf>,
+    /// Named data sources mixed by weight, in place of `train` / `general` / `domain_share`.
+    #[serde(default)]
+    pub sources: Vec<SourceSection>,
     /// `text` (raw text, packed) or `chat` (messages jsonl, loss on assistant turns).
     #[serde(default = "default_format")]
     pub format: DataFormat,
@@ -399,6 +403,45 @@ pub struct DataSection {
     pub bad_rows: BadRows,
 }
 
+/// `[[data.sources]]`: one named source of the training mix.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    /// The source's name (in logs and metrics).
+    pub name: String,
+    /// Its files or directories.
+    pub train: Vec<PathBuf>,
+    /// Its relative weight: the share of each batch's rows is `weight / sum of weights`.
+    pub weight: f64,
+    /// Its weight at the end of the run (moved along `data.mix_schedule`).
+    #[serde(default)]
+    pub weight_end: Option<f64>,
+    /// How its files are read (`data.format` when absent).
+    #[serde(default)]
+    pub format: Option<DataFormat>,
+    /// General (replay) rows: the retention terms (distillation, contrastive) read these.
+    #[serde(default)]
+    pub general: bool,
+}
+
+/// A source of the training mix as the trainer sees it: `[[data.sources]]`, or the
+/// domain/general pair of `data.train` / `data.general` at `data.domain_share`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MixSource {
+    /// Name.
+    pub name: String,
+    /// Files or directories.
+    pub files: Vec<PathBuf>,
+    /// Relative weight at the start.
+    pub weight: f64,
+    /// Relative weight at the end (the start's when it does not move).
+    pub weight_end: f64,
+    /// How the files are read.
+    pub format: DataFormat,
+    /// Whether the retention terms read its rows.
+    pub general: bool,
+}
+
 /// `data.bad_rows`: what a row that cannot be read does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BadRows {
@@ -423,6 +466,51 @@ impl BadRows {
 crate::parsed_from_str!(BadRows);
 
 impl DataSection {
+    /// The sources of the training mix, in order: the first is the one `data.eval_fraction`
+    /// holds rows out of and `train.epochs` counts passes over.
+    pub fn mix(&self) -> Vec<MixSource> {
+        if !self.sources.is_empty() {
+            return self
+                .sources
+                .iter()
+                .map(|s| MixSource {
+                    name: s.name.clone(),
+                    files: s.train.clone(),
+                    weight: s.weight,
+                    weight_end: s.weight_end.unwrap_or(s.weight),
+                    format: s.format.unwrap_or(self.format),
+                    general: s.general,
+                })
+                .collect();
+        }
+        let share = self.domain_share.unwrap_or(1.0);
+        let end = self.domain_share_end.unwrap_or(share);
+        let mut v = vec![MixSource {
+            name: "domain".into(),
+            files: self.train.clone(),
+            weight: share,
+            weight_end: end,
+            format: self.format,
+            general: false,
+        }];
+        if !self.general.is_empty() {
+            v.push(MixSource {
+                name: "general".into(),
+                files: self.general.clone(),
+                weight: 1.0 - share,
+                weight_end: 1.0 - end,
+                format: self.format,
+                general: true,
+            });
+        }
+        v
+    }
+
+    /// Whether some source of the mix is general (replay) data.
+    pub fn has_general(&self) -> bool {
+        self.mix().iter().any(|s| s.general)
+    }
+
     /// How the data files' rows are read.
     pub fn row_options(&self) -> crate::data::formats::RowOptions {
         crate::data::formats::RowOptions {
@@ -430,6 +518,39 @@ impl DataSection {
             skip_bad: self.bad_rows == BadRows::Skip,
         }
     }
+}
+
+/// `[[data.sources]]`: named, with files, weights that can be normalised, and nothing of the
+/// domain/general pair beside them.
+fn check_sources(d: &DataSection) -> Result<()> {
+    if !d.train.is_empty() || !d.general.is_empty() || d.domain_share.is_some() || d.domain_share_end.is_some() {
+        bail!("[[data.sources]] replaces data.train, data.general and data.domain_share(_end): give one or the other");
+    }
+    let mut names = std::collections::HashSet::new();
+    for s in &d.sources {
+        if s.name.trim().is_empty() {
+            bail!("a [[data.sources]] entry has an empty name");
+        }
+        if !names.insert(s.name.as_str()) {
+            bail!("[[data.sources]]: the name `{}` is used twice", s.name);
+        }
+        if s.train.is_empty() {
+            bail!("data source `{}` lists no files (train = [...])", s.name);
+        }
+        for (what, w) in [("weight", Some(s.weight)), ("weight_end", s.weight_end)] {
+            if let Some(w) = w.filter(|w| !(w.is_finite() && *w >= 0.0)) {
+                bail!(
+                    "data source `{}`: {what} {w} must be a finite number of at least 0",
+                    s.name
+                );
+            }
+        }
+    }
+    let total = |f: &dyn Fn(&SourceSection) -> f64| d.sources.iter().map(f).sum::<f64>();
+    if total(&|s| s.weight) <= 0.0 || total(&|s| s.weight_end.unwrap_or(s.weight)) <= 0.0 {
+        bail!("[[data.sources]]: the weights sum to 0 (at the start or the end); give some source a positive weight");
+    }
+    Ok(())
 }
 
 fn default_mix_schedule() -> MixShape {
@@ -726,8 +847,11 @@ impl Recipe {
 
     fn check_data(&self) -> Result<()> {
         let d = &self.data;
+        if !d.sources.is_empty() {
+            return check_sources(d);
+        }
         if d.train.is_empty() {
-            bail!("data.train lists no files");
+            bail!("data.train lists no files (or name the data in [[data.sources]])");
         }
         match (d.general.is_empty(), d.domain_share) {
             (false, None) => bail!(
@@ -751,12 +875,12 @@ impl Recipe {
                 "retain.ewc_lambda needs retain.fisher (a Fisher file, estimated from retain.fisher_data when absent)"
             );
         }
-        if r.contrastive_lambda > 0.0 && self.data.general.is_empty() {
-            bail!("retain.contrastive_lambda needs data.general: it is computed on the general rows of each batch");
+        if r.contrastive_lambda > 0.0 && !self.data.has_general() {
+            bail!("retain.contrastive_lambda needs data.general (or a source with general = true): it is computed on the general rows of each batch");
         }
         if r.distill_lambda > 0.0 {
-            if self.data.general.is_empty() {
-                bail!("retain.distill_lambda needs data.general: the KL to the base is taken on the general rows of each batch");
+            if !self.data.has_general() {
+                bail!("retain.distill_lambda needs data.general (or a source with general = true): the KL to the base is taken on the general rows of each batch");
             }
             if self.full() {
                 bail!("retain.distill_lambda needs adapters: under train.mode = \"full\" no frozen base is kept to distil from (use LoRA, or set distill_lambda = 0)");
@@ -851,6 +975,68 @@ mod tests {
 
     const BASE: &str =
         "[model]\npath = \"m.gguf\"\n[lora]\nr = 8\n[data]\ntrain = [\"d.txt\"]\n[train]\nmode = \"lora\"\n";
+
+    /// `[[data.sources]]` reads as named weighted sources; the pair is its two-source case;
+    /// names, files and weights are checked, and the pair's keys beside it are refused.
+    #[test]
+    fn named_sources_are_read_and_checked() -> Result<()> {
+        let src = |extra: &str| {
+            format!(
+                "[model]\npath = \"m.gguf\"\n[lora]\nr = 8\n[data]\n{extra}\n[[data.sources]]\nname = \"a\"\ntrain = [\"a.txt\"]\nweight = 3\nweight_end = 1\n\
+                 [[data.sources]]\nname = \"b\"\ntrain = [\"b.jsonl\"]\nweight = 1\nformat = \"alpaca\"\ngeneral = true\n"
+            )
+        };
+        let r = Recipe::parse(&src(""), "r.toml", &[])?;
+        let mix = r.data.mix();
+        assert_eq!(mix.len(), 2);
+        assert_eq!((mix[0].weight, mix[0].weight_end, mix[0].general), (3.0, 1.0, false));
+        assert_eq!((mix[1].weight_end, mix[1].general), (1.0, true));
+        assert_eq!(mix[1].format, DataFormat::parse("alpaca")?);
+        assert!(r.data.has_general());
+        let pair = Recipe::parse(
+            BASE,
+            "r.toml",
+            &[
+                "data.general=[\"g.txt\"]".into(),
+                "data.domain_share=0.8".into(),
+                "data.domain_share_end=0.6".into(),
+            ],
+        )?;
+        let m = pair.data.mix();
+        assert_eq!(
+            (m[0].weight, m[0].weight_end, m[1].weight, m[1].general),
+            (0.8, 0.6, 1.0 - 0.8, true)
+        );
+        for (extra, sets, want) in [
+            ("train = [\"x.txt\"]", vec![], "replaces data.train"),
+            ("", vec!["data.sources[1].name=\"a\"".to_string()], "used twice"),
+        ] {
+            let text = src(extra);
+            let text = if sets.is_empty() {
+                text
+            } else {
+                text.replace("name = \"b\"", "name = \"a\"")
+            };
+            let e = format!("{:#}", Recipe::parse(&text, "r.toml", &[]).unwrap_err());
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        let e = format!(
+            "{:#}",
+            Recipe::parse(&src("").replace("weight = 3", "weight = -1"), "r.toml", &[]).unwrap_err()
+        );
+        assert!(e.contains("weight -1"), "{e}");
+        let zero = src("")
+            .replace("weight = 3\nweight_end = 1", "weight = 0")
+            .replace("weight = 1\n", "weight = 0\n");
+        let e = format!("{:#}", Recipe::parse(&zero, "r.toml", &[]).unwrap_err());
+        assert!(e.contains("sum to 0"), "{e}");
+        let e = format!(
+            "{:#}",
+            Recipe::parse(&src("").replace("train = [\"a.txt\"]", "train = []"), "r.toml", &[]).unwrap_err()
+        );
+        assert!(e.contains("source `a` lists no files"), "{e}");
+        Ok(())
+    }
 
     #[test]
     fn frozen_layers_leave_those_layers_without_adapters() -> Result<()> {

@@ -72,7 +72,7 @@ impl Run<'_> {
             eval_after,
             general_before: self.st.general_before,
             general_after,
-            domain_share: self.st.mixer.realised_share(),
+            domain_share: self.st.mixer.realised_shares()[0],
             tokens_per_second: (trained - self.clock.tokens0) as f64 / train_seconds.max(1e-9),
             device: t.device.clone(),
             recompute: self.recompute.name(),

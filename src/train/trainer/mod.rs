@@ -58,7 +58,17 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
 
 /// Loads the recipe's sequences (`paths` in the recipe's format).
 pub fn load_sequences(recipe: &Recipe, tok: &crate::model::tokenizer::Tok, paths: &[PathBuf]) -> Result<Sequences> {
-    match recipe.data.format {
+    load_sequences_as(recipe, tok, paths, recipe.data.format)
+}
+
+/// [`load_sequences`] with the files read as `format` (a data source's own).
+pub fn load_sequences_as(
+    recipe: &Recipe,
+    tok: &crate::model::tokenizer::Tok,
+    paths: &[PathBuf],
+    format: DataFormat,
+) -> Result<Sequences> {
+    match format {
         DataFormat::Chat(f) => data::chat::load_chat(paths, tok, recipe.data.seq_len, f, &recipe.data.row_options()),
         DataFormat::Text => data::pack(
             tok,

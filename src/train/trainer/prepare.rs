@@ -25,12 +25,18 @@ use crate::model::{self, Fwd, LoadSpec, Model, ModelSource, Proj};
 use crate::retain::{Ewc, Fisher};
 use crate::util::{current_rss, human_bytes, reset_device_peak};
 
-/// The rows a run reads: training and general (replay) rows, and the held-out sets.
+/// One source of the training mix, packed.
+pub(super) struct SourceRows {
+    pub name: String,
+    pub rows: Sequences,
+    /// Whether the retention terms read its rows.
+    pub general: bool,
+}
+
+/// The rows a run reads: the training mix's sources, and the held-out sets.
 pub(super) struct RunData {
-    /// Domain training rows.
-    pub train: Sequences,
-    /// General rows mixed into every batch (empty without `data.general`).
-    pub general: Sequences,
+    /// The mix's sources in recipe order (the domain/general pair: domain first).
+    pub sources: Vec<SourceRows>,
     /// Held-out domain rows.
     pub held: Sequences,
     /// Held-out general rows (`data.general_eval`).
@@ -256,7 +262,24 @@ impl RunData {
     fn load(recipe: &Recipe, src: &ModelSource) -> Result<Self> {
         let (d, t) = (&recipe.data, &recipe.train);
         let tok = &src.tokenizer;
-        let mut train = load_sequences(recipe, tok, &d.train)?;
+        let mix = d.mix();
+        let mut sources = Vec::with_capacity(mix.len());
+        for m in &mix {
+            let rows = super::load_sequences_as(recipe, tok, &m.files, m.format)
+                .with_context(|| format!("data source `{}`", m.name))?;
+            if !sources.is_empty() && rows.is_empty() {
+                bail!(
+                    "data source `{}` packs into no rows; give it more data or leave it out",
+                    m.name
+                );
+            }
+            sources.push(SourceRows {
+                name: m.name.clone(),
+                rows,
+                general: m.general,
+            });
+        }
+        let train = &mut sources[0].rows;
         let mut held = if d.eval.is_empty() {
             if train.len() < 2 {
                 bail!(
@@ -269,10 +292,14 @@ impl RunData {
             load_sequences(recipe, tok, &d.eval)?
         };
         held.subsample(t.eval_rows);
-        let general = match d.general.is_empty() {
-            true => Sequences::default(),
-            false => load_sequences(recipe, tok, &d.general)?,
-        };
+        if let Some(s) = sources.iter().find(|s| s.rows.seq_len != sources[0].rows.seq_len) {
+            bail!(
+                "data source `{}` packs rows of {} tokens, the first source of {}",
+                s.name,
+                s.rows.seq_len,
+                sources[0].rows.seq_len
+            );
+        }
         let mut held_general = match d.general_eval.is_empty() {
             true => None,
             false => Some(load_sequences(recipe, tok, &d.general_eval)?),
@@ -281,11 +308,25 @@ impl RunData {
             h.subsample(t.eval_rows);
         }
         Ok(Self {
-            train,
-            general,
+            sources,
             held,
             held_general,
         })
+    }
+
+    /// Packed rows of each source, in order.
+    pub fn rows(&self) -> Vec<usize> {
+        self.sources.iter().map(|s| s.rows.len()).collect()
+    }
+
+    /// Whether a drawn row is general (replay) data, which the retention terms read.
+    pub fn is_general(&self, (source, _): (usize, usize)) -> bool {
+        self.sources[source].general
+    }
+
+    /// Tokens per training row.
+    pub fn seq_len(&self) -> usize {
+        self.sources[0].rows.seq_len
     }
 }
 
@@ -303,7 +344,9 @@ fn step_count(recipe: &Recipe, data: &RunData) -> (usize, usize) {
     let per_step = t.batch * t.grad_accum;
     let steps = match t.steps > 0 {
         true => t.steps,
-        false => ((data.train.len() as f64 * t.epochs) / per_step as f64).ceil().max(1.0) as usize,
+        false => ((data.sources[0].rows.len() as f64 * t.epochs) / per_step as f64)
+            .ceil()
+            .max(1.0) as usize,
     };
     (steps, per_step)
 }
@@ -430,18 +473,23 @@ fn plan_memory(
 
 /// The line that says what the run will do.
 fn announce(recipe: &Recipe, src: &ModelSource, data: &RunData, n_params: usize, steps: usize, per_step: usize) {
-    let share = recipe.data.domain_share.unwrap_or(1.0);
+    let mix = recipe.data.mix();
+    let total: f64 = mix.iter().map(|m| m.weight).sum();
+    let sources = match data.sources.as_slice() {
+        [one] => format!("{} training rows", one.rows.len()),
+        many => many
+            .iter()
+            .zip(&mix)
+            .map(|(s, m)| format!("{} {} rows at {:.0}%", s.rows.len(), s.name, 100.0 * m.weight / total))
+            .collect::<Vec<_>>()
+            .join(" + "),
+    };
     eprintln!(
-        "strata train: {} ({} layers), {} trainable parameters, {} training rows x {} tokens{}, {} held-out rows, {steps} steps of {per_step} rows",
+        "strata train: {} ({} layers), {} trainable parameters, {sources} x {} tokens, {} held-out rows, {steps} steps of {per_step} rows",
         recipe.model.path.display(),
         src.config.num_layers,
         n_params,
-        data.train.len(),
-        data.train.seq_len,
-        match data.general.is_empty() {
-            true => String::new(),
-            false => format!(" + {} general rows at {:.0}% domain", data.general.len(), 100.0 * share),
-        },
+        data.seq_len(),
         data.held.len()
     );
 }
@@ -450,10 +498,11 @@ fn announce(recipe: &Recipe, src: &ModelSource, data: &RunData, n_params: usize,
 fn builtin_callbacks(recipe: &Recipe, dev: &Device) -> Vec<Box<dyn Callback>> {
     let (d, t) = (&recipe.data, &recipe.train);
     let mut callbacks: Vec<Box<dyn Callback>> = Vec::new();
-    if let Some(end) = d.domain_share_end {
+    let mix = d.mix();
+    if mix.iter().any(|m| m.weight_end != m.weight) {
         callbacks.push(Box::new(MixSchedule {
-            start: d.domain_share.unwrap_or(1.0),
-            end,
+            start: mix.iter().map(|m| m.weight).collect(),
+            end: mix.iter().map(|m| m.weight_end).collect(),
             shape: d.mix_schedule,
         }));
     }
@@ -481,11 +530,12 @@ fn fresh_state(
     Ok(RunState {
         step: 0,
         adam_t: 0,
-        mixer: Mixer::new(data.train.len(), data.general.len(), t.seed)?,
+        mixer: Mixer::new(&data.rows(), t.seed)?,
         control: Control {
             step: 0,
             total_steps: steps,
-            domain_share: recipe.data.domain_share.unwrap_or(1.0),
+            weights: recipe.data.mix().iter().map(|m| m.weight).collect(),
+            legacy_domain_share: None,
             micro_batch: t.batch,
             effective_batch: per_step,
             lr: Default::default(),
@@ -522,9 +572,8 @@ impl Resumed<'_> {
         data: &RunData,
         (steps, per_step): (usize, usize),
     ) -> Result<RunState> {
-        let ck = checkpoint::load(path, dev)?;
-        ck.state
-            .check(data.train.len(), data.general.len(), steps, per_step, &ck.dir)?;
+        let mut ck = checkpoint::load(path, dev)?;
+        ck.state.check(&data.rows(), steps, per_step, &ck.dir)?;
         checkpoint::restore_params(self.params, &ck.params, &ck.dir)?;
         checkpoint::check_moments(self.params, &ck.moments, &ck.q8, ck.state.adam_t, &ck.dir)?;
         if !self.opt.eight_bit && !ck.q8.is_empty() {

@@ -106,7 +106,7 @@ impl<'r> Run<'r> {
         for cb in self.callbacks.iter_mut() {
             cb.on_step_begin(&mut self.ctl)?;
         }
-        Ok(self.st.mixer.next_rows(self.per_step, self.ctl.domain_share))
+        Ok(self.st.mixer.next_rows(self.per_step, &self.ctl.weights))
     }
 
     /// Forward and backward over the step's rows, then the clipped update.
@@ -114,19 +114,17 @@ impl<'r> Run<'r> {
         let d = &self.data;
         let tokens: usize = rows
             .iter()
-            .map(|&(s, r)| {
-                [&d.train, &d.general][s].targets[r]
-                    .iter()
-                    .filter(|&&x| x != IGNORE)
-                    .count()
-            })
+            .map(|&(s, r)| d.sources[s].rows.targets[r].iter().filter(|&&x| x != IGNORE).count())
             .sum();
         let (mut ce, mut ewc, mut con, mut kl, mut loss, mut grad_norm) = (f64::NAN, 0.0, 0.0, 0.0, f64::NAN, f64::NAN);
         if tokens > 0 {
-            let general: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].0 == 1).collect();
+            let general: Vec<usize> = (0..rows.len()).filter(|&i| d.is_general(rows[i])).collect();
             let general_tokens = general
                 .iter()
-                .map(|&i| d.general.targets[rows[i].1].iter().filter(|&&x| x != IGNORE).count())
+                .map(|&i| {
+                    let (s, r) = rows[i];
+                    d.sources[s].rows.targets[r].iter().filter(|&&x| x != IGNORE).count()
+                })
                 .sum();
             let objective = Objective {
                 model: &self.model,
@@ -136,7 +134,7 @@ impl<'r> Run<'r> {
                 recompute: self.recompute,
                 seed: mix_seed(&[self.recipe.train.seed, self.st.step as u64]),
                 tokens,
-                segments: contrastive::segments(&general, d.train.seq_len, self.retain.segment).len(),
+                segments: contrastive::segments(&general, d.seq_len(), self.retain.segment).len(),
                 general_tokens,
             };
             let acc = &mut self.acc;
@@ -208,9 +206,25 @@ impl<'r> Run<'r> {
             "grad_norm": if gnorm.is_finite() { json!(gnorm) } else { json!(gnorm.to_string()) },
             "skipped": out.skipped, "ce": out.ce, "ewc": out.ewc, "contrastive": out.contrastive, "distill": out.distill, "lr": self.ctl.lr,
             "micro_batch": micro_used, "grad_accum": self.per_step / micro_used,
-            "domain_share": self.ctl.domain_share, "domain_share_realised": self.st.mixer.realised_share(),
+            "domain_share": self.ctl.weights[0] / self.ctl.weights.iter().sum::<f64>(),
+            "domain_share_realised": self.st.mixer.realised_shares()[0],
             "tokens": self.st.trained_tokens, "tok_per_s": tps, "peak_rss": peak, "peak_device": peak_dev, "elapsed_s": elapsed,
         });
+        if self.data.sources.len() > 2 {
+            // Every source's scheduled and realised share, by name (the pair's are the two
+            // domain_share fields).
+            let total: f64 = self.ctl.weights.iter().sum();
+            let (shares, realised): (serde_json::Map<_, _>, serde_json::Map<_, _>) = self
+                .data
+                .sources
+                .iter()
+                .zip(&self.ctl.weights)
+                .zip(self.st.mixer.realised_shares())
+                .map(|((s, w), r)| ((s.name.clone(), json!(w / total)), (s.name.clone(), json!(r))))
+                .unzip();
+            line["shares"] = shares.into();
+            line["shares_realised"] = realised.into();
+        }
         line.as_object_mut().expect("object").extend(rep.log);
         self.emit(line)?;
         if out.skipped {
@@ -277,9 +291,10 @@ impl Objective<'_> {
     fn micro_batches(&self, acc: &mut GradAcc, rows: &[(usize, usize)], micro: usize) -> Result<(f64, f64, f64)> {
         acc.clear();
         let (mut nll, mut con, mut kl) = (0.0, 0.0, 0.0);
-        let seq = self.data.train.seq_len;
+        let seq = self.data.seq_len();
         for (k, chunk) in rows.chunks(micro).enumerate() {
-            let (ids, targets) = mix::gather(&[&self.data.train, &self.data.general], chunk, &self.model.device)?;
+            let sources: Vec<&crate::data::Sequences> = self.data.sources.iter().map(|s| &s.rows).collect();
+            let (ids, targets) = mix::gather(&sources, chunk, &self.model.device)?;
             let fwd = Fwd {
                 dropout_seed: Some(self.seed),
                 first_token: (k * micro * seq) as u64,
@@ -322,7 +337,7 @@ impl Objective<'_> {
     /// hidden]`, when a term on its general rows needs them.
     fn base_hidden(&self, ids: &Tensor, chunk: &[(usize, usize)]) -> Result<Option<Tensor>> {
         let r = self.retain;
-        let general = chunk.iter().filter(|c| c.0 == 1).count();
+        let general = chunk.iter().filter(|&&c| self.data.is_general(c)).count();
         let wanted = (r.contrastive_lambda > 0.0 && general >= 2) || (r.distill_lambda > 0.0 && general >= 1);
         if !wanted {
             return Ok(None);
@@ -340,9 +355,9 @@ impl Objective<'_> {
         let (Some(base), true) = (base, lambda > 0.0) else {
             return Ok(None);
         };
-        let seq = self.data.train.seq_len;
+        let seq = self.data.seq_len();
         let keep: Vec<u32> = (0..chunk.len())
-            .filter(|&i| chunk[i].0 == 1)
+            .filter(|&i| self.data.is_general(chunk[i]))
             .flat_map(|i| (i * seq..(i + 1) * seq).filter(|&p| targets[p] != IGNORE))
             .map(|p| p as u32)
             .collect();
@@ -363,8 +378,8 @@ impl Objective<'_> {
     /// two or more general samples: their base-model (adapters off) hidden states.
     fn contrastive(&self, base: Option<&Tensor>, chunk: &[(usize, usize)]) -> Result<Option<Contrastive<'_>>> {
         let r = self.retain;
-        let general: Vec<usize> = (0..chunk.len()).filter(|&i| chunk[i].0 == 1).collect();
-        let segments = contrastive::segments(&general, self.data.train.seq_len, r.segment);
+        let general: Vec<usize> = (0..chunk.len()).filter(|&i| self.data.is_general(chunk[i])).collect();
+        let segments = contrastive::segments(&general, self.data.seq_len(), r.segment);
         let Some(base) = base.filter(|_| r.contrastive_lambda > 0.0 && segments.len() >= 2) else {
             return Ok(None);
         };
