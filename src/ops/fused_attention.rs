@@ -9,9 +9,12 @@
 //! through the inverse rotation. Work is split over (batch, key/value group) so each task owns
 //! its dk and dv.
 //!
-//! With a [`Tree`] (scoring only), a row holds a shared trunk and branches after it: a position
-//! sees the earlier positions of the trunk and of its own branch, at its own RoPE position, so
-//! that one context is computed once for all the choices that continue it.
+//! With a [`Tree`], a row holds a shared trunk and branches after it: a position sees the
+//! earlier positions of the trunk and of its own branch, at its own RoPE position, so that one
+//! context is computed once for all the choices that continue it (scoring). With no trunk, each
+//! branch a document, it is block-diagonal causal attention over packed documents with RoPE
+//! restarting at each one. The backward honours it: a hidden position's probability is exactly
+//! zero, so no gradient flows through it.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -219,9 +222,6 @@ impl FusedAttention {
         go: &[f32],
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         self.check(q, k, v)?;
-        if self.tree.is_some() {
-            candle_core::bail!("fused attention: trunk-and-branch rows are for scoring; no backward");
-        }
         let (t, d, hq, hkv) = (self.t, self.d, self.heads, self.kv_heads);
         let rep = hq / hkv;
         let scale = 1.0 / (d as f32).sqrt();
@@ -403,6 +403,75 @@ mod tests {
         let got = q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), op)?;
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
         assert!(diff(&want, &got)? < 1e-5);
+        let gw = want.mul(&probe)?.sum_all()?.backward()?;
+        let gg = got.mul(&probe)?.sum_all()?.backward()?;
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let d = diff(gw.get(x.as_tensor()).unwrap(), gg.get(x.as_tensor()).unwrap())?;
+            assert!(d < 1e-4, "d{name} differs by {d}");
+        }
+        Ok(())
+    }
+
+    /// Packed documents (each a branch, no trunk, RoPE restarting at each): forward and all
+    /// three gradients equal each document run alone through RoPE + composed attention.
+    #[test]
+    fn packed_documents_attend_only_within_themselves() -> Result<()> {
+        let dev = Device::Cpu;
+        let (t, hq, hkv, d) = (40, 4, 2, 8);
+        let docs: [&[usize]; 2] = [&[15, 25], &[7, 1, 32]];
+        let b = docs.len();
+        let inv: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / d as f64))
+            .collect();
+        let rope = Rope::new(d, &inv, 128, DType::F32, &dev)?;
+        let (mut branch, mut positions) = (Vec::new(), Vec::new());
+        for row in docs {
+            for (k, &len) in row.iter().enumerate() {
+                branch.extend(std::iter::repeat_n(k as u32 + 1, len));
+                positions.extend(0..len);
+            }
+        }
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1., (b * t, hq * d), &dev)?)?;
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1., (b * t, hkv * d), &dev)?)?;
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1., (b * t, hkv * d), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1., (b * t, hq * d), &dev)?;
+        // Each document alone: its rows of q, k, v as a batch of one.
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        for row in docs {
+            for &len in row {
+                let part = |x: &Var, n: usize| -> Result<Tensor> {
+                    x.as_tensor()
+                        .narrow(0, at, len)?
+                        .reshape((1, len, n, d))?
+                        .transpose(1, 2)?
+                        .contiguous()
+                };
+                let qr = rope.apply(&part(&q, hq)?, 0)?;
+                let kr = repeat_kv(&rope.apply(&part(&k, hkv)?, 0)?, hq / hkv)?.contiguous()?;
+                let vr = repeat_kv(&part(&v, hkv)?, hq / hkv)?.contiguous()?;
+                pieces.push(
+                    causal_attention(&qr, &kr, &vr)?
+                        .transpose(1, 2)?
+                        .reshape((len, hq * d))?,
+                );
+                at += len;
+            }
+        }
+        let want = Tensor::cat(&pieces, 0)?;
+        let op = FusedAttention {
+            b,
+            t,
+            heads: hq,
+            kv_heads: hkv,
+            d,
+            cos: rope.half_table_at(true, &positions)?,
+            sin: rope.half_table_at(false, &positions)?,
+            tree: Some(std::sync::Arc::new(Tree { branch })),
+        };
+        let got = q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), op)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+        assert!(diff(&want, &got)? < 1e-5, "forward differs by {}", diff(&want, &got)?);
         let gw = want.mul(&probe)?.sum_all()?.backward()?;
         let gg = got.mul(&probe)?.sum_all()?.backward()?;
         for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
