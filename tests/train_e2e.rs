@@ -620,15 +620,7 @@ fn tensorboard_event_files_hold_the_metrics() -> Result<()> {
 #[test]
 fn parquet_alpaca_and_sharegpt_sets_train_as_they_are() -> Result<()> {
     let dir = fresh_dir("parquet")?;
-    let gguf = dir.join("tiny.gguf");
-    let mut raw = strata::testing::RawGguf::read(&gguf)?;
-    raw.kvs.push((
-        "tokenizer.chat_template".into(),
-        candle_core::quantized::gguf_file::Value::String(
-            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into(),
-        ),
-    ));
-    raw.write(&gguf)?;
+    add_chat_template(&dir.join("tiny.gguf"))?;
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/parquet");
     for format in ["alpaca", "sharegpt"] {
         let text = recipe(&dir, format)
@@ -764,6 +756,7 @@ fn named_sources_mix_by_weight_and_the_pair_is_their_two_source_case() -> Result
         losses(&dir.join("named/metrics.jsonl"))?
     );
 
+    // The ChatML rows need more than the tiny recipe's 16 tokens.
     let three = with_sources(
         "three",
         &format!(
@@ -771,16 +764,9 @@ fn named_sources_mix_by_weight_and_the_pair_is_their_two_source_case() -> Result
              [[data.sources]]\nname = \"birds\"\ntrain = [\"{d}/general\"]\nweight = 3\n\
              [[data.sources]]\nname = \"qa\"\ntrain = [\"{d}/alpaca.jsonl\"]\nweight = 2\nformat = \"alpaca\"\n"
         ),
-    );
-    let gguf = dir.join("tiny.gguf");
-    let mut raw = strata::testing::RawGguf::read(&gguf)?;
-    raw.kvs.push((
-        "tokenizer.chat_template".into(),
-        candle_core::quantized::gguf_file::Value::String(
-            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}".into(),
-        ),
-    ));
-    raw.write(&gguf)?;
+    )
+    .replace("seq_len = 16", "seq_len = 48");
+    add_chat_template(&dir.join("tiny.gguf"))?;
     train_with(&three, Default::default())?;
     let text = std::fs::read_to_string(dir.join("three/metrics.jsonl"))?;
     let last = text
@@ -794,4 +780,16 @@ fn named_sources_mix_by_weight_and_the_pair_is_their_two_source_case() -> Result
         assert!((got - want).abs() < 1e-12, "{name}: {got}");
     }
     Ok(())
+}
+
+/// Gives the tiny GGUF a ChatML template, so that chat-format data can be rendered.
+fn add_chat_template(gguf: &std::path::Path) -> Result<()> {
+    let mut raw = strata::testing::RawGguf::read(gguf)?;
+    raw.kvs.push((
+        "tokenizer.chat_template".into(),
+        candle_core::quantized::gguf_file::Value::String(
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into(),
+        ),
+    ));
+    raw.write(gguf)
 }
