@@ -123,7 +123,7 @@ fn naive_step(model: &Model, batch: &Batch, acc: &mut GradAcc) -> Result<f64> {
                 composed: true,
                 ..Fwd::eval()
             },
-            crate::model::BlockState::None,
+            crate::model::BlockState::default(),
         )?;
     }
     let h = model.final_norm(&x)?;
@@ -441,6 +441,7 @@ pub(crate) fn timed_steps(
     let batch = Batch {
         ids: Tensor::from_vec(ids, (rows, seq_len), &model.device)?,
         targets,
+        documents: None,
     };
     let params = model.trainable();
     let mut opt = optimizer.build(0.0);

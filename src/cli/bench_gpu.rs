@@ -286,6 +286,7 @@ fn qlora_step_gaps(dev: &Device) -> Result<Vec<(String, f64, f64)>> {
         Ok(Batch {
             ids: Tensor::from_vec(ids.clone(), (rows, t), on)?,
             targets: targets.clone(),
+            documents: None,
         })
     };
     let mut g_host = GradAcc::default();

@@ -110,7 +110,7 @@ pub fn run(a: Args) -> Result<()> {
                 &Default::default(),
             )?
         } else {
-            data::pack(&src.tokenizer, &data::load_documents(one)?, a.seq_len)?
+            data::pack(&src.tokenizer, &data::load_documents(one)?, a.seq_len, false)?
         };
         seqs.subsample(a.max_rows);
         let (m, rows) = eval_rows(&model, &seqs, a.batch, Fwd::eval())?;

@@ -206,6 +206,29 @@ impl Mixer {
     }
 }
 
+/// Each position's document and its position inside it for drawn rows, when any of their
+/// sources packs with document boundaries (a row of a source that does not is one document).
+pub fn documents(sources: &[&Sequences], rows: &[RowRef]) -> Option<(Vec<u32>, Vec<usize>)> {
+    if rows.iter().all(|&(s, _)| sources[s].starts.is_empty()) {
+        return None;
+    }
+    let (mut branch, mut positions) = (Vec::new(), Vec::new());
+    for &(s, r) in rows {
+        match sources[s].documents(&[r]) {
+            Some((b, p)) => {
+                branch.extend(b);
+                positions.extend(p);
+            }
+            None => {
+                let n = sources[s].seq_len;
+                branch.extend(std::iter::repeat_n(1, n));
+                positions.extend(0..n);
+            }
+        }
+    }
+    Some((branch, positions))
+}
+
 /// Builds the ids tensor `[rows, seq_len]` and flat targets of drawn rows.
 pub fn gather(sources: &[&Sequences], rows: &[RowRef], dev: &Device) -> Result<(Tensor, Vec<u32>)> {
     let seq_len = sources[0].seq_len;

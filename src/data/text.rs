@@ -76,6 +76,9 @@ pub struct Sequences {
     pub inputs: Vec<Vec<u32>>,
     /// Targets (`IGNORE` where no loss is taken), aligned with inputs.
     pub targets: Vec<Vec<u32>>,
+    /// Where documents begin in each row (packing with document boundaries: attention stays
+    /// inside a document and RoPE restarts at each); empty when rows are attended whole.
+    pub starts: Vec<Vec<u32>>,
 }
 
 impl Sequences {
@@ -97,6 +100,11 @@ impl Sequences {
             seq_len: self.seq_len,
             inputs: self.inputs.split_off(at),
             targets: self.targets.split_off(at),
+            starts: if self.starts.is_empty() {
+                Vec::new()
+            } else {
+                self.starts.split_off(at)
+            },
         }
     }
 
@@ -109,6 +117,34 @@ impl Sequences {
         let keep: Vec<usize> = (0..max).map(|i| i * self.len() / max).collect();
         self.inputs = keep.iter().map(|&i| std::mem::take(&mut self.inputs[i])).collect();
         self.targets = keep.iter().map(|&i| std::mem::take(&mut self.targets[i])).collect();
+        if !self.starts.is_empty() {
+            self.starts = keep.iter().map(|&i| std::mem::take(&mut self.starts[i])).collect();
+        }
+    }
+
+    /// Each position's document (1, 2, ... within its row) and its position inside that
+    /// document, for `rows` of this set: what the fused attention needs to keep documents apart.
+    /// `None` when the set carries no boundaries.
+    pub fn documents(&self, rows: &[usize]) -> Option<(Vec<u32>, Vec<usize>)> {
+        if self.starts.is_empty() {
+            return None;
+        }
+        let mut branch = Vec::with_capacity(rows.len() * self.seq_len);
+        let mut positions = Vec::with_capacity(rows.len() * self.seq_len);
+        for &r in rows {
+            let starts = &self.starts[r];
+            let mut doc = 0;
+            let mut begin = 0;
+            for p in 0..self.seq_len {
+                if starts.get(doc).is_some_and(|&s| s as usize == p) {
+                    doc += 1;
+                    begin = p;
+                }
+                branch.push(doc.max(1) as u32);
+                positions.push(p - begin);
+            }
+        }
+        Some((branch, positions))
     }
 
     /// Tokens with a target.
@@ -122,8 +158,12 @@ impl Sequences {
 
 /// Tokenizes documents, joins them with EOS and cuts the stream into rows of `seq_len + 1`
 /// tokens that overlap by one (inputs are the first `seq_len`, targets the last `seq_len`).
-/// A short tail is kept as a padded row so that small corpora are not lost.
-pub fn pack(tok: &Tok, docs: &[String], seq_len: usize) -> Result<Sequences> {
+/// A short tail is kept as a padded row so that small corpora are not lost. With `documents`,
+/// each row records where its documents begin (a document cut by a row's end continues, as a
+/// document of its own, at the start of the next row) and the target that would predict a
+/// document's first token from the one before it (the EOS that ends the earlier document) is
+/// not trained on.
+pub fn pack(tok: &Tok, docs: &[String], seq_len: usize, documents: bool) -> Result<Sequences> {
     if seq_len < 2 {
         bail!("seq_len must be at least 2");
     }
@@ -131,8 +171,13 @@ pub fn pack(tok: &Tok, docs: &[String], seq_len: usize) -> Result<Sequences> {
         .eos
         .context("the tokenizer has no end-of-sequence token to separate documents")?;
     let mut stream = Vec::new();
+    // Whether a stream position begins a document.
+    let mut begins = Vec::new();
     for d in docs {
-        stream.extend(tok.encode(d)?);
+        let ids = tok.encode(d)?;
+        begins.push(true);
+        begins.resize(stream.len() + ids.len() + 1, false);
+        stream.extend(ids);
         stream.push(eos);
     }
     let mut seqs = Sequences {
@@ -152,6 +197,21 @@ pub fn pack(tok: &Tok, docs: &[String], seq_len: usize) -> Result<Sequences> {
             tgt.resize(seq_len, IGNORE);
             inp.resize(seq_len, eos);
         }
+        if documents {
+            let real = block.len() - 1;
+            let mut starts = vec![0u32];
+            for p in 1..real {
+                if begins[start + p] {
+                    starts.push(p as u32);
+                    tgt[p - 1] = IGNORE;
+                }
+            }
+            // The next row's first token may begin a document: not predicted across.
+            if end < stream.len() && begins[end - 1] && real > 0 {
+                tgt[real - 1] = IGNORE;
+            }
+            seqs.starts.push(starts);
+        }
         seqs.inputs.push(inp);
         seqs.targets.push(tgt);
         start = end - 1;
@@ -168,7 +228,7 @@ mod tests {
     fn packing_keeps_every_token_once_as_target() -> Result<()> {
         let tok = Tok::from_json(tokenizer_json_from_gguf(&tiny_vocab(), "t")?, Some(0), None, None)?;
         let docs = vec!["the cat".to_string(), "a dog the".to_string()];
-        let seqs = pack(&tok, &docs, 4)?;
+        let seqs = pack(&tok, &docs, 4, false)?;
         let stream: Vec<u32> = docs
             .iter()
             .flat_map(|d| tok.encode(d).unwrap().into_iter().chain([0]))
@@ -192,6 +252,51 @@ mod tests {
                     .collect::<Vec<_>>()[..]
             );
         }
+        Ok(())
+    }
+
+    /// With document boundaries every row says where its documents begin, no target crosses
+    /// a boundary (the EOS ending a document does not predict the next one's first token), and
+    /// every other next token is still trained on exactly once.
+    #[test]
+    fn packing_by_documents_keeps_them_apart() -> Result<()> {
+        let tok = Tok::from_json(tokenizer_json_from_gguf(&tiny_vocab(), "t")?, Some(0), None, None)?;
+        let docs: Vec<String> = ["the cat sat", "a dog", "the mat the cat"]
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        let enc: Vec<Vec<u32>> = docs.iter().map(|d| tok.encode(d).unwrap()).collect();
+        let seqs = pack(&tok, &docs, 6, true)?;
+        assert_eq!(seqs.starts.len(), seqs.len());
+        // The stream's next-token pairs that stay inside a document (its EOS included).
+        let mut want = Vec::new();
+        for e in &enc {
+            want.extend(e[1..].iter().copied().chain([0]));
+        }
+        let got: Vec<u32> = seqs
+            .targets
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|&t| t != IGNORE)
+            .collect();
+        assert_eq!(got, want);
+        for (r, (inp, starts)) in seqs.inputs.iter().zip(&seqs.starts).enumerate() {
+            assert_eq!(starts[0], 0, "row {r}");
+            for &s in &starts[1..] {
+                // A document begins right after an EOS, and the EOS's target is not trained.
+                assert_eq!(inp[s as usize - 1], 0, "row {r}");
+                assert_eq!(seqs.targets[r][s as usize - 1], IGNORE, "row {r}");
+            }
+        }
+        let (branch, positions) = seqs.documents(&[0]).expect("boundaries");
+        assert_eq!(branch.len(), 6);
+        let second = seqs.starts[0].get(1).map_or(6, |&s| s as usize);
+        assert!(branch[..second].iter().all(|&b| b == 1) && positions[..second] == (0..second).collect::<Vec<_>>()[..]);
+        if second < 6 {
+            assert_eq!((branch[second], positions[second]), (2, 0));
+        }
+        assert!(pack(&tok, &docs, 6, false)?.documents(&[0]).is_none());
         Ok(())
     }
 

@@ -113,6 +113,9 @@ pub struct Batch {
     pub ids: Tensor,
     /// Targets, `b * t` of them.
     pub targets: Vec<u32>,
+    /// Packed documents kept apart (`data.packing = "documents"`): each position's document
+    /// and RoPE position; `None`: every row attended whole.
+    pub documents: Option<crate::model::decoder::TreeRows>,
 }
 
 /// Loss statistics of one micro-batch.
@@ -315,7 +318,17 @@ pub fn forward_backward_with(
         let mut x = x0;
         for i in 0..n_layers {
             x = model
-                .block_forward(i, &x, b, t, fwd, BlockState::None)
+                .block_forward(
+                    i,
+                    &x,
+                    b,
+                    t,
+                    fwd,
+                    BlockState {
+                        tree: batch.documents.as_ref(),
+                        ..Default::default()
+                    },
+                )
                 .with_context(|| format!("block {i}"))?;
         }
         let (stats, grads) = top(&x, acc)?;
@@ -326,9 +339,10 @@ pub fn forward_backward_with(
     let keep = recompute.kept(&model.keep_ranks());
     let kept = keep.iter().any(|&k| k).then(|| Arc::new(KeptProducts::default()));
     let block = |i: usize, x: &Tensor| {
-        let state = match &kept {
-            Some(k) if keep[i] => BlockState::Kept(k),
-            _ => BlockState::None,
+        let state = BlockState {
+            kept: kept.as_ref().filter(|_| keep[i]),
+            tree: batch.documents.as_ref(),
+            cache: None,
         };
         model.block_forward(i, x, b, t, fwd, state)
     };

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::compare::quantiles95;
 use crate::data::mix::{gather, RowRef};
 use crate::data::Sequences;
+use crate::model::decoder::TreeRows;
 use crate::model::{Fwd, Model};
 use crate::rng::Rng;
 
@@ -41,7 +42,8 @@ pub fn eval_rows(model: &Model, seqs: &Sequences, batch: usize, fwd: Fwd) -> Res
         let end = (start + batch.max(1)).min(seqs.len());
         let rows: Vec<RowRef> = (start..end).map(|r| (0, r)).collect();
         let (ids, tg) = gather(&[seqs], &rows, &model.device)?;
-        let out = model.eval_loss(&ids, &tg, fwd)?;
+        let docs = crate::data::mix::documents(&[seqs], &rows).map(|(b, p)| TreeRows::new(b, p));
+        let out = model.eval_loss(&ids, &tg, fwd, docs.as_ref())?;
         correct += out.correct;
         let per = out.per_token.unwrap_or_default();
         let t = seqs.seq_len;

@@ -250,18 +250,19 @@ impl Linear {
     }
 }
 
-/// What [`Model::block_forward`] keeps across calls.
-pub enum BlockState<'a> {
-    /// Nothing: training and whole-sequence evaluation.
-    None,
+/// What [`Model::block_forward`] keeps across calls and how its rows are attended; the
+/// default (nothing kept, whole rows causal) is training and whole-sequence evaluation.
+#[derive(Default)]
+pub struct BlockState<'a> {
     /// Keys and values of earlier positions, extended by this call (generation).
-    Cache(&'a mut KvCache),
+    pub cache: Option<&'a mut KvCache>,
     /// Selective recomputation: the adapted projections keep their frozen products here on the
     /// first call for a micro-batch and read them back on the second, which then runs none of
     /// their base GEMMs.
-    Kept(&'a Arc<KeptProducts>),
-    /// Scoring rows of a shared trunk and branches (whole rows, fused CPU attention only).
-    Tree(&'a TreeRows),
+    pub kept: Option<&'a Arc<KeptProducts>>,
+    /// Rows of a shared trunk and branches (scoring), or of packed documents (training): which
+    /// position sees which, at which RoPE position (whole rows, fused CPU attention only).
+    pub tree: Option<&'a TreeRows>,
 }
 
 /// Rows of trunk-and-branch positions for scoring (see [`crate::ops::fused_attention::Tree`]):
@@ -272,6 +273,16 @@ pub struct TreeRows {
     pub tree: Arc<crate::ops::fused_attention::Tree>,
     /// RoPE position of every position, `[b * t]`.
     pub positions: Vec<usize>,
+}
+
+impl TreeRows {
+    /// Rows whose positions belong to `branch` (0: the shared trunk) at RoPE `positions`.
+    pub fn new(branch: Vec<u32>, positions: Vec<usize>) -> Self {
+        Self {
+            tree: Arc::new(crate::ops::fused_attention::Tree { branch }),
+            positions,
+        }
+    }
 }
 
 /// Keys and values of past positions for one block, `[b, kv_heads, t, head_dim]`.
@@ -815,12 +826,7 @@ impl Model {
         fwd: Fwd,
         state: BlockState<'_>,
     ) -> Result<Tensor> {
-        let (cache, kept, tree) = match state {
-            BlockState::None => (None, None, None),
-            BlockState::Cache(c) => (Some(c), None, None),
-            BlockState::Kept(k) => (None, Some(k), None),
-            BlockState::Tree(r) => (None, None, Some(r)),
-        };
+        let BlockState { cache, kept, tree } = state;
         let cfg = &self.cfg;
         let blk = &self.blocks[i];
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -848,7 +854,7 @@ impl Model {
             None if tree.is_some() => {
                 let rows = tree.expect("checked");
                 if !self.device.is_cpu() || fwd.composed {
-                    bail!("trunk-and-branch scoring runs on the fused CPU attention only");
+                    bail!("trunk-and-branch scoring and packing with document boundaries run on the fused CPU attention only (data.packing = \"stream\" elsewhere)");
                 }
                 let op = FusedAttention {
                     b,
@@ -935,10 +941,11 @@ impl Model {
         let (b, t) = ids.dims2()?;
         let mut x = self.embed(ids)?;
         for i in 0..self.blocks.len() {
-            let state = match (caches.as_mut(), tree) {
-                (Some(cs), _) => BlockState::Cache(&mut cs[i]),
-                (None, Some(r)) => BlockState::Tree(r),
-                (None, None) => BlockState::None,
+            let whole = caches.is_none();
+            let state = BlockState {
+                cache: caches.as_mut().map(|cs| &mut cs[i]),
+                tree: tree.filter(|_| whole),
+                kept: None,
             };
             x = self
                 .block_forward(i, &x, b, t, fwd, state)
@@ -957,9 +964,16 @@ impl Model {
         Ok(h.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)?)
     }
 
-    /// Mean next-token loss and counts over `ids [b, t]` with `targets` (flattened, IGNORE-able).
-    pub fn eval_loss(&self, ids: &Tensor, targets: &[u32], fwd: Fwd) -> Result<lm_head::HeadOutput> {
-        let h = self.hidden(ids, fwd, None)?;
+    /// Mean next-token loss and counts over `ids [b, t]` with `targets` (flattened, IGNORE-able);
+    /// with `documents`, packed documents are kept apart.
+    pub fn eval_loss(
+        &self,
+        ids: &Tensor,
+        targets: &[u32],
+        fwd: Fwd,
+        documents: Option<&TreeRows>,
+    ) -> Result<lm_head::HeadOutput> {
+        let h = self.hidden_with(ids, fwd, None, documents)?;
         self.head_loss(&h, targets, true)
     }
 

@@ -246,7 +246,11 @@ pub fn estimate(
             continue;
         }
         acc.clear();
-        let batch = Batch { ids, targets };
+        let batch = Batch {
+            ids,
+            targets,
+            documents: None,
+        };
         forward_backward(
             model,
             &batch,

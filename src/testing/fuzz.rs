@@ -205,7 +205,7 @@ pub fn data(data: &[u8]) {
     let format = formats[p[0].len() % formats.len()];
     let _ = crate::data::chat::load_chat(&[dir.join("chat")], &tok, 24, format, &Default::default());
     if let Ok(docs) = crate::data::text::load_documents(&[dir.join("text")]) {
-        let _ = crate::data::text::pack(&tok, &docs, 16);
+        let _ = crate::data::text::pack(&tok, &docs, 16, false);
     }
 }
 

@@ -401,7 +401,35 @@ pub struct DataSection {
     /// or `skip` (leave it out, count it, say the first per file).
     #[serde(default)]
     pub bad_rows: BadRows,
+    /// How raw text is packed into rows: `stream` (documents joined by EOS, every row attended
+    /// whole) or `documents` (attention stays inside each document, RoPE restarts at each, and
+    /// no target is predicted across a boundary).
+    #[serde(default)]
+    pub packing: Packing,
 }
+
+/// `data.packing`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Packing {
+    /// Documents joined by EOS, each row attended whole.
+    #[default]
+    Stream,
+    /// Block-diagonal causal attention over the documents of a row.
+    Documents,
+}
+
+impl Packing {
+    /// Parses `stream` or `documents`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "stream" => Ok(Packing::Stream),
+            "documents" => Ok(Packing::Documents),
+            o => bail!("data.packing `{o}` must be `stream` or `documents`"),
+        }
+    }
+}
+
+crate::parsed_from_str!(Packing);
 
 /// `[[data.sources]]`: one named source of the training mix.
 #[derive(Clone, Debug, Deserialize, PartialEq)]

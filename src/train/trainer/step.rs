@@ -13,6 +13,7 @@ use super::prepare::{Clock, Run, RunData};
 use super::with_oom_retry;
 use crate::data::mix;
 use crate::engine::{forward_backward_with, Batch, ExtraTerm, GradAcc, Recompute};
+use crate::model::decoder::TreeRows;
 use crate::model::{Fwd, Model};
 use crate::ops::lm_head::{chunk_rows, kl_head, IGNORE};
 use crate::retain::contrastive;
@@ -295,12 +296,13 @@ impl Objective<'_> {
         for (k, chunk) in rows.chunks(micro).enumerate() {
             let sources: Vec<&crate::data::Sequences> = self.data.sources.iter().map(|s| &s.rows).collect();
             let (ids, targets) = mix::gather(&sources, chunk, &self.model.device)?;
+            let documents = mix::documents(&sources, chunk).map(|(b, p)| TreeRows::new(b, p));
             let fwd = Fwd {
                 dropout_seed: Some(self.seed),
                 first_token: (k * micro * seq) as u64,
                 ..self.fwd
             };
-            let base_hidden = self.base_hidden(&ids, chunk)?;
+            let base_hidden = self.base_hidden(&ids, chunk, documents.as_ref())?;
             let contrastive = self.contrastive(base_hidden.as_ref(), chunk)?;
             let distill = self.distill(base_hidden.as_ref(), chunk, &targets)?;
             let hook = |h: &Tensor| -> Result<(f64, Tensor)> {
@@ -316,7 +318,11 @@ impl Objective<'_> {
             };
             let any = contrastive.is_some() || distill.is_some();
             let extra: Option<ExtraTerm<'_>> = any.then_some(&hook as ExtraTerm<'_>);
-            let batch = Batch { ids, targets };
+            let batch = Batch {
+                ids,
+                targets,
+                documents,
+            };
             let out = forward_backward_with(
                 self.model,
                 &batch,
@@ -335,7 +341,12 @@ impl Objective<'_> {
 
     /// The base model's (adapters off) final hidden states of a micro-batch, `[rows * seq,
     /// hidden]`, when a term on its general rows needs them.
-    fn base_hidden(&self, ids: &Tensor, chunk: &[(usize, usize)]) -> Result<Option<Tensor>> {
+    fn base_hidden(
+        &self,
+        ids: &Tensor,
+        chunk: &[(usize, usize)],
+        documents: Option<&TreeRows>,
+    ) -> Result<Option<Tensor>> {
         let r = self.retain;
         let general = chunk.iter().filter(|&&c| self.data.is_general(c)).count();
         let wanted = (r.contrastive_lambda > 0.0 && general >= 2) || (r.distill_lambda > 0.0 && general >= 1);
@@ -346,7 +357,10 @@ impl Objective<'_> {
             adapters: false,
             ..self.fwd
         };
-        Ok(Some(self.model.hidden(ids, base, None)?))
+        Ok(Some(match documents {
+            Some(d) => self.model.hidden_tree(ids, base, d)?,
+            None => self.model.hidden(ids, base, None)?,
+        }))
     }
 
     /// The distillation term of a micro-batch with general rows, when the recipe has one.
