@@ -258,83 +258,50 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
             && matches!(w.dtype(), DType::BF16 | DType::F32)
             && w.device().is_cpu()
             && h.dtype() != DType::F64;
-        if opt.pack.is_some() || (lean && !opt.want_dw) {
-            let scales: Option<Vec<f32>> = opt.grad_scale.map(|s| mask.iter().map(|m| m * s as f32).collect());
-            let (rows, dh) = match opt.pack {
-                Some(pack) => {
-                    if pack.fwd.n != vocab {
-                        candle_core::bail!("lm head: packed head has {} rows, weight has {vocab}", pack.fwd.n);
-                    }
-                    let dw = match (opt.want_dw && scales.is_some(), &mut dw_packed) {
-                        (false, _) => None,
-                        (true, Some(acc)) => Some((acc.as_mut_slice(), true)),
-                        (true, slot) => Some((slot.insert(vec![0f32; vocab * hidden]).as_mut_slice(), false)),
-                    };
-                    chunk_bf16(&hc, pack, &idx, scales.as_deref(), &mut buf, dw)?
+        let scales: Option<Vec<f32>> = opt.grad_scale.map(|s| mask.iter().map(|m| m * s as f32).collect());
+        let (rows, dh, dw_part) = match opt.pack {
+            Some(pack) => {
+                if pack.fwd.n != vocab {
+                    candle_core::bail!("lm head: packed head has {} rows, weight has {vocab}", pack.fwd.n);
                 }
-                None => {
-                    use super::dequant_linear::Compact;
-                    let w = w.contiguous()?;
-                    let c = match w.dtype() {
-                        DType::BF16 => Compact::Bf16(w),
-                        _ => Compact::F32(w),
-                    };
-                    chunk_lean(&hc, &c, &idx, scales.as_deref(), &mut buf)?
-                }
-            };
-            for (i, (nll, am)) in rows.into_iter().enumerate() {
-                if mask[i] > 0.0 {
-                    out.nll_sum += nll;
-                    out.count += 1;
-                    out.correct += (am == idx[i]) as usize;
-                }
-                if let Some(p) = out.per_token.as_mut() {
-                    p.push(nll as f32 * mask[i]);
-                }
+                let dw = match (opt.want_dw && scales.is_some(), &mut dw_packed) {
+                    (false, _) => None,
+                    (true, Some(acc)) => Some((acc.as_mut_slice(), true)),
+                    (true, slot) => Some((slot.insert(vec![0f32; vocab * hidden]).as_mut_slice(), false)),
+                };
+                let (rows, dh) = chunk_bf16(&hc, pack, &idx, scales.as_deref(), &mut buf, dw)?;
+                (rows, dh, None)
             }
-            if let Some(dh) = dh {
-                dh_parts.push(dh.to_dtype(h.dtype())?);
+            None if lean && !opt.want_dw => {
+                use super::dequant_linear::Compact;
+                let w = w.contiguous()?;
+                let c = match w.dtype() {
+                    DType::BF16 => Compact::Bf16(w),
+                    _ => Compact::F32(w),
+                };
+                let (rows, dh) = chunk_lean(&hc, &c, &idx, scales.as_deref(), &mut buf)?;
+                (rows, dh, None)
             }
-            start += c;
-            continue;
-        }
-        let logits = hc.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(cdt)?;
-        let m = logits.max_keepdim(D::Minus1)?;
-        let e = logits.broadcast_sub(&m)?.exp()?;
-        let s = e.sum_keepdim(D::Minus1)?;
-        let idx_t = Tensor::from_vec(idx.clone(), (c, 1), dev)?;
-        let tgt = logits.gather(&idx_t, 1)?;
-        let nll = (s.log()? + m)?
-            .sub(&tgt)?
-            .squeeze(1)?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
-        let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        for i in 0..c {
+            None => chunk_composed(&hc, w, &idx, scales.as_deref(), cdt, opt.want_dw)?,
+        };
+        for (i, (nll, am)) in rows.into_iter().enumerate() {
             if mask[i] > 0.0 {
-                out.nll_sum += nll[i];
+                out.nll_sum += nll;
                 out.count += 1;
-                out.correct += (argmax[i] == idx[i]) as usize;
+                out.correct += (am == idx[i]) as usize;
             }
             if let Some(p) = out.per_token.as_mut() {
-                p.push(nll[i] as f32 * mask[i]);
+                p.push(nll as f32 * mask[i]);
             }
         }
-        if let Some(scale) = opt.grad_scale {
-            let rows = Tensor::from_vec(mask.iter().map(|m| m * scale as f32).collect::<Vec<_>>(), (c, 1), dev)?
-                .to_dtype(cdt)?;
-            let onehot =
-                Tensor::zeros((c, vocab), cdt, dev)?.scatter_add(&idx_t, &Tensor::ones((c, 1), cdt, dev)?, 1)?;
-            let g = e.broadcast_div(&s)?.sub(&onehot)?.broadcast_mul(&rows)?;
-            let gw = g.to_dtype(w.dtype())?;
-            dh_parts.push(gw.matmul(w)?.to_dtype(h.dtype())?);
-            if opt.want_dw {
-                let part = gw.t()?.matmul(&hc.to_dtype(w.dtype())?)?;
-                dw = Some(match dw {
-                    None => part,
-                    Some(acc) => (acc + part)?,
-                });
-            }
+        if let Some(dh) = dh {
+            dh_parts.push(dh.to_dtype(h.dtype())?);
+        }
+        if let Some(part) = dw_part {
+            dw = Some(match dw {
+                None => part,
+                Some(acc) => (acc + part)?,
+            });
         }
         start += c;
     }
@@ -346,6 +313,53 @@ pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &[u32], opt: HeadOptions) -
         out.dw = dw;
     }
     Ok(out)
+}
+
+/// Each row's (NLL, arg-max), dh, and this chunk's part of dW.
+type ComposedChunk = (Vec<(f64, u32)>, Option<Tensor>, Option<Tensor>);
+
+/// One chunk through candle ops on materialised logits (any dtype and device; f64 for gradient
+/// tests; a trained head's dW where it is not packed): each row's (NLL, arg-max), and with
+/// `scales` (per-row gradient scales) dh and, when `want_dw`, this chunk's part of dW.
+fn chunk_composed(
+    hc: &Tensor,
+    w: &Tensor,
+    idx: &[u32],
+    scales: Option<&[f32]>,
+    cdt: DType,
+    want_dw: bool,
+) -> Result<ComposedChunk> {
+    let (c, vocab) = (hc.dim(0)?, w.dim(0)?);
+    let dev = hc.device();
+    let logits = hc.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(cdt)?;
+    let m = logits.max_keepdim(D::Minus1)?;
+    let e = logits.broadcast_sub(&m)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    let idx_t = Tensor::from_vec(idx.to_vec(), (c, 1), dev)?;
+    let tgt = logits.gather(&idx_t, 1)?;
+    let nll = (s.log()? + m)?
+        .sub(&tgt)?
+        .squeeze(1)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let rows = nll.into_iter().zip(argmax).collect();
+    let Some(scales) = scales else {
+        return Ok((rows, None, None));
+    };
+    let r = Tensor::from_vec(scales.to_vec(), (c, 1), dev)?.to_dtype(cdt)?;
+    let onehot = Tensor::zeros((c, vocab), cdt, dev)?.scatter_add(&idx_t, &Tensor::ones((c, 1), cdt, dev)?, 1)?;
+    let gw = e
+        .broadcast_div(&s)?
+        .sub(&onehot)?
+        .broadcast_mul(&r)?
+        .to_dtype(w.dtype())?;
+    let dh = gw.matmul(w)?;
+    let dw = match want_dw {
+        true => Some(gw.t()?.matmul(&hc.to_dtype(w.dtype())?)?),
+        false => None,
+    };
+    Ok((rows, Some(dh), dw))
 }
 
 /// A frozen head as the two products the distillation term needs: logits `x W^T` and the input
