@@ -143,6 +143,32 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
     );
     assert_eq!((lr("plain-lora")?, lr("lora-lr-3e-2")?), (2e-2, 3e-2));
     std::fs::write(dir.join("lora.toml"), lora)?;
+    // --finished-only runs nothing: the runs whose recipe changed since are listed as not
+    // finished, the others reported as kept.
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "experiment",
+            &dir.join("exp.toml").display().to_string(),
+            "--quick",
+            "--finished-only",
+        ])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("LoRA + EWC (3 steps): kept") && !err.contains("plain LoRA (3 steps)\n"),
+        "{err}"
+    );
+    let partial = std::fs::read_to_string(q.join("table.md"))?;
+    assert!(
+        partial.contains("| plain LoRA | not finished yet |") && partial.contains("| LoRA + EWC |"),
+        "{partial}"
+    );
+    assert_eq!(
+        (lr("plain-lora")?, lr("lora-lr-3e-2")?),
+        (2e-2, 3e-2),
+        "nothing was rerun"
+    );
     // A broken run is reported, not hidden, and the others still finish.
     std::fs::write(dir.join("lora.toml"), recipe("").replace("dom.txt", "nothing.txt"))?;
     let out = Command::new(env!("CARGO_BIN_EXE_strata"))

@@ -31,6 +31,21 @@ pub struct Args {
     /// unchanged, and do only the rest. The training data files are trusted to be unchanged.
     #[arg(long)]
     pub reuse: bool,
+    /// Run nothing: report what earlier sittings finished (as `--reuse` would keep it) and
+    /// list the runs not finished yet. For reading a long experiment between sittings.
+    #[arg(long)]
+    pub finished_only: bool,
+}
+
+/// What the steps of this sitting may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sitting {
+    /// Run every step.
+    Fresh,
+    /// Keep what an earlier sitting finished; run the rest.
+    Reuse,
+    /// Keep what an earlier sitting finished; run nothing.
+    FinishedOnly,
 }
 
 /// An experiment file.
@@ -168,11 +183,18 @@ pub struct Prepare {
 }
 
 /// Makes every `[[prepare]]` file that is missing, with the experiment's model.
-fn prepare_files(ex: &Experiment, model: &Path) -> Result<()> {
+fn prepare_files(ex: &Experiment, model: &Path, sitting: Sitting) -> Result<()> {
     for p in &ex.prepares {
         if p.out.exists() {
             eprintln!("experiment: {} present: {}", p.name, p.out.display());
             continue;
+        }
+        if sitting == Sitting::FinishedOnly {
+            bail!(
+                "{} ({}) was never made: nothing of this experiment is finished",
+                p.name,
+                p.out.display()
+            );
         }
         if let Some(dir) = p.out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -276,8 +298,8 @@ fn stamp(args: &[String], outputs: &[&Path]) -> Value {
 
 /// The seconds an earlier sitting took over a step, when `--reuse` may keep it: its stamp
 /// file holds `stamp` and its outputs exist.
-fn reusable(reuse: bool, stamp_file: &Path, stamp: &Value, outputs: &[&Path]) -> Option<f64> {
-    if !reuse || !outputs.iter().all(|p| p.exists()) {
+fn reusable(sitting: Sitting, stamp_file: &Path, stamp: &Value, outputs: &[&Path]) -> Option<f64> {
+    if sitting == Sitting::Fresh || !outputs.iter().all(|p| p.exists()) {
         return None;
     }
     let kept: Value = serde_json::from_str(&std::fs::read_to_string(stamp_file).ok()?).ok()?;
@@ -287,7 +309,7 @@ fn reusable(reuse: bool, stamp_file: &Path, stamp: &Value, outputs: &[&Path]) ->
 /// Runs `strata ARGS` for a step unless `--reuse` keeps it, returning the seconds the step
 /// took (in this sitting or the one that made it).
 fn step(
-    reuse: bool,
+    sitting: Sitting,
     what: &str,
     stamp_file: &Path,
     args: &[Vec<String>],
@@ -295,9 +317,12 @@ fn step(
     outputs: &[&Path],
 ) -> Result<f64> {
     let st = stamp(&args.concat(), outputs);
-    if let Some(secs) = reusable(reuse, stamp_file, &st, outputs) {
+    if let Some(secs) = reusable(sitting, stamp_file, &st, outputs) {
         eprintln!("experiment: {what}: kept from an earlier sitting");
         return Ok(secs);
+    }
+    if sitting == Sitting::FinishedOnly {
+        bail!("not finished in an earlier sitting (--finished-only runs nothing)");
     }
     eprintln!("experiment: {what}");
     let _ = std::fs::remove_file(stamp_file);
@@ -424,7 +449,7 @@ struct Sets {
 
 /// Copies the first items of every set into `out`, and has the base model answer the chat
 /// prompts (once; kept for every run).
-fn prepare_sets(ex: &Experiment, out: &Path, model: &Path, reuse: bool) -> Result<Sets> {
+fn prepare_sets(ex: &Experiment, out: &Path, model: &Path, sitting: Sitting) -> Result<Sets> {
     let mut mc = Vec::new();
     for (files, role) in [(&ex.eval.general_mc, "general"), (&ex.eval.domain_mc, "domain")] {
         for (k, f) in files.list().iter().enumerate() {
@@ -451,7 +476,7 @@ fn prepare_sets(ex: &Experiment, out: &Path, model: &Path, reuse: bool) -> Resul
             ex.eval.chat_tokens.to_string(),
         ];
         seconds += step(
-            reuse,
+            sitting,
             "the base model answers the chat prompts",
             &out.join("chat/base_answers.stamp.json"),
             &[args],
@@ -547,7 +572,7 @@ fn one_run(
     entry: &RunEntry,
     recipe: &Recipe,
     model: &Path,
-    reuse: bool,
+    sitting: Sitting,
 ) -> Result<Row> {
     let out = &ex.out;
     let dir = out.join(slug(&entry.name));
@@ -592,7 +617,7 @@ fn one_run(
         .collect();
     let log = |what: &str| out.join(format!("{}.{what}.log", slug(&entry.name)));
     let seconds = step(
-        reuse,
+        sitting,
         &format!("{} ({steps} steps)", entry.name),
         &dir.join("experiment-stamp.json"),
         &[Some(train_args), Some(eval_args), gen_args.clone()]
@@ -634,6 +659,12 @@ fn one_run(
 /// Runs `strata experiment`.
 pub fn run(a: Args) -> Result<()> {
     let mut ex = Experiment::load(&a.experiment)?;
+    let sitting = match (a.finished_only, a.reuse) {
+        (true, _) => Sitting::FinishedOnly,
+        (false, true) => Sitting::Reuse,
+        (false, false) => Sitting::Fresh,
+    };
+
     if a.quick {
         let q = ex
             .quick
@@ -678,11 +709,11 @@ pub fn run(a: Args) -> Result<()> {
         ex.tokens,
         out.display()
     );
-    prepare_files(&ex, &model)?;
+    prepare_files(&ex, &model, sitting)?;
     // Steps an earlier sitting made count with the time they took then, so the total is the
     // experiment's, however many sittings it took.
     let prepare_secs = start.elapsed().as_secs_f64();
-    let sets = prepare_sets(&ex, &out, &model, a.reuse)?;
+    let sets = prepare_sets(&ex, &out, &model, sitting)?;
     let base_json = out.join("base.json");
     let mut args = vec![
         "eval".into(),
@@ -693,7 +724,7 @@ pub fn run(a: Args) -> Result<()> {
     ];
     args.extend(sets.eval_args(&ex));
     let base_secs = step(
-        a.reuse,
+        sitting,
         "evaluating the base model",
         &out.join("base.stamp.json"),
         &[args],
@@ -705,11 +736,15 @@ pub fn run(a: Args) -> Result<()> {
     let mut rows = Vec::new();
     let mut failed = Vec::new();
     for (entry, recipe) in ex.runs.iter().zip(&recipes) {
-        match one_run(&ex, &sets, &base, entry, recipe, &model, a.reuse) {
+        match one_run(&ex, &sets, &base, entry, recipe, &model, sitting) {
             Ok(row) => rows.push(row),
+            Err(_) if sitting == Sitting::FinishedOnly => {
+                eprintln!("experiment: run `{}` is not finished yet", entry.name);
+                failed.push((entry.name.clone(), "not finished yet".to_string()));
+            }
             Err(e) => {
                 eprintln!("experiment: run `{}` failed: {e:#}", entry.name);
-                failed.push((entry.name.clone(), format!("{e:#}")));
+                failed.push((entry.name.clone(), format!("failed: {e:#}")));
             }
         }
     }
@@ -745,7 +780,7 @@ pub fn run(a: Args) -> Result<()> {
         out.join("results.json").display(),
         out.join("report.html").display()
     );
-    if !failed.is_empty() {
+    if !failed.is_empty() && sitting != Sitting::FinishedOnly {
         bail!("{} of {} runs failed (see the table)", failed.len(), ex.runs.len());
     }
     Ok(())
@@ -825,7 +860,7 @@ fn table(
         s += "\n";
     }
     for (n, e) in failed {
-        s += &format!("| {n} | failed: {} |\n", e.lines().next().unwrap_or(""));
+        s += &format!("| {n} | {} |\n", e.lines().next().unwrap_or(""));
     }
     // Perplexities: held-out domain and general text, and chat retention.
     let mut t = String::from("\n| run |");
