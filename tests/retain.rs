@@ -36,7 +36,14 @@ fn brute_force(model: &Model, seqs: &Sequences, name: &str, est: Estimator) -> R
     let mut acc: Option<Tensor> = None;
     for r in 0..seqs.len() {
         let ids = Tensor::from_vec(seqs.inputs[r].clone(), (1, seqs.seq_len), &Device::Cpu)?;
-        let labels = fisher::labels(model, &ids, &seqs.targets[r], est, strata::rng::mix(&[3, r as u64]))?;
+        let labels = fisher::labels(
+            model,
+            &ids,
+            &seqs.targets[r],
+            None,
+            est,
+            strata::rng::mix(&[3, r as u64]),
+        )?;
         let fwd = Fwd {
             graph: true,
             composed: true,
@@ -90,10 +97,10 @@ fn fisher_equals_a_brute_force_per_example_computation() -> Result<()> {
     }
     // Sampled labels come from the model, not the data, and are reproducible.
     let ids = Tensor::from_vec(seqs.inputs[0].clone(), (1, 6), &Device::Cpu)?;
-    let a = fisher::labels(&model, &ids, &seqs.targets[0], Estimator::Sampled, 9)?;
+    let a = fisher::labels(&model, &ids, &seqs.targets[0], None, Estimator::Sampled, 9)?;
     assert_eq!(
         a,
-        fisher::labels(&model, &ids, &seqs.targets[0], Estimator::Sampled, 9)?
+        fisher::labels(&model, &ids, &seqs.targets[0], None, Estimator::Sampled, 9)?
     );
     assert_eq!(a[0], IGNORE);
     Ok(())

@@ -959,7 +959,11 @@ impl Model {
 
     /// Logits `[b * t, vocab]` (materialised: for generation and tests, not training).
     pub fn logits(&self, ids: &Tensor, fwd: Fwd, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
-        let h = self.hidden(ids, fwd, caches)?;
+        self.head_logits(&self.hidden(ids, fwd, caches)?)
+    }
+
+    /// Logits of final hidden states `h [n, hidden]`, f32.
+    pub fn head_logits(&self, h: &Tensor) -> Result<Tensor> {
         let w = self.head_weight();
         Ok(h.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)?)
     }

@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 use crate::data::Sequences;
 use crate::engine::step::{forward_backward, Batch, GradAcc, Recompute};
+use crate::model::decoder::TreeRows;
 use crate::model::hf::save_safetensors;
 use crate::model::{Fwd, Model};
 use crate::ops::lm_head::IGNORE;
@@ -193,11 +194,22 @@ fn sample_label(row: &[f32], rng: &mut Rng) -> u32 {
 
 /// The labels an estimator uses for one row: the data's, or draws from the model's predictions
 /// at the positions that have a data label (seeded by `seed`).
-pub fn labels(model: &Model, ids: &Tensor, targets: &[u32], est: Estimator, seed: u64) -> Result<Vec<u32>> {
+pub fn labels(
+    model: &Model,
+    ids: &Tensor,
+    targets: &[u32],
+    documents: Option<&TreeRows>,
+    est: Estimator,
+    seed: u64,
+) -> Result<Vec<u32>> {
     match est {
         Estimator::Empirical => Ok(targets.to_vec()),
         Estimator::Sampled => {
-            let logits = model.logits(ids, Fwd::eval(), None)?.to_vec2::<f32>()?;
+            let h = match documents {
+                Some(d) => model.hidden_tree(ids, Fwd::eval(), d)?,
+                None => model.hidden(ids, Fwd::eval(), None)?,
+            };
+            let logits = model.head_logits(&h)?.to_vec2::<f32>()?;
             let mut rng = Rng::new(seed);
             Ok(targets
                 .iter()
@@ -240,7 +252,16 @@ pub fn estimate(
     let mut used = 0usize;
     for r in 0..seqs.len() {
         let ids = Tensor::from_vec(seqs.inputs[r].clone(), (1, seqs.seq_len), &model.device)?;
-        let targets = labels(model, &ids, &seqs.targets[r], est, mix(&[seed, r as u64]))?;
+        // Packed documents stay apart here as in training.
+        let documents = crate::data::mix::documents(&[seqs], &[(0, r)]).map(|(b, p)| TreeRows::new(b, p));
+        let targets = labels(
+            model,
+            &ids,
+            &seqs.targets[r],
+            documents.as_ref(),
+            est,
+            mix(&[seed, r as u64]),
+        )?;
         let count = targets.iter().filter(|&&t| t != IGNORE).count();
         if count == 0 {
             continue;
@@ -249,7 +270,7 @@ pub fn estimate(
         let batch = Batch {
             ids,
             targets,
-            documents: None,
+            documents,
         };
         forward_backward(
             model,
