@@ -71,6 +71,8 @@ impl Policy {
     /// A one-line description for tables.
     pub fn label(&self, cfg: &ModelConfig) -> String {
         match self.name {
+            // As `train.precision = "auto"` runs it here: bf16 copies where the CPU has AVX512-BF16.
+            "full" if crate::ops::bf16_gemm::available() => "full fine-tuning (bf16 mixed, AdamW)".into(),
             "full" => "full fine-tuning (f32, AdamW)".into(),
             "lora" => "LoRA r=16, bf16 base".into(),
             "qlora" => "QLoRA r=16, NF4 + double quant".into(),
