@@ -292,14 +292,6 @@ impl RunData {
             load_sequences(recipe, tok, &d.eval)?
         };
         held.subsample(t.eval_rows);
-        if let Some(s) = sources.iter().find(|s| s.rows.seq_len != sources[0].rows.seq_len) {
-            bail!(
-                "data source `{}` packs rows of {} tokens, the first source of {}",
-                s.name,
-                s.rows.seq_len,
-                sources[0].rows.seq_len
-            );
-        }
         let mut held_general = match d.general_eval.is_empty() {
             true => None,
             false => Some(load_sequences(recipe, tok, &d.general_eval)?),
