@@ -39,7 +39,8 @@ pub fn write(model: &Model, out: &Path, dtype: &str) -> Result<()> {
     let cfg = &model.cfg;
     let mut tensors = Vec::new();
     for (module, l) in model.loras() {
-        let base = hf_to_gguf(&format!("{module}.weight")).with_context(|| format!("no GGUF name for `{module}`"))?;
+        let base =
+            hf_to_gguf(&format!("{module}.weight"), &[]).with_context(|| format!("no GGUF name for `{module}`"))?;
         let mut b = (l.b.as_tensor() * l.scale)?;
         if let Some(n) = permuted_heads(cfg.arch, cfg.num_heads, cfg.num_kv_heads, &base) {
             b = permute_rows(&b, n, true)?;

@@ -115,11 +115,18 @@ pub fn hf_weights(model: &Model, merge: bool) -> Vec<HfWeight<'_>> {
             make: Box::new(move || Ok(t.to_dtype(DType::F32)?)),
         }
     }
+    // The model holds the factor a norm multiplies by; Hugging Face's Gemma stores it less 1.
+    fn norm(name: String, t: &Tensor, offset: f64) -> HfWeight<'_> {
+        HfWeight {
+            make: Box::new(move || Ok(t.to_dtype(DType::F32)?.affine(1.0, -offset)?)),
+            ..plain(name, t)
+        }
+    }
     let mut out = vec![plain(BaseTensor::Embed.hf(0), model.embed.t())];
     for b in &model.blocks {
         let i = b.index;
         for (kind, p) in b.norms() {
-            out.push(plain(kind.hf(i), p.t()));
+            out.push(norm(kind.hf(i), p.t(), model.cfg.arch.norm_offset()));
         }
         for (m, p) in b.proj.iter() {
             let name = m.path(i);
@@ -146,7 +153,11 @@ pub fn hf_weights(model: &Model, merge: bool) -> Vec<HfWeight<'_>> {
             }
         }
     }
-    out.push(plain(BaseTensor::Norm.hf(0), model.norm.t()));
+    out.push(norm(
+        BaseTensor::Norm.hf(0),
+        model.norm.t(),
+        model.cfg.arch.norm_offset(),
+    ));
     if let Some(h) = &model.head {
         out.push(plain(BaseTensor::Head.hf(0), h.t()));
     }
@@ -337,7 +348,7 @@ pub fn write_gguf_file(model: &Model, source: &Path, out: &Path, merge: bool, dt
     for name in content
         .tensor_infos
         .keys()
-        .filter(|n| !crate::model::gguf::is_modelled(n))
+        .filter(|n| !crate::model::gguf::is_modelled(model.cfg.arch, n))
     {
         extra.push((name.clone(), content.tensor(&mut f, name, &candle_core::Device::Cpu)?));
     }

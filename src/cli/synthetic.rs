@@ -32,8 +32,11 @@ impl WeightSource for MemSource {
     }
 }
 
-/// A tiny config of the given family (4 query heads over 2 KV heads, so GQA is exercised).
+/// A tiny config of the given family (4 query heads over 2 KV heads, so GQA is exercised);
+/// Gemma 3's with a window of 8 on its (windowed) layers and their local RoPE base, as
+/// llama.cpp runs a Gemma 3 GGUF.
 pub fn tiny_config(arch: Arch, vocab: usize, tied: bool) -> ModelConfig {
+    let gemma = arch == Arch::Gemma3;
     ModelConfig {
         arch,
         hidden_size: 32,
@@ -45,7 +48,10 @@ pub fn tiny_config(arch: Arch, vocab: usize, tied: bool) -> ModelConfig {
         vocab_size: vocab,
         rope_theta: 10_000.0,
         rope_scaling: crate::model::config::RopeScaling::None,
-        sliding_window: None,
+        sliding_window: gemma.then_some(8),
+        window_layers: None,
+        rope_local_theta: gemma.then_some(10_000.0),
+        query_pre_attn_scalar: gemma.then_some(8.0),
         // Exactly representable in f32, as GGUF stores it.
         rms_norm_eps: 1e-5f32 as f64,
         tie_word_embeddings: tied,
@@ -105,8 +111,9 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> MemSource {
     let h = cfg.hidden_size;
     m.insert(BaseTensor::Embed.hf(0), rand(&[cfg.vocab_size, h], 0.0, 0.5));
     for i in 0..cfg.num_layers {
+        // Norm factors near 1 (Gemma's weight w is the factor less 1).
         for (kind, width) in cfg.arch.layer_norms(cfg.head_dim, h) {
-            m.insert(kind.hf(i), rand(&[width], 1.0, 0.1));
+            m.insert(kind.hf(i), rand(&[width], 1.0 - cfg.arch.norm_offset(), 0.1));
         }
         for md in Proj::ALL {
             let (o, inp) = cfg.linear_shape(md);
@@ -117,7 +124,7 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> MemSource {
             }
         }
     }
-    m.insert(BaseTensor::Norm.hf(0), rand(&[h], 1.0, 0.1));
+    m.insert(BaseTensor::Norm.hf(0), rand(&[h], 1.0 - cfg.arch.norm_offset(), 0.1));
     if !cfg.tie_word_embeddings {
         m.insert(BaseTensor::Head.hf(0), rand(&[cfg.vocab_size, h], 0.0, 0.2));
     }

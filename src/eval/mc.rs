@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use crate::model::decoder::TreeRows;
 use crate::model::tokenizer::Tok;
 use crate::model::{Fwd, Model};
-use crate::ops::fused_attention::Tree;
 
 use crate::data::mc::McItem;
 
@@ -157,10 +156,7 @@ fn score_rows(model: &Model, rows: &[Row], slots: usize, pad: u32, tree: bool, f
         }
         let ids = Tensor::from_vec(ids, (end - at, len), &model.device)?;
         let h = if tree {
-            let rows = TreeRows {
-                tree: std::sync::Arc::new(Tree { branch }),
-                positions,
-            };
+            let rows = TreeRows::new(branch, positions);
             model.hidden_tree(&ids, fwd, &rows)?
         } else {
             model.hidden(&ids, fwd, None)?

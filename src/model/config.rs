@@ -6,7 +6,8 @@ use serde_json::{json, Value};
 use std::path::Path;
 
 /// The decoder families strata implements (one decoder; Qwen2 adds q/k/v biases, Qwen3
-/// per-head RMSNorms of queries and keys).
+/// per-head RMSNorms of queries and keys, Gemma 3 those norms, norms after attention and MLP,
+/// a scaled embedding, (1 + w) norm weights and a GELU-gated MLP).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
     /// Llama 2/3, Mistral, SmolLM2.
@@ -15,15 +16,26 @@ pub enum Arch {
     Qwen2,
     /// Qwen3 (dense).
     Qwen3,
+    /// Gemma 3 (text).
+    Gemma3,
 }
 
 impl Arch {
-    /// The `model_type` used in Hugging Face configs (and GGUF's `general.architecture`).
+    /// The `model_type` used in Hugging Face configs.
     pub fn model_type(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3_text",
+        }
+    }
+
+    /// GGUF's `general.architecture` (and its metadata key prefix).
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Arch::Gemma3 => "gemma3",
+            other => other.model_type(),
         }
     }
 
@@ -33,6 +45,7 @@ impl Arch {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
@@ -43,12 +56,51 @@ impl Arch {
 
     /// Whether queries and keys pass a per-head RMSNorm before RoPE.
     pub fn qk_norm(self) -> bool {
-        self == Arch::Qwen3
+        matches!(self, Arch::Qwen3 | Arch::Gemma3)
+    }
+
+    /// Gemma's block: norms after attention and after the MLP too, before each residual add.
+    pub fn sandwich_norms(self) -> bool {
+        self == Arch::Gemma3
+    }
+
+    /// Gemma's MLP: `down(gelu_tanh(gate) * up)` instead of SwiGLU.
+    pub fn gelu_mlp(self) -> bool {
+        self == Arch::Gemma3
+    }
+
+    /// Gemma's embedding: token vectors multiplied by `sqrt(hidden)` (the tied head is not).
+    pub fn embed_scaled(self) -> bool {
+        self == Arch::Gemma3
+    }
+
+    /// What a Hugging Face norm weight is offset by to give the factor the norm multiplies by:
+    /// Gemma's RMSNorm multiplies by `1 + w` (llama.cpp's GGUF stores `1 + w` already).
+    pub fn norm_offset(self) -> f64 {
+        if self == Arch::Gemma3 {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    /// The kinds of this family's per-layer norms, in [`Arch::layer_norms`]'s order.
+    pub fn norm_kinds(self) -> Vec<BaseTensor> {
+        self.layer_norms(0, 0).into_iter().map(|(k, _)| k).collect()
     }
 
     /// The per-layer norms of this family, each with its width given the head and hidden sizes.
     pub fn layer_norms(self, head_dim: usize, hidden: usize) -> Vec<(BaseTensor, usize)> {
-        let mut v = vec![(BaseTensor::AttnNorm, hidden), (BaseTensor::MlpNorm, hidden)];
+        let mut v = if self.sandwich_norms() {
+            vec![
+                (BaseTensor::AttnNorm, hidden),
+                (BaseTensor::PostAttnNorm, hidden),
+                (BaseTensor::PreMlpNorm, hidden),
+                (BaseTensor::PostMlpNorm, hidden),
+            ]
+        } else {
+            vec![(BaseTensor::AttnNorm, hidden), (BaseTensor::MlpNorm, hidden)]
+        };
         if self.qk_norm() {
             v.extend([(BaseTensor::QNorm, head_dim), (BaseTensor::KNorm, head_dim)]);
         }
@@ -347,12 +399,28 @@ impl RopeScaling {
 fn check_math_fields(v: &Value, arch: Arch, file: &Path) -> Result<()> {
     let f = file.display();
     let field = |k: &str| v.get(k).filter(|x| !x.is_null());
+    // Gemma's MLP is GELU-gated with the tanh approximation; the others are SwiGLU.
+    let (want, mlp) = match arch {
+        Arch::Gemma3 => (&["gelu_pytorch_tanh", "gelu_tanh"][..], "GELU-gated (tanh)"),
+        _ => (&["silu"][..], "SwiGLU (silu)"),
+    };
     for k in ["hidden_act", "hidden_activation"] {
         if let Some(a) = field(k) {
-            if a.as_str() != Some("silu") {
-                bail!("{f}: `{k}` is {a}; strata's MLP is SwiGLU (silu) and does not run other activations");
+            if !a.as_str().is_some_and(|a| want.contains(&a)) {
+                bail!(
+                    "{f}: `{k}` is {a}; strata's {} MLP is {mlp} and does not run other activations",
+                    arch.model_type()
+                );
             }
         }
+    }
+    for k in ["attn_logit_softcapping", "final_logit_softcapping"] {
+        if let Some(c) = field(k) {
+            bail!("{f}: `{k}` is {c}; strata does not soft-cap logits (Gemma 2's form); refusing rather than running without it");
+        }
+    }
+    if let Some(b) = field("use_bidirectional_attention").filter(|b| b.as_bool() != Some(false)) {
+        bail!("{f}: `use_bidirectional_attention` is {b}; strata runs causal decoders only");
     }
     // Qwen2's q/k/v biases are fixed by the family (its config has no switch).
     if arch != Arch::Qwen2 {
@@ -373,29 +441,114 @@ fn check_math_fields(v: &Value, arch: Arch, file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The attention window a config puts in force: Qwen's configs carry a window that only
-/// `use_sliding_window` switches on; Mistral's applies whenever it is set.
-fn sliding_window(v: &Value, arch: Arch, file: &Path) -> Result<Option<usize>> {
-    // transformers 5 also lists each layer's kind; any windowed layer puts the window in force.
-    let listed = v
-        .get("layer_types")
-        .and_then(|l| l.as_array())
-        .is_some_and(|l| l.iter().any(|t| t.as_str() == Some("sliding_attention")));
-    let on = listed
-        || match arch {
+/// The attention window a config puts in force and the layers it applies to (`None`: all):
+/// Qwen's configs carry a window that only `use_sliding_window` switches on; Mistral's applies
+/// whenever it is set; Gemma 3's to five layers of every six (`sliding_window_pattern`), and
+/// transformers 5 lists each layer's kind in `layer_types`.
+fn sliding_window(v: &Value, arch: Arch, layers: usize, file: &Path) -> Result<(Option<usize>, Option<Vec<bool>>)> {
+    let f = file.display();
+    let listed = match v.get("layer_types").filter(|l| !l.is_null()) {
+        None => None,
+        Some(l) => {
+            let kinds = l
+                .as_array()
+                .with_context(|| format!("{f}: `layer_types` must be a list"))?;
+            if kinds.len() != layers {
+                bail!("{f}: `layer_types` lists {} layers for {layers}", kinds.len());
+            }
+            let windowed = kinds
+                .iter()
+                .map(|k| match k.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => {
+                        bail!("{f}: `layer_types` entry {k} is not one strata runs (sliding_attention, full_attention)")
+                    }
+                })
+                .collect::<Result<Vec<bool>>>()?;
+            Some(windowed)
+        }
+    };
+    let layers_windowed = match (&listed, arch) {
+        (Some(l), _) => Some(l.clone()),
+        (None, Arch::Gemma3) => {
+            let every =
+                match v
+                    .get("sliding_window_pattern")
+                    .or_else(|| v.get("_sliding_window_pattern"))
+                {
+                    None | Some(Value::Null) => 6,
+                    Some(x) => x.as_u64().filter(|&n| n > 0).with_context(|| {
+                        format!("{f}: `sliding_window_pattern` must be a positive integer, found {x}")
+                    })? as usize,
+                };
+            Some((0..layers).map(|i| (i + 1) % every != 0).collect())
+        }
+        // transformers' Qwen2/Qwen3: the window from layer `max_window_layers` up.
+        (None, Arch::Qwen2 | Arch::Qwen3) => {
+            let on = v.get("use_sliding_window").and_then(|x| x.as_bool()).unwrap_or(false);
+            match v.get("max_window_layers").and_then(|x| x.as_u64()) {
+                Some(first) => Some((0..layers).map(|i| on && i as u64 >= first).collect()),
+                None => None,
+            }
+        }
+        (None, _) => None,
+    };
+    let on = match &layers_windowed {
+        Some(l) => l.iter().any(|&w| w),
+        None => match arch {
             Arch::Qwen2 | Arch::Qwen3 => v.get("use_sliding_window").and_then(|x| x.as_bool()).unwrap_or(false),
-            Arch::Llama => true,
-        };
-    match v.get("sliding_window").filter(|x| !x.is_null() && on) {
-        None => Ok(None),
-        Some(w) => match w.as_u64().filter(|&w| w > 0) {
-            Some(w) => Ok(Some(w as usize)),
-            None => bail!(
-                "{}: `sliding_window` must be a positive integer, found {w}",
-                file.display()
-            ),
+            Arch::Llama | Arch::Gemma3 => true,
         },
+    };
+    let window = match v.get("sliding_window").filter(|x| !x.is_null() && on) {
+        None => None,
+        Some(w) => match w.as_u64().filter(|&w| w > 0 && w < 1 << 32) {
+            Some(w) => Some(w as usize),
+            None => bail!("{f}: `sliding_window` must be a positive integer, found {w}"),
+        },
+    };
+    // Every layer windowed is Mistral's form, said without a list.
+    let layers_windowed = layers_windowed.filter(|l| window.is_some() && !l.iter().all(|&w| w));
+    Ok((window, layers_windowed))
+}
+
+/// RoPE as a config states it: the base, its scaling, and Gemma 3's separate base for its
+/// windowed layers (`rope_local_base_freq`, or transformers 5's `rope_parameters` keyed by layer
+/// kind), whose RoPE is never scaled.
+fn hf_rope(v: &Value, arch: Arch, max_position: usize, file: &Path) -> Result<(f64, RopeScaling, Option<f64>)> {
+    let params = v.get("rope_parameters").filter(|p| !p.is_null());
+    if let Some(by_kind) = params.filter(|p| p.get("full_attention").is_some()) {
+        let f = file.display();
+        if let Some(k) = by_kind.as_object().and_then(|o| {
+            o.keys()
+                .find(|k| !matches!(k.as_str(), "full_attention" | "sliding_attention"))
+        }) {
+            bail!("{f}: `rope_parameters.{k}` is not a layer kind strata runs (full_attention, sliding_attention)");
+        }
+        let full = &by_kind["full_attention"];
+        let theta = opt_f64(full, &["rope_theta"], file)?.unwrap_or(10_000.0);
+        let scaling = RopeScaling::from_hf(Some(full), max_position, file)?;
+        let local = match by_kind.get("sliding_attention").filter(|x| !x.is_null()) {
+            None => None,
+            Some(sl) => {
+                if RopeScaling::from_hf(Some(sl), max_position, file)? != RopeScaling::None {
+                    bail!("{f}: `rope_parameters.sliding_attention` scales RoPE; strata runs windowed layers with the default RoPE only");
+                }
+                Some(opt_f64(sl, &["rope_theta"], file)?.unwrap_or(10_000.0))
+            }
+        };
+        return Ok((theta, scaling, local));
     }
+    let default_theta = if arch == Arch::Gemma3 { 1e6 } else { 10_000.0 };
+    // transformers 5 writes the theta inside `rope_parameters`, beside the scaling.
+    let theta = opt_f64(v, &["rope_theta", "rope_parameters.rope_theta"], file)?.unwrap_or(default_theta);
+    let scaling = RopeScaling::from_hf(v.get("rope_scaling").or(params), max_position, file)?;
+    let local = match arch {
+        Arch::Gemma3 => Some(opt_f64(v, &["rope_local_base_freq"], file)?.unwrap_or(10_000.0)),
+        _ => None,
+    };
+    Ok((theta, scaling, local))
 }
 
 /// Refuses a `partial_rotary_factor` other than 1: strata rotates every dimension of a head.
@@ -440,9 +593,16 @@ pub struct ModelConfig {
     /// Longest sequence the position tables cover.
     pub max_position_embeddings: usize,
     /// Mistral-style attention window: each position sees at most this many (itself included).
-    /// strata attends to every earlier position, which is the same thing for sequences no
-    /// longer than the window, so [`ModelConfig::context`] stops there.
     pub sliding_window: Option<usize>,
+    /// Which layers attend within the window (`None`: every layer, Mistral's form); Gemma 3
+    /// interleaves windowed (local) layers with global ones.
+    pub window_layers: Option<Vec<bool>>,
+    /// RoPE base of the windowed layers when it is not `rope_theta` (Gemma 3's local base);
+    /// those layers' RoPE is unscaled.
+    pub rope_local_theta: Option<f64>,
+    /// Gemma's `query_pre_attn_scalar`: attention scores are scaled by its inverse square root
+    /// (`None`: the head size's).
+    pub query_pre_attn_scalar: Option<f64>,
     /// Beginning-of-sequence token, if the model has one.
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token, if the model has one.
@@ -509,9 +669,14 @@ impl ModelConfig {
             "llama" | "mistral" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
+            "gemma3_text" => Arch::Gemma3,
             "" => bail!("{}: missing field `model_type`", file.display()),
+            "gemma3" => bail!(
+                "{}: model_type `gemma3` is Gemma 3's image-and-text model; strata runs its text model (`gemma3_text`, Gemma3ForCausalLM, as Gemma 3 270M and 1B ship, or a GGUF of the text weights)",
+                file.display()
+            ),
             other => bail!(
-                "{}: model_type `{other}` is not supported; strata runs llama, mistral, qwen2 and qwen3",
+                "{}: model_type `{other}` is not supported; strata runs llama, mistral, qwen2, qwen3 and gemma3_text",
                 file.display()
             ),
         };
@@ -532,27 +697,38 @@ impl ModelConfig {
             .map(|x| x as usize)
             .unwrap_or(4096);
         check_full_rotary(v.get("partial_rotary_factor"), file)?;
+        let layers = req_usize(v, "num_hidden_layers", file)?;
+        let (sliding_window, window_layers) = sliding_window(v, arch, layers, file)?;
+        let (rope_theta, rope_scaling, rope_local_theta) = hf_rope(v, arch, max_position, file)?;
+        let query_pre_attn_scalar = match arch {
+            // transformers' Gemma 3 default.
+            Arch::Gemma3 => Some(opt_f64(v, &["query_pre_attn_scalar"], file)?.unwrap_or(256.0)),
+            _ => None,
+        };
+        if let Some(s) = query_pre_attn_scalar.filter(|s| !(s.is_finite() && *s > 0.0)) {
+            bail!(
+                "{}: `query_pre_attn_scalar` is {s}; it must be finite and positive",
+                file.display()
+            );
+        }
         let cfg = Self {
             arch,
             hidden_size: hidden,
-            num_layers: req_usize(v, "num_hidden_layers", file)?,
+            num_layers: layers,
             num_heads: heads,
             num_kv_heads: kv,
             head_dim,
             intermediate_size: req_usize(v, "intermediate_size", file)?,
             vocab_size: req_usize(v, "vocab_size", file)?,
-            // transformers 5 writes it inside `rope_parameters`.
-            rope_theta: opt_f64(v, &["rope_theta", "rope_parameters.rope_theta"], file)?.unwrap_or(10_000.0),
-            // transformers 5 puts the scaling in `rope_parameters` beside the theta.
-            rope_scaling: RopeScaling::from_hf(
-                v.get("rope_scaling").or_else(|| v.get("rope_parameters")),
-                max_position,
-                file,
-            )?,
+            rope_theta,
+            rope_scaling,
+            rope_local_theta,
             rms_norm_eps: opt_f64(v, &["rms_norm_eps"], file)?.unwrap_or(1e-6),
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
             max_position_embeddings: max_position,
-            sliding_window: sliding_window(v, arch, file)?,
+            sliding_window,
+            window_layers,
+            query_pre_attn_scalar,
             bos_token_id: opt_token(v, "bos_token_id", file)?,
             eos_token_id: opt_token(v, "eos_token_id", file)?,
         };
@@ -639,6 +815,15 @@ impl ModelConfig {
                 bail!("YaRN scaling needs an original context of at least 1, a finite factor of at least 1 and a finite positive attention factor (found {old}, {factor}, {attention_factor})");
             }
         }
+        if let Some(l) = self.window_layers.as_ref().filter(|l| l.len() != self.num_layers) {
+            bail!("the window pattern lists {} layers for {}", l.len(), self.num_layers);
+        }
+        if let Some(t) = self.rope_local_theta.filter(|t| !(t.is_finite() && *t > 1.0)) {
+            bail!("local rope theta {t} must be a finite number above 1");
+        }
+        if let Some(s) = self.query_pre_attn_scalar.filter(|s| !(s.is_finite() && *s > 0.0)) {
+            bail!("query_pre_attn_scalar {s} must be finite and positive");
+        }
         if self.max_position_embeddings > 1 << 20 {
             bail!(
                 "max_position_embeddings {} is implausibly large",
@@ -648,11 +833,48 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// How many positions the model runs: the configured context, extended by its RoPE
-    /// scaling, and bounded by an attention window (past it strata's full attention would differ).
+    /// How many positions the model runs: the configured context, extended by its RoPE scaling.
     pub fn context(&self) -> usize {
-        let c = self.rope_scaling.context(self.max_position_embeddings);
-        self.sliding_window.map_or(c, |w| c.min(w))
+        self.rope_scaling.context(self.max_position_embeddings)
+    }
+
+    /// The attention window of layer `i` (`None`: it attends to every earlier position).
+    pub fn layer_window(&self, i: usize) -> Option<usize> {
+        let w = self.sliding_window?;
+        match &self.window_layers {
+            Some(l) if !l.get(i).copied().unwrap_or(false) => None,
+            _ => Some(w),
+        }
+    }
+
+    /// Whether layer `i` uses the local RoPE ([`ModelConfig::rope_local`]).
+    pub fn layer_rope_local(&self, i: usize) -> bool {
+        self.rope_local_theta.is_some() && self.layer_window(i).is_some()
+    }
+
+    /// The windowed layers' own RoPE tables (Gemma 3's local base, unscaled), if they have one.
+    pub fn rope_local(
+        &self,
+        dtype: candle_core::DType,
+        dev: &candle_core::Device,
+    ) -> Result<Option<crate::ops::rope::Rope>> {
+        let Some(theta) = self.rope_local_theta else {
+            return Ok(None);
+        };
+        Ok(Some(crate::ops::rope::Rope::new(
+            self.head_dim,
+            &RopeScaling::None.inv_freqs(self.head_dim, theta),
+            self.context(),
+            dtype,
+            dev,
+        )?))
+    }
+
+    /// How much queries are multiplied by so that the attention op's `1 / sqrt(head_dim)` gives
+    /// the model's score scale (1 unless `query_pre_attn_scalar` differs from the head size).
+    pub fn query_scale(&self) -> f64 {
+        self.query_pre_attn_scalar
+            .map_or(1.0, |s| (self.head_dim as f64 / s).sqrt())
     }
 
     /// The RoPE tables this model's attention uses, scaled as its config says.
@@ -702,7 +924,12 @@ impl ModelConfig {
                 o * i
             })
             .sum::<usize>()
-            + 2 * self.hidden_size
+            + self
+                .arch
+                .layer_norms(self.head_dim, self.hidden_size)
+                .iter()
+                .map(|(_, w)| w)
+                .sum::<usize>()
             + if self.arch.qkv_bias() {
                 self.q_dim() + 2 * self.kv_dim()
             } else {
@@ -728,7 +955,6 @@ impl ModelConfig {
             "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": "silu",
             "attention_bias": self.arch.qkv_bias(),
             "torch_dtype": torch_dtype,
         });
@@ -741,11 +967,29 @@ impl ModelConfig {
         if let Ok(Some(s)) = self.rope_scaling.to_hf() {
             v["rope_scaling"] = s;
         }
+        if self.arch.gelu_mlp() {
+            v["hidden_activation"] = json!("gelu_pytorch_tanh");
+        } else {
+            v["hidden_act"] = json!("silu");
+        }
         if let Some(w) = self.sliding_window {
             v["sliding_window"] = json!(w);
-            if self.arch != Arch::Llama {
+            if matches!(self.arch, Arch::Qwen2 | Arch::Qwen3) {
                 v["use_sliding_window"] = json!(true);
             }
+            let kinds: Vec<&str> = (0..self.num_layers)
+                .map(|i| match self.layer_window(i) {
+                    Some(_) => "sliding_attention",
+                    None => "full_attention",
+                })
+                .collect();
+            v["layer_types"] = json!(kinds);
+        }
+        if let Some(t) = self.rope_local_theta {
+            v["rope_local_base_freq"] = json!(t);
+        }
+        if let Some(s) = self.query_pre_attn_scalar {
+            v["query_pre_attn_scalar"] = json!(s);
         }
         v
     }

@@ -279,7 +279,10 @@ impl TreeRows {
     /// Rows whose positions belong to `branch` (0: the shared trunk) at RoPE `positions`.
     pub fn new(branch: Vec<u32>, positions: Vec<usize>) -> Self {
         Self {
-            tree: Arc::new(crate::ops::fused_attention::Tree { branch }),
+            tree: Arc::new(crate::ops::fused_attention::Tree {
+                branch,
+                pos: positions.clone(),
+            }),
             positions,
         }
     }
@@ -309,48 +312,36 @@ impl KvCache {
 pub struct Block {
     /// Index of the block.
     pub index: usize,
-    /// Pre-attention RMSNorm weight.
-    pub attn_norm: Param,
+    /// The block's RMSNorm weights with their kinds, in [`Arch::layer_norms`]'s order (for
+    /// every family a pre-attention and a pre-MLP norm; Qwen3 and Gemma 3 per-head query and
+    /// key norms, `[head_dim]`, applied before RoPE; Gemma 3 norms of the attention and MLP
+    /// outputs). Each holds the factor the norm multiplies by (Gemma's `1 + w`).
+    ///
+    /// [`Arch::layer_norms`]: super::config::Arch::layer_norms
+    pub norms: Vec<(BaseTensor, Param)>,
     /// The seven projections, by [`Proj`].
     pub proj: PerProj<Linear>,
-    /// Pre-MLP RMSNorm weight.
-    pub mlp_norm: Param,
-    /// Qwen3's per-head RMSNorms of the queries and the keys (`[head_dim]` each), applied
-    /// before RoPE.
-    pub qk_norm: Option<(Param, Param)>,
 }
 
 impl Block {
     /// The block's norms with their kinds, in [`Arch::layer_norms`]'s order.
+    ///
+    /// [`Arch::layer_norms`]: super::config::Arch::layer_norms
     pub fn norms(&self) -> Vec<(BaseTensor, &Param)> {
-        let mut v = vec![
-            (BaseTensor::AttnNorm, &self.attn_norm),
-            (BaseTensor::MlpNorm, &self.mlp_norm),
-        ];
-        if let Some((q, k)) = &self.qk_norm {
-            v.extend([(BaseTensor::QNorm, q), (BaseTensor::KNorm, k)]);
-        }
-        v
+        self.norms.iter().map(|(k, p)| (*k, p)).collect()
     }
 
-    /// [`Block::norms`], mutably.
-    fn norms_mut(&mut self) -> Vec<(BaseTensor, &mut Param)> {
-        norm_fields(&mut self.attn_norm, &mut self.mlp_norm, &mut self.qk_norm)
+    /// The norm of kind `kind`, if the block has one.
+    pub fn norm(&self, kind: BaseTensor) -> Option<&Param> {
+        self.norms.iter().find(|(k, _)| *k == kind).map(|(_, p)| p)
     }
-}
 
-/// A block's norm fields with their kinds, in [`Block::norms`]'s order (taking the fields, so
-/// that a caller can hold the projections at the same time).
-fn norm_fields<'a>(
-    attn: &'a mut Param,
-    mlp: &'a mut Param,
-    qk: &'a mut Option<(Param, Param)>,
-) -> Vec<(BaseTensor, &'a mut Param)> {
-    let mut v = vec![(BaseTensor::AttnNorm, attn), (BaseTensor::MlpNorm, mlp)];
-    if let Some((q, k)) = qk {
-        v.extend([(BaseTensor::QNorm, q), (BaseTensor::KNorm, k)]);
+    /// The pre-MLP norm (Llama's `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`).
+    fn mlp_norm(&self) -> Result<&Param> {
+        self.norm(BaseTensor::MlpNorm)
+            .or_else(|| self.norm(BaseTensor::PreMlpNorm))
+            .context("block without a pre-MLP norm")
     }
-    v
 }
 
 /// The whole decoder.
@@ -367,6 +358,8 @@ pub struct Model {
     /// Untied LM head `[vocab, hidden]`; `None` when tied to the embedding.
     pub head: Option<Param>,
     rope: Rope,
+    /// The windowed layers' own RoPE (Gemma 3's local base), when they have one.
+    rope_local: Option<Rope>,
     /// The frozen head packed for the bf16 kernel (bf16 bases on AVX512-BF16 CPUs).
     pub head_pack: Option<std::sync::Arc<lm_head::HeadPack>>,
     /// A trained head's (or tied embedding's) bf16 working copy under mixed precision.
@@ -389,6 +382,24 @@ fn load(src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Tensor> {
         );
     }
     Ok(t)
+}
+
+/// A norm weight `[width]` as the model holds it: the factor the norm multiplies by (the
+/// family's offset added to a Hugging Face weight, as Gemma's `1 + w`), f32.
+fn norm_param(
+    cfg: &ModelConfig,
+    src: &dyn WeightSource,
+    name: &str,
+    width: usize,
+    full: bool,
+    dev: &Device,
+) -> Result<Param> {
+    let mut t = load(src, name, &[width])?;
+    let offset = cfg.arch.norm_offset();
+    if offset != 0.0 && !src.norms_shifted() {
+        t = t.to_dtype(DType::F32)?.affine(1.0, offset)?;
+    }
+    param(t, full, DType::F32, dev)
 }
 
 /// A trainable f32 `Var` or a frozen tensor in `dtype`, converted from the stored dtype directly
@@ -524,26 +535,21 @@ impl Model {
                     train_pack: None,
                 });
             }
-            let d = cfg.head_dim;
-            let qk_norm = if cfg.arch.qk_norm() {
-                Some((
-                    param(load(src, &BaseTensor::QNorm.hf(i), &[d])?, full, DType::F32, dev)?,
-                    param(load(src, &BaseTensor::KNorm.hf(i), &[d])?, full, DType::F32, dev)?,
-                ))
-            } else {
-                None
-            };
+            let norms = cfg
+                .arch
+                .layer_norms(cfg.head_dim, h)
+                .into_iter()
+                .map(|(kind, width)| Ok((kind, norm_param(cfg, src, &kind.hf(i), width, full, dev)?)))
+                .collect::<Result<Vec<_>>>()?;
             blocks.push(Block {
                 index: i,
-                attn_norm: param(load(src, &BaseTensor::AttnNorm.hf(i), &[h])?, full, DType::F32, dev)?,
+                norms,
                 proj: PerProj(proj.try_into().expect("one Linear per projection")),
-                mlp_norm: param(load(src, &BaseTensor::MlpNorm.hf(i), &[h])?, full, DType::F32, dev)?,
-                qk_norm,
             });
         }
         progress.set(cfg.num_layers as u64, "");
         progress.finish();
-        let norm = param(load(src, &BaseTensor::Norm.hf(0), &[h])?, full, DType::F32, dev)?;
+        let norm = norm_param(cfg, src, &BaseTensor::Norm.hf(0), h, full, dev)?;
         let head = if cfg.tie_word_embeddings {
             None
         } else {
@@ -555,6 +561,7 @@ impl Model {
             )?)
         };
         let rope = cfg.rope(DType::F32, dev)?;
+        let rope_local = cfg.rope_local(DType::F32, dev)?;
         let mut model = Self {
             cfg: cfg.clone(),
             embed,
@@ -562,6 +569,7 @@ impl Model {
             norm,
             head,
             rope,
+            rope_local,
             head_pack: None,
             train_head: None,
             device: dev.clone(),
@@ -578,17 +586,25 @@ impl Model {
     pub fn savable(&self, modules: &[String]) -> Result<Vec<(String, &Tensor)>> {
         let mut out = Vec::new();
         for m in modules {
-            let Some(kind) = BaseTensor::from_module(m) else {
+            let arch = self.cfg.arch;
+            let Some(kind) = BaseTensor::from_module(m, &arch.norm_kinds()) else {
+                if SAVABLE.contains(&m.as_str()) {
+                    bail!("`{m}`: {} has no such norm", arch.model_type());
+                }
                 bail!("`{m}` cannot be trained beside adapters; choose from {SAVABLE:?}");
             };
+            if arch.norm_offset() != 0.0 && !matches!(kind, BaseTensor::Embed | BaseTensor::Head) {
+                // The model holds Gemma's 1 + w; a PEFT file must hold w. Not written yet.
+                bail!("`{m}`: training {}'s norms beside adapters is not supported (its norms hold 1 + w); train embed_tokens / lm_head, or use full fine-tuning", arch.model_type());
+            }
             match kind {
                 BaseTensor::Head if self.head.is_none() => {
                     bail!("lm_head is tied to embed_tokens in this model: list embed_tokens instead")
                 }
-                BaseTensor::AttnNorm | BaseTensor::MlpNorm | BaseTensor::QNorm | BaseTensor::KNorm => {
-                    if !self.cfg.arch.qk_norm() && matches!(kind, BaseTensor::QNorm | BaseTensor::KNorm) {
-                        bail!("`{m}`: {} has no per-head query/key norms", self.cfg.arch.model_type());
-                    }
+                BaseTensor::Embed => out.push((kind.hf(0), self.embed.t())),
+                BaseTensor::Norm => out.push((kind.hf(0), self.norm.t())),
+                BaseTensor::Head => out.push((kind.hf(0), self.head.as_ref().expect("checked above").t())),
+                _ => {
                     for b in &self.blocks {
                         for (k, p) in b.norms() {
                             if k == kind {
@@ -597,9 +613,6 @@ impl Model {
                         }
                     }
                 }
-                BaseTensor::Embed => out.push((kind.hf(0), self.embed.t())),
-                BaseTensor::Norm => out.push((kind.hf(0), self.norm.t())),
-                BaseTensor::Head => out.push((kind.hf(0), self.head.as_ref().expect("checked above").t())),
             }
         }
         Ok(out)
@@ -622,7 +635,7 @@ impl Model {
         let (i, _) = rest.split_once('.').context("unknown base parameter")?;
         let i: usize = i.parse().context("unknown base parameter")?;
         let b = self.blocks.get_mut(i).context("layer index out of range")?;
-        match b.norms_mut().into_iter().find(|(k, _)| name == k.hf(i)) {
+        match b.norms.iter_mut().find(|(k, _)| name == k.hf(i)) {
             Some((_, p)) => Ok(p),
             None => bail!("unknown base parameter `{name}`"),
         }
@@ -731,14 +744,8 @@ impl Model {
         let mut v: Vec<(String, &mut Param)> = vec![(BaseTensor::Embed.hf(0), &mut self.embed)];
         for b in &mut self.blocks {
             let i = b.index;
-            let Block {
-                attn_norm,
-                mlp_norm,
-                qk_norm,
-                proj,
-                ..
-            } = b;
-            for (k, p) in norm_fields(attn_norm, mlp_norm, qk_norm) {
+            let Block { norms, proj, .. } = b;
+            for (k, p) in norms.iter_mut() {
                 v.push((k.hf(i), p));
             }
             for (p, lin) in Proj::ALL.into_iter().zip(proj.values_mut()) {
@@ -812,7 +819,12 @@ impl Model {
     /// Token embeddings `ids [b, t] -> [b * t, hidden]` (f32).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let flat = ids.flatten_all()?;
-        Ok(self.embed.t().index_select(&flat, 0)?.to_dtype(DType::F32)?)
+        let x = self.embed.t().index_select(&flat, 0)?.to_dtype(DType::F32)?;
+        if self.cfg.arch.embed_scaled() {
+            // Gemma: token vectors times sqrt(hidden), in f32 as llama.cpp computes it.
+            return Ok(x.affine((self.cfg.hidden_size as f32).sqrt() as f64, 0.0)?);
+        }
+        Ok(x)
     }
 
     /// Runs one block on `x [b * t, hidden]` for a batch of `b` rows of `t` positions; `state`
@@ -839,17 +851,31 @@ impl Model {
                 rms_norm(x, w.t(), cfg.rms_norm_eps)
             }
         };
-        let h = norm(x, &blk.attn_norm)?;
+        let attn_norm = blk
+            .norm(BaseTensor::AttnNorm)
+            .context("block without an attention norm")?;
+        let h = norm(x, attn_norm)?;
         let p = |m: Proj, x: &Tensor| blk.proj[m].forward_kept(x, fwd, site(m), kept);
         let (mut q, mut k, v) = (p(Proj::Q, &h)?, p(Proj::K, &h)?, p(Proj::V, &h)?);
-        if let Some((qn, kn)) = &blk.qk_norm {
-            // Qwen3: each head's query and key normalised over its own d values, before RoPE.
+        if let (Some(qn), Some(kn)) = (blk.norm(BaseTensor::QNorm), blk.norm(BaseTensor::KNorm)) {
+            // Qwen3, Gemma 3: each head's query and key normalised over its own d values, before RoPE.
             let per_head = |y: &Tensor, w: &Param| -> Result<Tensor> {
                 let (rows, width) = y.dims2()?;
                 Ok(norm(&y.contiguous()?.reshape((rows * width / d, d))?, w)?.reshape((rows, width))?)
             };
             (q, k) = (per_head(&q, qn)?, per_head(&k, kn)?);
         }
+        // Gemma's query_pre_attn_scalar: the attention ops scale scores by 1 / sqrt(d); RoPE is
+        // linear, so scaling the queries first gives the model's scale.
+        let qs = cfg.query_scale();
+        if qs != 1.0 {
+            q = q.affine(qs, 0.0)?;
+        }
+        let window = cfg.layer_window(i);
+        let rope = match &self.rope_local {
+            Some(local) if cfg.layer_rope_local(i) => local,
+            _ => &self.rope,
+        };
         let att = match cache {
             None if tree.is_some() => {
                 let rows = tree.expect("checked");
@@ -862,9 +888,10 @@ impl Model {
                     heads: nh,
                     kv_heads: nkv,
                     d,
-                    cos: self.rope.half_table_at(true, &rows.positions)?,
-                    sin: self.rope.half_table_at(false, &rows.positions)?,
+                    cos: rope.half_table_at(true, &rows.positions)?,
+                    sin: rope.half_table_at(false, &rows.positions)?,
                     tree: Some(rows.tree.clone()),
+                    window,
                 };
                 q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?
             }
@@ -876,9 +903,10 @@ impl Model {
                     heads: nh,
                     kv_heads: nkv,
                     d,
-                    cos: self.rope.half_table(true, t)?,
-                    sin: self.rope.half_table(false, t)?,
+                    cos: rope.half_table(true, t)?,
+                    sin: rope.half_table(false, t)?,
                     tree: None,
+                    window,
                 };
                 q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?
             }
@@ -887,8 +915,8 @@ impl Model {
                     Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
                 };
                 let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-                let q = self.rope.apply(&heads(q, nh)?, offset)?;
-                let mut k = self.rope.apply(&heads(k, nkv)?, offset)?;
+                let q = rope.apply(&heads(q, nh)?, offset)?;
+                let mut k = rope.apply(&heads(k, nkv)?, offset)?;
                 let mut v = heads(v, nkv)?;
                 if let Some(c) = cache {
                     if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
@@ -900,20 +928,27 @@ impl Model {
                 }
                 let k = repeat_kv(&k, nh / nkv)?.contiguous()?;
                 let v = repeat_kv(&v, nh / nkv)?.contiguous()?;
-                causal_attention(&q, &k, &v)?
+                causal_attention(&q, &k, &v, window)?
                     .transpose(1, 2)?
                     .reshape((b * t, nh * d))?
             }
         };
-        let x = (x + p(Proj::O, &att)?)?;
-        let h = norm(&x, &blk.mlp_norm)?;
-        let (g, u) = (p(Proj::Gate, &h)?, p(Proj::Up, &h)?);
-        let act = if fwd.composed {
-            (g.silu()? * u)?
-        } else {
-            swiglu(&g, &u)?
+        // Gemma's sandwich: each sub-layer's output normed before its residual add.
+        let post = |y: Tensor, kind: BaseTensor| -> Result<Tensor> {
+            match blk.norm(kind) {
+                Some(w) => Ok(norm(&y, w)?),
+                None => Ok(y),
+            }
         };
-        Ok((&x + p(Proj::Down, &act)?)?)
+        let x = (x + post(p(Proj::O, &att)?, BaseTensor::PostAttnNorm)?)?;
+        let h = norm(&x, blk.mlp_norm()?)?;
+        let (g, u) = (p(Proj::Gate, &h)?, p(Proj::Up, &h)?);
+        let act = match (cfg.arch.gelu_mlp(), fwd.composed) {
+            (true, _) => (g.gelu()? * u)?,
+            (false, true) => (g.silu()? * u)?,
+            (false, false) => swiglu(&g, &u)?,
+        };
+        Ok((&x + post(p(Proj::Down, &act)?, BaseTensor::PostMlpNorm)?)?)
     }
 
     /// The final RMSNorm.
@@ -1010,8 +1045,7 @@ impl Model {
             parts.push(dense(h));
         }
         for b in &self.blocks {
-            parts.push(dense(&b.attn_norm));
-            parts.push(dense(&b.mlp_norm));
+            parts.extend(b.norms.iter().map(|(_, p)| dense(p)));
             for p in b.proj.values() {
                 parts.push(p.w.storage());
                 if let Some(bb) = &p.b {

@@ -58,8 +58,18 @@ pub fn read_checked(path: &Path) -> Result<Content> {
 
 /// Whether strata's decoder holds the GGUF tensor `name` (the rest, e.g. `rope_freqs`, are
 /// not read, and an export copies them as stored).
-pub fn is_modelled(name: &str) -> bool {
-    gguf_to_hf(name).is_some()
+pub fn is_modelled(arch: Arch, name: &str) -> bool {
+    gguf_to_hf(name, &arch.norm_kinds()).is_some()
+}
+
+/// llama.cpp's query scale for Gemma 3 (after gemma_pytorch): the head size, except for the 27B
+/// (62 layers), whose `query_pre_attn_scalar` is hidden / heads.
+pub fn gemma_query_scalar(layers: usize, hidden: usize, heads: usize, head_dim: usize) -> f64 {
+    if layers == 62 {
+        (hidden / heads) as f64
+    } else {
+        head_dim as f64
+    }
 }
 
 /// The head count llama.cpp interleaved the rows of GGUF tensor `name` over (its Q/K
@@ -142,7 +152,7 @@ impl GgufSource {
     }
 
     fn config(&self) -> Result<ModelConfig> {
-        let a = self.arch.model_type();
+        let a = self.arch.gguf_name();
         let k = |s: &str| format!("{a}.{s}");
         let hidden = self.meta_usize(&k("embedding_length"))?;
         let heads = self.meta_usize(&k("attention.head_count"))?;
@@ -175,10 +185,16 @@ impl GgufSource {
                 k("embedding_length")
             );
         }
+        let layers = self.meta_usize(&k("block_count"))?;
+        let sliding_window = match self.meta(&k("attention.sliding_window")) {
+            None => None,
+            Some(_) => Some(self.meta_usize(&k("attention.sliding_window"))?),
+        };
+        let gemma = self.arch == Arch::Gemma3 && sliding_window.is_some();
         let cfg = ModelConfig {
             arch: self.arch,
             hidden_size: hidden,
-            num_layers: self.meta_usize(&k("block_count"))?,
+            num_layers: layers,
             num_heads: heads,
             num_kv_heads: kv,
             head_dim,
@@ -189,10 +205,18 @@ impl GgufSource {
             rms_norm_eps: self.meta_float(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             max_position_embeddings: self.meta_usize(&k("context_length")).unwrap_or(4096).min(1 << 20),
-            sliding_window: match self.meta(&k("attention.sliding_window")) {
-                None => None,
-                Some(_) => Some(self.meta_usize(&k("attention.sliding_window"))?),
+            sliding_window,
+            // llama.cpp's Gemma 3: five windowed layers of every six, the windowed ones on an
+            // unscaled RoPE of base 10,000 (`rope.freq_base_swa` where a newer file states it).
+            window_layers: gemma
+                .then(|| (0..layers).map(|i| i % 6 < 5).collect::<Vec<bool>>())
+                .filter(|l| !l.iter().all(|&w| w)),
+            rope_local_theta: match gemma {
+                true => Some(self.meta_float(&k("rope.freq_base_swa"))?.unwrap_or(10_000.0)),
+                false => None,
             },
+            query_pre_attn_scalar: (self.arch == Arch::Gemma3)
+                .then(|| gemma_query_scalar(layers, hidden, heads, head_dim)),
             bos_token_id: self.meta_token("tokenizer.ggml.bos_token_id")?,
             eos_token_id: self.meta_token("tokenizer.ggml.eos_token_id")?,
         };
@@ -207,7 +231,7 @@ impl GgufSource {
     /// is refused by name.
     fn rope_scaling(&self) -> Result<RopeScaling> {
         let p = self.path.display();
-        let a = self.arch.model_type();
+        let a = self.arch.gguf_name();
         let prefix = format!("{a}.rope.scaling.");
         const READ: [&str; 6] = [
             "type",
@@ -333,6 +357,11 @@ impl GgufSource {
         })
     }
 
+    /// The GGUF name of Hugging Face tensor `name` in this file's family.
+    fn gguf_name(&self, name: &str) -> Option<String> {
+        hf_to_gguf(name, &self.arch.norm_kinds())
+    }
+
     fn qtensor(&self, gname: &str) -> Result<QTensor> {
         let mut f = File::open(&self.path).with_context(|| format!("cannot open {}", self.path.display()))?;
         self.content
@@ -343,7 +372,8 @@ impl GgufSource {
 
 impl WeightSource for GgufSource {
     fn get(&self, name: &str) -> Result<Tensor> {
-        let g = hf_to_gguf(name)
+        let g = self
+            .gguf_name(name)
             .with_context(|| format!("{}: no GGUF tensor corresponds to `{name}`", self.path.display()))?;
         if !self.content.tensor_infos.contains_key(&g) {
             bail!("{}: missing tensor `{g}` (for `{name}`)", self.path.display());
@@ -357,7 +387,7 @@ impl WeightSource for GgufSource {
 
     fn get_quant(&self, name: &str) -> Result<Option<QTensor>> {
         use candle_core::quantized::GgmlDType;
-        let Some(g) = hf_to_gguf(name) else { return Ok(None) };
+        let Some(g) = self.gguf_name(name) else { return Ok(None) };
         let Some(info) = self.content.tensor_infos.get(&g) else {
             return Ok(None);
         };
@@ -396,24 +426,42 @@ impl WeightSource for GgufSource {
     }
 
     fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.content.tensor_infos.keys().filter_map(|g| gguf_to_hf(g)).collect();
+        let norms = self.arch.norm_kinds();
+        let mut v: Vec<String> = self
+            .content
+            .tensor_infos
+            .keys()
+            .filter_map(|g| gguf_to_hf(g, &norms))
+            .collect();
         v.sort();
         v
     }
 
     fn stored_bytes(&self, name: &str) -> Option<u64> {
-        let info = self.content.tensor_infos.get(&hf_to_gguf(name)?)?;
+        let info = self.content.tensor_infos.get(&self.gguf_name(name)?)?;
         let ty = info.ggml_dtype;
         Some((info.shape.elem_count() / ty.block_size() * ty.type_size()) as u64)
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        Some(self.content.tensor_infos.get(&hf_to_gguf(name)?)?.shape.dims().to_vec())
+        Some(
+            self.content
+                .tensor_infos
+                .get(&self.gguf_name(name)?)?
+                .shape
+                .dims()
+                .to_vec(),
+        )
     }
 
     fn stored_type(&self, name: &str) -> Option<String> {
-        let g = hf_to_gguf(name)?;
+        let g = self.gguf_name(name)?;
         Some(format!("{:?}", self.content.tensor_infos.get(&g)?.ggml_dtype).to_lowercase())
+    }
+
+    fn norms_shifted(&self) -> bool {
+        // llama.cpp's converter stores Gemma's norm weights as 1 + w.
+        self.arch.norm_offset() != 0.0
     }
 
     fn describe(&self) -> String {
@@ -443,8 +491,9 @@ pub fn read_gguf(path: &Path) -> Result<(GgufSource, ModelConfig, GgufVocab)> {
         Some(Value::String(s)) if s == "llama" => Arch::Llama,
         Some(Value::String(s)) if s == "qwen2" => Arch::Qwen2,
         Some(Value::String(s)) if s == "qwen3" => Arch::Qwen3,
+        Some(Value::String(s)) if s == "gemma3" => Arch::Gemma3,
         Some(Value::String(s)) => bail!(
-            "{}: architecture `{s}` is not supported (llama, qwen2, qwen3)",
+            "{}: architecture `{s}` is not supported (llama, qwen2, qwen3, gemma3)",
             path.display()
         ),
         _ => bail!("{}: missing metadata `general.architecture`", path.display()),
@@ -487,12 +536,34 @@ pub fn write_gguf(
     write_tensors(path, cfg, metadata(cfg, vocab)?, &mut each, &[], &ty)
 }
 
+/// Refuses a Gemma 3 that llama.cpp would run otherwise than strata: llama.cpp fixes the window
+/// pattern (five windowed layers of six), the windowed layers' RoPE base (10,000) and the query
+/// scale (see [`gemma_query_scalar`]) instead of reading them from the file.
+fn check_gemma_gguf(cfg: &ModelConfig) -> Result<()> {
+    let pattern: Vec<bool> = (0..cfg.num_layers).map(|i| i % 6 < 5).collect();
+    let ours: Vec<bool> = (0..cfg.num_layers).map(|i| cfg.layer_window(i).is_some()).collect();
+    if cfg.sliding_window.is_some() && ours != pattern {
+        bail!("this Gemma 3's windowed layers are not llama.cpp's fixed pattern (five of every six), which a GGUF cannot state; write a Hugging Face directory");
+    }
+    if cfg.sliding_window.is_some() && cfg.rope_local_theta.unwrap_or(cfg.rope_theta) != 10_000.0 {
+        bail!("this Gemma 3's windowed layers use a RoPE base other than llama.cpp's fixed 10,000; write a Hugging Face directory");
+    }
+    let want = gemma_query_scalar(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim);
+    if cfg.query_pre_attn_scalar.is_some_and(|s| s != want) {
+        bail!("this Gemma 3's query_pre_attn_scalar is not the one llama.cpp derives ({want}); write a Hugging Face directory");
+    }
+    Ok(())
+}
+
 /// A source of Hugging Face-named tensors handed over one at a time (see [`write_tensors`]).
 pub type EachTensor<'a> = dyn FnMut(&mut dyn FnMut(String, Tensor) -> Result<()>) -> Result<()> + 'a;
 
 /// A GGUF's metadata for `cfg` with `vocab`: architecture, shapes and tokenizer.
 fn metadata(cfg: &ModelConfig, vocab: &GgufVocab) -> Result<Vec<(String, Value)>> {
-    let a = cfg.arch.model_type();
+    let a = cfg.arch.gguf_name();
+    if cfg.arch == Arch::Gemma3 {
+        check_gemma_gguf(cfg)?;
+    }
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),
         (format!("{a}.block_count"), Value::U32(cfg.num_layers as u32)),
@@ -593,9 +664,14 @@ pub fn write_tensors(
     ty: &dyn Fn(&str, &Tensor) -> GgmlDType,
 ) -> Result<()> {
     let mut qts = Vec::new();
+    let norms = cfg.arch.norm_kinds();
     each(&mut |name, t| {
-        let g = hf_to_gguf(&name).with_context(|| format!("no GGUF name for tensor `{name}`"))?;
+        let g = hf_to_gguf(&name, &norms).with_context(|| format!("no GGUF name for tensor `{name}`"))?;
         let mut t = t.to_dtype(candle_core::DType::F32)?;
+        // Hugging Face's Gemma norm weight w is llama.cpp's 1 + w (as its converter writes it).
+        if cfg.arch.norm_offset() != 0.0 && g.ends_with("norm.weight") {
+            t = t.affine(1.0, cfg.arch.norm_offset())?;
+        }
         if let Some(n) = permuted_heads(cfg.arch, cfg.num_heads, cfg.num_kv_heads, &g) {
             t = permute_rows(&t, n, true)?;
         }

@@ -149,11 +149,19 @@ pub enum BaseTensor {
     QNorm,
     /// Qwen3's per-head RMSNorm of the keys, `[head_dim]`.
     KNorm,
+    /// Gemma 3's RMSNorm of the attention output, before the residual add.
+    PostAttnNorm,
+    /// Gemma 3's pre-MLP RMSNorm (its Hugging Face name differs from Llama's [`BaseTensor::MlpNorm`]).
+    PreMlpNorm,
+    /// Gemma 3's RMSNorm of the MLP output, before the residual add.
+    PostMlpNorm,
 }
 
 /// (module name as PEFT's `modules_to_save` says it, HF tensor name or per-layer suffix, GGUF
-/// name or per-layer suffix, per layer).
-const BASE_NAMES: [(BaseTensor, &str, &str, &str, bool); 7] = [
+/// name or per-layer suffix, per layer). Two families may give one name to different kinds
+/// (Llama's pre-MLP norm is Gemma's `post_attention_layernorm`), so per-layer lookups take the
+/// family's norms.
+const BASE_NAMES: [(BaseTensor, &str, &str, &str, bool); 10] = [
     (
         BaseTensor::Embed,
         "embed_tokens",
@@ -185,11 +193,32 @@ const BASE_NAMES: [(BaseTensor, &str, &str, &str, bool); 7] = [
     ),
     (BaseTensor::QNorm, "q_norm", "self_attn.q_norm", "attn_q_norm", true),
     (BaseTensor::KNorm, "k_norm", "self_attn.k_norm", "attn_k_norm", true),
+    (
+        BaseTensor::PostAttnNorm,
+        "post_attention_layernorm",
+        "post_attention_layernorm",
+        "post_attention_norm",
+        true,
+    ),
+    (
+        BaseTensor::PreMlpNorm,
+        "pre_feedforward_layernorm",
+        "pre_feedforward_layernorm",
+        "ffn_norm",
+        true,
+    ),
+    (
+        BaseTensor::PostMlpNorm,
+        "post_feedforward_layernorm",
+        "post_feedforward_layernorm",
+        "post_ffw_norm",
+        true,
+    ),
 ];
 
 /// The base modules that can be trained in full beside adapters (PEFT's `modules_to_save`
 /// vocabulary), in [`BaseTensor`] order.
-pub const SAVABLE: [&str; 7] = [
+pub const SAVABLE: [&str; 9] = [
     BASE_NAMES[0].1,
     BASE_NAMES[1].1,
     BASE_NAMES[2].1,
@@ -197,11 +226,13 @@ pub const SAVABLE: [&str; 7] = [
     BASE_NAMES[4].1,
     BASE_NAMES[5].1,
     BASE_NAMES[6].1,
+    BASE_NAMES[8].1,
+    BASE_NAMES[9].1,
 ];
 
 impl BaseTensor {
     /// Every base tensor kind (also the order of PEFT's `modules_to_save` vocabulary).
-    pub const ALL: [BaseTensor; 7] = [
+    pub const ALL: [BaseTensor; 10] = [
         BaseTensor::Embed,
         BaseTensor::Head,
         BaseTensor::Norm,
@@ -209,6 +240,9 @@ impl BaseTensor {
         BaseTensor::MlpNorm,
         BaseTensor::QNorm,
         BaseTensor::KNorm,
+        BaseTensor::PostAttnNorm,
+        BaseTensor::PreMlpNorm,
+        BaseTensor::PostMlpNorm,
     ];
 
     fn row(self) -> &'static (BaseTensor, &'static str, &'static str, &'static str, bool) {
@@ -220,9 +254,11 @@ impl BaseTensor {
         self.row().1
     }
 
-    /// The kind a module name names.
-    pub fn from_module(m: &str) -> Option<BaseTensor> {
-        BaseTensor::ALL.into_iter().find(|b| b.module() == m)
+    /// The kind a module name names in a family whose per-layer norms are `norms`.
+    pub fn from_module(m: &str, norms: &[BaseTensor]) -> Option<BaseTensor> {
+        BaseTensor::ALL
+            .into_iter()
+            .find(|b| b.module() == m && (!b.per_layer() || norms.contains(b)))
     }
 
     /// Whether each block has its own (the norms inside blocks).
@@ -239,8 +275,23 @@ impl BaseTensor {
     }
 }
 
-/// The GGUF name of a Hugging Face tensor name (`None`: not a tensor of the supported families).
-pub fn hf_to_gguf(name: &str) -> Option<String> {
+/// The per-layer norm rows of a family (Llama's when `norms` is empty).
+fn norm_rows(
+    norms: &[BaseTensor],
+) -> impl Iterator<Item = &'static (BaseTensor, &'static str, &'static str, &'static str, bool)> + '_ {
+    const LLAMA: [BaseTensor; 4] = [
+        BaseTensor::AttnNorm,
+        BaseTensor::MlpNorm,
+        BaseTensor::QNorm,
+        BaseTensor::KNorm,
+    ];
+    let norms = if norms.is_empty() { &LLAMA[..] } else { norms };
+    BASE_NAMES.iter().filter(move |r| r.4 && norms.contains(&r.0))
+}
+
+/// The GGUF name of a Hugging Face tensor name in a family whose per-layer norms are `norms`
+/// (empty: Llama's) (`None`: not a tensor of the supported families).
+pub fn hf_to_gguf(name: &str, norms: &[BaseTensor]) -> Option<String> {
     if let Some(r) = BASE_NAMES.iter().find(|r| !r.4 && r.2 == name) {
         return Some(r.3.to_string());
     }
@@ -248,7 +299,7 @@ pub fn hf_to_gguf(name: &str) -> Option<String> {
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let g = match BASE_NAMES.iter().find(|r| r.4 && r.2 == module) {
+    let g = match norm_rows(norms).find(|r| r.2 == module) {
         Some(r) => r.3,
         None => Proj::ALL
             .into_iter()
@@ -264,15 +315,16 @@ pub fn gguf_proj(name: &str) -> Option<Proj> {
     Proj::ALL.into_iter().find(|p| p.gguf() == module)
 }
 
-/// The Hugging Face name of a GGUF tensor name (`None`: a tensor strata does not model).
-pub fn gguf_to_hf(name: &str) -> Option<String> {
+/// The Hugging Face name of a GGUF tensor name in a family whose per-layer norms are `norms`
+/// (empty: Llama's) (`None`: a tensor strata does not model).
+pub fn gguf_to_hf(name: &str, norms: &[BaseTensor]) -> Option<String> {
     if let Some(r) = BASE_NAMES.iter().find(|r| !r.4 && r.3 == name) {
         return Some(r.2.to_string());
     }
     let rest = name.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let h = match BASE_NAMES.iter().find(|r| r.4 && r.3 == module) {
+    let h = match norm_rows(norms).find(|r| r.3 == module) {
         Some(r) => r.2.to_string(),
         None => {
             let p = Proj::ALL.into_iter().find(|p| p.gguf() == module)?;
@@ -299,11 +351,45 @@ mod tests {
             "model.layers.5.self_attn.q_norm.weight",
             "model.layers.0.self_attn.k_norm.weight",
         ] {
-            assert_eq!(gguf_to_hf(&hf_to_gguf(n).unwrap()).unwrap(), n);
+            assert_eq!(gguf_to_hf(&hf_to_gguf(n, &[]).unwrap(), &[]).unwrap(), n);
         }
-        assert_eq!(hf_to_gguf("model.layers.1.mlp.q_proj.weight"), None);
+        // Gemma 3 gives `post_attention_layernorm` to the norm after attention.
+        let gemma = [
+            BaseTensor::AttnNorm,
+            BaseTensor::PostAttnNorm,
+            BaseTensor::PreMlpNorm,
+            BaseTensor::PostMlpNorm,
+            BaseTensor::QNorm,
+            BaseTensor::KNorm,
+        ];
+        for (hf, gguf) in [
+            (
+                "model.layers.7.post_attention_layernorm.weight",
+                "blk.7.post_attention_norm.weight",
+            ),
+            (
+                "model.layers.7.pre_feedforward_layernorm.weight",
+                "blk.7.ffn_norm.weight",
+            ),
+            (
+                "model.layers.7.post_feedforward_layernorm.weight",
+                "blk.7.post_ffw_norm.weight",
+            ),
+        ] {
+            assert_eq!(hf_to_gguf(hf, &gemma).unwrap(), gguf);
+            assert_eq!(gguf_to_hf(gguf, &gemma).unwrap(), hf);
+        }
         assert_eq!(
-            hf_to_gguf("model.layers.1.input_layernorm.weight").unwrap(),
+            BaseTensor::from_module("post_attention_layernorm", &gemma),
+            Some(BaseTensor::PostAttnNorm)
+        );
+        assert_eq!(
+            BaseTensor::from_module("post_attention_layernorm", &[BaseTensor::AttnNorm, BaseTensor::MlpNorm]),
+            Some(BaseTensor::MlpNorm)
+        );
+        assert_eq!(hf_to_gguf("model.layers.1.mlp.q_proj.weight", &[]), None);
+        assert_eq!(
+            hf_to_gguf("model.layers.1.input_layernorm.weight", &[]).unwrap(),
             "blk.1.attn_norm.weight"
         );
         assert_eq!(Proj::Down.path(4), "model.layers.4.mlp.down_proj");
@@ -311,7 +397,7 @@ mod tests {
         assert_eq!(gguf_proj("blk.3.attn_norm.weight"), None);
         assert_eq!(gguf_proj("blk.3.attn_q_norm.weight"), None);
         assert_eq!(
-            hf_to_gguf("model.layers.1.self_attn.k_norm.weight").unwrap(),
+            hf_to_gguf("model.layers.1.self_attn.k_norm.weight", &[]).unwrap(),
             "blk.1.attn_k_norm.weight"
         );
         assert_eq!(gguf_proj("token_embd.weight"), None);

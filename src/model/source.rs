@@ -38,6 +38,11 @@ pub trait WeightSource {
     fn stored_bytes(&self, _name: &str) -> Option<u64> {
         None
     }
+    /// Whether norm weights are stored with the family's offset already added (llama.cpp's
+    /// Gemma files hold `1 + w` where Hugging Face's hold `w`; see [`crate::model::config::Arch::norm_offset`]).
+    fn norms_shifted(&self) -> bool {
+        false
+    }
     /// The tensor `name` in NF4 when the file holds it so (a bitsandbytes 4-bit checkpoint);
     /// `None` otherwise. [`WeightSource::get`] returns the same tensor dequantized.
     fn get_nf4(&self, _name: &str) -> Result<Option<crate::quant::nf4::Nf4Tensor>> {

@@ -40,6 +40,9 @@ pub struct FusedAttention {
     pub sin: Vec<f32>,
     /// Trunk-and-branches visibility; `None`: plain causal rows.
     pub tree: Option<std::sync::Arc<Tree>>,
+    /// Sliding window: a position sees itself and at most `window - 1` positions before it
+    /// (counted in RoPE positions under a tree); `None`: every earlier position.
+    pub window: Option<usize>,
 }
 
 /// Branch of every position, `[b * t]`: 0 is the trunk, seen by every later position of its row;
@@ -48,6 +51,8 @@ pub struct FusedAttention {
 pub struct Tree {
     /// Branch per position.
     pub branch: Vec<u32>,
+    /// Sequence position of every position (what a sliding window counts), `[b * t]`.
+    pub pos: Vec<usize>,
 }
 
 impl Tree {
@@ -123,6 +128,7 @@ impl FusedAttention {
             );
         }
         let scale = 1.0 / (d as f32).sqrt();
+        let masked = self.tree.is_some() || self.window.is_some();
         for i in 0..t {
             let row = &mut s[i * t..(i + 1) * t];
             if let Some(tree) = &self.tree {
@@ -132,10 +138,21 @@ impl FusedAttention {
                     }
                 }
             }
+            if let Some(w) = self.window {
+                for (j, x) in row[..i].iter_mut().enumerate() {
+                    let dist = match &self.tree {
+                        Some(tree) => tree.pos[bi * t + i].abs_diff(tree.pos[bi * t + j]),
+                        None => i - j,
+                    };
+                    if dist >= w {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
             let mx = row[..=i].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * scale;
             row[..=i].iter_mut().for_each(|x| *x = *x * scale - mx);
             super::fast_exp::exp_in_place(&mut row[..=i]);
-            if self.tree.is_some() {
+            if masked {
                 // Hidden positions were -inf; make their weight exactly zero.
                 row[..i].iter_mut().filter(|x| !x.is_finite()).for_each(|x| *x = 0.0);
             }
@@ -159,11 +176,18 @@ impl FusedAttention {
         {
             candle_core::bail!("fused attention: inconsistent heads or RoPE tables");
         }
-        if self.tree.as_ref().is_some_and(|tr| tr.branch.len() != n) {
+        if self
+            .tree
+            .as_ref()
+            .is_some_and(|tr| tr.branch.len() != n || tr.pos.len() != n)
+        {
             candle_core::bail!(
                 "fused attention: the tree has {} positions for {n}",
                 self.tree.as_ref().map_or(0, |tr| tr.branch.len())
             );
+        }
+        if self.window == Some(0) {
+            candle_core::bail!("fused attention: a window must hold at least one position");
         }
         Ok(())
     }
@@ -370,9 +394,17 @@ mod tests {
     use crate::ops::rope::Rope;
     use candle_core::{DType, Device, Var};
 
-    /// The fused op equals RoPE + composed attention, forward and all three gradients.
+    /// The fused op equals RoPE + composed attention, forward and all three gradients, with
+    /// and without a sliding window.
     #[test]
     fn matches_the_composed_ops() -> Result<()> {
+        for window in [None, Some(9), Some(64)] {
+            matches_the_composed_ops_with(window)?;
+        }
+        Ok(())
+    }
+
+    fn matches_the_composed_ops_with(window: Option<usize>) -> Result<()> {
         let dev = Device::Cpu;
         let (b, t, hq, hkv, d) = (2, 70, 4, 2, 8);
         let inv: Vec<f64> = (0..d / 2)
@@ -387,7 +419,7 @@ mod tests {
         let qr = rope.apply(&heads(q.as_tensor(), hq)?, 0)?;
         let kr = repeat_kv(&rope.apply(&heads(k.as_tensor(), hkv)?, 0)?, hq / hkv)?.contiguous()?;
         let vr = repeat_kv(&heads(v.as_tensor(), hkv)?, hq / hkv)?.contiguous()?;
-        let want = causal_attention(&qr, &kr, &vr)?
+        let want = causal_attention(&qr, &kr, &vr, window)?
             .transpose(1, 2)?
             .reshape((b * t, hq * d))?;
         let op = FusedAttention {
@@ -399,6 +431,7 @@ mod tests {
             cos: rope.half_table(true, t)?,
             sin: rope.half_table(false, t)?,
             tree: None,
+            window,
         };
         let got = q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), op)?;
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
@@ -451,7 +484,7 @@ mod tests {
                 let kr = repeat_kv(&rope.apply(&part(&k, hkv)?, 0)?, hq / hkv)?.contiguous()?;
                 let vr = repeat_kv(&part(&v, hkv)?, hq / hkv)?.contiguous()?;
                 pieces.push(
-                    causal_attention(&qr, &kr, &vr)?
+                    causal_attention(&qr, &kr, &vr, None)?
                         .transpose(1, 2)?
                         .reshape((len, hq * d))?,
                 );
@@ -467,7 +500,11 @@ mod tests {
             d,
             cos: rope.half_table_at(true, &positions)?,
             sin: rope.half_table_at(false, &positions)?,
-            tree: Some(std::sync::Arc::new(Tree { branch })),
+            tree: Some(std::sync::Arc::new(Tree {
+                branch,
+                pos: positions.clone(),
+            })),
+            window: None,
         };
         let got = q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), op)?;
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };

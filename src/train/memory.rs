@@ -145,9 +145,13 @@ fn saved_elems(cfg: &ModelConfig, m: BaseTensor) -> u64 {
     match m {
         BaseTensor::Embed | BaseTensor::Head => v * h,
         BaseTensor::Norm => h,
-        BaseTensor::AttnNorm | BaseTensor::MlpNorm => l * h,
-        BaseTensor::QNorm | BaseTensor::KNorm if cfg.arch.qk_norm() => l * cfg.head_dim as u64,
-        BaseTensor::QNorm | BaseTensor::KNorm => 0,
+        // Per-layer norms: only those the family has.
+        norm => cfg
+            .arch
+            .layer_norms(cfg.head_dim, cfg.hidden_size)
+            .iter()
+            .find(|(k, _)| *k == norm)
+            .map_or(0, |(_, w)| l * *w as u64),
     }
 }
 
