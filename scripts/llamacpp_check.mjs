@@ -17,6 +17,12 @@ const { getLlama, LlamaLogLevel } = await import(
   pathToFileURL(`${dir}/node_modules/node-llama-cpp/dist/index.js`).href
 );
 const ref = JSON.parse(readFileSync(logitsPath, "utf8"));
+if (ref.logits_f32) {
+  // Large vocabularies: raw little-endian f32 [tokens, vocab] beside the JSON.
+  const buf = readFileSync(new URL(ref.logits_f32, pathToFileURL(logitsPath)));
+  const all = new Float32Array(buf.buffer, buf.byteOffset, buf.byteLength / 4);
+  ref.logits = ref.ids.map((_, i) => Array.from(all.subarray(i * ref.vocab, (i + 1) * ref.vocab)));
+}
 const llama = await getLlama({ gpu: false, build: "never", logLevel: LlamaLogLevel.error });
 const model = await llama.loadModel({ modelPath });
 const ids = Array.from(model.tokenize(ref.text, false));

@@ -35,6 +35,9 @@ pub struct Args {
     /// A PEFT adapter to apply for `--logits`.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Print the token ids of this text as JSON and nothing else (tokenizer checks).
+    #[arg(long, conflicts_with_all = ["logits", "recipe"])]
+    pub tokenize: Option<String>,
 }
 
 /// Runs `strata inspect`.
@@ -50,6 +53,10 @@ pub fn run(a: Args) -> Result<()> {
         (None, None) => anyhow::bail!("give a model path or --recipe"),
     };
     let src = open(&path)?;
+    if let Some(text) = &a.tokenize {
+        println!("{}", serde_json::to_string(&src.tokenizer.encode(text)?)?);
+        return Ok(());
+    }
     let c = &src.config;
     println!("model        {}", path.display());
     println!(
@@ -95,12 +102,35 @@ pub fn run(a: Args) -> Result<()> {
     );
     let qk = if c.arch.qk_norm() { ", per-head q/k RMSNorm" } else { "" };
     let bias = if c.arch.qkv_bias() { ", q/k/v biases" } else { "" };
-    match c.sliding_window {
-        None => println!("attention    causal over the whole context{qk}{bias}"),
-        Some(w) => println!(
-            "attention    sliding window of {w} (sequences up to the window, where it equals full attention){qk}{bias}"
-        ),
-    }
+    let windowed = (0..c.num_layers).filter(|&i| c.layer_window(i).is_some()).count();
+    let pattern = match (c.sliding_window, windowed) {
+        (None, _) | (_, 0) => "causal over the whole context".to_string(),
+        (Some(w), n) if n == c.num_layers => format!("sliding window of {w} in every layer"),
+        (Some(w), n) => {
+            let global: Vec<String> = (0..c.num_layers)
+                .filter(|&i| c.layer_window(i).is_none())
+                .map(|i| i.to_string())
+                .collect();
+            format!(
+                "sliding window of {w} in {n} layers, global in layers {}",
+                global.join(", ")
+            )
+        }
+    };
+    let local = match c.rope_local_theta {
+        Some(t) if windowed > 0 => format!(", windowed layers on RoPE theta {t} (unscaled)"),
+        _ => String::new(),
+    };
+    let gemma = if c.arch.sandwich_norms() {
+        ", norms after attention and MLP, GELU-gated MLP, embedding x sqrt(hidden)"
+    } else {
+        ""
+    };
+    let qscale = match c.query_pre_attn_scalar {
+        Some(s) if s != c.head_dim as f64 => format!(", query scale 1/sqrt({s})"),
+        _ => String::new(),
+    };
+    println!("attention    {pattern}{local}{qk}{bias}{gemma}{qscale}");
     let mut by_type: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for name in src.weights.names() {
         let ty = src.weights.stored_type(&name).unwrap_or_else(|| "?".into());
@@ -174,11 +204,24 @@ pub fn run(a: Args) -> Result<()> {
         )?;
         let ids = src.tokenizer.encode(text)?;
         let t = Tensor::from_vec(ids.clone(), (1, ids.len()), &model.device)?;
-        let logits = model.logits(&t, Fwd::eval(), None)?.to_vec2::<f32>()?;
-        crate::util::write_atomic(
-            out,
-            serde_json::to_string(&json!({"text": text, "ids": ids, "logits": logits}))?.as_bytes(),
-        )?;
+        let logits = model.logits(&t, Fwd::eval(), None)?;
+        // Large vocabularies make JSON too long for readers such as Node (512 MB strings): the
+        // logits then go to OUT.f32 beside it, raw little-endian f32 `[tokens, vocab]`.
+        let doc = if logits.elem_count() > 4 << 20 {
+            let raw = out.with_extension("f32");
+            let bytes: Vec<u8> = logits
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            crate::util::write_atomic(&raw, &bytes)?;
+            let file = raw.file_name().map(|f| f.to_string_lossy().into_owned());
+            json!({"text": text, "ids": ids, "vocab": logits.dim(1)?, "logits_f32": file})
+        } else {
+            json!({"text": text, "ids": ids, "logits": logits.to_vec2::<f32>()?})
+        };
+        crate::util::write_atomic(out, serde_json::to_string(&doc)?.as_bytes())?;
         println!("\nwrote logits of {} tokens to {}", ids.len(), out.display());
     }
     Ok(())

@@ -348,12 +348,31 @@ impl GgufSource {
                 })
                 .collect::<Result<_>>()?,
         };
+        let scores = match self.meta("tokenizer.ggml.scores") {
+            None => vec![],
+            Some(_) => arr("tokenizer.ggml.scores")?
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match *v {
+                    Value::F32(x) => Ok(x),
+                    Value::F64(x) => Ok(x as f32),
+                    _ => bail!("{p}: element {i} of `tokenizer.ggml.scores` is not a number"),
+                })
+                .collect::<Result<_>>()?,
+        };
+        let add_space_prefix = match self.meta("tokenizer.ggml.add_space_prefix") {
+            None => true,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => bail!("{p}: metadata `tokenizer.ggml.add_space_prefix` must be true or false, found {v:?}"),
+        };
         Ok(GgufVocab {
             model: self.meta_str("tokenizer.ggml.model").unwrap_or("").to_string(),
             pre: self.meta_str("tokenizer.ggml.pre").unwrap_or("").to_string(),
             tokens,
             types,
             merges,
+            scores,
+            add_space_prefix,
         })
     }
 
@@ -474,7 +493,8 @@ pub fn open_gguf(path: &Path) -> Result<ModelSource> {
     let (src, config, vocab) = read_gguf(path)?;
     let json = tokenizer_json_from_gguf(&vocab, &path.display().to_string())?;
     let template = src.meta_str("tokenizer.chat_template").map(String::from);
-    let tokenizer = Tok::from_json(json, config.eos_token_id, config.bos_token_id, template)?;
+    let mut tokenizer = Tok::from_json(json, config.eos_token_id, config.bos_token_id, template)?;
+    tokenizer.unbroken = super::tokenizer::spanning_pieces(&vocab);
     Ok(ModelSource {
         path: path.to_path_buf(),
         config,
@@ -602,6 +622,16 @@ fn metadata(cfg: &ModelConfig, vocab: &GgufVocab) -> Result<Vec<(String, Value)>
             Value::Array(vocab.merges.iter().map(|t| Value::String(t.clone())).collect()),
         ),
     ];
+    if !vocab.scores.is_empty() {
+        meta.push((
+            "tokenizer.ggml.scores".into(),
+            Value::Array(vocab.scores.iter().map(|&x| Value::F32(x)).collect()),
+        ));
+        meta.push((
+            "tokenizer.ggml.add_space_prefix".into(),
+            Value::Bool(vocab.add_space_prefix),
+        ));
+    }
     if let Some(e) = cfg.eos_token_id {
         meta.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
     }
@@ -713,7 +743,7 @@ mod tests {
             "lm_head.weight",
             "model.layers.2.self_attn.k_proj.bias",
         ] {
-            assert_eq!(gguf_to_hf(&hf_to_gguf(n).unwrap()).unwrap(), n);
+            assert_eq!(gguf_to_hf(&hf_to_gguf(n, &[]).unwrap(), &[]).unwrap(), n);
         }
         Ok(())
     }

@@ -160,6 +160,7 @@ pub fn gguf_tokenizer(data: &[u8]) {
         tokens: lines(p[2]),
         types: p[3].iter().map(|&b| b as i64 % 7).collect(),
         merges: lines(p[4]),
+        ..Default::default()
     };
     let Ok(json) = tokenizer_json_from_gguf(&v, "fuzz") else {
         return;
