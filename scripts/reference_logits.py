@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Independent numpy reference for strata's GGUF decoder.
 
-Reads a Llama, Qwen2 or Qwen3 GGUF with the `gguf` PyPI package (its own dequantization), runs
-the forward pass in float64 numpy the way llama.cpp does it (Q/K rows as stored; RoPE on
-adjacent pairs for Llama, on halves (NeoX) for Qwen; Qwen2's q/k/v biases; Qwen3's per-head q/k
-norms; Llama 3's `rope_freqs`), and compares the logits with the ones strata wrote:
+Reads a Llama, Qwen2, Qwen3 or Gemma 3 GGUF with the `gguf` PyPI package (its own
+dequantization), runs the forward pass in float64 numpy the way llama.cpp does it (Q/K rows as
+stored; RoPE on adjacent pairs for Llama, on halves (NeoX) for Qwen and Gemma; Qwen2's q/k/v
+biases; Qwen3's per-head q/k norms; Llama 3's `rope_freqs`; Gemma 3's scaled embedding, norms
+after attention and MLP (stored as 1 + w), tanh-GELU gate, and its five windowed layers of six
+on a RoPE base of 10,000, as llama.cpp fixes them), and compares the logits with strata's:
 
     strata inspect MODEL.gguf --logits "some text" --json strata.json
     python3 scripts/reference_logits.py MODEL.gguf strata.json
@@ -27,7 +29,8 @@ def main():
     r = GGUFReader(path)
     meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml")}
     arch = meta["general.architecture"]
-    assert arch in ("llama", "qwen2", "qwen3"), f"this reference implements llama, qwen2 and qwen3, not {arch}"
+    assert arch in ("llama", "qwen2", "qwen3", "gemma3"), f"this reference implements llama, qwen2, qwen3 and gemma3, not {arch}"
+    gemma = arch == "gemma3"
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     assert scaling == "none", f"this reference does not implement rope scaling type {scaling}"
     n_layer = meta[f"{arch}.block_count"]
@@ -47,16 +50,25 @@ def main():
     ids = s["ids"]
     T = len(ids)
     x = emb[ids]
+    if gemma:
+        x = x * np.sqrt(d_model)
+    window = meta.get(f"{arch}.attention.sliding_window") if gemma else None
 
     def rms(v, w):
         return v / np.sqrt((v * v).mean(-1, keepdims=True) + eps) * w
 
     pos = np.arange(T)[:, None]
-    inv = base ** (-np.arange(0, hd, 2) / hd)
-    if "rope_freqs.weight" in W:
-        inv = inv / W["rope_freqs.weight"]
-    ang = pos * inv[None, :]
-    cos, sin = np.cos(ang), np.sin(ang)
+
+    def tables(theta):
+        inv = theta ** (-np.arange(0, hd, 2) / hd)
+        if "rope_freqs.weight" in W:
+            inv = inv / W["rope_freqs.weight"]
+        ang = pos * inv[None, :]
+        return np.cos(ang), np.sin(ang)
+
+    global_tables = tables(base)
+    local_tables = tables(10000.0) if gemma else global_tables
+    cos, sin = global_tables
 
     def rope_pairs(v):  # v [T, heads, hd], rotate (v[2i], v[2i+1])
         a, b = v[..., 0::2], v[..., 1::2]
@@ -77,9 +89,16 @@ def main():
         y = h @ W[name + ".weight"].T
         return y + W[name + ".bias"] if name + ".bias" in W else y
 
-    mask = np.triu(np.full((T, T), -np.inf), 1)
+    causal = np.triu(np.full((T, T), -np.inf), 1)
+    # llama.cpp's Gemma 3 query scale: the head size, hidden / heads for the 27B (62 layers).
+    qscale = 1 / np.sqrt(d_model / n_head if gemma and n_layer == 62 else hd)
     for i in range(n_layer):
         p = f"blk.{i}."
+        windowed = gemma and window and i % 6 < 5
+        mask = causal
+        if windowed:
+            mask = causal + np.tril(np.full((T, T), -np.inf), -window)
+        cos, sin = local_tables if windowed else global_tables
         h = rms(x, W[p + "attn_norm.weight"])
         q = proj(h, p + "attn_q").reshape(T, n_head, hd)
         k = proj(h, p + "attn_k").reshape(T, n_kv, hd)
@@ -90,19 +109,34 @@ def main():
         rep = n_head // n_kv
         k = np.repeat(k, rep, axis=1)
         v = np.repeat(v, rep, axis=1)
-        att = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
+        att = np.einsum("thd,shd->hts", q, k) * qscale + mask
         att = np.exp(att - att.max(-1, keepdims=True))
         att /= att.sum(-1, keepdims=True)
         o = np.einsum("hts,shd->thd", att, v).reshape(T, n_head * hd)
-        x = x + o @ W[p + "attn_output.weight"].T
+        o = o @ W[p + "attn_output.weight"].T
+        if gemma:
+            o = rms(o, W[p + "post_attention_norm.weight"])
+        x = x + o
         h = rms(x, W[p + "ffn_norm.weight"])
         g = h @ W[p + "ffn_gate.weight"].T
         u = h @ W[p + "ffn_up.weight"].T
-        x = x + ((g / (1 + np.exp(-g))) * u) @ W[p + "ffn_down.weight"].T
+        if gemma:
+            act = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
+        else:
+            act = g / (1 + np.exp(-g))
+        y = (act * u) @ W[p + "ffn_down.weight"].T
+        if gemma:
+            y = rms(y, W[p + "post_ffw_norm.weight"])
+        x = x + y
     x = rms(x, W["output_norm.weight"])
     head = W.get("output.weight", emb)
     logits = x @ head.T
-    got = np.array(s["logits"], dtype=np.float64)
+    if "logits_f32" in s:  # large vocabularies: raw f32 beside the JSON
+        import os
+        raw = os.path.join(os.path.dirname(os.path.abspath(strata_json)), s["logits_f32"])
+        got = np.fromfile(raw, dtype="<f4").reshape(T, s["vocab"]).astype(np.float64)
+    else:
+        got = np.array(s["logits"], dtype=np.float64)
     rel = np.abs(got - logits).max() / np.abs(logits).max()
     agree = (got.argmax(-1) == logits.argmax(-1)).mean()
     print(f"{T} tokens, vocab {logits.shape[1]}: max |strata - reference| / max |reference| = {rel:.2e}; "

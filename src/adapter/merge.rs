@@ -256,6 +256,7 @@ pub fn write_hf_dir(model: &Model, tok: &Tok, dir: &Path, merge: bool, store: St
         tc["eos_token"] = json!(e);
         tc["pad_token"] = json!(e);
     }
+    tc["add_bos_token"] = json!(tok.add_bos);
     if let Some(b) = name(tok.bos) {
         tc["bos_token"] = json!(b);
     }

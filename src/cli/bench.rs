@@ -24,7 +24,7 @@ pub struct Args {
     /// `gemm`, or `gpu` (device checks against the CPU ops, then NF4 against dense projections
     /// on the device).
     pub what: String,
-    /// Model shape: `smollm2` (SmolLM2-135M), `qwen2-0.5b`, `qwen2-7b`, `qwen3-8b`, `llama3.1-8b` or `tiny`.
+    /// Model shape: `smollm2` (SmolLM2-135M), `qwen2-0.5b`, `qwen2-7b`, `qwen3-8b`, `llama3.1-8b`, `gemma3-1b`, `gemma3-4b` or `tiny`.
     #[arg(long, default_value = "smollm2")]
     pub shape: String,
     /// Rows per batch (train: 4, memory: 1).
@@ -268,6 +268,47 @@ pub fn llama31_8b_shape() -> ModelConfig {
     }
 }
 
+/// Gemma 3's text shape: five windowed layers of every six on a local RoPE base, tied head,
+/// head size 256, 262k vocabulary.
+fn gemma3_shape(hidden: usize, layers: usize, heads: usize, kv: usize, mlp: usize, window: usize) -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Gemma3,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim: 256,
+        intermediate_size: mlp,
+        vocab_size: 262_144,
+        rope_theta: 1_000_000.0,
+        rope_scaling: crate::model::config::RopeScaling::None,
+        sliding_window: Some(window),
+        window_layers: Some((0..layers).map(|i| (i + 1) % 6 != 0).collect()),
+        rope_local_theta: Some(10_000.0),
+        query_pre_attn_scalar: Some(256.0),
+        rms_norm_eps: 1e-6,
+        tie_word_embeddings: true,
+        max_position_embeddings: 32_768,
+        bos_token_id: Some(2),
+        eos_token_id: Some(1),
+    }
+}
+
+/// Gemma 3 1B's shape.
+pub fn gemma3_1b_shape() -> ModelConfig {
+    gemma3_shape(1152, 26, 4, 1, 6912, 512)
+}
+
+/// Gemma 3 4B's text model (its global layers' RoPE scaled linearly by 8, 128k context).
+pub fn gemma3_4b_shape() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 262_208,
+        rope_scaling: crate::model::config::RopeScaling::Linear { factor: 8.0 },
+        max_position_embeddings: 131_072,
+        ..gemma3_shape(2560, 34, 8, 4, 10_240, 1024)
+    }
+}
+
 /// Qwen2-0.5B's shape.
 pub fn qwen2_05b_shape() -> ModelConfig {
     ModelConfig {
@@ -305,8 +346,10 @@ pub fn run(mut a: Args) -> Result<()> {
         "qwen2-0.5b" => qwen2_05b_shape(),
         "qwen3-8b" => qwen3_8b_shape(),
         "llama3.1-8b" => llama31_8b_shape(),
+        "gemma3-1b" => gemma3_1b_shape(),
+        "gemma3-4b" => gemma3_4b_shape(),
         "tiny" => crate::cli::synthetic::tiny_config(Arch::Llama, 1000, true),
-        o => bail!("unknown shape `{o}`; choose smollm2, qwen2-0.5b, qwen2-7b, qwen3-8b, llama3.1-8b or tiny"),
+        o => bail!("unknown shape `{o}`; choose smollm2, qwen2-0.5b, qwen2-7b, qwen3-8b, llama3.1-8b, gemma3-1b, gemma3-4b or tiny"),
     };
     match a.what.as_str() {
         "train" => {}

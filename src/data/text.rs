@@ -174,7 +174,7 @@ pub fn pack(tok: &Tok, docs: &[String], seq_len: usize, documents: bool) -> Resu
     // Whether a stream position begins a document.
     let mut begins = Vec::new();
     for d in docs {
-        let ids = tok.encode(d)?;
+        let ids = tok.encode_document(d)?;
         begins.push(true);
         begins.resize(stream.len() + ids.len() + 1, false);
         stream.extend(ids);

@@ -55,7 +55,7 @@ fn item_tokens(tok: &Tok, item: &McItem) -> Result<(Vec<u32>, Vec<Vec<u32>>)> {
         Some(c) => (c, " "),
         None => (item.context.as_str(), ""),
     };
-    let mut ctx_ids = tok.encode(ctx)?;
+    let mut ctx_ids = tok.encode_document(ctx)?;
     if ctx_ids.is_empty() {
         ctx_ids = tok.eos.into_iter().collect();
     }

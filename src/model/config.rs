@@ -487,10 +487,9 @@ fn sliding_window(v: &Value, arch: Arch, layers: usize, file: &Path) -> Result<(
         // transformers' Qwen2/Qwen3: the window from layer `max_window_layers` up.
         (None, Arch::Qwen2 | Arch::Qwen3) => {
             let on = v.get("use_sliding_window").and_then(|x| x.as_bool()).unwrap_or(false);
-            match v.get("max_window_layers").and_then(|x| x.as_u64()) {
-                Some(first) => Some((0..layers).map(|i| on && i as u64 >= first).collect()),
-                None => None,
-            }
+            v.get("max_window_layers")
+                .and_then(|x| x.as_u64())
+                .map(|first| (0..layers).map(|i| on && i as u64 >= first).collect())
         }
         (None, _) => None,
     };

@@ -495,6 +495,11 @@ pub fn open_gguf(path: &Path) -> Result<ModelSource> {
     let template = src.meta_str("tokenizer.chat_template").map(String::from);
     let mut tokenizer = Tok::from_json(json, config.eos_token_id, config.bos_token_id, template)?;
     tokenizer.unbroken = super::tokenizer::spanning_pieces(&vocab);
+    // llama.cpp: stated in the file, else on for SentencePiece vocabularies.
+    tokenizer.add_bos = match src.meta("tokenizer.ggml.add_bos_token") {
+        Some(Value::Bool(b)) => *b,
+        _ => vocab.model == "llama",
+    };
     Ok(ModelSource {
         path: path.to_path_buf(),
         config,

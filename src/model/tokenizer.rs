@@ -19,6 +19,9 @@ pub struct Tok {
     pub eos: Option<u32>,
     /// Beginning-of-sequence token.
     pub bos: Option<u32>,
+    /// Whether the model expects [`Tok::bos`] before each document (Gemma, Llama; llama.cpp's
+    /// `add_bos_token`, Hugging Face's `add_bos_token` or a BOS in the post-processor).
+    pub add_bos: bool,
     /// The model's Jinja chat template, when it has one.
     pub chat_template: Option<String>,
     /// The `tokenizer.json` document (for exports).
@@ -44,7 +47,16 @@ impl Tok {
             chat_template,
             json,
             unbroken: Vec::new(),
+            add_bos: false,
         })
+    }
+
+    /// The ids a document is scored or trained as: [`Tok::encode`], after BOS when the model
+    /// expects one.
+    pub fn encode_document(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.bos.filter(|_| self.add_bos).into_iter().collect();
+        ids.extend(self.encode(text)?);
+        Ok(ids)
     }
 
     /// Reads `tokenizer.json` and, when present, `tokenizer_config.json` (special tokens, chat template).
@@ -77,6 +89,27 @@ impl Tok {
         };
         tok.eos = special("eos_token");
         tok.bos = special("bos_token");
+        // `add_bos_token` when stated; otherwise a BOS in the post-processor's single template
+        // (how Llama 3's tokenizer.json adds <|begin_of_text|>).
+        tok.add_bos = match cfg.get("add_bos_token").and_then(|v| v.as_bool()) {
+            Some(b) => b,
+            None => {
+                let doc: Value = serde_json::from_str(&tok.json).unwrap_or(Value::Null);
+                let bos = tok.bos.and_then(|b| tok.inner.id_to_token(b));
+                doc["post_processor"]["single"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .chain(
+                        doc["post_processor"]["processors"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .flat_map(|p| p["single"].as_array().into_iter().flatten()),
+                    )
+                    .any(|piece| bos.is_some() && piece["SpecialToken"]["id"].as_str() == bos.as_deref())
+            }
+        };
         Ok(tok)
     }
 
