@@ -49,7 +49,12 @@ fn lora_model(arch: Arch, tied: bool, rank: usize) -> Result<Model> {
 
 #[test]
 fn every_trainable_parameter_gets_a_gradient_and_recompute_matches() -> Result<()> {
-    for (arch, tied) in [(Arch::Llama, true), (Arch::Qwen2, false), (Arch::Qwen3, false)] {
+    for (arch, tied) in [
+        (Arch::Llama, true),
+        (Arch::Qwen2, false),
+        (Arch::Qwen3, false),
+        (Arch::Gemma3, true),
+    ] {
         let m = lora_model(arch, tied, 4)?;
         let b = batch(300, 2, 7, 5)?;
         let fwd = Fwd::eval();
@@ -162,7 +167,12 @@ fn selective_recompute_matches_blocks_on_bf16_and_nf4_bases() -> Result<()> {
 /// and every block.
 #[test]
 fn full_finetune_gradients_match_naive_autograd() -> Result<()> {
-    for (arch, tied) in [(Arch::Qwen2, false), (Arch::Qwen2, true), (Arch::Qwen3, false)] {
+    for (arch, tied) in [
+        (Arch::Qwen2, false),
+        (Arch::Qwen2, true),
+        (Arch::Qwen3, false),
+        (Arch::Gemma3, true),
+    ] {
         let cfg = tiny_config(arch, 50, tied);
         let src = random_weights(&cfg, 2);
         let m = Model::load(&cfg, &src, BaseDtype::F32, true, &Device::Cpu)?;
@@ -212,7 +222,12 @@ fn bf16_mixed_precision_gradients_match_the_f32_path() -> Result<()> {
         return Ok(());
     }
     let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64) };
-    for (arch, tied) in [(Arch::Qwen2, false), (Arch::Qwen2, true), (Arch::Qwen3, false)] {
+    for (arch, tied) in [
+        (Arch::Qwen2, false),
+        (Arch::Qwen2, true),
+        (Arch::Qwen3, false),
+        (Arch::Gemma3, true),
+    ] {
         let cfg = tiny_config(arch, 300, tied);
         let src = random_weights(&cfg, 2);
         let f32m = Model::load(&cfg, &src, BaseDtype::F32, true, &Device::Cpu)?;
@@ -365,7 +380,7 @@ fn kv_cache_generation_matches_full_forward() -> Result<()> {
 #[test]
 fn gguf_and_hf_roundtrips_give_identical_logits() -> Result<()> {
     let dir = tmp("roundtrip");
-    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma3] {
         let gguf = dir.join(format!("{arch:?}.gguf"));
         let (cfg, src) = write_tiny_gguf(&gguf, arch, true, 7, GgmlDType::F32)?;
         let reference = Model::load(&cfg, &src, BaseDtype::F32, false, &Device::Cpu)?;
@@ -686,7 +701,12 @@ fn sharded_safetensors_index_loads() -> Result<()> {
 /// backend, gives the CPU fused path's loss and gradients on a QLoRA model (NF4-DQ base).
 #[test]
 fn device_path_matches_the_fused_cpu_path_on_qlora() -> Result<()> {
-    for (arch, tied) in [(Arch::Llama, true), (Arch::Qwen2, false), (Arch::Qwen3, false)] {
+    for (arch, tied) in [
+        (Arch::Llama, true),
+        (Arch::Qwen2, false),
+        (Arch::Qwen3, false),
+        (Arch::Gemma3, true),
+    ] {
         let cfg = strata::testing::tiny_nf4_config(arch, 300, tied);
         let src = random_weights(&cfg, 1);
         let load = |device_nf4: bool| -> Result<Model> {

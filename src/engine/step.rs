@@ -373,6 +373,10 @@ pub fn forward_backward_with(
     }
     if let Param::Train(e) = &model.embed {
         let ids = batch.ids.flatten_all()?;
+        // The block input's gradient through Gemma's embedding scale (`Model::embed`).
+        if let Some(scale) = model.embed_scale() {
+            g = g.affine(scale, 0.0)?;
+        }
         let de = Tensor::zeros(e.as_tensor().shape(), DType::F32, e.as_tensor().device())?.index_add(&ids, &g, 0)?;
         acc.add(e, &de)?;
     }

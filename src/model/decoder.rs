@@ -820,11 +820,19 @@ impl Model {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let flat = ids.flatten_all()?;
         let x = self.embed.t().index_select(&flat, 0)?.to_dtype(DType::F32)?;
-        if self.cfg.arch.embed_scaled() {
-            // Gemma: token vectors times sqrt(hidden), in f32 as llama.cpp computes it.
-            return Ok(x.affine((self.cfg.hidden_size as f32).sqrt() as f64, 0.0)?);
+        match self.embed_scale() {
+            Some(s) => Ok(x.affine(s, 0.0)?),
+            None => Ok(x),
         }
-        Ok(x)
+    }
+
+    /// What token vectors are multiplied by on the way in: Gemma's sqrt(hidden), in f32 as
+    /// llama.cpp computes it (`None`: unscaled).
+    pub fn embed_scale(&self) -> Option<f64> {
+        self.cfg
+            .arch
+            .embed_scaled()
+            .then(|| (self.cfg.hidden_size as f32).sqrt() as f64)
     }
 
     /// Runs one block on `x [b * t, hidden]` for a batch of `b` rows of `t` positions; `state`

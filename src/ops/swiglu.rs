@@ -101,4 +101,22 @@ mod tests {
         )?;
         Ok(())
     }
+
+    /// Gemma's gate, `gelu_tanh(g) * u` (candle's `gelu` is the tanh form): its values against
+    /// the formula, its gradient against finite differences.
+    #[test]
+    fn gelu_gate_values_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let g = Tensor::randn(0f64, 2., (5, 6), &dev)?;
+        let u = Tensor::randn(0f64, 1., (5, 6), &dev)?;
+        let probe = Tensor::randn(0f64, 1., (5, 6), &dev)?;
+        let got = g.gelu()?.flatten_all()?.to_vec1::<f64>()?;
+        for (x, y) in g.flatten_all()?.to_vec1::<f64>()?.into_iter().zip(got) {
+            let want = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+            assert!((y - want).abs() < 1e-12, "gelu({x}) = {y}, want {want}");
+        }
+        check_grad(&g, |g| (g.gelu()? * &u)?.mul(&probe)?.sum_all(), 1e-6)?;
+        check_grad(&u, |u| (g.gelu()? * u)?.mul(&probe)?.sum_all(), 1e-6)?;
+        Ok(())
+    }
 }
