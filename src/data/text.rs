@@ -156,8 +156,9 @@ impl Sequences {
     }
 }
 
-/// Tokenizes documents, joins them with EOS and cuts the stream into rows of `seq_len + 1`
-/// tokens that overlap by one (inputs are the first `seq_len`, targets the last `seq_len`).
+/// Tokenizes documents (each after BOS where the model expects one), joins them with EOS and
+/// cuts the stream into rows of `seq_len + 1` tokens that overlap by one (inputs are the first
+/// `seq_len`, targets the last `seq_len`; a BOS-first model's rows start with BOS).
 /// A short tail is kept as a padded row so that small corpora are not lost. With `documents`,
 /// each row records where its documents begin (a document cut by a row's end continues, as a
 /// document of its own, at the start of the next row) and the target that would predict a
@@ -190,6 +191,13 @@ pub fn pack(tok: &Tok, docs: &[String], seq_len: usize, documents: bool) -> Resu
         let block = &stream[start..end];
         let mut inp = block[..block.len() - 1].to_vec();
         let mut tgt = block[1..].to_vec();
+        // A model that expects BOS first (Gemma: without it the first positions' losses run
+        // to 20+ nats and the whole row suffers) sees one at the start of every row, as
+        // llama.cpp's perplexity puts it. Rows overlap by one, so the token it stands in for is
+        // the previous row's last target: no target is lost.
+        if let Some(b) = tok.bos.filter(|_| tok.add_bos) {
+            inp[0] = b;
+        }
         if inp.len() < seq_len {
             if !seqs.is_empty() && inp.len() < seq_len / 4 {
                 break;
@@ -252,6 +260,24 @@ mod tests {
                     .collect::<Vec<_>>()[..]
             );
         }
+        Ok(())
+    }
+
+    /// A model that expects BOS: every document begins with it, every row's first input is it,
+    /// and the targets are still the whole stream once (BOS-first documents included).
+    #[test]
+    fn bos_first_models_get_bos_on_every_row_and_document() -> Result<()> {
+        let mut tok = Tok::from_json(tokenizer_json_from_gguf(&tiny_vocab(), "t")?, Some(0), Some(1), None)?;
+        tok.add_bos = true;
+        let docs = vec!["the cat the cat the".to_string(), "a dog the".to_string()];
+        let seqs = pack(&tok, &docs, 4, false)?;
+        let stream: Vec<u32> = docs
+            .iter()
+            .flat_map(|d| [1].into_iter().chain(tok.encode(d).unwrap()).chain([0]))
+            .collect();
+        let targets: Vec<u32> = seqs.targets.iter().flatten().copied().filter(|&t| t != IGNORE).collect();
+        assert_eq!(targets, stream[1..].to_vec());
+        assert!(seqs.inputs.len() > 2 && seqs.inputs.iter().all(|r| r[0] == 1));
         Ok(())
     }
 

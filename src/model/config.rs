@@ -988,7 +988,11 @@ impl ModelConfig {
             v["rope_local_base_freq"] = json!(t);
         }
         if let Some(s) = self.query_pre_attn_scalar {
-            v["query_pre_attn_scalar"] = json!(s);
+            // transformers' config type is an integer (a whole number written as one).
+            v["query_pre_attn_scalar"] = match s.fract() == 0.0 && s < 1e15 {
+                true => json!(s as u64),
+                false => json!(s),
+            };
         }
         v
     }
