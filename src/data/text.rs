@@ -275,7 +275,13 @@ mod tests {
             .iter()
             .flat_map(|d| [1].into_iter().chain(tok.encode(d).unwrap()).chain([0]))
             .collect();
-        let targets: Vec<u32> = seqs.targets.iter().flatten().copied().filter(|&t| t != IGNORE).collect();
+        let targets: Vec<u32> = seqs
+            .targets
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|&t| t != IGNORE)
+            .collect();
         assert_eq!(targets, stream[1..].to_vec());
         assert!(seqs.inputs.len() > 2 && seqs.inputs.iter().all(|r| r[0] == 1));
         Ok(())

@@ -1,7 +1,9 @@
-//! Self-contained HTML reports with inline SVG plots (no scripts, no network): the run report
-//! every `strata train` writes beside its metrics.
+//! Self-contained HTML reports with inline SVG plots drawn by plotters' SVG backend (no
+//! scripts, no network): the run report every `strata train` writes beside its metrics.
 
 use anyhow::{Context, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
 use serde_json::Value;
 use std::fmt::Write;
 use std::path::Path;
@@ -12,247 +14,203 @@ pub type Series = (String, Vec<(f64, f64)>);
 /// A labelled scatter point: `(label, x, (x_lo, x_hi), y, (y_lo, y_hi))`.
 pub type Point = (String, f64, (f64, f64), f64, (f64, f64));
 
-const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
-
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-/// A chart's plot area inside its `w x h` box (margins `l r t b`) and the data ranges it maps.
-struct Frame {
-    w: f64,
-    h: f64,
-    l: f64,
-    r: f64,
-    t: f64,
-    b: f64,
-    x: (f64, f64),
-    y: (f64, f64),
+/// Series colours (matplotlib's first six).
+const COLORS: [(u8, u8, u8); 6] = [
+    (0x1f, 0x77, 0xb4),
+    (0xd6, 0x27, 0x28),
+    (0x2c, 0xa0, 0x2c),
+    (0xff, 0x7f, 0x0e),
+    (0x94, 0x67, 0xbd),
+    (0x8c, 0x56, 0x4b),
+];
+
+fn color(i: usize) -> RGBColor {
+    let (r, g, b) = COLORS[i % COLORS.len()];
+    RGBColor(r, g, b)
 }
 
-impl Frame {
-    fn xs(&self, x: f64) -> f64 {
-        self.l + (x - self.x.0) / (self.x.1 - self.x.0).max(1e-12) * (self.w - self.l - self.r)
-    }
-
-    fn ys(&self, y: f64) -> f64 {
-        self.h - self.b - (y - self.y.0) / (self.y.1 - self.y.0) * (self.h - self.t - self.b)
-    }
-
-    /// The border, five ticks on each axis and the axis labels.
-    fn draw(&self, svg: &mut String, x_label: &str, y_label: Option<&str>) {
-        let (w, h, l, r, t, b) = (self.w, self.h, self.l, self.r, self.t, self.b);
-        let _ = write!(
-            svg,
-            "<rect x='{l}' y='{t}' width='{}' height='{}' fill='none' stroke='#999'/>",
-            w - l - r,
-            h - t - b
-        );
-        for k in 0..=4 {
-            let x = self.x.0 + (self.x.1 - self.x.0) * k as f64 / 4.0;
-            let y = self.y.0 + (self.y.1 - self.y.0) * k as f64 / 4.0;
-            let _ = write!(
-                svg,
-                "<text x='{:.1}' y='{:.1}' text-anchor='middle'>{}</text><text x='{:.1}' y='{:.1}' text-anchor='end'>{}</text>",
-                self.xs(x),
-                h - b + 14.0,
-                fmt_tick(x),
-                l - 4.0,
-                self.ys(y) + 4.0,
-                fmt_tick(y)
-            );
-        }
-        let _ = write!(
-            svg,
-            "<text x='{:.1}' y='{}' text-anchor='middle'>{}</text>",
-            (l + w - r) / 2.0,
-            h - 6.0,
-            esc(x_label)
-        );
-        if let Some(y_label) = y_label {
-            let mid = (t + h - b) / 2.0;
-            let _ = write!(
-                svg,
-                "<text x='12' y='{mid:.1}' transform='rotate(-90 12 {mid:.1})' text-anchor='middle'>{}</text>",
-                esc(y_label)
-            );
-        }
+/// A chart's SVG, or a one-line SVG saying why it could not be drawn.
+fn svg_or_note(w: u32, h: u32, draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, Shift>) -> Result<(), String>) -> String {
+    let mut svg = String::new();
+    let outcome = {
+        let root = SVGBackend::with_string(&mut svg, (w, h)).into_drawing_area();
+        draw(&root).and_then(|_| root.present().map_err(|e| e.to_string()))
+    };
+    match outcome {
+        Ok(()) => svg,
+        Err(e) => format!(
+            "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='40'><text x='8' y='20'>chart not drawn: {}</text></svg>",
+            esc(&e)
+        ),
     }
 }
 
-/// A line chart of `series` (empty series are left out) as an SVG element.
+/// `lo..hi` widened when empty or degenerate, so an axis always has a span.
+fn span(lo: f64, hi: f64) -> (f64, f64) {
+    if !(lo.is_finite() && hi.is_finite()) {
+        return (0.0, 1.0);
+    }
+    if (hi - lo).abs() <= 1e-12 * hi.abs().max(1e-30) {
+        let pad = 0.5 * lo.abs().max(1e-3);
+        return (lo - pad, hi + pad);
+    }
+    (lo, hi)
+}
+
+/// A line chart of `series` (empty series are left out) as an SVG element, drawn with
+/// plotters; ticks at round values (whole steps on a step axis).
 pub fn line_chart(title: &str, x_label: &str, series: &[Series]) -> String {
-    let (w, h, l, r, t, b) = (560.0, 260.0, 64.0, 16.0, 28.0, 40.0);
     let pts: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.1.iter().copied())
-        .filter(|p| p.1.is_finite())
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
         .collect();
-    let mut svg = format!(
-        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='11'>\
-         <text x='{l}' y='16' font-size='13' font-weight='bold'>{}</text>",
-        esc(title)
-    );
-    if pts.is_empty() {
-        svg += "<text x='70' y='120'>no data</text></svg>";
-        return svg;
-    }
-    let fold = |f: fn(f64, f64) -> f64, init: f64, by: fn(&(f64, f64)) -> f64| pts.iter().map(by).fold(init, f);
-    let (x0, x1) = (
-        fold(f64::min, f64::INFINITY, |p| p.0),
-        fold(f64::max, f64::NEG_INFINITY, |p| p.0),
-    );
-    let (mut y0, mut y1) = (
-        fold(f64::min, f64::INFINITY, |p| p.1),
-        fold(f64::max, f64::NEG_INFINITY, |p| p.1),
-    );
-    if (y1 - y0).abs() < 1e-12 * y1.abs().max(1e-30) {
-        y0 -= 0.5 * y0.abs().max(1e-3);
-        y1 += 0.5 * y1.abs().max(1e-3);
-    }
-    let f = Frame {
-        w,
-        h,
-        l,
-        r,
-        t,
-        b,
-        x: (x0, x1),
-        y: (y0, y1),
-    };
-    let (xs, ys) = (|x| f.xs(x), |y| f.ys(y));
-    f.draw(&mut svg, x_label, None);
-    for (i, (name, s)) in series.iter().filter(|s| !s.1.is_empty()).enumerate() {
-        let c = COLORS[i % COLORS.len()];
-        let path: Vec<String> = s
-            .iter()
-            .filter(|p| p.1.is_finite())
-            .map(|&(x, y)| format!("{:.1},{:.1}", xs(x), ys(y)))
-            .collect();
-        let _ = write!(
-            svg,
-            "<polyline fill='none' stroke='{c}' stroke-width='1.5' points='{}'/>",
-            path.join(" ")
-        );
-        if s.len() == 1 {
-            let _ = write!(
-                svg,
-                "<circle cx='{:.1}' cy='{:.1}' r='3' fill='{c}'/>",
-                xs(s[0].0),
-                ys(s[0].1)
-            );
+    let min = |f: fn(&(f64, f64)) -> f64| pts.iter().map(f).fold(f64::INFINITY, f64::min);
+    let max = |f: fn(&(f64, f64)) -> f64| pts.iter().map(f).fold(f64::NEG_INFINITY, f64::max);
+    let (x0, x1) = span(min(|p| p.0), max(|p| p.0));
+    let (y0, y1) = span(min(|p| p.1), max(|p| p.1));
+    svg_or_note(560, 260, |root| {
+        let e = |e: &dyn std::fmt::Display| e.to_string();
+        root.fill(&WHITE).map_err(|x| e(&x))?;
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, ("sans-serif", 15))
+            .margin(8)
+            .x_label_area_size(34)
+            .y_label_area_size(58)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|x| e(&x))?;
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .x_labels(6)
+            .y_labels(5)
+            .x_label_formatter(&|v| fmt_tick(*v))
+            .y_label_formatter(&|v| fmt_tick(*v))
+            .light_line_style(RGBColor(238, 238, 238))
+            .draw()
+            .map_err(|x| e(&x))?;
+        if pts.is_empty() {
+            return root
+                .draw(&Text::new("no data", (70, 120), ("sans-serif", 12)))
+                .map_err(|x| e(&x));
         }
-        let _ = write!(
-            svg,
-            "<text x='{}' y='{}' fill='{c}'>{}</text>",
-            l + 8.0,
-            t + 14.0 + 13.0 * i as f64,
-            esc(name)
-        );
-    }
-    svg + "</svg>"
+        for (i, (name, s)) in series.iter().filter(|s| !s.1.is_empty()).enumerate() {
+            let c = color(i);
+            let points = s.iter().copied().filter(|p| p.0.is_finite() && p.1.is_finite());
+            let drawn = if s.len() == 1 {
+                chart.draw_series(points.map(|p| Circle::new(p, 3, c.filled())))
+            } else {
+                chart.draw_series(LineSeries::new(points, c.stroke_width(2)))
+            };
+            drawn
+                .map_err(|x| e(&x))?
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(200, 200, 200))
+            .draw()
+            .map_err(|x| e(&x))
+    })
 }
 
 /// A scatter of labelled points with error bars `(label, x, (x_lo, x_hi), y, (y_lo, y_hi))`;
-/// each of `lines` joins the points it lists, in its order (a sweep's frontier).
+/// each of `lines` joins the points it lists, in its order (a sweep's frontier, drawn grey).
 pub fn scatter_chart(title: &str, x_label: &str, y_label: &str, pts: &[Point], lines: &[Vec<usize>]) -> String {
-    let (w, h, l, r, t, b) = (560.0, 340.0, 64.0, 16.0, 28.0, 40.0);
-    let fin: Vec<_> = pts.iter().filter(|p| p.1.is_finite() && p.3.is_finite()).collect();
-    let mut svg = format!(
-        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='11'>\
-         <text x='{l}' y='16' font-size='13' font-weight='bold'>{}</text>",
-        esc(title)
-    );
-    if fin.is_empty() {
-        return svg + "<text x='70' y='120'>no data</text></svg>";
-    }
-    let span = |lo: f64, hi: f64| {
+    let fin: Vec<&Point> = pts.iter().filter(|p| p.1.is_finite() && p.3.is_finite()).collect();
+    // The scatter's axes always include 0, padded by a tenth of the span.
+    let bound = |f: &dyn Fn(&&Point) -> [f64; 3]| {
+        let v: Vec<f64> = fin.iter().flat_map(f).filter(|x| x.is_finite()).collect();
+        let lo = v.iter().copied().fold(0.0, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
         let pad = ((hi - lo) * 0.1).max(1e-3);
         (lo - pad, hi + pad)
     };
-    let bound = |f: &dyn Fn(&&Point) -> [f64; 3]| {
-        let v: Vec<f64> = fin.iter().flat_map(f).filter(|x| x.is_finite()).collect();
-        span(
-            v.iter().copied().fold(f64::INFINITY, f64::min).min(0.0),
-            v.iter().copied().fold(f64::NEG_INFINITY, f64::max).max(0.0),
-        )
-    };
     let (x0, x1) = bound(&|p| [p.1, p.2 .0, p.2 .1]);
     let (y0, y1) = bound(&|p| [p.3, p.4 .0, p.4 .1]);
-    let f = Frame {
-        w,
-        h,
-        l,
-        r,
-        t,
-        b,
-        x: (x0, x1),
-        y: (y0, y1),
-    };
-    let (xs, ys) = (|x| f.xs(x), |y| f.ys(y));
-    // Zero lines: the scatter's axes always include 0.
-    let _ = write!(
-        svg,
-        "<line x1='{:.1}' y1='{t}' x2='{:.1}' y2='{}' stroke='#ccc'/><line x1='{l}' y1='{:.1}' x2='{}' y2='{:.1}' stroke='#ccc'/>",
-        xs(0.0),
-        xs(0.0),
-        h - b,
-        ys(0.0),
-        w - r,
-        ys(0.0)
-    );
-    f.draw(&mut svg, x_label, Some(y_label));
-    for line in lines {
-        let at: Vec<String> = line
-            .iter()
-            .filter_map(|&i| pts.get(i))
-            .filter(|p| p.1.is_finite() && p.3.is_finite())
-            .map(|p| format!("{:.1},{:.1}", xs(p.1), ys(p.3)))
-            .collect();
-        let _ = write!(
-            svg,
-            "<polyline points='{}' fill='none' stroke='#888' stroke-dasharray='4 3'/>",
-            at.join(" ")
-        );
-    }
-    for (i, p) in fin.iter().enumerate() {
-        let c = COLORS[i % COLORS.len()];
-        let (cx, cy) = (xs(p.1), ys(p.3));
-        if p.2 .0.is_finite() && p.2 .1.is_finite() {
-            let _ = write!(
-                svg,
-                "<line x1='{:.1}' y1='{cy:.1}' x2='{:.1}' y2='{cy:.1}' stroke='{c}'/>",
-                xs(p.2 .0),
-                xs(p.2 .1)
-            );
+    svg_or_note(560, 340, |root| {
+        let e = |e: &dyn std::fmt::Display| e.to_string();
+        root.fill(&WHITE).map_err(|x| e(&x))?;
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, ("sans-serif", 15))
+            .margin(8)
+            .x_label_area_size(34)
+            .y_label_area_size(58)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|x| e(&x))?;
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .x_label_formatter(&|v| fmt_tick(*v))
+            .y_label_formatter(&|v| fmt_tick(*v))
+            .light_line_style(RGBColor(238, 238, 238))
+            .draw()
+            .map_err(|x| e(&x))?;
+        if fin.is_empty() {
+            return root
+                .draw(&Text::new("no data", (70, 120), ("sans-serif", 12)))
+                .map_err(|x| e(&x));
         }
-        if p.4 .0.is_finite() && p.4 .1.is_finite() {
-            let _ = write!(
-                svg,
-                "<line x1='{cx:.1}' y1='{:.1}' x2='{cx:.1}' y2='{:.1}' stroke='{c}'/>",
-                ys(p.4 .0),
-                ys(p.4 .1)
-            );
+        let zero = RGBColor(190, 190, 190);
+        chart
+            .draw_series([
+                PathElement::new(vec![(0.0, y0), (0.0, y1)], zero),
+                PathElement::new(vec![(x0, 0.0), (x1, 0.0)], zero),
+            ])
+            .map_err(|x| e(&x))?;
+        for line in lines {
+            let at: Vec<(f64, f64)> = line
+                .iter()
+                .filter_map(|&i| pts.get(i))
+                .filter(|p| p.1.is_finite() && p.3.is_finite())
+                .map(|p| (p.1, p.3))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(at, FRONTIER.stroke_width(1)))
+                .map_err(|x| e(&x))?;
         }
-        let _ = write!(
-            svg,
-            "<circle cx='{cx:.1}' cy='{cy:.1}' r='4' fill='{c}'/><text x='{:.1}' y='{:.1}' fill='{c}'>{}</text>",
-            cx + 6.0,
-            cy - 6.0,
-            esc(&p.0)
-        );
-    }
-    svg + "</svg>"
+        for (i, p) in fin.iter().enumerate() {
+            let c = color(i);
+            let mut bars = Vec::new();
+            if p.2 .0.is_finite() && p.2 .1.is_finite() {
+                bars.push(PathElement::new(vec![(p.2 .0, p.3), (p.2 .1, p.3)], c));
+            }
+            if p.4 .0.is_finite() && p.4 .1.is_finite() {
+                bars.push(PathElement::new(vec![(p.1, p.4 .0), (p.1, p.4 .1)], c));
+            }
+            chart.draw_series(bars).map_err(|x| e(&x))?;
+            chart
+                .draw_series([EmptyElement::at((p.1, p.3))
+                    + Circle::new((0, 0), 4, c.filled())
+                    + Text::new(p.0.clone(), (6, -14), ("sans-serif", 11).into_font().color(&c))])
+                .map_err(|x| e(&x))?;
+        }
+        Ok(())
+    })
 }
 
+/// The grey of a sweep's frontier line (tests count its lines by it).
+pub const FRONTIER: RGBColor = RGBColor(0x88, 0x88, 0x88);
+
+/// A tick label: whole numbers as such (steps), small and large values in e-notation, the rest
+/// with up to four significant decimals and no trailing zeros.
 fn fmt_tick(v: f64) -> String {
     let a = v.abs();
-    if a != 0.0 && !(1e-2..1e5).contains(&a) {
-        format!("{v:.2e}")
-    } else if a >= 100.0 {
+    if v == v.round() && a < 1e6 {
         format!("{v:.0}")
+    } else if a != 0.0 && !(1e-2..1e6).contains(&a) {
+        format!("{v:.1e}")
     } else {
-        format!("{v:.3}")
+        let s = format!("{v:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
     }
 }
 
@@ -350,12 +308,38 @@ pub fn write_run_report(out: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// Titles and names are escaped, a step axis is labelled in whole steps (never `10.000`),
+    /// a learning rate in e-notation, and an empty chart says so.
     #[test]
-    fn charts_scale_points_into_the_frame_and_escape_names() {
-        let s = line_chart("a<b", "x", &[("s&t".into(), vec![(0.0, 1.0), (10.0, 3.0)])]);
-        assert!(s.contains("a&lt;b") && s.contains("s&amp;t"));
-        // x 0 -> left edge 64, x 10 -> right edge 544; y 3 (max) -> top 28, y 1 -> bottom 220.
-        assert!(s.contains("points='64.0,220.0 544.0,28.0'"), "{s}");
+    fn charts_escape_names_and_label_ticks_readably() {
+        let steps: Vec<(f64, f64)> = (0..=40).map(|i| (i as f64, 3.0 - i as f64 * 0.02)).collect();
+        // The text of every <text> element.
+        let texts = |svg: &str| -> Vec<String> {
+            svg.split("</text>")
+                .filter_map(|t| t.rsplit_once('>').map(|(_, x)| x.trim().to_string()))
+                .collect()
+        };
+        let s = line_chart("a<b", "step", &[("s&t".into(), steps)]);
+        let t = texts(&s);
+        assert!(t.contains(&"a&lt;b".into()) && t.contains(&"s&amp;t".into()), "{t:?}");
+        assert!(t.contains(&"10".into()) && t.contains(&"20".into()), "{t:?}");
+        assert!(!t.iter().any(|x| x.ends_with(".000")), "{t:?}");
+        assert!(s.contains("<polyline"), "{s}");
+        let lr: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, 2e-4 * (1.0 + i as f64))).collect();
+        let t = texts(&line_chart("lr", "step", &[("lr".into(), lr)]));
+        assert!(t.iter().any(|x| x.ends_with("e-4") || x.ends_with("e-3")), "{t:?}");
         assert!(line_chart("t", "x", &[]).contains("no data"));
+        assert_eq!(
+            (fmt_tick(10.0), fmt_tick(0.25), fmt_tick(2e-5), fmt_tick(3.14159)),
+            ("10".into(), "0.25".into(), "2.0e-5".into(), "3.1416".into())
+        );
+        let sc = scatter_chart(
+            "x",
+            "f",
+            "g",
+            &[("run".into(), 1.0, (0.5, 1.5), -2.0, (-3.0, -1.0))],
+            &[vec![0]],
+        );
+        assert!(texts(&sc).contains(&"run".into()) && sc.contains("<circle"), "{sc}");
     }
 }
