@@ -2,6 +2,7 @@
 //! scripts, no network): the run report every `strata train` writes beside its metrics.
 
 use anyhow::{Context, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde_json::Value;
@@ -61,6 +62,38 @@ fn span(lo: f64, hi: f64) -> (f64, f64) {
     (lo, hi)
 }
 
+/// A white chart titled `title` over `x` and `y`, its axes ticked at round values and labelled.
+fn axes<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    title: &str,
+    x: (f64, f64),
+    y: (f64, f64),
+    x_label: &str,
+    y_label: Option<&str>,
+) -> Result<ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>, String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 15))
+        .margin(8)
+        .x_label_area_size(34)
+        .y_label_area_size(58)
+        .build_cartesian_2d(x.0..x.1, y.0..y.1)
+        .map_err(|x| e(&x))?;
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(x_label)
+        .x_labels(6)
+        .y_labels(5)
+        .x_label_formatter(&|v| fmt_tick(*v))
+        .y_label_formatter(&|v| fmt_tick(*v))
+        .light_line_style(RGBColor(238, 238, 238));
+    if let Some(y_label) = y_label {
+        mesh.y_desc(y_label);
+    }
+    mesh.draw().map_err(|x| e(&x))?;
+    Ok(chart)
+}
+
 /// A line chart of `series` (empty series are left out) as an SVG element, drawn with
 /// plotters; ticks at round values (whole steps on a step axis).
 pub fn line_chart(title: &str, x_label: &str, series: &[Series]) -> String {
@@ -75,24 +108,7 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series]) -> String {
     let (y0, y1) = span(min(|p| p.1), max(|p| p.1));
     svg_or_note(560, 260, |root| {
         let e = |e: &dyn std::fmt::Display| e.to_string();
-        root.fill(&WHITE).map_err(|x| e(&x))?;
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, ("sans-serif", 15))
-            .margin(8)
-            .x_label_area_size(34)
-            .y_label_area_size(58)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(|x| e(&x))?;
-        chart
-            .configure_mesh()
-            .x_desc(x_label)
-            .x_labels(6)
-            .y_labels(5)
-            .x_label_formatter(&|v| fmt_tick(*v))
-            .y_label_formatter(&|v| fmt_tick(*v))
-            .light_line_style(RGBColor(238, 238, 238))
-            .draw()
-            .map_err(|x| e(&x))?;
+        let mut chart = axes(root, title, (x0, x1), (y0, y1), x_label, None)?;
         if pts.is_empty() {
             return root
                 .draw(&Text::new("no data", (70, 120), ("sans-serif", 12)))
@@ -137,23 +153,7 @@ pub fn scatter_chart(title: &str, x_label: &str, y_label: &str, pts: &[Point], l
     let (y0, y1) = bound(&|p| [p.3, p.4 .0, p.4 .1]);
     svg_or_note(560, 340, |root| {
         let e = |e: &dyn std::fmt::Display| e.to_string();
-        root.fill(&WHITE).map_err(|x| e(&x))?;
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, ("sans-serif", 15))
-            .margin(8)
-            .x_label_area_size(34)
-            .y_label_area_size(58)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(|x| e(&x))?;
-        chart
-            .configure_mesh()
-            .x_desc(x_label)
-            .y_desc(y_label)
-            .x_label_formatter(&|v| fmt_tick(*v))
-            .y_label_formatter(&|v| fmt_tick(*v))
-            .light_line_style(RGBColor(238, 238, 238))
-            .draw()
-            .map_err(|x| e(&x))?;
+        let mut chart = axes(root, title, (x0, x1), (y0, y1), x_label, Some(y_label))?;
         if fin.is_empty() {
             return root
                 .draw(&Text::new("no data", (70, 120), ("sans-serif", 12)))
