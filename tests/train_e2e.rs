@@ -821,6 +821,17 @@ fn packing_by_documents_trains() -> Result<()> {
         losses(&dir.join("docs/metrics.jsonl"))?,
         losses(&dir.join("stream/metrics.jsonl"))?
     );
+    // The default packs by documents on the CPU (the same run as `documents`), as a stream on
+    // a GPU.
+    let auto = strata::testing::tiny_lora_recipe(&dir, "auto", 12, 3, "").replace("seq_len = 16", "seq_len = 64");
+    let r = strata::train::recipe::Recipe::parse(&auto, "auto.toml", &[])?;
+    assert_eq!(r.data.packing, strata::train::recipe::Packing::Auto);
+    assert!(r.data.packing.by_documents("cpu") && !r.data.packing.by_documents("cuda:0"));
+    train_with(&auto, Default::default())?;
+    assert_eq!(
+        losses(&dir.join("docs/metrics.jsonl"))?,
+        losses(&dir.join("auto/metrics.jsonl"))?
+    );
     let e = format!(
         "{:#}",
         train_with(&text("bad", "rows"), Default::default()).unwrap_err()

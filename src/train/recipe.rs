@@ -401,9 +401,10 @@ pub struct DataSection {
     /// or `skip` (leave it out, count it, say the first per file).
     #[serde(default)]
     pub bad_rows: BadRows,
-    /// How raw text is packed into rows: `stream` (documents joined by EOS, every row attended
-    /// whole) or `documents` (attention stays inside each document, RoPE restarts at each, and
-    /// no target is predicted across a boundary).
+    /// How raw text is packed into rows: `documents` (attention stays inside each document,
+    /// RoPE restarts at each, and no target is predicted across a boundary), `stream`
+    /// (documents joined by EOS, every row attended whole), or `auto` (the default: documents
+    /// on the CPU, stream on a GPU, whose attention has no document masks yet).
     #[serde(default)]
     pub packing: Packing,
 }
@@ -411,20 +412,32 @@ pub struct DataSection {
 /// `data.packing`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Packing {
-    /// Documents joined by EOS, each row attended whole.
+    /// Documents apart where the fused CPU attention runs, stream elsewhere.
     #[default]
+    Auto,
+    /// Documents joined by EOS, each row attended whole.
     Stream,
     /// Block-diagonal causal attention over the documents of a row.
     Documents,
 }
 
 impl Packing {
-    /// Parses `stream` or `documents`.
+    /// Parses `auto`, `stream` or `documents`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
+            "auto" => Ok(Packing::Auto),
             "stream" => Ok(Packing::Stream),
             "documents" => Ok(Packing::Documents),
-            o => bail!("data.packing `{o}` must be `stream` or `documents`"),
+            o => bail!("data.packing `{o}` must be `auto`, `stream` or `documents`"),
+        }
+    }
+
+    /// Whether rows keep their documents apart for a run on `device` (`cpu`, `cuda`, `cuda:N`).
+    pub fn by_documents(self, device: &str) -> bool {
+        match self {
+            Packing::Auto => device == "cpu",
+            Packing::Stream => false,
+            Packing::Documents => true,
         }
     }
 }

@@ -74,7 +74,7 @@ pub fn load_sequences_as(
             tok,
             &data::text::load_documents_mapped(paths, &recipe.data.row_options())?,
             recipe.data.seq_len,
-            recipe.data.packing == crate::train::recipe::Packing::Documents,
+            recipe.data.packing.by_documents(&recipe.train.device),
         ),
     }
 }
