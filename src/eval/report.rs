@@ -330,8 +330,8 @@ mod tests {
         assert!(t.iter().any(|x| x.ends_with("e-4") || x.ends_with("e-3")), "{t:?}");
         assert!(line_chart("t", "x", &[]).contains("no data"));
         assert_eq!(
-            (fmt_tick(10.0), fmt_tick(0.25), fmt_tick(2e-5), fmt_tick(3.14159)),
-            ("10".into(), "0.25".into(), "2.0e-5".into(), "3.1416".into())
+            (fmt_tick(10.0), fmt_tick(0.25), fmt_tick(2e-5), fmt_tick(2.71234)),
+            ("10".into(), "0.25".into(), "2.0e-5".into(), "2.7123".into())
         );
         let sc = scatter_chart(
             "x",
