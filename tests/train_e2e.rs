@@ -826,7 +826,7 @@ fn packing_by_documents_trains() -> Result<()> {
     let auto = strata::testing::tiny_lora_recipe(&dir, "auto", 12, 3, "").replace("seq_len = 16", "seq_len = 64");
     let r = strata::train::recipe::Recipe::parse(&auto, "auto.toml", &[])?;
     assert_eq!(r.data.packing, strata::train::recipe::Packing::Auto);
-    assert!(r.data.packing.by_documents("cpu") && !r.data.packing.by_documents("cuda:0"));
+    assert!(r.data.packing.by_documents(true) && !r.data.packing.by_documents(false));
     train_with(&auto, Default::default())?;
     assert_eq!(
         losses(&dir.join("docs/metrics.jsonl"))?,

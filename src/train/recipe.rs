@@ -432,10 +432,11 @@ impl Packing {
         }
     }
 
-    /// Whether rows keep their documents apart for a run on `device` (`cpu`, `cuda`, `cuda:N`).
-    pub fn by_documents(self, device: &str) -> bool {
+    /// Whether rows keep their documents apart, for a run whose attention is (`fused_cpu`) or
+    /// is not the fused CPU op (a GPU, or the composed ops a GPU runs).
+    pub fn by_documents(self, fused_cpu: bool) -> bool {
         match self {
-            Packing::Auto => device == "cpu",
+            Packing::Auto => fused_cpu,
             Packing::Stream => false,
             Packing::Documents => true,
         }

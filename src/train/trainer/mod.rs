@@ -58,7 +58,7 @@ pub fn run_with(recipe: &Recipe, recipe_text: &str, opts: RunOptions) -> Result<
 
 /// Loads the recipe's sequences (`paths` in the recipe's format).
 pub fn load_sequences(recipe: &Recipe, tok: &crate::model::tokenizer::Tok, paths: &[PathBuf]) -> Result<Sequences> {
-    load_sequences_as(recipe, tok, paths, recipe.data.format)
+    load_sequences_as(recipe, tok, paths, recipe.data.format, recipe.train.device == "cpu")
 }
 
 /// [`load_sequences`] with the files read as `format` (a data source's own).
@@ -67,6 +67,7 @@ pub fn load_sequences_as(
     tok: &crate::model::tokenizer::Tok,
     paths: &[PathBuf],
     format: DataFormat,
+    fused_cpu: bool,
 ) -> Result<Sequences> {
     match format {
         DataFormat::Chat(f) => data::chat::load_chat(paths, tok, recipe.data.seq_len, f, &recipe.data.row_options()),
@@ -74,7 +75,7 @@ pub fn load_sequences_as(
             tok,
             &data::text::load_documents_mapped(paths, &recipe.data.row_options())?,
             recipe.data.seq_len,
-            recipe.data.packing.by_documents(&recipe.train.device),
+            recipe.data.packing.by_documents(fused_cpu),
         ),
     }
 }

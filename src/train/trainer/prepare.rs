@@ -16,7 +16,7 @@ use super::super::checkpoint::{self, RunState};
 use super::super::memory;
 use super::super::recipe::{Group, LogSink, Recipe, RetainSection};
 use super::super::schedule::Schedule;
-use super::{load_sequences, RunOptions};
+use super::RunOptions;
 use crate::adapter::{peft, LoraPlan};
 use crate::data::mix::Mixer;
 use crate::data::Sequences;
@@ -119,7 +119,7 @@ impl<'r> Run<'r> {
                 recipe.data.seq_len
             );
         }
-        let data = RunData::load(recipe, &src)?;
+        let data = RunData::load(recipe, &src, t.device == "cpu" && !opts.device_ops)?;
         // The process as the model will find it (the plan counts the Fisher apart).
         let runtime = current_rss();
         let retain = recipe.retain.clone().unwrap_or_default();
@@ -259,13 +259,13 @@ impl MetricsLog {
 impl RunData {
     /// Reads and packs every data set the recipe names; the held-out rows are `data.eval`, or
     /// split off the training rows when it is empty.
-    fn load(recipe: &Recipe, src: &ModelSource) -> Result<Self> {
+    fn load(recipe: &Recipe, src: &ModelSource, fused_cpu: bool) -> Result<Self> {
         let (d, t) = (&recipe.data, &recipe.train);
         let tok = &src.tokenizer;
         let mix = d.mix();
         let mut sources = Vec::with_capacity(mix.len());
         for m in &mix {
-            let rows = super::load_sequences_as(recipe, tok, &m.files, m.format)
+            let rows = super::load_sequences_as(recipe, tok, &m.files, m.format, fused_cpu)
                 .with_context(|| format!("data source `{}`", m.name))?;
             if !sources.is_empty() && rows.is_empty() {
                 bail!(
@@ -289,12 +289,18 @@ impl RunData {
             }
             train.split_off(d.eval_fraction)
         } else {
-            load_sequences(recipe, tok, &d.eval)?
+            super::load_sequences_as(recipe, tok, &d.eval, d.format, fused_cpu)?
         };
         held.subsample(t.eval_rows);
         let mut held_general = match d.general_eval.is_empty() {
             true => None,
-            false => Some(load_sequences(recipe, tok, &d.general_eval)?),
+            false => Some(super::load_sequences_as(
+                recipe,
+                tok,
+                &d.general_eval,
+                d.format,
+                fused_cpu,
+            )?),
         };
         if let Some(h) = held_general.as_mut() {
             h.subsample(t.eval_rows);
