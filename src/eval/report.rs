@@ -262,12 +262,18 @@ pub fn write_run_report(out: &Path) -> Result<()> {
         .map(|g| series(g, &|v: &Value| v["lr"].get(g)?.as_f64()))
         .collect();
     let gb = |k: &'static str| move |v: &Value| Some(v.get(k)?.as_f64()? / 1e9);
-    let plots = [
-        line_chart(
-            "loss",
-            "step",
-            &[series("train", &field("loss")), evals("eval"), evals("eval_general")],
-        ),
+    // Each term of the loss a run adds to cross-entropy, where it is not zero throughout.
+    let terms: Vec<Series> = ["ce", "ewc", "contrastive", "distill"]
+        .iter()
+        .map(|&k| series(k, &move |v: &Value| v.get(k)?.as_f64()))
+        .filter(|s| s.0 != "ce" && s.1.iter().any(|p| p.1 != 0.0))
+        .collect();
+    let mut losses = vec![series("train", &field("loss")), evals("eval"), evals("eval_general")];
+    if !terms.is_empty() {
+        losses.insert(1, series("cross-entropy", &field("ce")));
+    }
+    let mut plots = vec![
+        line_chart("loss", "step", &losses),
         line_chart("learning rate by group", "step", &lrs),
         line_chart(
             "domain share of the rows",
@@ -294,6 +300,9 @@ pub fn write_run_report(out: &Path) -> Result<()> {
         ),
         line_chart("throughput (tok/s)", "step", &[series("tok/s", &field("tok_per_s"))]),
     ];
+    if !terms.is_empty() {
+        plots.insert(1, line_chart("loss terms added to cross-entropy", "step", &terms));
+    }
     let html = page(
         &format!("strata run: {}", out.display()),
         &[(
