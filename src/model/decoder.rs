@@ -18,7 +18,7 @@ use crate::ops::lora_linear::{KeptProducts, LoraBase, LoraLinear, MaskSeed};
 use crate::ops::norm::{rms_norm, rms_norm_composed};
 use crate::ops::quant_linear::quant_linear;
 use crate::ops::rope::Rope;
-use crate::ops::swiglu::swiglu;
+use crate::ops::swiglu::{geglu, swiglu};
 use crate::ops::trained_linear::{trained_linear, TrainPack};
 use crate::ops::{frozen_linear, lm_head};
 use crate::rng::mix;
@@ -952,7 +952,8 @@ impl Model {
         let h = norm(&x, blk.mlp_norm()?)?;
         let (g, u) = (p(Proj::Gate, &h)?, p(Proj::Up, &h)?);
         let act = match (cfg.arch.gelu_mlp(), fwd.composed) {
-            (true, _) => (g.gelu()? * u)?,
+            (true, true) => (g.gelu()? * u)?,
+            (true, false) => geglu(&g, &u)?,
             (false, true) => (g.silu()? * u)?,
             (false, false) => swiglu(&g, &u)?,
         };

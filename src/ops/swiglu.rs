@@ -1,4 +1,5 @@
-//! `silu(gate) * up` as one op with its backward (CPU f32), the composition elsewhere.
+//! The gated MLP activations as one op each with its backward (CPU f32), the composition
+//! elsewhere: `silu(gate) * up` (SwiGLU) and Gemma's `gelu_tanh(gate) * up` (GeGLU).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -71,6 +72,72 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
+/// `gelu_tanh(g) * u` (Gemma's MLP gate; candle's `gelu` is the same tanh form).
+pub fn geglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if g.device().is_cpu() && g.dtype() == candle_core::DType::F32 && u.dtype() == g.dtype() && g.shape() == u.shape() {
+        let c = |t: &Tensor| {
+            if t.is_contiguous() {
+                Ok(t.clone())
+            } else {
+                t.contiguous()
+            }
+        };
+        return c(g)?.apply_op2(&c(u)?, GeGlu);
+    }
+    g.gelu()? * u
+}
+
+struct GeGlu;
+
+/// sqrt(2 / pi) and the cubic coefficient of the tanh approximation.
+const GELU_K: f32 = 0.797_884_6;
+const GELU_C: f32 = 0.044_715;
+
+impl CustomOp2 for GeGlu {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (cpu_f32(s1, l1, "geglu")?, cpu_f32(s2, l2, "geglu")?);
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(yc, (gc, uc))| {
+                for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
+                    let t = (GELU_K * (a + GELU_C * a * a * a)).tanh();
+                    *o = 0.5 * a * (1.0 + t) * b;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    /// `d/dg = u * (0.5 (1 + t) + 0.5 g (1 - t^2) k (1 + 3 c g^2))` with
+    /// `t = tanh(k (g + c g^3))`; `d/du = gelu_tanh(g)`.
+    fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gv, uv, dv) = (f32_view(g)?, f32_view(u)?, f32_view(dy)?);
+        let (gs, us, ds) = (gv.get(), uv.get(), dv.get());
+        let mut dg = vec![0f32; gs.len()];
+        let mut du = vec![0f32; gs.len()];
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK).zip(ds.par_chunks(CHUNK))))
+            .for_each(|((dgc, duc), (gc, (uc, dc)))| {
+                for i in 0..gc.len() {
+                    let a = gc[i];
+                    let t = (GELU_K * (a + GELU_C * a * a * a)).tanh();
+                    let d = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * a * a);
+                    dgc[i] = dc[i] * uc[i] * d;
+                    duc[i] = dc[i] * 0.5 * a * (1.0 + t);
+                }
+            });
+        Ok((
+            Some(Tensor::from_vec(dg, g.shape(), g.device())?),
+            Some(Tensor::from_vec(du, u.shape(), u.device())?),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +184,19 @@ mod tests {
         }
         check_grad(&g, |g| (g.gelu()? * &u)?.mul(&probe)?.sum_all(), 1e-6)?;
         check_grad(&u, |u| (g.gelu()? * u)?.mul(&probe)?.sum_all(), 1e-6)?;
+        // The fused f32 op against that composition, forward and both gradients.
+        let f32v = |t: &Tensor| -> Result<Var> { Var::from_tensor(&t.to_dtype(candle_core::DType::F32)?) };
+        let (gf, uf, pf) = (f32v(&g)?, f32v(&u)?, probe.to_dtype(candle_core::DType::F32)?);
+        let a = geglu(gf.as_tensor(), uf.as_tensor())?;
+        let b = (gf.as_tensor().gelu()? * uf.as_tensor())?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+        assert!(diff(&a, &b)? < 1e-5, "{}", diff(&a, &b)?);
+        let ga = a.mul(&pf)?.sum_all()?.backward()?;
+        let gb = b.mul(&pf)?.sum_all()?.backward()?;
+        for v in [&gf, &uf] {
+            let d = diff(ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap())?;
+            assert!(d < 1e-4, "gradient differs by {d}");
+        }
         Ok(())
     }
 }
