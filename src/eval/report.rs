@@ -39,7 +39,7 @@ fn svg_or_note(w: u32, h: u32, draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, Sh
     let mut svg = String::new();
     let outcome = {
         let root = SVGBackend::with_string(&mut svg, (w, h)).into_drawing_area();
-        draw(&root).and_then(|_| root.present().map_err(|e| e.to_string()))
+        draw(&root).and_then(|_| root.present().map_err(msg))
     };
     match outcome {
         Ok(()) => svg,
@@ -48,6 +48,11 @@ fn svg_or_note(w: u32, h: u32, draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, Sh
             esc(&e)
         ),
     }
+}
+
+/// A plotters error as the note a chart shows instead.
+fn msg(e: impl std::fmt::Display) -> String {
+    e.to_string()
 }
 
 /// `lo..hi` widened when empty or degenerate, so an axis always has a span.
@@ -71,15 +76,14 @@ fn axes<'a, 'b>(
     x_label: &str,
     y_label: Option<&str>,
 ) -> Result<ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>, String> {
-    let e = |e: &dyn std::fmt::Display| e.to_string();
-    root.fill(&WHITE).map_err(|x| e(&x))?;
+    root.fill(&WHITE).map_err(msg)?;
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 15))
         .margin(8)
         .x_label_area_size(34)
         .y_label_area_size(58)
         .build_cartesian_2d(x.0..x.1, y.0..y.1)
-        .map_err(|x| e(&x))?;
+        .map_err(msg)?;
     let mut mesh = chart.configure_mesh();
     mesh.x_desc(x_label)
         .x_labels(6)
@@ -90,7 +94,7 @@ fn axes<'a, 'b>(
     if let Some(y_label) = y_label {
         mesh.y_desc(y_label);
     }
-    mesh.draw().map_err(|x| e(&x))?;
+    mesh.draw().map_err(msg)?;
     Ok(chart)
 }
 
@@ -107,12 +111,11 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series]) -> String {
     let (x0, x1) = span(min(|p| p.0), max(|p| p.0));
     let (y0, y1) = span(min(|p| p.1), max(|p| p.1));
     svg_or_note(560, 260, |root| {
-        let e = |e: &dyn std::fmt::Display| e.to_string();
         let mut chart = axes(root, title, (x0, x1), (y0, y1), x_label, None)?;
         if pts.is_empty() {
             return root
                 .draw(&Text::new("no data", (70, 120), ("sans-serif", 12)))
-                .map_err(|x| e(&x));
+                .map_err(msg);
         }
         for (i, (name, s)) in series.iter().filter(|s| !s.1.is_empty()).enumerate() {
             let c = color(i);
@@ -123,7 +126,7 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series]) -> String {
                 chart.draw_series(LineSeries::new(points, c.stroke_width(2)))
             };
             drawn
-                .map_err(|x| e(&x))?
+                .map_err(msg)?
                 .label(name.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
         }
@@ -133,7 +136,7 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series]) -> String {
             .background_style(WHITE.mix(0.85))
             .border_style(RGBColor(200, 200, 200))
             .draw()
-            .map_err(|x| e(&x))
+            .map_err(msg)
     })
 }
 
@@ -152,12 +155,11 @@ pub fn scatter_chart(title: &str, x_label: &str, y_label: &str, pts: &[Point], l
     let (x0, x1) = bound(&|p| [p.1, p.2 .0, p.2 .1]);
     let (y0, y1) = bound(&|p| [p.3, p.4 .0, p.4 .1]);
     svg_or_note(560, 340, |root| {
-        let e = |e: &dyn std::fmt::Display| e.to_string();
         let mut chart = axes(root, title, (x0, x1), (y0, y1), x_label, Some(y_label))?;
         if fin.is_empty() {
             return root
                 .draw(&Text::new("no data", (70, 120), ("sans-serif", 12)))
-                .map_err(|x| e(&x));
+                .map_err(msg);
         }
         let zero = RGBColor(190, 190, 190);
         chart
@@ -165,7 +167,7 @@ pub fn scatter_chart(title: &str, x_label: &str, y_label: &str, pts: &[Point], l
                 PathElement::new(vec![(0.0, y0), (0.0, y1)], zero),
                 PathElement::new(vec![(x0, 0.0), (x1, 0.0)], zero),
             ])
-            .map_err(|x| e(&x))?;
+            .map_err(msg)?;
         for line in lines {
             let at: Vec<(f64, f64)> = line
                 .iter()
@@ -175,7 +177,7 @@ pub fn scatter_chart(title: &str, x_label: &str, y_label: &str, pts: &[Point], l
                 .collect();
             chart
                 .draw_series(LineSeries::new(at, FRONTIER.stroke_width(1)))
-                .map_err(|x| e(&x))?;
+                .map_err(msg)?;
         }
         for (i, p) in fin.iter().enumerate() {
             let c = color(i);
@@ -186,12 +188,12 @@ pub fn scatter_chart(title: &str, x_label: &str, y_label: &str, pts: &[Point], l
             if p.4 .0.is_finite() && p.4 .1.is_finite() {
                 bars.push(PathElement::new(vec![(p.1, p.4 .0), (p.1, p.4 .1)], c));
             }
-            chart.draw_series(bars).map_err(|x| e(&x))?;
+            chart.draw_series(bars).map_err(msg)?;
             chart
                 .draw_series([EmptyElement::at((p.1, p.3))
                     + Circle::new((0, 0), 4, c.filled())
                     + Text::new(p.0.clone(), (6, -14), ("sans-serif", 11).into_font().color(&c))])
-                .map_err(|x| e(&x))?;
+                .map_err(msg)?;
         }
         Ok(())
     })

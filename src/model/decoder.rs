@@ -266,24 +266,18 @@ pub struct BlockState<'a> {
 }
 
 /// Rows of trunk-and-branch positions for scoring (see [`crate::ops::fused_attention::Tree`]):
-/// which positions see which, and each position's RoPE position.
+/// which positions see which, and each position's RoPE position (`tree.pos`).
 #[derive(Clone, Debug)]
 pub struct TreeRows {
-    /// Visibility, `[b * t]`.
+    /// Visibility and positions, `[b * t]`.
     pub tree: Arc<crate::ops::fused_attention::Tree>,
-    /// RoPE position of every position, `[b * t]`.
-    pub positions: Vec<usize>,
 }
 
 impl TreeRows {
     /// Rows whose positions belong to `branch` (0: the shared trunk) at RoPE `positions`.
     pub fn new(branch: Vec<u32>, positions: Vec<usize>) -> Self {
         Self {
-            tree: Arc::new(crate::ops::fused_attention::Tree {
-                branch,
-                pos: positions.clone(),
-            }),
-            positions,
+            tree: Arc::new(crate::ops::fused_attention::Tree { branch, pos: positions }),
         }
     }
 }
@@ -896,8 +890,8 @@ impl Model {
                     heads: nh,
                     kv_heads: nkv,
                     d,
-                    cos: rope.half_table_at(true, &rows.positions)?,
-                    sin: rope.half_table_at(false, &rows.positions)?,
+                    cos: rope.half_table_at(true, &rows.tree.pos)?,
+                    sin: rope.half_table_at(false, &rows.tree.pos)?,
                     tree: Some(rows.tree.clone()),
                     window,
                 };

@@ -94,14 +94,14 @@ impl Tok {
         tok.add_bos = match cfg.get("add_bos_token").and_then(|v| v.as_bool()) {
             Some(b) => b,
             None => {
-                let doc: Value = serde_json::from_str(&tok.json).unwrap_or(Value::Null);
+                let post = serde_json::to_value(tok.inner.get_post_processor()).unwrap_or(Value::Null);
                 let bos = tok.bos.and_then(|b| tok.inner.id_to_token(b));
-                doc["post_processor"]["single"]
+                post["single"]
                     .as_array()
                     .into_iter()
                     .flatten()
                     .chain(
-                        doc["post_processor"]["processors"]
+                        post["processors"]
                             .as_array()
                             .into_iter()
                             .flatten()

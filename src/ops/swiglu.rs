@@ -9,6 +9,16 @@ use super::{cpu_f32, f32_view};
 
 /// `silu(g) * u`.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    fused_or(g, u, SwiGlu, Tensor::silu)
+}
+
+/// `op` on contiguous f32 CPU tensors of one shape; elsewhere `act(g) * u` composed.
+fn fused_or(
+    g: &Tensor,
+    u: &Tensor,
+    op: impl CustomOp2 + Send + Sync + 'static,
+    act: fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     if g.device().is_cpu() && g.dtype() == candle_core::DType::F32 && u.dtype() == g.dtype() && g.shape() == u.shape() {
         let c = |t: &Tensor| {
             if t.is_contiguous() {
@@ -17,9 +27,9 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
                 t.contiguous()
             }
         };
-        return c(g)?.apply_op2(&c(u)?, SwiGlu);
+        return c(g)?.apply_op2(&c(u)?, op);
     }
-    g.silu()? * u
+    act(g)? * u
 }
 
 struct SwiGlu;
@@ -74,17 +84,7 @@ impl CustomOp2 for SwiGlu {
 
 /// `gelu_tanh(g) * u` (Gemma's MLP gate; candle's `gelu` is the same tanh form).
 pub fn geglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    if g.device().is_cpu() && g.dtype() == candle_core::DType::F32 && u.dtype() == g.dtype() && g.shape() == u.shape() {
-        let c = |t: &Tensor| {
-            if t.is_contiguous() {
-                Ok(t.clone())
-            } else {
-                t.contiguous()
-            }
-        };
-        return c(g)?.apply_op2(&c(u)?, GeGlu);
-    }
-    g.gelu()? * u
+    fused_or(g, u, GeGlu, Tensor::gelu)
 }
 
 struct GeGlu;
