@@ -100,37 +100,7 @@ pub fn run(a: Args) -> Result<()> {
         c.rms_norm_eps,
         c.context()
     );
-    let qk = if c.arch.qk_norm() { ", per-head q/k RMSNorm" } else { "" };
-    let bias = if c.arch.qkv_bias() { ", q/k/v biases" } else { "" };
-    let windowed = (0..c.num_layers).filter(|&i| c.layer_window(i).is_some()).count();
-    let pattern = match (c.sliding_window, windowed) {
-        (None, _) | (_, 0) => "causal over the whole context".to_string(),
-        (Some(w), n) if n == c.num_layers => format!("sliding window of {w} in every layer"),
-        (Some(w), n) => {
-            let global: Vec<String> = (0..c.num_layers)
-                .filter(|&i| c.layer_window(i).is_none())
-                .map(|i| i.to_string())
-                .collect();
-            format!(
-                "sliding window of {w} in {n} layers, global in layers {}",
-                global.join(", ")
-            )
-        }
-    };
-    let local = match c.rope_local_theta {
-        Some(t) if windowed > 0 => format!(", windowed layers on RoPE theta {t} (unscaled)"),
-        _ => String::new(),
-    };
-    let gemma = if c.arch.sandwich_norms() {
-        ", norms after attention and MLP, GELU-gated MLP, embedding x sqrt(hidden)"
-    } else {
-        ""
-    };
-    let qscale = match c.query_pre_attn_scalar {
-        Some(s) if s != c.head_dim as f64 => format!(", query scale 1/sqrt({s})"),
-        _ => String::new(),
-    };
-    println!("attention    {pattern}{local}{qk}{bias}{gemma}{qscale}");
+    println!("attention    {}", attention_summary(c));
     let mut by_type: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for name in src.weights.names() {
         let ty = src.weights.stored_type(&name).unwrap_or_else(|| "?".into());
@@ -225,4 +195,40 @@ pub fn run(a: Args) -> Result<()> {
         println!("\nwrote logits of {} tokens to {}", ids.len(), out.display());
     }
     Ok(())
+}
+
+/// The attention pattern of a model in one line: windowed and global layers, the local RoPE
+/// base, and what the family adds (q/k norms, biases, Gemma's extras, a query scale).
+fn attention_summary(c: &crate::model::ModelConfig) -> String {
+    let qk = if c.arch.qk_norm() { ", per-head q/k RMSNorm" } else { "" };
+    let bias = if c.arch.qkv_bias() { ", q/k/v biases" } else { "" };
+    let windowed = (0..c.num_layers).filter(|&i| c.layer_window(i).is_some()).count();
+    let pattern = match (c.sliding_window, windowed) {
+        (None, _) | (_, 0) => "causal over the whole context".to_string(),
+        (Some(w), n) if n == c.num_layers => format!("sliding window of {w} in every layer"),
+        (Some(w), n) => {
+            let global: Vec<String> = (0..c.num_layers)
+                .filter(|&i| c.layer_window(i).is_none())
+                .map(|i| i.to_string())
+                .collect();
+            format!(
+                "sliding window of {w} in {n} layers, global in layers {}",
+                global.join(", ")
+            )
+        }
+    };
+    let local = match c.rope_local_theta {
+        Some(t) if windowed > 0 => format!(", windowed layers on RoPE theta {t} (unscaled)"),
+        _ => String::new(),
+    };
+    let gemma = if c.arch.sandwich_norms() {
+        ", norms after attention and MLP, GELU-gated MLP, embedding x sqrt(hidden)"
+    } else {
+        ""
+    };
+    let qscale = match c.query_pre_attn_scalar {
+        Some(s) if s != c.head_dim as f64 => format!(", query scale 1/sqrt({s})"),
+        _ => String::new(),
+    };
+    format!("{pattern}{local}{qk}{bias}{gemma}{qscale}")
 }
