@@ -14,7 +14,7 @@
 //! | 3 | [`adapter`], [`data`] | LoRA plans, PEFT files, merging; corpora, packing, chat templates, the mixer |
 //! | 2 | [`model`] | config, the tensor-name table, the decoder, GGUF and Hugging Face loaders, tokenizers |
 //! | 1 | [`ops`] | differentiable kernels with hand-written backwards |
-//! | 0 | [`quant`], [`rng`], [`util`], [`fsio`], [`progress`] | NF4, the seeded RNG, atomic writes and memory readings, capped reads of untrusted files, progress bars |
+//! | 0 | [`quant`], [`rng`], [`util`], [`fsio`], [`progress`], [`dist`] | NF4, the seeded RNG, atomic writes and memory readings, capped reads of untrusted files, progress bars, data parallelism's collectives |
 //!
 //! Where to look first: a training step is [`engine::step`]; the base precisions are
 //! [`model::precision`]; every Hugging Face and GGUF tensor name is in [`model::names`]; a whole
@@ -23,6 +23,7 @@
 pub mod adapter;
 pub mod cli;
 pub mod data;
+pub mod dist;
 pub mod engine;
 pub mod eval;
 pub mod fsio;

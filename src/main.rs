@@ -67,8 +67,21 @@ fn main() {
             std::env::set_var(CHOSEN, "1");
         }
     }
-    if let Err(e) = strata::cli::run(cli) {
-        eprintln!("error: {e:#}");
+    // An MPI launcher's rank joins its job here (after the thread choice above, which it
+    // divides among the ranks sharing the machine); a plain process is a job of one.
+    let comm = match strata::dist::launch() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let result = strata::cli::run(cli, comm.clone());
+    if let Err(e) = &result {
+        strata::dist::fail(comm.as_ref(), e);
+    }
+    drop(comm);
+    if result.is_err() {
         std::process::exit(1);
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// Bottom to top; modules on one row may not import each other.
 const LAYERS: &[&[&str]] = &[
-    &["util", "rng", "quant", "fsio", "progress"],
+    &["util", "rng", "quant", "fsio", "progress", "dist"],
     &["ops"],
     &["model"],
     &["adapter", "data"],

@@ -83,7 +83,7 @@ fn fisher_equals_a_brute_force_per_example_computation() -> Result<()> {
         "lm_head.weight".into(),
     ];
     for est in [Estimator::Empirical, Estimator::Sampled] {
-        let f = fisher::estimate(&model, &seqs, &names, est, 3)?;
+        let f = fisher::estimate(&model, &seqs, &names, est, 3, &strata::dist::Solo)?;
         for n in &names {
             let want = brute_force(&model, &seqs, n, est)?;
             let got = &f[n];

@@ -50,8 +50,8 @@ pub struct Args {
     pub fisher: Option<PathBuf>,
 }
 
-/// Runs `strata fisher`.
-pub fn run(a: Args) -> Result<()> {
+/// Runs `strata fisher`, its rows divided among the ranks of `comm`'s job (rank 0 writes).
+pub fn run(a: Args, comm: crate::dist::Comm) -> Result<()> {
     let recipe = Recipe::load(&a.recipe, &a.sets)?;
     if let (Some(adapter), Some(fisher)) = (&a.penalty_of, &a.fisher) {
         let (_, model) = crate::adapter::open_adapted(
@@ -82,11 +82,20 @@ pub fn run(a: Args) -> Result<()> {
         a.rows,
         Estimator::parse(&a.estimator)?,
         recipe.train.seed,
+        comm.as_ref(),
     )?;
     if let Some(old) = &a.accumulate {
         f.accumulate(&Fisher::load(old, &Device::Cpu)?, a.decay)?;
     }
-    f.save(&out, crate::retain::FisherFormat::parse(&a.format)?, dtype)?;
+    let format = crate::retain::FisherFormat::parse(&a.format)?;
+    let written = match comm.rank() {
+        0 => f.save(&out, format, dtype),
+        _ => Ok(()),
+    };
+    crate::dist::agree(comm.as_ref(), written)?;
+    if comm.rank() > 0 {
+        return Ok(());
+    }
     let bytes = std::fs::metadata(&out)?.len();
     println!(
         "wrote {} ({} weights, {} format, {}, {} stage(s)) in {:.0} s",

@@ -70,14 +70,20 @@ impl Cli {
     }
 }
 
-/// Runs the parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the parsed command line as a rank of `comm`'s job (a job of one outside a launcher).
+/// Only `train` and `fisher` divide their work among ranks; the others refuse a job of more.
+pub fn run(cli: Cli, comm: crate::dist::Comm) -> anyhow::Result<()> {
+    if comm.size() > 1 && !matches!(cli.command, Command::Train(_) | Command::Fisher(_)) {
+        anyhow::bail!(
+            "only `strata train` and `strata fisher` run data-parallel; start this command without the MPI launcher"
+        );
+    }
     match cli.command {
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(a, comm),
+        Command::Fisher(a) => fisher::run(a, comm),
         Command::Data(a) => data::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Experiment(a) => experiment::run(a),
-        Command::Fisher(a) => fisher::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Inspect(a) => inspect::run(a),

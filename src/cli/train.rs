@@ -19,8 +19,8 @@ pub struct Args {
     pub resume: Option<PathBuf>,
 }
 
-/// Runs `strata train`.
-pub fn run(a: Args) -> Result<()> {
+/// Runs `strata train`, as one rank of `comm`'s job.
+pub fn run(a: Args, comm: crate::dist::Comm) -> Result<()> {
     let recipe = Recipe::load(&a.recipe, &a.sets)?;
     // Save the recipe as it ran: overrides included.
     let text = crate::fsio::read_text(&a.recipe, crate::fsio::CONFIG_CAP, "recipe")?;
@@ -28,6 +28,7 @@ pub fn run(a: Args) -> Result<()> {
     apply_sets(&mut doc, &a.sets)?;
     let opts = crate::train::trainer::RunOptions {
         resume: a.resume,
+        comm,
         ..Default::default()
     };
     crate::train::trainer::run_with(&recipe, &toml::to_string(&doc)?, opts)?;

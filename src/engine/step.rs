@@ -224,6 +224,37 @@ impl GradAcc {
         Ok(s.sqrt() * self.factor.abs())
     }
 
+    /// Sums every gradient of `params` over the ranks of `comm`'s job, in `params` order (so
+    /// every rank makes the same calls): a parameter one rank has no gradient for joins with
+    /// zeros, and one no rank has stays without. Returns the bytes this rank sent.
+    pub fn sum_over(&mut self, comm: &dyn crate::dist::Collective, params: &[(String, Var)]) -> Result<usize> {
+        if comm.size() == 1 {
+            return Ok(0);
+        }
+        self.settle()?;
+        let mut held: Vec<f64> = params
+            .iter()
+            .map(|(_, v)| f64::from(u8::from(self.grads.contains_key(&v.as_tensor().id()))))
+            .collect();
+        comm.sum_f64(&mut held)?;
+        let mut ids = Vec::new();
+        let mut grads = Vec::new();
+        for ((_, v), h) in params.iter().zip(held) {
+            if h == 0.0 {
+                continue;
+            }
+            let id = v.as_tensor().id();
+            grads.push(match self.grads.remove(&id) {
+                Some(g) => g,
+                None => Tensor::zeros(v.as_tensor().shape(), DType::F32, v.as_tensor().device())?,
+            });
+            ids.push(id);
+        }
+        let bytes = crate::dist::sum_tensors(comm, &mut grads)?;
+        self.grads.extend(ids.into_iter().zip(grads));
+        Ok(bytes)
+    }
+
     /// Drops every gradient.
     pub fn clear(&mut self) {
         self.grads.clear();

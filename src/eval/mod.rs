@@ -6,4 +6,4 @@ pub mod mc;
 pub mod perplexity;
 pub mod report;
 
-pub use perplexity::{eval_sequences, TextMetrics};
+pub use perplexity::{eval_sequences, eval_sequences_on, TextMetrics};

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::compare::quantiles95;
 use crate::data::mix::{gather, RowRef};
 use crate::data::Sequences;
+use crate::dist::Collective;
 use crate::model::decoder::TreeRows;
 use crate::model::{Fwd, Model};
 use crate::rng::Rng;
@@ -35,11 +36,28 @@ pub const RESAMPLES: usize = 1000;
 /// Scores `seqs` in batches of `batch` rows (adapters on or off per `fwd`); returns the metrics
 /// and each row's loss.
 pub fn eval_rows(model: &Model, seqs: &Sequences, batch: usize, fwd: Fwd) -> Result<(TextMetrics, Vec<RowLoss>)> {
+    eval_rows_on(model, seqs, batch, fwd, &crate::dist::Solo)
+}
+
+/// [`eval_rows`] with the batches divided among the ranks of `comm`'s job: each rank scores its
+/// share, and every rank returns the whole set's metrics and rows. The batches are the
+/// one-process run's, so the result is its result to the bit.
+pub fn eval_rows_on(
+    model: &Model,
+    seqs: &Sequences,
+    batch: usize,
+    fwd: Fwd,
+    comm: &dyn Collective,
+) -> Result<(TextMetrics, Vec<RowLoss>)> {
+    let batch = batch.max(1);
+    let batches = crate::dist::shard(seqs.len().div_ceil(batch), comm.rank(), comm.size());
+    let first = (batches.start * batch).min(seqs.len());
+    let last = (batches.end * batch).min(seqs.len());
     let mut rows_out = Vec::with_capacity(seqs.len());
     let mut correct = 0usize;
-    let mut progress = crate::progress::Progress::new("perplexity", seqs.len() as u64, "rows");
-    for start in (0..seqs.len()).step_by(batch.max(1)) {
-        let end = (start + batch.max(1)).min(seqs.len());
+    let mut progress = crate::progress::Progress::new("perplexity", (last - first) as u64, "rows");
+    for start in (first..last).step_by(batch) {
+        let end = (start + batch).min(last);
         let rows: Vec<RowRef> = (start..end).map(|r| (0, r)).collect();
         let (ids, tg) = gather(&[seqs], &rows, &model.device)?;
         let docs = crate::data::mix::documents(&[seqs], &rows).map(|(b, p)| TreeRows::new(b, p));
@@ -55,9 +73,12 @@ pub fn eval_rows(model: &Model, seqs: &Sequences, batch: usize, fwd: Fwd) -> Res
                 .count();
             rows_out.push((nll, count));
         }
-        progress.set(end as u64, "");
+        progress.set((end - first) as u64, "");
     }
     progress.finish();
+    if comm.size() > 1 {
+        (rows_out, correct) = gather_rows(comm, rows_out, correct, first, seqs.len())?;
+    }
     let (nll, count) = totals(&rows_out, 0..rows_out.len());
     let loss = if count > 0 { nll / count as f64 } else { f64::NAN };
     let m = TextMetrics {
@@ -70,9 +91,40 @@ pub fn eval_rows(model: &Model, seqs: &Sequences, batch: usize, fwd: Fwd) -> Res
     Ok((m, rows_out))
 }
 
+/// Every rank's rows (`mine` starting at row `first` of `n`) and correct predictions, on every
+/// rank: each rank's values in place in zeros, summed (adding zeros changes no bit).
+fn gather_rows(
+    comm: &dyn Collective,
+    mine: Vec<RowLoss>,
+    correct: usize,
+    first: usize,
+    n: usize,
+) -> Result<(Vec<RowLoss>, usize)> {
+    let mut all = vec![0.0f64; 2 * n + 1];
+    for (i, (nll, count)) in mine.into_iter().enumerate() {
+        all[first + i] = nll;
+        all[n + first + i] = count as f64;
+    }
+    all[2 * n] = correct as f64;
+    comm.sum_f64(&mut all)?;
+    let rows = (0..n).map(|i| (all[i], all[n + i] as usize)).collect();
+    Ok((rows, all[2 * n] as usize))
+}
+
 /// Scores `seqs` in batches of `batch` rows (adapters on or off per `fwd`).
 pub fn eval_sequences(model: &Model, seqs: &Sequences, batch: usize, fwd: Fwd) -> Result<TextMetrics> {
     Ok(eval_rows(model, seqs, batch, fwd)?.0)
+}
+
+/// [`eval_sequences`] divided among the ranks of `comm`'s job ([`eval_rows_on`]).
+pub fn eval_sequences_on(
+    model: &Model,
+    seqs: &Sequences,
+    batch: usize,
+    fwd: Fwd,
+    comm: &dyn Collective,
+) -> Result<TextMetrics> {
+    Ok(eval_rows_on(model, seqs, batch, fwd, comm)?.0)
 }
 
 pub(crate) fn totals(rows: &[RowLoss], idx: impl Iterator<Item = usize>) -> (f64, usize) {

@@ -234,6 +234,7 @@ pub fn estimate(
     names: &[String],
     est: Estimator,
     seed: u64,
+    comm: &dyn crate::dist::Collective,
 ) -> Result<BTreeMap<String, Tensor>> {
     let params = model.trainable();
     let vars: Vec<_> = names
@@ -247,10 +248,13 @@ pub fn estimate(
         })
         .collect::<Result<_>>()?;
     let mut sums: Vec<Option<Tensor>> = vec![None; names.len()];
-    let mut progress = crate::progress::Progress::new("fisher", seqs.len() as u64, "rows");
+    // Under data parallelism each rank takes its share of the rows (each row's labels are
+    // seeded by its index in the whole set, so the shares add up to the one-process estimate).
+    let mine = crate::dist::shard(seqs.len(), comm.rank(), comm.size());
+    let mut progress = crate::progress::Progress::new("fisher", mine.len() as u64, "rows");
     let mut acc = GradAcc::default();
     let mut used = 0usize;
-    for r in 0..seqs.len() {
+    for r in mine.clone() {
         let ids = Tensor::from_vec(seqs.inputs[r].clone(), (1, seqs.seq_len), &model.device)?;
         // Packed documents stay apart here as in training.
         let documents = crate::data::mix::documents(&[seqs], &[(0, r)]).map(|(b, p)| TreeRows::new(b, p));
@@ -291,9 +295,23 @@ pub fn estimate(
             });
         }
         used += 1;
-        progress.set(r as u64 + 1, "");
+        progress.set((r - mine.start) as u64 + 1, "");
     }
     progress.finish();
+    if comm.size() > 1 {
+        let mut all: Vec<Tensor> = Vec::with_capacity(vars.len());
+        for (s, v) in sums.iter_mut().zip(&vars) {
+            all.push(match s.take() {
+                Some(t) => t,
+                None => v.as_tensor().zeros_like()?.to_dtype(DType::F32)?,
+            });
+        }
+        crate::dist::sum_tensors(comm, &mut all)?;
+        sums = all.into_iter().map(Some).collect();
+        let mut n = [used as f64];
+        comm.sum_f64(&mut n)?;
+        used = n[0] as usize;
+    }
     if used == 0 {
         bail!("no row with a target token to estimate the Fisher information on");
     }

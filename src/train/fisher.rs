@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::recipe::Recipe;
+use crate::dist::Collective;
 use crate::model::{BaseDtype, Model};
 use crate::retain::fisher::{self, Estimator, Fisher, FisherMeta, FisherTensor};
 
@@ -38,12 +39,21 @@ pub fn protected_names(recipe: &Recipe, model: &Model) -> Result<Vec<String>> {
 /// Estimates the Fisher information a recipe's EWC needs, on `rows` evenly spaced rows of
 /// `data` (packed at the recipe's sequence length), with the recipe's starting adapter attached,
 /// on the recipe's device (`train.device`).
-pub fn fisher_for(recipe: &Recipe, data: &[PathBuf], rows: usize, est: Estimator, seed: u64) -> Result<Fisher> {
+/// Under data parallelism (`comm` of several ranks) the rows are divided among the ranks and
+/// every rank returns the whole estimate.
+pub fn fisher_for(
+    recipe: &Recipe,
+    data: &[PathBuf],
+    rows: usize,
+    est: Estimator,
+    seed: u64,
+    comm: &dyn Collective,
+) -> Result<Fisher> {
     if data.is_empty() {
         bail!("no data to estimate the Fisher information on (retain.fisher_data or --data)");
     }
     let src = crate::model::open(&recipe.model.path)?;
-    let dev = crate::util::device(&recipe.train.device)?;
+    let dev = crate::util::device(&crate::dist::rank_device(&recipe.train.device, comm))?;
     let mut model = Model::load(&src.config, src.weights.as_ref(), BaseDtype::F32, true, &dev)?;
     if let Some(dir) = &recipe.model.adapter {
         crate::adapter::peft::load(&mut model, dir)?;
@@ -68,7 +78,7 @@ pub fn fisher_for(recipe: &Recipe, data: &[PathBuf], rows: usize, est: Estimator
         seqs.seq_len,
         est
     );
-    let tensors: BTreeMap<String, FisherTensor> = fisher::estimate(&model, &seqs, &names, est, seed)?
+    let tensors: BTreeMap<String, FisherTensor> = fisher::estimate(&model, &seqs, &names, est, seed, comm)?
         .into_iter()
         .map(|(n, t)| (n, FisherTensor::Full(t)))
         .collect();
@@ -89,9 +99,12 @@ pub fn fisher_for(recipe: &Recipe, data: &[PathBuf], rows: usize, est: Estimator
 
 /// The Fisher file a recipe names: read when present, otherwise estimated and written there
 /// (so later runs reuse it).
-/// The Fisher is read onto `dev`, where the run's weights are.
-pub fn load_or_estimate(recipe: &Recipe, path: &Path, dev: &Device) -> Result<Fisher> {
-    if path.exists() {
+/// The Fisher is read onto `dev`, where the run's weights are. Under data parallelism the ranks
+/// estimate it together, rank 0 writes it, and every rank reads it back (the run directory is
+/// shared, as the checkpoints' resume needs).
+pub fn load_or_estimate(recipe: &Recipe, path: &Path, dev: &Device, comm: &dyn Collective) -> Result<Fisher> {
+    // One answer for every rank: a file that appears while they look must not split them.
+    if crate::dist::from_rank0(comm, path.exists())? {
         let f = Fisher::load(path, dev)?;
         eprintln!(
             "fisher: reusing {} ({} weights, {:?}, {} rows)",
@@ -109,9 +122,14 @@ pub fn load_or_estimate(recipe: &Recipe, path: &Path, dev: &Device) -> Result<Fi
         r.fisher_rows,
         r.fisher_estimator,
         recipe.train.seed,
+        comm,
     )?;
-    f.save(path, r.fisher_format, candle_core::DType::BF16)?;
+    let written = match comm.rank() {
+        0 => f.save(path, r.fisher_format, candle_core::DType::BF16),
+        _ => Ok(()),
+    };
+    crate::dist::agree(comm, written)?;
     eprintln!("fisher: wrote {}", path.display());
     // Read back, so this run uses exactly what later runs will.
-    Fisher::load(path, dev)
+    crate::dist::agree(comm, Fisher::load(path, dev))
 }

@@ -1,5 +1,6 @@
 //! Phase four: the run's state written every `train.checkpoint_every` steps and at the end
-//! (`train::checkpoint` is the format on disk and its atomic write).
+//! (`train::checkpoint` is the format on disk and its atomic write), by rank 0 of a
+//! data-parallel job.
 
 use anyhow::Result;
 
@@ -24,13 +25,18 @@ impl Run<'_> {
             .iter()
             .map(|c| (c.name().to_string(), c.state()))
             .collect();
-        checkpoint::save(
-            &t.out.join("checkpoints"),
-            &self.st,
-            &self.params,
-            &self.opt,
-            t.keep_checkpoints,
-        )?;
-        Ok(())
+        // Every rank holds the same state; rank 0 writes it, and the others hear if it failed.
+        let saved = match self.comm.rank() {
+            0 => checkpoint::save(
+                &t.out.join("checkpoints"),
+                &self.st,
+                &self.params,
+                &self.opt,
+                t.keep_checkpoints,
+            )
+            .map(|_| ()),
+            _ => Ok(()),
+        };
+        crate::dist::agree(self.comm.as_ref(), saved)
     }
 }

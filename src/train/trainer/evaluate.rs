@@ -5,7 +5,8 @@ use anyhow::Result;
 use serde_json::json;
 
 use super::prepare::{Run, RunData};
-use crate::eval::{eval_sequences, TextMetrics};
+use crate::dist::Collective;
+use crate::eval::{eval_sequences_on, TextMetrics};
 use crate::model::{Fwd, Model};
 
 impl Run<'_> {
@@ -17,9 +18,10 @@ impl Run<'_> {
         if every == 0 || !step.is_multiple_of(every) || step >= self.steps {
             return Ok(());
         }
+        let comm = self.comm.as_ref();
         let m = self
             .progress
-            .suspend(|| eval_sequences(&self.model, &self.data.held, self.eval_batch(), self.eval_fwd))?;
+            .suspend(|| eval_sequences_on(&self.model, &self.data.held, self.eval_batch(), self.eval_fwd, comm))?;
         self.emit(json!({"step": step, "eval": m}))?;
         self.progress.println(&format!(
             "held-out at step {step}: loss {:.4}, perplexity {:.2}",
@@ -30,20 +32,29 @@ impl Run<'_> {
 
     /// The held-out and general held-out scores now.
     pub fn evaluate(&self) -> Result<(TextMetrics, Option<TextMetrics>)> {
-        score(&self.model, &self.data, self.eval_batch(), self.eval_fwd)
+        score(
+            &self.model,
+            &self.data,
+            self.eval_batch(),
+            self.eval_fwd,
+            self.comm.as_ref(),
+        )
     }
 }
 
-/// The held-out and general held-out scores of `model`, `batch` rows at a time.
+/// The held-out and general held-out scores of `model`, `batch` rows at a time, the rows
+/// divided among the ranks of `comm`'s job (every rank gets the whole scores, which are the
+/// one-process scores to the bit).
 pub(super) fn score(
     model: &Model,
     data: &RunData,
     batch: usize,
     fwd: Fwd,
+    comm: &dyn Collective,
 ) -> Result<(TextMetrics, Option<TextMetrics>)> {
-    let m = eval_sequences(model, &data.held, batch, fwd)?;
+    let m = eval_sequences_on(model, &data.held, batch, fwd, comm)?;
     let g = match &data.held_general {
-        Some(h) => Some(eval_sequences(model, h, batch, fwd)?),
+        Some(h) => Some(eval_sequences_on(model, h, batch, fwd, comm)?),
         None => None,
     };
     Ok((m, g))

@@ -62,8 +62,14 @@ impl Run<'_> {
         let (eval_after, general_after) = self.evaluate()?;
         self.emit(json!({"step": self.st.step, "eval": eval_after, "eval_general": general_after}))?;
         report("after", &eval_after, general_after.as_ref());
-        let output = self.write_output()?;
         let t = &self.recipe.train;
+        // Rank 0 of a data-parallel job writes the outputs; every rank returns the summary.
+        let writes = self.comm.rank() == 0;
+        let output = match writes {
+            true => self.write_output(),
+            false => Ok(self.output_dir()),
+        };
+        let output = crate::dist::agree(self.comm.as_ref(), output)?;
         let trained = self.st.trained_tokens;
         let summary = RunSummary {
             steps: self.st.step,
@@ -83,11 +89,16 @@ impl Run<'_> {
             trainable_params: self.n_params,
             output,
         };
-        crate::eval::report::write_run_report(&t.out)?;
-        crate::util::write_atomic(
-            &t.out.join("summary.json"),
-            serde_json::to_string_pretty(&summary)?.as_bytes(),
-        )?;
+        let written = match writes {
+            true => crate::eval::report::write_run_report(&t.out).and_then(|_| {
+                crate::util::write_atomic(
+                    &t.out.join("summary.json"),
+                    serde_json::to_string_pretty(&summary)?.as_bytes(),
+                )
+            }),
+            false => Ok(()),
+        };
+        crate::dist::agree(self.comm.as_ref(), written)?;
         eprintln!(
             "wrote {} ({} steps, {:.0} tok/s, {})",
             summary.output.display(),
@@ -98,22 +109,26 @@ impl Run<'_> {
         Ok(summary)
     }
 
+    /// Where the adapter (or, full fine-tuning, the whole model) goes.
+    fn output_dir(&self) -> PathBuf {
+        let out = &self.recipe.train.out;
+        match &self.plan {
+            Some(_) => out.join("adapter"),
+            None => out.join("model"),
+        }
+    }
+
     /// The PEFT adapter directory, or the whole model (full fine-tuning) as safetensors.
     fn write_output(&self) -> Result<PathBuf> {
-        let out = &self.recipe.train.out;
-        Ok(match &self.plan {
-            Some(plan) => {
-                let dir = out.join("adapter");
-                peft::save(&self.model, plan, &dir, &self.recipe.model.path.display().to_string())?;
-                dir
-            }
+        let dir = self.output_dir();
+        match &self.plan {
+            Some(plan) => peft::save(&self.model, plan, &dir, &self.recipe.model.path.display().to_string())?,
             None => {
-                let dir = out.join("model");
                 let store = merge::Store::Float(DType::F32);
                 merge::write_hf_dir(&self.model, &self.src.tokenizer, &dir, false, store)?;
-                dir
             }
-        })
+        }
+        Ok(dir)
     }
 
     /// The measured peak beside the plan's prediction (or the device's peak on a GPU).

@@ -26,7 +26,6 @@ pub use finish::RunSummary;
 use prepare::Run;
 
 /// How a run starts beyond its recipe.
-#[derive(Default)]
 pub struct RunOptions {
     /// Continue from this checkpoint (a checkpoint, `checkpoints/` or run directory).
     pub resume: Option<PathBuf>,
@@ -35,6 +34,20 @@ pub struct RunOptions {
     /// Run the ops a GPU runs (composed candle ops, NF4 in its device form) on the CPU
     /// backend: how `bench gpu --device cpu` and the tests hold the GPU path without a GPU.
     pub device_ops: bool,
+    /// The job this process is a rank of: a job of several ranks trains data-parallel (rows of
+    /// each step divided among them, gradients summed, rank 0 writing every output).
+    pub comm: crate::dist::Comm,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            resume: None,
+            callbacks: Vec::new(),
+            device_ops: false,
+            comm: crate::dist::solo(),
+        }
+    }
 }
 
 /// Runs a recipe to completion. `recipe_text` is saved beside the outputs.

@@ -20,7 +20,9 @@ use super::RunOptions;
 use crate::adapter::{peft, LoraPlan};
 use crate::data::mix::Mixer;
 use crate::data::Sequences;
+use crate::dist::{self, Comm};
 use crate::engine::{AdamW, GradAcc, Recompute};
+use crate::eval::TextMetrics;
 use crate::model::{self, Fwd, LoadSpec, Model, ModelSource, Proj};
 use crate::retain::{Ewc, Fisher};
 use crate::util::{current_rss, human_bytes, reset_device_peak};
@@ -76,6 +78,11 @@ pub(super) struct Run<'r> {
     pub clock: Clock,
     /// The training bar (or its plain lines), started by `begin`.
     pub progress: crate::progress::Progress,
+    /// The job this run is a rank of (rank 0 writes the outputs).
+    pub comm: Comm,
+    /// Bytes this rank sent into the last step's gradient sum and the seconds it took, for
+    /// the step's metrics line (data-parallel jobs only).
+    pub reduced: Option<(usize, f64)>,
 }
 
 /// Where the loop's timing starts (a resumed run continues its predecessor's figures).
@@ -101,16 +108,14 @@ impl<'r> Run<'r> {
     /// schedules, callbacks, and the state it starts from.
     pub fn prepare(recipe: &'r Recipe, recipe_text: &str, opts: RunOptions) -> Result<Self> {
         let t = &recipe.train;
-        let dev = crate::util::device(&t.device)?;
+        let comm = opts.comm.clone();
+        let dev = crate::util::device(&dist::rank_device(&t.device, comm.as_ref()))?;
         reset_device_peak(&dev);
-        start_outputs(recipe, recipe_text)?;
-        let mut left = checkpoint::clean_debris(&t.out.join("checkpoints"))?;
-        for d in [t.out.clone(), t.out.join("adapter"), t.out.join("model")] {
-            left.extend(crate::util::remove_stale_temps(&d)?);
-        }
-        for p in left {
-            eprintln!("removed {} (left by an interrupted run)", p.display());
-        }
+        let started = match comm.rank() {
+            0 => start_outputs(recipe, recipe_text),
+            _ => Ok(()),
+        };
+        dist::agree(comm.as_ref(), started)?;
         let src = model::open(&recipe.model.path)?;
         let context = src.config.context();
         if recipe.data.seq_len > context {
@@ -123,8 +128,10 @@ impl<'r> Run<'r> {
         // The process as the model will find it (the plan counts the Fisher apart).
         let runtime = current_rss();
         let retain = recipe.retain.clone().unwrap_or_default();
-        let (fisher, estimated) = fisher_first(recipe, &retain, &dev)?;
-        let (mut recompute, predicted) = plan_memory(recipe, &src, &dev, runtime, estimated)?;
+        let (fisher, estimated) = fisher_first(recipe, &retain, &dev, comm.as_ref())?;
+        let (recompute, predicted) = plan_memory(recipe, &src, &dev, runtime, estimated)?;
+        // Kept products round, so every rank must run rank 0's choice.
+        let mut recompute = Recompute::parse(&dist::from_rank0(comm.as_ref(), recompute.name())?)?;
         let eval_fwd = Fwd {
             composed: opts.device_ops,
             ..Fwd::eval()
@@ -140,7 +147,13 @@ impl<'r> Run<'r> {
         // adapter (or weights) the stage started from, which the seed and recipe reproduce.
         let ewc = fisher.map(|f| anchor_ewc(&model, &f, retain.ewc_lambda)).transpose()?;
         let (steps, per_step) = step_count(recipe, &data);
-        announce(recipe, &src, &data, n_params, steps, per_step);
+        if per_step < comm.size() {
+            bail!(
+                "a step of {per_step} rows (train.batch x train.grad_accum) cannot be divided among {} ranks; raise train.grad_accum or start fewer ranks",
+                comm.size()
+            );
+        }
+        announce(recipe, &src, &data, n_params, steps, per_step, comm.size());
         let mut callbacks = builtin_callbacks(recipe, &dev);
         callbacks.extend(opts.callbacks);
         let mut opt = t.optimizer.build(t.weight_decay);
@@ -152,9 +165,13 @@ impl<'r> Run<'r> {
                     callbacks: &mut callbacks,
                     recompute: &mut recompute,
                 };
-                into.resume(recipe, path, &dev, &data, (steps, per_step))?
+                let r = into.resume(recipe, path, &dev, &data, (steps, per_step));
+                dist::agree(comm.as_ref(), r)?
             }
-            None => fresh_state(recipe, &model, &data, eval_fwd, recompute, steps, per_step)?,
+            None => {
+                let before = super::evaluate::score(&model, &data, t.batch.max(1), eval_fwd, comm.as_ref())?;
+                fresh_state(recipe, &data, before, recompute, steps, per_step)?
+            }
         };
         // The bf16 working copies are made from the weights as the run starts them: after any
         // resume has restored its values.
@@ -167,12 +184,22 @@ impl<'r> Run<'r> {
                 );
             }
         }
-        let log = MetricsLog::create(&t.out, &t.log)?;
-        // What the run will be, for whoever watches it (`strata board`) before summary.json.
-        let plan_json = json!({"steps": steps, "rows_per_step": per_step, "seq_len": recipe.data.seq_len,
-            "trainable_parameters": n_params, "recompute": recompute.name(),
-            "predicted_memory": predicted.as_ref().map(|p| p.to_json())});
-        crate::util::write_atomic(&t.out.join("plan.json"), plan_json.to_string().as_bytes())?;
+        let log = match comm.rank() {
+            0 => {
+                // What the run will be, for whoever watches it (`strata board`) before
+                // summary.json.
+                let mut plan_json = json!({"steps": steps, "rows_per_step": per_step, "seq_len": recipe.data.seq_len,
+                    "trainable_parameters": n_params, "recompute": recompute.name(),
+                    "predicted_memory": predicted.as_ref().map(|p| p.to_json())});
+                if comm.size() > 1 {
+                    plan_json["ranks"] = comm.size().into();
+                }
+                crate::util::write_atomic(&t.out.join("plan.json"), plan_json.to_string().as_bytes())
+                    .and_then(|_| MetricsLog::create(&t.out, &t.log))
+            }
+            _ => Ok(MetricsLog::silent()),
+        };
+        let log = dist::agree(comm.as_ref(), log)?;
         Ok(Run {
             recipe,
             retain,
@@ -199,6 +226,8 @@ impl<'r> Run<'r> {
             log,
             clock: Clock::now(),
             progress: crate::progress::Progress::hidden(),
+            comm,
+            reduced: None,
         })
     }
 
@@ -217,16 +246,17 @@ impl<'r> Run<'r> {
     }
 }
 
-/// Where a run's metrics lines go: `metrics.jsonl`, and event files when `train.log` asks.
+/// Where a run's metrics lines go: `metrics.jsonl`, and event files when `train.log` asks (on
+/// rank 0 of a data-parallel job; the other ranks write nothing).
 pub struct MetricsLog {
-    jsonl: File,
+    jsonl: Option<File>,
     tensorboard: Option<crate::train::tensorboard::EventWriter>,
 }
 
 impl MetricsLog {
     fn create(out: &Path, sinks: &[LogSink]) -> Result<Self> {
         Ok(Self {
-            jsonl: File::create(out.join("metrics.jsonl")).context("cannot create metrics.jsonl")?,
+            jsonl: Some(File::create(out.join("metrics.jsonl")).context("cannot create metrics.jsonl")?),
             tensorboard: match sinks.contains(&LogSink::TensorBoard) {
                 true => Some(crate::train::tensorboard::EventWriter::create(out)?),
                 false => None,
@@ -234,9 +264,19 @@ impl MetricsLog {
         })
     }
 
+    /// A log that writes nothing (a rank other than 0).
+    fn silent() -> Self {
+        Self {
+            jsonl: None,
+            tensorboard: None,
+        }
+    }
+
     /// Appends one line, `v` printed as `line`, to every output.
     pub fn write(&mut self, line: &str, v: &serde_json::Value) -> Result<()> {
-        writeln!(self.jsonl, "{line}").context("cannot write metrics.jsonl")?;
+        if let Some(f) = self.jsonl.as_mut() {
+            writeln!(f, "{line}").context("cannot write metrics.jsonl")?;
+        }
         if let Some(tb) = self.tensorboard.as_mut() {
             tb.write_line(v)?;
         }
@@ -247,7 +287,9 @@ impl MetricsLog {
     /// resumed run's file is byte for byte the uninterrupted one's (a float printed, parsed and
     /// printed again can move in its last digit); only TensorBoard needs it parsed.
     pub fn replay(&mut self, line: &str) -> Result<()> {
-        writeln!(self.jsonl, "{line}").context("cannot write metrics.jsonl")?;
+        if let Some(f) = self.jsonl.as_mut() {
+            writeln!(f, "{line}").context("cannot write metrics.jsonl")?;
+        }
         if let Some(tb) = self.tensorboard.as_mut() {
             let v: serde_json::Value = serde_json::from_str(line).context("a checkpoint's metrics line is not JSON")?;
             tb.write_line(&v)?;
@@ -328,11 +370,20 @@ impl RunData {
     }
 }
 
-/// The outputs directory, with the recipe as the run read it.
+/// The outputs directory, with the recipe as the run read it, and what an interrupted run left
+/// there removed.
 fn start_outputs(recipe: &Recipe, recipe_text: &str) -> Result<()> {
     let out = &recipe.train.out;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create output directory {}", out.display()))?;
-    crate::util::write_atomic(&out.join("recipe.toml"), recipe_text.as_bytes())
+    crate::util::write_atomic(&out.join("recipe.toml"), recipe_text.as_bytes())?;
+    let mut left = checkpoint::clean_debris(&out.join("checkpoints"))?;
+    for d in [out.clone(), out.join("adapter"), out.join("model")] {
+        left.extend(crate::util::remove_stale_temps(&d)?);
+    }
+    for p in left {
+        eprintln!("removed {} (left by an interrupted run)", p.display());
+    }
+    Ok(())
 }
 
 /// Optimizer steps (`train.steps`, or `train.epochs` passes over the training rows) and rows a
@@ -357,12 +408,17 @@ fn anchor_ewc(model: &Model, fisher: &Fisher, lambda: f64) -> Result<Ewc> {
 }
 
 /// The Fisher EWC needs, read or estimated before the model loads; whether it was estimated.
-fn fisher_first(recipe: &Recipe, retain: &RetainSection, dev: &Device) -> Result<(Option<Fisher>, bool)> {
+fn fisher_first(
+    recipe: &Recipe,
+    retain: &RetainSection,
+    dev: &Device,
+    comm: &dyn dist::Collective,
+) -> Result<(Option<Fisher>, bool)> {
     match (&retain.fisher, retain.ewc_lambda > 0.0) {
         (Some(path), true) => {
             let estimated = !path.exists();
             Ok((
-                Some(super::super::fisher::load_or_estimate(recipe, path, dev)?),
+                Some(super::super::fisher::load_or_estimate(recipe, path, dev, comm)?),
                 estimated,
             ))
         }
@@ -470,7 +526,15 @@ fn plan_memory(
 }
 
 /// The line that says what the run will do.
-fn announce(recipe: &Recipe, src: &ModelSource, data: &RunData, n_params: usize, steps: usize, per_step: usize) {
+fn announce(
+    recipe: &Recipe,
+    src: &ModelSource,
+    data: &RunData,
+    n_params: usize,
+    steps: usize,
+    per_step: usize,
+    ranks: usize,
+) {
     let mix = recipe.data.mix();
     let total: f64 = mix.iter().map(|m| m.weight).sum();
     let sources = match data.sources.as_slice() {
@@ -483,12 +547,16 @@ fn announce(recipe: &Recipe, src: &ModelSource, data: &RunData, n_params: usize,
             .join(" + "),
     };
     eprintln!(
-        "strata train: {} ({} layers), {} trainable parameters, {sources} x {} tokens, {} held-out rows, {steps} steps of {per_step} rows",
+        "strata train: {} ({} layers), {} trainable parameters, {sources} x {} tokens, {} held-out rows, {steps} steps of {per_step} rows{}",
         recipe.model.path.display(),
         src.config.num_layers,
         n_params,
         data.seq_len(),
-        data.held.len()
+        data.held.len(),
+        match ranks {
+            1 => String::new(),
+            n => format!(", divided among {n} ranks"),
+        }
     );
 }
 
@@ -513,18 +581,17 @@ fn builtin_callbacks(recipe: &Recipe, dev: &Device) -> Vec<Box<dyn Callback>> {
     callbacks
 }
 
-/// The state of a run that starts now: the held-out scores before training, a fresh sampler.
+/// The state of a run that starts now, with its held-out scores before training: a fresh
+/// sampler.
 fn fresh_state(
     recipe: &Recipe,
-    model: &Model,
     data: &RunData,
-    fwd: Fwd,
+    (eval_before, general_before): (TextMetrics, Option<TextMetrics>),
     recompute: Recompute,
     steps: usize,
     per_step: usize,
 ) -> Result<RunState> {
     let t = &recipe.train;
-    let (eval_before, general_before) = super::evaluate::score(model, data, t.batch.max(1), fwd)?;
     Ok(RunState {
         step: 0,
         adam_t: 0,

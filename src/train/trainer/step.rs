@@ -12,6 +12,7 @@ use super::super::callback::StepReport;
 use super::prepare::{Clock, Run, RunData};
 use super::with_oom_retry;
 use crate::data::mix;
+use crate::dist;
 use crate::engine::{forward_backward_with, Batch, ExtraTerm, GradAcc, Recompute};
 use crate::model::decoder::TreeRows;
 use crate::model::{Fwd, Model};
@@ -99,7 +100,9 @@ impl<'r> Run<'r> {
     }
 
     /// The step's learning rates, the callbacks' say, and its rows: drawn at once, so the
-    /// micro-batch only decides how they are split.
+    /// micro-batch only decides how they are split. Every rank of a data-parallel job draws
+    /// the same rows (the mixer is seeded and checkpointed alike everywhere), and the ranks
+    /// agree on the smallest micro-batch any one's memory monitor allows.
     pub fn begin_step(&mut self) -> Result<Vec<(usize, usize)>> {
         let step = self.st.step;
         self.ctl.step = step;
@@ -107,10 +110,17 @@ impl<'r> Run<'r> {
         for cb in self.callbacks.iter_mut() {
             cb.on_step_begin(&mut self.ctl)?;
         }
+        let micro = dist::min_usize(self.comm.as_ref(), self.ctl.micro_batch)?;
+        if micro != self.ctl.micro_batch {
+            self.ctl.set_micro_batch(micro);
+        }
         Ok(self.st.mixer.next_rows(self.per_step, &self.ctl.weights))
     }
 
-    /// Forward and backward over the step's rows, then the clipped update.
+    /// Forward and backward over the step's rows, then the clipped update. In a data-parallel
+    /// job each rank takes its contiguous share of the rows; the gradients and loss sums are
+    /// then summed over the ranks (the loss is the mean over the whole step's target tokens,
+    /// so this is the one-process step), and EWC, clipping and AdamW run alike on every rank.
     pub fn step(&mut self, rows: &[(usize, usize)]) -> Result<StepOut> {
         let d = &self.data;
         let tokens: usize = rows
@@ -139,7 +149,12 @@ impl<'r> Run<'r> {
                 general_tokens,
             };
             let acc = &mut self.acc;
-            let (nll, c, k) = with_oom_retry(&mut self.ctl, |micro| objective.micro_batches(acc, rows, micro))?;
+            let comm = self.comm.as_ref();
+            let mine = dist::shard(rows.len(), comm.rank(), comm.size());
+            let sums = with_oom_retry(&mut self.ctl, |micro| {
+                objective.micro_batches(acc, &rows[mine.clone()], mine.start, micro)
+            });
+            let (nll, c, k) = self.reduce(dist::agree(comm, sums)?)?;
             ce = nll / tokens as f64;
             con = c;
             kl = if general_tokens > 0 {
@@ -173,6 +188,21 @@ impl<'r> Run<'r> {
             distill: kl,
             skipped,
         })
+    }
+
+    /// Sums this rank's gradients and loss terms with the other ranks' (nothing to do in a job
+    /// of one), timing the exchange for the metrics.
+    fn reduce(&mut self, (nll, con, kl): (f64, f64, f64)) -> Result<(f64, f64, f64)> {
+        let comm = self.comm.as_ref();
+        if comm.size() == 1 {
+            return Ok((nll, con, kl));
+        }
+        let start = std::time::Instant::now();
+        let mut sums = [nll, con, kl];
+        comm.sum_f64(&mut sums)?;
+        let bytes = self.acc.sum_over(comm, &self.params)?;
+        self.reduced = Some((bytes, start.elapsed().as_secs_f64()));
+        Ok((sums[0], sums[1], sums[2]))
     }
 
     /// Clips the accumulated gradient to `train.clip` and takes AdamW's step, each parameter
@@ -225,6 +255,11 @@ impl<'r> Run<'r> {
                 .unzip();
             line["shares"] = shares.into();
             line["shares_realised"] = realised.into();
+        }
+        if let Some((bytes, seconds)) = self.reduced.take() {
+            line["ranks"] = self.comm.size().into();
+            line["reduce_bytes"] = bytes.into();
+            line["reduce_s"] = seconds.into();
         }
         line.as_object_mut().expect("object").extend(rep.log);
         self.emit(line)?;
@@ -289,7 +324,15 @@ impl Objective<'_> {
     /// Every micro-batch of `micro` rows, forward and backward into `acc`: the step's summed
     /// token NLL, contrastive loss and distillation KL. The loss is the mean over every target
     /// token of the step, so splitting it into micro-batches changes nothing but memory.
-    fn micro_batches(&self, acc: &mut GradAcc, rows: &[(usize, usize)], micro: usize) -> Result<(f64, f64, f64)> {
+    /// `rows` start at row `first` of the step (a data-parallel rank's share), which places
+    /// their dropout masks where the one-process step has them.
+    fn micro_batches(
+        &self,
+        acc: &mut GradAcc,
+        rows: &[(usize, usize)],
+        first: usize,
+        micro: usize,
+    ) -> Result<(f64, f64, f64)> {
         acc.clear();
         let (mut nll, mut con, mut kl) = (0.0, 0.0, 0.0);
         let seq = self.data.seq_len();
@@ -299,7 +342,7 @@ impl Objective<'_> {
             let documents = mix::documents(&sources, chunk).map(|(b, p)| TreeRows::new(b, p));
             let fwd = Fwd {
                 dropout_seed: Some(self.seed),
-                first_token: (k * micro * seq) as u64,
+                first_token: ((first + k * micro) * seq) as u64,
                 ..self.fwd
             };
             let base_hidden = self.base_hidden(&ids, chunk, documents.as_ref())?;
