@@ -66,11 +66,19 @@ fn grads(y: &Tensor, probe: &Tensor, vars: &[&Var]) -> Result<Vec<Tensor>> {
 
 /// Every check, on `dev` against the CPU ops: NF4 decoding (exact), NF4 forward and dx, a QLoRA
 /// projection's gradients (NF4 base + adapter) against the CPU's fused op, GGUF block types,
-/// and the dense frozen product.
+/// and the dense frozen product; with the `nccl` feature, NCCL's device sum over one rank.
 pub fn checks(dev: &Device) -> Result<Vec<Check>> {
     let cpu = Device::Cpu;
     let mut out = Vec::new();
     let mut push = |name: String, gap: f64, tol: f64| out.push(Check { name, gap, tol });
+    #[cfg(feature = "nccl")]
+    if dev.is_cuda() {
+        push(
+            "nccl sum, one rank (identity)".into(),
+            crate::dist::one_rank_device_sum_gap(dev)?,
+            0.0,
+        );
+    }
     // Odd sizes: slabs end mid-weight, the last scale group is partial. Under 16 rows the CPU's
     // fused LoRA op stays on its f32 GEMM (not the bf16 kernel), so all references are f32.
     let (n, k, m, r) = (600, 256, 13, 8);

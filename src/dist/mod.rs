@@ -9,6 +9,8 @@
 
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -31,6 +33,12 @@ pub trait Collective {
     fn sum_f64(&self, buf: &mut [f64]) -> Result<()>;
     /// Replaces `buf` by rank `root`'s bytes.
     fn broadcast(&self, root: usize, buf: &mut Vec<u8>) -> Result<()>;
+    /// Replaces every tensor by its element-wise sum over the ranks, in its own dtype, shape
+    /// and device; returns the bytes this rank sent into the sums. The default goes through
+    /// host memory ([`sum_on_host`]); a GPU engine sums device tensors where they are.
+    fn sum_tensors(&self, ts: &mut [Tensor]) -> Result<usize> {
+        sum_on_host(self, ts)
+    }
     /// Ends every rank of the job now, with `code`: for a failure the other ranks cannot be told
     /// of in step (they may be waiting in a collective).
     fn abort(&self, code: i32) -> !;
@@ -91,6 +99,38 @@ pub fn launch() -> Result<Comm> {
              build it with `cargo build --release --features mpi` (Debian: apt install libopenmpi-dev libclang-dev)"
         )
     }
+}
+
+/// The job's collectives for tensors on `dev`: with the `nccl` feature, a job of several ranks
+/// on CUDA devices sums its tensors with NCCL on the devices (the rest stays MPI's); otherwise
+/// the job as it is (a CUDA rank's tensors then cross through the host).
+pub fn for_device(comm: Comm, dev: &candle_core::Device) -> Result<Comm> {
+    #[cfg(feature = "nccl")]
+    if comm.size() > 1 && dev.is_cuda() {
+        return nccl::Nccl::init(comm, dev);
+    }
+    let _ = dev;
+    Ok(comm)
+}
+
+/// The largest difference between tensors on the CUDA device `dev` and their sum over a job of
+/// one rank by NCCL (the identity): 0 when the device path works. The GPU check runs it, since
+/// a lent GPU machine has no MPI for a job of more.
+#[cfg(feature = "nccl")]
+pub fn one_rank_device_sum_gap(dev: &candle_core::Device) -> Result<f64> {
+    let comm = nccl::Nccl::init(solo(), dev)?;
+    let ts = vec![
+        Tensor::randn(0f32, 1.0, (37, 5), dev)?,
+        Tensor::randn(0f32, 1.0, 10_000, dev)?,
+    ];
+    let mut summed = ts.clone();
+    comm.sum_tensors(&mut summed)?;
+    let mut gap: f64 = 0.0;
+    for (a, b) in ts.iter().zip(&summed) {
+        let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        gap = gap.max(f64::from(d));
+    }
+    Ok(gap)
 }
 
 /// Whether an MPI launcher (Open MPI's, MPICH's or Slurm's PMI) started this process.
@@ -173,6 +213,16 @@ pub fn min_usize(comm: &dyn Collective, v: usize) -> Result<usize> {
     Ok(all.into_iter().fold(f64::INFINITY, f64::min) as usize)
 }
 
+/// Whether any rank's `v` is true.
+pub fn any(comm: &dyn Collective, v: bool) -> Result<bool> {
+    if comm.size() == 1 {
+        return Ok(v);
+    }
+    let mut n = [f64::from(u8::from(v))];
+    comm.sum_f64(&mut n)?;
+    Ok(n[0] > 0.0)
+}
+
 /// Rank 0's `T` on every rank (sent as JSON).
 pub fn from_rank0<T: serde::Serialize + serde::de::DeserializeOwned>(comm: &dyn Collective, v: T) -> Result<T> {
     if comm.size() == 1 {
@@ -183,14 +233,13 @@ pub fn from_rank0<T: serde::Serialize + serde::de::DeserializeOwned>(comm: &dyn 
     Ok(serde_json::from_slice(&bytes)?)
 }
 
-/// Values summed in one call by [`sum_tensors`] (larger tensors go alone): a bucket of small
+/// Values summed in one call by [`sum_on_host`] (larger tensors go alone): a bucket of small
 /// gradients (LoRA's hundreds) costs one collective, not hundreds.
 const BUCKET: usize = 4 << 20;
 
-/// Replaces every tensor by its element-wise sum over the ranks (f32 on the wire, each back in
-/// its own dtype, shape and device), in buckets of about [`BUCKET`] values; returns the bytes
-/// each rank sent into the sums.
-pub fn sum_tensors(comm: &dyn Collective, ts: &mut [Tensor]) -> Result<usize> {
+/// [`Collective::sum_tensors`] through host memory: f32 on the wire, each tensor back in its
+/// own dtype, shape and device, in buckets of about [`BUCKET`] values.
+pub fn sum_on_host<C: Collective + ?Sized>(comm: &C, ts: &mut [Tensor]) -> Result<usize> {
     if comm.size() == 1 {
         return Ok(0);
     }
@@ -257,6 +306,7 @@ mod tests {
         let e = agree::<()>(c.as_ref(), Err(anyhow::anyhow!("bad file"))).unwrap_err();
         assert_eq!(format!("{e}"), "bad file");
         assert_eq!(min_usize(c.as_ref(), 7)?, 7);
+        assert!(any(c.as_ref(), true)? && !any(c.as_ref(), false)?);
         assert_eq!(from_rank0(c.as_ref(), vec![1, 2])?, vec![1, 2]);
         Ok(())
     }

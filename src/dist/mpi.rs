@@ -80,6 +80,17 @@ fn silence_stderr() -> Option<RawFd> {
     }
 }
 
+/// Sums `buf` over the ranks in place, [`WINDOW`] values a call (MPI wants a separate send
+/// buffer; a window-sized copy is the only scratch).
+fn sum_in_windows<T: Equivalence + Copy>(world: &SimpleCommunicator, buf: &mut [T]) {
+    let mut send = Vec::with_capacity(WINDOW.min(buf.len()));
+    for part in buf.chunks_mut(WINDOW) {
+        send.clear();
+        send.extend_from_slice(part);
+        world.all_reduce_into(&send[..], part, SystemOperation::sum());
+    }
+}
+
 impl Collective for Mpi {
     fn rank(&self) -> usize {
         self.world.rank() as usize
@@ -94,22 +105,12 @@ impl Collective for Mpi {
     }
 
     fn sum_f32(&self, buf: &mut [f32]) -> Result<()> {
-        let mut send = Vec::with_capacity(WINDOW.min(buf.len()));
-        for part in buf.chunks_mut(WINDOW) {
-            send.clear();
-            send.extend_from_slice(part);
-            self.world.all_reduce_into(&send[..], part, SystemOperation::sum());
-        }
+        sum_in_windows(&self.world, buf);
         Ok(())
     }
 
     fn sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        let mut send = Vec::with_capacity(WINDOW.min(buf.len()));
-        for part in buf.chunks_mut(WINDOW) {
-            send.clear();
-            send.extend_from_slice(part);
-            self.world.all_reduce_into(&send[..], part, SystemOperation::sum());
-        }
+        sum_in_windows(&self.world, buf);
         Ok(())
     }
 

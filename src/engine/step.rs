@@ -250,7 +250,7 @@ impl GradAcc {
             });
             ids.push(id);
         }
-        let bytes = crate::dist::sum_tensors(comm, &mut grads)?;
+        let bytes = comm.sum_tensors(&mut grads)?;
         self.grads.extend(ids.into_iter().zip(grads));
         Ok(bytes)
     }

@@ -306,7 +306,7 @@ pub fn estimate(
                 None => v.as_tensor().zeros_like()?.to_dtype(DType::F32)?,
             });
         }
-        crate::dist::sum_tensors(comm, &mut all)?;
+        comm.sum_tensors(&mut all)?;
         sums = all.into_iter().map(Some).collect();
         let mut n = [used as f64];
         comm.sum_f64(&mut n)?;

@@ -108,8 +108,8 @@ impl<'r> Run<'r> {
     /// schedules, callbacks, and the state it starts from.
     pub fn prepare(recipe: &'r Recipe, recipe_text: &str, opts: RunOptions) -> Result<Self> {
         let t = &recipe.train;
-        let comm = opts.comm.clone();
-        let dev = crate::util::device(&dist::rank_device(&t.device, comm.as_ref()))?;
+        let dev = crate::util::device(&dist::rank_device(&t.device, opts.comm.as_ref()))?;
+        let comm = dist::for_device(opts.comm.clone(), &dev)?;
         reset_device_peak(&dev);
         let started = match comm.rank() {
             0 => start_outputs(recipe, recipe_text),

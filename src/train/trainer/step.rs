@@ -228,6 +228,8 @@ impl<'r> Run<'r> {
         for cb in self.callbacks.iter_mut() {
             cb.on_step_end(&mut self.ctl, &mut rep)?;
         }
+        // A callback on one rank may stop the run (its own memory, a user's rule): all stop.
+        self.ctl.stop = dist::any(self.comm.as_ref(), self.ctl.stop)?;
         let (loss, gnorm) = (out.loss, out.grad_norm);
         let elapsed = self.elapsed();
         let tps = self.tokens_per_second();
