@@ -406,6 +406,94 @@ fn param(t: Tensor, train: bool, dtype: DType, dev: &Device) -> Result<Param> {
     })
 }
 
+/// Projection `m` of layer `i` as the load spec says: GGUF blocks as stored, NF4 (a
+/// bitsandbytes checkpoint's codes, or quantized here), or dense (trainable under full
+/// fine-tuning), with its bias, kernel pack and device copy.
+fn load_linear(
+    cfg: &ModelConfig,
+    src: &dyn WeightSource,
+    spec: &LoadSpec<'_>,
+    dev: &Device,
+    i: usize,
+    m: Proj,
+) -> Result<Linear> {
+    let full = spec.full;
+    let (o, inp) = cfg.linear_shape(m);
+    let name = m.path(i);
+    let wname = format!("{name}.weight");
+    let prec = (spec.per)(i, m);
+    let quant = match (prec, full) {
+        (BaseDtype::AsStored, false) => src.get_quant(&wname)?,
+        _ => None,
+    };
+    let w = match quant {
+        Some(q) if q.shape().dims() == [o, inp] && !dev.is_cpu() => {
+            // Block bytes as stored, copied onto the device (candle's CUDA kernels).
+            let on = candle_core::quantized::ggml_file::qtensor_from_ggml(q.dtype(), &q.data()?, vec![o, inp], dev)?;
+            LinearWeight::Quant(std::sync::Arc::new(on))
+        }
+        Some(q) if q.shape().dims() == [o, inp] => LinearWeight::Quant(std::sync::Arc::new(q)),
+        Some(q) => bail!(
+            "{}: tensor `{wname}` has shape {:?} but the config implies {:?}",
+            src.describe(),
+            q.shape().dims(),
+            [o, inp]
+        ),
+        None if !full && matches!(prec, BaseDtype::Nf4 | BaseDtype::Nf4Dq | BaseDtype::AsStored) => {
+            match src.get_nf4(&wname)? {
+                // A bitsandbytes checkpoint: its codes are used as stored.
+                Some(q) if (q.rows, q.cols) == (o, inp) => LinearWeight::Nf4(std::sync::Arc::new(q)),
+                Some(q) => bail!(
+                    "{}: NF4 tensor `{wname}` has shape [{}, {}] but the config implies [{o}, {inp}]",
+                    src.describe(),
+                    q.rows,
+                    q.cols
+                ),
+                None if prec == BaseDtype::AsStored => {
+                    LinearWeight::Dense(param(load(src, &wname, &[o, inp])?, full, DType::F32, dev)?)
+                }
+                None => {
+                    let w: Vec<f32> = load(src, &wname, &[o, inp])?
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1()?;
+                    LinearWeight::Nf4(std::sync::Arc::new(crate::quant::nf4::Nf4Tensor::quantize(
+                        &w,
+                        o,
+                        inp,
+                        64,
+                        prec == BaseDtype::Nf4Dq,
+                    )))
+                }
+            }
+        }
+        None => LinearWeight::Dense(param(load(src, &wname, &[o, inp])?, full, prec.dtype(), dev)?),
+    };
+    let b = if cfg.arch.qkv_bias() && m.has_qkv_bias() {
+        Some(param(load(src, &format!("{name}.bias"), &[o])?, full, DType::F32, dev)?)
+    } else {
+        None
+    };
+    let pack = match &w {
+        LinearWeight::Dense(Param::Frozen(t)) if spec.pack => crate::ops::frozen_linear::pack_weight(t)?,
+        _ => None,
+    };
+    let nf4_dev = match &w {
+        LinearWeight::Nf4(q) if spec.device_nf4 || !dev.is_cpu() => Some(std::sync::Arc::new(
+            DeviceNf4::upload(q, dev).with_context(|| wname.clone())?,
+        )),
+        _ => None,
+    };
+    Ok(Linear {
+        w,
+        b,
+        lora: None,
+        pack,
+        nf4_dev,
+        train_pack: None,
+    })
+}
+
 impl Model {
     /// Builds the model from a weight source. `full` makes every weight trainable in f32 (full
     /// fine-tuning); otherwise every weight is frozen, projections stored in `base`.
@@ -447,88 +535,10 @@ impl Model {
         let mut progress = crate::progress::Progress::new("loading", cfg.num_layers as u64, "layers");
         for i in 0..cfg.num_layers {
             progress.set(i as u64, "");
-            let mut proj = Vec::with_capacity(Proj::COUNT);
-            for m in Proj::ALL {
-                let (o, inp) = cfg.linear_shape(m);
-                let name = m.path(i);
-                let wname = format!("{name}.weight");
-                let prec = (spec.per)(i, m);
-                let quant = match (prec, full) {
-                    (BaseDtype::AsStored, false) => src.get_quant(&wname)?,
-                    _ => None,
-                };
-                let w = match quant {
-                    Some(q) if q.shape().dims() == [o, inp] && !dev.is_cpu() => {
-                        // Block bytes as stored, copied onto the device (candle's CUDA kernels).
-                        let on = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                            q.dtype(),
-                            &q.data()?,
-                            vec![o, inp],
-                            dev,
-                        )?;
-                        LinearWeight::Quant(std::sync::Arc::new(on))
-                    }
-                    Some(q) if q.shape().dims() == [o, inp] => LinearWeight::Quant(std::sync::Arc::new(q)),
-                    Some(q) => bail!(
-                        "{}: tensor `{wname}` has shape {:?} but the config implies {:?}",
-                        src.describe(),
-                        q.shape().dims(),
-                        [o, inp]
-                    ),
-                    None if !full && matches!(prec, BaseDtype::Nf4 | BaseDtype::Nf4Dq | BaseDtype::AsStored) => {
-                        match src.get_nf4(&wname)? {
-                            // A bitsandbytes checkpoint: its codes are used as stored.
-                            Some(q) if (q.rows, q.cols) == (o, inp) => LinearWeight::Nf4(std::sync::Arc::new(q)),
-                            Some(q) => bail!(
-                                "{}: NF4 tensor `{wname}` has shape [{}, {}] but the config implies [{o}, {inp}]",
-                                src.describe(),
-                                q.rows,
-                                q.cols
-                            ),
-                            None if prec == BaseDtype::AsStored => {
-                                LinearWeight::Dense(param(load(src, &wname, &[o, inp])?, full, DType::F32, dev)?)
-                            }
-                            None => {
-                                let w: Vec<f32> = load(src, &wname, &[o, inp])?
-                                    .to_dtype(DType::F32)?
-                                    .flatten_all()?
-                                    .to_vec1()?;
-                                LinearWeight::Nf4(std::sync::Arc::new(crate::quant::nf4::Nf4Tensor::quantize(
-                                    &w,
-                                    o,
-                                    inp,
-                                    64,
-                                    prec == BaseDtype::Nf4Dq,
-                                )))
-                            }
-                        }
-                    }
-                    None => LinearWeight::Dense(param(load(src, &wname, &[o, inp])?, full, prec.dtype(), dev)?),
-                };
-                let b = if cfg.arch.qkv_bias() && m.has_qkv_bias() {
-                    Some(param(load(src, &format!("{name}.bias"), &[o])?, full, DType::F32, dev)?)
-                } else {
-                    None
-                };
-                let pack = match &w {
-                    LinearWeight::Dense(Param::Frozen(t)) if spec.pack => crate::ops::frozen_linear::pack_weight(t)?,
-                    _ => None,
-                };
-                let nf4_dev = match &w {
-                    LinearWeight::Nf4(q) if spec.device_nf4 || !dev.is_cpu() => Some(std::sync::Arc::new(
-                        DeviceNf4::upload(q, dev).with_context(|| wname.clone())?,
-                    )),
-                    _ => None,
-                };
-                proj.push(Linear {
-                    w,
-                    b,
-                    lora: None,
-                    pack,
-                    nf4_dev,
-                    train_pack: None,
-                });
-            }
+            let proj = Proj::ALL
+                .into_iter()
+                .map(|m| load_linear(cfg, src, spec, dev, i, m))
+                .collect::<Result<Vec<_>>>()?;
             let norms = cfg
                 .arch
                 .layer_norms(cfg.head_dim, h)
