@@ -9,15 +9,16 @@ export DEBIAN_FRONTEND=noninteractive
 updated=
 apt_install() {
   [ -n "$updated" ] || { apt-get update -q >/dev/null; updated=1; }
-  apt-get install -y -q --no-install-recommends "$@" >/dev/null
+  apt-get install -y -q "$@" >/dev/null
 }
 if [ ! -x /usr/bin/chromium ]; then
   echo "test-deps: installing chromium (Debian)"
-  apt_install chromium
+  apt_install --no-install-recommends chromium
 fi
 if ! command -v mpirun >/dev/null || [ ! -e /usr/lib/x86_64-linux-gnu/openmpi/include/mpi.h ] \
   || ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1; then
   echo "test-deps: installing Open MPI and libclang (Debian)"
+  # With the recommended packages, as tests/dist.rs was run here.
   apt_install openmpi-bin libopenmpi-dev libclang-dev pkg-config
 fi
 if ! python3 -c "import tensorboard" 2>/dev/null; then
