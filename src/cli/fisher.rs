@@ -88,11 +88,7 @@ pub fn run(a: Args, comm: crate::dist::Comm) -> Result<()> {
         f.accumulate(&Fisher::load(old, &Device::Cpu)?, a.decay)?;
     }
     let format = crate::retain::FisherFormat::parse(&a.format)?;
-    let written = match comm.rank() {
-        0 => f.save(&out, format, dtype),
-        _ => Ok(()),
-    };
-    crate::dist::agree(comm.as_ref(), written)?;
+    crate::dist::on_rank0(comm.as_ref(), || f.save(&out, format, dtype))?;
     if comm.rank() > 0 {
         return Ok(());
     }

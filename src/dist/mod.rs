@@ -202,6 +202,16 @@ pub fn agree<T>(comm: &dyn Collective, r: Result<T>) -> Result<T> {
     .into())
 }
 
+/// Runs `f` on rank 0 only (the rank that writes a job's files) and [`agree`]s on its outcome:
+/// every rank fails with rank 0's error, if any; rank 0 gets `f`'s value, the others `None`.
+pub fn on_rank0<T>(comm: &dyn Collective, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+    let r = match comm.rank() {
+        0 => f().map(Some),
+        _ => Ok(None),
+    };
+    agree(comm, r)
+}
+
 /// The smallest of every rank's `v`.
 pub fn min_usize(comm: &dyn Collective, v: usize) -> Result<usize> {
     if comm.size() == 1 {

@@ -124,11 +124,7 @@ pub fn load_or_estimate(recipe: &Recipe, path: &Path, dev: &Device, comm: &dyn C
         recipe.train.seed,
         comm,
     )?;
-    let written = match comm.rank() {
-        0 => f.save(path, r.fisher_format, candle_core::DType::BF16),
-        _ => Ok(()),
-    };
-    crate::dist::agree(comm, written)?;
+    crate::dist::on_rank0(comm, || f.save(path, r.fisher_format, candle_core::DType::BF16))?;
     eprintln!("fisher: wrote {}", path.display());
     // Read back, so this run uses exactly what later runs will.
     crate::dist::agree(comm, Fisher::load(path, dev))

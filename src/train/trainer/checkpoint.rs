@@ -26,17 +26,15 @@ impl Run<'_> {
             .map(|c| (c.name().to_string(), c.state()))
             .collect();
         // Every rank holds the same state; rank 0 writes it, and the others hear if it failed.
-        let saved = match self.comm.rank() {
-            0 => checkpoint::save(
+        crate::dist::on_rank0(self.comm.as_ref(), || {
+            checkpoint::save(
                 &t.out.join("checkpoints"),
                 &self.st,
                 &self.params,
                 &self.opt,
                 t.keep_checkpoints,
             )
-            .map(|_| ()),
-            _ => Ok(()),
-        };
-        crate::dist::agree(self.comm.as_ref(), saved)
+        })?;
+        Ok(())
     }
 }

@@ -64,12 +64,8 @@ impl Run<'_> {
         report("after", &eval_after, general_after.as_ref());
         let t = &self.recipe.train;
         // Rank 0 of a data-parallel job writes the outputs; every rank returns the summary.
-        let writes = self.comm.rank() == 0;
-        let output = match writes {
-            true => self.write_output(),
-            false => Ok(self.output_dir()),
-        };
-        let output = crate::dist::agree(self.comm.as_ref(), output)?;
+        let comm = self.comm.as_ref();
+        let output = crate::dist::on_rank0(comm, || self.write_output())?.unwrap_or_else(|| self.output_dir());
         let trained = self.st.trained_tokens;
         let summary = RunSummary {
             steps: self.st.step,
@@ -89,16 +85,13 @@ impl Run<'_> {
             trainable_params: self.n_params,
             output,
         };
-        let written = match writes {
-            true => crate::eval::report::write_run_report(&t.out).and_then(|_| {
-                crate::util::write_atomic(
-                    &t.out.join("summary.json"),
-                    serde_json::to_string_pretty(&summary)?.as_bytes(),
-                )
-            }),
-            false => Ok(()),
-        };
-        crate::dist::agree(self.comm.as_ref(), written)?;
+        crate::dist::on_rank0(comm, || {
+            crate::eval::report::write_run_report(&t.out)?;
+            crate::util::write_atomic(
+                &t.out.join("summary.json"),
+                serde_json::to_string_pretty(&summary)?.as_bytes(),
+            )
+        })?;
         eprintln!(
             "wrote {} ({} steps, {:.0} tok/s, {})",
             summary.output.display(),

@@ -111,11 +111,7 @@ impl<'r> Run<'r> {
         let dev = crate::util::device(&dist::rank_device(&t.device, opts.comm.as_ref()))?;
         let comm = dist::for_device(opts.comm.clone(), &dev)?;
         reset_device_peak(&dev);
-        let started = match comm.rank() {
-            0 => start_outputs(recipe, recipe_text),
-            _ => Ok(()),
-        };
-        dist::agree(comm.as_ref(), started)?;
+        dist::on_rank0(comm.as_ref(), || start_outputs(recipe, recipe_text))?;
         let src = model::open(&recipe.model.path)?;
         let context = src.config.context();
         if recipe.data.seq_len > context {
@@ -184,22 +180,19 @@ impl<'r> Run<'r> {
                 );
             }
         }
-        let log = match comm.rank() {
-            0 => {
-                // What the run will be, for whoever watches it (`strata board`) before
-                // summary.json.
-                let mut plan_json = json!({"steps": steps, "rows_per_step": per_step, "seq_len": recipe.data.seq_len,
+        let log = dist::on_rank0(comm.as_ref(), || {
+            // What the run will be, for whoever watches it (`strata board`) before
+            // summary.json.
+            let mut plan_json = json!({"steps": steps, "rows_per_step": per_step, "seq_len": recipe.data.seq_len,
                     "trainable_parameters": n_params, "recompute": recompute.name(),
                     "predicted_memory": predicted.as_ref().map(|p| p.to_json())});
-                if comm.size() > 1 {
-                    plan_json["ranks"] = comm.size().into();
-                }
-                crate::util::write_atomic(&t.out.join("plan.json"), plan_json.to_string().as_bytes())
-                    .and_then(|_| MetricsLog::create(&t.out, &t.log))
+            if comm.size() > 1 {
+                plan_json["ranks"] = comm.size().into();
             }
-            _ => Ok(MetricsLog::silent()),
-        };
-        let log = dist::agree(comm.as_ref(), log)?;
+            crate::util::write_atomic(&t.out.join("plan.json"), plan_json.to_string().as_bytes())?;
+            MetricsLog::create(&t.out, &t.log)
+        })?
+        .unwrap_or_else(MetricsLog::silent);
         Ok(Run {
             recipe,
             retain,
