@@ -227,6 +227,11 @@ pub struct RunEntry {
     /// The method this run is a point of: runs sharing one are drawn joined in the report's
     /// learning-vs-forgetting chart (a sweep's frontier).
     pub method: Option<String>,
+    /// This run's training tokens, where not the experiment's: a run that adds replay rows to
+    /// every batch on top of the domain rows the others see (a bigger batch) keeps their domain
+    /// data and their steps only with a budget of its own. `--quick` scales it by the same
+    /// factor as the experiment's.
+    pub tokens: Option<usize>,
 }
 
 fn slug(s: &str) -> String {
@@ -577,7 +582,7 @@ fn one_run(
     let out = &ex.out;
     let dir = out.join(slug(&entry.name));
     let per_step = recipe.train.batch * recipe.train.grad_accum * recipe.data.seq_len;
-    let steps = ex.tokens.div_ceil(per_step).max(1);
+    let steps = entry.tokens.unwrap_or(ex.tokens).div_ceil(per_step).max(1);
     let mut train_args: Vec<String> = vec!["train".into(), entry.recipe.display().to_string()];
     for s in &entry.set {
         train_args.extend(["--set".into(), s.clone()]);
@@ -670,6 +675,11 @@ pub fn run(a: Args) -> Result<()> {
             .quick
             .take()
             .with_context(|| format!("{} has no [quick] section", a.experiment.display()))?;
+        for r in &mut ex.runs {
+            r.tokens = r
+                .tokens
+                .map(|t| (t as u128 * q.tokens as u128 / ex.tokens.max(1) as u128) as usize);
+        }
         ex.tokens = q.tokens;
         ex.eval.mc_items = q.mc_items;
         ex.eval.text_rows = q.text_rows;
@@ -704,9 +714,14 @@ pub fn run(a: Args) -> Result<()> {
     std::fs::create_dir_all(out.join("mc")).with_context(|| format!("cannot create {}", out.display()))?;
     let start = Instant::now();
     eprintln!(
-        "experiment: {} runs of {} tokens each, into {}",
+        "experiment: {} runs of {} tokens each{}, into {}",
         ex.runs.len(),
         ex.tokens,
+        if ex.runs.iter().any(|r| r.tokens.is_some()) {
+            " (some with their own)"
+        } else {
+            ""
+        },
         out.display()
     );
     prepare_files(&ex, &model, sitting)?;
@@ -893,8 +908,15 @@ fn table(
         .map(|((f, _), n)| Ok(format!("{} {n}", mc_outcomes(base, f)?.len())))
         .collect::<Result<_>>()?;
     s += &t;
+    let own_budget = |r: &Row| ex.runs.iter().any(|e| e.name == r.name && e.tokens.is_some());
+    let usual_steps = rows.iter().find(|r| !own_budget(r)).map_or(0, |r| r.steps);
+    let except: String = rows
+        .iter()
+        .filter(|r| own_budget(r))
+        .map(|r| format!("; {}: {} tokens, {} steps", r.name, r.tokens, r.steps))
+        .collect();
     s += &format!(
-        "\n{}{} runs of {} training tokens each ({} steps of the recipe's batch). Multiple choice: {} items \
+        "\n{}{} runs of {} training tokens each ({} steps of the recipe's batch{}). Multiple choice: {} items \
          (acc_norm; forgetting = (before - after) / before on general sets, gain = after - before on domain \
          sets; 95% paired-bootstrap intervals). Perplexity on {} evenly spaced held-out rows of {} tokens per \
          file, its change against the base with a 95% paired-bootstrap interval over rows; chat retention = \
@@ -903,7 +925,8 @@ fn table(
         if quick { "Quick variant: " } else { "" },
         rows.len(),
         ex.tokens,
-        rows.first().map_or(0, |r| r.steps),
+        usual_steps,
+        except,
         items.join(", "),
         ex.eval.text_rows,
         ex.eval.seq_len,
