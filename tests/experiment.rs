@@ -142,7 +142,7 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
         "{err}"
     );
     assert!(
-        err.contains("plain LoRA (3 steps)\n") && err.contains("LoRA, lr 3e-2 (3 steps)\n"),
+        err.contains("plain LoRA (3 steps)\n") && err.contains("LoRA, lr 3e-2 (6 steps)\n"),
         "{err}"
     );
     assert_eq!((lr("plain-lora")?, lr("lora-lr-3e-2")?), (2e-2, 3e-2));
