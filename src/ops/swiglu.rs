@@ -36,6 +36,36 @@ struct SwiGlu;
 
 const CHUNK: usize = 1 << 14;
 
+/// `y = f(g, u)` chunk by chunk across the pool.
+fn forward_map(g: &[f32], u: &[f32], f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; g.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(yc, (gc, uc))| f(yc, gc, uc));
+    y
+}
+
+/// `(dg, du) = f(g, u, dy)` chunk by chunk across the pool, as the op's two input gradients.
+fn backward_map(
+    g: &Tensor,
+    u: &Tensor,
+    dy: &Tensor,
+    f: impl Fn(&mut [f32], &mut [f32], &[f32], &[f32], &[f32]) + Sync,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (gv, uv, dv) = (f32_view(g)?, f32_view(u)?, f32_view(dy)?);
+    let (gs, us, ds) = (gv.get(), uv.get(), dv.get());
+    let mut dg = vec![0f32; gs.len()];
+    let mut du = vec![0f32; gs.len()];
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK).zip(ds.par_chunks(CHUNK))))
+        .for_each(|((dgc, duc), (gc, (uc, dc)))| f(dgc, duc, gc, uc, dc));
+    Ok((
+        Some(Tensor::from_vec(dg, g.shape(), g.device())?),
+        Some(Tensor::from_vec(du, u.shape(), u.device())?),
+    ))
+}
+
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
@@ -43,42 +73,28 @@ impl CustomOp2 for SwiGlu {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (g, u) = (cpu_f32(s1, l1, "swiglu")?, cpu_f32(s2, l2, "swiglu")?);
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(yc, (gc, uc))| {
-                // e^-g first, in the output's place.
-                yc.iter_mut().zip(gc).for_each(|(o, &a)| *o = -a);
-                exp_in_place(yc);
-                for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
-                    *o = a / (1.0 + *o) * b;
-                }
-            });
+        let y = forward_map(g, u, |yc, gc, uc| {
+            // e^-g first, in the output's place.
+            yc.iter_mut().zip(gc).for_each(|(o, &a)| *o = -a);
+            exp_in_place(yc);
+            for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
+                *o = a / (1.0 + *o) * b;
+            }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
     /// `d/dg = u * s * (1 + g * (1 - s))` with `s = sigmoid(g)`; `d/du = g * s`.
     fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gv, uv, dv) = (f32_view(g)?, f32_view(u)?, f32_view(dy)?);
-        let (gs, us, ds) = (gv.get(), uv.get(), dv.get());
-        let mut dg = vec![0f32; gs.len()];
-        let mut du = vec![0f32; gs.len()];
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK).zip(ds.par_chunks(CHUNK))))
-            .for_each(|((dgc, duc), (gc, (uc, dc)))| {
-                dgc.iter_mut().zip(gc).for_each(|(o, &a)| *o = -a);
-                exp_in_place(dgc);
-                for i in 0..gc.len() {
-                    let s = 1.0 / (1.0 + dgc[i]);
-                    dgc[i] = dc[i] * uc[i] * s * (1.0 + gc[i] * (1.0 - s));
-                    duc[i] = dc[i] * gc[i] * s;
-                }
-            });
-        Ok((
-            Some(Tensor::from_vec(dg, g.shape(), g.device())?),
-            Some(Tensor::from_vec(du, u.shape(), u.device())?),
-        ))
+        backward_map(g, u, dy, |dgc, duc, gc, uc, dc| {
+            dgc.iter_mut().zip(gc).for_each(|(o, &a)| *o = -a);
+            exp_in_place(dgc);
+            for i in 0..gc.len() {
+                let s = 1.0 / (1.0 + dgc[i]);
+                dgc[i] = dc[i] * uc[i] * s * (1.0 + gc[i] * (1.0 - s));
+                duc[i] = dc[i] * gc[i] * s;
+            }
+        })
     }
 }
 
@@ -100,41 +116,27 @@ impl CustomOp2 for GeGlu {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (g, u) = (cpu_f32(s1, l1, "geglu")?, cpu_f32(s2, l2, "geglu")?);
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(yc, (gc, uc))| {
-                for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
-                    let t = (GELU_K * (a + GELU_C * a * a * a)).tanh();
-                    *o = 0.5 * a * (1.0 + t) * b;
-                }
-            });
+        let y = forward_map(g, u, |yc, gc, uc| {
+            for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
+                let t = (GELU_K * (a + GELU_C * a * a * a)).tanh();
+                *o = 0.5 * a * (1.0 + t) * b;
+            }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
     /// `d/dg = u * (0.5 (1 + t) + 0.5 g (1 - t^2) k (1 + 3 c g^2))` with
     /// `t = tanh(k (g + c g^3))`; `d/du = gelu_tanh(g)`.
     fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gv, uv, dv) = (f32_view(g)?, f32_view(u)?, f32_view(dy)?);
-        let (gs, us, ds) = (gv.get(), uv.get(), dv.get());
-        let mut dg = vec![0f32; gs.len()];
-        let mut du = vec![0f32; gs.len()];
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK).zip(ds.par_chunks(CHUNK))))
-            .for_each(|((dgc, duc), (gc, (uc, dc)))| {
-                for i in 0..gc.len() {
-                    let a = gc[i];
-                    let t = (GELU_K * (a + GELU_C * a * a * a)).tanh();
-                    let d = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * a * a);
-                    dgc[i] = dc[i] * uc[i] * d;
-                    duc[i] = dc[i] * 0.5 * a * (1.0 + t);
-                }
-            });
-        Ok((
-            Some(Tensor::from_vec(dg, g.shape(), g.device())?),
-            Some(Tensor::from_vec(du, u.shape(), u.device())?),
-        ))
+        backward_map(g, u, dy, |dgc, duc, gc, uc, dc| {
+            for i in 0..gc.len() {
+                let a = gc[i];
+                let t = (GELU_K * (a + GELU_C * a * a * a)).tanh();
+                let d = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * a * a);
+                dgc[i] = dc[i] * uc[i] * d;
+                duc[i] = dc[i] * 0.5 * a * (1.0 + t);
+            }
+        })
     }
 }
 
