@@ -108,7 +108,7 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
     let lr = |run: &str| -> Result<f64> { Ok(Recipe::load(&q.join(run).join("recipe.toml"), &[])?.train.lr) };
     assert_eq!((lr("plain-lora")?, lr("lora-lr-3e-2")?), (1e-2, 3e-2));
     assert!(
-        table.contains("LoRA, lr 3e-2: 192 tokens, 6 steps"),
+        table.contains("LoRA, lr 3e-2: 192 (6 steps)"),
         "the run with its own budget is named in the note: {table}"
     );
 

@@ -908,15 +908,17 @@ fn table(
         .map(|((f, _), n)| Ok(format!("{} {n}", mc_outcomes(base, f)?.len())))
         .collect::<Result<_>>()?;
     s += &t;
-    let own_budget = |r: &Row| ex.runs.iter().any(|e| e.name == r.name && e.tokens.is_some());
-    let usual_steps = rows.iter().find(|r| !own_budget(r)).map_or(0, |r| r.steps);
+    let own_budget = |r: &Row| ex.runs.iter().find(|e| e.name == r.name).and_then(|e| e.tokens);
+    let usual = rows
+        .iter()
+        .find(|r| own_budget(r).is_none())
+        .map_or(String::new(), |r| format!(" ({} steps of the recipe's batch)", r.steps));
     let except: String = rows
         .iter()
-        .filter(|r| own_budget(r))
-        .map(|r| format!("; {}: {} tokens, {} steps", r.name, r.tokens, r.steps))
+        .filter_map(|r| own_budget(r).map(|t| format!("; {}: {t} ({} steps)", r.name, r.steps)))
         .collect();
     s += &format!(
-        "\n{}{} runs of {} training tokens each ({} steps of the recipe's batch{}). Multiple choice: {} items \
+        "\n{}{} runs of {} training tokens each{}{}. Multiple choice: {} items \
          (acc_norm; forgetting = (before - after) / before on general sets, gain = after - before on domain \
          sets; 95% paired-bootstrap intervals). Perplexity on {} evenly spaced held-out rows of {} tokens per \
          file, its change against the base with a 95% paired-bootstrap interval over rows; chat retention = \
@@ -925,7 +927,7 @@ fn table(
         if quick { "Quick variant: " } else { "" },
         rows.len(),
         ex.tokens,
-        usual_steps,
+        usual,
         except,
         items.join(", "),
         ex.eval.text_rows,
