@@ -406,6 +406,66 @@ fn param(t: Tensor, train: bool, dtype: DType, dev: &Device) -> Result<Param> {
     })
 }
 
+/// A projection's weight as `prec` asks: a GGUF's blocks as stored (`as-stored`), a
+/// bitsandbytes checkpoint's NF4 codes as stored, NF4 quantized at load, or dense (trainable
+/// in f32 under full fine-tuning).
+fn projection_weight(
+    src: &dyn WeightSource,
+    wname: &str,
+    [o, inp]: [usize; 2],
+    prec: BaseDtype,
+    full: bool,
+    dev: &Device,
+) -> Result<LinearWeight> {
+    let quant = match (prec, full) {
+        (BaseDtype::AsStored, false) => src.get_quant(wname)?,
+        _ => None,
+    };
+    Ok(match quant {
+        Some(q) if q.shape().dims() == [o, inp] && !dev.is_cpu() => {
+            // Block bytes as stored, copied onto the device (candle's CUDA kernels).
+            let on = candle_core::quantized::ggml_file::qtensor_from_ggml(q.dtype(), &q.data()?, vec![o, inp], dev)?;
+            LinearWeight::Quant(std::sync::Arc::new(on))
+        }
+        Some(q) if q.shape().dims() == [o, inp] => LinearWeight::Quant(std::sync::Arc::new(q)),
+        Some(q) => bail!(
+            "{}: tensor `{wname}` has shape {:?} but the config implies {:?}",
+            src.describe(),
+            q.shape().dims(),
+            [o, inp]
+        ),
+        None if !full && matches!(prec, BaseDtype::Nf4 | BaseDtype::Nf4Dq | BaseDtype::AsStored) => {
+            match src.get_nf4(wname)? {
+                // A bitsandbytes checkpoint: its codes are used as stored.
+                Some(q) if (q.rows, q.cols) == (o, inp) => LinearWeight::Nf4(std::sync::Arc::new(q)),
+                Some(q) => bail!(
+                    "{}: NF4 tensor `{wname}` has shape [{}, {}] but the config implies [{o}, {inp}]",
+                    src.describe(),
+                    q.rows,
+                    q.cols
+                ),
+                None if prec == BaseDtype::AsStored => {
+                    LinearWeight::Dense(param(load(src, wname, &[o, inp])?, full, DType::F32, dev)?)
+                }
+                None => {
+                    let w: Vec<f32> = load(src, wname, &[o, inp])?
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1()?;
+                    LinearWeight::Nf4(std::sync::Arc::new(crate::quant::nf4::Nf4Tensor::quantize(
+                        &w,
+                        o,
+                        inp,
+                        64,
+                        prec == BaseDtype::Nf4Dq,
+                    )))
+                }
+            }
+        }
+        None => LinearWeight::Dense(param(load(src, wname, &[o, inp])?, full, prec.dtype(), dev)?),
+    })
+}
+
 /// Projection `m` of layer `i` as the load spec says: GGUF blocks as stored, NF4 (a
 /// bitsandbytes checkpoint's codes, or quantized here), or dense (trainable under full
 /// fine-tuning), with its bias, kernel pack and device copy.
@@ -421,54 +481,7 @@ fn load_linear(
     let (o, inp) = cfg.linear_shape(m);
     let name = m.path(i);
     let wname = format!("{name}.weight");
-    let prec = (spec.per)(i, m);
-    let quant = match (prec, full) {
-        (BaseDtype::AsStored, false) => src.get_quant(&wname)?,
-        _ => None,
-    };
-    let w = match quant {
-        Some(q) if q.shape().dims() == [o, inp] && !dev.is_cpu() => {
-            // Block bytes as stored, copied onto the device (candle's CUDA kernels).
-            let on = candle_core::quantized::ggml_file::qtensor_from_ggml(q.dtype(), &q.data()?, vec![o, inp], dev)?;
-            LinearWeight::Quant(std::sync::Arc::new(on))
-        }
-        Some(q) if q.shape().dims() == [o, inp] => LinearWeight::Quant(std::sync::Arc::new(q)),
-        Some(q) => bail!(
-            "{}: tensor `{wname}` has shape {:?} but the config implies {:?}",
-            src.describe(),
-            q.shape().dims(),
-            [o, inp]
-        ),
-        None if !full && matches!(prec, BaseDtype::Nf4 | BaseDtype::Nf4Dq | BaseDtype::AsStored) => {
-            match src.get_nf4(&wname)? {
-                // A bitsandbytes checkpoint: its codes are used as stored.
-                Some(q) if (q.rows, q.cols) == (o, inp) => LinearWeight::Nf4(std::sync::Arc::new(q)),
-                Some(q) => bail!(
-                    "{}: NF4 tensor `{wname}` has shape [{}, {}] but the config implies [{o}, {inp}]",
-                    src.describe(),
-                    q.rows,
-                    q.cols
-                ),
-                None if prec == BaseDtype::AsStored => {
-                    LinearWeight::Dense(param(load(src, &wname, &[o, inp])?, full, DType::F32, dev)?)
-                }
-                None => {
-                    let w: Vec<f32> = load(src, &wname, &[o, inp])?
-                        .to_dtype(DType::F32)?
-                        .flatten_all()?
-                        .to_vec1()?;
-                    LinearWeight::Nf4(std::sync::Arc::new(crate::quant::nf4::Nf4Tensor::quantize(
-                        &w,
-                        o,
-                        inp,
-                        64,
-                        prec == BaseDtype::Nf4Dq,
-                    )))
-                }
-            }
-        }
-        None => LinearWeight::Dense(param(load(src, &wname, &[o, inp])?, full, prec.dtype(), dev)?),
-    };
+    let w = projection_weight(src, &wname, [o, inp], (spec.per)(i, m), full, dev)?;
     let b = if cfg.arch.qkv_bias() && m.has_qkv_bias() {
         Some(param(load(src, &format!("{name}.bias"), &[o])?, full, DType::F32, dev)?)
     } else {
