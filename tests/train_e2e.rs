@@ -545,10 +545,37 @@ fn distillation_holds_the_general_rows_to_the_base() -> Result<()> {
         free > 0.0 && kept < 0.5 * free,
         "KL to the base: {kept} with distillation, {free} without"
     );
-    // Full fine-tuning keeps no frozen base to distil from: refused, saying why.
-    let full = text("full", 1.0).replace("[train]", "[train]\nmode = \"full\"");
-    let err = Recipe::parse(&full, "e2e.toml", &[]).unwrap_err();
-    assert!(format!("{err:#}").contains("needs adapters"), "{err:#}");
+    // Full fine-tuning distils to a frozen copy of the base (its own head; the trained head gets
+    // the term's gradient too): zero at the first step in f32, within bf16's rounding under
+    // mixed precision, and holding the distribution as under LoRA.
+    let full = |out: &str, lambda: f64, precision: &str| {
+        text(out, lambda)
+            .replace(
+                "[lora]\nr = 4\nalpha = 8\ndropout = 0.1\n[[lora.layers]]\nlayers = \"0\"\nr = 8\n",
+                "",
+            )
+            .replace(
+                "[train]",
+                &format!("[train]\nmode = \"full\"\nprecision = \"{precision}\""),
+            )
+            .replace("lr = 3e-2", "lr = 1e-2")
+    };
+    assert!(!full("x", 1.0, "f32").contains("[lora]"));
+    train_with(&full("full-probe", 1e-9, "f32"), Default::default())?;
+    train_with(&full("full-held", 5.0, "f32"), Default::default())?;
+    let (probe, held) = (metrics("full-probe")?, metrics("full-held")?);
+    assert!(
+        held[0]["distill"].as_f64().unwrap() < 1e-6,
+        "the first step's model is the base"
+    );
+    let (free, kept) = (tail(&probe), tail(&held));
+    assert!(
+        free > 0.0 && kept < 0.5 * free,
+        "full fine-tuning, KL to the base: {kept} with distillation, {free} without"
+    );
+    train_with(&full("full-bf16", 5.0, "auto"), Default::default())?;
+    let first = metrics("full-bf16")?[0]["distill"].as_f64().unwrap();
+    assert!(first < 1e-3, "bf16 copy against bf16 working weights: KL {first}");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

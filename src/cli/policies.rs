@@ -121,6 +121,7 @@ impl Policy {
             runtime,
             ewc_fisher: 0,
             distill: false,
+            base_copy: false,
         }))
     }
 }
@@ -158,6 +159,7 @@ mod tests {
                 runtime: 0,
                 ewc_fisher: 0,
                 distill: false,
+                base_copy: false,
             }))
         };
         let total = |r| at(r).map(|p| p.total());

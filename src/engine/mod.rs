@@ -7,4 +7,4 @@ pub mod optim;
 pub mod step;
 
 pub use optim::AdamW;
-pub use step::{forward_backward, forward_backward_with, Batch, ExtraTerm, GradAcc, Recompute, StepStats};
+pub use step::{forward_backward, forward_backward_with, Batch, Extra, ExtraTerm, GradAcc, Recompute, StepStats};

@@ -131,9 +131,19 @@ pub struct StepStats {
     pub extra: f64,
 }
 
-/// An extra loss on the final hidden states `hn [b * t, hidden]` (detached): returns its value
-/// and its gradient `dL/dhn`, already scaled as it should enter the step.
-pub type ExtraTerm<'a> = &'a dyn Fn(&Tensor) -> Result<(f64, Tensor)>;
+/// What an extra loss on the final hidden states returned.
+pub struct Extra {
+    /// Its value.
+    pub loss: f64,
+    /// Its gradient `dL/dhn`, already scaled as it should enter the step.
+    pub dh: Tensor,
+    /// Its gradient with respect to the head, when the head is trained and the term reads it
+    /// (distillation under full fine-tuning), scaled alike.
+    pub dw_head: Option<Tensor>,
+}
+
+/// An extra loss on the final hidden states `hn [b * t, hidden]` (detached).
+pub type ExtraTerm<'a> = &'a dyn Fn(&Tensor) -> Result<Extra>;
 
 /// Gradients accumulated across micro-batches, keyed by parameter, with a pending factor
 /// (clipping) that the optimizer applies as it reads them instead of a pass over every gradient.
@@ -302,10 +312,7 @@ pub fn forward_backward_with(
     };
     // A trained head under mixed precision runs on its bf16 working copy (weight gradient
     // included); a frozen one on its packed copy when it has one.
-    let train_head = match (&head_var, &model.train_head) {
-        (Some(_), Some(p)) => Some(p.read()?),
-        _ => None,
-    };
+    let train_head = model.train_head_pack()?;
     let opts = HeadOptions {
         chunk: crate::ops::lm_head::chunk_rows(model.cfg.vocab_size),
         grad_scale: Some(grad_scale),
@@ -321,15 +328,22 @@ pub fn forward_backward_with(
         let out = lm_head_loss(&hn.detach(), model.head_weight(), &batch.targets, opts)?;
         let mut dh = out.dh.context("head returned no gradient")?;
         let mut extra_loss = 0.0;
+        let mut extra_dw = None;
         if let Some(f) = extra {
-            let (l, d) = f(&hn.detach())?;
-            extra_loss = l;
+            let e = f(&hn.detach())?;
+            extra_loss = e.loss;
             let dt = dh.dtype();
-            dh = (dh + d.to_dtype(dt)?)?;
+            dh = (dh + e.dh.to_dtype(dt)?)?;
+            extra_dw = e.dw_head;
         }
         let grads = hn.mul(&dh)?.sum_all()?.backward()?;
         if let (Some(v), Some(dw)) = (&head_var, &out.dw) {
             acc.add(v, dw)?;
+        }
+        match (&head_var, extra_dw) {
+            (Some(v), Some(dw)) => acc.add(v, &dw)?,
+            (None, Some(_)) => anyhow::bail!("an extra term returned a head gradient, but the head is frozen"),
+            _ => {}
         }
         Ok((
             StepStats {

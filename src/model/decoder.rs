@@ -833,6 +833,20 @@ impl Model {
         self.head.as_ref().unwrap_or(&self.embed).t()
     }
 
+    /// Whether the LM head (the embedding when tied) is trained.
+    pub fn head_trained(&self) -> bool {
+        matches!(self.head.as_ref().unwrap_or(&self.embed), Param::Train(_))
+    }
+
+    /// A trained head's bf16 working copy under mixed precision, read-locked; `None` for a
+    /// frozen head or without mixed precision.
+    pub fn train_head_pack(&self) -> Result<Option<std::sync::RwLockReadGuard<'_, lm_head::HeadPack>>> {
+        match &self.train_head {
+            Some(p) if self.head_trained() => Ok(Some(p.read()?)),
+            _ => Ok(None),
+        }
+    }
+
     /// Token embeddings `ids [b, t] -> [b * t, hidden]` (f32).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let flat = ids.flatten_all()?;

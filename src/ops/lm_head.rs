@@ -362,38 +362,88 @@ fn chunk_composed(
     Ok((rows, Some(dh), dw))
 }
 
-/// A frozen head as the two products the distillation term needs: logits `x W^T` and the input
-/// gradient `g W`, through the bf16 kernel's packs when the model has them.
-enum FrozenHead<'a> {
+/// A head as the products the distillation term needs: logits `x W^T`, the input gradient
+/// `g W` and, for a trained head, the weight gradient `g^T x`, through the bf16 kernel's packs
+/// when the model has them (a frozen head's, or a trained head's working copy).
+enum HeadView<'a> {
     Packed(&'a HeadPack),
     Lean(super::dequant_linear::Compact),
 }
 
-impl FrozenHead<'_> {
+impl<'a> HeadView<'a> {
+    fn of(side: KlSide<'a>) -> Result<Self> {
+        let vocab = side.w.dim(0)?;
+        Ok(match side.pack {
+            Some(p) if p.fwd.n == vocab => HeadView::Packed(p),
+            _ => {
+                let w = side.w.detach().contiguous()?;
+                HeadView::Lean(match w.dtype() {
+                    DType::BF16 => super::dequant_linear::Compact::Bf16(w),
+                    _ => super::dequant_linear::Compact::F32(w.to_dtype(DType::F32)?),
+                })
+            }
+        })
+    }
+
     fn logits(&self, x: &[f32], c: usize, hidden: usize, out: &mut [f32]) -> Result<()> {
         match self {
-            FrozenHead::Packed(p) => bf16_gemm::gemm(&bf16_gemm::pack_a(x, c, hidden), c, &p.fwd, out),
-            FrozenHead::Lean(w) => super::dequant_linear::x_wt(x, c, w, out, self.kernel(c))?,
+            HeadView::Packed(p) => bf16_gemm::gemm(&bf16_gemm::pack_a(x, c, hidden), c, &p.fwd, out),
+            HeadView::Lean(w) => super::dequant_linear::x_wt(x, c, w, out, self.kernel(c))?,
         }
         Ok(())
     }
 
     fn back(&self, g: &[f32], c: usize, v: usize, dh: &mut [f32]) -> Result<()> {
         match self {
-            FrozenHead::Packed(p) => bf16_gemm::gemm(&bf16_gemm::pack_a(g, c, v), c, &p.bwd, dh),
-            FrozenHead::Lean(w) => super::dequant_linear::g_w(g, c, w, dh, self.kernel(c))?,
+            HeadView::Packed(p) => bf16_gemm::gemm(&bf16_gemm::pack_a(g, c, v), c, &p.bwd, dh),
+            HeadView::Lean(w) => super::dequant_linear::g_w(g, c, w, dh, self.kernel(c))?,
+        }
+        Ok(())
+    }
+
+    /// Adds `g^T x` (`g [c, v]`, `x [c, hidden]`) into `dw [v, hidden]`: through the kernel
+    /// (bf16 operands, f32 sums) beside a packed working copy, as the cross-entropy's weight
+    /// gradient is; in f32 otherwise.
+    fn weight_grad(&self, g: &[f32], x: &[f32], c: usize, v: usize, hidden: usize, dw: &mut [f32]) -> Result<()> {
+        match self {
+            HeadView::Packed(_) => bf16_gemm::weight_grad(g, x, c, v, hidden, dw, true),
+            HeadView::Lean(_) => {
+                let dev = candle_core::Device::Cpu;
+                let gt = Tensor::from_slice(&g[..c * v], (c, v), &dev)?;
+                let xt = Tensor::from_slice(&x[..c * hidden], (c, hidden), &dev)?;
+                let part: Vec<f32> = gt.t()?.matmul(&xt)?.flatten_all()?.to_vec1()?;
+                dw.iter_mut().zip(part).for_each(|(d, p)| *d += p);
+            }
         }
         Ok(())
     }
 
     fn kernel(&self, c: usize) -> bool {
         match self {
-            FrozenHead::Packed(_) => true,
-            FrozenHead::Lean(w) => {
+            HeadView::Packed(_) => true,
+            HeadView::Lean(w) => {
                 super::dequant_linear::use_kernel(c) && !matches!(w, super::dequant_linear::Compact::F32(_))
             }
         }
     }
+}
+
+/// One side of the distillation term: a head `w [vocab, hidden]` and its kernel pack, if any.
+#[derive(Clone, Copy)]
+pub struct KlSide<'a> {
+    pub w: &'a Tensor,
+    pub pack: Option<&'a HeadPack>,
+}
+
+/// What [`kl_head`] returns.
+pub struct KlOutput {
+    /// The summed KL over the rows.
+    pub kl: f64,
+    /// Gradient of `scale * kl` with respect to the student's hidden states.
+    pub dh: Tensor,
+    /// Gradient of `scale * kl` with respect to the student's head, when asked for (a trained
+    /// head: full fine-tuning, or a tied embedding trained beside adapters).
+    pub dw: Option<Tensor>,
 }
 
 /// `log softmax` of a row in place; returns nothing (the row then holds log-probabilities).
@@ -406,43 +456,38 @@ fn log_softmax_in_place(row: &mut [f32], tmp: &mut Vec<f32>) {
     row.iter_mut().for_each(|x| *x -= lse);
 }
 
-/// Distillation to a teacher through the same frozen head `w [vocab, hidden]`:
-/// `sum_i KL(softmax(t_i W^T) || softmax(h_i W^T))` over the rows of `h` and `teacher`
-/// (`[n, hidden]` each), and the gradient of `scale` times that sum with respect to `h`, which is
-/// `scale * (softmax(h W^T) - softmax(t W^T)) W`. Under LoRA the teacher's hidden states are the
-/// same model's with its adapters off, so the base's next-token distributions need no second
-/// copy of the model.
+/// Distillation to a teacher: `sum_i KL(softmax(t_i Wt^T) || softmax(h_i Ws^T))` over the rows
+/// of `h` and `teacher` (`[n, hidden]` each), and the gradient of `scale` times that sum with
+/// respect to `h`, which is `scale * (softmax(h Ws^T) - softmax(t Wt^T)) Ws` (and, with
+/// `want_dw`, with respect to `Ws`: that difference transposed times `h`). Under LoRA the
+/// teacher is the same model with its adapters off and one frozen head serves both sides, so
+/// the base's distributions need no second copy; under full fine-tuning the teacher is a frozen
+/// copy of the base with its own head.
 pub fn kl_head(
     h: &Tensor,
     teacher: &Tensor,
-    w: &Tensor,
-    pack: Option<&HeadPack>,
+    student: KlSide<'_>,
+    teacher_head: KlSide<'_>,
     chunk: usize,
     scale: f64,
-) -> Result<(f64, Tensor)> {
+    want_dw: bool,
+) -> Result<KlOutput> {
     let (n, hidden) = h.dims2()?;
-    let (vocab, wh) = w.dims2()?;
-    if teacher.dims2()? != (n, hidden) || wh != hidden {
+    let (vocab, wh) = student.w.dims2()?;
+    if teacher.dims2()? != (n, hidden) || wh != hidden || teacher_head.w.dims2()? != (vocab, hidden) {
         candle_core::bail!(
-            "distillation: student {:?}, teacher {:?} and head {:?} do not agree",
+            "distillation: student {:?}, teacher {:?}, student head {:?} and teacher head {:?} do not agree",
             h.dims(),
             teacher.dims(),
-            w.dims()
+            student.w.dims(),
+            teacher_head.w.dims()
         );
     }
-    let head = match pack {
-        Some(p) if p.fwd.n == vocab => FrozenHead::Packed(p),
-        _ => {
-            let w = w.detach().contiguous()?;
-            FrozenHead::Lean(match w.dtype() {
-                DType::BF16 => super::dequant_linear::Compact::Bf16(w),
-                _ => super::dequant_linear::Compact::F32(w.to_dtype(DType::F32)?),
-            })
-        }
-    };
+    let (head, thead) = (HeadView::of(student)?, HeadView::of(teacher_head)?);
     let hs: Vec<f32> = h.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let ts: Vec<f32> = teacher.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let mut dh = vec![0f32; n * hidden];
+    let mut dw = want_dw.then(|| vec![0f32; vocab * hidden]);
     let mut kl = 0.0;
     let chunk = chunk.max(1);
     let (mut sl, mut tl) = (Vec::new(), Vec::new());
@@ -452,7 +497,7 @@ pub fn kl_head(
         let s = logits_buffer(&mut sl, c * vocab);
         head.logits(&hs[a..b], c, hidden, s)?;
         let t = logits_buffer(&mut tl, c * vocab);
-        head.logits(&ts[a..b], c, hidden, t)?;
+        thead.logits(&ts[a..b], c, hidden, t)?;
         let parts: Vec<f64> = s
             .par_chunks_mut(vocab)
             .zip(t.par_chunks_mut(vocab))
@@ -471,8 +516,18 @@ pub fn kl_head(
             .collect();
         kl += parts.iter().sum::<f64>();
         head.back(s, c, vocab, &mut dh[a..b])?;
+        if let Some(dw) = dw.as_mut() {
+            head.weight_grad(s, &hs[a..b], c, vocab, hidden, dw)?;
+        }
     }
-    Ok((kl, Tensor::from_vec(dh, (n, hidden), h.device())?.to_dtype(h.dtype())?))
+    let dw = dw
+        .map(|d| Tensor::from_vec(d, (vocab, hidden), h.device()))
+        .transpose()?;
+    Ok(KlOutput {
+        kl,
+        dh: Tensor::from_vec(dh, (n, hidden), h.device())?.to_dtype(h.dtype())?,
+        dw,
+    })
 }
 
 #[cfg(test)]
@@ -601,7 +656,8 @@ mod tests {
         Ok(())
     }
 
-    /// The distillation term against candle's autograd of the composed KL, f32 and packed bf16.
+    /// The distillation term against candle's autograd of the composed KL, f32 and packed bf16:
+    /// the student's hidden-state and head gradients, with the teacher's own head.
     #[test]
     fn kl_to_teacher_matches_autograd() -> Result<()> {
         let dev = Device::Cpu;
@@ -609,26 +665,50 @@ mod tests {
         let h0 = Tensor::randn(0f32, 1., (n, hidden), &dev)?;
         let t = Tensor::randn(0f32, 1., (n, hidden), &dev)?;
         let w = Tensor::randn(0f32, 0.5, (vocab, hidden), &dev)?;
+        let wt = (&w + Tensor::randn(0f32, 0.1, (vocab, hidden), &dev)?)?;
         let hv = Var::from_tensor(&h0)?;
-        let ls = candle_nn_log_softmax(&hv.as_tensor().matmul(&w.t()?)?)?;
-        let lt = candle_nn_log_softmax(&t.matmul(&w.t()?)?)?;
+        let wv = Var::from_tensor(&w)?;
+        let ls = candle_nn_log_softmax(&hv.as_tensor().matmul(&wv.as_tensor().t()?)?)?;
+        let lt = candle_nn_log_softmax(&t.matmul(&wt.t()?)?)?;
         let kl = (lt.exp()? * (lt - ls)?)?.sum_all()?;
         let want = kl.to_scalar::<f32>()? as f64;
         let g = kl.affine(0.5, 0.)?.backward()?;
-        let gh = g.get(hv.as_tensor()).unwrap();
-        let (got, dh) = kl_head(&h0, &t, &w, None, 3, 0.5)?;
-        assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{got} vs {want}");
-        let err = (dh - gh)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let (gh, gw) = (g.get(hv.as_tensor()).unwrap(), g.get(wv.as_tensor()).unwrap());
+        let side = |w| KlSide { w, pack: None };
+        let out = kl_head(&h0, &t, side(&w), side(&wt), 3, 0.5, true)?;
+        assert!(
+            (out.kl - want).abs() < 1e-4 * want.abs().max(1.0),
+            "{} vs {want}",
+            out.kl
+        );
+        let err = (out.dh - gh)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(err < 1e-5, "gradient differs by {err}");
+        let err = (out.dw.unwrap() - gw)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-5, "head gradient differs by {err}");
         // A student equal to its teacher has nothing to learn.
-        let (zero, dz) = kl_head(&t, &t, &w, None, 4, 1.0)?;
-        assert!(zero.abs() < 1e-6 && dz.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        let zero = kl_head(&t, &t, side(&w), side(&w), 4, 1.0, false)?;
+        assert!(zero.kl.abs() < 1e-6 && zero.dh.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        assert!(zero.dw.is_none());
         // The bf16 kernel's packs give the same term within bf16's rounding.
-        if let Some(pack) = HeadPack::of_head(&w.to_dtype(DType::BF16)?)? {
-            let (kp, dp) = kl_head(&h0, &t, &w.to_dtype(DType::BF16)?, Some(&pack), 5, 0.5)?;
-            assert!((kp - want).abs() < 0.03 * want, "{kp} vs {want}");
-            let rel = ((dp - gh)?.sqr()?.sum_all()?.sqrt()? / gh.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()?;
-            assert!(rel < 0.05, "packed gradient off by {rel}");
+        let (wb, wtb) = (w.to_dtype(DType::BF16)?, wt.to_dtype(DType::BF16)?);
+        if let (Some(pack), Some(tpack)) = (HeadPack::of_head(&wb)?, HeadPack::of_head(&wtb)?) {
+            let s = KlSide {
+                w: &wb,
+                pack: Some(&pack),
+            };
+            let ts = KlSide {
+                w: &wtb,
+                pack: Some(&tpack),
+            };
+            let p = kl_head(&h0, &t, s, ts, 5, 0.5, true)?;
+            assert!((p.kl - want).abs() < 0.03 * want, "{} vs {want}", p.kl);
+            let rel = |a: Tensor, b: &Tensor| -> Result<f32> {
+                ((a - b)?.sqr()?.sum_all()?.sqrt()? / b.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()
+            };
+            let r = rel(p.dh, gh)?;
+            assert!(r < 0.05, "packed gradient off by {r}");
+            let r = rel(p.dw.unwrap(), gw)?;
+            assert!(r < 0.05, "packed head gradient off by {r}");
         }
         Ok(())
     }

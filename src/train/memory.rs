@@ -125,6 +125,9 @@ pub struct RunShape<'a> {
     pub ewc_fisher: u64,
     /// Distillation to the base on the general rows (`retain.distill_lambda > 0`).
     pub distill: bool,
+    /// A frozen copy of the base beside the trained weights (full fine-tuning with a term that
+    /// compares with the base: `Recipe::keeps_base_copy`), in the forward's precision.
+    pub base_copy: bool,
 }
 
 /// Bytes of an NF4 weight of `n` elements in blocks of 64 (codes, then fp32 scales or 8-bit
@@ -390,8 +393,27 @@ fn add_activations(s: &RunShape<'_>, p: &mut Prediction) {
     }
 }
 
-/// The Fisher EWC holds and the penalty's working set.
+/// The Fisher EWC holds and the penalty's working set; the frozen base copy.
 fn add_retain(s: &RunShape<'_>, p: &mut Prediction) {
+    if s.base_copy {
+        // Loaded as a frozen model in the trained forward's precision: its weights as such a
+        // LoRA run's base would hold them, without adapters.
+        let base = if s.mixed { BaseDtype::Bf16 } else { BaseDtype::F32 };
+        let bases = vec![PerProj([base; Proj::COUNT]); s.cfg.num_layers];
+        let ranks = vec![PerProj([0; Proj::COUNT]); s.cfg.num_layers];
+        let frozen = RunShape {
+            base,
+            bases: &bases,
+            full: false,
+            mixed: false,
+            saved: &[],
+            ranks: &ranks,
+            ..*s
+        };
+        let mut copy = Prediction::default();
+        add_weights(&frozen, &mut copy);
+        p.add("retain: frozen base copy", copy.total());
+    }
     if s.ewc_fisher > 0 {
         p.add("retain: Fisher (EWC)", s.ewc_fisher);
         // The penalty works one weight at a time: its Fisher widened to f32, B A, the anchor's
@@ -524,6 +546,7 @@ pub fn for_recipe_with(
         runtime,
         ewc_fisher: ewc_fisher_bytes(recipe, cfg, &rank_table),
         distill: recipe.retain.as_ref().is_some_and(|r| r.distill_lambda > 0.0),
+        base_copy: recipe.keeps_base_copy(),
     }))
 }
 

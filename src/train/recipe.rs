@@ -262,7 +262,8 @@ pub struct RetainSection {
     pub segment: usize,
     /// Distillation to the frozen base: the weight of the mean KL divergence from the base
     /// model's next-token distribution to the adapted model's on the general (replay) rows'
-    /// target tokens (0: off). Adapters only: the base is the same model with its adapters off.
+    /// target tokens (0: off). Under LoRA the base is the same model with its adapters off;
+    /// under full fine-tuning a frozen copy of the base is kept beside the trained weights.
     #[serde(default)]
     pub distill_lambda: f64,
 }
@@ -924,9 +925,6 @@ impl Recipe {
             if !self.data.has_general() {
                 bail!("retain.distill_lambda needs data.general (or a source with general = true): the KL to the base is taken on the general rows of each batch");
             }
-            if self.full() {
-                bail!("retain.distill_lambda needs adapters: under train.mode = \"full\" no frozen base is kept to distil from (use LoRA, or set distill_lambda = 0)");
-            }
             let saved = self.lora.iter().flat_map(|l| &l.modules_to_save);
             if let Some(m) = saved
                 .into_iter()
@@ -936,6 +934,17 @@ impl Recipe {
             }
         }
         Ok(())
+    }
+
+    /// Whether the run keeps a frozen copy of the base beside the trained weights: full
+    /// fine-tuning with a retention term that compares with the base (distillation,
+    /// contrastive), where no adapters can be switched off to recover it.
+    pub fn keeps_base_copy(&self) -> bool {
+        self.full()
+            && self
+                .retain
+                .as_ref()
+                .is_some_and(|r| r.distill_lambda > 0.0 || r.contrastive_lambda > 0.0)
     }
 
     fn check_bases(&self) -> Result<()> {

@@ -53,6 +53,9 @@ pub(super) struct Run<'r> {
     pub src: ModelSource,
     pub data: RunData,
     pub model: Model,
+    /// The frozen base the retention terms compare with under full fine-tuning
+    /// ([`Recipe::keeps_base_copy`]).
+    pub teacher: Option<Model>,
     /// The adapters' plan (`None`: full fine-tuning).
     pub plan: Option<LoraPlan>,
     /// Trainable parameters by name, and each one's group, in the same order.
@@ -171,7 +174,8 @@ impl<'r> Run<'r> {
         };
         // The bf16 working copies are made from the weights as the run starts them: after any
         // resume has restored its values.
-        if t.precision.bf16_on(&dev)? && !opts.device_ops {
+        let mixed = t.precision.bf16_on(&dev)? && !opts.device_ops;
+        if mixed {
             let bytes = model.mixed_precision()?;
             if bytes > 0 {
                 eprintln!(
@@ -180,6 +184,10 @@ impl<'r> Run<'r> {
                 );
             }
         }
+        let teacher = match recipe.keeps_base_copy() {
+            true => Some(load_base_copy(recipe, &src, &dev, opts.device_ops, mixed)?),
+            false => None,
+        };
         let log = dist::on_rank0(comm.as_ref(), || {
             // What the run will be, for whoever watches it (`strata board`) before
             // summary.json.
@@ -200,6 +208,7 @@ impl<'r> Run<'r> {
             src,
             data,
             model,
+            teacher,
             plan,
             params,
             groups,
@@ -450,6 +459,36 @@ fn load_model(recipe: &Recipe, src: &ModelSource, dev: &Device, device_ops: bool
         model.train_modules(&plan.modules_to_save)?;
     }
     Ok((model, plan))
+}
+
+/// The frozen base a full fine-tuning run's retention terms compare with, read from the
+/// model files (a resumed run's trained values never reach it), in the precision the trained
+/// model's forward runs in: bf16 under mixed precision, f32 otherwise.
+fn load_base_copy(recipe: &Recipe, src: &ModelSource, dev: &Device, device_ops: bool, bf16: bool) -> Result<Model> {
+    let start = current_rss();
+    let base = match bf16 {
+        true => model::BaseDtype::Bf16,
+        false => model::BaseDtype::F32,
+    };
+    let per = |_: usize, _: Proj| base;
+    let copy = Model::load_with(
+        &src.config,
+        src.weights.as_ref(),
+        &LoadSpec {
+            base,
+            per: &per,
+            full: false,
+            pack: recipe.model.pack_bf16,
+            device_nf4: device_ops,
+        },
+        dev,
+    )?;
+    eprintln!(
+        "retain: a frozen copy of the base ({}, {}) for the retention terms under full fine-tuning",
+        base.name(),
+        human_bytes(current_rss().saturating_sub(start))
+    );
+    Ok(copy)
 }
 
 /// The run's recomputation (`auto` resolved) and its memory plan, printed, for a process of

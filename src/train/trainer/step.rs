@@ -13,10 +13,10 @@ use super::prepare::{Clock, Run, RunData};
 use super::with_oom_retry;
 use crate::data::mix;
 use crate::dist;
-use crate::engine::{forward_backward_with, Batch, ExtraTerm, GradAcc, Recompute};
+use crate::engine::{forward_backward_with, Batch, Extra, ExtraTerm, GradAcc, Recompute};
 use crate::model::decoder::TreeRows;
 use crate::model::{Fwd, Model};
-use crate::ops::lm_head::{chunk_rows, kl_head, IGNORE};
+use crate::ops::lm_head::{chunk_rows, kl_head, KlSide, IGNORE};
 use crate::retain::contrastive;
 use crate::rng::mix as mix_seed;
 use crate::train::recipe::{Group, RetainSection};
@@ -40,6 +40,9 @@ pub(super) struct StepOut {
 /// The step's objective over its rows: everything the micro-batches read.
 struct Objective<'a> {
     model: &'a Model,
+    /// The frozen base the retention terms compare with, under full fine-tuning (under LoRA
+    /// the model itself with its adapters off).
+    teacher: Option<&'a Model>,
     data: &'a RunData,
     retain: &'a RetainSection,
     fwd: Fwd,
@@ -58,6 +61,8 @@ struct Objective<'a> {
 /// rows' target positions.
 struct Distill<'a> {
     model: &'a Model,
+    /// The model whose head turns `teacher` into the base's distribution.
+    base: &'a Model,
     keep: Tensor,
     teacher: Tensor,
     /// `distill_lambda / general tokens of the step`.
@@ -139,6 +144,7 @@ impl<'r> Run<'r> {
                 .sum();
             let objective = Objective {
                 model: &self.model,
+                teacher: self.teacher.as_ref(),
                 data: &self.data,
                 retain: &self.retain,
                 fwd: self.eval_fwd,
@@ -350,14 +356,21 @@ impl Objective<'_> {
             let base_hidden = self.base_hidden(&ids, chunk, documents.as_ref())?;
             let contrastive = self.contrastive(base_hidden.as_ref(), chunk)?;
             let distill = self.distill(base_hidden.as_ref(), chunk, &targets)?;
-            let hook = |h: &Tensor| -> Result<(f64, Tensor)> {
-                let mut total = (0.0, Tensor::zeros_like(h)?);
+            let hook = |h: &Tensor| -> Result<Extra> {
+                let mut total = Extra {
+                    loss: 0.0,
+                    dh: Tensor::zeros_like(h)?,
+                    dw_head: None,
+                };
                 if let Some(c) = &contrastive {
                     let (l, d) = c.term(h)?;
-                    total = (l, (total.1 + d)?);
+                    total.loss = l;
+                    total.dh = (total.dh + d)?;
                 }
                 if let Some(d) = &distill {
-                    total.1 = (total.1 + d.term(h)?)?;
+                    let (dh, dw) = d.term(h)?;
+                    total.dh = (total.dh + dh)?;
+                    total.dw_head = dw;
                 }
                 Ok(total)
             };
@@ -384,8 +397,9 @@ impl Objective<'_> {
         Ok((nll, con, kl))
     }
 
-    /// The base model's (adapters off) final hidden states of a micro-batch, `[rows * seq,
-    /// hidden]`, when a term on its general rows needs them.
+    /// The base model's final hidden states of a micro-batch, `[rows * seq, hidden]`, when a
+    /// term on its general rows needs them: the frozen copy's under full fine-tuning, the model's
+    /// own with its adapters off under LoRA.
     fn base_hidden(
         &self,
         ids: &Tensor,
@@ -402,9 +416,10 @@ impl Objective<'_> {
             adapters: false,
             ..self.fwd
         };
+        let m = self.teacher.unwrap_or(self.model);
         Ok(Some(match documents {
-            Some(d) => self.model.hidden_tree(ids, base, d)?,
-            None => self.model.hidden(ids, base, None)?,
+            Some(d) => m.hidden_tree(ids, base, d)?,
+            None => m.hidden(ids, base, None)?,
         }))
     }
 
@@ -426,6 +441,7 @@ impl Objective<'_> {
         let keep = Tensor::new(keep.as_slice(), &self.model.device)?;
         Ok(Some(Distill {
             model: self.model,
+            base: self.teacher.unwrap_or(self.model),
             teacher: base.index_select(&keep, 0)?,
             keep,
             scale: lambda / self.general_tokens.max(1) as f64,
@@ -467,20 +483,31 @@ impl Contrastive<'_> {
 
 impl Distill<'_> {
     /// The KL from the base on the kept positions of the adapted hidden states `h`: its gradient
-    /// with respect to `h`, weighted as it enters the step (the KL itself is kept in `kl`).
-    fn term(&self, h: &Tensor) -> Result<Tensor> {
-        let m = self.model;
+    /// with respect to `h` and, when the head is trained, with respect to the head, weighted as
+    /// they enter the step (the KL itself is kept in `kl`).
+    fn term(&self, h: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let (m, b) = (self.model, self.base);
         let student = h.index_select(&self.keep, 0)?;
-        let chunk = chunk_rows(m.cfg.vocab_size);
-        let (kl, d) = kl_head(
+        // A trained head is read through its bf16 working copy when it has one, as the
+        // cross-entropy reads it.
+        let working = m.train_head_pack()?;
+        let out = kl_head(
             &student,
             &self.teacher,
-            m.head_weight(),
-            m.head_pack.as_deref(),
-            chunk,
+            KlSide {
+                w: m.head_weight(),
+                pack: working.as_deref().or(m.head_pack.as_deref()),
+            },
+            KlSide {
+                w: b.head_weight(),
+                pack: b.head_pack.as_deref(),
+            },
+            chunk_rows(m.cfg.vocab_size),
             self.scale,
+            m.head_trained(),
         )?;
-        self.kl.set(kl);
-        Ok(Tensor::zeros_like(h)?.index_add(&self.keep, &d.to_dtype(h.dtype())?, 0)?)
+        self.kl.set(out.kl);
+        let dh = Tensor::zeros_like(h)?.index_add(&self.keep, &out.dh.to_dtype(h.dtype())?, 0)?;
+        Ok((dh, out.dw))
     }
 }
