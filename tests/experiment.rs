@@ -111,6 +111,11 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
         table.contains("LoRA, lr 3e-2: 192 (6 steps)"),
         "the run with its own budget is named in the note: {table}"
     );
+    let n = results["runs"].as_array().unwrap().len();
+    assert!(
+        table.contains(&format!("{n} runs: {} of 96 training tokens each", n - 1)),
+        "the usual budget is said of the runs on it: {table}"
+    );
 
     // --reuse keeps every finished step whose inputs are unchanged: the same table, nothing rerun.
     let reuse = || -> Result<String> {

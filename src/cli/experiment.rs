@@ -913,22 +913,30 @@ fn table(
         .iter()
         .find(|r| own_budget(r).is_none())
         .map_or(String::new(), |r| format!(" ({} steps of the recipe's batch)", r.steps));
-    let except: String = rows
+    let own: Vec<String> = rows
         .iter()
-        .filter_map(|r| own_budget(r).map(|t| format!("; {}: {t} ({} steps)", r.name, r.steps)))
+        .filter_map(|r| own_budget(r).map(|t| format!("{}: {t} ({} steps)", r.name, r.steps)))
         .collect();
+    // Say the usual budget only of the runs that trained on it.
+    let on_usual = rows.len() - own.len();
+    let budgets = match (on_usual, own.is_empty()) {
+        (_, true) => format!("{} runs of {} training tokens each{usual}", rows.len(), ex.tokens),
+        (0, false) => format!("{} runs, each on its own budget of training tokens: {}", rows.len(), own.join("; ")),
+        (k, false) => format!(
+            "{} runs: {k} of {} training tokens each{usual}; {}",
+            rows.len(),
+            ex.tokens,
+            own.join("; ")
+        ),
+    };
     s += &format!(
-        "\n{}{} runs of {} training tokens each{}{}. Multiple choice: {} items \
+        "\n{}{budgets}. Multiple choice: {} items \
          (acc_norm; forgetting = (before - after) / before on general sets, gain = after - before on domain \
          sets; 95% paired-bootstrap intervals). Perplexity on {} evenly spaced held-out rows of {} tokens per \
          file, its change against the base with a 95% paired-bootstrap interval over rows; chat retention = \
          perplexity of the base model's own greedy answers to held-out general prompts. Every training and \
          evaluation in its own process; {:.0} min in all.\n",
         if quick { "Quick variant: " } else { "" },
-        rows.len(),
-        ex.tokens,
-        usual,
-        except,
         items.join(", "),
         ex.eval.text_rows,
         ex.eval.seq_len,
