@@ -113,7 +113,11 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
     );
     let n = results["runs"].as_array().unwrap().len();
     assert!(
-        table.contains(&format!("{n} runs: {} of 96 training tokens each", n - 1)),
+        table.contains(&format!(
+            "{n} runs: {} of 96 training tokens{}",
+            n - 1,
+            if n > 2 { " each" } else { " (" }
+        )),
         "the usual budget is said of the runs on it: {table}"
     );
 

@@ -923,9 +923,10 @@ fn table(
         (_, true) => format!("{} runs of {} training tokens each{usual}", rows.len(), ex.tokens),
         (0, false) => format!("{} runs, each on its own budget of training tokens: {}", rows.len(), own.join("; ")),
         (k, false) => format!(
-            "{} runs: {k} of {} training tokens each{usual}; {}",
+            "{} runs: {k} of {} training tokens{}{usual}; {}",
             rows.len(),
             ex.tokens,
+            if k > 1 { " each" } else { "" },
             own.join("; ")
         ),
     };
