@@ -921,7 +921,11 @@ fn table(
     let on_usual = rows.len() - own.len();
     let budgets = match (on_usual, own.is_empty()) {
         (_, true) => format!("{} runs of {} training tokens each{usual}", rows.len(), ex.tokens),
-        (0, false) => format!("{} runs, each on its own budget of training tokens: {}", rows.len(), own.join("; ")),
+        (0, false) => format!(
+            "{} runs, each on its own budget of training tokens: {}",
+            rows.len(),
+            own.join("; ")
+        ),
         (k, false) => format!(
             "{} runs: {k} of {} training tokens{}{usual}; {}",
             rows.len(),
