@@ -5,7 +5,8 @@
 //! evaluation only), the WordNet definition-to-term multiple-choice sets (`mc/domain.jsonl`,
 //! `mc/general.jsonl`; items whose definition occurs anywhere in the training text are left out),
 //! the continuation-choice sets (`mc/domain_continuation.jsonl` from held-out finance documents,
-//! `mc/general_continuation.jsonl` from the outside text) and general chat prompts
+//! `mc/general_continuation.jsonl` from the outside text), the domain-term set
+//! (`mc/domain_terms.jsonl`: which finance term a held-out passage needs) and general chat prompts
 //! (`chat/prompts.jsonl`) for the chat-retention evaluation.
 
 use anyhow::{bail, Context, Result};
@@ -13,7 +14,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 
 use crate::data::chat::Message;
-use crate::data::cloze::{continuation_items, ClozeShape};
+use crate::data::cloze::{continuation_items, domain_terms, term_items, ClozeShape, TermShape};
 use crate::data::corpus::{self, Doc, Split};
 use crate::data::mc::McItem;
 use crate::data::outside;
@@ -61,6 +62,15 @@ pub struct Args {
     /// Words in each choice of a continuation-choice item.
     #[arg(long, default_value_t = 10)]
     pub span_words: usize,
+    /// Words after the term in each choice of a domain-term item.
+    #[arg(long, default_value_t = 3)]
+    pub term_follow_words: usize,
+    /// A domain term occurs at least this often in the finance training text ...
+    #[arg(long, default_value_t = 20)]
+    pub term_min_count: usize,
+    /// ... and at least this many times as often per word as in the general training text.
+    #[arg(long, default_value_t = 4.0)]
+    pub term_min_ratio: f64,
     /// General chat prompts for the chat-retention evaluation.
     #[arg(long, default_value_t = 96)]
     pub chat_prompts: usize,
@@ -76,7 +86,8 @@ fn write_items(path: &Path, items: &[McItem]) -> Result<()> {
 
 /// Writes the outside text, the continuation-choice sets and the chat prompts; returns their
 /// data-card entries.
-fn build_probes(a: &Args, finance_heldout: &[Doc], general: &[&Synset]) -> Result<serde_json::Value> {
+fn build_probes(a: &Args, finance: &Split, general_train: &[Doc], general: &[&Synset]) -> Result<serde_json::Value> {
+    let finance_heldout = &finance.heldout;
     let deb = a.assets.join("debian");
     let brown = outside::brown(&a.assets.join("brown"))?;
     let fortunes = outside::fortunes(&[
@@ -99,6 +110,16 @@ fn build_probes(a: &Args, finance_heldout: &[Doc], general: &[&Synset]) -> Resul
     std::fs::create_dir_all(&mc).with_context(|| format!("cannot create {}", mc.display()))?;
     write_items(&mc.join("general_continuation.jsonl"), &general_cont)?;
     write_items(&mc.join("domain_continuation.jsonl"), &domain_cont)?;
+    let term_shape = TermShape {
+        context_words: a.context_words,
+        follow_words: a.term_follow_words,
+        choices: 4,
+        min_count: a.term_min_count,
+        min_ratio: a.term_min_ratio,
+    };
+    let terms = domain_terms(&finance.train, general_train, term_shape);
+    let domain_terms = term_items(finance_heldout, &terms, term_shape, 0, a.seed);
+    write_items(&mc.join("domain_terms.jsonl"), &domain_terms)?;
     let prompts = chat_prompts(general, a.chat_prompts, mix(&[a.seed, 0xc4a7]));
     let chat = a.out.join("chat");
     std::fs::create_dir_all(&chat).with_context(|| format!("cannot create {}", chat.display()))?;
@@ -126,6 +147,17 @@ fn build_probes(a: &Args, finance_heldout: &[Doc], general: &[&Synset]) -> Resul
             "shape": shape,
             "general": {"file": "mc/general_continuation.jsonl", "from": "corpus/outside (Brown and fortunes)", "items": general_cont.len()},
             "domain": {"file": "mc/domain_continuation.jsonl", "from": "corpus/finance/heldout.jsonl", "items": domain_cont.len()},
+            "chance_accuracy": 0.25,
+        },
+        "mc_terms": {
+            "format": "context = a window of a held-out finance document's words up to a domain term; choices = that term or another domain term, each followed by the same next words of the document; windows do not overlap",
+            "terms": format!("words (letters only, 4 or more, case folded) that occur at least {} times in corpus/finance/train.jsonl and at least {} times as often per word as in corpus/general/train.jsonl (add-one smoothed); distractors drawn in proportion to their finance counts, never a prefix of the answer or one it is a prefix of", a.term_min_count, a.term_min_ratio),
+            "term_count": terms.len(),
+            "most_frequent_terms": terms.iter().take(40).map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+            "shape": term_shape,
+            "file": "mc/domain_terms.jsonl",
+            "from": "corpus/finance/heldout.jsonl",
+            "items": domain_terms.len(),
             "chance_accuracy": 0.25,
         },
         "chat_prompts": {"file": "chat/prompts.jsonl", "prompts": prompts.len(), "from": "head words of the general WordNet files in six instruction templates; the base model's own greedy answers to them are what chat retention scores"},
@@ -283,7 +315,7 @@ pub fn run(a: Args) -> Result<()> {
         .filter_map(|k| by_file.get(k))
         .flatten()
         .collect();
-    let probes = build_probes(&a, &splits[0].heldout, &general_synsets)?;
+    let probes = build_probes(&a, &splits[0], &splits[1].train, &general_synsets)?;
     let card = json!({
         "corpora": corpora_card,
         "probes": probes,
