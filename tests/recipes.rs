@@ -20,7 +20,8 @@ fn shipped_recipes_parse() {
             // An experiment: its runs' recipe paths are relative to the project root.
             std::env::set_current_dir(env!("CARGO_MANIFEST_DIR")).unwrap();
             let ex = strata::cli::experiment::Experiment::load(&p).unwrap_or_else(|e| panic!("{e:#}"));
-            assert!(ex.runs.len() >= 5 && ex.quick.is_some(), "{}", p.display());
+            // Every shipped experiment compares at least two recipes and has a quick variant.
+            assert!(ex.runs.len() >= 2 && ex.quick.is_some(), "{}", p.display());
             continue;
         }
         let r = Recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));

@@ -1,0 +1,336 @@
+//! One run of an experiment (train, evaluate, generate) and its comparison with the base.
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+use super::steps::{head_lines, last_turns, read_json, slug, step};
+use super::{Experiment, RunEntry, Sitting};
+use crate::eval::compare::{paired, paired_ratio, Paired};
+use crate::eval::mc::McResult;
+use crate::eval::perplexity::{RowLoss, RESAMPLES};
+use crate::eval::report::Series;
+use crate::train::recipe::Recipe;
+
+/// acc_norm outcomes of multiple-choice file `file` in a `strata eval --out` result.
+pub(super) fn mc_outcomes(v: &Value, file: &Path) -> Result<Vec<bool>> {
+    let e = v["mc"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["file"] == json!(file)))
+        .with_context(|| format!("no multiple-choice result for {}", file.display()))?;
+    let r: McResult = serde_json::from_value(e["result"].clone())?;
+    Ok(r.scores.iter().map(|s| s.correct_norm).collect())
+}
+
+/// Perplexity and per-row losses of text or chat file `file` (`part`: "text" or "chat").
+pub(super) fn text_rows(v: &Value, part: &str, file: &Path) -> Result<(f64, Vec<RowLoss>)> {
+    let e = v[part]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["file"] == json!(file)))
+        .with_context(|| format!("no {part} result for {}", file.display()))?;
+    Ok((
+        e["metrics"]["perplexity"].as_f64().unwrap_or(f64::NAN),
+        serde_json::from_value(e["rows"].clone())?,
+    ))
+}
+
+/// A held-out text's perplexity after a run, and its ratio to the base's with a paired interval.
+#[derive(Clone, Debug, serde::Serialize)]
+pub(super) struct TextChange {
+    pub(super) file: PathBuf,
+    pub(super) perplexity: f64,
+    pub(super) ratio: (f64, f64, f64),
+}
+
+pub(super) fn text_change(base: &Value, after: &Value, part: &str, file: &Path) -> Result<TextChange> {
+    let (_, b) = text_rows(base, part, file)?;
+    let (perplexity, a) = text_rows(after, part, file)?;
+    Ok(TextChange {
+        file: file.to_path_buf(),
+        perplexity,
+        ratio: paired_ratio(&b, &a, RESAMPLES, 0)?,
+    })
+}
+
+/// A multiple-choice set's before/after comparison.
+#[derive(Clone, Debug, serde::Serialize)]
+pub(super) struct McChange {
+    pub(super) file: PathBuf,
+    pub(super) role: &'static str,
+    pub(super) paired: Paired,
+}
+
+pub(super) struct Row {
+    pub(super) name: String,
+    pub(super) method: Option<String>,
+    pub(super) steps: usize,
+    pub(super) tokens: usize,
+    pub(super) peak: u64,
+    pub(super) train_s: f64,
+    pub(super) mc: Vec<McChange>,
+    pub(super) text: Vec<TextChange>,
+    pub(super) chat: Option<TextChange>,
+    pub(super) side_by_side: Vec<String>,
+    pub(super) ce: Series,
+    /// Seconds its training, evaluation and generation took.
+    pub(super) seconds: f64,
+}
+
+impl Row {
+    /// The headline general (first general set) and domain (first domain set) comparisons.
+    pub(super) fn headline(&self, role: &str) -> &Paired {
+        &self
+            .mc
+            .iter()
+            .find(|m| m.role == role)
+            .expect("an experiment has both roles")
+            .paired
+    }
+}
+
+/// The evaluation sets of an experiment, as cut for this run of it (first `mc_items` items of
+/// each set copied into the output directory).
+pub(super) struct Sets {
+    pub(super) mc: Vec<(PathBuf, &'static str)>,
+    pub(super) text: Vec<PathBuf>,
+    pub(super) chat: Option<PathBuf>,
+    pub(super) side_by_side: Option<PathBuf>,
+    /// Seconds the base model took over the chat answers.
+    pub(super) seconds: f64,
+}
+
+/// Copies the first items of every set into `out`, and has the base model answer the chat
+/// prompts (once; kept for every run).
+pub(super) fn prepare_sets(ex: &Experiment, out: &Path, model: &Path, sitting: Sitting) -> Result<Sets> {
+    let mut mc = Vec::new();
+    for (files, role) in [(&ex.eval.general_mc, "general"), (&ex.eval.domain_mc, "domain")] {
+        for (k, f) in files.list().iter().enumerate() {
+            let stem = f.file_stem().unwrap_or_default().to_string_lossy();
+            let dst = out.join(format!("mc/{role}-{k}-{stem}.jsonl"));
+            head_lines(f, &dst, ex.eval.mc_items)?;
+            mc.push((dst, role));
+        }
+    }
+    let (mut chat, mut side_by_side, mut seconds) = (None, None, 0.0);
+    if let Some(prompts) = &ex.eval.chat_prompts {
+        std::fs::create_dir_all(out.join("chat"))?;
+        let (p, answers) = (out.join("chat/prompts.jsonl"), out.join("chat/base_answers.jsonl"));
+        head_lines(prompts, &p, ex.eval.chat_items)?;
+        let args: Vec<String> = vec![
+            "generate".into(),
+            "--model".into(),
+            model.display().to_string(),
+            "--prompts".into(),
+            p.display().to_string(),
+            "--out".into(),
+            answers.display().to_string(),
+            "--max-tokens".into(),
+            ex.eval.chat_tokens.to_string(),
+        ];
+        seconds += step(
+            sitting,
+            "the base model answers the chat prompts",
+            &out.join("chat/base_answers.stamp.json"),
+            &[args],
+            &[out.join("chat/base_answers.log")],
+            &[&answers],
+        )?;
+        if ex.eval.side_by_side > 0 {
+            let sbs = out.join("chat/side_by_side.jsonl");
+            head_lines(&p, &sbs, ex.eval.side_by_side)?;
+            side_by_side = Some(sbs);
+        }
+        chat = Some(answers);
+    }
+    Ok(Sets {
+        seconds,
+        mc,
+        text: ex.eval.text.clone(),
+        chat,
+        side_by_side,
+    })
+}
+
+impl Sets {
+    /// `strata eval` arguments for every set.
+    pub(super) fn eval_args(&self, ex: &Experiment) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "--base-dtype".into(),
+            "bf16".into(),
+            "--max-rows".into(),
+            ex.eval.text_rows.to_string(),
+            "--seq-len".into(),
+            ex.eval.seq_len.to_string(),
+        ];
+        for (f, role) in &self.mc {
+            v.extend([format!("--{role}-mc"), f.display().to_string()]);
+        }
+        if !self.text.is_empty() {
+            v.push("--text".into());
+            v.extend(self.text.iter().map(|p| p.display().to_string()));
+        }
+        if let Some(c) = &self.chat {
+            v.extend(["--chat".into(), c.display().to_string()]);
+        }
+        v
+    }
+
+    /// Every comparison of a run's evaluation against the base's.
+    pub(super) fn compare(
+        &self,
+        base: &Value,
+        after: &Value,
+    ) -> Result<(Vec<McChange>, Vec<TextChange>, Option<TextChange>)> {
+        let mc = self
+            .mc
+            .iter()
+            .map(|(f, role)| {
+                Ok(McChange {
+                    file: f.clone(),
+                    role,
+                    paired: paired(&mc_outcomes(base, f)?, &mc_outcomes(after, f)?, 2000, 0)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let text = self
+            .text
+            .iter()
+            .map(|f| text_change(base, after, "text", f))
+            .collect::<Result<_>>()?;
+        let chat = self
+            .chat
+            .as_ref()
+            .map(|f| text_change(base, after, "chat", f))
+            .transpose()?;
+        Ok((mc, text, chat))
+    }
+}
+
+/// Evaluates the base model on every set (once; `--reuse` keeps it), returning its results
+/// and the seconds it took.
+pub(super) fn evaluate_base(ex: &Experiment, sets: &Sets, model: &Path, sitting: Sitting) -> Result<(Value, f64)> {
+    let base_json = ex.out.join("base.json");
+    let mut args = vec![
+        "eval".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--out".into(),
+        base_json.display().to_string(),
+    ];
+    args.extend(sets.eval_args(ex));
+    let seconds = step(
+        sitting,
+        "evaluating the base model",
+        &ex.out.join("base.stamp.json"),
+        &[args],
+        &[ex.out.join("base.log")],
+        &[&base_json],
+    )?;
+    Ok((read_json(&base_json)?, seconds))
+}
+
+/// `strata` arguments naming the model a run produced (its merged model, or base + adapter).
+pub(super) fn trained_model(recipe: &Recipe, dir: &Path, model: &Path) -> Vec<String> {
+    if recipe.full() {
+        vec!["--model".into(), dir.join("model").display().to_string()]
+    } else {
+        vec![
+            "--model".into(),
+            model.display().to_string(),
+            "--adapter".into(),
+            dir.join("adapter").display().to_string(),
+        ]
+    }
+}
+
+/// Trains one run, evaluates it and compares it with the base.
+pub(super) fn one_run(
+    ex: &Experiment,
+    sets: &Sets,
+    base: &Value,
+    entry: &RunEntry,
+    recipe: &Recipe,
+    model: &Path,
+    sitting: Sitting,
+) -> Result<Row> {
+    let out = &ex.out;
+    let dir = out.join(slug(&entry.name));
+    let per_step = recipe.train.batch * recipe.train.grad_accum * recipe.data.seq_len;
+    let steps = entry.tokens.unwrap_or(ex.tokens).div_ceil(per_step).max(1);
+    let mut train_args: Vec<String> = vec!["train".into(), entry.recipe.display().to_string()];
+    for s in &entry.set {
+        train_args.extend(["--set".into(), s.clone()]);
+    }
+    // The experiment's own settings come last: they win over the run's.
+    train_args.extend([
+        "--set".into(),
+        format!("train.steps={steps}"),
+        "--set".into(),
+        format!("train.out=\"{}\"", dir.display()),
+        "--set".into(),
+        "train.eval_every=0".into(),
+    ]);
+    let after_json = dir.join("eval.json");
+    let mut eval_args = vec!["eval".to_string(), "--out".into(), after_json.display().to_string()];
+    eval_args.extend(trained_model(recipe, &dir, model));
+    eval_args.extend(sets.eval_args(ex));
+    let gen = dir.join("side_by_side.jsonl");
+    let gen_args = sets.side_by_side.as_ref().map(|p| {
+        let mut args = vec!["generate".to_string()];
+        args.extend(trained_model(recipe, &dir, model));
+        args.extend([
+            "--prompts".into(),
+            p.display().to_string(),
+            "--out".into(),
+            gen.display().to_string(),
+            "--max-tokens".into(),
+            ex.eval.chat_tokens.to_string(),
+        ]);
+        args
+    });
+    let outputs = [dir.join("summary.json"), after_json.clone(), dir.join("metrics.jsonl")];
+    let outputs: Vec<&Path> = outputs
+        .iter()
+        .map(PathBuf::as_path)
+        .chain(gen_args.as_ref().map(|_| gen.as_path()))
+        .collect();
+    let log = |what: &str| out.join(format!("{}.{what}.log", slug(&entry.name)));
+    let seconds = step(
+        sitting,
+        &format!("{} ({steps} steps)", entry.name),
+        &dir.join("experiment-stamp.json"),
+        &[Some(train_args), Some(eval_args), gen_args.clone()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
+        &[log("train"), log("eval"), log("generate")],
+        &outputs,
+    )?;
+    let summary = read_json(&dir.join("summary.json"))?;
+    let after = read_json(&after_json)?;
+    let (mc, text, chat) = sets.compare(base, &after)?;
+    let side_by_side = match gen_args {
+        Some(_) => last_turns(&gen)?,
+        None => Vec::new(),
+    };
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl"))?;
+    let ce = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_f64()?, v.get("ce")?.as_f64()?)))
+        .collect();
+    Ok(Row {
+        name: entry.name.clone(),
+        method: entry.method.clone(),
+        steps,
+        tokens: summary["tokens"].as_u64().unwrap_or(0) as usize,
+        peak: summary["peak_rss_bytes"].as_u64().unwrap_or(0),
+        train_s: summary["train_seconds"].as_f64().unwrap_or(f64::NAN),
+        mc,
+        text,
+        chat,
+        side_by_side,
+        ce: (entry.name.clone(), ce),
+        seconds,
+    })
+}
