@@ -777,3 +777,43 @@ fn freeze_except_keeps_only_the_named_weights_trainable() -> Result<()> {
     }
     Ok(())
 }
+
+/// The gradient norm sets the clipping factor, so it must not depend on the order the
+/// accumulator's map (random per instance) hands the gradients out: accumulators holding the
+/// same gradients give the same norm to the bit, and it is the exact norm.
+#[test]
+fn gradient_norm_is_the_same_bits_whatever_the_map_order() -> anyhow::Result<()> {
+    use candle_core::{Device, Tensor, Var};
+    let dev = Device::Cpu;
+    let mut rng = strata::rng::Rng::new(7);
+    let vars: Vec<(Var, Tensor)> = (0..64)
+        .map(|k| {
+            let n = 1 + (k * 977) % 40_000;
+            let scale = 10f32.powi((k % 7) as i32 - 3);
+            let vals: Vec<f32> = (0..n).map(|_| scale * (rng.next_f32() - 0.5)).collect();
+            let g = Tensor::from_vec(vals, n, &dev)?;
+            Ok((Var::zeros(n, candle_core::DType::F32, &dev)?, g))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let exact: f64 = vars
+        .iter()
+        .map(|(_, g)| {
+            Ok(g.to_vec1::<f32>()?
+                .iter()
+                .map(|&x| (x as f64) * (x as f64))
+                .sum::<f64>())
+        })
+        .sum::<anyhow::Result<f64>>()?
+        .sqrt();
+    let mut norms = Vec::new();
+    for _ in 0..8 {
+        let mut acc = GradAcc::default();
+        for (v, g) in &vars {
+            acc.add(v, g)?;
+        }
+        norms.push(acc.norm()?);
+    }
+    assert!(norms.iter().all(|n| n.to_bits() == norms[0].to_bits()), "{norms:?}");
+    assert!((norms[0] - exact).abs() <= 1e-12 * exact, "{} vs {exact}", norms[0]);
+    Ok(())
+}

@@ -215,23 +215,30 @@ impl GradAcc {
     }
 
     /// Global L2 norm of all gradients: sums of squares in f64 over borrowed f32 values, no
-    /// copy of any gradient.
+    /// copy of any gradient. Bit for bit the same in every run: the map's order (random per
+    /// process) and the thread pool's splits must not change the clipping factor, or two runs
+    /// of one recipe drift apart.
     pub fn norm(&self) -> Result<f64> {
         use rayon::prelude::*;
-        let mut s = 0.0;
+        let mut sums = Vec::with_capacity(self.grads.len());
         for g in self.grads.values() {
-            if g.device().is_cpu() {
+            let s = if g.device().is_cpu() {
                 let v = crate::ops::f32_view(g)?;
-                s += v
+                // Chunk sums kept in order, then added in that order: the same sum however the
+                // chunks were spread over threads.
+                let chunks: Vec<f64> = v
                     .get()
                     .par_chunks(1 << 14)
                     .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-                    .sum::<f64>();
+                    .collect();
+                chunks.iter().sum::<f64>()
             } else {
-                s += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            }
+                g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?
+            };
+            sums.push(s);
         }
-        Ok(s.sqrt() * self.factor.abs())
+        sums.sort_by(f64::total_cmp);
+        Ok(sums.iter().sum::<f64>().sqrt() * self.factor.abs())
     }
 
     /// Sums every gradient of `params` over the ranks of `comm`'s job, in `params` order (so
