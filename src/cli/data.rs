@@ -118,8 +118,8 @@ fn build_probes(a: &Args, finance: &Split, general_train: &[Doc], general: &[&Sy
         min_ratio: a.term_min_ratio,
     };
     let terms = domain_terms(&finance.train, general_train, term_shape);
-    let domain_terms = term_items(finance_heldout, &terms, term_shape, 0, a.seed);
-    write_items(&mc.join("domain_terms.jsonl"), &domain_terms)?;
+    let term_mc = term_items(finance_heldout, &terms, term_shape, 0, a.seed);
+    write_items(&mc.join("domain_terms.jsonl"), &term_mc)?;
     let prompts = chat_prompts(general, a.chat_prompts, mix(&[a.seed, 0xc4a7]));
     let chat = a.out.join("chat");
     std::fs::create_dir_all(&chat).with_context(|| format!("cannot create {}", chat.display()))?;
@@ -157,7 +157,7 @@ fn build_probes(a: &Args, finance: &Split, general_train: &[Doc], general: &[&Sy
             "shape": term_shape,
             "file": "mc/domain_terms.jsonl",
             "from": "corpus/finance/heldout.jsonl",
-            "items": domain_terms.len(),
+            "items": term_mc.len(),
             "chance_accuracy": 0.25,
         },
         "chat_prompts": {"file": "chat/prompts.jsonl", "prompts": prompts.len(), "from": "head words of the general WordNet files in six instruction templates; the base model's own greedy answers to them are what chat retention scores"},

@@ -11,7 +11,7 @@
 //! knows which term the passage needs; raising every domain word alike does not help, because
 //! every choice holds one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::corpus::Doc;
 use super::mc::McItem;
@@ -152,7 +152,7 @@ fn cased_like(term: &str, like: &str) -> String {
 /// ones; a distractor that is a prefix of the answer or has it as a prefix (account, accounts,
 /// accounting) is never drawn, since it may fit the passage as well.
 pub fn term_items(docs: &[Doc], terms: &[(String, usize)], shape: TermShape, max: usize, seed: u64) -> Vec<McItem> {
-    let index: HashMap<&str, usize> = terms.iter().enumerate().map(|(i, (t, _))| (t.as_str(), i)).collect();
+    let is_term: HashSet<&str> = terms.iter().map(|(t, _)| t.as_str()).collect();
     let cumulative: Vec<usize> = terms
         .iter()
         .scan(0, |acc, (_, c)| {
@@ -172,7 +172,7 @@ pub fn term_items(docs: &[Doc], terms: &[(String, usize)], shape: TermShape, max
                 continue;
             };
             let key = core.to_ascii_lowercase();
-            if !index.contains_key(key.as_str()) {
+            if !is_term.contains(key.as_str()) {
                 i += 1;
                 continue;
             }

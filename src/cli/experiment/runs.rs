@@ -116,17 +116,8 @@ pub(super) fn prepare_sets(ex: &Experiment, out: &Path, model: &Path, sitting: S
         std::fs::create_dir_all(out.join("chat"))?;
         let (p, answers) = (out.join("chat/prompts.jsonl"), out.join("chat/base_answers.jsonl"));
         head_lines(prompts, &p, ex.eval.chat_items)?;
-        let args: Vec<String> = vec![
-            "generate".into(),
-            "--model".into(),
-            model.display().to_string(),
-            "--prompts".into(),
-            p.display().to_string(),
-            "--out".into(),
-            answers.display().to_string(),
-            "--max-tokens".into(),
-            ex.eval.chat_tokens.to_string(),
-        ];
+        let base = vec!["--model".into(), model.display().to_string()];
+        let args = generate_args(base, &p, &answers, ex.eval.chat_tokens);
         seconds += step(
             sitting,
             "the base model answers the chat prompts",
@@ -229,6 +220,22 @@ pub(super) fn evaluate_base(ex: &Experiment, sets: &Sets, model: &Path, sitting:
     Ok((read_json(&base_json)?, seconds))
 }
 
+/// `strata generate` arguments: greedy answers of the model `model` names (its `--model` and
+/// any `--adapter`) to the prompts file, appended to each conversation in `out`.
+fn generate_args(model: Vec<String>, prompts: &Path, out: &Path, max_tokens: usize) -> Vec<String> {
+    let mut args = vec!["generate".to_string()];
+    args.extend(model);
+    args.extend([
+        "--prompts".into(),
+        prompts.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+        "--max-tokens".into(),
+        max_tokens.to_string(),
+    ]);
+    args
+}
+
 /// `strata` arguments naming the model a run produced (its merged model, or base + adapter).
 pub(super) fn trained_model(recipe: &Recipe, dir: &Path, model: &Path) -> Vec<String> {
     if recipe.full() {
@@ -275,19 +282,10 @@ pub(super) fn one_run(
     eval_args.extend(trained_model(recipe, &dir, model));
     eval_args.extend(sets.eval_args(ex));
     let gen = dir.join("side_by_side.jsonl");
-    let gen_args = sets.side_by_side.as_ref().map(|p| {
-        let mut args = vec!["generate".to_string()];
-        args.extend(trained_model(recipe, &dir, model));
-        args.extend([
-            "--prompts".into(),
-            p.display().to_string(),
-            "--out".into(),
-            gen.display().to_string(),
-            "--max-tokens".into(),
-            ex.eval.chat_tokens.to_string(),
-        ]);
-        args
-    });
+    let gen_args = sets
+        .side_by_side
+        .as_ref()
+        .map(|p| generate_args(trained_model(recipe, &dir, model), p, &gen, ex.eval.chat_tokens));
     let outputs = [dir.join("summary.json"), after_json.clone(), dir.join("metrics.jsonl")];
     let outputs: Vec<&Path> = outputs
         .iter()
