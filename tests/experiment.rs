@@ -48,7 +48,7 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
     std::fs::write(
         dir.join("exp.toml"),
         format!(
-            "name = \"tiny\"\nout = \"{d}/full\"\ntokens = 256\n[eval]\ngeneral_mc = [\"{d}/data/gmc.jsonl\", \"{d}/data/gmc2.jsonl\"]\ndomain_mc = \"{d}/data/dmc.jsonl\"\ntext = [\"{d}/data/dom-held.txt\", \"{d}/data/gen-held.txt\"]\nseq_len = 16\n\
+            "name = \"tiny\"\nout = \"{d}/full\"\ntokens = 256\nreference = \"plain LoRA\"\n[eval]\ngeneral_mc = [\"{d}/data/gmc.jsonl\", \"{d}/data/gmc2.jsonl\"]\ndomain_mc = \"{d}/data/dmc.jsonl\"\ntext = [\"{d}/data/dom-held.txt\", \"{d}/data/gen-held.txt\"]\nseq_len = 16\n\
              [quick]\ntokens = 96\nmc_items = 2\ntext_rows = 2\nout = \"{d}/quick\"\n\
              [[prepare]]\nname = \"self replay\"\nout = \"{d}/self/replay.jsonl\"\nargs = [\"generate\", \"--samples\", \"3\", \"--max-tokens\", \"6\", \"--temperature\", \"1\"]\n\
              [[run]]\nname = \"plain LoRA\"\nrecipe = \"{d}/lora.toml\"\nmethod = \"LoRA\"\n\
@@ -112,6 +112,20 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
         "the run with its own budget is named in the note: {table}"
     );
     let n = results["runs"].as_array().unwrap().len();
+    // Every other run's learning is read against the reference's: a table when the reference
+    // learned clearly, a sentence saying so when not; the shares are in the results either way.
+    assert!(
+        table.contains("share of plain LoRA's [95%]") || table.contains("plain LoRA learned nothing clear"),
+        "{table}"
+    );
+    assert_eq!(results["shares"]["reference"], "plain LoRA");
+    let shared: Vec<&str> = results["shares"]["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(shared, ["LoRA, lr 3e-2", "LoRA + EWC"]);
     assert!(
         table.contains(&format!(
             "{n} runs: {} of 96 training tokens{}",
@@ -142,6 +156,35 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
         "base and three runs: {err}"
     );
     assert_eq!(std::fs::read_to_string(q.join("table.md"))?, table);
+    // --run picks runs by name (the others are left alone); a name no run has is an error that
+    // lists the names.
+    let pick = |names: &[&str]| -> Result<std::process::Output> {
+        let mut args = vec!["experiment".to_string(), dir.join("exp.toml").display().to_string()];
+        args.extend(["--quick".into(), "--reuse".into()]);
+        for n in names {
+            args.extend(["--run".to_string(), n.to_string()]);
+        }
+        Ok(Command::new(env!("CARGO_BIN_EXE_strata")).args(args).output()?)
+    };
+    let out = pick(&["LoRA + EWC"])?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        err.matches("kept from an earlier sitting").count(),
+        2,
+        "base and one run: {err}"
+    );
+    let one = std::fs::read_to_string(q.join("table.md"))?;
+    assert!(
+        one.contains("| LoRA + EWC |") && !one.contains("| plain LoRA |"),
+        "{one}"
+    );
+    let out = pick(&["LoRA + EWC", "no such run"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--run names `no such run`") && err.contains("runs: plain LoRA; "),
+        "{err}"
+    );
     // An edited recipe reruns the runs that read it, and only those.
     let lora = std::fs::read_to_string(dir.join("lora.toml"))?;
     std::fs::write(dir.join("lora.toml"), lora.replace("lr = 1e-2", "lr = 2e-2"))?;
@@ -207,6 +250,18 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("`no such run`, which no [[run]] is"),
+        "{err}"
+    );
+    // So is a reference no run is.
+    let exp =
+        std::fs::read_to_string(dir.join("exp.toml"))?.replace("reference = \"plain LoRA\"", "reference = \"nobody\"");
+    std::fs::write(dir.join("exp3.toml"), exp)?;
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["experiment", &dir.join("exp3.toml").display().to_string(), "--quick"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("reference names `nobody`, which no [[run]] is"),
         "{err}"
     );
     std::fs::remove_dir_all(&dir)?;

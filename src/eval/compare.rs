@@ -103,6 +103,92 @@ pub fn paired(before: &[bool], after: &[bool], resamples: usize, seed: u64) -> R
     })
 }
 
+/// A run's learning as a share of a reference run's (plain fine-tuning's), from the same base
+/// on the same items: `(run - base) / (reference - base)` with a 95% bootstrap interval whose
+/// draws resample the items once for all three, so that what they share cancels. NaN where the
+/// reference learned nothing.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct Share {
+    /// The point estimate.
+    pub share: f64,
+    /// 2.5% quantile of the draws.
+    pub lo: f64,
+    /// 97.5% quantile of the draws.
+    pub hi: f64,
+}
+
+fn share_of(items: usize, resamples: usize, seed: u64, gain: impl Fn(&[usize]) -> (f64, f64)) -> Share {
+    let ratio = |idx: &[usize]| {
+        let (run, reference) = gain(idx);
+        if reference == 0.0 {
+            f64::NAN
+        } else {
+            run / reference
+        }
+    };
+    let all: Vec<usize> = (0..items).collect();
+    let mut rng = Rng::new(seed);
+    let mut idx = vec![0usize; items];
+    let draws = (0..resamples)
+        .map(|_| {
+            idx.iter_mut().for_each(|i| *i = rng.below(items));
+            ratio(&idx)
+        })
+        .collect();
+    let (lo, hi) = quantiles95(draws);
+    Share {
+        share: ratio(&all),
+        lo,
+        hi,
+    }
+}
+
+/// A run's accuracy gain as a share of the reference run's, per-item correctness of the base,
+/// the reference and the run on the same items ([`Share`]).
+pub fn gain_share(base: &[bool], reference: &[bool], run: &[bool], resamples: usize, seed: u64) -> Result<Share> {
+    let n = base.len();
+    if n == 0 || reference.len() != n || run.len() != n {
+        bail!(
+            "a gain share needs the same non-empty item set for the base, the reference and the run ({}, {}, {} items)",
+            n,
+            reference.len(),
+            run.len()
+        );
+    }
+    Ok(share_of(n, resamples, seed, |idx| {
+        let b = mean(base, idx.iter().copied());
+        (
+            mean(run, idx.iter().copied()) - b,
+            mean(reference, idx.iter().copied()) - b,
+        )
+    }))
+}
+
+/// A run's perplexity reduction as a share of the reference run's (`1 - after / before` of
+/// each, on the same rows: [`Share`]).
+pub fn reduction_share(
+    base: &[RowLoss],
+    reference: &[RowLoss],
+    run: &[RowLoss],
+    resamples: usize,
+    seed: u64,
+) -> Result<Share> {
+    let same = |o: &[RowLoss]| o.len() == base.len() && o.iter().zip(base).all(|(a, b)| a.1 == b.1);
+    if base.is_empty() || !same(reference) || !same(run) {
+        bail!(
+            "a perplexity reduction share needs the same rows for the base, the reference and the run ({}, {}, {} rows)",
+            base.len(),
+            reference.len(),
+            run.len()
+        );
+    }
+    Ok(share_of(base.len(), resamples, seed, |idx| {
+        let (b, n) = totals(base, idx.iter().copied());
+        let reduction = |o: &[RowLoss]| 1.0 - ((totals(o, idx.iter().copied()).0 - b) / n.max(1) as f64).exp();
+        (reduction(run), reduction(reference))
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +213,34 @@ mod tests {
         let big = paired(&big_b, &big_a, 1000, 3)?;
         assert!(big.forgetting.2 - big.forgetting.1 < 0.02, "{:?}", big.forgetting);
         assert!(paired(&before, &after[..5], 10, 0).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn shares_of_the_reference_gain() -> Result<()> {
+        // 1,000 items: the reference gains 10 points, the run 8 of them, on items both got
+        // wrong before.
+        let n = 1000;
+        let base: Vec<bool> = (0..n).map(|i| i % 2 == 0).collect();
+        let reference: Vec<bool> = (0..n).map(|i| i % 2 == 0 || i % 10 == 1).collect();
+        let run: Vec<bool> = (0..n).map(|i| i % 2 == 0 || (i % 10 == 1 && i % 50 != 1)).collect();
+        let s = gain_share(&base, &reference, &run, 1000, 7)?;
+        assert!((s.share - 0.8).abs() < 1e-12, "{s:?}");
+        assert!(s.lo <= s.share && s.share <= s.hi && s.hi - s.lo < 0.2, "{s:?}");
+        // The reference against itself: exactly one, in every draw.
+        let one = gain_share(&base, &reference, &reference, 200, 1)?;
+        assert_eq!((one.share, one.lo, one.hi), (1.0, 1.0, 1.0));
+        // No reference gain: undefined, not a number made up.
+        assert!(gain_share(&base, &base, &run, 100, 1)?.share.is_nan());
+        assert!(gain_share(&base, &reference, &run[..10], 100, 1).is_err());
+
+        // Perplexity: the reference lowers every row's loss by 0.2 nats per token, the run by 0.1.
+        let rows = |d: f64| -> Vec<RowLoss> { (0..40).map(|i| ((3.0 + 0.01 * i as f64 - d) * 100.0, 100)).collect() };
+        let r = reduction_share(&rows(0.0), &rows(0.2), &rows(0.1), 500, 3)?;
+        let want = (1.0 - (-0.1f64).exp()) / (1.0 - (-0.2f64).exp());
+        assert!((r.share - want).abs() < 1e-9, "{r:?} vs {want}");
+        assert!(r.lo <= r.share + 1e-9 && r.share <= r.hi + 1e-9);
+        assert!(reduction_share(&rows(0.0), &rows(0.2), &rows(0.1)[..39], 10, 0).is_err());
         Ok(())
     }
 }

@@ -35,6 +35,10 @@ pub struct Args {
     /// list the runs not finished yet. For reading a long experiment between sittings.
     #[arg(long)]
     pub finished_only: bool,
+    /// Only this run, by its name in the file (repeatable): part of an experiment, e.g. its
+    /// main table without its sweeps. `--reuse` keeps what the others' sittings finished.
+    #[arg(long = "run", value_name = "NAME")]
+    pub runs: Vec<String>,
 }
 
 /// What the steps of this sitting may do.
@@ -59,6 +63,9 @@ pub fn run(a: Args) -> Result<()> {
 
     if a.quick {
         ex.use_quick_variant(&a.experiment)?;
+    }
+    if !a.runs.is_empty() {
+        ex.keep_runs(&a.runs, "--run", &a.experiment)?;
     }
     let (recipes, model) = ex.recipes(&a.experiment)?;
     let out = ex.out.clone();

@@ -2,12 +2,12 @@
 
 use anyhow::Result;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use super::runs::{mc_outcomes, text_rows, Row, Sets, TextChange};
+use super::runs::{mc_outcomes, text_rows, Row, Sets, ShareOf, TextChange};
 use super::steps::last_turns;
 use super::Experiment;
-use crate::eval::compare::Paired;
+use crate::eval::compare::{Paired, Share};
 use crate::eval::report::{line_chart, page, scatter_chart, Series};
 
 /// How the experiment ran, for the note and `results.json`.
@@ -36,6 +36,10 @@ pub(super) fn write_outputs(
         None => Vec::new(),
     };
     let md = table(ex, sets, rows, base, failed, how.quick, how.total_seconds)?;
+    let shares = reference_shares(ex, sets, rows, base)?.map(|(reference, v)| {
+        json!({"reference": reference.name,
+            "runs": v.iter().map(|(r, cells)| json!({"name": r.name, "shares": cells})).collect::<Vec<_>>()})
+    });
     crate::util::write_atomic(&out.join("table.md"), md.as_bytes())?;
     let results = json!({
         "experiment": ex.name, "quick": how.quick, "tokens_per_run": ex.tokens, "seconds": how.total_seconds,
@@ -44,6 +48,7 @@ pub(super) fn write_outputs(
             "train_seconds": r.train_s, "seconds": r.seconds, "general": r.headline("general"), "domain": r.headline("domain"),
             "mc": r.mc, "text": r.text, "chat": r.chat, "side_by_side": r.side_by_side})).collect::<Vec<_>>(),
         "base_side_by_side": base_answers,
+        "shares": shares,
         "failed": failed,
     });
     crate::util::write_atomic(
@@ -89,6 +94,27 @@ pub(super) fn ratio_cell(c: &TextChange) -> String {
     )
 }
 
+/// Every run's learning as shares of the experiment's reference run's (`None` without one, or
+/// when the reference did not finish).
+pub(super) fn reference_shares<'a>(
+    ex: &Experiment,
+    sets: &Sets,
+    rows: &'a [Row],
+    base: &Value,
+) -> Result<Option<(&'a Row, Vec<(&'a Row, Vec<ShareOf>)>)>> {
+    let Some(reference) = ex.reference.as_ref().and_then(|n| rows.iter().find(|r| r.name == *n)) else {
+        return Ok(None);
+    };
+    let shares = rows
+        .iter()
+        .filter(|r| r.name != reference.name)
+        .map(|r| Ok((r, sets.shares(base, reference, r)?)))
+        .collect::<Result<_>>()?;
+    Ok(Some((reference, shares)))
+}
+
+/// The markdown tables (accuracy, perplexity, shares of the reference's learning) and the note
+/// that says what every figure is.
 pub(super) fn table(
     ex: &Experiment,
     sets: &Sets,
@@ -98,17 +124,24 @@ pub(super) fn table(
     quick: bool,
     wall: f64,
 ) -> Result<String> {
+    let mut s = accuracy_table(ex, sets, rows, base, failed)?;
+    s += &perplexity_table(sets, rows, base)?;
+    s += &share_table(ex, sets, rows, base)?;
+    s += &note(ex, sets, rows, base, quick, wall)?;
+    Ok(s)
+}
+
+/// Multiple-choice accuracy per run, with forgetting (general sets) and gain (domain sets).
+fn accuracy_table(
+    ex: &Experiment,
+    sets: &Sets,
+    rows: &[Row],
+    base: &Value,
+    failed: &[(String, String)],
+) -> Result<String> {
     let acc = |v: &[bool]| v.iter().filter(|&&x| x).count() as f64 / v.len().max(1) as f64;
-    let originals: Vec<PathBuf> = ex
-        .eval
-        .general_mc
-        .list()
-        .into_iter()
-        .chain(ex.eval.domain_mc.list())
-        .collect();
-    let mc_names: Vec<String> = originals.iter().map(|p| label(p)).collect();
     let mut s = String::from("| run | peak memory | train time |");
-    for ((_, role), n) in sets.mc.iter().zip(&mc_names) {
+    for ((_, role), n) in sets.mc.iter().zip(mc_names(ex)) {
         let what = if *role == "general" { "forgetting" } else { "gain" };
         s += &format!(" {n} acc | {what} [95%] |");
     }
@@ -142,7 +175,18 @@ pub(super) fn table(
     for (n, e) in failed {
         s += &format!("| {n} | {} |\n", e.lines().next().unwrap_or(""));
     }
-    // Perplexities: held-out domain and general text, and chat retention.
+    Ok(s)
+}
+
+/// The names of the multiple-choice sets as the user's files are called (the scored copies are
+/// renamed).
+fn mc_names(ex: &Experiment) -> Vec<String> {
+    let originals = ex.eval.general_mc.list().into_iter().chain(ex.eval.domain_mc.list());
+    originals.map(|p| label(&p)).collect()
+}
+
+/// Held-out text and chat retention perplexities per run, as changes against the base.
+fn perplexity_table(sets: &Sets, rows: &[Row], base: &Value) -> Result<String> {
     let mut t = String::from("\n| run |");
     for f in &sets.text {
         t += &format!(" {} ppl (change [95%]) |", label(f));
@@ -166,13 +210,83 @@ pub(super) fn table(
         }
         t += "\n";
     }
+    Ok(t)
+}
+
+/// Every other run's learning as a share of the reference run's (empty without a reference).
+fn share_table(ex: &Experiment, sets: &Sets, rows: &[Row], base: &Value) -> Result<String> {
+    let Some((reference, shares)) = reference_shares(ex, sets, rows, base)? else {
+        return Ok(String::new());
+    };
+    let Some((_, first)) = shares.first() else {
+        return Ok(String::new());
+    };
+    if first.is_empty() {
+        return Ok(format!(
+            "\n{} learned nothing clear on the domain sets: no shares of its learning.\n",
+            reference.name
+        ));
+    }
+    // A scored multiple-choice copy is named as the user's file it was cut from.
+    let names = mc_names(ex);
+    let name = |f: &Path| match sets.mc.iter().position(|(m, _)| m == f) {
+        Some(k) => names[k].clone(),
+        None => label(f),
+    };
+    let mut t = String::from("\n| run |");
+    for c in first {
+        t += &format!(" {} {}: share of {}'s [95%] |", name(&c.file), c.what, reference.name);
+    }
+    t += &format!("\n|---|{}\n", "---|".repeat(first.len()));
+    for (r, cells) in &shares {
+        t += &format!("| {} |", r.name);
+        for c in cells {
+            let Share { share, lo, hi } = c.share;
+            t += &format!(" {} [{:.0}, {:.0}] |", pct0(share), 100.0 * lo, 100.0 * hi);
+        }
+        t += "\n";
+    }
+    Ok(t)
+}
+
+fn pct0(x: f64) -> String {
+    format!("{:.0}%", 100.0 * x)
+}
+
+/// What every figure of the tables is, the budgets and the time it all took.
+fn note(ex: &Experiment, sets: &Sets, rows: &[Row], base: &Value, quick: bool, wall: f64) -> Result<String> {
     let items: Vec<String> = sets
         .mc
         .iter()
-        .zip(&mc_names)
+        .zip(mc_names(ex))
         .map(|((f, _), n)| Ok(format!("{} {n}", mc_outcomes(base, f)?.len())))
         .collect::<Result<_>>()?;
-    s += &t;
+    let shares = match &ex.reference {
+        Some(r) if rows.iter().any(|row| row.name == *r) => format!(
+            " Shares: a run's gain (or perplexity reduction) over {r}'s, each from the same base on \
+             the same items (rows), with a 95% bootstrap interval that resamples them once for all \
+             three; only where {r}'s own interval is clear of zero."
+        ),
+        _ => String::new(),
+    };
+    Ok(format!(
+        "\n{}{}. Multiple choice: {} items \
+         (acc_norm; forgetting = (before - after) / before on general sets, gain = after - before on domain \
+         sets; 95% paired-bootstrap intervals). Perplexity on {} evenly spaced held-out rows of {} tokens per \
+         file, its change against the base with a 95% paired-bootstrap interval over rows; chat retention = \
+         perplexity of the base model's own greedy answers to held-out general prompts.{shares} Every training \
+         and evaluation in its own process; {:.0} min in all.\n",
+        if quick { "Quick variant: " } else { "" },
+        budgets(ex, rows),
+        items.join(", "),
+        ex.eval.text_rows,
+        ex.eval.seq_len,
+        wall / 60.0
+    ))
+}
+
+/// The training budget of every run: the experiment's, or a run's own.
+fn budgets(ex: &Experiment, rows: &[Row]) -> String {
     let own_budget = |r: &Row| ex.runs.iter().find(|e| e.name == r.name).and_then(|e| e.tokens);
     let usual = rows
         .iter()
@@ -184,7 +298,7 @@ pub(super) fn table(
         .collect();
     // Say the usual budget only of the runs that trained on it.
     let on_usual = rows.len() - own.len();
-    let budgets = match (on_usual, own.is_empty()) {
+    match (on_usual, own.is_empty()) {
         (_, true) => format!("{} runs of {} training tokens each{usual}", rows.len(), ex.tokens),
         (0, false) => format!(
             "{} runs, each on its own budget of training tokens: {}",
@@ -198,21 +312,7 @@ pub(super) fn table(
             if k > 1 { " each" } else { "" },
             own.join("; ")
         ),
-    };
-    s += &format!(
-        "\n{}{budgets}. Multiple choice: {} items \
-         (acc_norm; forgetting = (before - after) / before on general sets, gain = after - before on domain \
-         sets; 95% paired-bootstrap intervals). Perplexity on {} evenly spaced held-out rows of {} tokens per \
-         file, its change against the base with a 95% paired-bootstrap interval over rows; chat retention = \
-         perplexity of the base model's own greedy answers to held-out general prompts. Every training and \
-         evaluation in its own process; {:.0} min in all.\n",
-        if quick { "Quick variant: " } else { "" },
-        items.join(", "),
-        ex.eval.text_rows,
-        ex.eval.seq_len,
-        wall / 60.0
-    );
-    Ok(s)
+    }
 }
 
 pub(super) fn esc(s: &str) -> String {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::steps::{head_lines, last_turns, read_json, slug, step};
 use super::{Experiment, RunEntry, Sitting};
-use crate::eval::compare::{paired, paired_ratio, Paired};
+use crate::eval::compare::{gain_share, paired, paired_ratio, reduction_share, Paired, Share};
 use crate::eval::mc::McResult;
 use crate::eval::perplexity::{RowLoss, RESAMPLES};
 use crate::eval::report::Series;
@@ -74,6 +74,18 @@ pub(super) struct Row {
     pub(super) ce: Series,
     /// Seconds its training, evaluation and generation took.
     pub(super) seconds: f64,
+    /// Its `strata eval` results (per item and per row).
+    pub(super) eval: Value,
+}
+
+/// One figure of a run's learning as a share of the reference run's.
+#[derive(Clone, Debug, serde::Serialize)]
+pub(super) struct ShareOf {
+    /// The set: a domain multiple-choice file or the domain's held-out text.
+    pub(super) file: PathBuf,
+    /// `gain` (accuracy points) or `perplexity reduction`.
+    pub(super) what: &'static str,
+    pub(super) share: Share,
 }
 
 impl Row {
@@ -143,6 +155,43 @@ pub(super) fn prepare_sets(ex: &Experiment, out: &Path, model: &Path, sitting: S
 }
 
 impl Sets {
+    /// `run`'s learning as shares of `reference`'s: the gain on every domain multiple-choice
+    /// set and the perplexity reduction on the first text file (the domain's held-out text),
+    /// each where the reference learned clearly (its interval clear of zero), since a share of
+    /// a loss or of noise says nothing.
+    pub(super) fn shares(&self, base: &Value, reference: &Row, run: &Row) -> Result<Vec<ShareOf>> {
+        let mut v = Vec::new();
+        for ((f, role), m) in self.mc.iter().zip(&reference.mc) {
+            if *role == "domain" && m.paired.gain.1 > 0.0 {
+                let outcomes = |e: &Value| mc_outcomes(e, f);
+                let share = gain_share(
+                    &outcomes(base)?,
+                    &outcomes(&reference.eval)?,
+                    &outcomes(&run.eval)?,
+                    2000,
+                    0,
+                )?;
+                v.push(ShareOf {
+                    file: f.clone(),
+                    what: "gain",
+                    share,
+                });
+            }
+        }
+        if let (Some(f), Some(c)) = (self.text.first(), reference.text.first()) {
+            if c.ratio.2 < 1.0 {
+                let rows = |e: &Value| text_rows(e, "text", f).map(|r| r.1);
+                let share = reduction_share(&rows(base)?, &rows(&reference.eval)?, &rows(&run.eval)?, RESAMPLES, 0)?;
+                v.push(ShareOf {
+                    file: f.clone(),
+                    what: "perplexity reduction",
+                    share,
+                });
+            }
+        }
+        Ok(v)
+    }
+
     /// `strata eval` arguments for every set.
     pub(super) fn eval_args(&self, ex: &Experiment) -> Vec<String> {
         let mut v: Vec<String> = vec![
@@ -330,5 +379,6 @@ pub(super) fn one_run(
         side_by_side,
         ce: (entry.name.clone(), ce),
         seconds,
+        eval: after,
     })
 }

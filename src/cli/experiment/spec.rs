@@ -18,6 +18,10 @@ pub struct Experiment {
     pub tokens: usize,
     /// Evaluation sets.
     pub eval: EvalSection,
+    /// The run the others' learning is read against (plain fine-tuning): the table gives every
+    /// run's domain gains and the first text file's perplexity reduction as shares of this
+    /// run's, with intervals.
+    pub reference: Option<String>,
     /// Overrides for `--quick`.
     pub quick: Option<QuickSection>,
     /// Files the runs read that the base model makes (self-generated replay text), each made
@@ -37,6 +41,9 @@ impl Experiment {
             toml::from_str(&text).with_context(|| format!("{}: invalid experiment", path.display()))?;
         for r in &ex.runs {
             Recipe::load(&r.recipe, &r.set).with_context(|| format!("{}: run `{}`", path.display(), r.name))?;
+        }
+        if let Some(n) = &ex.reference {
+            ex.check_names(std::slice::from_ref(n), "reference", path)?;
         }
         Ok(ex)
     }
@@ -79,10 +86,26 @@ impl Experiment {
         self.eval.chat_items = q.chat_items.unwrap_or(self.eval.chat_items);
         self.out = q.out;
         if let Some(names) = &q.runs {
-            if let Some(n) = names.iter().find(|n| !self.runs.iter().any(|r| r.name == **n)) {
-                bail!("{}: [quick] runs names `{n}`, which no [[run]] is", path.display());
-            }
-            self.runs.retain(|r| names.contains(&r.name));
+            self.keep_runs(names, "[quick] runs", path)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps only the runs `names` names (`what` says where the names come from).
+    pub fn keep_runs(&mut self, names: &[String], what: &str, path: &Path) -> Result<()> {
+        self.check_names(names, what, path)?;
+        self.runs.retain(|r| names.contains(&r.name));
+        Ok(())
+    }
+
+    fn check_names(&self, names: &[String], what: &str, path: &Path) -> Result<()> {
+        if let Some(n) = names.iter().find(|n| !self.runs.iter().any(|r| r.name == **n)) {
+            let known: Vec<&str> = self.runs.iter().map(|r| r.name.as_str()).collect();
+            bail!(
+                "{}: {what} names `{n}`, which no [[run]] is (runs: {})",
+                path.display(),
+                known.join("; ")
+            );
         }
         Ok(())
     }
