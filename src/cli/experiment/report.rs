@@ -94,6 +94,9 @@ pub(super) fn ratio_cell(c: &TextChange) -> String {
     )
 }
 
+/// The reference run and every other run with its learning as shares of the reference's.
+type Shares<'a> = (&'a Row, Vec<(&'a Row, Vec<ShareOf>)>);
+
 /// Every run's learning as shares of the experiment's reference run's (`None` without one, or
 /// when the reference did not finish).
 pub(super) fn reference_shares<'a>(
@@ -101,7 +104,7 @@ pub(super) fn reference_shares<'a>(
     sets: &Sets,
     rows: &'a [Row],
     base: &Value,
-) -> Result<Option<(&'a Row, Vec<(&'a Row, Vec<ShareOf>)>)>> {
+) -> Result<Option<Shares<'a>>> {
     let Some(reference) = ex.reference.as_ref().and_then(|n| rows.iter().find(|r| r.name == *n)) else {
         return Ok(None);
     };
