@@ -330,38 +330,8 @@ pub fn forward_backward_with(
     let x0 = model.embed(&batch.ids)?;
     let n_layers = model.blocks.len();
 
-    let top = |x_top: &Tensor, acc: &mut GradAcc| -> Result<(StepStats, candle_core::backprop::GradStore)> {
-        let hn = model.final_norm(x_top)?;
-        let out = lm_head_loss(&hn.detach(), model.head_weight(), &batch.targets, opts)?;
-        let mut dh = out.dh.context("head returned no gradient")?;
-        let mut extra_loss = 0.0;
-        let mut extra_dw = None;
-        if let Some(f) = extra {
-            let e = f(&hn.detach())?;
-            extra_loss = e.loss;
-            let dt = dh.dtype();
-            dh = (dh + e.dh.to_dtype(dt)?)?;
-            extra_dw = e.dw_head;
-        }
-        let grads = hn.mul(&dh)?.sum_all()?.backward()?;
-        if let (Some(v), Some(dw)) = (&head_var, &out.dw) {
-            acc.add(v, dw)?;
-        }
-        match (&head_var, extra_dw) {
-            (Some(v), Some(dw)) => acc.add(v, &dw)?,
-            (None, Some(_)) => anyhow::bail!("an extra term returned a head gradient, but the head is frozen"),
-            _ => {}
-        }
-        Ok((
-            StepStats {
-                nll_sum: out.nll_sum,
-                count: out.count,
-                correct: out.correct,
-                extra: extra_loss,
-            },
-            grads,
-        ))
-    };
+    let top =
+        |x_top: &Tensor, acc: &mut GradAcc| head_backward(model, batch, x_top, opts, head_var.as_ref(), extra, acc);
 
     if recompute == Recompute::Auto {
         anyhow::bail!("recompute = \"auto\" is chosen by the trainer before a run; pass the mode it chose");
@@ -423,6 +393,54 @@ pub fn forward_backward_with(
             .clone();
         inputs.truncate(i + 1);
     }
+    embedding_backward(model, batch, g, acc)?;
+    Ok(stats)
+}
+
+/// The final norm and the head (outside the graph), plus the extra term on the normed states:
+/// the step's loss figures and the graph's gradients from the top, with the head's weight
+/// gradients added to `acc` when the head is trained.
+fn head_backward(
+    model: &Model,
+    batch: &Batch,
+    x_top: &Tensor,
+    opts: HeadOptions,
+    head_var: Option<&Var>,
+    extra: Option<ExtraTerm<'_>>,
+    acc: &mut GradAcc,
+) -> Result<(StepStats, candle_core::backprop::GradStore)> {
+    let hn = model.final_norm(x_top)?;
+    let out = lm_head_loss(&hn.detach(), model.head_weight(), &batch.targets, opts)?;
+    let mut dh = out.dh.context("head returned no gradient")?;
+    let mut extra_loss = 0.0;
+    let mut extra_dw = None;
+    if let Some(f) = extra {
+        let e = f(&hn.detach())?;
+        extra_loss = e.loss;
+        let dt = dh.dtype();
+        dh = (dh + e.dh.to_dtype(dt)?)?;
+        extra_dw = e.dw_head;
+    }
+    let grads = hn.mul(&dh)?.sum_all()?.backward()?;
+    if let (Some(v), Some(dw)) = (head_var, &out.dw) {
+        acc.add(v, dw)?;
+    }
+    match (head_var, extra_dw) {
+        (Some(v), Some(dw)) => acc.add(v, &dw)?,
+        (None, Some(_)) => anyhow::bail!("an extra term returned a head gradient, but the head is frozen"),
+        _ => {}
+    }
+    let stats = StepStats {
+        nll_sum: out.nll_sum,
+        count: out.count,
+        correct: out.correct,
+        extra: extra_loss,
+    };
+    Ok((stats, grads))
+}
+
+/// A trained embedding's gradient from the first block input's `g`: a scatter-add of its rows.
+fn embedding_backward(model: &Model, batch: &Batch, mut g: Tensor, acc: &mut GradAcc) -> Result<()> {
     if let Param::Train(e) = &model.embed {
         let ids = batch.ids.flatten_all()?;
         // The block input's gradient through Gemma's embedding scale (`Model::embed`).
@@ -432,5 +450,5 @@ pub fn forward_backward_with(
         let de = Tensor::zeros(e.as_tensor().shape(), DType::F32, e.as_tensor().device())?.index_add(&ids, &g, 0)?;
         acc.add(e, &de)?;
     }
-    Ok(stats)
+    Ok(())
 }
