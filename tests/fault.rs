@@ -36,6 +36,18 @@ fn has_checkpoint(out: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// The step of the newest visible checkpoint (0: none yet).
+fn newest_step(out: &Path) -> usize {
+    std::fs::read_dir(out.join("checkpoints"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().strip_prefix("step-")?.parse().ok())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
 /// A checkpoint is being written now (its hidden temporary directory exists).
 fn writing_checkpoint(out: &Path) -> bool {
     std::fs::read_dir(out.join("checkpoints"))
@@ -93,16 +105,22 @@ fn runs_killed_at_random_moments_resume_to_the_same_bytes() -> Result<()> {
     for round in 0..12 {
         let resume = has_checkpoint(&out).then_some(out.as_path());
         let mut child = train(&r, resume);
-        let started = Instant::now();
-        // Every round kills after a random share of the whole run's time; odd rounds kill
-        // earlier if they see a checkpoint being written.
-        let deadline = span.mul_f64(0.1 + 0.4 * rng.next_f64());
+        // Every round kills at a random moment of a random step 1-6 steps past the checkpoint
+        // it resumed from, counted by the checkpoints the run writes (so that however loaded
+        // the machine is, the kills land before the run ends); odd rounds kill earlier if they
+        // see a checkpoint being written.
+        let target = newest_step(&out) + 1 + rng.below(6);
+        let into_step = (span / 40).mul_f64(rng.next_f64());
+        let mut reached: Option<Instant> = None;
         let done = loop {
             if let Some(status) = child.try_wait()? {
                 break Some(status);
             }
             let in_checkpoint = round % 2 == 1 && writing_checkpoint(&out);
-            if in_checkpoint || started.elapsed() >= deadline {
+            if reached.is_none() && newest_step(&out) >= target {
+                reached = Some(Instant::now());
+            }
+            if in_checkpoint || reached.is_some_and(|t| t.elapsed() >= into_step) {
                 child.kill()?;
                 child.wait()?;
                 kills += 1;
