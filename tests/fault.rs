@@ -10,8 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use strata::model::config::Arch;
 
+/// Steps of the run (a checkpoint after each).
+const STEPS: usize = 40;
+
 fn recipe(dir: &Path, out: &str) -> PathBuf {
-    let text = strata::testing::tiny_lora_recipe(dir, out, 40, 11, "checkpoint_every = 1\nkeep_checkpoints = 2");
+    let text = strata::testing::tiny_lora_recipe(dir, out, STEPS, 11, "checkpoint_every = 1\nkeep_checkpoints = 2");
     let p = dir.join(format!("{out}.toml"));
     std::fs::write(&p, text).unwrap();
     p
@@ -26,16 +29,6 @@ fn train(recipe: &Path, resume: Option<&Path>) -> Child {
     c.spawn().expect("strata starts")
 }
 
-/// A visible checkpoint exists under the run's `checkpoints/`.
-fn has_checkpoint(out: &Path) -> bool {
-    std::fs::read_dir(out.join("checkpoints"))
-        .map(|d| {
-            d.flatten()
-                .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
-        })
-        .unwrap_or(false)
-}
-
 /// The step of the newest visible checkpoint (0: none yet).
 fn newest_step(out: &Path) -> usize {
     std::fs::read_dir(out.join("checkpoints"))
@@ -46,6 +39,11 @@ fn newest_step(out: &Path) -> usize {
                 .unwrap_or(0)
         })
         .unwrap_or(0)
+}
+
+/// A visible checkpoint exists under the run's `checkpoints/`.
+fn has_checkpoint(out: &Path) -> bool {
+    newest_step(out) > 0
 }
 
 /// A checkpoint is being written now (its hidden temporary directory exists).
@@ -73,7 +71,7 @@ fn debris(dir: &Path) -> Vec<PathBuf> {
 
 /// The last checkpoint's optimizer moments and the final adapter of the run in `out`.
 fn results(out: &Path) -> (Vec<u8>, Vec<u8>) {
-    let ck = out.join("checkpoints/step-000040");
+    let ck = out.join(format!("checkpoints/step-{STEPS:06}"));
     (
         std::fs::read(out.join("adapter/adapter_model.safetensors")).expect("final adapter"),
         std::fs::read(ck.join("optimizer.safetensors")).expect("final optimizer state"),
@@ -110,7 +108,7 @@ fn runs_killed_at_random_moments_resume_to_the_same_bytes() -> Result<()> {
         // the machine is, the kills land before the run ends); odd rounds kill earlier if they
         // see a checkpoint being written.
         let target = newest_step(&out) + 1 + rng.below(6);
-        let into_step = (span / 40).mul_f64(rng.next_f64());
+        let into_step = (span / STEPS as u32).mul_f64(rng.next_f64());
         let mut reached: Option<Instant> = None;
         let done = loop {
             if let Some(status) = child.try_wait()? {

@@ -35,8 +35,10 @@ pub(super) fn write_outputs(
         Some(_) => last_turns(sets.chat.as_ref().expect("side by side needs the chat set"))?,
         None => Vec::new(),
     };
-    let md = table(ex, sets, rows, base, failed, how.quick, how.total_seconds)?;
-    let shares = reference_shares(ex, sets, rows, base)?.map(|(reference, v)| {
+    // Bootstrapped once, for the table and the results both.
+    let shares = reference_shares(ex, sets, rows, base)?;
+    let md = table(ex, sets, rows, base, failed, shares.as_ref(), how)?;
+    let shares = shares.map(|(reference, v)| {
         json!({"reference": reference.name,
             "runs": v.iter().map(|(r, cells)| json!({"name": r.name, "shares": cells})).collect::<Vec<_>>()})
     });
@@ -116,21 +118,24 @@ pub(super) fn reference_shares<'a>(
     Ok(Some((reference, shares)))
 }
 
-/// The markdown tables (accuracy, perplexity, shares of the reference's learning) and the note
-/// that says what every figure is.
+/// The markdown tables (accuracy, perplexity, shares of the reference's learning, from
+/// [`reference_shares`]) and the note that says what every figure is.
 pub(super) fn table(
     ex: &Experiment,
     sets: &Sets,
     rows: &[Row],
     base: &Value,
     failed: &[(String, String)],
-    quick: bool,
-    wall: f64,
+    shares: Option<&Shares>,
+    how: &Outputs,
 ) -> Result<String> {
     let mut s = accuracy_table(ex, sets, rows, base, failed)?;
     s += &perplexity_table(sets, rows, base)?;
-    s += &share_table(ex, sets, rows, base)?;
-    s += &note(ex, sets, rows, base, quick, wall)?;
+    if let Some(shares) = shares {
+        s += &share_table(ex, sets, shares);
+    }
+    let reference = shares.map(|(r, _)| r.name.as_str());
+    s += &note(ex, sets, rows, base, reference, how)?;
     Ok(s)
 }
 
@@ -216,19 +221,16 @@ fn perplexity_table(sets: &Sets, rows: &[Row], base: &Value) -> Result<String> {
     Ok(t)
 }
 
-/// Every other run's learning as a share of the reference run's (empty without a reference).
-fn share_table(ex: &Experiment, sets: &Sets, rows: &[Row], base: &Value) -> Result<String> {
-    let Some((reference, shares)) = reference_shares(ex, sets, rows, base)? else {
-        return Ok(String::new());
-    };
+/// Every other run's learning as a share of the reference run's.
+fn share_table(ex: &Experiment, sets: &Sets, (reference, shares): &Shares) -> String {
     let Some((_, first)) = shares.first() else {
-        return Ok(String::new());
+        return String::new();
     };
     if first.is_empty() {
-        return Ok(format!(
+        return format!(
             "\n{} learned nothing clear on the domain sets: no shares of its learning.\n",
             reference.name
-        ));
+        );
     }
     // A scored multiple-choice copy is named as the user's file it was cut from.
     let names = mc_names(ex);
@@ -241,7 +243,7 @@ fn share_table(ex: &Experiment, sets: &Sets, rows: &[Row], base: &Value) -> Resu
         t += &format!(" {} {}: share of {}'s [95%] |", name(&c.file), c.what, reference.name);
     }
     t += &format!("\n|---|{}\n", "---|".repeat(first.len()));
-    for (r, cells) in &shares {
+    for (r, cells) in shares {
         t += &format!("| {} |", r.name);
         for c in cells {
             let Share { share, lo, hi } = c.share;
@@ -249,7 +251,7 @@ fn share_table(ex: &Experiment, sets: &Sets, rows: &[Row], base: &Value) -> Resu
         }
         t += "\n";
     }
-    Ok(t)
+    t
 }
 
 fn pct0(x: f64) -> String {
@@ -257,15 +259,22 @@ fn pct0(x: f64) -> String {
 }
 
 /// What every figure of the tables is, the budgets and the time it all took.
-fn note(ex: &Experiment, sets: &Sets, rows: &[Row], base: &Value, quick: bool, wall: f64) -> Result<String> {
+fn note(
+    ex: &Experiment,
+    sets: &Sets,
+    rows: &[Row],
+    base: &Value,
+    reference: Option<&str>,
+    how: &Outputs,
+) -> Result<String> {
     let items: Vec<String> = sets
         .mc
         .iter()
         .zip(mc_names(ex))
         .map(|((f, _), n)| Ok(format!("{} {n}", mc_outcomes(base, f)?.len())))
         .collect::<Result<_>>()?;
-    let shares = match &ex.reference {
-        Some(r) if rows.iter().any(|row| row.name == *r) => format!(
+    let shares = match reference {
+        Some(r) => format!(
             " Shares: a run's gain (or perplexity reduction) over {r}'s, each from the same base on \
              the same items (rows), with a 95% bootstrap interval that resamples them once for all \
              three; only where {r}'s own interval is clear of zero."
@@ -279,12 +288,12 @@ fn note(ex: &Experiment, sets: &Sets, rows: &[Row], base: &Value, quick: bool, w
          file, its change against the base with a 95% paired-bootstrap interval over rows; chat retention = \
          perplexity of the base model's own greedy answers to held-out general prompts.{shares} Every training \
          and evaluation in its own process; {:.0} min in all.\n",
-        if quick { "Quick variant: " } else { "" },
+        if how.quick { "Quick variant: " } else { "" },
         budgets(ex, rows),
         items.join(", "),
         ex.eval.text_rows,
         ex.eval.seq_len,
-        wall / 60.0
+        how.total_seconds / 60.0
     ))
 }
 
