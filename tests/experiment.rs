@@ -267,3 +267,89 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// A run at several seeds: each seed trained and evaluated under its own name, the tables
+/// reading their mean per item, each seed's headline in the note; adding seeds keeps the run
+/// made at the recipe's own seed; `--quick` trains the first seed only.
+#[test]
+fn runs_at_several_seeds_are_pooled_per_item() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("strata-exp-seeds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    write_tiny_gguf(&dir.join("tiny.gguf"), Arch::Llama, true, 3, GgmlDType::F32)?;
+    std::fs::write(dir.join("dom.txt"), "the bank lends the money at a rate. ".repeat(40))?;
+    std::fs::write(dir.join("held.txt"), "the bank lends the money at a rate. ".repeat(6))?;
+    let item = |ctx: &str, a: &str, b: &str| {
+        format!("{{\"context\": \"{ctx} \", \"choices\": [\"{a}\", \"{b}\"], \"answer\": 0}}\n")
+    };
+    let items: String = ["bank", "money", "rate", "the", "lends", "at"]
+        .iter()
+        .map(|w| item("the bank lends the", w, "cat"))
+        .collect();
+    std::fs::write(dir.join("mc.jsonl"), &items)?;
+    let d = dir.display();
+    std::fs::write(
+        dir.join("lora.toml"),
+        format!(
+            "[model]\npath = \"{d}/tiny.gguf\"\n[lora]\nr = 4\n[data]\ntrain = [\"{d}/dom.txt\"]\neval = [\"{d}/held.txt\"]\nseq_len = 16\n[train]\nbatch = 2\nlr = 3e-2\n"
+        ),
+    )?;
+    let exp = |seeds: &str| {
+        format!(
+            "name = \"seeds\"\nout = \"{d}/out\"\ntokens = 96\nreference = \"plain\"\n[eval]\ngeneral_mc = \"{d}/mc.jsonl\"\ndomain_mc = \"{d}/mc.jsonl\"\ntext = [\"{d}/held.txt\"]\nseq_len = 16\n\
+             [quick]\ntokens = 32\nmc_items = 6\ntext_rows = 2\nout = \"{d}/quick\"\n\
+             [[run]]\nname = \"plain\"\nrecipe = \"{d}/lora.toml\"\n\
+             [[run]]\nname = \"LoRA\"\nrecipe = \"{d}/lora.toml\"\nset = [\"train.lr=1e-2\"]\n{seeds}"
+        )
+    };
+    let run = |seeds: &str, extra: &[&str]| -> Result<(bool, String)> {
+        std::fs::write(dir.join("exp.toml"), exp(seeds))?;
+        let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("experiment")
+            .arg(dir.join("exp.toml"))
+            .args(extra)
+            .output()?;
+        Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    };
+    let (ok, err) = run("", &[])?;
+    assert!(ok, "{err}");
+    let (ok, err) = run("seeds = [0, 5]\n", &["--reuse"])?;
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("LoRA (3 steps): kept") && err.contains("LoRA, seed 5 (3 steps)\n"),
+        "the recipe's own seed is the run made before: {err}"
+    );
+    let out = dir.join("out");
+    let seed = |run: &str| -> Result<u64> { Ok(Recipe::load(&out.join(run).join("recipe.toml"), &[])?.train.seed) };
+    assert_eq!((seed("lora")?, seed("lora-seed-5")?), (0, 5));
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json"))?)?;
+    let lora = &results["runs"][1];
+    assert_eq!(lora["seeds"], serde_json::json!([0, 5]));
+    let per_seed = lora["per_seed"].as_array().unwrap();
+    assert_eq!(per_seed.len(), 2);
+    // The pooled accuracy is the mean of the seeds' (the same items at each).
+    let mean = |part: &str| per_seed.iter().map(|s| s[part]["after"].as_f64().unwrap()).sum::<f64>() / 2.0;
+    assert!((lora["general"]["after"].as_f64().unwrap() - mean("general")).abs() < 1e-12);
+    assert!((lora["domain"]["after"].as_f64().unwrap() - mean("domain")).abs() < 1e-12);
+    assert!(results["runs"][0]["per_seed"].as_array().unwrap().is_empty());
+    let table = std::fs::read_to_string(out.join("table.md"))?;
+    assert!(
+        table.contains("| LoRA (mean of seeds 0, 5) |") && table.contains("LoRA: seed 0 forgetting"),
+        "{table}"
+    );
+    assert!(table.contains("seed 5 forgetting"), "{table}");
+    // The short variant trains every run once.
+    let (ok, err) = run("seeds = [5, 0]\n", &["--quick"])?;
+    assert!(ok, "{err}");
+    assert!(
+        dir.join("quick/lora-seed-5").exists() && !dir.join("quick/lora").exists(),
+        "{err}"
+    );
+    // An empty or repeated list is refused before anything runs.
+    for bad in ["seeds = []\n", "seeds = [1, 1]\n"] {
+        let (ok, err) = run(bad, &[])?;
+        assert!(!ok && err.contains("seeds of LoRA must be a non-empty list"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use crate::data;
 use crate::data::mc::load_items;
-use crate::eval::compare::paired;
+use crate::eval::compare::{paired, scores};
 use crate::eval::mc::{score_items, McResult};
 use crate::eval::perplexity::eval_rows;
 use crate::model::Fwd;
@@ -208,6 +208,7 @@ fn compare(before: &std::path::Path, after: &std::path::Path) -> Result<()> {
         };
         let cb: Vec<bool> = rb.scores.iter().map(|s| s.correct_norm).collect();
         let ca: Vec<bool> = ra.scores.iter().map(|s| s.correct_norm).collect();
+        let (cb, ca) = (scores(&cb), scores(&ca));
         let p = paired(&cb, &ca, 2000, 0).with_context(|| file.clone())?;
         let metric = if role == "general" {
             format!(

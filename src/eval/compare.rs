@@ -10,7 +10,8 @@ use serde::Serialize;
 use super::perplexity::{totals, RowLoss};
 use crate::rng::Rng;
 
-/// A before/after accuracy pair on the same items.
+/// A before/after accuracy pair on the same items. An item's score is 1 (right) or 0 (wrong),
+/// or, for a run trained at several seeds, the share of its seeds that got it right.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Paired {
     /// Items.
@@ -25,13 +26,18 @@ pub struct Paired {
     pub forgetting: (f64, f64, f64),
 }
 
-fn mean(v: &[bool], idx: impl Iterator<Item = usize>) -> f64 {
-    let (mut s, mut n) = (0usize, 0usize);
+fn mean(v: &[f64], idx: impl Iterator<Item = usize>) -> f64 {
+    let (mut s, mut n) = (0.0, 0usize);
     for i in idx {
-        s += v[i] as usize;
+        s += v[i];
         n += 1;
     }
-    s as f64 / n.max(1) as f64
+    s / n.max(1) as f64
+}
+
+/// Per-item scores (1 right, 0 wrong) of per-item outcomes.
+pub fn scores(correct: &[bool]) -> Vec<f64> {
+    correct.iter().map(|&c| if c { 1.0 } else { 0.0 }).collect()
 }
 
 /// The 2.5% and 97.5% quantiles of `v` (finite values only; NaN when none).
@@ -72,8 +78,8 @@ pub fn paired_ratio(before: &[RowLoss], after: &[RowLoss], resamples: usize, see
     Ok((ratio(&all), lo, hi))
 }
 
-/// Compares per-item correctness before and after, with `resamples` bootstrap draws.
-pub fn paired(before: &[bool], after: &[bool], resamples: usize, seed: u64) -> Result<Paired> {
+/// Compares per-item scores before and after, with `resamples` bootstrap draws.
+pub fn paired(before: &[f64], after: &[f64], resamples: usize, seed: u64) -> Result<Paired> {
     if before.len() != after.len() || before.is_empty() {
         bail!(
             "paired comparison needs the same non-empty item set before and after ({} vs {})",
@@ -143,9 +149,9 @@ fn share_of(items: usize, resamples: usize, seed: u64, gain: impl Fn(&[usize]) -
     }
 }
 
-/// A run's accuracy gain as a share of the reference run's, per-item correctness of the base,
-/// the reference and the run on the same items ([`Share`]).
-pub fn gain_share(base: &[bool], reference: &[bool], run: &[bool], resamples: usize, seed: u64) -> Result<Share> {
+/// A run's accuracy gain as a share of the reference run's, per-item scores of the base, the
+/// reference and the run on the same items ([`Share`]).
+pub fn gain_share(base: &[f64], reference: &[f64], run: &[f64], resamples: usize, seed: u64) -> Result<Share> {
     let n = base.len();
     if n == 0 || reference.len() != n || run.len() != n {
         bail!(
@@ -196,8 +202,8 @@ mod tests {
     #[test]
     fn formulas_and_intervals() -> Result<()> {
         // 10 items: 8 right before, 6 right after.
-        let before = [true, true, true, true, true, true, true, true, false, false];
-        let after = [true, true, true, true, true, true, false, false, false, false];
+        let before = scores(&[true, true, true, true, true, true, true, true, false, false]);
+        let after = scores(&[true, true, true, true, true, true, false, false, false, false]);
         let p = paired(&before, &after, 2000, 1)?;
         assert!((p.before - 0.8).abs() < 1e-12 && (p.after - 0.6).abs() < 1e-12);
         assert!((p.gain.0 + 0.2).abs() < 1e-12);
@@ -208,8 +214,8 @@ mod tests {
         let same = paired(&before, &before, 500, 2)?;
         assert_eq!(same.gain, (0.0, 0.0, 0.0));
         // Intervals narrow with more items.
-        let big_b: Vec<bool> = (0..4000).map(|i| i % 5 != 0).collect();
-        let big_a: Vec<bool> = (0..4000).map(|i| i % 5 != 0 && i % 17 != 0).collect();
+        let big_b = scores(&(0..4000).map(|i| i % 5 != 0).collect::<Vec<_>>());
+        let big_a = scores(&(0..4000).map(|i| i % 5 != 0 && i % 17 != 0).collect::<Vec<_>>());
         let big = paired(&big_b, &big_a, 1000, 3)?;
         assert!(big.forgetting.2 - big.forgetting.1 < 0.02, "{:?}", big.forgetting);
         assert!(paired(&before, &after[..5], 10, 0).is_err());
@@ -221,9 +227,13 @@ mod tests {
         // 1,000 items: the reference gains 10 points, the run 8 of them, on items both got
         // wrong before.
         let n = 1000;
-        let base: Vec<bool> = (0..n).map(|i| i % 2 == 0).collect();
-        let reference: Vec<bool> = (0..n).map(|i| i % 2 == 0 || i % 10 == 1).collect();
-        let run: Vec<bool> = (0..n).map(|i| i % 2 == 0 || (i % 10 == 1 && i % 50 != 1)).collect();
+        let base = scores(&(0..n).map(|i| i % 2 == 0).collect::<Vec<_>>());
+        let reference = scores(&(0..n).map(|i| i % 2 == 0 || i % 10 == 1).collect::<Vec<_>>());
+        let run = scores(
+            &(0..n)
+                .map(|i| i % 2 == 0 || (i % 10 == 1 && i % 50 != 1))
+                .collect::<Vec<_>>(),
+        );
         let s = gain_share(&base, &reference, &run, 1000, 7)?;
         assert!((s.share - 0.8).abs() < 1e-12, "{s:?}");
         assert!(s.lo <= s.share && s.share <= s.hi && s.hi - s.lo < 0.2, "{s:?}");

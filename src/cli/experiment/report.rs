@@ -46,7 +46,9 @@ pub(super) fn write_outputs(
     let results = json!({
         "experiment": ex.name, "quick": how.quick, "tokens_per_run": ex.tokens, "seconds": how.total_seconds,
         "this_sitting_seconds": how.sitting_seconds,
-        "runs": rows.iter().map(|r| json!({"name": r.name, "steps": r.steps, "tokens": r.tokens, "peak_rss_bytes": r.peak,
+        "runs": rows.iter().map(|r| json!({"name": r.name, "seeds": r.seeds,
+            "per_seed": r.per_seed.iter().map(|(seed, g, d)| json!({"seed": seed, "general": g, "domain": d})).collect::<Vec<_>>(),
+            "steps": r.steps, "tokens": r.tokens, "peak_rss_bytes": r.peak,
             "train_seconds": r.train_s, "seconds": r.seconds, "general": r.headline("general"), "domain": r.headline("domain"),
             "mc": r.mc, "text": r.text, "chat": r.chat, "side_by_side": r.side_by_side})).collect::<Vec<_>>(),
         "base_side_by_side": base_answers,
@@ -162,7 +164,7 @@ fn accuracy_table(
     }
     s += "\n";
     for r in rows {
-        s += &format!("| {} | {:.2} GB | {:.0} s |", r.name, r.peak as f64 / 1e9, r.train_s);
+        s += &format!("| {} | {:.2} GB | {:.0} s |", r.label(), r.peak as f64 / 1e9, r.train_s);
         for m in &r.mc {
             let p = &m.paired;
             let (v, unit) = if m.role == "general" {
@@ -212,7 +214,7 @@ fn perplexity_table(sets: &Sets, rows: &[Row], base: &Value) -> Result<String> {
     }
     t += "\n";
     for r in rows {
-        t += &format!("| {} |", r.name);
+        t += &format!("| {} |", r.label());
         for c in r.text.iter().chain(&r.chat) {
             t += &ratio_cell(c);
         }
@@ -244,7 +246,7 @@ fn share_table(ex: &Experiment, sets: &Sets, (reference, shares): &Shares) -> St
     }
     t += &format!("\n|---|{}\n", "---|".repeat(first.len()));
     for (r, cells) in shares {
-        t += &format!("| {} |", r.name);
+        t += &format!("| {} |", r.label());
         for c in cells {
             let Share { share, lo, hi } = c.share;
             t += &format!(" {} [{:.0}, {:.0}] |", pct0(share), 100.0 * lo, 100.0 * hi);
@@ -282,7 +284,7 @@ fn note(
         _ => String::new(),
     };
     Ok(format!(
-        "\n{}{}. Multiple choice: {} items \
+        "\n{}{}.{} Multiple choice: {} items \
          (acc_norm; forgetting = (before - after) / before on general sets, gain = after - before on domain \
          sets; 95% paired-bootstrap intervals). Perplexity on {} evenly spaced held-out rows of {} tokens per \
          file, its change against the base with a 95% paired-bootstrap interval over rows; chat retention = \
@@ -290,11 +292,43 @@ fn note(
          and evaluation in its own process; {:.0} min in all.\n",
         if how.quick { "Quick variant: " } else { "" },
         budgets(ex, rows),
+        seeds_note(rows),
         items.join(", "),
         ex.eval.text_rows,
         ex.eval.seq_len,
         how.total_seconds / 60.0
     ))
+}
+
+/// What a run at several seeds measured at each: its figures in the tables are the seeds' mean
+/// per item (row), and how far the seeds fall apart is told here.
+fn seeds_note(rows: &[Row]) -> String {
+    let several: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.per_seed.is_empty())
+        .map(|r| {
+            let each: Vec<String> = r
+                .per_seed
+                .iter()
+                .map(|(seed, g, d)| {
+                    format!(
+                        "seed {seed} forgetting {:+.1}%, gain {:+.1} pts",
+                        100.0 * g.forgetting.0,
+                        100.0 * d.gain.0
+                    )
+                })
+                .collect();
+            format!("{}: {}", r.name, each.join("; "))
+        })
+        .collect();
+    if several.is_empty() {
+        return String::new();
+    }
+    format!(
+        " Runs at several training seeds: every figure is the mean over the seeds of each item \
+         (row), its interval resampling the items (rows); the headline sets seed by seed: {}.",
+        several.join(". ")
+    )
 }
 
 /// The training budget of every run: the experiment's, or a run's own.

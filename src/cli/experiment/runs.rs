@@ -1,12 +1,13 @@
-//! One run of an experiment (train, evaluate, generate) and its comparison with the base.
+//! One run of an experiment (train, evaluate, generate, at each of its seeds) and its
+//! comparison with the base.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
 use super::steps::{head_lines, last_turns, read_json, slug, step};
 use super::{Experiment, RunEntry, Sitting};
-use crate::eval::compare::{gain_share, paired, paired_ratio, reduction_share, Paired, Share};
+use crate::eval::compare::{gain_share, paired, paired_ratio, reduction_share, scores, Paired, Share};
 use crate::eval::mc::McResult;
 use crate::eval::perplexity::{RowLoss, RESAMPLES};
 use crate::eval::report::Series;
@@ -22,6 +23,24 @@ pub(super) fn mc_outcomes(v: &Value, file: &Path) -> Result<Vec<bool>> {
     Ok(r.scores.iter().map(|s| s.correct_norm).collect())
 }
 
+/// Per-item acc_norm scores of multiple-choice file `file` over a run's seeds' results: the
+/// share of the seeds that got each item right.
+pub(super) fn mc_scores(evals: &[Value], file: &Path) -> Result<Vec<f64>> {
+    let mut sum: Vec<f64> = Vec::new();
+    for v in evals {
+        let s = scores(&mc_outcomes(v, file)?);
+        if sum.is_empty() {
+            sum = s;
+        } else if s.len() == sum.len() {
+            sum.iter_mut().zip(&s).for_each(|(a, b)| *a += b);
+        } else {
+            bail!("the seeds of a run scored different items of {}", file.display());
+        }
+    }
+    let n = evals.len().max(1) as f64;
+    Ok(sum.into_iter().map(|x| x / n).collect())
+}
+
 /// Perplexity and per-row losses of text or chat file `file` (`part`: "text" or "chat").
 pub(super) fn text_rows(v: &Value, part: &str, file: &Path) -> Result<(f64, Vec<RowLoss>)> {
     let e = v[part]
@@ -34,6 +53,27 @@ pub(super) fn text_rows(v: &Value, part: &str, file: &Path) -> Result<(f64, Vec<
     ))
 }
 
+/// [`text_rows`] over a run's seeds' results: every row's loss the mean of its seeds', the
+/// perplexity the geometric mean of theirs (the exponent of the mean loss per token).
+pub(super) fn mean_text_rows(evals: &[Value], part: &str, file: &Path) -> Result<(f64, Vec<RowLoss>)> {
+    let mut all = evals.iter().map(|v| text_rows(v, part, file));
+    let Some(first) = all.next() else {
+        bail!("no results for {}", file.display());
+    };
+    let (mut log_ppl, mut rows) = first.map(|(p, r)| (p.ln(), r))?;
+    for other in all {
+        let (p, r) = other?;
+        if r.len() != rows.len() || r.iter().zip(&rows).any(|(a, b)| a.1 != b.1) {
+            bail!("the seeds of a run scored different rows of {}", file.display());
+        }
+        log_ppl += p.ln();
+        rows.iter_mut().zip(&r).for_each(|(a, b)| a.0 += b.0);
+    }
+    let n = evals.len() as f64;
+    rows.iter_mut().for_each(|r| r.0 /= n);
+    Ok(((log_ppl / n).exp(), rows))
+}
+
 /// A held-out text's perplexity after a run, and its ratio to the base's with a paired interval.
 #[derive(Clone, Debug, serde::Serialize)]
 pub(super) struct TextChange {
@@ -42,9 +82,9 @@ pub(super) struct TextChange {
     pub(super) ratio: (f64, f64, f64),
 }
 
-pub(super) fn text_change(base: &Value, after: &Value, part: &str, file: &Path) -> Result<TextChange> {
+pub(super) fn text_change(base: &Value, after: &[Value], part: &str, file: &Path) -> Result<TextChange> {
     let (_, b) = text_rows(base, part, file)?;
-    let (perplexity, a) = text_rows(after, part, file)?;
+    let (perplexity, a) = mean_text_rows(after, part, file)?;
     Ok(TextChange {
         file: file.to_path_buf(),
         perplexity,
@@ -60,22 +100,31 @@ pub(super) struct McChange {
     pub(super) paired: Paired,
 }
 
+/// A run, over its seeds: its figures are the seeds' means (per item, per row).
 pub(super) struct Row {
     pub(super) name: String,
+    /// Its training seeds (one unless the experiment asks for several).
+    pub(super) seeds: Vec<u64>,
+    /// With several seeds, each seed's own headline general and domain comparisons.
+    pub(super) per_seed: Vec<(u64, Paired, Paired)>,
     pub(super) method: Option<String>,
     pub(super) steps: usize,
     pub(super) tokens: usize,
+    /// The highest peak of its seeds.
     pub(super) peak: u64,
+    /// Mean training seconds of its seeds.
     pub(super) train_s: f64,
     pub(super) mc: Vec<McChange>,
     pub(super) text: Vec<TextChange>,
     pub(super) chat: Option<TextChange>,
+    /// The first seed's answers to the side-by-side prompts.
     pub(super) side_by_side: Vec<String>,
+    /// The first seed's training loss.
     pub(super) ce: Series,
-    /// Seconds its training, evaluation and generation took.
+    /// Seconds its training, evaluation and generation took, all seeds.
     pub(super) seconds: f64,
-    /// Its `strata eval` results (per item and per row).
-    pub(super) eval: Value,
+    /// Its seeds' `strata eval` results (per item and per row).
+    pub(super) evals: Vec<Value>,
 }
 
 /// One figure of a run's learning as a share of the reference run's.
@@ -97,6 +146,18 @@ impl Row {
             .find(|m| m.role == role)
             .expect("an experiment has both roles")
             .paired
+    }
+
+    /// Its name in the tables: with its seeds where it has several.
+    pub(super) fn label(&self) -> String {
+        match self.seeds.as_slice() {
+            [_] => self.name.clone(),
+            seeds => format!(
+                "{} (mean of seeds {})",
+                self.name,
+                seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+            ),
+        }
     }
 }
 
@@ -163,11 +224,10 @@ impl Sets {
         let mut v = Vec::new();
         for ((f, role), m) in self.mc.iter().zip(&reference.mc) {
             if *role == "domain" && m.paired.gain.1 > 0.0 {
-                let outcomes = |e: &Value| mc_outcomes(e, f);
                 let share = gain_share(
-                    &outcomes(base)?,
-                    &outcomes(&reference.eval)?,
-                    &outcomes(&run.eval)?,
+                    &scores(&mc_outcomes(base, f)?),
+                    &mc_scores(&reference.evals, f)?,
+                    &mc_scores(&run.evals, f)?,
                     2000,
                     0,
                 )?;
@@ -180,8 +240,9 @@ impl Sets {
         }
         if let (Some(f), Some(c)) = (self.text.first(), reference.text.first()) {
             if c.ratio.2 < 1.0 {
-                let rows = |e: &Value| text_rows(e, "text", f).map(|r| r.1);
-                let share = reduction_share(&rows(base)?, &rows(&reference.eval)?, &rows(&run.eval)?, RESAMPLES, 0)?;
+                let rows = |e: &[Value]| mean_text_rows(e, "text", f).map(|r| r.1);
+                let base = text_rows(base, "text", f)?.1;
+                let share = reduction_share(&base, &rows(&reference.evals)?, &rows(&run.evals)?, RESAMPLES, 0)?;
                 v.push(ShareOf {
                     file: f.clone(),
                     what: "perplexity reduction",
@@ -219,7 +280,7 @@ impl Sets {
     pub(super) fn compare(
         &self,
         base: &Value,
-        after: &Value,
+        after: &[Value],
     ) -> Result<(Vec<McChange>, Vec<TextChange>, Option<TextChange>)> {
         let mc = self
             .mc
@@ -228,7 +289,7 @@ impl Sets {
                 Ok(McChange {
                     file: f.clone(),
                     role,
-                    paired: paired(&mc_outcomes(base, f)?, &mc_outcomes(after, f)?, 2000, 0)?,
+                    paired: paired(&scores(&mc_outcomes(base, f)?), &mc_scores(after, f)?, 2000, 0)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -299,7 +360,43 @@ pub(super) fn trained_model(recipe: &Recipe, dir: &Path, model: &Path) -> Vec<St
     }
 }
 
-/// Trains one run, evaluates it and compares it with the base.
+/// A run at one seed: where it trained and what it measured.
+struct SeedRun {
+    steps: usize,
+    tokens: usize,
+    peak: u64,
+    train_s: f64,
+    seconds: f64,
+    eval: Value,
+    side_by_side: Vec<String>,
+    ce: Vec<(f64, f64)>,
+}
+
+/// The seeds a run trains at (its own, the experiment's, or its recipe's one), each with the
+/// name it runs under and the recipe overrides that give it. The recipe's own seed runs under
+/// the run's name, as a run without seeds does, so that adding seeds keeps what it made.
+pub(super) fn seed_runs(ex: &Experiment, entry: &RunEntry, recipe: &Recipe) -> Vec<(u64, String, Vec<String>)> {
+    let own = recipe.train.seed;
+    let seeds = match (&entry.seeds, &ex.seeds) {
+        (Some(s), _) | (None, Some(s)) if !s.is_empty() => s.clone(),
+        _ => vec![own],
+    };
+    seeds
+        .into_iter()
+        .map(|seed| {
+            if seed == own {
+                (seed, entry.name.clone(), entry.set.clone())
+            } else {
+                let mut set = entry.set.clone();
+                set.push(format!("train.seed={seed}"));
+                (seed, format!("{}, seed {seed}", entry.name), set)
+            }
+        })
+        .collect()
+}
+
+/// Trains one run at each of its seeds, evaluates every seed and compares their mean with the
+/// base.
 pub(super) fn one_run(
     ex: &Experiment,
     sets: &Sets,
@@ -309,12 +406,72 @@ pub(super) fn one_run(
     model: &Path,
     sitting: Sitting,
 ) -> Result<Row> {
+    let mut seeds = Vec::new();
+    let mut runs = Vec::new();
+    for (seed, name, set) in seed_runs(ex, entry, recipe) {
+        let recipe = Recipe::load(&entry.recipe, &set)?;
+        runs.push(one_seed(ex, sets, entry, &name, &set, &recipe, model, sitting)?);
+        seeds.push(seed);
+    }
+    let evals: Vec<Value> = runs.iter().map(|r| r.eval.clone()).collect();
+    let (mc, text, chat) = sets.compare(base, &evals)?;
+    let per_seed = if seeds.len() > 1 {
+        seeds
+            .iter()
+            .zip(&evals)
+            .map(|(&seed, e)| {
+                let (m, _, _) = sets.compare(base, std::slice::from_ref(e))?;
+                let head = |role| m.iter().find(|c| c.role == role).map(|c| c.paired.clone());
+                Ok((
+                    seed,
+                    head("general").context("no general set")?,
+                    head("domain").context("no domain set")?,
+                ))
+            })
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let first = runs.swap_remove(0);
+    let n = (runs.len() + 1) as f64;
+    Ok(Row {
+        name: entry.name.clone(),
+        seeds,
+        per_seed,
+        method: entry.method.clone(),
+        steps: first.steps,
+        tokens: first.tokens,
+        peak: runs.iter().map(|r| r.peak).fold(first.peak, u64::max),
+        train_s: (first.train_s + runs.iter().map(|r| r.train_s).sum::<f64>()) / n,
+        mc,
+        text,
+        chat,
+        side_by_side: first.side_by_side,
+        ce: (entry.name.clone(), first.ce),
+        seconds: first.seconds + runs.iter().map(|r| r.seconds).sum::<f64>(),
+        evals,
+    })
+}
+
+/// Trains, evaluates and (for the side-by-side prompts) generates one seed of a run, named
+/// `name`, with the overrides `set`.
+#[allow(clippy::too_many_arguments)]
+fn one_seed(
+    ex: &Experiment,
+    sets: &Sets,
+    entry: &RunEntry,
+    name: &str,
+    set: &[String],
+    recipe: &Recipe,
+    model: &Path,
+    sitting: Sitting,
+) -> Result<SeedRun> {
     let out = &ex.out;
-    let dir = out.join(slug(&entry.name));
+    let dir = out.join(slug(name));
     let per_step = recipe.train.batch * recipe.train.grad_accum * recipe.data.seq_len;
     let steps = entry.tokens.unwrap_or(ex.tokens).div_ceil(per_step).max(1);
     let mut train_args: Vec<String> = vec!["train".into(), entry.recipe.display().to_string()];
-    for s in &entry.set {
+    for s in set {
         train_args.extend(["--set".into(), s.clone()]);
     }
     // The experiment's own settings come last: they win over the run's.
@@ -341,10 +498,10 @@ pub(super) fn one_run(
         .map(PathBuf::as_path)
         .chain(gen_args.as_ref().map(|_| gen.as_path()))
         .collect();
-    let log = |what: &str| out.join(format!("{}.{what}.log", slug(&entry.name)));
+    let log = |what: &str| out.join(format!("{}.{what}.log", slug(name)));
     let seconds = step(
         sitting,
-        &format!("{} ({steps} steps)", entry.name),
+        &format!("{name} ({steps} steps)"),
         &dir.join("experiment-stamp.json"),
         &[Some(train_args), Some(eval_args), gen_args.clone()]
             .into_iter()
@@ -354,8 +511,6 @@ pub(super) fn one_run(
         &outputs,
     )?;
     let summary = read_json(&dir.join("summary.json"))?;
-    let after = read_json(&after_json)?;
-    let (mc, text, chat) = sets.compare(base, &after)?;
     let side_by_side = match gen_args {
         Some(_) => last_turns(&gen)?,
         None => Vec::new(),
@@ -366,19 +521,14 @@ pub(super) fn one_run(
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter_map(|v| Some((v["step"].as_f64()?, v.get("ce")?.as_f64()?)))
         .collect();
-    Ok(Row {
-        name: entry.name.clone(),
-        method: entry.method.clone(),
+    Ok(SeedRun {
         steps,
         tokens: summary["tokens"].as_u64().unwrap_or(0) as usize,
         peak: summary["peak_rss_bytes"].as_u64().unwrap_or(0),
         train_s: summary["train_seconds"].as_f64().unwrap_or(f64::NAN),
-        mc,
-        text,
-        chat,
-        side_by_side,
-        ce: (entry.name.clone(), ce),
         seconds,
-        eval: after,
+        eval: read_json(&after_json)?,
+        side_by_side,
+        ce,
     })
 }

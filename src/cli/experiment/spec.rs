@@ -22,6 +22,8 @@ pub struct Experiment {
     /// run's domain gains and the first text file's perplexity reduction as shares of this
     /// run's, with intervals.
     pub reference: Option<String>,
+    /// Training seeds of every run that names none of its own (default: the recipe's one).
+    pub seeds: Option<Vec<u64>>,
     /// Overrides for `--quick`.
     pub quick: Option<QuickSection>,
     /// Files the runs read that the base model makes (self-generated replay text), each made
@@ -44,6 +46,19 @@ impl Experiment {
         }
         if let Some(n) = &ex.reference {
             ex.check_names(std::slice::from_ref(n), "reference", path)?;
+        }
+        let lists =
+            std::iter::once(("the experiment", &ex.seeds)).chain(ex.runs.iter().map(|r| (r.name.as_str(), &r.seeds)));
+        for (who, s) in lists.filter_map(|(who, s)| Some((who, s.as_ref()?))) {
+            let mut sorted = s.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            if s.is_empty() || sorted.len() != s.len() {
+                bail!(
+                    "{}: seeds of {who} must be a non-empty list of different seeds, got {s:?}",
+                    path.display()
+                );
+            }
         }
         Ok(ex)
     }
@@ -69,7 +84,8 @@ impl Experiment {
     }
 
     /// Turns this experiment into its short variant: the `[quick]` budget (each run's own
-    /// budget scaled by the same factor), sample sizes, runs and output directory.
+    /// budget scaled by the same factor), sample sizes, runs and output directory, and each
+    /// run at its first seed only.
     pub fn use_quick_variant(&mut self, path: &Path) -> Result<()> {
         let q = self
             .quick
@@ -79,6 +95,11 @@ impl Experiment {
             r.tokens = r
                 .tokens
                 .map(|t| (t as u128 * q.tokens as u128 / self.tokens.max(1) as u128) as usize);
+        }
+        // One seed per run: several belong to the full experiment's time.
+        let lists = std::iter::once(&mut self.seeds).chain(self.runs.iter_mut().map(|r| &mut r.seeds));
+        for s in lists.flatten() {
+            s.truncate(1);
         }
         self.tokens = q.tokens;
         self.eval.mc_items = q.mc_items;
@@ -229,4 +250,9 @@ pub struct RunEntry {
     /// data and their steps only with a budget of its own. `--quick` scales it by the same
     /// factor as the experiment's.
     pub tokens: Option<usize>,
+    /// Training seeds (default: the experiment's `seeds`, else the recipe's one): the run is
+    /// trained and evaluated at each, and the tables read the mean over its seeds of every
+    /// item and row, with intervals that resample the items (rows). The recipe's own seed runs
+    /// under the run's name; another seed S as `NAME, seed S`, with `train.seed=S` set.
+    pub seeds: Option<Vec<u64>>,
 }
