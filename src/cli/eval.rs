@@ -209,7 +209,7 @@ fn compare(before: &std::path::Path, after: &std::path::Path) -> Result<()> {
         let cb: Vec<bool> = rb.scores.iter().map(|s| s.correct_norm).collect();
         let ca: Vec<bool> = ra.scores.iter().map(|s| s.correct_norm).collect();
         let (cb, ca) = (scores(&cb), scores(&ca));
-        let p = paired(&cb, &ca, 2000, 0).with_context(|| file.clone())?;
+        let p = paired(&cb, &[ca], 2000, 0).with_context(|| file.clone())?;
         let metric = if role == "general" {
             format!(
                 "forgetting {:+.2}% [{:+.2}, {:+.2}]",

@@ -160,11 +160,11 @@ mod tests {
         let (s, n) = totals(&before, 0..before.len());
         let ppl = (s / n as f64).exp();
         assert!(lo < ppl && ppl < hi, "{lo} {ppl} {hi}");
-        let (r, rlo, rhi) = paired_ratio(&before, &after, 500, 1)?;
+        let (r, rlo, rhi) = paired_ratio(&before, &[after.clone()], 500, 1)?;
         assert!((r - 0.1f64.exp()).abs() < 1e-9);
         // Every row moved by the same amount: the paired interval is (nearly) a point.
         assert!(rhi - rlo < 1e-9, "{rlo} {rhi}");
-        assert!(paired_ratio(&before, &after[1..], 10, 1).is_err());
+        assert!(paired_ratio(&before, &[after[1..].to_vec()], 10, 1).is_err());
         assert!(perplexity_interval(&before[..1], 10, 1).0.is_nan());
         Ok(())
     }

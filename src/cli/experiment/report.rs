@@ -326,7 +326,9 @@ fn seeds_note(rows: &[Row]) -> String {
     }
     format!(
         " Runs at several training seeds: every figure is the mean over the seeds of each item \
-         (row), its interval resampling the items (rows); the headline sets seed by seed: {}.",
+         (row), its interval from a two-level bootstrap (the seeds drawn with replacement, then \
+         the items or rows), so that how far the seeds fall apart widens it; the headline sets \
+         seed by seed: {}.",
         several.join(". ")
     )
 }

@@ -23,22 +23,9 @@ pub(super) fn mc_outcomes(v: &Value, file: &Path) -> Result<Vec<bool>> {
     Ok(r.scores.iter().map(|s| s.correct_norm).collect())
 }
 
-/// Per-item acc_norm scores of multiple-choice file `file` over a run's seeds' results: the
-/// share of the seeds that got each item right.
-pub(super) fn mc_scores(evals: &[Value], file: &Path) -> Result<Vec<f64>> {
-    let mut sum: Vec<f64> = Vec::new();
-    for v in evals {
-        let s = scores(&mc_outcomes(v, file)?);
-        if sum.is_empty() {
-            sum = s;
-        } else if s.len() == sum.len() {
-            sum.iter_mut().zip(&s).for_each(|(a, b)| *a += b);
-        } else {
-            bail!("the seeds of a run scored different items of {}", file.display());
-        }
-    }
-    let n = evals.len().max(1) as f64;
-    Ok(sum.into_iter().map(|x| x / n).collect())
+/// Per-item acc_norm scores of multiple-choice file `file`, one list per seed of a run.
+pub(super) fn mc_scores(evals: &[Value], file: &Path) -> Result<Vec<Vec<f64>>> {
+    evals.iter().map(|v| Ok(scores(&mc_outcomes(v, file)?))).collect()
 }
 
 /// Perplexity and per-row losses of text or chat file `file` (`part`: "text" or "chat").
@@ -53,25 +40,20 @@ pub(super) fn text_rows(v: &Value, part: &str, file: &Path) -> Result<(f64, Vec<
     ))
 }
 
-/// [`text_rows`] over a run's seeds' results: every row's loss the mean of its seeds', the
-/// perplexity the geometric mean of theirs (the exponent of the mean loss per token).
-pub(super) fn mean_text_rows(evals: &[Value], part: &str, file: &Path) -> Result<(f64, Vec<RowLoss>)> {
-    let mut all = evals.iter().map(|v| text_rows(v, part, file));
-    let Some(first) = all.next() else {
-        bail!("no results for {}", file.display());
-    };
-    let (mut log_ppl, mut rows) = first.map(|(p, r)| (p.ln(), r))?;
-    for other in all {
-        let (p, r) = other?;
-        if r.len() != rows.len() || r.iter().zip(&rows).any(|(a, b)| a.1 != b.1) {
-            bail!("the seeds of a run scored different rows of {}", file.display());
-        }
+/// [`text_rows`] over a run's seeds' results: the rows' losses at each seed, and the
+/// perplexity of the seeds' mean loss per row (the geometric mean of theirs).
+pub(super) fn seed_text_rows(evals: &[Value], part: &str, file: &Path) -> Result<(f64, Vec<Vec<RowLoss>>)> {
+    let mut log_ppl = 0.0;
+    let mut rows = Vec::new();
+    for v in evals {
+        let (p, r) = text_rows(v, part, file)?;
         log_ppl += p.ln();
-        rows.iter_mut().zip(&r).for_each(|(a, b)| a.0 += b.0);
+        rows.push(r);
     }
-    let n = evals.len() as f64;
-    rows.iter_mut().for_each(|r| r.0 /= n);
-    Ok(((log_ppl / n).exp(), rows))
+    if rows.is_empty() {
+        bail!("no results for {}", file.display());
+    }
+    Ok(((log_ppl / rows.len() as f64).exp(), rows))
 }
 
 /// A held-out text's perplexity after a run, and its ratio to the base's with a paired interval.
@@ -84,7 +66,7 @@ pub(super) struct TextChange {
 
 pub(super) fn text_change(base: &Value, after: &[Value], part: &str, file: &Path) -> Result<TextChange> {
     let (_, b) = text_rows(base, part, file)?;
-    let (perplexity, a) = mean_text_rows(after, part, file)?;
+    let (perplexity, a) = seed_text_rows(after, part, file)?;
     Ok(TextChange {
         file: file.to_path_buf(),
         perplexity,
@@ -240,7 +222,7 @@ impl Sets {
         }
         if let (Some(f), Some(c)) = (self.text.first(), reference.text.first()) {
             if c.ratio.2 < 1.0 {
-                let rows = |e: &[Value]| mean_text_rows(e, "text", f).map(|r| r.1);
+                let rows = |e: &[Value]| seed_text_rows(e, "text", f).map(|r| r.1);
                 let base = text_rows(base, "text", f)?.1;
                 let share = reduction_share(&base, &rows(&reference.evals)?, &rows(&run.evals)?, RESAMPLES, 0)?;
                 v.push(ShareOf {
