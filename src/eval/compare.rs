@@ -272,14 +272,14 @@ mod tests {
         // 10 items: 8 right before, 6 right after.
         let before = scores(&[true, true, true, true, true, true, true, true, false, false]);
         let after = scores(&[true, true, true, true, true, true, false, false, false, false]);
-        let p = paired(&before, &[after.clone()], 2000, 1)?;
+        let p = paired(&before, std::slice::from_ref(&after), 2000, 1)?;
         assert!((p.before - 0.8).abs() < 1e-12 && (p.after - 0.6).abs() < 1e-12);
         assert!((p.gain.0 + 0.2).abs() < 1e-12);
         assert!((p.forgetting.0 - 0.25).abs() < 1e-12);
         assert!(p.gain.1 <= p.gain.0 && p.gain.0 <= p.gain.2);
         assert!(p.forgetting.1 <= p.forgetting.0 && p.forgetting.0 <= p.forgetting.2);
         // No change on any item: a zero-width interval at zero.
-        let same = paired(&before, &[before.clone()], 500, 2)?;
+        let same = paired(&before, std::slice::from_ref(&before), 500, 2)?;
         assert_eq!(same.gain, (0.0, 0.0, 0.0));
         // Intervals narrow with more items.
         let big_b = scores(&(0..4000).map(|i| i % 5 != 0).collect::<Vec<_>>());
@@ -303,17 +303,31 @@ mod tests {
                 .map(|i| i % 2 == 0 || (i % 10 == 1 && i % 50 != 1))
                 .collect::<Vec<_>>(),
         );
-        let s = gain_share(&base, &[reference.clone()], &[run.clone()], 1000, 7)?;
+        let s = gain_share(
+            &base,
+            std::slice::from_ref(&reference),
+            std::slice::from_ref(&run),
+            1000,
+            7,
+        )?;
         assert!((s.share - 0.8).abs() < 1e-12, "{s:?}");
         assert!(s.lo <= s.share && s.share <= s.hi && s.hi - s.lo < 0.2, "{s:?}");
         // The reference against itself: exactly one, in every draw.
-        let one = gain_share(&base, &[reference.clone()], &[reference.clone()], 200, 1)?;
+        let one = gain_share(
+            &base,
+            std::slice::from_ref(&reference),
+            std::slice::from_ref(&reference),
+            200,
+            1,
+        )?;
         assert_eq!((one.share, one.lo, one.hi), (1.0, 1.0, 1.0));
         // No reference gain: undefined, not a number made up.
-        assert!(gain_share(&base, &[base.clone()], &[run.clone()], 100, 1)?
-            .share
-            .is_nan());
-        assert!(gain_share(&base, &[reference.clone()], &[run[..10].to_vec()], 100, 1).is_err());
+        assert!(
+            gain_share(&base, std::slice::from_ref(&base), std::slice::from_ref(&run), 100, 1)?
+                .share
+                .is_nan()
+        );
+        assert!(gain_share(&base, std::slice::from_ref(&reference), &[run[..10].to_vec()], 100, 1).is_err());
 
         // Perplexity: the reference lowers every row's loss by 0.2 nats per token, the run by 0.1.
         let rows = |d: f64| -> Vec<RowLoss> { (0..40).map(|i| ((3.0 + 0.01 * i as f64 - d) * 100.0, 100)).collect() };
@@ -333,8 +347,8 @@ mod tests {
         let a = scores(&(0..n).map(|i| i % 5 < 3 && i % 50 >= 3).collect::<Vec<_>>());
         let b = scores(&(0..n).map(|i| i % 5 < 3 || i % 50 == 3).collect::<Vec<_>>());
         let (pa, pb) = (
-            paired(&before, &[a.clone()], 1000, 1)?,
-            paired(&before, &[b.clone()], 1000, 1)?,
+            paired(&before, std::slice::from_ref(&a), 1000, 1)?,
+            paired(&before, std::slice::from_ref(&b), 1000, 1)?,
         );
         let both = paired(&before, &[a.clone(), b.clone()], 1000, 1)?;
         // The point estimate is the seeds' mean.

@@ -160,7 +160,7 @@ mod tests {
         let (s, n) = totals(&before, 0..before.len());
         let ppl = (s / n as f64).exp();
         assert!(lo < ppl && ppl < hi, "{lo} {ppl} {hi}");
-        let (r, rlo, rhi) = paired_ratio(&before, &[after.clone()], 500, 1)?;
+        let (r, rlo, rhi) = paired_ratio(&before, std::slice::from_ref(&after), 500, 1)?;
         assert!((r - 0.1f64.exp()).abs() < 1e-9);
         // Every row moved by the same amount: the paired interval is (nearly) a point.
         assert!(rhi - rlo < 1e-9, "{rlo} {rhi}");
