@@ -531,21 +531,27 @@ pub(crate) fn timed_steps(
     Ok(t0.elapsed().as_secs_f64() / steps.max(1) as f64)
 }
 
-/// GFLOP/s of the frozen-linear products on SmolLM2's shapes (1,024 tokens): strata's bf16
-/// kernel (activation conversion and weight packing included) against candle's f32 and bf16
-/// matmuls, interleaved.
+/// GFLOP/s of the linear products on SmolLM2's shapes (1,024 tokens, and the head's input
+/// gradient over one 256-row chunk of logits, whose k is the vocabulary): strata's bf16 kernel
+/// (activation conversion and weight packing included) against candle's f32 and bf16 matmuls,
+/// interleaved.
 fn bench_gemm(rounds: usize) -> Result<()> {
     use crate::ops::bf16_gemm::{available, gemm, pack_a, PackedB};
     use candle_core::DType;
     if !available() {
         bail!("this CPU has no AVX512-BF16; the bf16 kernel cannot run here");
     }
-    let m = 1024;
     println!(
         "{:<22} {:>14} {:>14} {:>14} {:>10}",
         "shape (m x k x n)", "strata bf16", "candle f32", "candle bf16", "ratio"
     );
-    for (k, n) in [(576, 576), (576, 1536), (1536, 576), (576, 49_152)] {
+    for (m, k, n) in [
+        (1024, 576, 576),
+        (1024, 576, 1536),
+        (1024, 1536, 576),
+        (1024, 576, 49_152),
+        (256, 49_152, 576),
+    ] {
         let x = Tensor::randn(0f32, 1., (m, k), &Device::Cpu)?;
         let w = Tensor::randn(0f32, 1., (n, k), &Device::Cpu)?;
         let wb = w.to_dtype(DType::BF16)?;
