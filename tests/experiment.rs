@@ -198,6 +198,15 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
         "{err}"
     );
     assert_eq!((lr("plain-lora")?, lr("lora-lr-3e-2")?), (2e-2, 3e-2));
+    // So does an edited data file, read through a recipe and named by no argument: the general
+    // text only the EWC run replays (and estimates its Fisher on).
+    let gen = std::fs::read_to_string(dir.join("data/gen.txt"))?;
+    std::fs::write(dir.join("data/gen.txt"), gen + "a changed line of general text.\n")?;
+    let err = reuse()?;
+    assert!(
+        err.contains("LoRA + EWC (3 steps)\n") && err.contains("plain LoRA (3 steps): kept"),
+        "{err}"
+    );
     std::fs::write(dir.join("lora.toml"), lora)?;
     // --finished-only runs nothing: the runs whose recipe changed since are listed as not
     // finished, the others reported as kept.

@@ -768,6 +768,22 @@ impl Recipe {
         Ok(r)
     }
 
+    /// The data files and directories a run of this recipe reads (training, held-out, replay
+    /// and Fisher data), as written: what an experiment's `--reuse` checks for change.
+    pub fn data_paths(&self) -> Vec<PathBuf> {
+        let d = &self.data;
+        let mut v: Vec<PathBuf> = [&d.train, &d.eval, &d.general, &d.general_eval]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        v.extend(d.sources.iter().flat_map(|s| s.train.iter().cloned()));
+        if let Some(r) = &self.retain {
+            v.extend(r.fisher_data.iter().cloned());
+        }
+        v
+    }
+
     /// Reads a recipe file.
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
         let text = crate::fsio::read_text(path, crate::fsio::CONFIG_CAP, "recipe")

@@ -28,7 +28,7 @@ pub struct Args {
     pub quick: bool,
     /// Keep what an earlier sitting finished (the base's answers and evaluation, each run's
     /// training and evaluation) when its recipe, budget, arguments and evaluation sets are
-    /// unchanged, and do only the rest. The training data files are trusted to be unchanged.
+    /// unchanged (the data files its recipe reads among them), and do only the rest.
     #[arg(long)]
     pub reuse: bool,
     /// Run nothing: report what earlier sittings finished (as `--reuse` would keep it) and

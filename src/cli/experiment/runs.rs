@@ -178,6 +178,7 @@ pub(super) fn prepare_sets(ex: &Experiment, out: &Path, model: &Path, sitting: S
             "the base model answers the chat prompts",
             &out.join("chat/base_answers.stamp.json"),
             &[args],
+            &[],
             &[out.join("chat/base_answers.log")],
             &[&answers],
         )?;
@@ -306,6 +307,7 @@ pub(super) fn evaluate_base(ex: &Experiment, sets: &Sets, model: &Path, sitting:
         "evaluating the base model",
         &ex.out.join("base.stamp.json"),
         &[args],
+        &[],
         &[ex.out.join("base.log")],
         &[&base_json],
     )?;
@@ -489,6 +491,7 @@ fn one_seed(
             .into_iter()
             .flatten()
             .collect::<Vec<_>>(),
+        &recipe.data_paths(),
         &[log("train"), log("eval"), log("generate")],
         &outputs,
     )?;

@@ -92,18 +92,43 @@ pub(super) fn read_json(p: &Path) -> Result<Value> {
 
 /// What one step of the experiment was made from: the strata version, the step's arguments,
 /// and the contents (CRC-32C) of every input file among them (a run's recipe, the model, the
-/// sets); the step's `outputs` are left out, since an earlier sitting has written them.
-pub(super) fn stamp(args: &[String], outputs: &[&Path]) -> Value {
-    let files: Vec<Value> = args
+/// sets) and of the data files its recipe reads (`inputs`: directories walked, in name order);
+/// the step's `outputs` are left out, since an earlier sitting has written them.
+pub(super) fn stamp(args: &[String], inputs: &[PathBuf], outputs: &[&Path]) -> Value {
+    let crc = |p: &Path| {
+        json!([
+            p.display().to_string(),
+            std::fs::read(p).map(|b| crc32c::crc32c(&b)).unwrap_or(0)
+        ])
+    };
+    let mut files: Vec<Value> = args
         .iter()
         .map(Path::new)
         .filter(|p| p.is_file() && !outputs.contains(p))
-        .map(|p| {
-            let crc = std::fs::read(p).map(|b| crc32c::crc32c(&b)).unwrap_or(0);
-            json!([p.display().to_string(), crc])
-        })
+        .map(crc)
         .collect();
+    let mut data = Vec::new();
+    for p in inputs {
+        walk(p, &mut data);
+    }
+    files.extend(data.iter().map(|p| crc(p)));
     json!({"strata": env!("CARGO_PKG_VERSION"), "args": args, "files": files})
+}
+
+/// `p` if it is a file, the files under it (in name order) if it is a directory; a path that
+/// does not exist is listed as it is (its CRC 0), so that its appearance changes the stamp.
+fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+    if p.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        entries.sort();
+        for e in entries {
+            walk(&e, out);
+        }
+    } else {
+        out.push(p.to_path_buf());
+    }
 }
 
 /// The seconds an earlier sitting took over a step, when `--reuse` may keep it: its stamp
@@ -116,17 +141,19 @@ pub(super) fn reusable(sitting: Sitting, stamp_file: &Path, stamp: &Value, outpu
     (kept["stamp"] == *stamp).then(|| kept["seconds"].as_f64()).flatten()
 }
 
-/// Runs `strata ARGS` for a step unless `--reuse` keeps it, returning the seconds the step
+/// Runs `strata ARGS` for a step unless `--reuse` keeps it (`inputs`: data files read by the
+/// step that its arguments do not name), returning the seconds the step
 /// took (in this sitting or the one that made it).
 pub(super) fn step(
     sitting: Sitting,
     what: &str,
     stamp_file: &Path,
     args: &[Vec<String>],
+    inputs: &[PathBuf],
     logs: &[PathBuf],
     outputs: &[&Path],
 ) -> Result<f64> {
-    let st = stamp(&args.concat(), outputs);
+    let st = stamp(&args.concat(), inputs, outputs);
     if let Some(secs) = reusable(sitting, stamp_file, &st, outputs) {
         eprintln!("experiment: {what}: kept from an earlier sitting");
         return Ok(secs);
@@ -169,4 +196,39 @@ pub(super) fn last_turns(path: &Path) -> Result<Vec<String>> {
             Ok(c.messages.last().map(|m| m.content.clone()).unwrap_or_default())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data file a step reads through its recipe is part of its stamp: changing it, or one
+    /// file inside a named directory, makes the step run again under `--reuse`.
+    #[test]
+    fn the_stamp_changes_with_a_data_file_under_a_directory() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("strata-stamp-{}", std::process::id()));
+        let data = dir.join("data");
+        std::fs::create_dir_all(data.join("sub"))?;
+        std::fs::write(data.join("a.jsonl"), "{\"text\": \"one\"}\n")?;
+        std::fs::write(data.join("sub/b.jsonl"), "{\"text\": \"two\"}\n")?;
+        let args = vec!["train".to_string(), "recipe.toml".to_string()];
+        let inputs = [data.clone()];
+        let before = stamp(&args, &inputs, &[]);
+        assert_eq!(
+            before,
+            stamp(&args, &inputs, &[]),
+            "a stamp is a function of its inputs"
+        );
+        assert_eq!(before["files"].as_array().map(Vec::len), Some(2));
+        std::fs::write(data.join("sub/b.jsonl"), "{\"text\": \"three\"}\n")?;
+        assert_ne!(
+            before,
+            stamp(&args, &inputs, &[]),
+            "a changed file inside the directory"
+        );
+        // Without inputs the stamp is what it was before data files counted.
+        assert_eq!(stamp(&args, &[], &[])["files"], json!([]));
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
 }
