@@ -92,7 +92,8 @@ pub(super) fn read_json(p: &Path) -> Result<Value> {
 
 /// What one step of the experiment was made from: the strata version, the step's arguments,
 /// and the contents (CRC-32C) of every input file among them (a run's recipe, the model, the
-/// sets) and of the data files its recipe reads (`inputs`: directories walked, in name order);
+/// sets) and of the data files its recipe reads (`inputs`: directories walked by
+/// [`crate::fsio::walk_files`], in name order);
 /// the step's `outputs` are left out, since an earlier sitting has written them.
 pub(super) fn stamp(args: &[String], inputs: &[PathBuf], outputs: &[&Path]) -> Value {
     let crc = |p: &Path| {
@@ -107,28 +108,13 @@ pub(super) fn stamp(args: &[String], inputs: &[PathBuf], outputs: &[&Path]) -> V
         .filter(|p| p.is_file() && !outputs.contains(p))
         .map(crc)
         .collect();
-    let mut data = Vec::new();
     for p in inputs {
-        walk(p, &mut data);
+        // A path that cannot be walked (not there yet) is stamped as it is, its CRC 0, so
+        // that its appearance changes the stamp; the run itself reports what is wrong with it.
+        let found = crate::fsio::walk_files(p, &|_| true).unwrap_or_else(|_| vec![p.clone()]);
+        files.extend(found.iter().map(|f| crc(f)));
     }
-    files.extend(data.iter().map(|p| crc(p)));
     json!({"strata": env!("CARGO_PKG_VERSION"), "args": args, "files": files})
-}
-
-/// `p` if it is a file, the files under it (in name order) if it is a directory; a path that
-/// does not exist is listed as it is (its CRC 0), so that its appearance changes the stamp.
-fn walk(p: &Path, out: &mut Vec<PathBuf>) {
-    if p.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
-            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-            .unwrap_or_default();
-        entries.sort();
-        for e in entries {
-            walk(&e, out);
-        }
-    } else {
-        out.push(p.to_path_buf());
-    }
 }
 
 /// The seconds an earlier sitting took over a step, when `--reuse` may keep it: its stamp
