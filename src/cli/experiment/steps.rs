@@ -96,12 +96,7 @@ pub(super) fn read_json(p: &Path) -> Result<Value> {
 /// [`crate::fsio::walk_files`], in name order);
 /// the step's `outputs` are left out, since an earlier sitting has written them.
 pub(super) fn stamp(args: &[String], inputs: &[PathBuf], outputs: &[&Path]) -> Value {
-    let crc = |p: &Path| {
-        json!([
-            p.display().to_string(),
-            std::fs::read(p).map(|b| crc32c::crc32c(&b)).unwrap_or(0)
-        ])
-    };
+    let crc = |p: &Path| json!([p.display().to_string(), file_crc(p).unwrap_or(0)]);
     let mut files: Vec<Value> = args
         .iter()
         .map(Path::new)
@@ -115,6 +110,22 @@ pub(super) fn stamp(args: &[String], inputs: &[PathBuf], outputs: &[&Path]) -> V
         files.extend(found.iter().map(|f| crc(f)));
     }
     json!({"strata": env!("CARGO_PKG_VERSION"), "args": args, "files": files})
+}
+
+/// CRC-32C of a file's contents, read a megabyte at a time (training data can be larger than
+/// memory).
+fn file_crc(p: &Path) -> std::io::Result<u32> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut crc = 0;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(crc);
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+    }
 }
 
 /// The seconds an earlier sitting took over a step, when `--reuse` may keep it: its stamp
@@ -214,6 +225,10 @@ mod tests {
         );
         // Without inputs the stamp is what it was before data files counted.
         assert_eq!(stamp(&args, &[], &[])["files"], json!([]));
+        // Read in pieces, the same sum as the whole at once.
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(data.join("big.bin"), &big)?;
+        assert_eq!(file_crc(&data.join("big.bin"))?, crc32c::crc32c(&big));
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
