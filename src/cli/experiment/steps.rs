@@ -93,8 +93,8 @@ pub(super) fn read_json(p: &Path) -> Result<Value> {
 /// What one step of the experiment was made from: the strata version, the step's arguments,
 /// and the contents (CRC-32C) of every input file among them (a run's recipe, the model, the
 /// sets) and of the data files its recipe reads (`inputs`: directories walked by
-/// [`crate::fsio::walk_files`], in name order);
-/// the step's `outputs` are left out, since an earlier sitting has written them.
+/// [`crate::fsio::walk_files`], in name order); the step's `outputs` are left out, since an
+/// earlier sitting has written them.
 pub(super) fn stamp(args: &[String], inputs: &[PathBuf], outputs: &[&Path]) -> Value {
     let crc = |p: &Path| json!([p.display().to_string(), file_crc(p).unwrap_or(0)]);
     let mut files: Vec<Value> = args
@@ -113,19 +113,35 @@ pub(super) fn stamp(args: &[String], inputs: &[PathBuf], outputs: &[&Path]) -> V
 }
 
 /// CRC-32C of a file's contents, read a megabyte at a time (training data can be larger than
-/// memory).
+/// memory). Every step of a sitting stamps the same model, sets and data, so each file is read
+/// once per process, remembered by its path, size and modification time (a file rewritten
+/// between steps is read again).
 fn file_crc(p: &Path) -> std::io::Result<u32> {
+    use std::collections::HashMap;
     use std::io::Read;
+    use std::sync::{Mutex, OnceLock};
+    type Key = (PathBuf, u64, Option<std::time::SystemTime>);
+    static SEEN: OnceLock<Mutex<HashMap<Key, u32>>> = OnceLock::new();
     let mut f = std::fs::File::open(p)?;
+    let meta = f.metadata()?;
+    let key = (p.to_path_buf(), meta.len(), meta.modified().ok());
+    let seen = SEEN.get_or_init(Default::default);
+    if let Some(&crc) = seen.lock().ok().as_ref().and_then(|m| m.get(&key)) {
+        return Ok(crc);
+    }
     let mut buf = vec![0u8; 1 << 20];
     let mut crc = 0;
     loop {
         let n = f.read(&mut buf)?;
         if n == 0 {
-            return Ok(crc);
+            break;
         }
         crc = crc32c::crc32c_append(crc, &buf[..n]);
     }
+    if let Ok(mut m) = seen.lock() {
+        m.insert(key, crc);
+    }
+    Ok(crc)
 }
 
 /// The seconds an earlier sitting took over a step, when `--reuse` may keep it: its stamp
@@ -139,8 +155,8 @@ pub(super) fn reusable(sitting: Sitting, stamp_file: &Path, stamp: &Value, outpu
 }
 
 /// Runs `strata ARGS` for a step unless `--reuse` keeps it (`inputs`: data files read by the
-/// step that its arguments do not name), returning the seconds the step
-/// took (in this sitting or the one that made it).
+/// step that its arguments do not name), returning the seconds the step took (in this sitting
+/// or the one that made it).
 pub(super) fn step(
     sitting: Sitting,
     what: &str,
