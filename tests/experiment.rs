@@ -52,7 +52,7 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
              [quick]\ntokens = 96\nmc_items = 2\ntext_rows = 2\nout = \"{d}/quick\"\n\
              [[prepare]]\nname = \"self replay\"\nout = \"{d}/self/replay.jsonl\"\nargs = [\"generate\", \"--samples\", \"3\", \"--max-tokens\", \"6\", \"--temperature\", \"1\"]\n\
              [[run]]\nname = \"plain LoRA\"\nrecipe = \"{d}/lora.toml\"\nmethod = \"LoRA\"\n\
-             [[run]]\nname = \"LoRA, lr 3e-2\"\nrecipe = \"{d}/lora.toml\"\nset = [\"train.lr=3e-2\"]\nmethod = \"LoRA\"\ntokens = 512\n[[run]]\nname = \"LoRA + EWC\"\nrecipe = \"{d}/retain.toml\"\n"
+             [[run]]\nname = \"LoRA, lr 3e-2\"\nrecipe = \"{d}/lora.toml\"\nset = [\"train.lr=3e-2\"]\nmethod = \"LoRA\"\ntokens = 512\n[[run]]\nname = \"LoRA + EWC\"\nrecipe = \"{d}/retain.toml\"\nreference = \"LoRA, lr 3e-2\"\n"
         ),
     )?;
     let out = Command::new(env!("CARGO_BIN_EXE_strata"))
@@ -118,14 +118,27 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
         table.contains("share of plain LoRA's [95%]") || table.contains("plain LoRA learned nothing clear"),
         "{table}"
     );
-    assert_eq!(results["shares"]["reference"], "plain LoRA");
-    let shared: Vec<&str> = results["shares"]["runs"]
+    // A run naming its own reference is read against it, in a group of its own.
+    let groups: Vec<(&str, Vec<&str>)> = results["shares"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| r["name"].as_str().unwrap())
+        .map(|g| {
+            let runs = g["runs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["name"].as_str().unwrap());
+            (g["reference"].as_str().unwrap(), runs.collect())
+        })
         .collect();
-    assert_eq!(shared, ["LoRA, lr 3e-2", "LoRA + EWC"]);
+    assert_eq!(
+        groups,
+        [
+            ("plain LoRA", vec!["LoRA, lr 3e-2"]),
+            ("LoRA, lr 3e-2", vec!["LoRA + EWC"])
+        ]
+    );
     assert!(
         table.contains(&format!(
             "{n} runs: {} of 96 training tokens{}",
@@ -246,33 +259,33 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
         table.contains("| plain LoRA | failed") && table.contains("| LoRA + EWC |"),
         "{table}"
     );
-    // The short variant may run a subset, named; a name no run has is an error before anything runs.
-    let exp = std::fs::read_to_string(dir.join("exp.toml"))?;
-    let exp = exp.replace(
-        &format!("out = \"{d}/quick\""),
-        &format!("runs = [\"no such run\"]\nout = \"{d}/quick\""),
-    );
-    std::fs::write(dir.join("exp2.toml"), exp)?;
-    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["experiment", &dir.join("exp2.toml").display().to_string(), "--quick"])
-        .output()?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("`no such run`, which no [[run]] is"),
-        "{err}"
-    );
-    // So is a reference no run is.
-    let exp =
-        std::fs::read_to_string(dir.join("exp.toml"))?.replace("reference = \"plain LoRA\"", "reference = \"nobody\"");
-    std::fs::write(dir.join("exp3.toml"), exp)?;
-    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["experiment", &dir.join("exp3.toml").display().to_string(), "--quick"])
-        .output()?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("reference names `nobody`, which no [[run]] is"),
-        "{err}"
-    );
+    // An experiment file naming what no run is fails before anything runs, saying so.
+    let refused = |edit: &dyn Fn(String) -> String, want: &str| -> Result<()> {
+        let file = dir.join("edited.toml");
+        std::fs::write(&file, edit(std::fs::read_to_string(dir.join("exp.toml"))?))?;
+        let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["experiment", &file.display().to_string(), "--quick"])
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{err}");
+        Ok(())
+    };
+    // The short variant's subset of runs,
+    let quick_out = format!("out = \"{d}/quick\"");
+    refused(
+        &|e| e.replace(&quick_out, &format!("runs = [\"no such run\"]\n{quick_out}")),
+        "`no such run`, which no [[run]] is",
+    )?;
+    // the experiment's reference,
+    refused(
+        &|e| e.replace("reference = \"plain LoRA\"", "reference = \"nobody\""),
+        "reference names `nobody`, which no [[run]] is",
+    )?;
+    // and a run's own reference.
+    refused(
+        &|e| e.replace("reference = \"LoRA, lr 3e-2\"", "reference = \"somebody\""),
+        "run `LoRA + EWC`'s reference names `somebody`",
+    )?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -37,11 +37,14 @@ pub(super) fn write_outputs(
     };
     // Bootstrapped once, for the table and the results both.
     let shares = reference_shares(ex, sets, rows, base)?;
-    let md = table(ex, sets, rows, base, failed, shares.as_ref(), how)?;
-    let shares = shares.map(|(reference, v)| {
-        json!({"reference": reference.name,
-            "runs": v.iter().map(|(r, cells)| json!({"name": r.name, "shares": cells})).collect::<Vec<_>>()})
-    });
+    let md = table(ex, sets, rows, base, failed, &shares, how)?;
+    let shares: Vec<Value> = shares
+        .iter()
+        .map(|(reference, v)| {
+            json!({"reference": reference.name,
+                "runs": v.iter().map(|(r, cells)| json!({"name": r.name, "shares": cells})).collect::<Vec<_>>()})
+        })
+        .collect();
     crate::util::write_atomic(&out.join("table.md"), md.as_bytes())?;
     let results = json!({
         "experiment": ex.name, "quick": how.quick, "tokens_per_run": ex.tokens, "seconds": how.total_seconds,
@@ -98,26 +101,39 @@ pub(super) fn ratio_cell(c: &TextChange) -> String {
     )
 }
 
-/// The reference run and every other run with its learning as shares of the reference's.
+/// A reference run and every run read against it, with its learning as shares of the
+/// reference's.
 type Shares<'a> = (&'a Row, Vec<(&'a Row, Vec<ShareOf>)>);
 
-/// Every run's learning as shares of the experiment's reference run's (`None` without one, or
-/// when the reference did not finish).
+/// Every run's learning as shares of its reference run's (its own `reference`, else the
+/// experiment's), grouped by reference in the order of the runs; a run is not read against
+/// itself, and a reference that did not finish leaves its runs out.
 pub(super) fn reference_shares<'a>(
     ex: &Experiment,
     sets: &Sets,
     rows: &'a [Row],
     base: &Value,
-) -> Result<Option<Shares<'a>>> {
-    let Some(reference) = ex.reference.as_ref().and_then(|n| rows.iter().find(|r| r.name == *n)) else {
-        return Ok(None);
-    };
-    let shares = rows
-        .iter()
-        .filter(|r| r.name != reference.name)
-        .map(|r| Ok((r, sets.shares(base, reference, r)?)))
-        .collect::<Result<_>>()?;
-    Ok(Some((reference, shares)))
+) -> Result<Vec<Shares<'a>>> {
+    let mut groups: Vec<Shares<'a>> = Vec::new();
+    for r in rows {
+        let own = ex
+            .runs
+            .iter()
+            .find(|e| e.name == r.name)
+            .and_then(|e| e.reference.as_ref());
+        let Some(name) = own.or(ex.reference.as_ref()).filter(|n| **n != r.name) else {
+            continue;
+        };
+        let Some(reference) = rows.iter().find(|x| x.name == *name) else {
+            continue;
+        };
+        let cells = sets.shares(base, reference, r)?;
+        match groups.iter_mut().find(|(g, _)| g.name == reference.name) {
+            Some((_, runs)) => runs.push((r, cells)),
+            None => groups.push((reference, vec![(r, cells)])),
+        }
+    }
+    Ok(groups)
 }
 
 /// The markdown tables (accuracy, perplexity, shares of the reference's learning, from
@@ -128,16 +144,16 @@ pub(super) fn table(
     rows: &[Row],
     base: &Value,
     failed: &[(String, String)],
-    shares: Option<&Shares>,
+    shares: &[Shares],
     how: &Outputs,
 ) -> Result<String> {
     let mut s = accuracy_table(ex, sets, rows, base, failed)?;
     s += &perplexity_table(sets, rows, base)?;
-    if let Some(shares) = shares {
-        s += &share_table(ex, sets, shares);
+    for group in shares {
+        s += &share_table(ex, sets, group);
     }
-    let reference = shares.map(|(r, _)| r.name.as_str());
-    s += &note(ex, sets, rows, base, reference, how)?;
+    let references: Vec<&str> = shares.iter().map(|(r, _)| r.name.as_str()).collect();
+    s += &note(ex, sets, rows, base, &references, how)?;
     Ok(s)
 }
 
@@ -266,7 +282,7 @@ fn note(
     sets: &Sets,
     rows: &[Row],
     base: &Value,
-    reference: Option<&str>,
+    references: &[&str],
     how: &Outputs,
 ) -> Result<String> {
     let items: Vec<String> = sets
@@ -275,13 +291,20 @@ fn note(
         .zip(mc_names(ex))
         .map(|((f, _), n)| Ok(format!("{} {n}", mc_outcomes(base, f)?.len())))
         .collect::<Result<_>>()?;
-    let shares = match reference {
-        Some(r) => format!(
+    let shares = match references {
+        [] => String::new(),
+        [r] => format!(
             " Shares: a run's gain (or perplexity reduction) over {r}'s, each from the same base on \
              the same items (rows), with a 95% bootstrap interval that resamples them once for all \
              three; only where {r}'s own interval is clear of zero."
         ),
-        _ => String::new(),
+        many => format!(
+            " Shares: a run's gain (or perplexity reduction) over its reference's ({}; each share \
+             table names its own), each from the same base on the same items (rows), with a 95% \
+             bootstrap interval that resamples them once for all three; only where the reference's \
+             own interval is clear of zero.",
+            many.join("; ")
+        ),
     };
     Ok(format!(
         "\n{}{}.{} Multiple choice: {} items \

@@ -47,6 +47,11 @@ impl Experiment {
         if let Some(n) = &ex.reference {
             ex.check_names(std::slice::from_ref(n), "reference", path)?;
         }
+        for r in &ex.runs {
+            if let Some(n) = &r.reference {
+                ex.check_names(std::slice::from_ref(n), &format!("run `{}`'s reference", r.name), path)?;
+            }
+        }
         let lists =
             std::iter::once(("the experiment", &ex.seeds)).chain(ex.runs.iter().map(|r| (r.name.as_str(), &r.seeds)));
         for (who, s) in lists.filter_map(|(who, s)| Some((who, s.as_ref()?))) {
@@ -255,4 +260,7 @@ pub struct RunEntry {
     /// item and row, with intervals that resample the items (rows). The recipe's own seed runs
     /// under the run's name; another seed S as `NAME, seed S`, with `train.seed=S` set.
     pub seeds: Option<Vec<u64>>,
+    /// The run this one's learning is read as a share of, by name (default: the experiment's
+    /// `reference`): a run at another budget against the plain run at that budget.
+    pub reference: Option<String>,
 }
