@@ -139,36 +139,47 @@ struct Hyper {
     gscale: f64,
 }
 
-/// Values of a parameter updated at once by [`update_in_place`]: its working set (the new
-/// values of a slice of `w`, `m` and `v`) is 12 bytes each, 12 MiB, whatever the parameter's size.
-/// A multiple of the 8-bit moments' block.
+/// Values of a parameter the 8-bit update computes at once ([`update_8bit_in_place`]): its
+/// working set (the new values of a slice of `w`) is 4 MiB whatever the parameter's size. A
+/// multiple of the 8-bit moments' block.
 pub const UPDATE_SLICE: usize = 1 << 20;
 const _: () = assert!(UPDATE_SLICE.is_multiple_of(adam8::BLOCK));
 
-/// [`fused_update`] written back into `w`, `m` and `v` themselves, a slice of
-/// [`UPDATE_SLICE`] values at a time, so that a large parameter (a trained embedding) does not
-/// need a second copy of itself and its moments during the update. The three must be
-/// contiguous f32 CPU tensors that nothing else reads during the step (the parameter's `Var`
-/// and the optimizer's own moments).
+/// AdamW written into `w`, `m` and `v` themselves in one parallel pass that reads each value
+/// once: no new tensor, no copy back (a full fine-tuning step updates 134 M values, and
+/// allocating, filling and copying three new sets of them cost more than the update). The
+/// three must be contiguous f32 CPU tensors that nothing else reads during the step (the
+/// parameter's `Var` and the optimizer's own moments).
 fn update_in_place(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: &Hyper) -> Result<()> {
-    let n = w.elem_count();
-    let (wf, gf, mf, vf) = (w.flatten_all()?, g.flatten_all()?, m.flatten_all()?, v.flatten_all()?);
-    let mut at = 0;
-    while at < n {
-        let len = UPDATE_SLICE.min(n - at);
-        let part = |t: &Tensor| t.narrow(0, at, len);
-        // The new values are computed from borrowed views, which are released before the
-        // writes (a write takes the storage's lock).
-        let (nw, nm, nv) = fused_update(&part(&wf)?, &part(&gf)?, &part(&mf)?, &part(&vf)?, h)?;
-        wf.slice_set(&nw, 0, at)?;
-        mf.slice_set(&nm, 0, at)?;
-        vf.slice_set(&nv, 0, at)?;
-        at += len;
+    use crate::ops::{f32_view, with_f32_mut};
+    let gv = f32_view(g)?;
+    let gs = gv.get();
+    let mut written = false;
+    with_f32_mut(w, |ws| {
+        with_f32_mut(m, |ms| {
+            with_f32_mut(v, |vs| {
+                if ws.len() != gs.len() || ms.len() != gs.len() || vs.len() != gs.len() {
+                    candle_core::bail!(
+                        "AdamW: a parameter of {} values has a gradient of {}",
+                        ws.len(),
+                        gs.len()
+                    );
+                }
+                adam_slices(ws, gs, ms, vs, h);
+                written = true;
+                Ok(())
+            })?;
+            Ok(())
+        })?;
+        Ok(())
+    })?;
+    if !written {
+        anyhow::bail!("AdamW: the in-place update needs contiguous f32 CPU tensors");
     }
     Ok(())
 }
 
-/// [`update_in_place`] with 8-bit moments: the new values of a slice of `w` computed (the
+/// AdamW with 8-bit moments: the new values of a slice of `w` computed (the
 /// slice's blocks of codes updated in place), then written back.
 fn update_8bit_in_place(w: &Tensor, g: &Tensor, q: &mut Q8Moments, h: &Hyper) -> Result<()> {
     use crate::ops::f32_view;
@@ -197,41 +208,27 @@ fn update_8bit_in_place(w: &Tensor, g: &Tensor, q: &mut Q8Moments, h: &Hyper) ->
     Ok(())
 }
 
-/// The update in one parallel pass over f32 CPU values: reads `w`, `g`, `m`, `v` once and
-/// writes the new three, where composed tensor ops would take a dozen passes (most of a full
-/// fine-tuning step's optimizer time).
-fn fused_update(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: &Hyper) -> Result<(Tensor, Tensor, Tensor)> {
-    use crate::ops::f32_view;
-    let (wv, gv, mv, vv) = (f32_view(w)?, f32_view(g)?, f32_view(m)?, f32_view(v)?);
-    let (ws, gs, ms, vs) = (wv.get(), gv.get(), mv.get(), vv.get());
-    let n = ws.len();
-    let (mut nw, mut nm, mut nv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+/// The update over borrowed values, in parallel chunks: `m`, `v` and `w` rewritten in place.
+fn adam_slices(ws: &mut [f32], gs: &[f32], ms: &mut [f32], vs: &mut [f32], h: &Hyper) {
     let (b1, b2, eps) = (h.beta1 as f32, h.beta2 as f32, h.eps as f32);
     let (ib1, ib2) = ((1.0 / h.bc1) as f32, (1.0 / h.bc2) as f32);
     let (lr, decay, gscale) = (h.lr as f32, h.decay as f32, h.gscale as f32);
     const CHUNK: usize = 1 << 14;
-    nw.par_chunks_mut(CHUNK)
-        .zip(nm.par_chunks_mut(CHUNK))
-        .zip(nv.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(c, ((wo, mo), vo))| {
-            let o = c * CHUNK;
-            for i in 0..wo.len() {
-                let gi = gs[o + i] * gscale;
-                let mi = b1 * ms[o + i] + (1.0 - b1) * gi;
-                let vi = b2 * vs[o + i] + (1.0 - b2) * gi * gi;
+    ws.par_chunks_mut(CHUNK)
+        .zip(ms.par_chunks_mut(CHUNK))
+        .zip(vs.par_chunks_mut(CHUNK))
+        .zip(gs.par_chunks(CHUNK))
+        .for_each(|(((wc, mc), vc), gc)| {
+            for i in 0..wc.len() {
+                let gi = gc[i] * gscale;
+                let mi = b1 * mc[i] + (1.0 - b1) * gi;
+                let vi = b2 * vc[i] + (1.0 - b2) * gi * gi;
                 let upd = (mi * ib1) / ((vi * ib2).sqrt() + eps);
-                wo[i] = ws[o + i] * decay - lr * upd;
-                mo[i] = mi;
-                vo[i] = vi;
+                wc[i] = wc[i] * decay - lr * upd;
+                mc[i] = mi;
+                vc[i] = vi;
             }
         });
-    let (shape, dev) = (w.shape(), w.device());
-    Ok((
-        Tensor::from_vec(nw, shape, dev)?,
-        Tensor::from_vec(nm, shape, dev)?,
-        Tensor::from_vec(nv, shape, dev)?,
-    ))
 }
 
 /// The same update in tensor ops, for parameters off the CPU or not in f32.
@@ -249,49 +246,27 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// The in-place update, a slice at a time over several slices, writes what the fused pass
-    /// returns, into the parameter and moments themselves.
+    /// The in-place pass and the tensor-op update agree over several steps, for a matrix
+    /// (decayed) and a vector (not decayed), and the pass writes into the parameter and moments
+    /// themselves (and so into every handle on them, the `Var`'s included).
     #[test]
-    fn in_place_update_matches_the_fused_pass() -> Result<()> {
-        let dev = Device::Cpu;
-        let n = 2 * UPDATE_SLICE + 123;
-        let w0 = Tensor::randn(0f32, 1.0, (n,), &dev)?;
-        let (mut wf, mut mf, mut vf) = (w0.copy()?, w0.zeros_like()?, w0.zeros_like()?);
-        let (wi, mi, vi) = (w0.copy()?, w0.zeros_like()?, w0.zeros_like()?);
-        let mut opt = AdamW::new(0.1);
-        for t in 1..=3 {
-            opt.t = t;
-            let g = Tensor::randn(0f32, 0.5, (n,), &dev)?;
-            let h = opt.hyper(1e-2, true);
-            (wf, mf, vf) = fused_update(&wf, &g, &mf, &vf, &h)?;
-            update_in_place(&wi, &g, &mi, &vi, &h)?;
-        }
-        for (a, b) in [(&wi, &wf), (&mi, &mf), (&vi, &vf)] {
-            assert_eq!(a.to_vec1::<f32>()?, b.to_vec1::<f32>()?);
-        }
-        assert!((&wi - &w0)?.abs()?.max_all()?.to_scalar::<f32>()? > 1e-3);
-        Ok(())
-    }
-
-    /// The fused pass and the tensor-op update agree over several steps, for a matrix (decayed)
-    /// and a vector (not decayed).
-    #[test]
-    fn fused_update_matches_the_tensor_ops() -> Result<()> {
+    fn in_place_update_matches_the_tensor_ops() -> Result<()> {
         let dev = Device::Cpu;
         for shape in [vec![37, 53], vec![1000]] {
-            let (mut wf, mut mf, mut vf) = (
+            let (wf, mf, vf) = (
                 Tensor::randn(0f32, 1.0, shape.as_slice(), &dev)?,
                 Tensor::zeros(shape.as_slice(), DType::F32, &dev)?,
                 Tensor::zeros(shape.as_slice(), DType::F32, &dev)?,
             );
-            let (mut wc, mut mc, mut vc) = (wf.clone(), mf.clone(), vf.clone());
-            let w0 = wf.clone();
+            let (mut wc, mut mc, mut vc) = (wf.copy()?, mf.copy()?, vf.copy()?);
+            let w0 = wf.copy()?;
+            let handle = wf.clone();
             let mut opt = AdamW::new(0.1);
             for t in 1..=5 {
                 opt.t = t;
                 let g = Tensor::randn(0f32, 0.5, shape.as_slice(), &dev)?;
                 let h = opt.hyper(1e-2, shape.len() >= 2);
-                (wf, mf, vf) = fused_update(&wf, &g, &mf, &vf, &h)?;
+                update_in_place(&wf, &g, &mf, &vf, &h)?;
                 (wc, mc, vc) = composed_update(&wc, &g, &mc, &vc, &h)?;
             }
             for (a, b) in [(&wf, &wc), (&mf, &mc), (&vf, &vc)] {
@@ -299,7 +274,7 @@ mod tests {
                 let s = b.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(d <= 1e-4 * s, "{shape:?}: differs by {d} (scale {s})");
             }
-            let moved = (&wf - &w0)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let moved = (&handle - &w0)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(moved > 1e-3, "{shape:?}: the update did not move the weights");
         }
         Ok(())

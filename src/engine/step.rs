@@ -177,6 +177,22 @@ impl GradAcc {
         Ok(())
     }
 
+    /// Adds rows `g [ids.len(), width]` into the rows `ids` of `v`'s gradient (a trained
+    /// embedding's lookup): one scatter into a copy of what is summed, where a dense gradient
+    /// added to it would take a zeroed buffer of the whole table, the scatter's copy of it and a
+    /// third pass for the sum.
+    pub fn add_rows(&mut self, v: &Var, ids: &Tensor, g: &Tensor) -> Result<()> {
+        self.settle()?;
+        let id = v.as_tensor().id();
+        let g = g.to_dtype(DType::F32)?;
+        let base = match self.grads.remove(&id) {
+            Some(acc) => acc,
+            None => Tensor::zeros(v.as_tensor().shape(), DType::F32, v.as_tensor().device())?,
+        };
+        self.grads.insert(id, base.index_add(ids, &g, 0)?.detach());
+        Ok(())
+    }
+
     /// The gradient of `v`, if any reached it (the pending factor applied).
     pub fn get(&self, v: &Var) -> Option<Tensor> {
         let g = self.grads.get(&v.as_tensor().id())?;
@@ -288,6 +304,14 @@ fn collect(grads: &candle_core::backprop::GradStore, vars: &[(String, Var)], acc
     Ok(())
 }
 
+/// Adds the weight gradients the trained projections summed in their packs (outside the graph).
+fn collect_packs(model: &Model, acc: &mut GradAcc) -> Result<()> {
+    for (v, g) in model.take_pack_grads()? {
+        acc.add(&v, &g)?;
+    }
+    Ok(())
+}
+
 /// Runs one micro-batch and adds the gradient of `grad_scale * sum(token NLL)` to `acc`.
 pub fn forward_backward(
     model: &Model,
@@ -327,6 +351,8 @@ pub fn forward_backward_with(
         pack: train_head.as_deref().or(model.head_pack.as_deref()),
         ..Default::default()
     };
+    // What an earlier call left in the packs (one that failed half-way) is not this batch's.
+    model.take_pack_grads()?;
     let x0 = model.embed(&batch.ids)?;
     let n_layers = model.blocks.len();
 
@@ -355,6 +381,7 @@ pub fn forward_backward_with(
         }
         let (stats, grads) = top(&x, acc)?;
         collect(&grads, &vars, acc)?;
+        collect_packs(model, acc)?;
         return Ok(stats);
     }
 
@@ -393,6 +420,7 @@ pub fn forward_backward_with(
             .clone();
         inputs.truncate(i + 1);
     }
+    collect_packs(model, acc)?;
     embedding_backward(model, batch, g, acc)?;
     Ok(stats)
 }
@@ -447,8 +475,7 @@ fn embedding_backward(model: &Model, batch: &Batch, mut g: Tensor, acc: &mut Gra
         if let Some(scale) = model.embed_scale() {
             g = g.affine(scale, 0.0)?;
         }
-        let de = Tensor::zeros(e.as_tensor().shape(), DType::F32, e.as_tensor().device())?.index_add(&ids, &g, 0)?;
-        acc.add(e, &de)?;
+        acc.add_rows(e, &ids, &g)?;
     }
     Ok(())
 }

@@ -734,6 +734,22 @@ impl Model {
         Ok(())
     }
 
+    /// The weight gradients the trained projections' bf16 packs summed since the last call
+    /// (`ops::trained_linear`: they bypass candle's graph), each with its `Var`.
+    pub fn take_pack_grads(&self) -> Result<Vec<(Var, Tensor)>> {
+        let mut out = Vec::new();
+        for b in &self.blocks {
+            for lin in b.proj.values() {
+                if let (LinearWeight::Dense(Param::Train(w)), Some(p)) = (&lin.w, &lin.train_pack) {
+                    if let Some(g) = p.take_grad()? {
+                        out.push((w.clone(), g));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Every adapter with its PEFT module name.
     pub fn loras(&self) -> Vec<(String, &Lora)> {
         let mut v = Vec::new();

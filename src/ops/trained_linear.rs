@@ -6,9 +6,15 @@
 //! [`bf16_gemm`] with f32 accumulation: operands rounded to bf16, sums in f32, as PyTorch's bf16
 //! autocast does on CPUs with AMX/AVX512-BF16. Norms, softmax, the loss and every reduction
 //! outside the GEMMs stay f32.
+//!
+//! The weight's gradient does not travel through candle's graph: the weight-gradient GEMM adds
+//! it into the pack's own f32 buffer ([`TrainPack::take_grad`]), summed over every backward
+//! until it is taken. candle's backward would instead zero a fresh buffer for each weight and
+//! add the gradient into it, on the main thread while the kernels' threads wait, every block of
+//! every step. `engine::step::forward_backward` takes these gradients with the graph's.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::bf16_gemm::{self, LinearPack};
 use super::frozen_linear::packed_product;
@@ -19,6 +25,8 @@ use super::lora_linear::KeptProducts;
 #[derive(Debug)]
 pub struct TrainPack {
     pack: RwLock<LinearPack>,
+    /// The weight's gradient `[n, k]` summed by the backwards since it was last taken.
+    grad: Mutex<Option<Vec<f32>>>,
 }
 
 impl TrainPack {
@@ -31,7 +39,45 @@ impl TrainPack {
         let v = super::f32_view(w)?;
         Ok(Some(Arc::new(Self {
             pack: RwLock::new(LinearPack::from_f32(v.get(), n, k)),
+            grad: Mutex::new(None),
         })))
+    }
+
+    /// The weight's gradient `[n, k]` summed by the backwards through this pack since the last
+    /// call (`None` if none ran), leaving nothing behind.
+    pub fn take_grad(&self) -> Result<Option<Tensor>> {
+        let (n, k) = {
+            let p = self.read()?;
+            (p.fwd.n, p.bwd.n)
+        };
+        let g = self
+            .grad
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("train pack gradient poisoned".into()))?
+            .take();
+        g.map(|g| Tensor::from_vec(g, (n, k), &candle_core::Device::Cpu))
+            .transpose()
+    }
+
+    /// Adds `g^T x` (`g [m, n]`, `x [m, k]`) into the summed weight gradient.
+    fn add_grad(&self, g: &[f32], x: &[f32], m: usize) -> Result<()> {
+        let (n, k) = {
+            let p = self.read()?;
+            (p.fwd.n, p.bwd.n)
+        };
+        let mut slot = self
+            .grad
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("train pack gradient poisoned".into()))?;
+        match slot.as_mut() {
+            Some(dw) => bf16_gemm::weight_grad(g, x, m, n, k, dw, true),
+            None => {
+                let mut dw = vec![0f32; n * k];
+                bf16_gemm::weight_grad(g, x, m, n, k, &mut dw, false);
+                *slot = Some(dw);
+            }
+        }
+        Ok(())
     }
 
     /// Repacks from the master weight's current value (after an optimizer step or a restore).
@@ -65,11 +111,12 @@ impl TrainPack {
     }
 }
 
-/// `x [m, k] @ w [n, k]^T` for a trained f32 `w` through its bf16 pack; the backward gives
-/// both `dx` and `dw` (f32), so the weight's gradient reaches its `Var` as candle's own matmul
-/// would give it. With `keep` (selective recomputation), the first forward of a micro-batch
-/// keeps its product (rounded to bf16, in its own output too, so both forwards agree bit for
-/// bit) and the recomputed forward reads it back instead of running the GEMM again.
+/// `x [m, k] @ w [n, k]^T` for a trained f32 `w` through its bf16 pack (`w` is the pack's
+/// master; only its shape is read). The backward gives `dx` to the graph and adds `dw` into the
+/// pack ([`TrainPack::take_grad`]), not to `w`'s `Var`. With `keep` (selective recomputation),
+/// the first forward of a micro-batch keeps its product (rounded to bf16, in its own output
+/// too, so both forwards agree bit for bit) and the recomputed forward reads it back instead of
+/// running the GEMM again.
 pub fn trained_linear(
     x: &Tensor,
     w: &Tensor,
@@ -77,6 +124,20 @@ pub fn trained_linear(
     keep: Option<(Arc<KeptProducts>, u64)>,
 ) -> Result<Tensor> {
     let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+    {
+        let p = pack.read()?;
+        let k = x.dims2()?.1;
+        if w.dims2()? != (p.fwd.n, p.bwd.n) || k != p.bwd.n {
+            candle_core::bail!(
+                "trained linear: input has {k} features, the weight is {:?} and its pack [{}, {}]",
+                w.shape().dims(),
+                p.fwd.n,
+                p.bwd.n
+            );
+        }
+    }
+    // `w` stays an input so that candle records the op whenever the weight is trained (its
+    // input may come from frozen layers); its gradient is the pack's, not the graph's.
     x.apply_op2(
         w,
         TrainedMatmul {
@@ -96,13 +157,12 @@ impl CustomOp2 for TrainedMatmul {
         "trained-bf16-linear"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, _w: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, _w: &CpuStorage, _wl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (m, k) = l.shape().dims2()?;
         let p = self.pack.read()?;
-        if wl.shape().dims2()? != (p.fwd.n, k) || k.div_ceil(2) != p.fwd.kp {
+        if k.div_ceil(2) != p.fwd.kp {
             candle_core::bail!(
-                "trained linear: input has {k} features, the weight is {:?} and its pack [{}, {}]",
-                wl.shape().dims(),
+                "trained linear: input has {k} features, the pack [{}, {}]",
                 p.fwd.n,
                 2 * p.fwd.kp
             );
@@ -127,8 +187,10 @@ impl CustomOp2 for TrainedMatmul {
         let dx = g.apply_op1_no_bwd(&InputGrad {
             pack: self.pack.clone(),
         })?;
-        let dw = g.apply_op2_no_bwd(x, &WeightGrad)?;
-        Ok((Some(dx), Some(dw)))
+        let (m, _) = x.dims2()?;
+        let (gv, xv) = (super::f32_view(&g)?, super::f32_view(x)?);
+        self.pack.add_grad(gv.get(), xv.get(), m)?;
+        Ok((Some(dx), None))
     }
 }
 
@@ -144,28 +206,6 @@ impl CustomOp1 for InputGrad {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         packed_product(s, l, &self.pack.read()?.bwd, "trained linear backward")
-    }
-}
-
-/// `g [m, n]^T @ x [m, k] -> [n, k]`.
-struct WeightGrad;
-
-impl CustomOp2 for WeightGrad {
-    fn name(&self) -> &'static str {
-        "trained-bf16-linear-dw"
-    }
-
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (m, n) = gl.shape().dims2()?;
-        let (m2, k) = xl.shape().dims2()?;
-        if m != m2 {
-            candle_core::bail!("trained linear: gradient has {m} rows, input {m2}");
-        }
-        let g = super::cpu_f32(gs, gl, "trained linear weight gradient")?;
-        let x = super::cpu_f32(xs, xl, "trained linear weight gradient")?;
-        let mut dw = vec![0f32; n * k];
-        bf16_gemm::weight_grad(g, x, m, n, k, &mut dw, false);
-        Ok((CpuStorage::F32(dw), Shape::from((n, k))))
     }
 }
 
@@ -211,10 +251,25 @@ mod tests {
             let g_ref = (&y_ref * &probe)?.sum_all()?.backward()?;
             let tol = if exact { 1e-5 } else { 2e-2 };
             assert!(max_rel(&y, &y_ref)? < tol, "forward (exact {exact})");
-            for v in [&x, &w] {
-                let (a, b) = (g.get(v.as_tensor()).unwrap(), g_ref.get(v.as_tensor()).unwrap());
+            // The weight's gradient goes to the pack, not to the graph.
+            assert!(g.get(w.as_tensor()).is_none());
+            let dw = pack.take_grad()?.expect("a backward ran");
+            assert!(pack.take_grad()?.is_none(), "taking the gradient leaves none behind");
+            let pairs = [
+                (g.get(x.as_tensor()).unwrap().clone(), g_ref.get(x.as_tensor()).unwrap()),
+                (dw, g_ref.get(w.as_tensor()).unwrap()),
+            ];
+            for (a, b) in &pairs {
                 assert!(max_rel(a, b)? < tol, "gradient (exact {exact}): {}", max_rel(a, b)?);
             }
+            // Two backwards before a take are summed.
+            for _ in 0..2 {
+                let y = trained_linear(x.as_tensor(), w.as_tensor(), &pack, None)?;
+                (&y * &probe)?.sum_all()?.backward()?;
+            }
+            let twice = pack.take_grad()?.unwrap();
+            let want = (g_ref.get(w.as_tensor()).unwrap() * 2.0)?;
+            assert!(max_rel(&twice, &want)? < tol, "summed gradient (exact {exact})");
         }
         // A refreshed pack is what the next forward reads.
         let x = Tensor::randn(0f32, 1., (4, 6), &dev)?;
@@ -243,10 +298,10 @@ mod tests {
         let (x, w0, probe) = (r((9, 8))?, r((5, 8))?, r((9, 5))?);
         let w = Var::from_tensor(&w0)?;
         let pack = TrainPack::new(w.as_tensor())?.unwrap();
-        let g = (trained_linear(&x, w.as_tensor(), &pack, None)? * &probe)?
+        (trained_linear(&x, w.as_tensor(), &pack, None)? * &probe)?
             .sum_all()?
             .backward()?;
-        let dw: Vec<f32> = g.get(w.as_tensor()).unwrap().flatten_all()?.to_vec1()?;
+        let dw: Vec<f32> = pack.take_grad()?.unwrap().flatten_all()?.to_vec1()?;
         let loss = |wv: &Tensor| -> Result<f64> {
             let p = TrainPack::new(wv)?.unwrap();
             (trained_linear(&x, wv, &p, None)? * &probe)?

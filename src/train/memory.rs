@@ -324,7 +324,8 @@ fn add_training_state(s: &RunShape<'_>, trained: u64, p: &mut Prediction) {
     let head_trained = !c.tie_word_embeddings && (s.full || s.saved(BaseTensor::Head.module()));
     let dense_grads = (embed_trained as u64 * if c.tie_word_embeddings { 2 } else { 1 } + head_trained as u64) * v * h;
     p.add("trained parameters + AdamW state", 4 * dense_grads);
-    // AdamW updates in place, a slice at a time: new values of a slice of the largest tensor.
+    // AdamW updates in place; the 8-bit update a slice at a time, through the new values of a
+    // slice of the largest tensor and their copy on the way back.
     let largest = if embed_trained || head_trained {
         v * h
     } else if s.full {
@@ -334,7 +335,7 @@ fn add_training_state(s: &RunShape<'_>, trained: u64, p: &mut Prediction) {
     };
     p.add(
         "trained parameters + AdamW state",
-        3 * 4 * largest.min(crate::engine::optim::UPDATE_SLICE as u64),
+        if s.adam8 { 2 * 4 } else { 0 } * largest.min(crate::engine::optim::UPDATE_SLICE as u64),
     );
 }
 
