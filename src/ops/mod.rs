@@ -71,34 +71,31 @@ pub(crate) fn f32_view(t: &candle_core::Tensor) -> candle_core::Result<F32View<'
     ))
 }
 
-/// Runs `f` on `t`'s values, mutably and in place, where `t` is a contiguous f32 CPU tensor
-/// (returns `Ok(false)` without calling `f` otherwise). Holds `t`'s storage lock for the call,
-/// so `f` must not read `t` through another handle; it may open other tensors the same way,
-/// which is how one pass updates a parameter and its optimizer moments together.
-pub(crate) fn with_f32_mut<F>(t: &candle_core::Tensor, f: F) -> candle_core::Result<bool>
+/// Runs `f` on `t`'s values, mutably and in place; `t` must be a contiguous f32 CPU tensor.
+/// Holds `t`'s storage lock for the call, so `f` must not read `t` through another handle; it
+/// may open other tensors the same way, which is how one pass updates a parameter and its
+/// optimizer moments together.
+pub(crate) fn with_f32_mut<F>(t: &candle_core::Tensor, f: F) -> candle_core::Result<()>
 where
     F: FnOnce(&mut [f32]) -> candle_core::Result<()>,
 {
-    struct Apply<F>(std::cell::RefCell<Option<F>>, std::cell::Cell<bool>);
+    struct Apply<F>(std::cell::RefCell<Option<F>>);
     impl<F: FnOnce(&mut [f32]) -> candle_core::Result<()>> candle_core::InplaceOp1 for Apply<F> {
         fn name(&self) -> &'static str {
             "f32-in-place"
         }
         fn cpu_fwd(&self, s: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<()> {
             let (candle_core::CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
-                return Ok(());
+                candle_core::bail!("in-place update: the tensor is not contiguous f32");
             };
             let f = self.0.borrow_mut().take().expect("called once");
-            self.1.set(true);
             f(&mut v[a..b])
         }
     }
     if !(t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()) {
-        return Ok(false);
+        candle_core::bail!("in-place update: needs a contiguous f32 CPU tensor");
     }
-    let op = Apply(std::cell::RefCell::new(Some(f)), std::cell::Cell::new(false));
-    t.inplace_op1(&op)?;
-    Ok(op.1.get())
+    t.inplace_op1(&Apply(std::cell::RefCell::new(Some(f))))
 }
 
 /// `c[m, n] = alpha * a[m, k] b[k, n] (+ c if acc)` in f32 through the `gemm` crate, each operand

@@ -46,29 +46,16 @@ impl TrainPack {
     /// The weight's gradient `[n, k]` summed by the backwards through this pack since the last
     /// call (`None` if none ran), leaving nothing behind.
     pub fn take_grad(&self) -> Result<Option<Tensor>> {
-        let (n, k) = {
-            let p = self.read()?;
-            (p.fwd.n, p.bwd.n)
-        };
-        let g = self
-            .grad
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("train pack gradient poisoned".into()))?
-            .take();
+        let (n, k) = self.dims()?;
+        let g = self.grad_slot()?.take();
         g.map(|g| Tensor::from_vec(g, (n, k), &candle_core::Device::Cpu))
             .transpose()
     }
 
     /// Adds `g^T x` (`g [m, n]`, `x [m, k]`) into the summed weight gradient.
     fn add_grad(&self, g: &[f32], x: &[f32], m: usize) -> Result<()> {
-        let (n, k) = {
-            let p = self.read()?;
-            (p.fwd.n, p.bwd.n)
-        };
-        let mut slot = self
-            .grad
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("train pack gradient poisoned".into()))?;
+        let (n, k) = self.dims()?;
+        let mut slot = self.grad_slot()?;
         match slot.as_mut() {
             Some(dw) => bf16_gemm::weight_grad(g, x, m, n, k, dw, true),
             None => {
@@ -78,6 +65,18 @@ impl TrainPack {
             }
         }
         Ok(())
+    }
+
+    /// The weight's shape `[n, k]`.
+    fn dims(&self) -> Result<(usize, usize)> {
+        let p = self.read()?;
+        Ok((p.fwd.n, p.bwd.n))
+    }
+
+    fn grad_slot(&self) -> Result<std::sync::MutexGuard<'_, Option<Vec<f32>>>> {
+        self.grad
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("train pack gradient poisoned".into()))
     }
 
     /// Repacks from the master weight's current value (after an optimizer step or a restore).
@@ -124,18 +123,6 @@ pub fn trained_linear(
     keep: Option<(Arc<KeptProducts>, u64)>,
 ) -> Result<Tensor> {
     let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
-    {
-        let p = pack.read()?;
-        let k = x.dims2()?.1;
-        if w.dims2()? != (p.fwd.n, p.bwd.n) || k != p.bwd.n {
-            candle_core::bail!(
-                "trained linear: input has {k} features, the weight is {:?} and its pack [{}, {}]",
-                w.shape().dims(),
-                p.fwd.n,
-                p.bwd.n
-            );
-        }
-    }
     // `w` stays an input so that candle records the op whenever the weight is trained (its
     // input may come from frozen layers); its gradient is the pack's, not the graph's.
     x.apply_op2(
@@ -157,12 +144,13 @@ impl CustomOp2 for TrainedMatmul {
         "trained-bf16-linear"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, _w: &CpuStorage, _wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, _w: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (m, k) = l.shape().dims2()?;
         let p = self.pack.read()?;
-        if k.div_ceil(2) != p.fwd.kp {
+        if wl.shape().dims2()? != (p.fwd.n, k) || k.div_ceil(2) != p.fwd.kp {
             candle_core::bail!(
-                "trained linear: input has {k} features, the pack [{}, {}]",
+                "trained linear: input has {k} features, the weight is {:?} and its pack [{}, {}]",
+                wl.shape().dims(),
                 p.fwd.n,
                 2 * p.fwd.kp
             );
