@@ -161,6 +161,38 @@ impl PackedB {
         });
     }
 
+    /// `B = X` for a row-major f32 `x [k, n]` (a weight gradient's activations), each value
+    /// rounded to bf16 as it is paired, 16 columns an instruction.
+    fn from_rows_f32(x: &[f32], k: usize, n: usize) -> Self {
+        assert!(available(), "bf16 packing called on a CPU without AVX512-BF16");
+        assert!(
+            x.len() >= k * n,
+            "from_rows_f32: {} values for {k} rows of {n}",
+            x.len()
+        );
+        let mut out = Self::alloc(n, k);
+        let kp = out.kp;
+        out.data.par_chunks_mut(kp * NR).enumerate().for_each(|(pb, panel)| {
+            let j0 = pb * NR;
+            let cols = NR.min(n - j0);
+            for p in 0..kp {
+                for t in (0..cols).step_by(16) {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `available()` was asserted; the loads stay inside rows 2p and
+                    // 2p + 1 (< k) of x at columns below n, the store inside the panel.
+                    unsafe {
+                        use std::arch::x86_64::*;
+                        let lo = x.as_ptr().add(2 * p * n + j0 + t);
+                        let hi = if 2 * p + 1 < k { lo.add(n) } else { std::ptr::null() };
+                        let v = pairs16(lo, hi, cols - t);
+                        _mm512_storeu_si512(panel.as_mut_ptr().add(p * NR + t) as *mut _, v);
+                    }
+                }
+            }
+        });
+        out
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.data.len() * 4
@@ -176,31 +208,114 @@ pub fn weight_grad(g: &[f32], x: &[f32], m: usize, n: usize, k: usize, dw: &mut 
         g.len() >= m * n && x.len() >= m * k && dw.len() >= n * k,
         "weight_grad: operand sizes do not match"
     );
+    assert!(available(), "bf16 weight gradient called on a CPU without AVX512-BF16");
+    let a = pairs_transposed(&g[..m * n], m, n);
+    let b = PackedB::from_rows_f32(&x[..m * k], m, k);
+    gemm_into(&a, n, &b, dw, accumulate);
+}
+
+/// `g [m, n]` (f32) transposed into bf16 pair rows `[n, ceil(m/2)]`: row `j` holds
+/// `(g[2p][j], g[2p+1][j])` at `p` (the high half zero past an odd `m`), each value rounded to
+/// nearest even: the A operand of a weight gradient, whose sum runs over the tokens. Tiles of 16
+/// columns by 16 pairs are converted, paired and transposed in registers, so that every store
+/// is a run of 16 pairs of one row (a scalar transpose wrote one value per cache line).
+fn pairs_transposed(g: &[f32], m: usize, n: usize) -> Vec<u32> {
     let mp = m.div_ceil(2);
-    // g rounded to bf16 once (vectorized), then transposed into pairs along m.
-    let gb = to_bf16(&g[..m * n]);
     let mut a = vec![0u32; n * mp];
+    // Rows of A per task: 64 rows of 16 pairs read 16 lines of g per tile row.
     const IB: usize = 64;
     a.par_chunks_mut(IB * mp).enumerate().for_each(|(blk, dst)| {
-        let i0 = blk * IB;
         let rows = dst.len() / mp;
-        for p in 0..mp {
-            let r0 = &gb[2 * p * n + i0..2 * p * n + i0 + rows];
-            if 2 * p + 1 < m {
-                let r1 = &gb[(2 * p + 1) * n + i0..(2 * p + 1) * n + i0 + rows];
-                for ii in 0..rows {
-                    dst[ii * mp + p] = pair(r0[ii], r1[ii]);
-                }
-            } else {
-                for ii in 0..rows {
-                    dst[ii * mp + p] = pair(r0[ii], bf16::ZERO);
-                }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: callers checked `available()`; the tile reads stay inside g's m rows of n
+        // columns (columns blk * IB + rows <= n) and the stores inside `dst`'s rows of mp.
+        unsafe {
+            transpose_pairs_avx512(g, m, n, blk * IB, rows, dst)
+        };
+    });
+    a
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn transpose_pairs_avx512(g: &[f32], m: usize, n: usize, j0: usize, rows: usize, dst: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let mp = m.div_ceil(2);
+    for jb in (0..rows).step_by(16) {
+        let cols = 16.min(rows - jb);
+        for pb in (0..mp).step_by(16) {
+            let pairs = 16.min(mp - pb);
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (q, v) in r.iter_mut().enumerate().take(pairs) {
+                let p = pb + q;
+                let lo = g.as_ptr().add(2 * p * n + j0 + jb);
+                let hi = if 2 * p + 1 < m { lo.add(n) } else { std::ptr::null() };
+                *v = pairs16(lo, hi, cols);
+            }
+            transpose16(&mut r);
+            let mask = ((1u32 << pairs) - 1) as u16;
+            for (jj, v) in r.iter().enumerate().take(cols) {
+                _mm512_mask_storeu_epi32(dst.as_mut_ptr().add((jb + jj) * mp + pb) as *mut _, mask, *v);
             }
         }
-    });
-    drop(gb);
-    let b = PackedB::from_rows(&to_bf16(&x[..m * k]), m, k);
-    gemm_into(&a, n, &b, dw, accumulate);
+    }
+}
+
+/// 16 bf16 pairs `(lo[j], hi[j])` for `j < cols` (zero beyond, and for the high halves where
+/// `hi` is null), rounded to nearest even as [`f32_to_bf16_bits`] does.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pairs16(lo: *const f32, hi: *const f32, cols: usize) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let mask = if cols >= 16 {
+        0xffff
+    } else {
+        ((1u32 << cols) - 1) as u16
+    };
+    let l = _mm512_maskz_loadu_ps(mask, lo);
+    let h = if hi.is_null() {
+        _mm512_setzero_ps()
+    } else {
+        _mm512_maskz_loadu_ps(mask, hi)
+    };
+    let lb: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(l));
+    let hb: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(h));
+    _mm512_or_si512(
+        _mm512_cvtepu16_epi32(lb),
+        _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hb)),
+    )
+}
+
+/// Transposes a 16 x 16 matrix of 32-bit values held one row per register: 32-bit and 64-bit
+/// interleaves inside each 128-bit lane, then two rounds of lane shuffles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: &mut [std::arch::x86_64::__m512i; 16]) {
+    use std::arch::x86_64::*;
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4i + c], lane L: column 4L + c of rows 4i..4i+4.
+    let mut u = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // Row 4L + c of the transpose is lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+    for c in 0..4 {
+        let x0 = _mm512_shuffle_i32x4::<0x44>(u[c], u[4 + c]);
+        let x1 = _mm512_shuffle_i32x4::<0xEE>(u[c], u[4 + c]);
+        let y0 = _mm512_shuffle_i32x4::<0x44>(u[8 + c], u[12 + c]);
+        let y1 = _mm512_shuffle_i32x4::<0xEE>(u[8 + c], u[12 + c]);
+        r[c] = _mm512_shuffle_i32x4::<0x88>(x0, y0);
+        r[4 + c] = _mm512_shuffle_i32x4::<0xDD>(x0, y0);
+        r[8 + c] = _mm512_shuffle_i32x4::<0x88>(x1, y1);
+        r[12 + c] = _mm512_shuffle_i32x4::<0xDD>(x1, y1);
+    }
 }
 
 /// Converts f32 rows `[m, k]` to bf16 pair rows `[m, ceil(k/2)]` (round to nearest even). A
@@ -426,6 +541,42 @@ mod tests {
             p.refresh_f32(&w);
             let want = LinearPack::new(&wb, n, k);
             assert_eq!((&p.fwd.data, &p.bwd.data), (&want.fwd.data, &want.bwd.data));
+        }
+    }
+
+    /// The weight gradient's operands, converted and paired in registers, bit for bit what
+    /// rounding each value with `half` and pairing it by index gives, on ragged shapes (odd
+    /// token counts, widths off the 16-lane and 48-column grids, partial tiles).
+    #[test]
+    fn vector_pair_packing_matches_scalar_pairing() {
+        if !available() {
+            eprintln!("skipping: this CPU has no AVX512-BF16");
+            return;
+        }
+        let mut rng = Rng::new(11);
+        let bits = |v: f32| bf16::from_f32(v).to_bits() as u32;
+        for &(m, n) in &[
+            (1usize, 1usize),
+            (2, 16),
+            (3, 17),
+            (33, 50),
+            (64, 130),
+            (97, 96),
+            (130, 200),
+        ] {
+            let g: Vec<f32> = (0..m * n).map(|_| (rng.normal() * 3.0) as f32).collect();
+            let mp = m.div_ceil(2);
+            let a = pairs_transposed(&g, m, n);
+            for j in 0..n {
+                for p in 0..mp {
+                    let hi = if 2 * p + 1 < m { bits(g[(2 * p + 1) * n + j]) } else { 0 };
+                    let want = bits(g[2 * p * n + j]) | hi << 16;
+                    assert_eq!(a[j * mp + p], want, "transposed pairs {m}x{n} at {j},{p}");
+                }
+            }
+            let rounded: Vec<bf16> = g.iter().map(|&v| bf16::from_f32(v)).collect();
+            let b = PackedB::from_rows_f32(&g, m, n);
+            assert_eq!(b.data, PackedB::from_rows(&rounded, m, n).data, "row pairs {m}x{n}");
         }
     }
 
