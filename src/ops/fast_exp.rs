@@ -71,6 +71,21 @@ pub fn lane_sum(xs: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
+/// `max(xs)` (NaNs ignored, `-inf` for none) over sixteen independent lanes, which the compiler
+/// vectorizes (a fold is one serial chain of compares).
+pub fn lane_max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = a.max(x);
+        }
+    }
+    acc.iter()
+        .chain(chunks.remainder())
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+}
+
 /// `e^x` of every value, the last partial group of 16 through masked loads and stores (a
 /// scalar tail would call libm's `fmaf` per operation on CPUs built without FMA codegen).
 #[cfg(target_arch = "x86_64")]
@@ -152,5 +167,22 @@ mod tests {
             assert!(out[5].is_infinite() && out[6].is_infinite() && out[7].is_infinite());
             assert!(out[8].is_nan());
         }
+    }
+
+    /// The lane-wise max equals a serial fold on every length around the lane count, with
+    /// the maximum anywhere (tail included), -inf entries, and none at all.
+    #[test]
+    fn lane_max_equals_a_fold() {
+        for n in [0usize, 1, 15, 16, 17, 33, 100] {
+            for at in 0..n {
+                let mut xs: Vec<f32> = (0..n).map(|i| -((i * 7 % 11) as f32) - 1.0).collect();
+                xs[at] = 3.5;
+                if n > 2 {
+                    xs[(at + 1) % n] = f32::NEG_INFINITY;
+                }
+                assert_eq!(lane_max(&xs), 3.5, "n {n}, max at {at}");
+            }
+        }
+        assert_eq!(lane_max(&[]), f32::NEG_INFINITY);
     }
 }

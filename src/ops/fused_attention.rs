@@ -149,7 +149,7 @@ impl FusedAttention {
                     }
                 }
             }
-            let mx = row[..=i].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * scale;
+            let mx = super::fast_exp::lane_max(&row[..=i]) * scale;
             row[..=i].iter_mut().for_each(|x| *x = *x * scale - mx);
             super::fast_exp::exp_in_place(&mut row[..=i]);
             if masked {
