@@ -1,8 +1,9 @@
 //! A bf16 GEMM for Zen 4 / Sapphire Rapids class CPUs: `C[m, n] = A[m, k] B[k, n]` with A and
 //! B in bfloat16 and f32 accumulation through `vdpbf16ps` (AVX512-BF16).
 //!
-//! candle computes bf16 matmuls by widening to f32 and its `gemm` crate runs AVX2 FMA kernels
-//! on stable Rust; `vdpbf16ps` does two multiply-adds per f32 lane, which is where PyTorch's
+//! candle computes bf16 matmuls by widening to f32 through its `gemm` crate's f32 FMA kernels
+//! (AVX-512 with the crate's `x86-v4` feature, which strata turns on); `vdpbf16ps` does two
+//! multiply-adds per f32 lane, which is where PyTorch's
 //! (oneDNN's) CPU lead comes from (docs/design.md, pitfall 6). Layout: `vdpbf16ps` multiplies pairs of
 //! adjacent bf16 values, so both operands are stored as `u32` pairs along k (low half = even k).
 //! A is row-major pairs (an activation row converted to bf16 is exactly that); B is packed into
