@@ -896,7 +896,7 @@ impl Model {
         let BlockState { cache, kept, tree } = state;
         let cfg = &self.cfg;
         let blk = &self.blocks[i];
-        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let d = cfg.head_dim;
         // Each projection's dropout stream: a function of where it sits, not of the call order.
         let site = |m: Proj| ((i as u64) << 8) | m.index() as u64;
         let norm = |x: &Tensor, w: &Param| {
@@ -926,68 +926,7 @@ impl Model {
         if qs != 1.0 {
             q = q.affine(qs, 0.0)?;
         }
-        let window = cfg.layer_window(i);
-        let rope = match &self.rope_local {
-            Some(local) if cfg.layer_rope_local(i) => local,
-            _ => &self.rope,
-        };
-        let att = match cache {
-            None if tree.is_some() => {
-                let rows = tree.expect("checked");
-                if !self.device.is_cpu() || fwd.composed {
-                    bail!("trunk-and-branch scoring and packing with document boundaries run on the fused CPU attention only (data.packing = \"stream\" elsewhere)");
-                }
-                let op = FusedAttention {
-                    b,
-                    t,
-                    heads: nh,
-                    kv_heads: nkv,
-                    d,
-                    cos: rope.half_table_at(true, &rows.tree.pos)?,
-                    sin: rope.half_table_at(false, &rows.tree.pos)?,
-                    tree: Some(rows.tree.clone()),
-                    window,
-                };
-                q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?
-            }
-            // Whole sequences on the CPU (training, evaluation): the fused op.
-            None if self.device.is_cpu() && !fwd.composed => {
-                let op = FusedAttention {
-                    b,
-                    t,
-                    heads: nh,
-                    kv_heads: nkv,
-                    d,
-                    cos: rope.half_table(true, t)?,
-                    sin: rope.half_table(false, t)?,
-                    tree: None,
-                    window,
-                };
-                q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?
-            }
-            cache => {
-                let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-                    Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
-                };
-                let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-                let q = rope.apply(&heads(q, nh)?, offset)?;
-                let mut k = rope.apply(&heads(k, nkv)?, offset)?;
-                let mut v = heads(v, nkv)?;
-                if let Some(c) = cache {
-                    if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
-                        k = Tensor::cat(&[pk, &k], 2)?;
-                        v = Tensor::cat(&[pv, &v], 2)?;
-                    }
-                    c.k = Some(k.clone());
-                    c.v = Some(v.clone());
-                }
-                let k = repeat_kv(&k, nh / nkv)?.contiguous()?;
-                let v = repeat_kv(&v, nh / nkv)?.contiguous()?;
-                causal_attention(&q, &k, &v, window)?
-                    .transpose(1, 2)?
-                    .reshape((b * t, nh * d))?
-            }
-        };
+        let att = self.attention(i, (q, k, v), (b, t), fwd, cache, tree)?;
         // Gemma's sandwich: each sub-layer's output normed before its residual add.
         let post = |y: Tensor, kind: BaseTensor| -> Result<Tensor> {
             match blk.norm(kind) {
@@ -1005,6 +944,73 @@ impl Model {
             (false, false) => swiglu(&g, &u)?,
         };
         Ok((&x + post(p(Proj::Down, &act)?, BaseTensor::PostMlpNorm)?)?)
+    }
+
+    /// Block `i`'s attention over its projected `(q, k, v)` rows `[b * t, heads * d]` (RoPE
+    /// applied here; the output is `[b * t, heads * d]`): the fused CPU op for whole rows (causal, or trunk-and-branch / packed
+    /// documents per `tree`), candle's ops with a KV cache (generation) or elsewhere.
+    fn attention(
+        &self,
+        i: usize,
+        (q, k, v): (Tensor, Tensor, Tensor),
+        (b, t): (usize, usize),
+        fwd: Fwd,
+        cache: Option<&mut KvCache>,
+        tree: Option<&TreeRows>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let window = cfg.layer_window(i);
+        let rope = match &self.rope_local {
+            Some(local) if cfg.layer_rope_local(i) => local,
+            _ => &self.rope,
+        };
+        let fused = cache.is_none() && self.device.is_cpu() && !fwd.composed;
+        if tree.is_some() && !fused {
+            bail!("trunk-and-branch scoring and packing with document boundaries run on the fused CPU attention only (data.packing = \"stream\" elsewhere)");
+        }
+        if fused {
+            // Whole rows on the CPU (training, evaluation): RoPE at each position's own index,
+            // which a tree sets per position.
+            let (cos, sin) = match tree {
+                Some(rows) => (
+                    rope.half_table_at(true, &rows.tree.pos)?,
+                    rope.half_table_at(false, &rows.tree.pos)?,
+                ),
+                None => (rope.half_table(true, t)?, rope.half_table(false, t)?),
+            };
+            let op = FusedAttention {
+                b,
+                t,
+                heads: nh,
+                kv_heads: nkv,
+                d,
+                cos,
+                sin,
+                tree: tree.map(|rows| rows.tree.clone()),
+                window,
+            };
+            return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
+        }
+        let heads =
+            |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
+        let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let q = rope.apply(&heads(q, nh)?, offset)?;
+        let mut k = rope.apply(&heads(k, nkv)?, offset)?;
+        let mut v = heads(v, nkv)?;
+        if let Some(c) = cache {
+            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            c.k = Some(k.clone());
+            c.v = Some(v.clone());
+        }
+        let k = repeat_kv(&k, nh / nkv)?.contiguous()?;
+        let v = repeat_kv(&v, nh / nkv)?.contiguous()?;
+        Ok(causal_attention(&q, &k, &v, window)?
+            .transpose(1, 2)?
+            .reshape((b * t, nh * d))?)
     }
 
     /// The final RMSNorm.
