@@ -1,7 +1,7 @@
 //! `strata data build`: the embedded default's data from the asset cache, with a data card.
 //!
 //! Writes the finance and general training corpora (`corpus/{finance,general}/{train,heldout}.jsonl`,
-//! split by document), general text from sources no corpus draws from (`corpus/outside/*.jsonl`,
+//! split by document; each training corpus again by source under `by-source/`), general text from sources no corpus draws from (`corpus/outside/*.jsonl`,
 //! evaluation only), the WordNet definition-to-term multiple-choice sets (`mc/domain.jsonl`,
 //! `mc/general.jsonl`; items whose definition occurs anywhere in the training text are left out),
 //! the continuation-choice sets (`mc/domain_continuation.jsonl` from held-out finance documents,
@@ -172,6 +172,18 @@ fn write_jsonl(path: &Path, docs: &[Doc]) -> Result<()> {
     crate::util::write_atomic(path, text.as_bytes())
 }
 
+/// Writes a training corpus again one file per source (`by-source/{source}.jsonl`, documents in
+/// the corpus's order), so that a recipe can leave a source out: the finance corpus's dictionary
+/// entries teach the general definition test's own format (recipes/forgetting-no-dictionary.toml).
+fn write_by_source(dir: &Path, docs: &[Doc]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (src, _) in corpus::sizes(docs) {
+        let of_source: Vec<Doc> = docs.iter().filter(|d| d.source == src).cloned().collect();
+        write_jsonl(&dir.join(format!("{src}.jsonl")), &of_source)?;
+    }
+    Ok(())
+}
+
 /// Builds, splits and writes both corpora; returns them with their data-card entries.
 fn build_corpora(a: &Args) -> Result<(Vec<Split>, serde_json::Value)> {
     let deb = a.assets.join("debian");
@@ -197,6 +209,9 @@ fn build_corpora(a: &Args) -> Result<(Vec<Split>, serde_json::Value)> {
         let mut parts = serde_json::Map::new();
         for (part, docs) in [("train", &s.train), ("heldout", &s.heldout)] {
             write_jsonl(&dir.join(format!("{part}.jsonl")), docs)?;
+            if part == "train" {
+                write_by_source(&dir.join("by-source"), docs)?;
+            }
             let mut by_source = serde_json::Map::new();
             for (src, (n, bytes)) in corpus::sizes(docs) {
                 let tokens: usize = docs
@@ -206,10 +221,11 @@ fn build_corpora(a: &Args) -> Result<(Vec<Split>, serde_json::Value)> {
                     .sum::<Result<usize>>()?;
                 by_source.insert(src.into(), json!({"documents": n, "bytes": bytes, "tokens": tokens}));
             }
-            parts.insert(
-                part.into(),
-                json!({"file": format!("corpus/{name}/{part}.jsonl"), "by_source": by_source}),
-            );
+            let mut entry = json!({"file": format!("corpus/{name}/{part}.jsonl"), "by_source": by_source});
+            if part == "train" {
+                entry["files_by_source"] = json!(format!("corpus/{name}/by-source/{{source}}.jsonl"));
+            }
+            parts.insert(part.into(), entry);
         }
         card.insert(name.into(), parts.into());
         splits.push(s);
