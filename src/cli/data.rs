@@ -1,8 +1,8 @@
 //! `strata data build`: the embedded default's data from the asset cache, with a data card.
 //!
 //! Writes the finance and general training corpora (`corpus/{finance,general}/{train,heldout}.jsonl`,
-//! split by document; each training corpus again by source under `by-source/`), general text from sources no corpus draws from (`corpus/outside/*.jsonl`,
-//! evaluation only), the WordNet definition-to-term multiple-choice sets (`mc/domain.jsonl`,
+//! split by document; each training corpus again by source under `by-source/`), general text
+//! from sources no corpus draws from (`corpus/outside/*.jsonl`, evaluation only), the WordNet definition-to-term multiple-choice sets (`mc/domain.jsonl`,
 //! `mc/general.jsonl`; items whose definition occurs anywhere in the training text are left out),
 //! the continuation-choice sets (`mc/domain_continuation.jsonl` from held-out finance documents,
 //! `mc/general_continuation.jsonl` from the outside text), the domain-term set
@@ -209,9 +209,6 @@ fn build_corpora(a: &Args) -> Result<(Vec<Split>, serde_json::Value)> {
         let mut parts = serde_json::Map::new();
         for (part, docs) in [("train", &s.train), ("heldout", &s.heldout)] {
             write_jsonl(&dir.join(format!("{part}.jsonl")), docs)?;
-            if part == "train" {
-                write_by_source(&dir.join("by-source"), docs)?;
-            }
             let mut by_source = serde_json::Map::new();
             for (src, (n, bytes)) in corpus::sizes(docs) {
                 let tokens: usize = docs
@@ -223,6 +220,7 @@ fn build_corpora(a: &Args) -> Result<(Vec<Split>, serde_json::Value)> {
             }
             let mut entry = json!({"file": format!("corpus/{name}/{part}.jsonl"), "by_source": by_source});
             if part == "train" {
+                write_by_source(&dir.join("by-source"), docs)?;
                 entry["files_by_source"] = json!(format!("corpus/{name}/by-source/{{source}}.jsonl"));
             }
             parts.insert(part.into(), entry);

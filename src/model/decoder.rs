@@ -947,8 +947,9 @@ impl Model {
     }
 
     /// Block `i`'s attention over its projected `(q, k, v)` rows `[b * t, heads * d]` (RoPE
-    /// applied here; the output is `[b * t, heads * d]`): the fused CPU op for whole rows (causal, or trunk-and-branch / packed
-    /// documents per `tree`), candle's ops with a KV cache (generation) or elsewhere.
+    /// applied here; the output is `[b * t, heads * d]`): the fused CPU op for whole rows
+    /// (causal, or trunk-and-branch / packed documents per `tree`), candle's ops with a KV
+    /// cache (generation) or off the fused path.
     fn attention(
         &self,
         i: usize,

@@ -3,9 +3,9 @@
 //!
 //! candle computes bf16 matmuls by widening to f32 through its `gemm` crate's f32 FMA kernels
 //! (AVX-512 with the crate's `x86-v4` feature, which strata turns on); `vdpbf16ps` does two
-//! multiply-adds per f32 lane, which is where PyTorch's
-//! (oneDNN's) CPU lead comes from (docs/design.md, pitfall 6). Layout: `vdpbf16ps` multiplies pairs of
-//! adjacent bf16 values, so both operands are stored as `u32` pairs along k (low half = even k).
+//! multiply-adds per f32 lane, which is where PyTorch's (oneDNN's) CPU lead comes from
+//! (docs/design.md, pitfall 6). Layout: `vdpbf16ps` multiplies pairs of adjacent bf16 values,
+//! so both operands are stored as `u32` pairs along k (low half = even k).
 //! A is row-major pairs (an activation row converted to bf16 is exactly that); B is packed into
 //! panels of 48 columns, `panel[p][j] = (B[2p][j], B[2p+1][j])`. The micro-kernel holds an
 //! 8 x 48 f32 tile in 24 zmm registers.
