@@ -48,7 +48,7 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
     std::fs::write(
         dir.join("exp.toml"),
         format!(
-            "name = \"tiny\"\nout = \"{d}/full\"\ntokens = 256\nreference = \"plain LoRA\"\n[eval]\ngeneral_mc = [\"{d}/data/gmc.jsonl\", \"{d}/data/gmc2.jsonl\"]\ndomain_mc = \"{d}/data/dmc.jsonl\"\ntext = [\"{d}/data/dom-held.txt\", \"{d}/data/gen-held.txt\"]\nseq_len = 16\n\
+            "name = \"tiny\"\nout = \"{d}/full\"\ntokens = 256\nreference = \"plain LoRA\"\nset = [\"train.lr=2e-2\"]\n[eval]\ngeneral_mc = [\"{d}/data/gmc.jsonl\", \"{d}/data/gmc2.jsonl\"]\ndomain_mc = \"{d}/data/dmc.jsonl\"\ntext = [\"{d}/data/dom-held.txt\", \"{d}/data/gen-held.txt\"]\nseq_len = 16\n\
              [quick]\ntokens = 96\nmc_items = 2\ntext_rows = 2\nout = \"{d}/quick\"\n\
              [[prepare]]\nname = \"self replay\"\nout = \"{d}/self/replay.jsonl\"\nargs = [\"generate\", \"--samples\", \"3\", \"--max-tokens\", \"6\", \"--temperature\", \"1\"]\n\
              [[run]]\nname = \"plain LoRA\"\nrecipe = \"{d}/lora.toml\"\nmethod = \"LoRA\"\n\
@@ -104,9 +104,9 @@ fn experiment_runs_every_recipe_and_writes_the_table_and_report() -> Result<()> 
         "the LoRA sweep is one frontier line"
     );
     assert!(dir.join("fisher.safetensors").exists());
-    // A run's `set` reaches its recipe.
+    // The experiment's `set` reaches every recipe, and a run's own `set` overrides it.
     let lr = |run: &str| -> Result<f64> { Ok(Recipe::load(&q.join(run).join("recipe.toml"), &[])?.train.lr) };
-    assert_eq!((lr("plain-lora")?, lr("lora-lr-3e-2")?), (1e-2, 3e-2));
+    assert_eq!((lr("plain-lora")?, lr("lora-lr-3e-2")?), (2e-2, 3e-2));
     assert!(
         table.contains("LoRA, lr 3e-2: 192 (6 steps)"),
         "the run with its own budget is named in the note: {table}"

@@ -24,6 +24,11 @@ pub struct Experiment {
     pub reference: Option<String>,
     /// Training seeds of every run that names none of its own (default: the recipe's one).
     pub seeds: Option<Vec<u64>>,
+    /// Recipe overrides for every run, applied before each run's own `set` (which may
+    /// override them): one experiment's change to several recipes (its training data) is
+    /// written once.
+    #[serde(default)]
+    pub set: Vec<String>,
     /// Overrides for `--quick`.
     pub quick: Option<QuickSection>,
     /// Files the runs read that the base model makes (self-generated replay text), each made
@@ -39,8 +44,11 @@ impl Experiment {
     /// Reads an experiment file, checking that every run's recipe parses.
     pub fn load(path: &Path) -> Result<Self> {
         let text = crate::fsio::read_text(path, crate::fsio::CONFIG_CAP, "experiment file")?;
-        let ex: Experiment =
+        let mut ex: Experiment =
             toml::from_str(&text).with_context(|| format!("{}: invalid experiment", path.display()))?;
+        for r in &mut ex.runs {
+            r.set.splice(0..0, ex.set.iter().cloned());
+        }
         for r in &ex.runs {
             Recipe::load(&r.recipe, &r.set).with_context(|| format!("{}: run `{}`", path.display(), r.name))?;
         }
