@@ -2,8 +2,9 @@
 //!
 //! Writes the finance and general training corpora (`corpus/{finance,general}/{train,heldout}.jsonl`,
 //! split by document; each training corpus again by source under `by-source/`), general text
-//! from sources no corpus draws from (`corpus/outside/*.jsonl`, evaluation only), the WordNet definition-to-term multiple-choice sets (`mc/domain.jsonl`,
-//! `mc/general.jsonl`; items whose definition occurs anywhere in the training text are left out),
+//! from sources no corpus draws from (`corpus/outside/*.jsonl`, evaluation only), the WordNet
+//! definition-to-term multiple-choice sets (`mc/domain.jsonl`, `mc/general.jsonl`; items whose
+//! definition occurs anywhere in the training text are left out),
 //! the continuation-choice sets (`mc/domain_continuation.jsonl` from held-out finance documents,
 //! `mc/general_continuation.jsonl` from the outside text), the domain-term set
 //! (`mc/domain_terms.jsonl`: which finance term a held-out passage needs) and general chat prompts
