@@ -37,6 +37,24 @@ fn reuse_freed_memory() {
 /// Marks `CANDLE_NUM_THREADS` as strata's choice rather than the user's.
 const CHOSEN: &str = "STRATA_CHOSE_CANDLE_THREADS";
 
+/// Marks `RAYON_NUM_THREADS` as set by [`resolve_matmul_threads`] rather than by the user.
+const MATMUL_CHOSEN: &str = "STRATA_CHOSE_MATMUL_THREADS";
+
+/// candle's CPU matmul asks for its thread count on every call, which without
+/// `RAYON_NUM_THREADS` means reading /proc/cpuinfo (5% of a generated token's time, some 270
+/// matmuls each). The answer is resolved once here and left in the variable; rayon's global pool
+/// is built first, at the size it takes without the variable, so both pools keep the sizes they
+/// had and every sum runs as before.
+fn resolve_matmul_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    // An error means the pool already exists, which leaves its size as it is too.
+    let _ = rayon::ThreadPoolBuilder::new().build_global();
+    std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
+    std::env::set_var(MATMUL_CHOSEN, "1");
+}
+
 fn main() {
     // Rust ignores SIGPIPE, so `strata inspect M | head` would panic when `head` closes the pipe;
     // the default action ends the process quietly, as other command-line tools do.
@@ -48,6 +66,11 @@ fn main() {
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     reuse_freed_memory();
+    // A strata parent's resolved count is its own machine share's, not a choice to inherit.
+    if std::env::var_os(MATMUL_CHOSEN).is_some() {
+        std::env::remove_var("RAYON_NUM_THREADS");
+        std::env::remove_var(MATMUL_CHOSEN);
+    }
     let cli = strata::cli::Cli::parse();
     // strata's heavy CPU ops run on rayon's pool; candle's elementwise ops (residual adds and
     // the like) have a pool of their own whose workers spin between ops, competing with rayon's
@@ -76,6 +99,7 @@ fn main() {
             std::process::exit(1);
         }
     };
+    resolve_matmul_threads();
     let result = strata::cli::run(cli, comm.clone());
     if let Err(e) = &result {
         strata::dist::fail(comm.as_ref(), e);
